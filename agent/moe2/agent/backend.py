@@ -1,0 +1,115 @@
+"""The seam between the agent and an inference engine.
+
+A backend loads one model and hands out ``Sequence`` objects, each an independent KV cache:
+``extend`` appends tokens and returns the log-probabilities of the next token, reusing
+everything already evaluated, so a step costs the same at history 10 and 1,000.
+
+    backend = open_backend("llama.cpp", config)
+    seq = backend.new_sequence()
+    logprobs = seq.extend(backend.tokenize("Hello", add_bos=True))   # (n_vocab,) float32
+    logprobs = seq.extend([int(logprobs.argmax())])
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from moe2.agent.config import AgentConfig
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    quantization: str  # "Q4_K_M", "F32", ...
+    n_ctx: int
+    n_vocab: int
+    n_params: int  # parameters, for the modelled cost estimate
+    model_bytes: int  # size of the weights in memory, bytes
+    tokenizer_hash: str
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+    add_bos: bool
+    chat_template: str | None
+
+
+class Sequence(abc.ABC):
+    """One KV cache holding one token history."""
+
+    @property
+    @abc.abstractmethod
+    def tokens(self) -> list[int]:
+        """The history evaluated so far (a copy)."""
+
+    @abc.abstractmethod
+    def extend(self, tokens: Seq[int]) -> np.ndarray:
+        """Evaluate ``tokens`` after the history; (n_vocab,) float32 next-token log-probs.
+
+        Raises ContextOverflow (history unchanged) or InvalidToken."""
+
+    @abc.abstractmethod
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first ``n`` tokens."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the KV cache."""
+
+
+class ModelBackend(abc.ABC):
+    info: ModelInfo
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = False) -> list[int]: ...
+
+    @abc.abstractmethod
+    def detokenize(self, tokens: Seq[int]) -> str: ...
+
+    @abc.abstractmethod
+    def piece(self, token: int) -> str:
+        """The text of one token (byte tokens as their UTF-8 text where decodable)."""
+
+    @abc.abstractmethod
+    def new_sequence(self) -> Sequence: ...
+
+    @abc.abstractmethod
+    def score(self, prompt: Seq[int], target: Seq[int]) -> np.ndarray:
+        """(len(target),) log p(target_t | prompt, target_<t), teacher forced, one pass."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """(n_vocab,) float32 logits -> float32 natural-log probabilities."""
+    x = logits.astype(np.float32, copy=True)
+    m = float(x.max())
+    x -= m
+    x -= np.float32(np.log(np.exp(x, dtype=np.float32).sum(dtype=np.float64)))
+    return x
+
+
+BackendFactory = Callable[["AgentConfig"], ModelBackend]
+
+
+def _llama_cpp(config: AgentConfig) -> ModelBackend:
+    from moe2.agent.llama import LlamaCppBackend  # imported lazily: loads a native library
+
+    return LlamaCppBackend(config)
+
+
+BACKENDS: dict[str, BackendFactory] = {"llama.cpp": _llama_cpp}
+
+
+def open_backend(name: str, config: AgentConfig) -> ModelBackend:
+    try:
+        factory = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}") from None
+    return factory(config)

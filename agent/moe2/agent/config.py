@@ -1,0 +1,72 @@
+"""The agent's one typed configuration, validated at start-up.
+
+A file (``moe2-agent --config /etc/moe2/agent.toml``)::
+
+    id = "orin-1"
+    model = "/var/lib/moe2/models/smollm2-135m-instruct-q4_1.gguf"
+    device_class = "orin-agx-64gb"
+    n_ctx = 2048
+    max_sessions = 4
+
+    [broker]
+    host = "10.0.0.2"
+    port = 8883
+    tls_ca = "/etc/moe2/ca.crt"
+
+Environment: ``MOE2_AGENT_N_CTX=4096``, ``MOE2_AGENT_BROKER__PORT=1884``. Flags:
+``--n-ctx 4096``, ``--broker-port 1884``. Flags beat environment beats file.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from moe2.shared.mqtt import BrokerConfig
+from moe2.shared.protocol import NAME_PATTERN, check_name
+
+
+def _default_id() -> str:
+    host = socket.gethostname().split(".")[0] or "agent"
+    safe = "".join(c if c.isalnum() or c in "_.-" else "-" for c in host)[:64]
+    return safe if safe[:1].isalnum() else f"agent-{safe}"[:64]
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=_default_id, pattern=NAME_PATTERN,
+                    description="agent id, unique in the fleet (default: host name)")
+    model: Path = Field(description="GGUF model file to serve")
+    device_class: str = Field(default="cpu-generic",
+                              description="device class from firmware-configs/ (cost model figures)")
+    n_ctx: int = Field(default=2048, ge=64, le=1 << 20, description="context size in tokens")
+    n_threads: int = Field(default=0, ge=0, le=1024,
+                           description="CPU threads for llama.cpp (0: all cores)")
+    n_gpu_layers: int = Field(default=0, ge=-1, description="layers to offload to the GPU (-1: all)")
+    max_sessions: int = Field(default=4, ge=1, le=256,
+                              description="concurrent sessions (each holds a KV cache); "
+                              "the least recently used is evicted beyond this")
+    default_top_k: int = Field(default=40, ge=1, le=4096,
+                               description="top-k sent when a request does not say")
+    queue_size: int = Field(default=256, ge=1, le=100_000,
+                            description="requests waiting for the model before 'busy' replies")
+    max_payload_bytes: int = Field(default=4 << 20, ge=1024, le=256 << 20,
+                                   description="largest request accepted, in bytes")
+    hash_model_file: bool = Field(default=True,
+                                  description="announce the sha256 of the GGUF file")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_topic_safe(cls, v: str) -> str:
+        return check_name("agent id", v)
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, v: Path) -> Path:
+        if not v.is_file():
+            raise ValueError(f"model file {v} does not exist")
+        return v

@@ -1,0 +1,129 @@
+"""The moe2 error tree.
+
+Errors are raised where the problem is and turned into exit codes (CLI) or error replies
+(MQTT) only at the edge. Every error carries a stable ``code`` that travels on the wire, so
+callers never parse message text.
+
+    Moe2Error
+    ├── ConfigError                 bad configuration file, flag or environment value
+    ├── ProtocolError               a peer sent something we cannot accept
+    │   ├── BadMessage              not JSON, wrong shape, out-of-range field   (bad_request)
+    │   ├── UnsupportedVersion      schema version we do not speak              (unsupported_version)
+    │   ├── MessageTooLarge         payload over the configured limit           (too_large)
+    │   └── UnknownOperation        op we do not implement                      (unknown_op)
+    ├── SessionError
+    │   ├── UnknownSession          never opened, or closed                     (unknown_session)
+    │   └── SessionEvicted          pushed out by the LRU bound                 (session_evicted)
+    ├── ModelError
+    │   ├── ContextOverflow         history would exceed the context size       (context_overflow)
+    │   └── InvalidToken            token id outside the vocabulary             (invalid_token)
+    ├── Busy                        request queue full, retry later             (busy)
+    ├── RemoteError                 an error reply received from a peer (carries the peer's code)
+    ├── RequestTimeout              no reply within the deadline                (timeout)
+    └── BrokerError                 cannot start or reach the MQTT broker
+"""
+
+from __future__ import annotations
+
+
+class Moe2Error(Exception):
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(Moe2Error):
+    code = "config"
+
+
+class ProtocolError(Moe2Error):
+    code = "bad_request"
+
+
+class BadMessage(ProtocolError):
+    code = "bad_request"
+
+
+class UnsupportedVersion(ProtocolError):
+    code = "unsupported_version"
+
+
+class MessageTooLarge(ProtocolError):
+    code = "too_large"
+
+
+class UnknownOperation(ProtocolError):
+    code = "unknown_op"
+
+
+class SessionError(Moe2Error):
+    code = "unknown_session"
+
+
+class UnknownSession(SessionError):
+    code = "unknown_session"
+
+
+class SessionEvicted(SessionError):
+    code = "session_evicted"
+
+
+class ModelError(Moe2Error):
+    code = "model_error"
+
+
+class ContextOverflow(ModelError):
+    code = "context_overflow"
+
+
+class InvalidToken(ModelError):
+    code = "invalid_token"
+
+
+class Busy(Moe2Error):
+    code = "busy"
+
+
+class RequestTimeout(Moe2Error):
+    code = "timeout"
+
+
+class BrokerError(Moe2Error):
+    code = "broker"
+
+
+class RemoteError(Moe2Error):
+    """An error reply from a peer; ``code`` is the peer's code (one of the codes above)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.remote_message = message
+
+
+# Code -> class, for turning an error reply back into the matching exception.
+_BY_CODE: dict[str, type[Moe2Error]] = {
+    cls.code: cls
+    for cls in (
+        BadMessage,
+        UnsupportedVersion,
+        MessageTooLarge,
+        UnknownOperation,
+        UnknownSession,
+        SessionEvicted,
+        ContextOverflow,
+        InvalidToken,
+        Busy,
+        RequestTimeout,
+    )
+}
+
+
+def error_from_reply(code: str, message: str) -> Moe2Error:
+    """The local exception for a peer's error reply (``RemoteError`` for unknown codes)."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return RemoteError(code, message)
+    return cls(message)
