@@ -4,4 +4,7 @@ from __future__ import annotations
 
 import click
 
-COMMANDS: list[click.Command] = []
+from moe2.controller.experts.cli import models
+from moe2.controller.fleet import agents_cmd, profile_cmd
+
+COMMANDS: list[click.Command] = [models, agents_cmd, profile_cmd]

@@ -80,11 +80,11 @@ class Broker(abc.ABC):
 
     def start(self, timeout: float = 15.0) -> Broker:
         workdir = Path(self._dir.name)
-        log = (workdir / "broker.log").open("wb")
-        self._proc = subprocess.Popen(
-            self.command(workdir), stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-            start_new_session=True,
-        )
+        with (workdir / "broker.log").open("wb") as log:  # the child keeps its own handle
+            self._proc = subprocess.Popen(
+                self.command(workdir), stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                start_new_session=True,
+            )
         try:
             wait_for_port(self.host, self.port, timeout, self._proc)
         except BrokerError as exc:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar, get_args, get_origin
 
 import click
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
 
 from moe2.shared.errors import ConfigError
 
@@ -119,7 +120,10 @@ def settings_options(model: type[BaseModel], section: str | None = None) -> Call
             flag = f"--{(section + '-') if section else ''}{name.replace('_', '-')}"
             dest = f"{section}__{name}" if section else name
             ctype = _click_type(ann)
-            default_txt = "" if field.default is None else f" [default: {field.default}]"
+            default_txt = (
+                "" if field.default is None or field.default is PydanticUndefined
+                else f" [default: {field.default}]"
+            )
             help_txt = (field.description or "") + default_txt
             if ctype is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", dest, default=None, help=help_txt)(fn)

@@ -29,6 +29,7 @@ from moe2.shared.protocol.base import (
     decode_message,
     encode,
 )
+from moe2.shared.protocol.profiles import AgentProfile
 from moe2.shared.protocol.rpc import (
     OPERATIONS,
     CloseReply,
@@ -59,7 +60,8 @@ from moe2.shared.protocol.topics import topics
 
 __all__ = [
     "MAX_TEXT_CHARS", "MAX_TOKENS_PER_REQUEST", "MAX_TOP_K", "NAME_PATTERN", "OPERATIONS",
-    "SCHEMA_VERSION", "TOPIC_ROOT", "AgentInfo", "AgentStatus", "CloseReply", "CloseRequest",
+    "SCHEMA_VERSION", "TOPIC_ROOT", "AgentInfo", "AgentProfile",
+    "AgentStatus", "CloseReply", "CloseRequest",
     "DetokenizeReply", "DetokenizeRequest", "DistributionReply", "ErrorBody", "ErrorReply",
     "FullDist", "Message", "OpenRequest", "PingReply", "PingRequest", "ScoreReply",
     "ScoreRequest", "StepRequest", "TokenizeReply", "TokenizeRequest", "TopKDist",

@@ -90,7 +90,7 @@ class _Request(Message):
 
 
 class _DistributionOptions(BaseModel):
-    top_k: int = Field(default=40, ge=1, le=MAX_TOP_K)
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)  # None: the agent's default
     full: bool = False  # send the whole distribution instead of the top-k
     with_pieces: bool = False  # add the text of each top-k token
 

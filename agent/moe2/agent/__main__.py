@@ -1,0 +1,3 @@
+from moe2.agent.cli import main
+
+main()

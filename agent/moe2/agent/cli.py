@@ -1,0 +1,66 @@
+"""``moe2-agent``: run one edge agent.
+
+    moe2-agent --model models/tiny-code.gguf --id code-1 --broker-port 1883
+    moe2-agent --config /etc/moe2/agent.toml
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moe2.agent.backend import BACKENDS, open_backend
+from moe2.agent.config import AgentConfig
+from moe2.shared.errors import ConfigError, Moe2Error
+from moe2.shared.mqtt import BrokerConfig
+from moe2.shared.settings import collect_overrides, load_settings, settings_options
+
+
+@click.command(context_settings={"show_default": False, "max_content_width": 100})
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="TOML configuration file (flags and MOE2_AGENT_* variables override it).")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="llama.cpp",
+              show_default=True, help="Inference engine.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+@settings_options(AgentConfig)
+@settings_options(BrokerConfig, section="broker")
+@click.version_option(package_name="moe2-edge-agent")
+def main(config_file: Path | None, backend: str, log_level: str, **flags: Any) -> None:
+    """Serve a GGUF model's next-token distributions over MQTT."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_settings(
+            AgentConfig, file=config_file, env_prefix="MOE2_AGENT_",
+            overrides=collect_overrides(flags),
+        )
+    except ConfigError as exc:
+        raise click.UsageError(exc.message) from None
+
+    from moe2.agent.daemon import Agent
+
+    try:
+        agent = Agent(config, open_backend(backend, config))
+    except Moe2Error as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+
+    def _stop(signum: int, frame: Any) -> None:
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        agent.start()
+    except Moe2Error as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        agent.stop()
+        sys.exit(1)
+    agent.wait()

@@ -1,0 +1,147 @@
+"""The agent process: MQTT in, one model thread, MQTT out.
+
+The paho network thread only validates requests and queues them, so keepalives keep flowing
+(and a hung model still shows up as offline through the last will, not as a hung socket);
+the model thread runs one request at a time and always replies: a result, or an error with
+a code. Nothing a peer sends can stop either thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from moe2.agent import __version__
+from moe2.agent.backend import ModelBackend
+from moe2.agent.config import AgentConfig
+from moe2.agent.service import AgentService
+from moe2.shared import protocol as p
+from moe2.shared.errors import Busy, Moe2Error, ProtocolError
+from moe2.shared.files import sha256_file
+from moe2.shared.mqtt import Connection, reply_properties
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    request: Any
+    response_topic: str
+    correlation: bytes | None
+    received: float
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, backend: ModelBackend) -> None:
+        self.config = config
+        self.backend = backend
+        self.service = AgentService(config.id, backend, config.max_sessions, config.default_top_k)
+        self.started_at = time.time()
+        self.info = self._build_info()
+        offline = p.encode(p.AgentStatus(agent_id=config.id, state="offline"))
+        self.conn = Connection(
+            config.broker, f"moe2-agent-{config.id}",
+            will=(p.topics.agent_status(config.id), offline, True),
+        )
+        self.conn.on_connected.append(self._announce)
+        self.conn.subscribe(p.topics.agent_rpc(config.id), self._on_request, qos=1)
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.queue_size)
+        self._worker = threading.Thread(target=self._work, name="model", daemon=True)
+        self._stopped = threading.Event()
+        self.dropped_without_reply_topic = 0
+
+    def _build_info(self) -> p.AgentInfo:
+        mi = self.backend.info
+        digest = None
+        if self.config.hash_model_file:
+            digest = sha256_file(self.config.model)
+        return p.AgentInfo(
+            agent_id=self.config.id, model=mi.name, model_file=self.config.model.name,
+            model_sha256=digest, architecture=mi.architecture, quantization=mi.quantization,
+            n_ctx=mi.n_ctx, n_vocab=mi.n_vocab, tokenizer_hash=mi.tokenizer_hash,
+            bos_id=mi.bos_id, eos_ids=list(mi.eos_ids), add_bos=mi.add_bos,
+            chat_template=mi.chat_template, device_class=self.config.device_class,
+            software_version=__version__, max_sessions=self.config.max_sessions,
+            started_at=self.started_at,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Agent:
+        self._worker.start()
+        self.conn.start()
+        log.info("agent %s serving %s", self.config.id, self.info.model)
+        return self
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        offline = p.AgentStatus(agent_id=self.config.id, state="offline", since=time.time())
+        try:
+            info = self.conn.publish(p.topics.agent_status(self.config.id), p.encode(offline), retain=True)
+            info.wait_for_publish(timeout=2)
+        except (RuntimeError, ValueError):
+            pass  # not connected: the broker publishes the last will instead
+        self.conn.stop()
+        self._jobs.put(None)
+        self._worker.join(timeout=10)
+        self.service.close()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def _announce(self) -> None:
+        cid = self.config.id
+        self.conn.publish(p.topics.agent_info(cid), p.encode(self.info), retain=True)
+        online = p.AgentStatus(agent_id=cid, state="online", since=time.time())
+        self.conn.publish(p.topics.agent_status(cid), p.encode(online), retain=True)
+
+    # ------------------------------------------------------------------ requests
+
+    def _reply(self, topic: str, correlation: bytes | None, message: p.Message) -> None:
+        self.conn.publish(topic, p.encode(message), qos=1, properties=reply_properties(correlation))
+
+    def _on_request(self, msg: mqtt.MQTTMessage) -> None:
+        props = msg.properties
+        topic = getattr(props, "ResponseTopic", None) if props else None
+        corr = getattr(props, "CorrelationData", None) if props else None
+        corr = bytes(corr) if corr is not None else None
+        if not topic:
+            # Nowhere to answer: count it, say so in the log, carry on.
+            self.dropped_without_reply_topic += 1
+            log.warning("request on %s without ResponseTopic dropped (MQTT 5 needed)", msg.topic)
+            return
+        try:
+            request = p.decode_request(msg.payload, self.config.max_payload_bytes)
+        except ProtocolError as exc:
+            self._reply(topic, corr, p.error_reply(exc.code, exc.message, p.request_op(msg.payload)))
+            return
+        try:
+            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic()))
+        except queue.Full:
+            err = Busy(f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later")
+            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op))
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                reply: p.Message = self.service.handle(job.request)
+            except Moe2Error as exc:
+                reply = p.error_reply(exc.code, exc.message, job.request.op)
+            except Exception as exc:  # a bug must cost one request, not the agent
+                log.exception("request %s failed", job.request.op)
+                reply = p.error_reply("internal", f"{type(exc).__name__}: {exc}", job.request.op)
+            try:
+                self._reply(job.response_topic, job.correlation, reply)
+            except Exception:
+                log.exception("could not publish the reply to %s", job.response_topic)

@@ -1,0 +1,316 @@
+"""Self-profiling: what a prompt and a generated token cost on this box, in seconds and joules.
+
+For prompt lengths spread up to the context size, each point is measured ``repeats`` times:
+the prompt is evaluated (the time to the first distribution), then ``decode_tokens`` tokens
+are generated greedily; an energy meter brackets each phase. The points are fitted to cost
+curves in the prompt length (``moe2.shared.costmodel``) and returned as the retained
+``AgentProfile``.
+
+    meter = choose_meter(load_device_class("cpu-generic"))
+    profile = profile_backend(backend, meter, ProfilerSettings(repeats=3),
+                              agent_id="cpu-1", device_class="cpu-generic", power_mode="default")
+    profile.curves.token_seconds.at(512)     # seconds per token after a 512-token prompt
+
+Run it while the backend serves nothing else: requests running beside it would be measured
+as its cost.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from moe2.agent.backend import ModelBackend, ModelInfo
+from moe2.agent.meters.base import Meter, MeterError
+from moe2.shared.costmodel import (
+    CostCurve,
+    CostCurves,
+    DeviceFigures,
+    ModelFigures,
+    estimate_decode_token,
+    estimate_prompt,
+    fit_curve,
+)
+from moe2.shared.errors import ConfigError, ModelError
+from moe2.shared.protocol.profiles import AgentProfile, MeterSource, ProfilePoint
+
+# Plain prose: tokenizes to ordinary tokens in every vocabulary (no special or byte tokens).
+FILLER_TEXT = (
+    "The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the "
+    "morning light, and the river runs quietly past the old mill towards the sea. "
+)
+
+
+class ProfilerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_lengths: list[int] | None = Field(
+        default=None, description="prompt lengths to measure, tokens (default: spread by points)"
+    )
+    points: int = Field(default=6, ge=2, le=64, description="prompt lengths when not given")
+    min_prompt_tokens: int = Field(default=16, ge=1, description="shortest prompt, tokens")
+    max_prompt_fraction: float = Field(
+        default=0.9, gt=0, le=1, description="longest prompt as a fraction of n_ctx"
+    )
+    repeats: int = Field(default=3, ge=1, le=100, description="measurements per prompt length")
+    decode_tokens: int = Field(default=16, ge=1, le=4096, description="tokens generated per run")
+    warmup: bool = Field(default=True, description="one unmeasured run first (caches, kernels)")
+    idle_seconds: float = Field(
+        default=1.0, ge=0, le=60, description="seconds of idle power measured first (0: skip)"
+    )
+    max_runs_per_window: int = Field(
+        default=64, ge=1, le=10_000,
+        description="prompt evaluations that may share one meter window when one is too short",
+    )
+
+    @field_validator("prompt_lengths")
+    @classmethod
+    def _two_lengths(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) < 2 or min(v) < 1):
+            raise ValueError("prompt_lengths needs at least two distinct lengths >= 1 token")
+        return v
+
+    def lengths_for(self, n_ctx: int) -> list[int]:
+        """Prompt lengths to measure, leaving room for ``decode_tokens`` in the context."""
+        fits = n_ctx - self.decode_tokens - 1  # longest prompt that leaves room to decode
+        top = min(int(self.max_prompt_fraction * n_ctx), fits)
+        if self.prompt_lengths is not None:
+            too_long = [n for n in self.prompt_lengths if n > fits]
+            if too_long:
+                raise ConfigError(
+                    f"prompt lengths {too_long} leave no room for {self.decode_tokens} decoded "
+                    f"tokens in a context of {n_ctx}; expected at most {fits}"
+                )
+            return sorted(set(self.prompt_lengths))
+        low = min(self.min_prompt_tokens, top)
+        if top <= low:
+            raise ConfigError(
+                f"a context of {n_ctx} tokens leaves no prompt lengths to profile between "
+                f"{low} and {top}; lower decode_tokens or min_prompt_tokens"
+            )
+        # Geometric spread: short prompts are common, long ones show the growth with history.
+        return sorted({round(float(x)) for x in np.geomspace(low, top, self.points)})
+
+
+@dataclass(frozen=True)
+class _Run:
+    prompt_s: float  # whole prompt, seconds
+    token_s: float  # per generated token, seconds
+    prompt_j: float  # whole prompt, joules
+    token_j: float  # per generated token, joules
+    tokens: int  # tokens generated
+    source: MeterSource  # what the meter's readings said produced the joules
+    scope: str
+
+
+def prompt_tokens_for(backend: ModelBackend, length: int) -> list[int]:
+    """A prompt of exactly ``length`` tokens of ordinary text (BOS first if the model wants it)."""
+    info = backend.info
+    prefix = [info.bos_id] if info.add_bos and info.bos_id is not None else []
+    filler = backend.tokenize(FILLER_TEXT, add_bos=False)
+    if not filler:
+        raise ModelError("the tokenizer turned the profiling text into no tokens")
+    body_len = max(0, length - len(prefix))
+    body = (filler * (body_len // len(filler) + 1))[:body_len]
+    return (prefix + body)[:length]
+
+
+def _measure(
+    backend: ModelBackend,
+    meter: Meter,
+    prompt: list[int],
+    decode_tokens: int,
+    max_runs_per_window: int,
+    clock: Callable[[], float],
+) -> _Run:
+    room = backend.info.n_ctx - len(prompt)
+    seq = backend.new_sequence()
+    try:
+        # Prompt: repeat the evaluation inside one meter window until it is long enough to
+        # resolve; the delay is the mean of the individual evaluations.
+        times: list[float] = []
+        meter.start()
+        window_start = clock()
+        while True:
+            if times:
+                seq.truncate(0)
+            t0 = clock()
+            logprobs = seq.extend(prompt)
+            times.append(clock() - t0)
+            if clock() - window_start >= meter.min_window_s or len(times) >= max_runs_per_window:
+                break
+        prompt_reading = meter.stop()
+
+        # Decode greedily; past decode_tokens only while the window is still too short.
+        n = 0
+        meter.start()
+        t0 = clock()
+        while n < room and (n < decode_tokens or clock() - t0 < meter.min_window_s):
+            logprobs = seq.extend([int(np.argmax(logprobs))])
+            n += 1
+        decode_s = clock() - t0
+        decode_reading = meter.stop()
+    finally:
+        seq.close()
+    if prompt_reading.source != decode_reading.source:
+        raise MeterError(
+            f"the meter changed its source from {prompt_reading.source} to "
+            f"{decode_reading.source} while profiling"
+        )
+    return _Run(
+        prompt_s=statistics.fmean(times),
+        token_s=decode_s / n,
+        prompt_j=prompt_reading.joules / len(times),
+        token_j=decode_reading.joules / n,
+        tokens=n,
+        source=prompt_reading.source,
+        scope=prompt_reading.scope,
+    )
+
+
+def profile_backend(
+    backend: ModelBackend,
+    meter: Meter,
+    settings: ProfilerSettings,
+    *,
+    agent_id: str,
+    device_class: str,
+    power_mode: str | None,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+    now: Callable[[], float] = time.time,
+) -> AgentProfile:
+    """Measure the backend with the meter and return its profile (meter already chosen)."""
+    info = backend.info
+    lengths = settings.lengths_for(info.n_ctx)
+    started = clock()
+
+    if settings.warmup:
+        _measure(backend, meter, prompt_tokens_for(backend, lengths[0]),
+                 min(settings.decode_tokens, 4), 1, clock)
+
+    idle_watts = None
+    if meter.source != "modelled" and settings.idle_seconds > 0:
+        meter.start()
+        sleep(settings.idle_seconds)
+        idle = meter.stop()
+        idle_watts = idle.watts if idle.measured else None  # a modelled "idle" is no baseline
+
+    points: list[ProfilePoint] = []
+    all_runs: list[_Run] = []
+    for length in lengths:
+        prompt = prompt_tokens_for(backend, length)
+        runs = [
+            _measure(backend, meter, prompt, settings.decode_tokens,
+                     settings.max_runs_per_window, clock)
+            for _ in range(settings.repeats)
+        ]
+        all_runs += runs
+        points.append(ProfilePoint(
+            prompt_tokens=length,
+            decode_tokens=min(r.tokens for r in runs),
+            prompt_seconds=[r.prompt_s for r in runs],
+            token_seconds=[r.token_s for r in runs],
+            prompt_joules=[r.prompt_j for r in runs],
+            token_joules=[r.token_j for r in runs],
+        ))
+
+    # The label comes from the readings themselves, and all of them must agree: a profile
+    # never names a meter that did not produce its figures.
+    sources = {(r.source, r.scope) for r in all_runs}
+    if len(sources) != 1:
+        raise MeterError(f"readings came from more than one meter: {sorted(sources)}")
+    ((source, scope),) = sources
+    return AgentProfile(
+        agent_id=agent_id,
+        model=info.name,
+        device_class=device_class,
+        power_mode=power_mode,
+        meter_source=source,
+        energy_measured=source != "modelled",
+        delay_measured=True,
+        energy_scope=scope,
+        idle_watts=idle_watts,
+        n_ctx=info.n_ctx,
+        points=points,
+        curves=fit_points(points),
+        profiled_at=now(),
+        duration_s=clock() - started,
+    )
+
+
+def fit_points(points: Sequence[ProfilePoint]) -> CostCurves:
+    """Least-squares lines in the prompt length through every repeat of every point."""
+
+    def fit(attr: str, unit: str) -> CostCurve:
+        xs = [p.prompt_tokens for p in points for _ in getattr(p, attr)]
+        ys = [v for p in points for v in getattr(p, attr)]
+        return fit_curve(xs, ys, unit=unit)
+
+    return CostCurves(
+        prompt_seconds=fit("prompt_seconds", "s"),
+        token_seconds=fit("token_seconds", "s"),
+        prompt_joules=fit("prompt_joules", "J"),
+        token_joules=fit("token_joules", "J"),
+    )
+
+
+# --------------------------------------------------------------------------- no measurement
+
+
+def model_figures(info: ModelInfo) -> ModelFigures:
+    """What the backend tells about the model's size (no layer shape: attention is left out)."""
+    return ModelFigures(n_params=float(info.n_params), weight_bytes=float(info.model_bytes))
+
+
+def estimate_profile(
+    model: ModelFigures,
+    figures: DeviceFigures,
+    settings: ProfilerSettings,
+    *,
+    agent_id: str,
+    model_name: str,
+    n_ctx: int,
+    device_class: str,
+    power_mode: str | None,
+    now: Callable[[], float] = time.time,
+) -> AgentProfile:
+    """A profile from paper eq. 4 alone (nothing run, nothing measured), for a box that cannot
+    run the profiler; every figure says so."""
+    lengths = settings.lengths_for(n_ctx)
+    prompt = [estimate_prompt(model, figures, n) for n in lengths]
+    token = [estimate_decode_token(model, figures, n + 1) for n in lengths]
+    curves = CostCurves(
+        prompt_seconds=fit_curve(lengths, [c.seconds for c in prompt], unit="s"),
+        token_seconds=fit_curve(lengths, [c.seconds for c in token], unit="s"),
+        prompt_joules=fit_curve(lengths, [c.joules for c in prompt], unit="J"),
+        token_joules=fit_curve(lengths, [c.joules for c in token], unit="J"),
+    )
+    return AgentProfile(
+        agent_id=agent_id, model=model_name, device_class=device_class, power_mode=power_mode,
+        meter_source="modelled", energy_measured=False, delay_measured=False,
+        energy_scope="device-figures", n_ctx=n_ctx, points=[], curves=curves,
+        profiled_at=now(), duration_s=0.0,
+    )
+
+
+def stability(profiles: Sequence[AgentProfile], lengths: Sequence[int]) -> dict[str, float]:
+    """Spread of repeated profiles as a ratio: max / min of each curve over the runs, the
+    worst over ``lengths`` (1.0 means the runs agree exactly)."""
+    if len(profiles) < 2:
+        raise ValueError("stability needs at least two profiles")
+    out: dict[str, float] = {}
+    for name in CostCurves.model_fields:
+        worst = 1.0
+        for n in lengths:
+            values = [getattr(p.curves, name).at(n) for p in profiles]
+            lo, hi = min(values), max(values)
+            worst = max(worst, hi / lo if lo > 0 else math.inf)
+        out[name] = worst
+    return out

@@ -1,0 +1,102 @@
+"""What the agent does with one validated RPC request (runs on the model thread)."""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from moe2.agent.backend import ModelBackend
+from moe2.agent.sessions import SessionManager
+from moe2.shared import protocol as p
+from moe2.shared.errors import BadMessage
+
+
+class AgentService:
+    def __init__(
+        self, agent_id: str, backend: ModelBackend, max_sessions: int, default_top_k: int = 40
+    ) -> None:
+        self.agent_id = agent_id
+        self.default_top_k = default_top_k
+        self.backend = backend
+        self.sessions = SessionManager(backend, max_sessions)
+        self._piece = lru_cache(maxsize=1 << 16)(backend.piece)
+
+    def handle(self, req: Any) -> p.Message:
+        if isinstance(req, p.OpenRequest):
+            return self._open(req)
+        if isinstance(req, p.StepRequest):
+            return self._step(req)
+        if isinstance(req, p.CloseRequest):
+            self.sessions.close(req.session)
+            return p.CloseReply(session=req.session)
+        if isinstance(req, p.ScoreRequest):
+            return self._score(req)
+        if isinstance(req, p.TokenizeRequest):
+            return p.TokenizeReply(
+                tokens=self.backend.tokenize(req.text, add_bos=req.add_bos, special=req.special)
+            )
+        if isinstance(req, p.DetokenizeRequest):
+            pieces = [self._piece(t) for t in req.tokens] if req.pieces else None
+            return p.DetokenizeReply(text=self.backend.detokenize(req.tokens), pieces=pieces)
+        if isinstance(req, p.PingRequest):
+            return p.PingReply(agent_id=self.agent_id, active_sessions=len(self.sessions))
+        raise BadMessage(f"unhandled request type {type(req).__name__}")
+
+    def _prompt_tokens(self, text: str | None, tokens: list[int] | None, add_bos: bool | None) -> list[int]:
+        if tokens is not None:
+            return tokens
+        bos = self.backend.info.add_bos if add_bos is None else add_bos
+        ids = self.backend.tokenize(text or "", add_bos=bos)
+        if not ids:
+            raise BadMessage("the prompt tokenizes to nothing; give some text or add_bos=true")
+        return ids
+
+    def distribution(
+        self, logprobs: np.ndarray, top_k: int | None, full: bool, with_pieces: bool
+    ) -> Any:
+        if full:
+            return p.encode_full(logprobs)
+        dist = p.encode_topk(logprobs, top_k or self.default_top_k)
+        if with_pieces:
+            dist = dist.model_copy(update={"pieces": [self._piece(i) for i in dist.ids]})
+        return dist
+
+    def _open(self, req: p.OpenRequest) -> p.DistributionReply:
+        tokens = self._prompt_tokens(req.prompt, req.tokens, req.add_bos)
+        t0 = time.perf_counter()
+        sid, seq, logprobs = self.sessions.open(tokens)
+        ms = (time.perf_counter() - t0) * 1e3
+        return p.DistributionReply(
+            op="open", session=sid, n_tokens=len(seq.tokens),
+            dist=self.distribution(logprobs, req.top_k, req.full, req.with_pieces), compute_ms=ms,
+        )
+
+    def _step(self, req: p.StepRequest) -> p.DistributionReply:
+        seq = self.sessions.get(req.session)
+        t0 = time.perf_counter()
+        logprobs = seq.extend(req.tokens)
+        ms = (time.perf_counter() - t0) * 1e3
+        return p.DistributionReply(
+            op="step", session=req.session, n_tokens=len(seq.tokens),
+            dist=self.distribution(logprobs, req.top_k, req.full, req.with_pieces), compute_ms=ms,
+        )
+
+    def _score(self, req: p.ScoreRequest) -> p.ScoreReply:
+        prompt = self._prompt_tokens(req.prompt, req.prompt_tokens, req.add_bos)
+        target = (
+            req.target_tokens if req.target_tokens is not None
+            else self.backend.tokenize(req.target or "", add_bos=False)
+        )
+        if not target:
+            raise BadMessage("the target is empty")
+        t0 = time.perf_counter()
+        logprobs = self.backend.score(prompt, target)
+        ms = (time.perf_counter() - t0) * 1e3
+        return p.ScoreReply(target_tokens=list(target), logprobs=logprobs.tolist(), compute_ms=ms)
+
+    def close(self) -> None:
+        self.sessions.close_all()
+        self.backend.close()

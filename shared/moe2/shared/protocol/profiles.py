@@ -1,0 +1,89 @@
+"""The retained cost profile of an agent: measured points, fitted curves, and where each
+figure came from.
+
+Retained on ``agents/<id>/profile``. The energy figures carry the meter that produced them;
+``energy_measured`` is false exactly when that meter is ``modelled``, and the schema refuses
+any other combination, so a modelled figure can never travel as a measured one.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moe2.shared.costmodel import CostCurves
+from moe2.shared.protocol.base import NAME_PATTERN, Message
+
+# Every source an energy figure can have (one per meter and mode of a meter).
+MeterSource = Literal[
+    "nvml-energy-counter",  # NVML total-energy counter (Volta and later)
+    "nvml-power-sampled",  # NVML instantaneous power, sampled and integrated
+    "jtop",  # jetson-stats total power, sampled and integrated
+    "tegrastats",  # tegrastats rail power, sampled and integrated
+    "rapl",  # Linux powercap RAPL energy counters
+    "modelled",  # no measurement: device figures times measured or modelled time
+]
+METER_SOURCES: tuple[str, ...] = get_args(MeterSource)
+
+
+class ProfilePoint(BaseModel):
+    """One prompt length, measured ``repeats`` times; lists hold one value per repeat."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_tokens: int = Field(ge=1)
+    decode_tokens: int = Field(ge=1)  # tokens generated after the prompt in each repeat
+    prompt_seconds: list[float] = Field(min_length=1)  # whole prompt
+    token_seconds: list[float] = Field(min_length=1)  # per generated token
+    prompt_joules: list[float] = Field(min_length=1)  # whole prompt
+    token_joules: list[float] = Field(min_length=1)  # per generated token
+
+    @model_validator(mode="after")
+    def _one_value_per_repeat(self) -> ProfilePoint:
+        n = {len(self.prompt_seconds), len(self.token_seconds), len(self.prompt_joules),
+             len(self.token_joules)}
+        if len(n) != 1:
+            raise ValueError("every list of a point needs one value per repeat")
+        return self
+
+    @property
+    def repeats(self) -> int:
+        return len(self.prompt_seconds)
+
+    @staticmethod
+    def spread(values: list[float]) -> float:
+        """(max - min) / mean of one list: 0 when the repeats agree."""
+        mean = statistics.fmean(values)
+        return (max(values) - min(values)) / mean if mean > 0 else 0.0
+
+
+class AgentProfile(Message):
+    """Retained on ``agents/<id>/profile``: what a request costs on this agent."""
+
+    agent_id: str = Field(pattern=NAME_PATTERN)
+    model: str  # model name, as in AgentInfo
+    device_class: str  # firmware-configs class
+    power_mode: str | None = None  # mode key of the class (e.g. "MAXN", "450W"), None if unknown
+    meter_source: MeterSource  # what produced the energy figures
+    energy_measured: bool  # false exactly when meter_source is "modelled"
+    delay_measured: bool  # false when delays come from the eq. 4 estimate, not a run
+    energy_scope: str  # what a measured joule covers: "module", "gpu-board", "cpu-package"...
+    idle_watts: float | None = Field(default=None, ge=0)  # baseline the meter saw at rest
+    n_ctx: int = Field(ge=1)
+    points: list[ProfilePoint]  # empty for a fully modelled profile
+    curves: CostCurves
+    profiled_at: float  # unix seconds when profiling finished
+    duration_s: float = Field(ge=0)  # wall-clock seconds profiling took
+
+    @model_validator(mode="after")
+    def _never_claim_a_measurement(self) -> AgentProfile:
+        if self.energy_measured != (self.meter_source != "modelled"):
+            raise ValueError(
+                f"energy_measured={self.energy_measured} contradicts meter_source="
+                f"{self.meter_source!r}: only a real meter's figures are measured"
+            )
+        if self.delay_measured and not self.points:
+            raise ValueError("delay_measured needs measured points")
+        return self

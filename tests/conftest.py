@@ -1,0 +1,141 @@
+"""Shared fixtures: a real mosquitto on loopback, tiny GGUF experts built at test time, and
+real ``moe2-agent`` processes that the tests start and stop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from moe2.shared import protocol as p
+from moe2.shared.broker import Broker, MosquittoBroker, start_broker
+from moe2.shared.mqtt import BrokerConfig, Connection
+
+TINY_DOMAINS = ("animals", "code", "cooking", "arithmetic")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    kind = os.environ.get("MOE2_TEST_BROKER", "mosquitto")
+    if kind == "mosquitto" and not MosquittoBroker.available():
+        pytest.fail("mosquitto is not installed: run `make test` (it installs it) or set "
+                    "MOE2_TEST_BROKER=auto to use the embedded broker")
+    b = start_broker(kind)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="session")
+def broker_config(broker: Broker) -> BrokerConfig:
+    return BrokerConfig(host=broker.host, port=broker.port, keepalive=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from moe2.controller.experts.tiny import build_experts
+
+    return build_experts(tmp_path_factory.mktemp("tiny"), TINY_DOMAINS)
+
+
+class StatusWatcher:
+    """Collects the retained status of every agent."""
+
+    def __init__(self, cfg: BrokerConfig) -> None:
+        self.states: dict[str, str] = {}
+        self._cond = threading.Condition()
+        self.conn = Connection(cfg, f"watch-{os.getpid()}-{id(self)}")
+        self.conn.subscribe(p.topics.ALL_AGENT_STATUS, self._on)
+        self.conn.start()
+
+    def _on(self, msg: object) -> None:
+        st = p.decode_message(p.AgentStatus, msg.payload)  # type: ignore[attr-defined]
+        with self._cond:
+            self.states[st.agent_id] = st.state
+            self._cond.notify_all()
+
+    def wait_for(self, agent_id: str, state: str, timeout: float) -> float:
+        """Seconds it took to see ``state``; fails the test after ``timeout``."""
+        t0 = time.monotonic()
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self.states.get(agent_id) == state, timeout)
+        if not ok:
+            raise AssertionError(
+                f"agent {agent_id} not {state} within {timeout} s (is {self.states.get(agent_id)})"
+            )
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        self.conn.stop()
+
+
+@pytest.fixture
+def status_watcher(broker_config: BrokerConfig) -> Iterator[StatusWatcher]:
+    w = StatusWatcher(broker_config)
+    yield w
+    w.close()
+
+
+@dataclass
+class AgentProcess:
+    agent_id: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def start_agent(
+    broker_config: BrokerConfig, tmp_path: Path, status_watcher: StatusWatcher
+) -> Iterator[object]:
+    """``start_agent(model_path, agent_id, *extra_flags)`` -> a running AgentProcess."""
+    started: list[AgentProcess] = []
+
+    def _start(model: Path, agent_id: str, *extra: str, timeout: float = 60.0) -> AgentProcess:
+        log_path = tmp_path / f"{agent_id}.log"
+        args = [
+            sys.executable, "-m", "moe2.agent", "--model", str(model), "--id", agent_id,
+            "--broker-host", broker_config.host, "--broker-port", str(broker_config.port),
+            "--broker-keepalive", str(broker_config.keepalive), "--n-threads", "1", *extra,
+        ]
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        agent = AgentProcess(agent_id, proc, log_path, args)
+        started.append(agent)
+        try:
+            status_watcher.wait_for(agent_id, "online", timeout)
+        except AssertionError:
+            agent.stop()
+            raise AssertionError(f"agent did not come online; its log:\n{agent.log()}") from None
+        return agent
+
+    yield _start
+    for a in started:
+        a.stop()
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, indent=1, default=str)
