@@ -28,8 +28,10 @@ TINY_DOMAINS = ("animals", "code", "cooking", "arithmetic")
 def broker() -> Iterator[Broker]:
     kind = os.environ.get("MOE2_TEST_BROKER", "mosquitto")
     if kind == "mosquitto" and not MosquittoBroker.available():
-        pytest.fail("mosquitto is not installed: run `make test` (it installs it) or set "
-                    "MOE2_TEST_BROKER=auto to use the embedded broker")
+        pytest.fail(
+            "mosquitto is not installed: run `make test` (it installs it) or set "
+            "MOE2_TEST_BROKER=auto to use the embedded broker"
+        )
     b = start_broker(kind)
     yield b
     b.close()
@@ -117,9 +119,22 @@ def start_agent(
     def _start(model: Path, agent_id: str, *extra: str, timeout: float = 60.0) -> AgentProcess:
         log_path = tmp_path / f"{agent_id}.log"
         args = [
-            sys.executable, "-m", "moe2.agent", "--model", str(model), "--id", agent_id,
-            "--broker-host", broker_config.host, "--broker-port", str(broker_config.port),
-            "--broker-keepalive", str(broker_config.keepalive), "--n-threads", "1", *extra,
+            sys.executable,
+            "-m",
+            "moe2.agent",
+            "--model",
+            str(model),
+            "--id",
+            agent_id,
+            "--broker-host",
+            broker_config.host,
+            "--broker-port",
+            str(broker_config.port),
+            "--broker-keepalive",
+            str(broker_config.keepalive),
+            "--n-threads",
+            "1",
+            *extra,
         ]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

@@ -16,12 +16,16 @@ from moe2.shared.errors import ContextOverflow, InvalidToken
 TEXT = "the fox eats fish in the forest ."
 
 
-def test_tokenizer_matches_the_vocabulary_the_expert_was_built_with(animals_backend: LlamaCppBackend) -> None:
+def test_tokenizer_matches_the_vocabulary_the_expert_was_built_with(
+    animals_backend: LlamaCppBackend,
+) -> None:
     assert animals_backend.tokenize(TEXT, add_bos=True) == shared_vocab().encode(TEXT)
     assert animals_backend.detokenize(shared_vocab().encode(TEXT, bos=False)).strip() == TEXT
 
 
-def test_tokenizer_hash_same_vocab_same_hash(tiny_models: dict[str, Path], animals_backend: LlamaCppBackend) -> None:
+def test_tokenizer_hash_same_vocab_same_hash(
+    tiny_models: dict[str, Path], animals_backend: LlamaCppBackend
+) -> None:
     other = LlamaCppBackend(AgentConfig(model=tiny_models["code"], n_threads=1))
     try:
         assert other.info.tokenizer_hash == animals_backend.info.tokenizer_hash
@@ -30,7 +34,9 @@ def test_tokenizer_hash_same_vocab_same_hash(tiny_models: dict[str, Path], anima
         other.close()
 
 
-def test_tokenizer_hash_differs_for_another_vocabulary(tmp_path: Path, animals_backend: LlamaCppBackend) -> None:
+def test_tokenizer_hash_differs_for_another_vocabulary(
+    tmp_path: Path, animals_backend: LlamaCppBackend
+) -> None:
     vocab = build_vocab((*all_words(), "zebra"))
     path = write_expert(tmp_path / "zebra.gguf", "animals", vocab=vocab)
     other = LlamaCppBackend(AgentConfig(model=path, n_threads=1))

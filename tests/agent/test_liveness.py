@@ -24,7 +24,9 @@ def test_killed_or_frozen_agent_goes_offline(
     assert took < OFFLINE_WITHIN
 
 
-def test_stopped_agent_says_offline_at_once(start_agent: Any, status_watcher: Any, tiny_models: dict[str, Path]) -> None:
+def test_stopped_agent_says_offline_at_once(
+    start_agent: Any, status_watcher: Any, tiny_models: dict[str, Path]
+) -> None:
     agent = start_agent(tiny_models["code"], f"stop-{uuid.uuid4().hex[:6]}")
     agent.proc.terminate()
     status_watcher.wait_for(agent.agent_id, "offline", 5)

@@ -9,10 +9,11 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from moe2.agent.meters import METERS, ModelledMeter, Reading, choose_meter
+from moe2.agent.meters import METERS, MeterFactory, ModelledMeter, Reading, choose_meter
 from moe2.agent.meters.base import Meter, MeterError, PowerTrace
 from moe2.agent.meters.jetson import (
     JtopMeter,
@@ -80,7 +81,8 @@ def test_power_trace_integrates_piecewise_linearly() -> None:
     for t, w in [(0.0, 10.0), (1.0, 30.0), (2.0, 30.0)]:
         trace.add(t, w)
     assert trace.energy(0.0, 2.0) == (pytest.approx(50.0), 1)  # 20 J ramp + 30 J flat
-    assert trace.energy(0.5, 1.5)[0] == pytest.approx(0.5 * 25 + 0.5 * 30)  # 20 W -> 30 W, then flat
+    # 0.5 s ramping 20 W -> 30 W, then 0.5 s at 30 W
+    assert trace.energy(0.5, 1.5)[0] == pytest.approx(0.5 * 25 + 0.5 * 30)
     assert trace.energy(2.0, 4.0)[0] == pytest.approx(60.0)  # held after the last sample
     trace.add(1.5, 99.0)  # out of order: ignored
     assert len(trace) == 3
@@ -258,11 +260,17 @@ def test_rapl_unreadable_or_absent_is_unavailable(tmp_path: Path, powercap: Path
 
 def test_tegrastats_lines_give_the_module_power() -> None:
     rails = parse_tegrastats_rails(ORIN_AGX_JP5)
-    assert rails == {"VDD_GPU_SOC": 3150, "VDD_CPU_CV": 14312, "VIN_SYS_5V0": 4968,
-                     "VDDQ_VDD2_1V8AO": 1091}
+    assert rails == {
+        "VDD_GPU_SOC": 3150,
+        "VDD_CPU_CV": 14312,
+        "VIN_SYS_5V0": 4968,
+        "VDDQ_VDD2_1V8AO": 1091,
+    }
     # AGX Orin has no input rail: the rails are summed (as jtop does)
-    assert total_power_w(rails) == (pytest.approx(23.521),
-                                    "VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0+VDDQ_VDD2_1V8AO")
+    assert total_power_w(rails) == (
+        pytest.approx(23.521),
+        "VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0+VDDQ_VDD2_1V8AO",
+    )
     jp7 = total_power_w(parse_tegrastats_rails(ORIN_AGX_JP7))
     assert jp7 == (pytest.approx(13.907), "VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0")
     # Orin Nano: VDD_IN is the total; its sub-rails are not added again
@@ -297,8 +305,9 @@ def test_tegrastats_meter_integrates_the_printed_power() -> None:
 
 
 def test_tegrastats_without_power_rails_is_unavailable() -> None:
-    meter = TegrastatsMeter(_fake_tegrastats(["RAM 100/1000MB CPU [1%@729]"]),
-                            first_line_timeout_s=0.5)
+    meter = TegrastatsMeter(
+        _fake_tegrastats(["RAM 100/1000MB CPU [1%@729]"]), first_line_timeout_s=0.5
+    )
     assert not meter.available()
     assert not TegrastatsMeter(["/nonexistent/tegrastats"]).available()
 
@@ -312,9 +321,17 @@ class FakeJtop:
 
     @property
     def power(self) -> dict:
-        rails = {name: {"volt": 19_000, "curr": mw * 1000 // 19_000, "power": mw, "avg": mw,
-                        "online": True, "type": "I2C"}
-                 for name, mw in parse_tegrastats_rails(ORIN_AGX_JP7).items()}
+        rails = {
+            name: {
+                "volt": 19_000,
+                "curr": mw * 1000 // 19_000,
+                "power": mw,
+                "avg": mw,
+                "online": True,
+                "type": "I2C",
+            }
+            for name, mw in parse_tegrastats_rails(ORIN_AGX_JP7).items()
+        }
         total = next(self.totals)
         return {"rail": rails, "tot": {"power": total, "avg": total}}
 
@@ -348,8 +365,9 @@ def test_jtop_without_its_service_is_unavailable() -> None:
 
 # --------------------------------------------------------------------------- modelled
 
-FIGURES = DeviceFigures(compute_flops_per_s=1e12, memory_bytes_per_s=1e11, idle_power_w=9,
-                        peak_power_w=60)
+FIGURES = DeviceFigures(
+    compute_flops_per_s=1e12, memory_bytes_per_s=1e11, idle_power_w=9, peak_power_w=60
+)
 
 
 def test_modelled_meter_is_never_labelled_measured() -> None:
@@ -408,7 +426,9 @@ def test_choose_meter_takes_the_first_available_in_file_order() -> None:
 
 def test_modelled_is_the_last_resort_with_the_modes_figures() -> None:
     orin = load_device_class("orin-agx-64gb", REPO_CONFIGS)
-    registry = {name: (lambda d, m: Scripted("jtop", False, [])) for name in ("jtop", "tegrastats")}
+    registry: dict[str, MeterFactory] = {
+        name: (lambda d, m: Scripted("jtop", False, [])) for name in ("jtop", "tegrastats")
+    }
     registry["modelled"] = METERS["modelled"]
     meter = choose_meter(orin, "15W", registry=registry)
     assert isinstance(meter, ModelledMeter)
@@ -416,12 +436,18 @@ def test_modelled_is_the_last_resort_with_the_modes_figures() -> None:
 
 
 def test_every_meter_a_file_names_exists() -> None:
-    assert set(METERS) == set(MeterName.__args__)
+    assert set(METERS) == set(get_args(MeterName))
     for device in load_device_classes(REPO_CONFIGS).values():
         assert set(device.meters) <= set(METERS)
     # Every source a meter can report is one the protocol accepts.
-    sources = {"nvml-energy-counter", "nvml-power-sampled", "jtop", "tegrastats", "rapl",
-               "modelled"}
+    sources = {
+        "nvml-energy-counter",
+        "nvml-power-sampled",
+        "jtop",
+        "tegrastats",
+        "rapl",
+        "modelled",
+    }
     assert sources == set(METER_SOURCES)
 
 

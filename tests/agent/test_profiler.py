@@ -51,10 +51,8 @@ class TimedSequence(Sequence):
     def extend(self, tokens: Seq[int]) -> np.ndarray:
         if len(self._tokens) + len(tokens) > self.backend.info.n_ctx:
             raise ContextOverflow("history would exceed the context")
-        if len(tokens) > 1:
-            cost = A + B * len(tokens)
-        else:
-            cost = C + D * len(self._tokens)
+        # a batch is a prompt; one token is a decode step at the current history
+        cost = A + B * len(tokens) if len(tokens) > 1 else C + D * len(self._tokens)
         self.backend.run_for(cost)
         self._tokens += list(tokens)
         logits = np.zeros(self.backend.info.n_vocab, dtype=np.float32)
@@ -69,15 +67,25 @@ class TimedSequence(Sequence):
 
 
 class TimedBackend(ModelBackend):
-    def __init__(self, clock: FakeClock, n_ctx: int = 512,
-                 on_run: Callable[[float], None] = lambda s: None) -> None:
+    def __init__(
+        self, clock: FakeClock, n_ctx: int = 512, on_run: Callable[[float], None] = lambda s: None
+    ) -> None:
         self.clock = clock
         self.on_run = on_run
         self.open_sequences = 0
         self.info = ModelInfo(
-            name="timed-test", architecture="llama", quantization="F32", n_ctx=n_ctx, n_vocab=64,
-            n_params=1_000_000, model_bytes=4_000_000, tokenizer_hash="0" * 64, bos_id=1,
-            eos_ids=(2,), add_bos=True, chat_template=None,
+            name="timed-test",
+            architecture="llama",
+            quantization="F32",
+            n_ctx=n_ctx,
+            n_vocab=64,
+            n_params=1_000_000,
+            model_bytes=4_000_000,
+            tokenizer_hash="0" * 64,
+            bos_id=1,
+            eos_ids=(2,),
+            add_bos=True,
+            chat_template=None,
         )
 
     def run_for(self, seconds: float) -> None:
@@ -105,10 +113,12 @@ class TimedBackend(ModelBackend):
         pass
 
 
-SETTINGS = ProfilerSettings(prompt_lengths=[16, 64, 200, 400], repeats=3, decode_tokens=8,
-                            idle_seconds=0.5)
-FIGURES = DeviceFigures(compute_flops_per_s=1e12, memory_bytes_per_s=1e11, idle_power_w=9,
-                        peak_power_w=60)
+SETTINGS = ProfilerSettings(
+    prompt_lengths=[16, 64, 200, 400], repeats=3, decode_tokens=8, idle_seconds=0.5
+)
+FIGURES = DeviceFigures(
+    compute_flops_per_s=1e12, memory_bytes_per_s=1e11, idle_power_w=9, peak_power_w=60
+)
 
 
 def _profile(backend: ModelBackend, meter: Meter, clock: FakeClock, **kw) -> AgentProfile:
@@ -116,9 +126,16 @@ def _profile(backend: ModelBackend, meter: Meter, clock: FakeClock, **kw) -> Age
         clock.t += seconds
 
     return profile_backend(
-        backend, meter, kw.pop("settings", SETTINGS), agent_id="cpu-1",
-        device_class="cpu-generic", power_mode="default", clock=clock, sleep=sleep,
-        now=lambda: 1.7e9, **kw,
+        backend,
+        meter,
+        kw.pop("settings", SETTINGS),
+        agent_id="cpu-1",
+        device_class="cpu-generic",
+        power_mode="default",
+        clock=clock,
+        sleep=sleep,
+        now=lambda: 1.7e9,
+        **kw,
     )
 
 
@@ -155,6 +172,7 @@ def test_energy_measured_through_rapl_is_labelled_rapl(tmp_path: Path) -> None:
         def add(seconds: float) -> None:
             uj = int((zone / "energy_uj").read_text()) + round(watts * seconds * 1e6)
             (zone / "energy_uj").write_text(f"{uj}\n")
+
         return add
 
     backend = TimedBackend(clock, on_run=burn(ACTIVE_W))
@@ -166,17 +184,25 @@ def test_energy_measured_through_rapl_is_labelled_rapl(tmp_path: Path) -> None:
         burn(IDLE_W)(seconds)
 
     profile = profile_backend(
-        backend, meter, SETTINGS, agent_id="cpu-1", device_class="cpu-generic",
-        power_mode="default", clock=clock, sleep=idle_sleep,
+        backend,
+        meter,
+        SETTINGS,
+        agent_id="cpu-1",
+        device_class="cpu-generic",
+        power_mode="default",
+        clock=clock,
+        sleep=idle_sleep,
     )
     assert profile.meter_source == "rapl"
     assert profile.energy_measured
     assert profile.energy_scope == "cpu-package"
     assert profile.idle_watts == pytest.approx(IDLE_W)
-    assert profile.curves.prompt_joules.coef == pytest.approx([ACTIVE_W * A, ACTIVE_W * B],
-                                                              rel=1e-4)
+    assert profile.curves.prompt_joules.coef == pytest.approx(
+        [ACTIVE_W * A, ACTIVE_W * B], rel=1e-4
+    )
     assert profile.curves.token_joules.at(100) == pytest.approx(
-        ACTIVE_W * profile.curves.token_seconds.at(100), rel=1e-3)
+        ACTIVE_W * profile.curves.token_seconds.at(100), rel=1e-3
+    )
 
 
 class SlowToResolve(ModelledMeter):
@@ -188,8 +214,9 @@ class SlowToResolve(ModelledMeter):
 def test_short_work_is_stretched_to_the_meters_window() -> None:
     clock = FakeClock()
     backend = TimedBackend(clock)
-    settings = ProfilerSettings(prompt_lengths=[16, 64], repeats=1, decode_tokens=2,
-                                idle_seconds=0, warmup=False)
+    settings = ProfilerSettings(
+        prompt_lengths=[16, 64], repeats=1, decode_tokens=2, idle_seconds=0, warmup=False
+    )
     profile = _profile(backend, SlowToResolve(FIGURES, clock=clock), clock, settings=settings)
     first = profile.points[0]
     # 0.0216 s per prompt: five evaluations fill the window; each is still timed on its own
@@ -227,7 +254,7 @@ def test_a_profile_never_claims_a_meter_it_did_not_use() -> None:
     assert profile.meter_source == "modelled"
     assert not profile.energy_measured
 
-    with pytest.raises(MeterError, match="more than one meter|changed its source"):
+    with pytest.raises(MeterError, match=r"more than one meter|changed its source"):
         _profile(TimedBackend(clock), Switching(FIGURES, clock=clock), clock)
 
     data = profile.model_dump()
@@ -272,8 +299,15 @@ def test_prompts_have_exactly_the_asked_length() -> None:
 def test_estimated_profile_is_modelled_through_and_through() -> None:
     model = ModelFigures(n_params=1e9, weight_bytes=5e8)  # no layer shape: flat per-token cost
     profile = estimate_profile(
-        model, FIGURES, ProfilerSettings(), agent_id="orin-1", model_name="qwen2.5-3b",
-        n_ctx=4096, device_class="orin-agx-64gb", power_mode="MAXN", now=lambda: 1.7e9,
+        model,
+        FIGURES,
+        ProfilerSettings(),
+        agent_id="orin-1",
+        model_name="qwen2.5-3b",
+        n_ctx=4096,
+        device_class="orin-agx-64gb",
+        power_mode="MAXN",
+        now=lambda: 1.7e9,
     )
     assert profile.meter_source == "modelled"
     assert not profile.energy_measured and not profile.delay_measured
@@ -288,10 +322,13 @@ def test_estimated_profile_is_modelled_through_and_through() -> None:
 def test_stability_is_the_worst_max_over_min_ratio() -> None:
     clock = FakeClock()
     base = _profile(TimedBackend(clock), ModelledMeter(FIGURES, clock=clock), clock)
-    slower_curves = base.curves.model_copy(update={
-        "token_seconds": base.curves.token_seconds.model_copy(
-            update={"coef": [1.1 * c for c in base.curves.token_seconds.coef]}),
-    })
+    slower_curves = base.curves.model_copy(
+        update={
+            "token_seconds": base.curves.token_seconds.model_copy(
+                update={"coef": [1.1 * c for c in base.curves.token_seconds.coef]}
+            ),
+        }
+    )
     slower = base.model_copy(update={"curves": slower_curves})
     ratios = stability([base, slower], [16, 400])
     assert ratios["token_seconds"] == pytest.approx(1.1)

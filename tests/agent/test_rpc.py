@@ -12,7 +12,7 @@ import pytest
 
 from moe2.agent.llama import LlamaCppBackend
 from moe2.shared import protocol as p
-from moe2.shared.errors import ContextOverflow, SessionEvicted, UnknownSession
+from moe2.shared.errors import BadMessage, ContextOverflow, SessionEvicted, UnknownSession
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient, response_properties
 
 TEXT = "the fox eats fish in the"
@@ -26,7 +26,9 @@ def rpc(broker_config: BrokerConfig) -> Any:
 
 @pytest.fixture
 def animals_agent(start_agent: Any, tiny_models: dict[str, Path]) -> Any:
-    return start_agent(tiny_models["animals"], f"animals-{uuid.uuid4().hex[:6]}", "--max-sessions", "2")
+    return start_agent(
+        tiny_models["animals"], f"animals-{uuid.uuid4().hex[:6]}", "--max-sessions", "2"
+    )
 
 
 def _dense(dist: p.TopKDist, n_vocab: int) -> np.ndarray:
@@ -48,7 +50,9 @@ def test_served_step_distribution_equals_direct_llama_cpp(
     for _ in range(5):
         tok = int(np.argmax(want))
         want = direct.extend([tok])
-        reply = rpc.call(animals_agent.agent_id, p.StepRequest(session=session, tokens=[tok], top_k=8))
+        reply = rpc.call(
+            animals_agent.agent_id, p.StepRequest(session=session, tokens=[tok], top_k=8)
+        )
         top = np.argsort(-want, kind="stable")[:8]
         assert reply.dist.ids == top.tolist()
         np.testing.assert_allclose(reply.dist.logprobs, want[top], atol=1e-4)
@@ -58,7 +62,9 @@ def test_served_step_distribution_equals_direct_llama_cpp(
     assert rpc.call(animals_agent.agent_id, p.CloseRequest(session=session)).ok
 
 
-def test_text_prompt_pieces_score_and_tokenize(rpc: RpcClient, animals_agent: Any, animals_backend: LlamaCppBackend) -> None:
+def test_text_prompt_pieces_score_and_tokenize(
+    rpc: RpcClient, animals_agent: Any, animals_backend: LlamaCppBackend
+) -> None:
     aid = animals_agent.agent_id
     tokens = rpc.call(aid, p.TokenizeRequest(text=TEXT, add_bos=True)).tokens
     assert tokens == animals_backend.tokenize(TEXT, add_bos=True)
@@ -68,7 +74,9 @@ def test_text_prompt_pieces_score_and_tokenize(rpc: RpcClient, animals_agent: An
     assert opened.n_tokens == len(tokens)
     assert opened.dist.pieces == [animals_backend.piece(i) for i in opened.dist.ids]
     scored = rpc.call(aid, p.ScoreRequest(prompt_tokens=tokens[:3], target_tokens=tokens[3:]))
-    np.testing.assert_allclose(scored.logprobs, animals_backend.score(tokens[:3], tokens[3:]), atol=1e-4)
+    np.testing.assert_allclose(
+        scored.logprobs, animals_backend.score(tokens[:3], tokens[3:]), atol=1e-4
+    )
 
 
 def test_sessions_are_bounded_and_evicted_ones_say_so(rpc: RpcClient, animals_agent: Any) -> None:
@@ -84,7 +92,9 @@ def test_sessions_are_bounded_and_evicted_ones_say_so(rpc: RpcClient, animals_ag
         assert rpc.call(aid, p.StepRequest(session=s, tokens=[5])).n_tokens == 3
 
 
-def test_context_overflow_is_an_error_reply(rpc: RpcClient, start_agent: Any, tiny_models: dict[str, Path]) -> None:
+def test_context_overflow_is_an_error_reply(
+    rpc: RpcClient, start_agent: Any, tiny_models: dict[str, Path]
+) -> None:
     agent = start_agent(tiny_models["animals"], f"small-{uuid.uuid4().hex[:6]}", "--n-ctx", "64")
     s = rpc.call(agent.agent_id, p.OpenRequest(tokens=[1] + [5] * 60)).session
     with pytest.raises(ContextOverflow):
@@ -122,8 +132,11 @@ def test_bad_messages_get_error_replies_and_the_agent_keeps_serving(
     # A request without a ResponseTopic cannot be answered; it must not hurt either.
     with Connection(broker_config, f"noreply-{uuid.uuid4().hex[:6]}") as raw:
         raw.publish(p.topics.agent_rpc(aid), b'{"v": 1, "op": "ping"}').wait_for_publish(5)
-        raw.publish(p.topics.agent_rpc(aid), b"garbage", properties=response_properties(
-            "moe2/v1/replies/nobody", b"1")).wait_for_publish(5)
+        raw.publish(
+            p.topics.agent_rpc(aid),
+            b"garbage",
+            properties=response_properties("moe2/v1/replies/nobody", b"1"),
+        ).wait_for_publish(5)
     assert rpc.call(aid, p.PingRequest()).agent_id == aid
     assert animals_agent.proc.poll() is None
 
@@ -133,11 +146,25 @@ def test_every_request_gets_exactly_one_reply_even_when_busy(
 ) -> None:
     agent = start_agent(tiny_models["animals"], f"busy-{uuid.uuid4().hex[:6]}", "--queue-size", "2")
     prompt = [1] + [5, 6, 7, 8] * 200
-    futures = [rpc.call_async(agent.agent_id, p.ScoreRequest(prompt_tokens=prompt, target_tokens=[5] * 50))
-               for _ in range(30)]
+    futures = [
+        rpc.call_async(agent.agent_id, p.ScoreRequest(prompt_tokens=prompt, target_tokens=[5] * 50))
+        for _ in range(30)
+    ]
     replies = [f.result(timeout=60) for f in futures]
     busy = [r for r in replies if isinstance(r, p.ErrorReply)]
     assert busy, "a queue of 2 should have refused some of 30 simultaneous requests"
     assert all(r.error.code == "busy" for r in busy)
     assert any(isinstance(r, p.ScoreReply) for r in replies)
     assert rpc.call(agent.agent_id, p.PingRequest()).ok
+
+
+def test_rewind_rolls_a_session_back(rpc: RpcClient, animals_agent: Any) -> None:
+    aid = animals_agent.agent_id
+    first = rpc.call(aid, p.OpenRequest(tokens=[1, 5, 6], top_k=5))
+    rpc.call(aid, p.StepRequest(session=first.session, tokens=[7, 8, 9]))
+    again = rpc.call(aid, p.StepRequest(session=first.session, tokens=[6], rewind_to=2, top_k=5))
+    assert again.n_tokens == 3
+    assert again.dist.ids == first.dist.ids
+    np.testing.assert_allclose(again.dist.logprobs, first.dist.logprobs, atol=1e-4)
+    with pytest.raises(BadMessage):
+        rpc.call(aid, p.StepRequest(session=first.session, tokens=[6], rewind_to=50))

@@ -57,8 +57,9 @@ def test_topk_keeps_order_and_tail_mass() -> None:
 def test_full_distribution_round_trip() -> None:
     logprobs = np.log(np.full(7, 1 / 7, dtype=np.float32))
     dist = p.encode_full(logprobs)
-    back = p.decode_reply(p.encode(p.DistributionReply(
-        op="step", session="s", n_tokens=3, dist=dist, compute_ms=1.0)))
+    back = p.decode_reply(
+        p.encode(p.DistributionReply(op="step", session="s", n_tokens=3, dist=dist, compute_ms=1.0))
+    )
     assert np.array_equal(back.dist.logprobs(), logprobs)
 
 

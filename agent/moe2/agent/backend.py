@@ -13,7 +13,8 @@ everything already evaluated, so a step costs the same at history 10 and 1,000.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,5 +112,7 @@ def open_backend(name: str, config: AgentConfig) -> ModelBackend:
     try:
         factory = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}") from None
+        raise ValueError(
+            f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}"
+        ) from None
     return factory(config)

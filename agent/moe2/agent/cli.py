@@ -1,7 +1,7 @@
 """``moe2-agent``: run one edge agent.
 
-    moe2-agent --model models/tiny-code.gguf --id code-1 --broker-port 1883
-    moe2-agent --config /etc/moe2/agent.toml
+moe2-agent --model models/tiny-code.gguf --id code-1 --broker-port 1883
+moe2-agent --config /etc/moe2/agent.toml
 """
 
 from __future__ import annotations
@@ -22,12 +22,25 @@ from moe2.shared.settings import collect_overrides, load_settings, settings_opti
 
 
 @click.command(context_settings={"show_default": False, "max_content_width": 100})
-@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="TOML configuration file (flags and MOE2_AGENT_* variables override it).")
-@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="llama.cpp",
-              show_default=True, help="Inference engine.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML configuration file (flags and MOE2_AGENT_* variables override it).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(sorted(BACKENDS)),
+    default="llama.cpp",
+    show_default=True,
+    help="Inference engine.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
 @settings_options(AgentConfig)
 @settings_options(BrokerConfig, section="broker")
 @click.version_option(package_name="moe2-edge-agent")
@@ -38,7 +51,9 @@ def main(config_file: Path | None, backend: str, log_level: str, **flags: Any) -
     )
     try:
         config = load_settings(
-            AgentConfig, file=config_file, env_prefix="MOE2_AGENT_",
+            AgentConfig,
+            file=config_file,
+            env_prefix="MOE2_AGENT_",
             overrides=collect_overrides(flags),
         )
     except ConfigError as exc:

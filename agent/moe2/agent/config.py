@@ -37,26 +37,43 @@ def _default_id() -> str:
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(default_factory=_default_id, pattern=NAME_PATTERN,
-                    description="agent id, unique in the fleet (default: host name)")
+    id: str = Field(
+        default_factory=_default_id,
+        pattern=NAME_PATTERN,
+        description="agent id, unique in the fleet (default: host name)",
+    )
     model: Path = Field(description="GGUF model file to serve")
-    device_class: str = Field(default="cpu-generic",
-                              description="device class from firmware-configs/ (cost model figures)")
+    device_class: str = Field(
+        default="cpu-generic",
+        description="device class from firmware-configs/ (cost model figures)",
+    )
     n_ctx: int = Field(default=2048, ge=64, le=1 << 20, description="context size in tokens")
-    n_threads: int = Field(default=0, ge=0, le=1024,
-                           description="CPU threads for llama.cpp (0: all cores)")
-    n_gpu_layers: int = Field(default=0, ge=-1, description="layers to offload to the GPU (-1: all)")
-    max_sessions: int = Field(default=4, ge=1, le=256,
-                              description="concurrent sessions (each holds a KV cache); "
-                              "the least recently used is evicted beyond this")
-    default_top_k: int = Field(default=40, ge=1, le=4096,
-                               description="top-k sent when a request does not say")
-    queue_size: int = Field(default=256, ge=1, le=100_000,
-                            description="requests waiting for the model before 'busy' replies")
-    max_payload_bytes: int = Field(default=4 << 20, ge=1024, le=256 << 20,
-                                   description="largest request accepted, in bytes")
-    hash_model_file: bool = Field(default=True,
-                                  description="announce the sha256 of the GGUF file")
+    n_threads: int = Field(
+        default=0, ge=0, le=1024, description="CPU threads for llama.cpp (0: all cores)"
+    )
+    n_gpu_layers: int = Field(
+        default=0, ge=-1, description="layers to offload to the GPU (-1: all)"
+    )
+    max_sessions: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="concurrent sessions (each holds a KV cache); "
+        "the least recently used is evicted beyond this",
+    )
+    default_top_k: int = Field(
+        default=40, ge=1, le=4096, description="top-k sent when a request does not say"
+    )
+    queue_size: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="requests waiting for the model before 'busy' replies",
+    )
+    max_payload_bytes: int = Field(
+        default=4 << 20, ge=1024, le=256 << 20, description="largest request accepted, in bytes"
+    )
+    hash_model_file: bool = Field(default=True, description="announce the sha256 of the GGUF file")
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
 
     @field_validator("id")

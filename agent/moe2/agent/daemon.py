@@ -46,7 +46,8 @@ class Agent:
         self.info = self._build_info()
         offline = p.encode(p.AgentStatus(agent_id=config.id, state="offline"))
         self.conn = Connection(
-            config.broker, f"moe2-agent-{config.id}",
+            config.broker,
+            f"moe2-agent-{config.id}",
             will=(p.topics.agent_status(config.id), offline, True),
         )
         self.conn.on_connected.append(self._announce)
@@ -62,12 +63,22 @@ class Agent:
         if self.config.hash_model_file:
             digest = sha256_file(self.config.model)
         return p.AgentInfo(
-            agent_id=self.config.id, model=mi.name, model_file=self.config.model.name,
-            model_sha256=digest, architecture=mi.architecture, quantization=mi.quantization,
-            n_ctx=mi.n_ctx, n_vocab=mi.n_vocab, tokenizer_hash=mi.tokenizer_hash,
-            bos_id=mi.bos_id, eos_ids=list(mi.eos_ids), add_bos=mi.add_bos,
-            chat_template=mi.chat_template, device_class=self.config.device_class,
-            software_version=__version__, max_sessions=self.config.max_sessions,
+            agent_id=self.config.id,
+            model=mi.name,
+            model_file=self.config.model.name,
+            model_sha256=digest,
+            architecture=mi.architecture,
+            quantization=mi.quantization,
+            n_ctx=mi.n_ctx,
+            n_vocab=mi.n_vocab,
+            tokenizer_hash=mi.tokenizer_hash,
+            bos_id=mi.bos_id,
+            eos_ids=list(mi.eos_ids),
+            add_bos=mi.add_bos,
+            chat_template=mi.chat_template,
+            device_class=self.config.device_class,
+            software_version=__version__,
+            max_sessions=self.config.max_sessions,
             started_at=self.started_at,
         )
 
@@ -85,7 +96,9 @@ class Agent:
         self._stopped.set()
         offline = p.AgentStatus(agent_id=self.config.id, state="offline", since=time.time())
         try:
-            info = self.conn.publish(p.topics.agent_status(self.config.id), p.encode(offline), retain=True)
+            info = self.conn.publish(
+                p.topics.agent_status(self.config.id), p.encode(offline), retain=True
+            )
             info.wait_for_publish(timeout=2)
         except (RuntimeError, ValueError):
             pass  # not connected: the broker publishes the last will instead
@@ -121,12 +134,16 @@ class Agent:
         try:
             request = p.decode_request(msg.payload, self.config.max_payload_bytes)
         except ProtocolError as exc:
-            self._reply(topic, corr, p.error_reply(exc.code, exc.message, p.request_op(msg.payload)))
+            self._reply(
+                topic, corr, p.error_reply(exc.code, exc.message, p.request_op(msg.payload))
+            )
             return
         try:
             self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic()))
         except queue.Full:
-            err = Busy(f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later")
+            err = Busy(
+                f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later"
+            )
             self._reply(topic, corr, p.error_reply(err.code, err.message, request.op))
 
     def _work(self) -> None:

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FTYPE_NAMES = {
-    int(getattr(llama_cpp, n)): n.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
+    int(getattr(llama_cpp, n)): n.removeprefix("LLAMA_FTYPE_")
+    .removeprefix("MOSTLY_")
+    .removeprefix("ALL_")
     for n in dir(llama_cpp)
     if n.startswith("LLAMA_FTYPE_") and isinstance(getattr(llama_cpp, n), int)
 }
@@ -121,7 +123,9 @@ class LlamaCppBackend(ModelBackend):
     def _check_tokens(self, tokens: Seq[int]) -> None:
         for t in tokens:
             if not 0 <= t < self._n_vocab:
-                raise InvalidToken(f"token id {t} is outside the vocabulary (0..{self._n_vocab - 1})")
+                raise InvalidToken(
+                    f"token id {t} is outside the vocabulary (0..{self._n_vocab - 1})"
+                )
 
     def detokenize(self, tokens: Seq[int]) -> str:
         self._check_tokens(tokens)
@@ -166,7 +170,8 @@ class LlamaCppBackend(ModelBackend):
         self._check_tokens(target)
         if len(prompt) + len(target) > self._n_ctx:
             raise ContextOverflow(
-                f"prompt ({len(prompt)}) + target ({len(target)}) tokens exceed the context of {self._n_ctx}"
+                f"prompt ({len(prompt)}) + target ({len(target)}) tokens exceed the context "
+                f"of {self._n_ctx}"
             )
         if self._scratch is None:
             self._scratch = LlamaSequence(self)

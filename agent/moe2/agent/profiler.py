@@ -65,7 +65,9 @@ class ProfilerSettings(BaseModel):
         default=1.0, ge=0, le=60, description="seconds of idle power measured first (0: skip)"
     )
     max_runs_per_window: int = Field(
-        default=64, ge=1, le=10_000,
+        default=64,
+        ge=1,
+        le=10_000,
         description="prompt evaluations that may share one meter window when one is too short",
     )
 
@@ -192,8 +194,14 @@ def profile_backend(
     started = clock()
 
     if settings.warmup:
-        _measure(backend, meter, prompt_tokens_for(backend, lengths[0]),
-                 min(settings.decode_tokens, 4), 1, clock)
+        _measure(
+            backend,
+            meter,
+            prompt_tokens_for(backend, lengths[0]),
+            min(settings.decode_tokens, 4),
+            1,
+            clock,
+        )
 
     idle_watts = None
     if meter.source != "modelled" and settings.idle_seconds > 0:
@@ -207,19 +215,22 @@ def profile_backend(
     for length in lengths:
         prompt = prompt_tokens_for(backend, length)
         runs = [
-            _measure(backend, meter, prompt, settings.decode_tokens,
-                     settings.max_runs_per_window, clock)
+            _measure(
+                backend, meter, prompt, settings.decode_tokens, settings.max_runs_per_window, clock
+            )
             for _ in range(settings.repeats)
         ]
         all_runs += runs
-        points.append(ProfilePoint(
-            prompt_tokens=length,
-            decode_tokens=min(r.tokens for r in runs),
-            prompt_seconds=[r.prompt_s for r in runs],
-            token_seconds=[r.token_s for r in runs],
-            prompt_joules=[r.prompt_j for r in runs],
-            token_joules=[r.token_j for r in runs],
-        ))
+        points.append(
+            ProfilePoint(
+                prompt_tokens=length,
+                decode_tokens=min(r.tokens for r in runs),
+                prompt_seconds=[r.prompt_s for r in runs],
+                token_seconds=[r.token_s for r in runs],
+                prompt_joules=[r.prompt_j for r in runs],
+                token_joules=[r.token_j for r in runs],
+            )
+        )
 
     # The label comes from the readings themselves, and all of them must agree: a profile
     # never names a meter that did not produce its figures.
@@ -293,10 +304,19 @@ def estimate_profile(
         token_joules=fit_curve(lengths, [c.joules for c in token], unit="J"),
     )
     return AgentProfile(
-        agent_id=agent_id, model=model_name, device_class=device_class, power_mode=power_mode,
-        meter_source="modelled", energy_measured=False, delay_measured=False,
-        energy_scope="device-figures", n_ctx=n_ctx, points=[], curves=curves,
-        profiled_at=now(), duration_s=0.0,
+        agent_id=agent_id,
+        model=model_name,
+        device_class=device_class,
+        power_mode=power_mode,
+        meter_source="modelled",
+        energy_measured=False,
+        delay_measured=False,
+        energy_scope="device-figures",
+        n_ctx=n_ctx,
+        points=[],
+        curves=curves,
+        profiled_at=now(),
+        duration_s=0.0,
     )
 
 

@@ -45,7 +45,9 @@ class AgentService:
             return p.PingReply(agent_id=self.agent_id, active_sessions=len(self.sessions))
         raise BadMessage(f"unhandled request type {type(req).__name__}")
 
-    def _prompt_tokens(self, text: str | None, tokens: list[int] | None, add_bos: bool | None) -> list[int]:
+    def _prompt_tokens(
+        self, text: str | None, tokens: list[int] | None, add_bos: bool | None
+    ) -> list[int]:
         if tokens is not None:
             return tokens
         bos = self.backend.info.add_bos if add_bos is None else add_bos
@@ -70,24 +72,37 @@ class AgentService:
         sid, seq, logprobs = self.sessions.open(tokens)
         ms = (time.perf_counter() - t0) * 1e3
         return p.DistributionReply(
-            op="open", session=sid, n_tokens=len(seq.tokens),
-            dist=self.distribution(logprobs, req.top_k, req.full, req.with_pieces), compute_ms=ms,
+            op="open",
+            session=sid,
+            n_tokens=len(seq.tokens),
+            dist=self.distribution(logprobs, req.top_k, req.full, req.with_pieces),
+            compute_ms=ms,
         )
 
     def _step(self, req: p.StepRequest) -> p.DistributionReply:
         seq = self.sessions.get(req.session)
+        if req.rewind_to is not None:
+            if req.rewind_to > len(seq.tokens):
+                raise BadMessage(
+                    f"rewind_to={req.rewind_to} is beyond the history of {len(seq.tokens)} tokens"
+                )
+            seq.truncate(req.rewind_to)
         t0 = time.perf_counter()
         logprobs = seq.extend(req.tokens)
         ms = (time.perf_counter() - t0) * 1e3
         return p.DistributionReply(
-            op="step", session=req.session, n_tokens=len(seq.tokens),
-            dist=self.distribution(logprobs, req.top_k, req.full, req.with_pieces), compute_ms=ms,
+            op="step",
+            session=req.session,
+            n_tokens=len(seq.tokens),
+            dist=self.distribution(logprobs, req.top_k, req.full, req.with_pieces),
+            compute_ms=ms,
         )
 
     def _score(self, req: p.ScoreRequest) -> p.ScoreReply:
         prompt = self._prompt_tokens(req.prompt, req.prompt_tokens, req.add_bos)
         target = (
-            req.target_tokens if req.target_tokens is not None
+            req.target_tokens
+            if req.target_tokens is not None
             else self.backend.tokenize(req.target or "", add_bos=False)
         )
         if not target:

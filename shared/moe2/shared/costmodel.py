@@ -117,7 +117,7 @@ class CostCurve(BaseModel):
     """A cost (seconds or joules) as a polynomial in the prompt length L, fitted to points.
 
     ``coef[i]`` multiplies L**i. ``residual_std`` is the spread of the points around the curve
-    in the curve's unit; ``rel_residual_std`` the same relative to the fitted values.
+    in the curve's unit; ``rel_residual_std`` the same relative to the measured values.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -162,12 +162,18 @@ def fit_curve(
     resid = y - fitted
     dof = max(1, len(x) - (degree + 1))
     residual_std = float(np.sqrt(np.sum(resid**2) / dof)) if len(x) > degree + 1 else 0.0
-    denom = np.where(np.abs(fitted) > 0, np.abs(fitted), 1.0)
+    # Relative to the measured values (always > 0 for costs; a fitted value may be ~0).
+    denom = np.where(np.abs(y) > 0, np.abs(y), 1.0)
     rel = resid / denom
     rel_std = float(np.sqrt(np.sum(rel**2) / dof)) if len(x) > degree + 1 else 0.0
     return CostCurve(
-        unit=unit, coef=coef, residual_std=residual_std, rel_residual_std=rel_std,
-        n_points=len(x), min_tokens=int(x.min()), max_tokens=int(x.max()),
+        unit=unit,
+        coef=coef,
+        residual_std=residual_std,
+        rel_residual_std=rel_std,
+        n_points=len(x),
+        min_tokens=int(x.min()),
+        max_tokens=int(x.max()),
     )
 
 

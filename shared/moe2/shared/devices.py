@@ -248,8 +248,10 @@ def detect_device_class(
     model = (_read(dt / "model") or "").replace("\x00", "").strip()
     compatible = [c for c in (_read(dt / "compatible") or "").split("\x00") if c]
     tegra_release = (root / "etc" / "nv_tegra_release").is_file()
-    is_jetson = tegra_release or "jetson" in model.lower() or any(
-        c.startswith("nvidia,tegra") for c in compatible
+    is_jetson = (
+        tegra_release
+        or "jetson" in model.lower()
+        or any(c.startswith("nvidia,tegra") for c in compatible)
     )
 
     if is_jetson:

@@ -8,7 +8,7 @@ callers never parse message text.
     ├── ConfigError                 bad configuration file, flag or environment value
     ├── ProtocolError               a peer sent something we cannot accept
     │   ├── BadMessage              not JSON, wrong shape, out-of-range field   (bad_request)
-    │   ├── UnsupportedVersion      schema version we do not speak              (unsupported_version)
+    │   ├── UnsupportedVersion      schema version we do not speak          (unsupported_version)
     │   ├── MessageTooLarge         payload over the configured limit           (too_large)
     │   └── UnknownOperation        op we do not implement                      (unknown_op)
     ├── SessionError

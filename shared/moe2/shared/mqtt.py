@@ -8,6 +8,7 @@ reconnect, and an RPC client (MQTT 5 ResponseTopic + CorrelationData).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import socket
@@ -45,7 +46,9 @@ class BrokerConfig(BaseModel):
     tls_cert: str | None = Field(default=None, description="client certificate file (mTLS)")
     tls_key: str | None = Field(default=None, description="client key file (mTLS)")
     keepalive: int = Field(
-        default=3, ge=1, le=3600,
+        default=3,
+        ge=1,
+        le=3600,
         description="MQTT keepalive in seconds; the broker declares a silent client dead "
         "after 1.5x this, which is how fast a hung agent shows offline",
     )
@@ -54,10 +57,8 @@ class BrokerConfig(BaseModel):
 
 def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # Nagle's algorithm turns a 0.4 ms loopback round trip into 40-90 ms.
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # websockets: nothing to tune
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):  # websockets or unix sockets: nothing to tune
-        pass
 
 
 class Connection:
@@ -87,7 +88,9 @@ class Connection:
             self._client.username_pw_set(broker.username, broker.password)
         if broker.tls_ca is not None:
             self._client.tls_set(
-                ca_certs=broker.tls_ca, certfile=broker.tls_cert, keyfile=broker.tls_key,
+                ca_certs=broker.tls_ca,
+                certfile=broker.tls_cert,
+                keyfile=broker.tls_key,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         if will is not None:
@@ -104,7 +107,9 @@ class Connection:
     def start(self) -> Connection:
         try:
             self._client.connect(
-                self.broker.host, self.broker.port, keepalive=self.broker.keepalive,
+                self.broker.host,
+                self.broker.port,
+                keepalive=self.broker.keepalive,
                 clean_start=True,
             )
         except OSError as exc:
@@ -160,7 +165,9 @@ class Connection:
 
     # ------------------------------------------------------------------ callbacks
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
         if rc.is_failure:
             self._connect_error = str(rc)
             log.error("MQTT connection refused: %s", rc)
@@ -176,14 +183,18 @@ class Connection:
                 log.exception("on_connected hook failed")
         self._connected.set()
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
         self._connected.clear()
         if rc != 0:
             log.warning("MQTT connection lost (%s); reconnecting", rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            handlers = [h for _, match, _, h in self._handlers if mqtt.topic_matches_sub(match, msg.topic)]
+            handlers = [
+                h for _, match, _, h in self._handlers if mqtt.topic_matches_sub(match, msg.topic)
+            ]
         for handler in handlers:
             try:
                 handler(msg)
@@ -259,7 +270,9 @@ class RpcClient:
         with self._lock:
             self._pending[corr] = fut
         self._conn.publish(
-            protocol.topics.agent_rpc(agent_id), payload, qos=self.qos,
+            protocol.topics.agent_rpc(agent_id),
+            payload,
+            qos=self.qos,
             properties=response_properties(self.inbox, corr),
         )
         fut.add_done_callback(lambda _f, c=corr: self._forget(c))

@@ -121,7 +121,8 @@ def settings_options(model: type[BaseModel], section: str | None = None) -> Call
             dest = f"{section}__{name}" if section else name
             ctype = _click_type(ann)
             default_txt = (
-                "" if field.default is None or field.default is PydanticUndefined
+                ""
+                if field.default is None or field.default is PydanticUndefined
                 else f" [default: {field.default}]"
             )
             help_txt = (field.description or "") + default_txt
@@ -135,7 +136,7 @@ def settings_options(model: type[BaseModel], section: str | None = None) -> Call
 
 
 def collect_overrides(values: dict[str, Any]) -> dict[str, Any]:
-    """Nest the flag values that were given: ``{"broker__port": 1}`` -> ``{"broker": {"port": 1}}``."""
+    """Nest the flags that were given: ``{"broker__port": 1}`` -> ``{"broker": {"port": 1}}``."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         if value is None:

@@ -12,7 +12,7 @@ modelled]``); the first whose ``available()`` holds is used. ``modelled`` always
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from moe2.agent.meters.base import Meter, MeterError, Reading
 from moe2.agent.meters.jetson import JtopMeter, TegrastatsMeter
@@ -47,7 +47,7 @@ def choose_meter(
     mode: str | None = None,
     *,
     prefer: str | None = None,
-    registry: dict[str, MeterFactory] | None = None,
+    registry: Mapping[str, MeterFactory] | None = None,
 ) -> Meter:
     """The first available meter of the class's list (or exactly ``prefer``, if given)."""
     factories = METERS if registry is None else registry
@@ -73,6 +73,15 @@ def choose_meter(
 
 
 __all__ = [
-    "METERS", "JtopMeter", "Meter", "MeterError", "MeterFactory", "ModelledMeter", "NvmlMeter",
-    "RaplMeter", "Reading", "TegrastatsMeter", "choose_meter",
+    "METERS",
+    "JtopMeter",
+    "Meter",
+    "MeterError",
+    "MeterFactory",
+    "ModelledMeter",
+    "NvmlMeter",
+    "RaplMeter",
+    "Reading",
+    "TegrastatsMeter",
+    "choose_meter",
 ]

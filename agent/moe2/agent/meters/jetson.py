@@ -70,7 +70,7 @@ def _open_jtop() -> JtopLike:
         handle.start()  # needs the jtop service (jetson_stats.service) running
     except Exception as exc:  # jtop raises its own JtopException, and OSError on the socket
         raise MeterError(f"jtop cannot connect to its service: {exc}") from None
-    return handle  # type: ignore[no-any-return]
+    return handle
 
 
 def jtop_total_w(power: Mapping[str, Any]) -> tuple[float, str]:

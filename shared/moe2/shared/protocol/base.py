@@ -39,7 +39,6 @@ class Message(BaseModel):
     v: Literal[1] = SCHEMA_VERSION
 
 
-
 _json_object: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
 

@@ -42,8 +42,12 @@ class ProfilePoint(BaseModel):
 
     @model_validator(mode="after")
     def _one_value_per_repeat(self) -> ProfilePoint:
-        n = {len(self.prompt_seconds), len(self.token_seconds), len(self.prompt_joules),
-             len(self.token_joules)}
+        n = {
+            len(self.prompt_seconds),
+            len(self.token_seconds),
+            len(self.prompt_joules),
+            len(self.token_joules),
+        }
         if len(n) != 1:
             raise ValueError("every list of a point needs one value per repeat")
         return self

@@ -50,16 +50,16 @@ class FullDist(BaseModel):
     def logprobs(self) -> np.ndarray:
         arr = np.frombuffer(base64.b64decode(self.logprobs_b64), dtype="<f4")
         if arr.shape[0] != self.n_vocab:
-            raise BadMessage(f"full distribution has {arr.shape[0]} entries, expected {self.n_vocab}")
+            raise BadMessage(
+                f"full distribution has {arr.shape[0]} entries, expected {self.n_vocab}"
+            )
         return arr
 
 
 Distribution = Annotated[TopKDist | FullDist, Field(discriminator="kind")]
 
 
-def encode_topk(
-    logprobs: np.ndarray, k: int, pieces: list[str] | None = None
-) -> TopKDist:
+def encode_topk(logprobs: np.ndarray, k: int, pieces: list[str] | None = None) -> TopKDist:
     """Top-k of a (n_vocab,) log-probability vector, most probable first."""
     k = min(k, logprobs.shape[0])
     if k < logprobs.shape[0]:
@@ -69,9 +69,7 @@ def encode_topk(
     idx = idx[np.argsort(-logprobs[idx], kind="stable")]
     top = logprobs[idx].astype(np.float64)
     tail = float(max(0.0, 1.0 - np.exp(top).sum()))
-    return TopKDist(
-        ids=idx.tolist(), logprobs=top.tolist(), tail=min(tail, 1.0), pieces=pieces
-    )
+    return TopKDist(ids=idx.tolist(), logprobs=top.tolist(), tail=min(tail, 1.0), pieces=pieces)
 
 
 def encode_full(logprobs: np.ndarray) -> FullDist:
@@ -118,6 +116,9 @@ class StepRequest(_Request, _DistributionOptions):
     op: Literal["step"] = "step"
     session: str = Field(min_length=1, max_length=64)
     tokens: Annotated[TokenList, Field(min_length=1)]
+    # Roll the history back to its first `rewind_to` tokens before appending (backtracking,
+    # speculative decoding). Must not exceed the current history length.
+    rewind_to: int | None = Field(default=None, ge=1)
 
 
 class CloseRequest(_Request):
@@ -239,12 +240,7 @@ def error_reply(code: str, message: str, op: str | None = None) -> ErrorReply:
 
 
 RpcReply = Annotated[
-    DistributionReply
-    | CloseReply
-    | ScoreReply
-    | TokenizeReply
-    | DetokenizeReply
-    | PingReply,
+    DistributionReply | CloseReply | ScoreReply | TokenizeReply | DetokenizeReply | PingReply,
     Field(discriminator="op"),
 ]
 _reply_adapter: TypeAdapter[Any] = TypeAdapter(RpcReply)
@@ -278,5 +274,3 @@ def request_op(payload: bytes) -> str | None:
     """Best-effort op name of a request that failed to decode (for the error reply)."""
     m = re.search(rb'"op"\s*:\s*"([a-z_]{1,20})"', payload[:4096])
     return m.group(1).decode() if m else None
-
-

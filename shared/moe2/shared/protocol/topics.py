@@ -5,7 +5,7 @@ from __future__ import annotations
 from moe2.shared.protocol.base import TOPIC_ROOT, check_name
 
 
-class topics:  # noqa: N801 - a namespace of topic builders, used as `topics.agent_rpc(...)`
+class topics:
     @staticmethod
     def agent_info(agent_id: str) -> str:
         return f"{TOPIC_ROOT}/agents/{check_name('agent id', agent_id)}/info"
@@ -43,5 +43,3 @@ class topics:  # noqa: N801 - a namespace of topic builders, used as `topics.age
         if len(parts) == 5 and f"{parts[0]}/{parts[1]}" == TOPIC_ROOT and parts[2] == "agents":
             return parts[3]
         return None
-
-

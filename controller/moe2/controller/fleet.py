@@ -1,0 +1,250 @@
+"""``moe2ctl agents`` and ``moe2ctl profile``: the fleet as its retained messages describe it.
+
+    moe2ctl agents --broker-host 10.0.0.2            # online/offline, model, device class...
+    moe2ctl profile orin-1 --at 256 --at 1024 --json
+
+Both read the retained ``info``/``status``/``profile`` messages for a bounded time and print
+them; nothing is stored (the registry does that).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import click
+import paho.mqtt.client as mqtt
+
+from moe2.controller.cli import emit, json_option
+from moe2.shared.errors import BadMessage, Moe2Error
+from moe2.shared.mqtt import BrokerConfig, Connection
+from moe2.shared.protocol import AgentInfo, AgentProfile, AgentStatus, decode_message, topics
+from moe2.shared.settings import collect_overrides, load_settings, settings_options
+
+log = logging.getLogger(__name__)
+
+
+def read_retained(
+    broker: BrokerConfig, filters: Iterable[str], wait_s: float = 3.0
+) -> dict[str, bytes]:
+    """Retained payloads (by topic) under ``filters``; empty payloads (cleared) are left out.
+
+    The broker sends retained messages while it handles a SUBSCRIBE, so a marker published to
+    our own inbox after subscribing arrives after all of them; ``wait_s`` bounds the wait when
+    a broker orders things differently.
+    """
+    client_id = f"moe2ctl-{uuid.uuid4().hex[:12]}"
+    inbox = topics.replies(client_id)
+    got: dict[str, bytes] = {}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def on_retained(msg: mqtt.MQTTMessage) -> None:
+        if msg.retain and msg.payload:
+            with lock:
+                got[msg.topic] = bytes(msg.payload)
+
+    conn = Connection(broker, client_id)
+    for topic_filter in filters:
+        conn.subscribe(topic_filter, on_retained)
+    conn.subscribe(inbox, lambda _msg: done.set())
+
+    def mark_end() -> None:
+        conn.publish(inbox, b"end-of-retained", qos=1)
+
+    conn.on_connected.append(mark_end)
+    with conn:
+        if not done.wait(wait_s):
+            log.warning("no end-of-retained marker within %.1f s; the list may be partial", wait_s)
+    with lock:
+        return dict(got)
+
+
+def _decode_all(payloads: dict[str, bytes], model: type[Any]) -> dict[str, Any]:
+    """Agent id -> decoded message; undecodable ones are reported and skipped."""
+    out: dict[str, Any] = {}
+    for topic, payload in payloads.items():
+        agent = topics.agent_id_from(topic)
+        if agent is None:
+            continue
+        try:
+            out[agent] = decode_message(model, payload)
+        except BadMessage as exc:
+            click.echo(f"warning: {topic}: {exc.message}", err=True)
+    return out
+
+
+def _fleet(broker: BrokerConfig, wait_s: float) -> tuple[dict[str, Any], ...]:
+    raw = read_retained(
+        broker,
+        [topics.ALL_AGENT_INFO, topics.ALL_AGENT_STATUS, topics.ALL_AGENT_PROFILES],
+        wait_s,
+    )
+
+    def kind(suffix: str) -> dict[str, bytes]:
+        return {t: p for t, p in raw.items() if t.endswith(suffix)}
+
+    return (
+        _decode_all(kind("/info"), AgentInfo),
+        _decode_all(kind("/status"), AgentStatus),
+        _decode_all(kind("/profile"), AgentProfile),
+    )
+
+
+def _broker_config(options: dict[str, Any]) -> BrokerConfig:
+    overrides = collect_overrides(options).get("broker", {})
+    return load_settings(BrokerConfig, overrides=overrides)  # ConfigError names a bad flag
+
+
+def _broker_options(fn: Any) -> Any:
+    fn = settings_options(BrokerConfig, section="broker")(fn)
+    return click.option(
+        "--wait", "wait_s", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+        help="Longest time to wait for the retained messages, seconds.",
+    )(fn)
+
+
+def _split_broker(kwargs: dict[str, Any]) -> BrokerConfig:
+    return _broker_config({k: kwargs.pop(k) for k in list(kwargs) if k.startswith("broker__")})
+
+
+# --------------------------------------------------------------------------- agents
+
+
+def agent_rows(
+    infos: dict[str, AgentInfo], statuses: dict[str, AgentStatus], profiles: dict[str, AgentProfile]
+) -> list[dict[str, Any]]:
+    rows = []
+    for agent in sorted(set(infos) | set(statuses) | set(profiles)):
+        info, status, prof = infos.get(agent), statuses.get(agent), profiles.get(agent)
+        rows.append({
+            "agent_id": agent,
+            "state": status.state if status else "unknown",
+            "since": status.since if status else None,
+            "model": info.model if info else None,
+            "architecture": info.architecture if info else None,
+            "quantization": info.quantization if info else None,
+            "n_ctx": info.n_ctx if info else None,
+            "device_class": info.device_class if info else (prof.device_class if prof else None),
+            "tokenizer_hash": info.tokenizer_hash if info else None,
+            "software_version": info.software_version if info else None,
+            "started_at": info.started_at if info else None,
+            "meter_source": prof.meter_source if prof else None,
+            "energy_measured": prof.energy_measured if prof else None,
+        })
+    return rows
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _agents_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no agents have announced themselves on this broker"
+
+    def cell(v: Any) -> str:
+        return "-" if v is None else str(v)
+
+    return _table(
+        ["AGENT", "STATE", "MODEL", "QUANT", "CTX", "DEVICE", "TOKENIZER", "METER"],
+        [[r["agent_id"], r["state"], cell(r["model"]), cell(r["quantization"]), cell(r["n_ctx"]),
+          cell(r["device_class"]), cell(r["tokenizer_hash"] and r["tokenizer_hash"][:12]),
+          cell(r["meter_source"])] for r in rows],
+    )
+
+
+@click.command("agents")
+@json_option
+@_broker_options
+def agents_cmd(as_json: bool, wait_s: float, **kwargs: Any) -> None:
+    """List the agents: online/offline, model, device class, tokenizer, energy meter."""
+    infos, statuses, profiles = _fleet(_split_broker(kwargs), wait_s)
+    emit(agent_rows(infos, statuses, profiles), as_json, _agents_text)
+
+
+# --------------------------------------------------------------------------- profile
+
+DEFAULT_LENGTHS = (128, 512, 1024, 2048)
+
+
+def profile_summary(profile: AgentProfile, lengths: Iterable[int]) -> dict[str, Any]:
+    c = profile.curves
+    return {
+        "profile": profile.model_dump(mode="json"),
+        "at": [
+            {"prompt_tokens": n, "prompt_seconds": c.prompt_seconds.at(n),
+             "token_seconds": c.token_seconds.at(n), "prompt_joules": c.prompt_joules.at(n),
+             "token_joules": c.token_joules.at(n)}
+            for n in lengths
+        ],
+    }
+
+
+def _curve_text(name: str, curve: Any) -> str:
+    terms = " + ".join(
+        f"{c:.4g}" + ("" if i == 0 else " L" if i == 1 else f" L^{i}")
+        for i, c in enumerate(curve.coef)
+    )
+    return (f"  {name:<15} = {terms}  {curve.unit}   (residual ±{curve.rel_residual_std:.1%}, "
+            f"{curve.n_points} runs, L {curve.min_tokens}-{curve.max_tokens})")
+
+
+def _profiles_text(summaries: list[dict[str, Any]]) -> str:
+    if not summaries:
+        return "no agent has published a profile on this broker"
+    blocks = []
+    for s in summaries:
+        p = AgentProfile.model_validate(s["profile"])
+        energy = "measured" if p.energy_measured else "MODELLED, not measured"
+        delay = "measured" if p.delay_measured else "MODELLED, not measured"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.profiled_at))
+        head = [
+            f"{p.agent_id}: {p.model} on {p.device_class}/{p.power_mode or '?'}, n_ctx {p.n_ctx}",
+            f"  energy: {p.meter_source} ({energy}, scope {p.energy_scope}"
+            + (f", idle {p.idle_watts:.1f} W" if p.idle_watts is not None else "") + ")",
+            f"  delay: {delay}; profiled {when} in {p.duration_s:.1f} s",
+        ]
+        curves = [_curve_text(n, getattr(p.curves, n)) for n in type(p.curves).model_fields]
+        table = _table(
+            ["  PROMPT", "PROMPT s", "s/TOKEN", "PROMPT J", "J/TOKEN"],
+            [[f"  {a['prompt_tokens']}", f"{a['prompt_seconds']:.4g}", f"{a['token_seconds']:.4g}",
+              f"{a['prompt_joules']:.4g}", f"{a['token_joules']:.4g}"] for a in s["at"]],
+        )
+        blocks.append("\n".join([*head, *curves, table]))
+    return "\n\n".join(blocks)
+
+
+@click.command("profile")
+@click.argument("agent_ids", nargs=-1)
+@click.option("--at", "lengths", type=click.IntRange(min=1), multiple=True,
+              help="Prompt length (tokens) to evaluate the curves at; repeatable. "
+              f"[default: {', '.join(map(str, DEFAULT_LENGTHS))} within each n_ctx]")
+@json_option
+@_broker_options
+def profile_cmd(
+    agent_ids: tuple[str, ...], lengths: tuple[int, ...], as_json: bool, wait_s: float,
+    **kwargs: Any,
+) -> None:
+    """Show agents' cost curves (delay and energy vs prompt length) and their meter source."""
+    _, _, profiles = _fleet(_split_broker(kwargs), wait_s)
+    wanted = list(agent_ids) or sorted(profiles)
+    missing = [a for a in wanted if a not in profiles]
+    if missing:
+        raise Moe2Error(
+            f"no retained profile for {', '.join(missing)}; agents with one: "
+            f"{', '.join(sorted(profiles)) or 'none'}"
+        )
+    summaries = []
+    for agent in wanted:
+        p = profiles[agent]
+        at = lengths or tuple(n for n in DEFAULT_LENGTHS if n <= p.n_ctx) or (p.n_ctx,)
+        summaries.append(profile_summary(p, at))
+    emit(summaries, as_json, _profiles_text)
