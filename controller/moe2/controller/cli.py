@@ -6,34 +6,21 @@ a one-line message on stderr and a non-zero exit status here, and nowhere else.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
+from moe2.controller.options import (  # noqa: F401  (re-exported for command modules)
+    EXIT_FAILED,
+    EXIT_INFEASIBLE,
+    broker_from_flags,
+    broker_options,
+    emit,
+    json_option,
+)
 from moe2.shared.errors import Moe2Error
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Exit statuses: 0 ok, 1 the operation failed (moe2 error), 2 usage error (click's),
-# 3 the problem has no feasible answer (optimize).
-EXIT_FAILED = 1
-EXIT_INFEASIBLE = 3
-
-
-def json_option(fn: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
-
-
-def emit(obj: Any, as_json: bool, human: Callable[[Any], str] | None = None) -> None:
-    if as_json or human is None:
-        click.echo(json.dumps(obj, indent=None if as_json else 2, default=str))
-    else:
-        click.echo(human(obj))
-
 
 class Moe2Group(click.Group):
     """Turns moe2 errors into a clear message and exit status 1."""

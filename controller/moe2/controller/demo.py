@@ -18,6 +18,7 @@ from moe2.controller.experts.packaged import models_dir
 from moe2.controller.localfleet import LocalFleet
 from moe2.shared import protocol as p
 from moe2.shared.broker import BROKERS, start_broker
+from moe2.shared.client import PromptClient
 from moe2.shared.mqtt import BrokerConfig, RpcClient
 
 DEMO_DOMAINS = ("animals", "code", "cooking", "arithmetic")
@@ -43,11 +44,19 @@ PROMPTS = ("the fox eats", "def compute ( x ) :", "bake the cake for", "3 plus 4
     show_default=True,
 )
 @click.option("--top", default=3, show_default=True, help="Tokens to show per distribution.")
-def demo(broker_kind: str, domains: tuple[str, ...], top: int) -> None:
+@click.option(
+    "--k",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Experts fused per prompt (0: all).",
+)
+def demo(broker_kind: str, domains: tuple[str, ...], top: int, k: int) -> None:
     """Run broker + tiny experts locally and print distributions served over MQTT."""
     from moe2.controller.experts.tiny import build_experts
 
     t0 = time.monotonic()
+    k = k or len(domains)
     with (
         start_broker(broker_kind) as broker,
         tempfile.TemporaryDirectory(prefix="moe2-demo-") as tmp,
@@ -58,8 +67,11 @@ def demo(broker_kind: str, domains: tuple[str, ...], top: int) -> None:
         click.echo(f"experts: {', '.join(f'{d} ({paths[d].name})' for d in domains)}")
         with LocalFleet(cfg, Path(tmp)) as fleet, RpcClient(cfg) as rpc:
             ids = [f"tiny-{d}" for d in domains]
-            for agent_id, d in zip(ids, domains):
-                fleet.start(agent_id, paths[d], "--n-threads", "1")
+            for i, (agent_id, d) in enumerate(zip(ids, domains)):
+                # The first agent is also the gateway: it serves the app "demo" with all
+                # experts, k of them per prompt (uniform weights until a gate is pushed).
+                role = ["--serve-app", f"demo={','.join(ids)}:{k}"] if i == 0 else []
+                fleet.start(agent_id, paths[d], "--n-threads", "1", *role)
             fleet.wait_online(ids, timeout=120)
             click.echo(f"{len(ids)} agents online after {time.monotonic() - t0:.1f} s\n")
             for prompt in PROMPTS:
@@ -78,3 +90,12 @@ def demo(broker_kind: str, domains: tuple[str, ...], top: int) -> None:
                         f"{reply.compute_ms:.1f} ms)"
                     )
                 click.echo("")
+            click.echo(f"answers through the gateway {ids[0]} (app 'demo', k={k}):")
+            with PromptClient(cfg) as client:
+                for prompt in PROMPTS:
+                    answer = client.ask("demo", prompt, max_tokens=16)
+                    experts = ", ".join(f"{e.id} {e.weight:.2f}" for e in answer.experts)
+                    click.echo(
+                        f"  {prompt!r} -> {answer.text.strip()!r}   [{answer.tokens} tokens, "
+                        f"{answer.latency_ms:.0f} ms, {answer.fusion} fusion of {experts}]"
+                    )

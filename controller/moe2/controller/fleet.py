@@ -2,6 +2,7 @@
 
     moe2ctl agents --broker-host 10.0.0.2            # online/offline, model, device class...
     moe2ctl profile orin-1 --at 256 --at 1024 --json
+    moe2ctl profile orin-1 --refresh --repeats 3      # profile it now, then show it
 
 Both read the retained ``info``/``status``/``profile`` messages for a bounded time and print
 them; nothing is stored (the registry does that).
@@ -19,11 +20,17 @@ from typing import Any
 import click
 import paho.mqtt.client as mqtt
 
-from moe2.controller.cli import emit, json_option
+from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
 from moe2.shared.errors import BadMessage, Moe2Error
-from moe2.shared.mqtt import BrokerConfig, Connection
-from moe2.shared.protocol import AgentInfo, AgentProfile, AgentStatus, decode_message, topics
-from moe2.shared.settings import collect_overrides, load_settings, settings_options
+from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient
+from moe2.shared.protocol import (
+    AgentInfo,
+    AgentProfile,
+    AgentStatus,
+    ProfileRequest,
+    decode_message,
+    topics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +102,20 @@ def _fleet(broker: BrokerConfig, wait_s: float) -> tuple[dict[str, Any], ...]:
     )
 
 
-def _broker_config(options: dict[str, Any]) -> BrokerConfig:
-    overrides = collect_overrides(options).get("broker", {})
-    return load_settings(BrokerConfig, overrides=overrides)  # ConfigError names a bad flag
-
-
 def _broker_options(fn: Any) -> Any:
-    fn = settings_options(BrokerConfig, section="broker")(fn)
+    fn = broker_options(fn)
     return click.option(
-        "--wait", "wait_s", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+        "--wait",
+        "wait_s",
+        type=click.FloatRange(min=0.1),
+        default=3.0,
+        show_default=True,
         help="Longest time to wait for the retained messages, seconds.",
     )(fn)
 
 
 def _split_broker(kwargs: dict[str, Any]) -> BrokerConfig:
-    return _broker_config({k: kwargs.pop(k) for k in list(kwargs) if k.startswith("broker__")})
+    return broker_from_flags(kwargs)
 
 
 # --------------------------------------------------------------------------- agents
@@ -121,21 +127,25 @@ def agent_rows(
     rows = []
     for agent in sorted(set(infos) | set(statuses) | set(profiles)):
         info, status, prof = infos.get(agent), statuses.get(agent), profiles.get(agent)
-        rows.append({
-            "agent_id": agent,
-            "state": status.state if status else "unknown",
-            "since": status.since if status else None,
-            "model": info.model if info else None,
-            "architecture": info.architecture if info else None,
-            "quantization": info.quantization if info else None,
-            "n_ctx": info.n_ctx if info else None,
-            "device_class": info.device_class if info else (prof.device_class if prof else None),
-            "tokenizer_hash": info.tokenizer_hash if info else None,
-            "software_version": info.software_version if info else None,
-            "started_at": info.started_at if info else None,
-            "meter_source": prof.meter_source if prof else None,
-            "energy_measured": prof.energy_measured if prof else None,
-        })
+        rows.append(
+            {
+                "agent_id": agent,
+                "state": status.state if status else "unknown",
+                "since": status.since if status else None,
+                "model": info.model if info else None,
+                "architecture": info.architecture if info else None,
+                "quantization": info.quantization if info else None,
+                "n_ctx": info.n_ctx if info else None,
+                "device_class": info.device_class
+                if info
+                else (prof.device_class if prof else None),
+                "tokenizer_hash": info.tokenizer_hash if info else None,
+                "software_version": info.software_version if info else None,
+                "started_at": info.started_at if info else None,
+                "meter_source": prof.meter_source if prof else None,
+                "energy_measured": prof.energy_measured if prof else None,
+            }
+        )
     return rows
 
 
@@ -155,9 +165,19 @@ def _agents_text(rows: list[dict[str, Any]]) -> str:
 
     return _table(
         ["AGENT", "STATE", "MODEL", "QUANT", "CTX", "DEVICE", "TOKENIZER", "METER"],
-        [[r["agent_id"], r["state"], cell(r["model"]), cell(r["quantization"]), cell(r["n_ctx"]),
-          cell(r["device_class"]), cell(r["tokenizer_hash"] and r["tokenizer_hash"][:12]),
-          cell(r["meter_source"])] for r in rows],
+        [
+            [
+                r["agent_id"],
+                r["state"],
+                cell(r["model"]),
+                cell(r["quantization"]),
+                cell(r["n_ctx"]),
+                cell(r["device_class"]),
+                cell(r["tokenizer_hash"] and r["tokenizer_hash"][:12]),
+                cell(r["meter_source"]),
+            ]
+            for r in rows
+        ],
     )
 
 
@@ -180,9 +200,13 @@ def profile_summary(profile: AgentProfile, lengths: Iterable[int]) -> dict[str, 
     return {
         "profile": profile.model_dump(mode="json"),
         "at": [
-            {"prompt_tokens": n, "prompt_seconds": c.prompt_seconds.at(n),
-             "token_seconds": c.token_seconds.at(n), "prompt_joules": c.prompt_joules.at(n),
-             "token_joules": c.token_joules.at(n)}
+            {
+                "prompt_tokens": n,
+                "prompt_seconds": c.prompt_seconds.at(n),
+                "token_seconds": c.token_seconds.at(n),
+                "prompt_joules": c.prompt_joules.at(n),
+                "token_joules": c.token_joules.at(n),
+            }
             for n in lengths
         ],
     }
@@ -193,8 +217,10 @@ def _curve_text(name: str, curve: Any) -> str:
         f"{c:.4g}" + ("" if i == 0 else " L" if i == 1 else f" L^{i}")
         for i, c in enumerate(curve.coef)
     )
-    return (f"  {name:<15} = {terms}  {curve.unit}   (residual ±{curve.rel_residual_std:.1%}, "
-            f"{curve.n_points} runs, L {curve.min_tokens}-{curve.max_tokens})")
+    return (
+        f"  {name:<15} = {terms}  {curve.unit}   (residual ±{curve.rel_residual_std:.1%}, "
+        f"{curve.n_points} runs, L {curve.min_tokens}-{curve.max_tokens})"
+    )
 
 
 def _profiles_text(summaries: list[dict[str, Any]]) -> str:
@@ -209,32 +235,93 @@ def _profiles_text(summaries: list[dict[str, Any]]) -> str:
         head = [
             f"{p.agent_id}: {p.model} on {p.device_class}/{p.power_mode or '?'}, n_ctx {p.n_ctx}",
             f"  energy: {p.meter_source} ({energy}, scope {p.energy_scope}"
-            + (f", idle {p.idle_watts:.1f} W" if p.idle_watts is not None else "") + ")",
+            + (f", idle {p.idle_watts:.1f} W" if p.idle_watts is not None else "")
+            + ")",
             f"  delay: {delay}; profiled {when} in {p.duration_s:.1f} s",
         ]
         curves = [_curve_text(n, getattr(p.curves, n)) for n in type(p.curves).model_fields]
         table = _table(
             ["  PROMPT", "PROMPT s", "s/TOKEN", "PROMPT J", "J/TOKEN"],
-            [[f"  {a['prompt_tokens']}", f"{a['prompt_seconds']:.4g}", f"{a['token_seconds']:.4g}",
-              f"{a['prompt_joules']:.4g}", f"{a['token_joules']:.4g}"] for a in s["at"]],
+            [
+                [
+                    f"  {a['prompt_tokens']}",
+                    f"{a['prompt_seconds']:.4g}",
+                    f"{a['token_seconds']:.4g}",
+                    f"{a['prompt_joules']:.4g}",
+                    f"{a['token_joules']:.4g}",
+                ]
+                for a in s["at"]
+            ],
         )
         blocks.append("\n".join([*head, *curves, table]))
     return "\n\n".join(blocks)
 
 
+def refresh_profiles(
+    broker: BrokerConfig, agent_ids: Iterable[str], request: ProfileRequest, timeout_s: float
+) -> dict[str, AgentProfile]:
+    """Profile the agents now, all at once (each on its own box); their new profiles by id."""
+    with RpcClient(broker, timeout=timeout_s) as rpc:
+        asked = {agent: rpc.call_async(agent, request) for agent in agent_ids}
+        return {agent: rpc.wait(fut).profile for agent, fut in asked.items()}
+
+
 @click.command("profile")
 @click.argument("agent_ids", nargs=-1)
-@click.option("--at", "lengths", type=click.IntRange(min=1), multiple=True,
-              help="Prompt length (tokens) to evaluate the curves at; repeatable. "
-              f"[default: {', '.join(map(str, DEFAULT_LENGTHS))} within each n_ctx]")
+@click.option(
+    "--at",
+    "lengths",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="Prompt length (tokens) to evaluate the curves at; repeatable. "
+    f"[default: {', '.join(map(str, DEFAULT_LENGTHS))} within each n_ctx]",
+)
+@click.option(
+    "--refresh",
+    is_flag=True,
+    help="Have the named agents profile themselves now (each publishes its new profile; "
+    "requests wait meanwhile) and show the new profiles.",
+)
+@click.option(
+    "--points",
+    type=click.IntRange(2, 32),
+    help="With --refresh: prompt lengths to measure [default: the agent's setting].",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1, 20),
+    help="With --refresh: measurements per prompt length [default: the agent's setting].",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="With --refresh: longest wait for the new profiles, seconds.",
+)
 @json_option
 @_broker_options
 def profile_cmd(
-    agent_ids: tuple[str, ...], lengths: tuple[int, ...], as_json: bool, wait_s: float,
+    agent_ids: tuple[str, ...],
+    lengths: tuple[int, ...],
+    refresh: bool,
+    points: int | None,
+    repeats: int | None,
+    timeout_s: float,
+    as_json: bool,
+    wait_s: float,
     **kwargs: Any,
 ) -> None:
     """Show agents' cost curves (delay and energy vs prompt length) and their meter source."""
-    _, _, profiles = _fleet(_split_broker(kwargs), wait_s)
+    broker = _split_broker(kwargs)
+    if refresh:
+        if not agent_ids:
+            raise click.UsageError("--refresh needs the ids of the agents to profile")
+        request = ProfileRequest(points=points, repeats=repeats)
+        profiles = refresh_profiles(broker, agent_ids, request, timeout_s)
+    else:
+        _, _, profiles = _fleet(broker, wait_s)
     wanted = list(agent_ids) or sorted(profiles)
     missing = [a for a in wanted if a not in profiles]
     if missing:

@@ -18,6 +18,9 @@ callers never parse message text.
     │   ├── ContextOverflow         history would exceed the context size       (context_overflow)
     │   └── InvalidToken            token id outside the vocabulary             (invalid_token)
     ├── Busy                        request queue full, retry later             (busy)
+    ├── UnknownApp                  no assignment for this application          (unknown_app)
+    ├── NoExperts                   no chosen expert online / all failed        (no_experts)
+    ├── DeadlineExceeded            the prompt's deadline passed                (deadline)
     ├── RemoteError                 an error reply received from a peer (carries the peer's code)
     ├── RequestTimeout              no reply within the deadline                (timeout)
     └── BrokerError                 cannot start or reach the MQTT broker
@@ -86,6 +89,18 @@ class Busy(Moe2Error):
     code = "busy"
 
 
+class UnknownApp(Moe2Error):
+    code = "unknown_app"
+
+
+class NoExperts(Moe2Error):
+    code = "no_experts"
+
+
+class DeadlineExceeded(Moe2Error):
+    code = "deadline"
+
+
 class RequestTimeout(Moe2Error):
     code = "timeout"
 
@@ -116,6 +131,9 @@ _BY_CODE: dict[str, type[Moe2Error]] = {
         ContextOverflow,
         InvalidToken,
         Busy,
+        UnknownApp,
+        NoExperts,
+        DeadlineExceeded,
         RequestTimeout,
     )
 }

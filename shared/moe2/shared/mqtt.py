@@ -80,6 +80,7 @@ class Connection:
         )
         self._client.on_socket_open = _set_nodelay
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.max_queued_messages_set(0)
@@ -99,6 +100,8 @@ class Connection:
         self._handlers: list[tuple[str, str, int, Handler]] = []  # (filter, match, qos, fn)
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._suback_mid: int | None = None
+        self._pending_subs: list[tuple[str, int]] = []
         self._connect_error: str | None = None
         self.on_connected: list[Callable[[], None]] = []
 
@@ -174,8 +177,25 @@ class Connection:
             return
         with self._lock:
             subs = [(f, q) for f, _, q, _ in self._handlers]
-        for topic_filter, qos in subs:
-            client.subscribe(topic_filter, qos=qos)
+        if not subs:
+            self._ready()
+            return
+        # One SUBSCRIBE for all filters; we count as connected only once the broker has
+        # acknowledged it, so nothing published to us after start() returns is missed.
+        self._pending_subs = subs
+        _, self._suback_mid = client.subscribe(subs)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, props: Any
+    ) -> None:
+        if mid != self._suback_mid:
+            return
+        for (topic_filter, _), rc in zip(self._pending_subs, reason_codes):
+            if getattr(rc, "is_failure", False):
+                log.error("broker refused the subscription to %s: %s", topic_filter, rc)
+        self._ready()
+
+    def _ready(self) -> None:
         for hook in list(self.on_connected):
             try:
                 hook()

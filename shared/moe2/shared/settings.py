@@ -116,7 +116,9 @@ def settings_options(model: type[BaseModel], section: str | None = None) -> Call
         for name, field in reversed(list(model.model_fields.items())):
             ann = field.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                continue
+                continue  # a section of its own
+            if get_origin(ann) in (dict, list):
+                continue  # structured: configuration file only
             flag = f"--{(section + '-') if section else ''}{name.replace('_', '-')}"
             dest = f"{section}__{name}" if section else name
             ctype = _click_type(ann)

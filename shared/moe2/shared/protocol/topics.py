@@ -37,9 +37,62 @@ class topics:
     def prompts(app: str) -> str:
         return f"{TOPIC_ROOT}/prompts/{check_name('application', app)}"
 
+    # Gateways share the prompts of every application (MQTT 5 shared subscription: each
+    # prompt goes to one gateway of the group).
+    @staticmethod
+    def prompts_shared(group: str) -> str:
+        return f"$share/{check_name('gateway group', group)}/{TOPIC_ROOT}/prompts/+"
+
+    @staticmethod
+    def app_from_prompt_topic(topic: str) -> str | None:
+        parts = topic.split("/")
+        if len(parts) == 4 and f"{parts[0]}/{parts[1]}" == TOPIC_ROOT and parts[2] == "prompts":
+            return parts[3]
+        return None
+
+    @staticmethod
+    def desired_app(app: str) -> str:
+        """Retained AppAssignment: the subset and k that serve ``app``."""
+        return f"{TOPIC_ROOT}/desired/apps/{check_name('application', app)}"
+
+    ALL_DESIRED_APPS = f"{TOPIC_ROOT}/desired/apps/+"
+
+    @staticmethod
+    def assignment_ack(gateway: str, app: str) -> str:
+        return (
+            f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/acks/"
+            f"{check_name('application', app)}"
+        )
+
+    ALL_ASSIGNMENT_ACKS = f"{TOPIC_ROOT}/agents/+/acks/+"
+
     @staticmethod
     def agent_id_from(topic: str) -> str | None:
         parts = topic.split("/")
         if len(parts) == 5 and f"{parts[0]}/{parts[1]}" == TOPIC_ROOT and parts[2] == "agents":
             return parts[3]
         return None
+
+    # Gate rollout (protocol/gates.py).
+    @staticmethod
+    def gate_manifest(version: str) -> str:
+        """Retained GateManifest of one gate version."""
+        return f"{TOPIC_ROOT}/gates/{check_name('gate version', version)}"
+
+    @staticmethod
+    def blob_chunk(sha256: str, index: int) -> str:
+        """Retained raw-byte chunk ``index`` of the content-addressed blob ``sha256``."""
+        return f"{TOPIC_ROOT}/blobs/{check_name('blob hash', sha256)}/{int(index)}"
+
+    @staticmethod
+    def blob_chunks(sha256: str) -> str:
+        return f"{TOPIC_ROOT}/blobs/{check_name('blob hash', sha256)}/+"
+
+    @staticmethod
+    def gate_ack(gateway: str, version: str) -> str:
+        return (
+            f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/gates/"
+            f"{check_name('gate version', version)}"
+        )
+
+    ALL_GATE_ACKS = f"{TOPIC_ROOT}/agents/+/gates/+"

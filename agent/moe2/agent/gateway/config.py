@@ -1,0 +1,72 @@
+"""Gateway settings (the ``[gateway]`` section of the agent's configuration)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moe2.shared.protocol import NAME_PATTERN
+
+AgentId = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class AppConfig(BaseModel):
+    """A locally configured application: used until the controller pushes an assignment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subset: list[AgentId] = Field(min_length=1, description="experts that may serve the app")
+    k: int = Field(default=2, ge=1, description="experts per prompt (top-k of the subset)")
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="answer prompts from mobile clients")
+    group: str = Field(
+        default="moe2-gateways",
+        pattern=NAME_PATTERN,
+        description="shared-subscription group: gateways of a group split prompts",
+    )
+    apps: dict[Annotated[str, Field(pattern=NAME_PATTERN)], AppConfig] = Field(
+        default_factory=dict, description="applications served before any assignment is pushed"
+    )
+    max_tokens_limit: int = Field(
+        default=512, ge=1, le=32768, description="largest max_tokens a prompt may ask for"
+    )
+    default_max_tokens: int = Field(default=64, ge=1, description="when a prompt does not say")
+    step_timeout_s: float = Field(
+        default=5.0, gt=0, description="an expert silent this long in a step is dropped"
+    )
+    open_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="the first step (prompt processing) may take "
+        "this long before an expert is dropped",
+    )
+    deadline_s: float = Field(
+        default=120.0, gt=0, description="a prompt not answered by then gets an error"
+    )
+    max_concurrent: int = Field(
+        default=16, ge=1, le=1024, description="prompts generated at once by this gateway"
+    )
+    max_pending: int = Field(
+        default=256, ge=0, description="prompts waiting beyond those before 'busy' errors"
+    )
+    top_k: int = Field(
+        default=64, ge=1, le=4096, description="candidates per expert and step (top-k fusion)"
+    )
+    full_vocab_limit: int = Field(
+        default=8192,
+        ge=0,
+        description="ask for full distributions (exact fusion) when "
+        "the vocabulary is at most this large",
+    )
+    max_prompt_bytes: int = Field(default=1 << 20, ge=256, description="largest prompt message")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> GatewayConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens exceeds max_tokens_limit")
+        return self

