@@ -121,7 +121,7 @@ def bench_model(
 
     agent_id = f"bench-{name}"
     fleet.start(
-        agent_id, model, "--n-threads", str(threads), "--n-ctx", "2048", "--max-sessions", "2"
+        agent_id, model, "--n-threads", str(threads), "--n-ctx", "2048", "--max-sessions", "2", "--no-profile-on-start"
     )
     fleet.wait_online([agent_id], 120)
     for history in (10, 1000):

@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from moe2.agent.backend import BACKENDS, open_backend
-from moe2.agent.config import AgentConfig
+from moe2.agent.config import AgentConfig, ProfileConfig
+from moe2.agent.gateway.config import GatewayConfig
 from moe2.shared.errors import ConfigError, Moe2Error
 from moe2.shared.mqtt import BrokerConfig
 from moe2.shared.settings import collect_overrides, load_settings, settings_options
@@ -43,18 +44,36 @@ from moe2.shared.settings import collect_overrides, load_settings, settings_opti
 )
 @settings_options(AgentConfig)
 @settings_options(BrokerConfig, section="broker")
+@settings_options(ProfileConfig, section="profile")
+@settings_options(GatewayConfig, section="gateway")
+@click.option(
+    "--serve-app",
+    "serve_apps",
+    multiple=True,
+    metavar="APP=ID,ID[:K]",
+    help="Gateway: serve APP with these experts (top-K, default 2) until the "
+    "controller pushes an assignment; repeatable. Implies --gateway-enabled.",
+)
 @click.version_option(package_name="moe2-edge-agent")
-def main(config_file: Path | None, backend: str, log_level: str, **flags: Any) -> None:
+def main(
+    config_file: Path | None,
+    backend: str,
+    log_level: str,
+    serve_apps: tuple[str, ...],
+    **flags: Any,
+) -> None:
     """Serve a GGUF model's next-token distributions over MQTT."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    overrides = collect_overrides(flags)
+    if serve_apps:
+        gw = overrides.setdefault("gateway", {})
+        gw["apps"] = _parse_apps(serve_apps)
+        gw.setdefault("enabled", True)
     try:
         config = load_settings(
-            AgentConfig,
-            file=config_file,
-            env_prefix="MOE2_AGENT_",
-            overrides=collect_overrides(flags),
+            AgentConfig, file=config_file, env_prefix="MOE2_AGENT_", overrides=overrides
         )
     except ConfigError as exc:
         raise click.UsageError(exc.message) from None
@@ -79,3 +98,18 @@ def main(config_file: Path | None, backend: str, log_level: str, **flags: Any) -
         agent.stop()
         sys.exit(1)
     agent.wait()
+
+
+def _parse_apps(specs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    apps: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        members, _, k = rest.partition(":")
+        subset = [m for m in members.split(",") if m]
+        if not sep or not name or not subset or (k and not k.isdigit()):
+            raise click.BadParameter(
+                f"{spec!r}: expected APP=ID,ID[:K], e.g. qa=tiny-code,tiny-animals:2",
+                param_hint="--serve-app",
+            )
+        apps[name] = {"subset": subset, "k": int(k) if k else 2}
+    return apps

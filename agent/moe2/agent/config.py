@@ -13,6 +13,9 @@ A file (``moe2-agent --config /etc/moe2/agent.toml``)::
     port = 8883
     tls_ca = "/etc/moe2/ca.crt"
 
+    [profile]
+    repeats = 3
+
 Environment: ``MOE2_AGENT_N_CTX=4096``, ``MOE2_AGENT_BROKER__PORT=1884``. Flags:
 ``--n-ctx 4096``, ``--broker-port 1884``. Flags beat environment beats file.
 """
@@ -24,6 +27,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from moe2.agent.gateway.config import GatewayConfig
+from moe2.shared.devices import MeterName
 from moe2.shared.mqtt import BrokerConfig
 from moe2.shared.protocol import NAME_PATTERN, check_name
 
@@ -32,6 +37,43 @@ def _default_id() -> str:
     host = socket.gethostname().split(".")[0] or "agent"
     safe = "".join(c if c.isalnum() or c in "_.-" else "-" for c in host)[:64]
     return safe if safe[:1].isalnum() else f"agent-{safe}"[:64]
+
+
+class ProfileConfig(BaseModel):
+    """Self-profiling: delay and energy against prompt length, published retained on
+    ``agents/<id>/profile`` (``[profile]`` in the file, ``--profile-*`` flags). The defaults
+    keep start-up short; a ``profile`` request can ask for more points and repeats."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    on_start: bool = Field(
+        default=True, description="profile once at start (requests wait until it is done)"
+    )
+    points: int = Field(
+        default=4, ge=2, le=64, description="prompt lengths, spread geometrically up to n_ctx"
+    )
+    repeats: int = Field(default=1, ge=1, le=100, description="measurements per prompt length")
+    decode_tokens: int = Field(
+        default=8, ge=1, le=4096, description="tokens generated after each prompt"
+    )
+    # Half the context by default: the longest prompt costs most of the profile (attention),
+    # and start-up should stay short; the curves extend beyond it, a request can go further.
+    max_prompt_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="longest prompt profiled, as a fraction of n_ctx"
+    )
+    idle_seconds: float = Field(
+        default=0.5, ge=0, le=60, description="seconds of idle power measured first (real meters)"
+    )
+    meter: MeterName | None = Field(
+        default=None,
+        description="use this energy meter (default: the first of the device class's list "
+        "that works here)",
+    )
+    power_mode: str | None = Field(
+        default=None,
+        description="power mode of the device class the box runs in (default: detected; "
+        "nvpmodel on a Jetson, the NVML power limit on a GPU)",
+    )
 
 
 class AgentConfig(BaseModel):
@@ -45,7 +87,8 @@ class AgentConfig(BaseModel):
     model: Path = Field(description="GGUF model file to serve")
     device_class: str = Field(
         default="cpu-generic",
-        description="device class from firmware-configs/ (cost model figures)",
+        description="device class from firmware-configs/ (cost model figures), "
+        "or 'auto' to detect it",
     )
     n_ctx: int = Field(default=2048, ge=64, le=1 << 20, description="context size in tokens")
     n_threads: int = Field(
@@ -75,6 +118,8 @@ class AgentConfig(BaseModel):
     )
     hash_model_file: bool = Field(default=True, description="announce the sha256 of the GGUF file")
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
 
     @field_validator("id")
     @classmethod

@@ -207,7 +207,7 @@ class LlamaCppBackend(ModelBackend):
 class LlamaSequence(Sequence):
     def __init__(self, backend: LlamaCppBackend) -> None:
         self._b = backend
-        self._ctx = backend._new_context()
+        self._ctx: llama_cpp.llama_context_p | None = backend._new_context()
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(backend._n_batch, 0, 1)
         self._tokens: list[int] = []

@@ -12,7 +12,8 @@ curves in the prompt length (``moe2.shared.costmodel``) and returned as the reta
     profile.curves.token_seconds.at(512)     # seconds per token after a 512-token prompt
 
 Run it while the backend serves nothing else: requests running beside it would be measured
-as its cost.
+as its cost. The agent does so through ``SelfProfiler`` on its model thread, at start and on a
+``profile`` request.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moe2.agent.backend import ModelBackend, ModelInfo
+from moe2.agent.meters import choose_meter
 from moe2.agent.meters.base import Meter, MeterError
+from moe2.agent.meters.nvml import nvml_power_limit_w
 from moe2.shared.costmodel import (
     CostCurve,
     CostCurves,
@@ -37,7 +41,9 @@ from moe2.shared.costmodel import (
     estimate_prompt,
     fit_curve,
 )
-from moe2.shared.errors import ConfigError, ModelError
+from moe2.shared.devices import DeviceClass, jetson_power_mode
+from moe2.shared.errors import ConfigError, ModelError, Moe2Error
+from moe2.shared.protocol.base import describe_error
 from moe2.shared.protocol.profiles import AgentProfile, MeterSource, ProfilePoint
 
 # Plain prose: tokenizes to ordinary tokens in every vocabulary (no special or byte tokens).
@@ -98,6 +104,12 @@ class ProfilerSettings(BaseModel):
             )
         # Geometric spread: short prompts are common, long ones show the growth with history.
         return sorted({round(float(x)) for x in np.geomspace(low, top, self.points)})
+
+
+class ProfileCancelled(Moe2Error):
+    """The agent is stopping: the profile was abandoned between two measurements."""
+
+    code = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -187,8 +199,11 @@ def profile_backend(
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
     now: Callable[[], float] = time.time,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> AgentProfile:
-    """Measure the backend with the meter and return its profile (meter already chosen)."""
+    """Measure the backend with the meter and return its profile (meter already chosen).
+
+    ``cancelled`` is asked before each measurement; when it says so, ProfileCancelled."""
     info = backend.info
     lengths = settings.lengths_for(info.n_ctx)
     started = clock()
@@ -214,12 +229,20 @@ def profile_backend(
     all_runs: list[_Run] = []
     for length in lengths:
         prompt = prompt_tokens_for(backend, length)
-        runs = [
-            _measure(
-                backend, meter, prompt, settings.decode_tokens, settings.max_runs_per_window, clock
+        runs = []
+        for _ in range(settings.repeats):
+            if cancelled():
+                raise ProfileCancelled("profiling cancelled: the agent is stopping")
+            runs.append(
+                _measure(
+                    backend,
+                    meter,
+                    prompt,
+                    settings.decode_tokens,
+                    settings.max_runs_per_window,
+                    clock,
+                )
             )
-            for _ in range(settings.repeats)
-        ]
         all_runs += runs
         points.append(
             ProfilePoint(
@@ -256,20 +279,102 @@ def profile_backend(
     )
 
 
-def fit_points(points: Sequence[ProfilePoint]) -> CostCurves:
-    """Least-squares lines in the prompt length through every repeat of every point."""
+# A prompt curve gets a quadratic term only when a line misses the points by more than this
+# (relative residual) and the quadratic at least halves the miss.
+BEND_ABOVE = 0.03
 
-    def fit(attr: str, unit: str) -> CostCurve:
+
+def fit_points(points: Sequence[ProfilePoint]) -> CostCurves:
+    """Curves in the prompt length through every repeat of every point, fitted to relative
+    errors (the lengths span orders of magnitude). Per-token costs are lines (attention over
+    the history grows linearly); whole-prompt costs are lines unless the measurements bend:
+    attention over the prompt grows as L^2, which shows on long prompts."""
+
+    def fit(attr: str, unit: str, may_bend: bool) -> CostCurve:
         xs = [p.prompt_tokens for p in points for _ in getattr(p, attr)]
         ys = [v for p in points for v in getattr(p, attr)]
-        return fit_curve(xs, ys, unit=unit)
+        line = fit_curve(xs, ys, unit=unit, relative=True)
+        if not may_bend or len(set(xs)) < 4 or line.rel_residual_std <= BEND_ABOVE:
+            return line
+        bent = fit_curve(xs, ys, unit=unit, degree=2, relative=True)
+        return bent if bent.rel_residual_std <= line.rel_residual_std / 2 else line
 
     return CostCurves(
-        prompt_seconds=fit("prompt_seconds", "s"),
-        token_seconds=fit("token_seconds", "s"),
-        prompt_joules=fit("prompt_joules", "J"),
-        token_joules=fit("token_joules", "J"),
+        prompt_seconds=fit("prompt_seconds", "s", may_bend=True),
+        token_seconds=fit("token_seconds", "s", may_bend=False),
+        prompt_joules=fit("prompt_joules", "J", may_bend=True),
+        token_joules=fit("token_joules", "J", may_bend=False),
     )
+
+
+# --------------------------------------------------------------------------- the agent itself
+
+
+def current_power_mode(device: DeviceClass) -> str | None:
+    """The key of the mode the box runs in now, as far as it can tell (None: unknown)."""
+    if device.kind == "jetson":
+        return jetson_power_mode(device)
+    if device.kind == "nvidia-dgpu":
+        watts = nvml_power_limit_w()
+        return device.mode_for_power_limit(watts) if watts is not None else None
+    return device.default_mode if len(device.modes) == 1 else None
+
+
+class SelfProfiler:
+    """An agent profiling its own backend: its settings, its device class, a meter per run.
+
+        profiler = SelfProfiler(backend, load_device_class("cpu-generic"), "default",
+                                ProfilerSettings(points=4), agent_id="cpu-1")
+        profile = profiler.run(profiler.settings_with({"repeats": 3}))
+
+    The meter is chosen (and probed) at each run and closed after it, so nothing a meter
+    holds (NVML, a jtop connection, a polling thread) outlives the profile.
+    """
+
+    def __init__(
+        self,
+        backend: ModelBackend,
+        device: DeviceClass,
+        power_mode: str | None,
+        settings: ProfilerSettings,
+        *,
+        agent_id: str,
+        meter: str | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
+        if power_mode is not None:
+            device.mode(power_mode)  # ConfigError names the class's modes
+        self.backend = backend
+        self.device = device
+        self.power_mode = power_mode
+        self.settings = settings
+        self.agent_id = agent_id
+        self.meter = meter  # None: the first of the class's meters that works here
+        self.cancelled = cancelled  # asked between measurements (the agent is stopping)
+
+    def settings_with(self, overrides: Mapping[str, Any]) -> ProfilerSettings:
+        """The agent's settings with ``overrides``; ConfigError when they do not fit its model."""
+        try:
+            settings = ProfilerSettings.model_validate({**self.settings.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise ConfigError(f"invalid profiler settings: {describe_error(exc)}") from None
+        settings.lengths_for(self.backend.info.n_ctx)  # room for every prompt, or ConfigError
+        return settings
+
+    def run(self, settings: ProfilerSettings | None = None) -> AgentProfile:
+        meter = choose_meter(self.device, self.power_mode, prefer=self.meter)
+        try:
+            return profile_backend(
+                self.backend,
+                meter,
+                settings or self.settings,
+                agent_id=self.agent_id,
+                device_class=self.device.device_class,
+                power_mode=self.power_mode,
+                cancelled=self.cancelled,
+            )
+        finally:
+            meter.close()
 
 
 # --------------------------------------------------------------------------- no measurement

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moe2.agent.backend import ModelBackend
 from moe2.agent.sessions import SessionManager
 from moe2.shared import protocol as p
-from moe2.shared.errors import BadMessage
+from moe2.shared.errors import BadMessage, ConfigError
+
+if TYPE_CHECKING:
+    from moe2.agent.profiler import SelfProfiler
 
 
 class AgentService:
@@ -23,6 +26,7 @@ class AgentService:
         self.backend = backend
         self.sessions = SessionManager(backend, max_sessions)
         self._piece = lru_cache(maxsize=1 << 16)(backend.piece)
+        self.profiler: SelfProfiler | None = None  # set by the daemon; None: cannot profile
 
     def handle(self, req: Any) -> p.Message:
         if isinstance(req, p.OpenRequest):
@@ -43,6 +47,8 @@ class AgentService:
             return p.DetokenizeReply(text=self.backend.detokenize(req.tokens), pieces=pieces)
         if isinstance(req, p.PingRequest):
             return p.PingReply(agent_id=self.agent_id, active_sessions=len(self.sessions))
+        if isinstance(req, p.ProfileRequest):
+            return self._profile(req)
         raise BadMessage(f"unhandled request type {type(req).__name__}")
 
     def _prompt_tokens(
@@ -87,8 +93,13 @@ class AgentService:
                     f"rewind_to={req.rewind_to} is beyond the history of {len(seq.tokens)} tokens"
                 )
             seq.truncate(req.rewind_to)
+        tokens = req.tokens
+        if tokens is None:
+            tokens = self.backend.tokenize(req.text or "", add_bos=False)
+            if not tokens:
+                raise BadMessage("the step text tokenizes to nothing")
         t0 = time.perf_counter()
-        logprobs = seq.extend(req.tokens)
+        logprobs = seq.extend(tokens)
         ms = (time.perf_counter() - t0) * 1e3
         return p.DistributionReply(
             op="step",
@@ -111,6 +122,20 @@ class AgentService:
         logprobs = self.backend.score(prompt, target)
         ms = (time.perf_counter() - t0) * 1e3
         return p.ScoreReply(target_tokens=list(target), logprobs=logprobs.tolist(), compute_ms=ms)
+
+    def _profile(self, req: p.ProfileRequest) -> p.ProfileReply:
+        """Measure this agent now; the daemon publishes the profile when ``req.publish``."""
+        if self.profiler is None:
+            raise ConfigError(f"agent {self.agent_id} has no profiler set up")
+        overrides = req.model_dump(
+            include={"points", "prompt_lengths", "repeats", "decode_tokens", "max_prompt_fraction"},
+            exclude_none=True,
+        )
+        try:
+            settings = self.profiler.settings_with(overrides)
+        except ConfigError as exc:  # what the peer asked for does not fit this model
+            raise BadMessage(f"invalid profile request: {exc.message}") from None
+        return p.ProfileReply(profile=self.profiler.run(settings), published=req.publish)
 
     def close(self) -> None:
         self.sessions.close_all()

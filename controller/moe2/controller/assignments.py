@@ -14,14 +14,16 @@ from typing import Any
 
 import click
 
-from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
 from moe2.controller.fleet import read_retained
+from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
 from moe2.shared import protocol as p
 from moe2.shared.errors import ConfigError, Moe2Error
 from moe2.shared.mqtt import BrokerConfig, Connection
 
 
-def current_assignment(broker: BrokerConfig, app: str, wait_s: float = 2.0) -> p.AppAssignment | None:
+def current_assignment(
+    broker: BrokerConfig, app: str, wait_s: float = 2.0
+) -> p.AppAssignment | None:
     retained = read_retained(broker, [p.topics.desired_app(app)], wait_s)
     payload = retained.get(p.topics.desired_app(app))
     if not payload:
@@ -79,25 +81,46 @@ def push_assignment(
 @click.command()
 @click.option("--app", required=True, help="Application to assign.")
 @click.option("--subset", required=True, help="Comma-separated expert (agent) ids.")
-@click.option("--k", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Experts fused per prompt (top-k of the subset by gate value).")
-@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="Seconds to collect gateway acknowledgements.")
-@click.option("--gateways", type=click.IntRange(min=1), default=None,
-              help="Stop waiting once this many gateways have acknowledged.")
+@click.option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Experts fused per prompt (top-k of the subset by gate value).",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds to collect gateway acknowledgements.",
+)
+@click.option(
+    "--gateways",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop waiting once this many gateways have acknowledged.",
+)
 @json_option
 @broker_options
-def push(app: str, subset: str, k: int, wait_s: float, gateways: int | None, as_json: bool,
-         **kwargs: Any) -> None:
+def push(
+    app: str, subset: str, k: int, wait_s: float, gateways: int | None, as_json: bool, **kwargs: Any
+) -> None:
     """Publish which experts serve APP (retained, versioned) and collect acknowledgements."""
     p.check_name("application", app)
     members = [p.check_name("expert id", m.strip()) for m in subset.split(",") if m.strip()]
     if not members:
         raise click.BadParameter("name at least one expert", param_hint="--subset")
-    assignment, acks = push_assignment(broker_from_flags(kwargs), app, members, k,
-                                       wait_s=wait_s, expect_gateways=gateways)
+    assignment, acks = push_assignment(
+        broker_from_flags(kwargs), app, members, k, wait_s=wait_s, expect_gateways=gateways
+    )
     result = {"assignment": assignment.model_dump(), "acks": sorted(acks)}
-    emit(result, as_json, lambda r: (
-        f"app {app}: version {assignment.version}, subset {', '.join(members)}, k={k}\n"
-        f"acknowledged by {len(acks)} gateway(s): {', '.join(sorted(acks)) or 'none yet'}"
-    ))
+    emit(
+        result,
+        as_json,
+        lambda r: (
+            f"app {app}: version {assignment.version}, subset {', '.join(members)}, k={k}\n"
+            f"acknowledged by {len(acks)} gateway(s): {', '.join(sorted(acks)) or 'none yet'}"
+        ),
+    )

@@ -12,3 +12,10 @@ from moe2.controller.fleet import agents_cmd, profile_cmd
 from moe2.controller.optimize.cli import optimize
 
 COMMANDS: list[click.Command] = [ask, push, demo, models, agents_cmd, profile_cmd, optimize]
+
+# Registry, score collection and the gate (issue 5).
+from moe2.controller.collect import collect_cmd  # noqa: E402
+from moe2.controller.gate.cli import export_cmd, push_gate_cmd, train_cmd  # noqa: E402
+from moe2.controller.registry.cli import datasets_cmd, db_cmd, sync_cmd  # noqa: E402
+
+COMMANDS += [db_cmd, sync_cmd, datasets_cmd, collect_cmd, train_cmd, export_cmd, push_gate_cmd]

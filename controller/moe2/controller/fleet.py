@@ -293,6 +293,12 @@ def refresh_profiles(
     help="With --refresh: measurements per prompt length [default: the agent's setting].",
 )
 @click.option(
+    "--max-prompt-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="With --refresh: longest prompt as a fraction of the context [default: the agent's "
+    "setting, 0.5].",
+)
+@click.option(
     "--timeout",
     "timeout_s",
     type=click.FloatRange(min=1),
@@ -308,6 +314,7 @@ def profile_cmd(
     refresh: bool,
     points: int | None,
     repeats: int | None,
+    max_prompt_fraction: float | None,
     timeout_s: float,
     as_json: bool,
     wait_s: float,
@@ -318,7 +325,9 @@ def profile_cmd(
     if refresh:
         if not agent_ids:
             raise click.UsageError("--refresh needs the ids of the agents to profile")
-        request = ProfileRequest(points=points, repeats=repeats)
+        request = ProfileRequest(
+            points=points, repeats=repeats, max_prompt_fraction=max_prompt_fraction
+        )
         profiles = refresh_profiles(broker, agent_ids, request, timeout_s)
     else:
         _, _, profiles = _fleet(broker, wait_s)

@@ -13,7 +13,10 @@ Two ways to know a cost:
 - **Measured**: a profile's points fitted to curves in the prompt length L (the paper observes
   that delay and energy depend mainly on it)::
 
-      prompt seconds    = a + b L        per-token seconds = c + d L        (joules likewise)
+      prompt seconds    = a + b L (+ e L^2)    per-token seconds = c + d L    (joules likewise)
+
+  fitted to relative errors; the prompt curves bend (L^2, attention over the whole prompt)
+  only where the measurements show it (``moe2.agent.profiler.fit_points``).
 
 Transmission (eqs. 5-6) is ``rtt + payload bytes / rate``; the gateway measures both per expert.
 
@@ -139,9 +142,19 @@ class CostCurve(BaseModel):
 
 
 def fit_curve(
-    prompt_tokens: Sequence[float], values: Sequence[float], *, unit: str, degree: int = 1
+    prompt_tokens: Sequence[float],
+    values: Sequence[float],
+    *,
+    unit: str,
+    degree: int = 1,
+    relative: bool = False,
 ) -> CostCurve:
-    """Least-squares polynomial of ``degree`` in L through (L_i, value_i), repeats included."""
+    """Least-squares polynomial of ``degree`` in L through (L_i, value_i), repeats included.
+
+    ``relative`` minimises relative errors instead (weights 1 / |value_i|), so that points
+    spanning orders of magnitude all count: a 16-token prompt's 0.1 s as much as a
+    2,000-token prompt's 30 s, whose absolute error would otherwise decide the whole line.
+    """
     x = np.asarray(prompt_tokens, dtype=np.float64)
     y = np.asarray(values, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
@@ -156,7 +169,8 @@ def fit_curve(
     # Scale L to ~1 before solving so the Vandermonde matrix stays well conditioned.
     scale = float(np.max(np.abs(x))) or 1.0
     vander = np.vander(x / scale, degree + 1, increasing=True)  # (points, degree + 1)
-    sol, *_ = np.linalg.lstsq(vander, y, rcond=None)
+    weight = 1.0 / np.where(np.abs(y) > 0, np.abs(y), 1.0) if relative else np.ones_like(y)
+    sol, *_ = np.linalg.lstsq(vander * weight[:, None], y * weight, rcond=None)
     coef = [float(c) / scale**i for i, c in enumerate(sol)]
     fitted = vander @ sol
     resid = y - fitted

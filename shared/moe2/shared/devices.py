@@ -6,6 +6,7 @@ the hardware figures the cost model needs per power mode and the settings ansibl
     device = load_device_class("orin-agx-64gb")
     device.figures("30W").memory_bytes_per_s      # 2.048e11
     detect_device_class().device_class            # "cpu-generic" on a plain PC
+    resolve_device_class("auto")                  # (DeviceClass, "detected (...)")
 
 The folder is ``$MOE2_FIRMWARE_CONFIGS`` when set, else the copy shipped inside this package
 (``moe2/shared/firmware_configs``, which in a checkout links to the repository's folder).
@@ -281,6 +282,16 @@ def detect_device_class(
         if device.detect.fallback:
             return Detection(name, "no Jetson device tree and no NVIDIA GPU")
     raise ConfigError(f"no device class is marked as the fallback among: {', '.join(known)}")
+
+
+def resolve_device_class(name: str, directory: Path | None = None) -> tuple[DeviceClass, str]:
+    """The class an agent is told, or with ``"auto"`` the one detected here; with how it was
+    chosen, for the log. ConfigError names the valid classes."""
+    if name != "auto":
+        return load_device_class(name, directory), "configured"
+    classes = load_device_classes(directory)
+    found = detect_device_class(classes)
+    return classes[found.device_class], f"detected ({found.evidence})"
 
 
 # --------------------------------------------------------------------------- power mode

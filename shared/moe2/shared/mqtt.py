@@ -295,7 +295,7 @@ class RpcClient:
             qos=self.qos,
             properties=response_properties(self.inbox, corr),
         )
-        fut.add_done_callback(lambda _f, c=corr: self._forget(c))
+        fut.add_done_callback(lambda _f: self._forget(corr))
         return fut
 
     def call_async(self, agent_id: str, request: BaseModel) -> Future[Any]:

@@ -47,8 +47,8 @@ def fuse_by_id(
     for name, d in dists.items():
         w = weights[name]
         if isinstance(d, p.FullDist):
-            lp = d.logprobs()
-            probs += w * np.exp(lp[list(keys)].astype(np.float64))
+            full = d.logprobs()
+            probs += w * np.exp(full[list(keys)].astype(np.float64))
             continue
         row = np.full(len(keys), d.tail / max(1, n_vocab - len(d.ids)))  # unknown: even tail
         for t, lp in zip(d.ids, d.logprobs):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "context"
     weights: dict[str, float]  # final weights of the experts still answering
     tokens: int
-    fusion: str  # "token-id" | "token-text"
+    fusion: Literal["token-id", "token-text"]
     dropped: list[p.DroppedExpert] = field(default_factory=list)
 
 
@@ -79,7 +79,7 @@ class Generation:
         self.sessions: dict[str, str] = {}
         hashes = {self.infos[n].tokenizer_hash for n in self.weights}
         self.by_id = len(hashes) == 1
-        self.fusion = "token-id" if self.by_id else "token-text"
+        self.fusion: Literal["token-id", "token-text"] = "token-id" if self.by_id else "token-text"
         first = self.infos[next(iter(self.weights))]
         self.n_vocab = first.n_vocab
         self.full = self.by_id and self.n_vocab <= settings.full_vocab_limit

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.directory import Directory
 from moe2.agent.gateway.gate import Gate, UniformGate, top_k
+from moe2.agent.gateway.gatestore import GateStore
 from moe2.agent.gateway.generation import Generation, GenerationSettings
 from moe2.shared import protocol as p
 from moe2.shared.errors import BadMessage, Moe2Error, NoExperts, UnknownApp
@@ -37,6 +38,7 @@ class Gateway:
         self.directory.on_assignment.append(self._ack)
         self.rpc = RpcClient(broker, f"gw-{gateway_id}", timeout=config.step_timeout_s)
         self.gates: dict[str, Gate] = {}  # per application; uniform until one is pushed
+        self.gate_store = GateStore(self.conn, gateway_id, self._use_gate)
         self._pool = ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prompt")
         self._slots = threading.BoundedSemaphore(config.max_concurrent + config.max_pending)
         self.conn.subscribe(p.topics.prompts_shared(config.group), self._on_prompt, qos=1)
@@ -50,6 +52,7 @@ class Gateway:
 
     def stop(self) -> None:
         self.conn.stop()
+        self.gate_store.close()
         self._pool.shutdown(wait=True, cancel_futures=False)
         self.rpc.close()
 
@@ -63,6 +66,13 @@ class Gateway:
     def _ack(self, a: p.AppAssignment) -> None:
         ack = p.AssignmentAck(gateway=self.id, app=a.app, version=a.version, accepted=True)
         self.conn.publish(p.topics.assignment_ack(self.id, a.app), p.encode(ack), retain=True)
+        self.gate_store.want(a.app, a.gate)  # the gate is swapped in once verified and loaded
+
+    def _use_gate(self, app: str, gate: Gate | None) -> None:
+        if gate is None:
+            self.gates.pop(app, None)
+        else:
+            self.gates[app] = gate
 
     # ------------------------------------------------------------------ intake
 
@@ -192,7 +202,7 @@ class Gateway:
             latency_ms=(time.monotonic() - received) * 1e3,
             app=app,
             fusion=result.fusion,
-            dropped=result.dropped,  # type: ignore[arg-type]
+            dropped=result.dropped,
         )
 
 

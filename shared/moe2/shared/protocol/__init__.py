@@ -4,8 +4,12 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
 
     moe2/v1/agents/<agent>/info      retained  AgentInfo       what the agent serves
     moe2/v1/agents/<agent>/status    retained  AgentStatus     online/offline (offline is the LWT)
+    moe2/v1/agents/<agent>/profile   retained  AgentProfile    delay and energy cost curves
     moe2/v1/agents/<agent>/rpc                 RpcRequest      MQTT 5 request/response
     moe2/v1/prompts/<app>                      (prompt API, see DESIGN.md §3)
+    moe2/v1/gates/<version>          retained  GateManifest    a trained gate (gates.py)
+    moe2/v1/blobs/<sha256>/<i>       retained  raw bytes       chunks of a gate's files
+    moe2/v1/agents/<gw>/gates/<ver>  retained  GateAck         a gateway loaded/rejected it
 
 Every JSON payload carries ``"v": SCHEMA_VERSION``. RPC requests name their operation in
 ``op``; replies are ``{"v", "ok": true, ...}`` or ``{"v", "ok": false, "error": {code, message}}``
@@ -29,7 +33,21 @@ from moe2.shared.protocol.base import (
     decode_message,
     encode,
 )
+from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
 from moe2.shared.protocol.profiles import AgentProfile
+from moe2.shared.protocol.prompts import (
+    AppAssignment,
+    AssignmentAck,
+    DroppedExpert,
+    ExpertWeight,
+    GateRef,
+    PromptAnswer,
+    PromptError,
+    PromptRequest,
+    StreamChunk,
+    decode_prompt,
+    prompt_error,
+)
 from moe2.shared.protocol.rpc import (
     OPERATIONS,
     CloseReply,
@@ -43,6 +61,8 @@ from moe2.shared.protocol.rpc import (
     OpenRequest,
     PingReply,
     PingRequest,
+    ProfileReply,
+    ProfileRequest,
     ScoreReply,
     ScoreRequest,
     StepRequest,
@@ -69,32 +89,49 @@ __all__ = [
     "AgentInfo",
     "AgentProfile",
     "AgentStatus",
+    "AppAssignment",
+    "AssignmentAck",
+    "BlobRef",
     "CloseReply",
     "CloseRequest",
     "DetokenizeReply",
     "DetokenizeRequest",
     "DistributionReply",
+    "DroppedExpert",
     "ErrorBody",
     "ErrorReply",
+    "ExpertWeight",
     "FullDist",
+    "GateAck",
+    "GateManifest",
+    "GateRef",
     "Message",
     "OpenRequest",
     "PingReply",
     "PingRequest",
+    "ProfileReply",
+    "ProfileRequest",
+    "PromptAnswer",
+    "PromptError",
+    "PromptRequest",
     "ScoreReply",
     "ScoreRequest",
     "StepRequest",
+    "StreamChunk",
     "TokenizeReply",
     "TokenizeRequest",
     "TopKDist",
     "check_name",
     "decode_message",
+    "decode_prompt",
     "decode_reply",
     "decode_request",
     "encode",
     "encode_full",
     "encode_topk",
     "error_reply",
+    "gate_digest",
+    "prompt_error",
     "request_op",
     "topics",
 ]

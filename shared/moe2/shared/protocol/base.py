@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from moe2.shared.errors import BadMessage, MessageTooLarge, UnsupportedVersion
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 TOPIC_ROOT = "moe2/v1"
 
 # Agent ids and application names become topic levels: no wildcards, no slashes.
@@ -42,7 +42,7 @@ class Message(BaseModel):
 _json_object: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
 
-def parse_envelope(payload: bytes, max_bytes: int) -> dict[str, Any]:
+def parse_envelope(payload: bytes | bytearray, max_bytes: int) -> dict[str, Any]:
     """The JSON object of a payload, after the size and schema-version checks."""
     if len(payload) > max_bytes:
         raise MessageTooLarge(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
@@ -72,7 +72,9 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json(exclude_none=True).encode()
 
 
-def decode_message(model: type[Message], payload: bytes, max_bytes: int = 1 << 20) -> Any:
+def decode_message(
+    model: type[Message], payload: bytes | bytearray, max_bytes: int = 1 << 20
+) -> Any:
     """Validate an announcement (AgentInfo, AgentStatus...) from its payload."""
     obj = parse_envelope(payload, max_bytes)
     try:

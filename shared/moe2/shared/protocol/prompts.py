@@ -101,7 +101,9 @@ def prompt_error(prompt_id: str | None, code: str, message: str) -> PromptError:
 _json_object: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
 
-def decode_prompt(payload: bytes, max_bytes: int) -> tuple[PromptRequest | None, dict[str, Any]]:
+def decode_prompt(
+    payload: bytes | bytearray, max_bytes: int
+) -> tuple[PromptRequest, dict[str, Any]]:
     """(request, raw object). Raises BadMessage/MessageTooLarge; the raw object (possibly
     empty) lets the caller still address an error to a usable ``id``/``reply_to``."""
     if len(payload) > max_bytes:

@@ -1,4 +1,5 @@
-"""Agent RPC: sessions over a model's next-token distributions, scoring, tokenization."""
+"""Agent RPC: sessions over a model's next-token distributions, scoring, tokenization,
+self-profiling."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from moe2.shared.protocol.base import (
     describe_error,
     parse_envelope,
 )
+from moe2.shared.protocol.profiles import AgentProfile
 
 # --------------------------------------------------------------------------- distributions
 
@@ -115,10 +117,19 @@ class StepRequest(_Request, _DistributionOptions):
 
     op: Literal["step"] = "step"
     session: str = Field(min_length=1, max_length=64)
-    tokens: Annotated[TokenList, Field(min_length=1)]
+    tokens: Annotated[TokenList, Field(min_length=1)] | None = None
+    # Text instead of ids: the agent tokenizes it (no BOS) and appends the tokens; how a
+    # gateway feeds a token chosen by text to experts with another vocabulary.
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
     # Roll the history back to its first `rewind_to` tokens before appending (backtracking,
     # speculative decoding). Must not exceed the current history length.
     rewind_to: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> StepRequest:
+        if (self.tokens is None) == (self.text is None):
+            raise ValueError("give exactly one of 'tokens' (ids) or 'text'")
+        return self
 
 
 class CloseRequest(_Request):
@@ -162,6 +173,28 @@ class PingRequest(_Request):
     op: Literal["ping"] = "ping"
 
 
+class ProfileRequest(_Request):
+    """Profile the agent now, on its model thread (requests wait meanwhile), and by default
+    replace its retained profile. Unset fields keep the agent's configured profiler settings;
+    the bounds keep one request from holding the model for long."""
+
+    op: Literal["profile"] = "profile"
+    points: int | None = Field(default=None, ge=2, le=32)  # prompt lengths, spread up to n_ctx
+    prompt_lengths: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, min_length=2, max_length=32
+    )  # exact prompt lengths, tokens (instead of points)
+    repeats: int | None = Field(default=None, ge=1, le=20)  # measurements per prompt length
+    decode_tokens: int | None = Field(default=None, ge=1, le=512)  # generated per measurement
+    max_prompt_fraction: float | None = Field(default=None, gt=0, le=1)  # longest / n_ctx
+    publish: bool = True  # replace the retained profile on agents/<id>/profile
+
+    @model_validator(mode="after")
+    def _distinct_lengths(self) -> ProfileRequest:
+        if self.prompt_lengths is not None and len(set(self.prompt_lengths)) < 2:
+            raise ValueError("prompt_lengths needs at least two distinct lengths")
+        return self
+
+
 RpcRequest = Annotated[
     OpenRequest
     | StepRequest
@@ -169,10 +202,11 @@ RpcRequest = Annotated[
     | ScoreRequest
     | TokenizeRequest
     | DetokenizeRequest
-    | PingRequest,
+    | PingRequest
+    | ProfileRequest,
     Field(discriminator="op"),
 ]
-OPERATIONS = ("open", "step", "close", "score", "tokenize", "detokenize", "ping")
+OPERATIONS = ("open", "step", "close", "score", "tokenize", "detokenize", "ping", "profile")
 
 _request_adapter: TypeAdapter[Any] = TypeAdapter(RpcRequest)
 
@@ -222,6 +256,12 @@ class PingReply(_Reply):
     active_sessions: int
 
 
+class ProfileReply(_Reply):
+    op: Literal["profile"] = "profile"
+    profile: AgentProfile
+    published: bool  # whether it replaced the retained profile
+
+
 class ErrorBody(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -240,14 +280,20 @@ def error_reply(code: str, message: str, op: str | None = None) -> ErrorReply:
 
 
 RpcReply = Annotated[
-    DistributionReply | CloseReply | ScoreReply | TokenizeReply | DetokenizeReply | PingReply,
+    DistributionReply
+    | CloseReply
+    | ScoreReply
+    | TokenizeReply
+    | DetokenizeReply
+    | PingReply
+    | ProfileReply,
     Field(discriminator="op"),
 ]
 _reply_adapter: TypeAdapter[Any] = TypeAdapter(RpcReply)
 _error_adapter = TypeAdapter(ErrorReply)
 
 
-def decode_request(payload: bytes, max_bytes: int) -> Any:
+def decode_request(payload: bytes | bytearray, max_bytes: int) -> Any:
     """Parse and validate an RPC request; raises a ProtocolError subclass on bad input."""
     obj = parse_envelope(payload, max_bytes)
     op = obj.get("op")
@@ -259,7 +305,7 @@ def decode_request(payload: bytes, max_bytes: int) -> Any:
         raise BadMessage(f"invalid {op} request: {describe_error(exc)}") from None
 
 
-def decode_reply(payload: bytes, max_bytes: int = 1 << 30) -> Any:
+def decode_reply(payload: bytes | bytearray, max_bytes: int = 1 << 30) -> Any:
     """Parse an RPC reply: a reply model, or an ErrorReply."""
     obj = parse_envelope(payload, max_bytes)
     try:
@@ -270,7 +316,7 @@ def decode_reply(payload: bytes, max_bytes: int = 1 << 30) -> Any:
         raise BadMessage(f"invalid reply: {describe_error(exc)}") from None
 
 
-def request_op(payload: bytes) -> str | None:
+def request_op(payload: bytes | bytearray) -> str | None:
     """Best-effort op name of a request that failed to decode (for the error reply)."""
     m = re.search(rb'"op"\s*:\s*"([a-z_]{1,20})"', payload[:4096])
     return m.group(1).decode() if m else None
