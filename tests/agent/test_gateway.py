@@ -342,3 +342,32 @@ def test_cross_vocabulary_fusion_of_the_three_packaged_models(
     assert {e.id for e in answer.experts} == set(ids)
     assert answer.tokens > 0 and answer.text.strip()
     assert answer.text.isprintable()
+
+
+def test_gateway_publishes_measured_links_to_its_experts(
+    fleet: LocalFleet, broker_config: BrokerConfig, tiny_models: dict[str, Path]
+) -> None:
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    gw = start(
+        fleet,
+        tiny_models["code"],
+        uid("gw"),
+        "--serve-app",
+        f"zoo={a}:1",
+        "--gateway-link-probe-first-s",
+        "0.5",
+    )
+    got: list[p.LinkReport] = []
+    done = threading.Event()
+
+    def on(msg: Any) -> None:
+        got.append(p.decode_message(p.LinkReport, msg.payload))
+        done.set()
+
+    with Connection(broker_config, uid("links")) as conn:
+        conn.subscribe(p.topics.gateway_links(gw), on)
+        assert done.wait(30), "no link report"
+    report = got[-1]
+    assert report.gateway == gw and set(report.links) == {a}
+    link = report.links[a]
+    assert 0 < link.rtt_s < 1.0 and link.bytes_per_s > 1e4

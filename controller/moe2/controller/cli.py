@@ -22,6 +22,7 @@ from moe2.controller.options import (  # noqa: F401  (re-exported for command mo
 )
 from moe2.shared.errors import Moe2Error
 
+
 class Moe2Group(click.Group):
     """Turns moe2 errors into a clear message and exit status 1."""
 

@@ -63,6 +63,15 @@ class GatewayConfig(BaseModel):
         description="ask for full distributions (exact fusion) when "
         "the vocabulary is at most this large",
     )
+    link_probe_interval_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="seconds between measurements of round trip and rate to each expert "
+        "(published retained on agents/<id>/links; 0: never)",
+    )
+    link_probe_first_s: float = Field(
+        default=30.0, ge=0, description="seconds after start of the first measurement"
+    )
     max_prompt_bytes: int = Field(default=1 << 20, ge=256, description="largest prompt message")
 
     @model_validator(mode="after")

@@ -65,6 +65,10 @@ class Directory:
         with self._lock:
             return self._info.get(agent_id) if self._online.get(agent_id) else None
 
+    def assigned_experts(self) -> set[str]:
+        with self._lock:
+            return {e for a in self._apps.values() for e in a.subset}
+
     def assignment(self, app: str) -> p.AppAssignment | None:
         with self._lock:
             return self._apps.get(app)

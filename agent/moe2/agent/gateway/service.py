@@ -21,6 +21,7 @@ from moe2.agent.gateway.directory import Directory
 from moe2.agent.gateway.gate import Gate, UniformGate, top_k
 from moe2.agent.gateway.gatestore import GateStore
 from moe2.agent.gateway.generation import Generation, GenerationSettings
+from moe2.agent.gateway.links import LinkMonitor
 from moe2.shared import protocol as p
 from moe2.shared.errors import BadMessage, Moe2Error, NoExperts, UnknownApp
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient, reply_properties
@@ -42,15 +43,31 @@ class Gateway:
         self._pool = ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prompt")
         self._slots = threading.BoundedSemaphore(config.max_concurrent + config.max_pending)
         self.conn.subscribe(p.topics.prompts_shared(config.group), self._on_prompt, qos=1)
+        self.links = LinkMonitor(
+            gateway_id,
+            self.conn,
+            self.rpc,
+            self._served_online_experts,
+            config.link_probe_interval_s,
+            config.link_probe_first_s,
+        )
         self.answered = 0
         self.errors = 0
 
     def start(self) -> Gateway:
         self.rpc.start()
         self.conn.start()
+        self.links.start()
         return self
 
+    def _served_online_experts(self) -> list[str]:
+        wanted = self.directory.assigned_experts()
+        for app in self.config.apps.values():
+            wanted.update(app.subset)
+        return [e for e in wanted if self.directory.online(e) is not None]
+
     def stop(self) -> None:
+        self.links.stop()
         self.conn.stop()
         self.gate_store.close()
         self._pool.shutdown(wait=True, cancel_futures=False)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from moe2.controller.options import emit, json_option
 from moe2.controller.experts import packaged
 from moe2.controller.experts.domains import DOMAINS
+from moe2.controller.options import emit, json_option
 
 
 @click.group()

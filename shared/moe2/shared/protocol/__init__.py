@@ -5,6 +5,7 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
     moe2/v1/agents/<agent>/info      retained  AgentInfo       what the agent serves
     moe2/v1/agents/<agent>/status    retained  AgentStatus     online/offline (offline is the LWT)
     moe2/v1/agents/<agent>/profile   retained  AgentProfile    delay and energy cost curves
+    moe2/v1/agents/<gw>/links        retained  LinkReport      gateway-to-expert round trip, rate
     moe2/v1/agents/<agent>/rpc                 RpcRequest      MQTT 5 request/response
     moe2/v1/prompts/<app>                      (prompt API, see DESIGN.md §3)
     moe2/v1/gates/<version>          retained  GateManifest    a trained gate (gates.py)
@@ -34,7 +35,7 @@ from moe2.shared.protocol.base import (
     encode,
 )
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
-from moe2.shared.protocol.profiles import AgentProfile
+from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
 from moe2.shared.protocol.prompts import (
     AppAssignment,
     AssignmentAck,
@@ -105,6 +106,8 @@ __all__ = [
     "GateAck",
     "GateManifest",
     "GateRef",
+    "LinkFigures",
+    "LinkReport",
     "Message",
     "OpenRequest",
     "PingReply",

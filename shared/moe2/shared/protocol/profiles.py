@@ -91,3 +91,21 @@ class AgentProfile(Message):
         if self.delay_measured and not self.points:
             raise ValueError("delay_measured needs measured points")
         return self
+
+
+class LinkFigures(BaseModel):
+    """Transmission between a gateway and one expert (paper eqs. 5-6)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rtt_s: float = Field(ge=0)  # round trip of an empty request, seconds
+    bytes_per_s: float = Field(gt=0)  # payload rate (request + reply bytes), inf when unseen
+    measured_at: float  # unix seconds
+
+
+class LinkReport(Message):
+    """Retained on ``agents/<gateway>/links``: the links a gateway measured to its experts;
+    the controller adds rtt + bytes / rate to each expert's per-token delay."""
+
+    gateway: str = Field(pattern=NAME_PATTERN)
+    links: dict[str, LinkFigures]

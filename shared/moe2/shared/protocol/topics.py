@@ -27,6 +27,12 @@ class topics:
     ALL_AGENT_INFO = f"{TOPIC_ROOT}/agents/+/info"
     ALL_AGENT_STATUS = f"{TOPIC_ROOT}/agents/+/status"
     ALL_AGENT_PROFILES = f"{TOPIC_ROOT}/agents/+/profile"
+    ALL_GATEWAY_LINKS = f"{TOPIC_ROOT}/agents/+/links"
+
+    @staticmethod
+    def gateway_links(gateway: str) -> str:
+        """Retained LinkReport: round trip and payload rate from a gateway to each expert."""
+        return f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/links"
 
     @staticmethod
     def replies(client_id: str) -> str:
