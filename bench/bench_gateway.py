@@ -128,7 +128,7 @@ def main() -> None:
         cfg = BrokerConfig(host=broker.host, port=broker.port)
         paths = build_experts(Path(tmp) / "tiny", list(DOMAINS))
         ids = [f"bench-{d}" for d in DOMAINS]
-        with LocalFleet(cfg, Path(tmp) / "logs") as fleet, RpcClient(cfg) as rpc:
+        with LocalFleet(cfg, Path(tmp) / "logs") as fleet, RpcClient(cfg, qos=0) as rpc:
             for agent_id, d in zip(ids, DOMAINS):
                 fleet.start(
                     agent_id,

@@ -42,6 +42,7 @@ class _Job:
     response_topic: str | None  # None: the agent's own job (the start-up profile)
     correlation: bytes | None
     received: float
+    qos: int = 1  # replies travel with the QoS the request came with
 
 
 class Agent:
@@ -202,8 +203,12 @@ class Agent:
 
     # ------------------------------------------------------------------ requests
 
-    def _reply(self, topic: str, correlation: bytes | None, message: p.Message) -> None:
-        self.conn.publish(topic, p.encode(message), qos=1, properties=reply_properties(correlation))
+    def _reply(
+        self, topic: str, correlation: bytes | None, message: p.Message, qos: int = 1
+    ) -> None:
+        self.conn.publish(
+            topic, p.encode(message), qos=qos, properties=reply_properties(correlation)
+        )
 
     def _on_request(self, msg: mqtt.MQTTMessage) -> None:
         props = msg.properties
@@ -219,16 +224,19 @@ class Agent:
             request = p.decode_request(msg.payload, self.config.max_payload_bytes)
         except ProtocolError as exc:
             self._reply(
-                topic, corr, p.error_reply(exc.code, exc.message, p.request_op(msg.payload))
+                topic,
+                corr,
+                p.error_reply(exc.code, exc.message, p.request_op(msg.payload)),
+                msg.qos,
             )
             return
         try:
-            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic()))
+            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), msg.qos))
         except queue.Full:
             err = Busy(
                 f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later"
             )
-            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op))
+            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), msg.qos)
 
     def _work(self) -> None:
         while True:
@@ -247,6 +255,6 @@ class Agent:
             if job.response_topic is None:
                 continue
             try:
-                self._reply(job.response_topic, job.correlation, reply)
+                self._reply(job.response_topic, job.correlation, reply, job.qos)
             except Exception:
                 log.exception("could not publish the reply to %s", job.response_topic)

@@ -72,6 +72,13 @@ class GatewayConfig(BaseModel):
     link_probe_first_s: float = Field(
         default=30.0, ge=0, description="seconds after start of the first measurement"
     )
+    rpc_qos: int = Field(
+        default=0,
+        ge=0,
+        le=1,
+        description="MQTT QoS of the gateway's requests to experts (replies match it); 0 saves "
+        "a broker acknowledgement per step, and a lost step is caught by the step timeout",
+    )
     max_prompt_bytes: int = Field(default=1 << 20, ge=256, description="largest prompt message")
 
     @model_validator(mode="after")

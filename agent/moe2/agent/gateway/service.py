@@ -37,7 +37,9 @@ class Gateway:
         self.conn = Connection(broker, f"moe2-gateway-{gateway_id}")
         self.directory = Directory(self.conn)
         self.directory.on_assignment.append(self._ack)
-        self.rpc = RpcClient(broker, f"gw-{gateway_id}", timeout=config.step_timeout_s)
+        self.rpc = RpcClient(
+            broker, f"gw-{gateway_id}", timeout=config.step_timeout_s, qos=config.rpc_qos
+        )
         self.gates: dict[str, Gate] = {}  # per application; uniform until one is pushed
         self.gate_store = GateStore(self.conn, gateway_id, self._use_gate)
         self._pool = ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prompt")
