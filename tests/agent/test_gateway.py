@@ -341,7 +341,7 @@ def test_cross_vocabulary_fusion_of_the_three_packaged_models(
     assert answer.fusion == "token-text"
     assert {e.id for e in answer.experts} == set(ids)
     assert answer.tokens > 0 and answer.text.strip()
-    assert answer.text.isprintable()
+    assert all(c.isprintable() or c in "\n\t" for c in answer.text), answer.text
 
 
 def test_gateway_publishes_measured_links_to_its_experts(

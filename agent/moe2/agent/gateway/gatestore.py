@@ -1,0 +1,211 @@
+"""Receiving gates: follow each application's ``GateRef``, fetch the manifest and the
+content-addressed blobs it names (retained, chunked), verify every hash, load the gate with
+ONNX Runtime off the network thread, and only then hand it to the gateway. A gate that is
+half received, does not match its reference or fails to load is never used: the application
+keeps its previous gate meanwhile. Each outcome is acknowledged in a retained ``GateAck``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from moe2.agent.gateway.gate import Gate
+from moe2.shared import protocol as p
+from moe2.shared.errors import Moe2Error
+from moe2.shared.mqtt import Connection
+
+log = logging.getLogger(__name__)
+
+OnGate = Callable[[str, Gate | None], None]  # (application, gate or None for uniform)
+
+
+class _Blob:
+    def __init__(self, ref: p.BlobRef) -> None:
+        self.ref = ref
+        self.parts: dict[int, bytes] = {}
+        self.data: bytes | None = None  # set once complete and verified
+        self.waiters: list[str] = []  # gate versions that need it
+
+
+def _load_onnx_gate(manifest: p.GateManifest, files: dict[str, bytes]) -> Gate:
+    from moe2.agent.gateway.onnxgate import OnnxGate
+
+    return OnnxGate(manifest, files)
+
+
+class GateStore:
+    def __init__(
+        self,
+        conn: Connection,
+        gateway_id: str,
+        on_gate: OnGate,
+        loader: Callable[[p.GateManifest, dict[str, bytes]], Gate] = _load_onnx_gate,
+    ) -> None:
+        self.conn = conn
+        self.gateway_id = gateway_id
+        self.on_gate = on_gate
+        self.loader = loader
+        self._lock = threading.Lock()
+        self._wanted: dict[str, p.GateRef] = {}  # app -> the gate it should run
+        self._manifests: dict[str, p.GateManifest] = {}  # version -> verified manifest
+        self._blobs: dict[str, _Blob] = {}  # sha256 -> blob being fetched or fetched
+        self._loaded: dict[str, Gate] = {}  # gate digest -> loaded gate
+        self._subscribed: set[str] = set()
+        self._loading: set[str] = set()  # versions handed to the loader
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="gate-load")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ desired state
+
+    def want(self, app: str, ref: p.GateRef | None) -> None:
+        """The assignment of ``app`` names ``ref`` (None: uniform weights)."""
+        with self._lock:
+            if ref is None:
+                self._wanted.pop(app, None)
+                gate = None
+            else:
+                self._wanted[app] = ref
+                gate = self._loaded.get(ref.sha256)
+        if ref is None or gate is not None:
+            self.on_gate(app, gate)
+            if gate is not None and ref is not None:
+                self._ack(ref.version, ref.sha256, "loaded", gate=gate)
+            return
+        self._subscribe(p.topics.gate_manifest(ref.version), self._on_manifest)
+
+    def _subscribe(self, topic_filter: str, handler: Callable[[Any], None]) -> None:
+        with self._lock:
+            if topic_filter in self._subscribed:
+                return
+            self._subscribed.add(topic_filter)
+        self.conn.subscribe(topic_filter, handler)
+
+    # ------------------------------------------------------------------ manifest
+
+    def _on_manifest(self, msg: Any) -> None:
+        if not msg.payload:
+            return
+        try:
+            manifest = p.decode_message(p.GateManifest, msg.payload)
+        except Moe2Error as exc:
+            log.warning("ignoring bad gate manifest on %s: %s", msg.topic, exc.message)
+            return
+        digest = p.gate_digest(manifest)
+        with self._lock:
+            refs = [r for r in self._wanted.values() if r.version == manifest.version]
+            if manifest.version in self._manifests:
+                return
+        if not refs:
+            return
+        if all(r.sha256 != digest for r in refs):
+            self._ack(
+                manifest.version,
+                digest,
+                "rejected",
+                reason=f"manifest digest {digest[:12]} does not match the assignment's "
+                f"{refs[0].sha256[:12]}",
+            )
+            return
+        with self._lock:
+            self._manifests[manifest.version] = manifest
+            fetch = []
+            for ref in manifest.files:
+                blob = self._blobs.get(ref.sha256)
+                if blob is None:
+                    blob = self._blobs[ref.sha256] = _Blob(ref)
+                    fetch.append(ref.sha256)
+                blob.waiters.append(manifest.version)
+        for sha in fetch:
+            self._subscribe(p.topics.blob_chunks(sha), self._on_chunk)
+        self._maybe_load(manifest.version)
+
+    # ------------------------------------------------------------------ blobs
+
+    def _on_chunk(self, msg: Any) -> None:
+        parts = msg.topic.split("/")
+        try:
+            sha, index = parts[-2], int(parts[-1])
+        except (IndexError, ValueError):
+            return
+        with self._lock:
+            blob = self._blobs.get(sha)
+            if blob is None or blob.data is not None or not 0 <= index < blob.ref.chunks:
+                return
+            blob.parts[index] = bytes(msg.payload)
+            if len(blob.parts) < blob.ref.chunks:
+                return
+            data = b"".join(blob.parts[i] for i in range(blob.ref.chunks))
+            blob.parts = {}
+            ok = len(data) == blob.ref.size and hashlib.sha256(data).hexdigest() == sha
+            if ok:
+                blob.data = data
+            else:  # corrupt or mixed chunks: forget them; a republish fetches afresh
+                del self._blobs[sha]
+                self._subscribed.discard(p.topics.blob_chunks(sha))
+            versions = list(blob.waiters)
+        for version in versions:
+            if ok:
+                self._maybe_load(version)
+            else:
+                self._ack(version, sha, "rejected", reason=f"blob {sha[:12]} failed its hash check")
+
+    # ------------------------------------------------------------------ loading
+
+    def _maybe_load(self, version: str) -> None:
+        with self._lock:
+            manifest = self._manifests.get(version)
+            if manifest is None:
+                return
+            blobs = [self._blobs.get(r.sha256) for r in manifest.files]
+            if any(b is None or b.data is None for b in blobs):
+                return  # still arriving
+            files = {r.role: b.data for r, b in zip(manifest.files, blobs)}  # type: ignore[union-attr]
+            if version in self._loading:
+                return
+            self._loading.add(version)
+        self._pool.submit(self._load, manifest, files)  # type: ignore[arg-type]
+
+    def _load(self, manifest: p.GateManifest, files: dict[str, bytes]) -> None:
+        digest = p.gate_digest(manifest)
+        try:
+            gate = self.loader(manifest, files)
+        except Exception as exc:
+            log.warning("gate %s failed to load: %s", manifest.version, exc)
+            self._ack(manifest.version, digest, "rejected", reason=f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            self._loaded[digest] = gate
+            apps = [a for a, r in self._wanted.items() if r.sha256 == digest]
+        for app in apps:
+            self.on_gate(app, gate)
+        log.info("gate %s loaded for %s", manifest.version, ", ".join(apps) or "no application")
+        self._ack(manifest.version, digest, "loaded", gate=gate)
+
+    def _ack(
+        self,
+        version: str,
+        sha256: str,
+        state: str,
+        *,
+        gate: Gate | None = None,
+        reason: str | None = None,
+    ) -> None:
+        with self._lock:
+            apps = sorted(a for a, r in self._wanted.items() if r.sha256 == sha256)
+        ack = p.GateAck(
+            gateway=self.gateway_id,
+            version=version,
+            sha256=sha256,
+            state=state,  # type: ignore[arg-type]
+            apps=apps if state == "loaded" else [],
+            providers=list(getattr(gate, "providers", [])),
+            reason=reason,
+        )
+        self.conn.publish(p.topics.gate_ack(self.gateway_id, version), p.encode(ack), retain=True)

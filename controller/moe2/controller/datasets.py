@@ -1,0 +1,102 @@
+"""Evaluation and training sets: prompts with an application label and candidate targets.
+
+A free-answer sample has one target (the answer text); a multiple-choice sample has several
+options and the index of the correct one, scored by answer log-likelihood: the option whose
+target tokens are most probable after the prompt wins.
+
+    samples = tiny_domains(["animals", "code"], n_per_domain=50)
+    samples = from_jsonl(Path("mine.jsonl"))   # {"prompt", "target"} or {"prompt",
+                                                #  "choices", "answer"}, optional "app"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe2.controller.experts.domains import DOMAINS, corpus
+from moe2.shared.errors import ConfigError
+
+FREE = "free-answer"
+CHOICE = "multiple-choice"
+
+
+@dataclass(frozen=True)
+class Sample:
+    app: str
+    prompt: str
+    targets: tuple[str, ...]  # one for free-answer, the options for multiple-choice
+    answer: int = 0  # index of the correct target
+
+    @property
+    def kind(self) -> str:
+        return FREE if len(self.targets) == 1 else CHOICE
+
+
+def kind_of(samples: Sequence[Sample]) -> str:
+    kinds = {s.kind for s in samples}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _split(sentence: str) -> tuple[str, str]:
+    words = sentence.split()
+    cut = max(1, len(words) // 2)
+    return " ".join(words[:cut]), " " + " ".join(words[cut:])
+
+
+def tiny_domains(
+    domains: Sequence[str], n_per_domain: int, seed: int = 1, choices: int = 1
+) -> list[Sample]:
+    """Sentences of the synthetic domains: prompt = the first half of the words, target = the
+    rest; app = the domain. With ``choices`` > 1, the other options are the endings of
+    sentences from other domains (multiple-choice). Samples of all domains are interleaved.
+    ``seed`` 0 is the experts' training corpus: use another seed for held-out data."""
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ConfigError(f"unknown domain(s) {unknown}; expected some of {', '.join(DOMAINS)}")
+    per = {d: corpus(d, n_per_domain, seed=seed) for d in domains}
+    rng = random.Random(seed)
+    out: list[Sample] = []
+    for i in range(n_per_domain):
+        for d in domains:
+            prompt, target = _split(per[d][i])
+            if choices <= 1:
+                out.append(Sample(d, prompt, (target,)))
+                continue
+            others = [o for o in domains if o != d]
+            picks = rng.sample(others, min(choices - 1, len(others)))
+            options = [target] + [_split(per[o][rng.randrange(n_per_domain)])[1] for o in picks]
+            order = list(range(len(options)))
+            rng.shuffle(order)
+            out.append(Sample(d, prompt, tuple(options[j] for j in order), order.index(0)))
+    return out
+
+
+def from_jsonl(path: Path, default_app: str = "default") -> list[Sample]:
+    out: list[Sample] = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                app = str(obj.get("app", default_app))
+                if "choices" in obj:
+                    choices = tuple(str(c) for c in obj["choices"])
+                    answer = int(obj["answer"])
+                    if not 0 <= answer < len(choices) or len(choices) < 2:
+                        raise ValueError("'answer' must index 'choices' (two or more)")
+                    out.append(Sample(app, str(obj["prompt"]), choices, answer))
+                else:
+                    out.append(Sample(app, str(obj["prompt"]), (str(obj["target"]),)))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    f"{path}:{n}: expected {{'prompt', 'target'}} or {{'prompt', 'choices', "
+                    f"'answer'}} (optional 'app'): {exc}"
+                ) from None
+    if not out:
+        raise ConfigError(f"{path} holds no samples")
+    return out

@@ -1,0 +1,123 @@
+"""``moe2ctl db``, ``moe2ctl sync`` and ``moe2ctl datasets``.
+
+moe2ctl db upgrade                         # migrate $MOE2_DB_URL (or the SQLite default)
+moe2ctl sync --json                        # store the fleet's retained messages
+moe2ctl datasets add tiny --tiny animals,code --per-domain 50 --choices 4
+moe2ctl datasets add mine --jsonl mine.jsonl
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moe2.controller import datasets as ds
+from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
+from moe2.controller.registry import migrations
+from moe2.controller.registry.db import Registry, _engine, default_url
+from moe2.controller.registry.sync import sync_once
+from moe2.shared.errors import ConfigError
+
+
+def db_option(fn: Any) -> Any:
+    return click.option(
+        "--db", "db_url", default=None, help="Registry URL [default: $MOE2_DB_URL or SQLite]"
+    )(fn)
+
+
+@click.group("db")
+def db_cmd() -> None:
+    """The registry database: schema version and upgrades."""
+
+
+@db_cmd.command("upgrade")
+@db_option
+@json_option
+def db_upgrade(db_url: str | None, as_json: bool) -> None:
+    """Create or migrate the registry to the current schema."""
+    engine = _engine(db_url or default_url())
+    before, after = migrations.migrate(engine)
+    engine.dispose()
+    emit(
+        {"before": before, "after": after},
+        as_json,
+        lambda o: f"schema {o['before']} -> {o['after']}",
+    )
+
+
+@click.command("sync")
+@db_option
+@broker_options
+@json_option
+@click.option("--wait", "wait_s", type=float, default=3.0, show_default=True)
+def sync_cmd(db_url: str | None, as_json: bool, wait_s: float, **kw: Any) -> None:
+    """Store the fleet's retained agent info, status, profiles and acknowledgements."""
+    broker = broker_from_flags(kw)
+    reg = Registry.open(db_url)
+    counts = sync_once(reg, broker, wait_s)
+    agents = [{"id": a.id, "state": a.state, "model": a.model} for a in reg.agents()]
+    reg.close()
+    emit({"stored": counts, "agents": agents}, as_json, lambda o: f"stored {o['stored']}")
+
+
+@click.group("datasets")
+def datasets_cmd() -> None:
+    """Datasets in the registry."""
+
+
+@datasets_cmd.command("add")
+@click.argument("name")
+@click.option("--tiny", "tiny", default=None, help="synthetic domains, comma-separated")
+@click.option("--per-domain", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--choices", type=int, default=1, show_default=True, help="options per sample")
+@click.option("--jsonl", type=click.Path(path_type=Path, exists=True), default=None)
+@db_option
+@json_option
+def datasets_add(
+    name: str,
+    tiny: str | None,
+    per_domain: int,
+    seed: int,
+    choices: int,
+    jsonl: Path | None,
+    db_url: str | None,
+    as_json: bool,
+) -> None:
+    """Load a dataset into the registry (once; adding it again is a no-op)."""
+    if (tiny is None) == (jsonl is None):
+        raise ConfigError("give exactly one of --tiny DOMAINS or --jsonl FILE")
+    if tiny is not None:
+        samples = ds.tiny_domains(tiny.split(","), per_domain, seed=seed, choices=choices)
+        source = f"tiny:{tiny}:n={per_domain}:seed={seed}:choices={choices}"
+    else:
+        samples = ds.from_jsonl(jsonl)  # type: ignore[arg-type]
+        source = f"jsonl:{jsonl}"
+    reg = Registry.open(db_url)
+    row = reg.add_dataset(name, ds.kind_of(samples), source, samples)
+    reg.close()
+    emit(
+        {"name": row.name, "kind": row.kind, "samples": row.n_samples, "source": row.source},
+        as_json,
+        lambda o: f"{o['name']}: {o['samples']} {o['kind']} samples",
+    )
+
+
+@datasets_cmd.command("list")
+@db_option
+@json_option
+def datasets_list(db_url: str | None, as_json: bool) -> None:
+    reg = Registry.open(db_url)
+    rows = [
+        {"name": d.name, "kind": d.kind, "samples": d.n_samples, "source": d.source}
+        for d in reg.datasets()
+    ]
+    reg.close()
+    emit(
+        rows, as_json, lambda rs: "\n".join(f"{r['name']}\t{r['samples']}\t{r['kind']}" for r in rs)
+    )
+
+
+COMMANDS = [db_cmd, sync_cmd, datasets_cmd]

@@ -1,0 +1,430 @@
+"""The registry: what the controller knows about its fleet, data, scores, gates and pushes.
+
+reg = Registry.open()                       # $MOE2_DB_URL or ~/.local/share/moe2/registry.db
+ds = reg.add_dataset("tiny", "free-answer", "tiny-domains", samples)
+reg.add_scores([...]); arrays = reg.score_table("tiny", ["a", "b"])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, create_engine, event, insert, select
+from sqlmodel import Session
+
+from moe2.controller.registry import migrations
+from moe2.controller.registry.schema import (
+    Agent,
+    Assignment,
+    AssignmentAckRow,
+    Dataset,
+    EmbeddingCache,
+    GateAckRow,
+    GateVersion,
+    OptimisationRun,
+    Sample,
+    Score,
+)
+from moe2.shared import protocol as p
+from moe2.shared.errors import ConfigError
+
+DB_ENV = "MOE2_DB_URL"
+
+
+def default_url() -> str:
+    url = os.environ.get(DB_ENV)
+    if url:
+        return url
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    path = base / "moe2" / "registry.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    id: int
+    idx: int
+    app: str
+    prompt: str
+    targets: list[str]
+    answer: int
+
+
+@dataclass
+class ScoreTable:
+    """Stored scores of a dataset as arrays, in the experts' order.
+
+    ``logp[i][o]`` is a (experts, tokens) float64 array of target-token log-probabilities of
+    option ``o`` of sample ``i`` (token counts are ragged across samples and options; across
+    vocabularies each expert has its own count, padded with NaN to the longest).
+    """
+
+    experts: list[str]
+    samples: list[SampleRow]
+    logp: list[list[np.ndarray]]
+
+
+class Registry:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str | None = None, *, upgrade: bool = True) -> Registry:
+        engine = _engine(url or default_url())
+        if upgrade:
+            migrations.migrate(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # ------------------------------------------------------------------ agents
+
+    def upsert_agent_info(self, info: p.AgentInfo) -> None:
+        with self.session() as s:
+            row = s.get(Agent, info.agent_id) or Agent(id=info.agent_id)
+            row.model = info.model
+            row.model_sha256 = info.model_sha256
+            row.architecture = info.architecture
+            row.tokenizer_hash = info.tokenizer_hash
+            row.n_vocab = info.n_vocab
+            row.device_class = info.device_class
+            row.info_json = info.model_dump_json()
+            row.last_seen = time.time()
+            s.add(row)
+            s.commit()
+
+    def set_agent_state(self, agent_id: str, state: str) -> None:
+        with self.session() as s:
+            row = s.get(Agent, agent_id) or Agent(id=agent_id)
+            row.state = state
+            row.last_seen = time.time()
+            s.add(row)
+            s.commit()
+
+    def set_agent_profile(self, profile: p.AgentProfile) -> None:
+        with self.session() as s:
+            row = s.get(Agent, profile.agent_id) or Agent(id=profile.agent_id)
+            row.profile_json = profile.model_dump_json()
+            s.add(row)
+            s.commit()
+
+    def agents(self) -> list[Agent]:
+        with self.session() as s:
+            return list(s.exec(select(Agent).order_by(Agent.id)).scalars())  # type: ignore[call-overload]
+
+    def agent_info(self, agent_id: str) -> p.AgentInfo | None:
+        with self.session() as s:
+            row = s.get(Agent, agent_id)
+        if row is None or row.info_json is None:
+            return None
+        return p.AgentInfo.model_validate_json(row.info_json)
+
+    # ------------------------------------------------------------------ datasets
+
+    def add_dataset(
+        self,
+        name: str,
+        kind: str,
+        source: str,
+        samples: Sequence[Any],
+        description: str | None = None,
+    ) -> Dataset:
+        """Store a dataset once; adding the same name again returns the stored one when it
+        has the same samples, and refuses when they differ."""
+        with self.session() as s:
+            old = s.exec(select(Dataset).where(Dataset.name == name)).scalars().first()  # type: ignore[call-overload]
+            if old is not None:
+                if old.n_samples != len(samples) or old.kind != kind:
+                    raise ConfigError(
+                        f"dataset {name!r} already exists with {old.n_samples} {old.kind} "
+                        f"samples; pick another name"
+                    )
+                return old
+            ds = Dataset(
+                name=name,
+                kind=kind,
+                source=source,
+                n_samples=len(samples),
+                description=description,
+            )
+            s.add(ds)
+            s.flush()
+            rows = [
+                {
+                    "dataset_id": ds.id,
+                    "idx": i,
+                    "app": smp.app,
+                    "prompt": smp.prompt,
+                    "targets_json": json.dumps(list(smp.targets)),
+                    "answer": smp.answer,
+                }
+                for i, smp in enumerate(samples)
+            ]
+            if rows:
+                s.execute(insert(Sample.__table__), rows)  # type: ignore[attr-defined]
+            s.commit()
+            return ds
+
+    def dataset(self, name: str) -> Dataset:
+        with self.session() as s:
+            ds = s.exec(select(Dataset).where(Dataset.name == name)).scalars().first()  # type: ignore[call-overload]
+            if ds is None:
+                names = [d.name for d in s.exec(select(Dataset)).scalars()]  # type: ignore[call-overload]
+                raise ConfigError(
+                    f"no dataset {name!r} in the registry; known: {', '.join(names) or 'none'}"
+                )
+            return ds
+
+    def datasets(self) -> list[Dataset]:
+        with self.session() as s:
+            return list(s.exec(select(Dataset).order_by(Dataset.id)).scalars())  # type: ignore[call-overload]
+
+    def samples(self, dataset: str) -> list[SampleRow]:
+        ds = self.dataset(dataset)
+        with self.session() as s:
+            rows = s.execute(
+                select(Sample).where(Sample.dataset_id == ds.id).order_by(Sample.idx)  # type: ignore[arg-type]
+            ).scalars()
+            return [
+                SampleRow(r.id, r.idx, r.app, r.prompt, json.loads(r.targets_json), r.answer)  # type: ignore[arg-type]
+                for r in rows
+            ]
+
+    # ------------------------------------------------------------------ scores
+
+    def scored(self, dataset: str, expert: str) -> set[tuple[int, int]]:
+        """(sample id, option) pairs already scored by ``expert``."""
+        ds = self.dataset(dataset)
+        with self.session() as s:
+            q = (
+                select(Score.sample_id, Score.option)
+                .join(Sample, Sample.id == Score.sample_id)  # type: ignore[arg-type]
+                .where(Sample.dataset_id == ds.id, Score.expert == expert)
+            )
+            return {(int(a), int(b)) for a, b in s.execute(q)}
+
+    def add_scores(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Insert score rows (keys as in ``Score``); all-or-nothing per call."""
+        batch = [
+            {
+                "sample_id": r["sample_id"],
+                "expert": r["expert"],
+                "option": r["option"],
+                "tokenizer_hash": r["tokenizer_hash"],
+                "tokens_json": json.dumps(list(r["tokens"])),
+                "logprobs_json": json.dumps([float(x) for x in r["logprobs"]]),
+                "compute_ms": float(r.get("compute_ms", 0.0)),
+                "created_at": time.time(),
+            }
+            for r in rows
+        ]
+        if not batch:
+            return 0
+        with self.session() as s:
+            s.execute(insert(Score.__table__), batch)  # type: ignore[attr-defined]
+            s.commit()
+        return len(batch)
+
+    def score_count(self, dataset: str) -> dict[str, int]:
+        ds = self.dataset(dataset)
+        with self.session() as s:
+            q = (
+                select(Score.expert, Score.sample_id, Score.option)
+                .join(Sample, Sample.id == Score.sample_id)  # type: ignore[arg-type]
+                .where(Sample.dataset_id == ds.id)
+            )
+            out: dict[str, int] = {}
+            for expert, _, _ in s.execute(q):
+                out[expert] = out.get(expert, 0) + 1
+            return out
+
+    def score_table(self, dataset: str, experts: Sequence[str] | None = None) -> ScoreTable:
+        """Arrays of the scores of ``experts`` (default: every expert that scored every
+        target of the dataset); samples missing a score of one of them are left out."""
+        samples = self.samples(dataset)
+        ds = self.dataset(dataset)
+        with self.session() as s:
+            q = (
+                select(Score.sample_id, Score.expert, Score.option, Score.logprobs_json)
+                .join(Sample, Sample.id == Score.sample_id)  # type: ignore[arg-type]
+                .where(Sample.dataset_id == ds.id)
+            )
+            got: dict[tuple[int, str, int], list[float]] = {
+                (int(sid), e, int(o)): json.loads(lp) for sid, e, o, lp in s.execute(q)
+            }
+        needed = sum(len(smp.targets) for smp in samples)
+        if experts is None:
+            counts: dict[str, int] = {}
+            for _, e, _ in got:
+                counts[e] = counts.get(e, 0) + 1
+            experts = sorted(e for e, c in counts.items() if c == needed)
+        experts = list(experts)
+        kept: list[SampleRow] = []
+        logp: list[list[np.ndarray]] = []
+        for smp in samples:
+            per_option: list[np.ndarray] = []
+            for o in range(len(smp.targets)):
+                rows = [got.get((smp.id, e, o)) for e in experts]
+                if any(r is None for r in rows):
+                    break
+                width = max(len(r) for r in rows)  # type: ignore[arg-type]
+                arr = np.full((len(experts), width), np.nan)
+                for j, r in enumerate(rows):
+                    arr[j, : len(r)] = r  # type: ignore[arg-type]
+                per_option.append(arr)
+            else:
+                kept.append(smp)
+                logp.append(per_option)
+        return ScoreTable(experts, kept, logp)
+
+    # ------------------------------------------------------------------ embeddings
+
+    def cached_embeddings(self, model: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        with self.session() as s:
+            for i in range(0, len(keys), 500):
+                part = list(keys[i : i + 500])
+                q = select(EmbeddingCache.text_sha256, EmbeddingCache.vector).where(
+                    EmbeddingCache.model == model,
+                    EmbeddingCache.text_sha256.in_(part),  # type: ignore[attr-defined]
+                )
+                for k, v in s.execute(q):
+                    out[k] = np.frombuffer(v, dtype="<f4").copy()
+        return out
+
+    def cache_embeddings(self, model: str, vectors: dict[str, np.ndarray]) -> None:
+        rows = [
+            {"model": model, "text_sha256": k, "vector": np.asarray(v, "<f4").tobytes()}
+            for k, v in vectors.items()
+        ]
+        if rows:
+            with self.session() as s:
+                s.execute(insert(EmbeddingCache.__table__), rows)  # type: ignore[attr-defined]
+                s.commit()
+
+    # ------------------------------------------------------------------ gates
+
+    def add_gate_version(self, gate: GateVersion) -> None:
+        with self.session() as s:
+            s.add(gate)
+            s.commit()
+
+    def gate_version(self, version: str | None = None) -> GateVersion:
+        with self.session() as s:
+            if version is None:
+                row = (
+                    s.execute(select(GateVersion).order_by(GateVersion.created_at.desc()))  # type: ignore[attr-defined]
+                    .scalars()
+                    .first()
+                )
+                if row is None:
+                    raise ConfigError("no gate trained yet: run `moe2ctl train` first")
+                return row
+            row = s.get(GateVersion, version)
+            if row is None:
+                raise ConfigError(f"no gate version {version!r} in the registry")
+            return row
+
+    def update_gate(self, version: str, **fields: Any) -> None:
+        with self.session() as s:
+            row = s.get(GateVersion, version)
+            if row is None:
+                raise ConfigError(f"no gate version {version!r} in the registry")
+            for k, v in fields.items():
+                setattr(row, k, v)
+            s.add(row)
+            s.commit()
+
+    def record_gate_ack(self, ack: p.GateAck) -> None:
+        with self.session() as s:
+            row = s.get(GateAckRow, (ack.gateway, ack.version)) or GateAckRow(
+                gateway=ack.gateway, version=ack.version, sha256=ack.sha256, state=ack.state
+            )
+            row.sha256, row.state, row.reason = ack.sha256, ack.state, ack.reason
+            row.received_at = time.time()
+            s.add(row)
+            s.commit()
+
+    def gate_acks(self, version: str) -> list[GateAckRow]:
+        with self.session() as s:
+            q = select(GateAckRow).where(GateAckRow.version == version)
+            return list(s.execute(q).scalars())
+
+    # ------------------------------------------------------------------ assignments
+
+    def next_assignment_version(self, app: str) -> int:
+        with self.session() as s:
+            q = select(Assignment.version).where(Assignment.app == app)
+            versions = [int(v) for (v,) in s.execute(q)]
+        return max(versions, default=0) + 1
+
+    def add_assignment(self, a: p.AppAssignment) -> None:
+        with self.session() as s:
+            s.add(
+                Assignment(
+                    app=a.app,
+                    version=a.version,
+                    subset_json=json.dumps(list(a.subset)),
+                    k=a.k,
+                    gate_version=a.gate.version if a.gate else None,
+                    gate_sha256=a.gate.sha256 if a.gate else None,
+                )
+            )
+            s.commit()
+
+    def record_assignment_ack(self, ack: p.AssignmentAck) -> None:
+        with self.session() as s:
+            key = (ack.gateway, ack.app, ack.version)
+            row = s.get(AssignmentAckRow, key) or AssignmentAckRow(
+                gateway=ack.gateway, app=ack.app, version=ack.version, accepted=ack.accepted
+            )
+            row.accepted, row.reason, row.received_at = ack.accepted, ack.reason, time.time()
+            s.add(row)
+            s.commit()
+
+    def assignment_acks(self, app: str) -> list[AssignmentAckRow]:
+        with self.session() as s:
+            q = select(AssignmentAckRow).where(AssignmentAckRow.app == app)
+            return list(s.execute(q).scalars())
+
+    # ------------------------------------------------------------------ optimisation
+
+    def add_optimisation_run(
+        self, result: dict[str, Any], gate_version: str | None, problem_path: str | None
+    ) -> int:
+        with self.session() as s:
+            row = OptimisationRun(
+                gate_version=gate_version, problem_path=problem_path, result_json=json.dumps(result)
+            )
+            s.add(row)
+            s.commit()
+            return int(row.id)  # type: ignore[arg-type]

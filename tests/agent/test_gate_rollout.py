@@ -1,0 +1,128 @@
+"""A gate trained on collected scores is pushed over MQTT; the gateway verifies it, loads it
+with ONNX Runtime, acknowledges it and routes with it; a mismatched gate is never used."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moe2.agent.gateway.onnxgate import OnnxGate
+from moe2.controller import datasets as ds
+from moe2.controller.collect import collect
+from moe2.controller.gate.cli import export_gate, train_gate
+from moe2.controller.gate.config import TrainConfig
+from moe2.controller.gate.export import gate_files
+from moe2.controller.gate.push import push
+from moe2.controller.localfleet import LocalFleet
+from moe2.controller.registry import Registry
+from moe2.controller.registry.sync import online_experts, sync_once
+from moe2.shared import protocol as p
+from moe2.shared.client import PromptClient
+from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient
+
+FAST = TrainConfig(batch_size=16, accumulation=1, eval_every=10, early_stop=15, max_epochs=40)
+
+
+def weights(client: PromptClient, app: str, prompt: str) -> dict[str, float]:
+    answer = client.ask(app, prompt, max_tokens=3)
+    return {e.id: e.weight for e in answer.experts}
+
+
+def wait_ack(broker: BrokerConfig, gateway: str, version: str, timeout: float) -> p.GateAck:
+    got: list[p.GateAck] = []
+    ev = threading.Event()
+
+    def on(msg: Any) -> None:
+        if msg.payload:
+            got.append(p.decode_message(p.GateAck, msg.payload))
+            ev.set()
+
+    conn = Connection(broker, f"ackwatch-{uuid.uuid4().hex[:6]}")
+    conn.subscribe(p.topics.gate_ack(gateway, version), on)
+    with conn:
+        assert ev.wait(timeout), f"no gate ack from {gateway} for {version}"
+    return got[-1]
+
+
+def test_gateway_receives_verifies_and_uses_a_pushed_gate(
+    broker_config: BrokerConfig, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path / "data"))
+    tag = uuid.uuid4().hex[:6]
+    a, c, gw = f"ani-{tag}", f"coo-{tag}", f"gw-{tag}"
+    app, other = f"zoo-{tag}", f"zoo2-{tag}"
+    with LocalFleet(broker_config, tmp_path / "fleet") as fleet:
+        flags = ("--n-threads", "1", "--broker-keepalive", "2")
+        fleet.start(a, tiny_models["animals"], *flags)
+        fleet.start(c, tiny_models["cooking"], *flags)
+        fleet.start(
+            gw,
+            tiny_models["code"],
+            *flags,
+            "--serve-app",
+            f"{app}={a},{c}:2",
+            "--serve-app",
+            f"{other}={a},{c}:2",
+        )
+        fleet.wait_online([a, c, gw], 60)
+
+        # Collect over MQTT, train, export.
+        reg = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+        reg.add_dataset("t", "free-answer", "tiny", ds.tiny_domains(["animals", "cooking"], 40, 1))
+        sync_once(reg, broker_config)
+        online = {k: v for k, v in online_experts(reg).items() if k in (a, c)}
+        with RpcClient(broker_config, timeout=30) as rpc:
+            assert collect(reg, rpc, "t", online).complete
+        row, _ = train_gate(reg, "t", [a, c], FAST, version=f"g-{tag}")
+        manifest, diff = export_gate(reg, row.version, [s.prompt for s in reg.samples("t")][:4])
+        assert diff <= 1e-5
+        files = gate_files(Path(row.artefact_dir))
+        ref = p.GateRef(version=manifest.version, sha256=p.gate_digest(manifest))
+
+        cooking, animals = "bake the cake for", "the young fox eats"
+        with PromptClient(broker_config) as client:
+            before = weights(client, app, cooking)
+            assert before == pytest.approx({a: 0.5, c: 0.5})  # uniform until a gate arrives
+
+            acks = push(
+                broker_config,
+                manifest,
+                files,
+                [p.AppAssignment(app=app, version=1, subset=[a, c], k=2, gate=ref)],
+                wait_s=60,
+            )
+            assert acks[gw].state == "loaded" and acks[gw].sha256 == ref.sha256
+            assert app in acks[gw].apps and "CPUExecutionProvider" in acks[gw].providers
+            local = OnnxGate(manifest, {k: f.read_bytes() for k, f in files.items()})
+            for prompt, home in ((cooking, c), (animals, a)):
+                g = local.values(prompt, [a, c])
+                want = {a: g[0] / g.sum(), c: g[1] / g.sum()}
+                got = weights(client, app, prompt)
+                assert got == pytest.approx(want, abs=1e-6)  # the pushed gate's values
+                assert got[home] > 0.6  # routed to the expert of the prompt's domain
+
+            # A reference that does not match the manifest: rejected, never used.
+            bad = p.GateManifest(**(manifest.model_dump() | {"version": f"bad-{tag}"}))
+            push(
+                broker_config,
+                bad,
+                files,
+                [
+                    p.AppAssignment(
+                        app=other,
+                        version=1,
+                        subset=[a, c],
+                        k=2,
+                        gate=p.GateRef(version=bad.version, sha256="0" * 64),
+                    )
+                ],
+            )
+            ack = wait_ack(broker_config, gw, bad.version, 30)
+            assert ack.state == "rejected" and "does not match" in (ack.reason or "")
+            assert weights(client, other, cooking) == pytest.approx({a: 0.5, c: 0.5})
+            assert weights(client, app, cooking)[c] > 0.6  # the good gate still serves
+        reg.close()
