@@ -3,6 +3,7 @@
     moe2ctl optimize --problem problem.json --json
     moe2ctl optimize --problem problem.json --solver greedy
     moe2ctl optimize --problem big.json --epsilon 0.01 --time-limit 60
+    moe2ctl optimize --dataset tiny --app qa=0.05 --energy 2.0 --k 2 --push
 
 Exit status: 0 solved, 1 failed (e.g. brute force on too many experts), 2 bad flags or a bad
 problem file, 3 infeasible (the reason names the limit that cannot be met).
@@ -12,13 +13,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import click
 
 from moe2.controller.optimize.problem import Problem
 from moe2.controller.optimize.solution import Infeasible, Solution
 from moe2.controller.optimize.solvers import DEFAULT_SOLVER, SOLVERS, solve
-from moe2.controller.options import EXIT_INFEASIBLE, emit, json_option
+from moe2.controller.options import (
+    EXIT_INFEASIBLE,
+    broker_from_flags,
+    broker_options,
+    emit,
+    json_option,
+)
 from moe2.shared.errors import ConfigError
 
 
@@ -76,6 +84,12 @@ def report(result: Solution | Infeasible, problem: Problem, as_json: bool) -> No
         raise click.exceptions.Exit(EXIT_INFEASIBLE)
 
 
+def db_option(fn: Any) -> Any:
+    return click.option(
+        "--db", "db_url", default=None, help="Registry URL [default: $MOE2_DB_URL or SQLite]"
+    )(fn)
+
+
 @click.command("optimize")
 @click.option(
     "--problem",
@@ -104,20 +118,113 @@ def report(result: Solution | Infeasible, problem: Problem, as_json: bool) -> No
     default=None,
     help="Stop after this many seconds with the best subset found and its proven gap.",
 )
+@click.option(
+    "--dataset", default=None, help="Registry path: the scored dataset that defines the objective."
+)
+@click.option(
+    "--app",
+    "app_limits",
+    multiple=True,
+    metavar="NAME=SECONDS",
+    help="Registry path: expected delay limit of an application (repeatable).",
+)
+@click.option(
+    "--energy",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Registry path: energy budget, joules per prompt on average.",
+)
+@click.option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Registry path: experts fused per prompt, pushed with the subset.",
+)
+@click.option(
+    "--gate",
+    "gate_version",
+    default=None,
+    help="Gate version for the weights [default: the newest; 'uniform' for none].",
+)
+@click.option(
+    "--gate-delay",
+    type=click.FloatRange(min=0.0),
+    default=0.004,
+    show_default=True,
+    help="Seconds the gate adds to every prompt.",
+)
+@click.option("--push", is_flag=True, help="Publish the chosen subset to the gateways.")
+@db_option
+@broker_options
 @json_option
 def optimize(
     problem_path: Path | None,
     solver: str,
     epsilon: float | None,
     time_limit: float | None,
+    dataset: str | None,
+    app_limits: tuple[str, ...],
+    energy: float | None,
+    k: int,
+    gate_version: str | None,
+    gate_delay: float,
+    push: bool,
+    db_url: str | None,
     as_json: bool,
+    **kwargs: Any,
 ) -> None:
-    """Choose the experts that serve, under every delay and energy limit (SMO)."""
-    if problem_path is None:
-        raise click.UsageError("give the problem to solve: --problem FILE")
-    try:
-        problem = Problem.from_file(problem_path)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message, param_hint="'--problem'") from None
-    result = solve(problem, solver=solver, epsilon=epsilon, time_limit=time_limit)
+    """Choose the experts that serve, under every delay and energy limit (SMO).
+
+    Offline: --problem FILE. From the registry: --dataset D --app qa=2.0 --energy 20 [--push];
+    the problem is also written to a file, so the run can be replayed with --problem."""
+    if problem_path is None and dataset is None:
+        raise click.UsageError(
+            "give the problem: --problem FILE, or --dataset NAME (with --app/--energy limits)"
+        )
+    if problem_path is not None:
+        if dataset or app_limits or energy is not None or push:
+            raise click.UsageError("--problem is offline: drop --dataset/--app/--energy/--push")
+        try:
+            problem = Problem.from_file(problem_path)
+        except ConfigError as exc:
+            raise click.BadParameter(exc.message, param_hint="'--problem'") from None
+        result = solve(problem, solver=solver, epsilon=epsilon, time_limit=time_limit)
+        report(result, problem, as_json)
+        return
+    from moe2.controller.optimize.registryrun import run_from_registry
+
+    limits = _parse_limits(app_limits)
+    broker = broker_from_flags(kwargs)
+    problem, result = run_from_registry(
+        db_url,
+        broker,
+        dataset or "",
+        limits,
+        energy,
+        k=k,
+        gate_version=gate_version,
+        gate_delay=gate_delay,
+        solver=solver,
+        epsilon=epsilon,
+        time_limit=time_limit,
+        push=push,
+        echo=None if as_json else (lambda line: click.echo(line, err=True)),
+    )
     report(result, problem, as_json)
+
+
+def _parse_limits(specs: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not sep or not name or seconds <= 0:
+            raise click.BadParameter(
+                f"{spec!r}: expected NAME=SECONDS with SECONDS > 0, e.g. qa=2.0", param_hint="--app"
+            )
+        out[name] = seconds
+    return out
