@@ -150,3 +150,15 @@ def test_sync_stores_agents_from_retained_messages(
         finally:
             for t in (p.topics.agent_info(agent_id), p.topics.agent_status(agent_id)):
                 conn.publish(t, b"", retain=True).wait_for_publish(5)
+
+
+def test_packaged_benchmarks_load_with_their_labels(registry: Registry) -> None:
+    mmlu = ds.from_benchmark("mmlu")
+    assert len(mmlu) == 14042 and len({s.app for s in mmlu}) == 57
+    for name in ("arc-easy", "arc-challenge", "sciq"):
+        samples = ds.from_benchmark(name, limit=20, seed=3)
+        assert len(samples) == 20
+        assert all(len(s.targets) >= 2 and 0 <= s.answer < len(s.targets) for s in samples)
+    sub = ds.from_benchmark("mmlu", limit=30, seed=1)
+    row = registry.add_dataset("mmlu30", ds.kind_of(sub), "benchmark:mmlu", sub)
+    assert row.n_samples == 30 and row.kind == "multiple-choice"

