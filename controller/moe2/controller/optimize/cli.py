@@ -27,6 +27,7 @@ from moe2.controller.options import (
     emit,
     json_option,
 )
+from moe2.controller.registry.cli import db_option
 from moe2.shared.errors import ConfigError
 
 
@@ -82,12 +83,6 @@ def report(result: Solution | Infeasible, problem: Problem, as_json: bool) -> No
     emit(result.to_json(), as_json, lambda _: render(result, problem))
     if isinstance(result, Infeasible):
         raise click.exceptions.Exit(EXIT_INFEASIBLE)
-
-
-def db_option(fn: Any) -> Any:
-    return click.option(
-        "--db", "db_url", default=None, help="Registry URL [default: $MOE2_DB_URL or SQLite]"
-    )(fn)
 
 
 @click.command("optimize")
