@@ -194,11 +194,16 @@ class TegrastatsMeter(SampledMeter):
                 self._error = "a line without power rails"
                 continue
             watts, self._rails = total
+            self._last_watts = watts
             self.trace.add(self.clock(), watts)
             self._first.set()
 
     def read_watts(self) -> float:
-        raise NotImplementedError  # samples come from the reader thread, not from polling
+        # tegrastats pushes samples to the reader thread; the latest one is the reading.
+        watts = getattr(self, "_last_watts", None)
+        if watts is None:
+            raise MeterError("tegrastats has not printed a power sample yet")
+        return float(watts)
 
     def start(self) -> None:
         if not self.available():
