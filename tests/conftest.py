@@ -3,22 +3,20 @@ real ``moe2-agent`` processes that the tests start and stop."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from moe2.shared import protocol as p
 from moe2.shared.broker import Broker, MosquittoBroker, start_broker
+from moe2.shared.errors import Moe2Error
 from moe2.shared.mqtt import BrokerConfig, Connection
 
 TINY_DOMAINS = ("animals", "code", "cooking", "arithmetic")
@@ -92,64 +90,39 @@ class AgentProcess:
     agent_id: str
     proc: subprocess.Popen[bytes]
     log_path: Path
-    args: list[str] = field(default_factory=list)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
 
 @pytest.fixture
-def start_agent(
-    broker_config: BrokerConfig, tmp_path: Path, status_watcher: StatusWatcher
-) -> Iterator[object]:
-    """``start_agent(model_path, agent_id, *extra_flags)`` -> a running AgentProcess."""
-    started: list[AgentProcess] = []
+def start_agent(broker_config: BrokerConfig, tmp_path: Path) -> Iterator[object]:
+    """``start_agent(model_path, agent_id, *extra_flags)`` -> a running AgentProcess; every
+    agent is stopped when the test ends."""
+    from moe2.controller.localfleet import LocalFleet
 
-    def _start(model: Path, agent_id: str, *extra: str, timeout: float = 60.0) -> AgentProcess:
-        log_path = tmp_path / f"{agent_id}.log"
-        args = [
-            sys.executable,
-            "-m",
-            "moe2.agent",
-            "--model",
-            str(model),
-            "--id",
-            agent_id,
-            "--broker-host",
-            broker_config.host,
-            "--broker-port",
-            str(broker_config.port),
-            "--broker-keepalive",
-            str(broker_config.keepalive),
-            "--n-threads",
-            "1",
-            *extra,
-        ]
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        agent = AgentProcess(agent_id, proc, log_path, args)
-        started.append(agent)
-        try:
-            status_watcher.wait_for(agent_id, "online", timeout)
-        except AssertionError:
-            agent.stop()
-            raise AssertionError(f"agent did not come online; its log:\n{agent.log()}") from None
-        return agent
+    with LocalFleet(broker_config, tmp_path / "agents") as fleet:
 
-    yield _start
-    for a in started:
-        a.stop()
+        def _start(model: Path, agent_id: str, *extra: str, timeout: float = 60.0) -> AgentProcess:
+            proc = fleet.start(
+                agent_id,
+                model,
+                "--broker-keepalive",
+                str(broker_config.keepalive),
+                "--n-threads",
+                "1",
+                *extra,
+            )
+            try:
+                fleet.wait_online([agent_id], timeout)
+            except Moe2Error as exc:
+                raise AssertionError(
+                    f"agent did not come online ({exc.message}); its log:\n"
+                    f"{fleet.log_tail(agent_id, 4000)}"
+                ) from None
+            return AgentProcess(agent_id, proc, fleet.workdir / f"{agent_id}.log")
+
+        yield _start
 
 
 def dump(obj: object) -> str:
