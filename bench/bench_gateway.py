@@ -22,7 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-from moe2.agent.gateway.generation import Generation, GenerationSettings
+from moe2.agent.gateway.config import GatewayConfig
+from moe2.agent.gateway.generation import Generation
+from moe2.agent.gateway.vocab import VocabCache
 from moe2.controller.experts.domains import corpus
 from moe2.controller.experts.tiny import build_experts
 from moe2.controller.localfleet import LocalFleet
@@ -68,11 +70,14 @@ def fused_token_ms(
     intervals: list[float] = []
     for text in texts:
         stamps: list[float] = []
+        infos = fleet.info
+        cache = VocabCache(rpc)
         gen = Generation(
             rpc,
-            fleet.info,
-            {e: 1.0 for e in experts},
-            GenerationSettings(),
+            infos,
+            {e: cache.get(e, infos[e]) for e in experts},
+            dict.fromkeys(experts, 1.0),
+            GatewayConfig(),
             on_step=lambda i, f, s=stamps: s.append(time.perf_counter()),
         )
         gen.run(text, max_tokens=32)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from moe2.shared import protocol as p
 from moe2.shared.broker import Broker, MosquittoBroker, start_broker
 from moe2.shared.errors import Moe2Error
+from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection
 
 TINY_DOMAINS = ("animals", "code", "cooking", "arithmetic")
@@ -48,30 +47,24 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 class StatusWatcher:
-    """Collects the retained status of every agent."""
+    """Follows every agent's retained status through a fleet view."""
 
     def __init__(self, cfg: BrokerConfig) -> None:
-        self.states: dict[str, str] = {}
-        self._cond = threading.Condition()
         self.conn = Connection(cfg, f"watch-{os.getpid()}-{id(self)}")
-        self.conn.subscribe(p.topics.ALL_AGENT_STATUS, self._on)
+        self.view = FleetView(self.conn, ("status",))
         self.conn.start()
-
-    def _on(self, msg: object) -> None:
-        st = p.decode_message(p.AgentStatus, msg.payload)  # type: ignore[attr-defined]
-        with self._cond:
-            self.states[st.agent_id] = st.state
-            self._cond.notify_all()
 
     def wait_for(self, agent_id: str, state: str, timeout: float) -> float:
         """Seconds it took to see ``state``; fails the test after ``timeout``."""
         t0 = time.monotonic()
-        with self._cond:
-            ok = self._cond.wait_for(lambda: self.states.get(agent_id) == state, timeout)
-        if not ok:
-            raise AssertionError(
-                f"agent {agent_id} not {state} within {timeout} s (is {self.states.get(agent_id)})"
-            )
+
+        def seen(s: FleetState) -> bool:
+            st = s.status.get(agent_id)
+            return st is not None and st.state == state
+
+        if not self.view.wait(seen, timeout):
+            now = self.view.copy().status.get(agent_id)
+            raise AssertionError(f"agent {agent_id} not {state} within {timeout} s (is {now})")
         return time.monotonic() - t0
 
     def close(self) -> None:

@@ -3,25 +3,28 @@ with ONNX Runtime, acknowledges it and routes with it; a mismatched gate is neve
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from moe2.agent.gateway.onnxgate import OnnxGate
 from moe2.controller import datasets as ds
+from moe2.controller.cli import main as moe2ctl
 from moe2.controller.collect import collect
 from moe2.controller.gate.cli import export_gate, train_gate
 from moe2.controller.gate.config import TrainConfig
 from moe2.controller.gate.export import gate_files
-from moe2.controller.gate.push import push
 from moe2.controller.localfleet import LocalFleet
 from moe2.controller.registry import Registry
 from moe2.controller.registry.sync import online_experts, sync_once
 from moe2.shared import protocol as p
 from moe2.shared.client import PromptClient
+from moe2.shared.desired import DesiredState
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient
 
 FAST = TrainConfig(batch_size=16, accumulation=1, eval_every=10, early_stop=15, max_epochs=40)
@@ -51,7 +54,8 @@ def wait_ack(broker: BrokerConfig, gateway: str, version: str, timeout: float) -
 def test_gateway_receives_verifies_and_uses_a_pushed_gate(
     broker_config: BrokerConfig, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: Any
 ) -> None:
-    monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path / "data"))  # for the moe2ctl calls
+    gates_dir = tmp_path / "data" / "gates"
     tag = uuid.uuid4().hex[:6]
     a, c, gw = f"ani-{tag}", f"coo-{tag}", f"gw-{tag}"
     app, other = f"zoo-{tag}", f"zoo2-{tag}"
@@ -77,10 +81,12 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
         online = {k: v for k, v in online_experts(reg).items() if k in (a, c)}
         with RpcClient(broker_config, timeout=30) as rpc:
             assert collect(reg, rpc, "t", online).complete
-        row, _ = train_gate(reg, "t", [a, c], FAST, version=f"g-{tag}")
-        manifest, diff = export_gate(reg, row.version, [s.prompt for s in reg.samples("t")][:4])
+        row, _ = train_gate(reg, "t", [a, c], FAST, version=f"g-{tag}", gates_dir=gates_dir)
+        prompts = [s.prompt for s in reg.samples("t")][:4]
+        manifest, diff = export_gate(reg, row.version, prompts, gates_dir=gates_dir)
         assert diff <= 1e-5
         files = gate_files(Path(row.artefact_dir))
+        blobs = {k: f.read_bytes() for k, f in files.items()}
         ref = p.GateRef(version=manifest.version, sha256=p.gate_digest(manifest))
 
         cooking, animals = "bake the cake for", "the young fox eats"
@@ -88,16 +94,13 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
             before = weights(client, app, cooking)
             assert before == pytest.approx({a: 0.5, c: 0.5})  # uniform until a gate arrives
 
-            acks = push(
-                broker_config,
-                manifest,
-                files,
-                [p.AppAssignment(app=app, version=1, subset=[a, c], k=2, gate=ref)],
-                wait_s=60,
-            )
+            with DesiredState(broker_config) as desired:
+                (result,) = desired.push_gate(manifest, blobs, [(app, [a, c], 2)], wait_s=60)
+            assert result.accepted == [gw] and not result.missing
+            acks = result.gate_acks
             assert acks[gw].state == "loaded" and acks[gw].sha256 == ref.sha256
             assert app in acks[gw].apps and "CPUExecutionProvider" in acks[gw].providers
-            local = OnnxGate(manifest, {k: f.read_bytes() for k, f in files.items()})
+            local = OnnxGate(manifest, blobs)
             for prompt, home in ((cooking, c), (animals, a)):
                 g = local.values(prompt, [a, c])
                 want = {a: g[0] / g.sum(), c: g[1] / g.sum()}
@@ -107,22 +110,31 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
 
             # A reference that does not match the manifest: rejected, never used.
             bad = p.GateManifest(**(manifest.model_dump() | {"version": f"bad-{tag}"}))
-            push(
-                broker_config,
-                bad,
-                files,
-                [
-                    p.AppAssignment(
-                        app=other,
-                        version=1,
-                        subset=[a, c],
-                        k=2,
-                        gate=p.GateRef(version=bad.version, sha256="0" * 64),
-                    )
-                ],
-            )
+            with DesiredState(broker_config) as desired:
+                desired.publish_gate(bad, blobs)
+                wrong = p.GateRef(version=bad.version, sha256="0" * 64)
+                desired.push_assignment(other, [a, c], 2, gate=wrong, wait_s=0)
             ack = wait_ack(broker_config, gw, bad.version, 30)
             assert ack.state == "rejected" and "does not match" in (ack.reason or "")
             assert weights(client, other, cooking) == pytest.approx({a: 0.5, c: 0.5})
             assert weights(client, app, cooking)[c] > 0.6  # the good gate still serves
+
+            # push, push-gate, push from the command line: each takes effect and is acked,
+            # whatever numbered the version before (one source: what the fleet shows).
+            db = f"sqlite:///{tmp_path / 'registry.db'}"
+            cli = ["--broker-port", str(broker_config.port), "--db", db, "--json"]
+            versions = []
+            for args, experts in (
+                (["push", "--app", app, "--subset", a, "--k", "1"], {a}),
+                (["push-gate", "--app", app, "--version", row.version, "--k", "2"], {a, c}),
+                (["push", "--app", app, "--subset", c, "--k", "1"], {c}),
+            ):
+                run = CliRunner().invoke(moe2ctl, [*args, *cli])
+                assert run.exit_code == 0, run.output
+                (pushed,) = json.loads(run.output)["pushed"]
+                assert pushed["accepted"] == [gw] and not pushed["rejected"], pushed
+                versions.append(pushed["version"])
+                assert set(weights(client, app, cooking)) == experts
+            assert versions == sorted(versions) and len(set(versions)) == 3
+            assert [x.version for x in reg.assignments(app)][-3:] == versions
         reg.close()

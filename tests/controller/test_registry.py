@@ -3,6 +3,7 @@ syncing agents from retained messages."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -99,13 +100,15 @@ def test_gate_versions_assignments_and_acks(registry: Registry) -> None:
     assert registry.gate_version().sha256 == "f" * 64
     a = p.AppAssignment(
         app="zoo",
-        version=registry.next_assignment_version("zoo"),
+        version=1,
         subset=["a"],
         k=1,
         gate=p.GateRef(version="g1", sha256="f" * 64),
     )
     registry.add_assignment(a)
-    assert registry.next_assignment_version("zoo") == 2
+    registry.add_assignment(a.model_copy(update={"subset": ["a", "b"]}))  # the same version again
+    (row,) = registry.assignments("zoo")
+    assert row.version == 1 and json.loads(row.subset_json) == ["a", "b"]
     registry.record_assignment_ack(
         p.AssignmentAck(gateway="gw", app="zoo", version=1, accepted=True)
     )

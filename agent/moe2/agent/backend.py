@@ -67,14 +67,19 @@ class ModelBackend(abc.ABC):
     info: ModelInfo
 
     @abc.abstractmethod
-    def tokenize(self, text: str, *, add_bos: bool, special: bool = False) -> list[int]: ...
+    def tokenize(self, text: str | bytes, *, add_bos: bool, special: bool = False) -> list[int]:
+        """Token ids of ``text`` (bytes are taken as they are: they may end mid-character)."""
 
     @abc.abstractmethod
     def detokenize(self, tokens: Seq[int]) -> str: ...
 
     @abc.abstractmethod
+    def piece_bytes(self, token: int) -> bytes:
+        """The bytes one token adds to the output (b"" for control tokens)."""
+
     def piece(self, token: int) -> str:
-        """The text of one token (byte tokens as their UTF-8 text where decodable)."""
+        """The text of one token, for people (a partial UTF-8 byte shows as U+FFFD)."""
+        return self.piece_bytes(token).decode("utf-8", "replace")
 
     @abc.abstractmethod
     def new_sequence(self) -> Sequence: ...

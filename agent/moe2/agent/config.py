@@ -26,10 +26,12 @@ import socket
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.shared.devices import MeterName
+from moe2.shared.errors import ConfigError
 from moe2.shared.mqtt import BrokerConfig
 from moe2.shared.protocol import NAME_PATTERN, check_name
 
@@ -40,30 +42,74 @@ def _default_id() -> str:
     return safe if safe[:1].isalnum() else f"agent-{safe}"[:64]
 
 
-class ProfileConfig(BaseModel):
-    """Self-profiling: delay and energy against prompt length, published retained on
-    ``agents/<id>/profile`` (``[profile]`` in the file, ``--profile-*`` flags). The defaults
-    keep start-up short; a ``profile`` request can ask for more points and repeats."""
+class ProfilerSettings(BaseModel):
+    """How self-profiling measures: delay and energy against prompt length. The defaults
+    keep the start-up profile short; a ``profile`` request can ask for more points and
+    repeats (``ProfileRequest`` overrides a bounded subset of these fields)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    on_start: bool = Field(
-        default=True, description="profile once at start (requests wait until it is done)"
+    prompt_lengths: list[int] | None = Field(
+        default=None, description="prompt lengths to measure, tokens (default: spread by points)"
     )
     points: int = Field(
         default=4, ge=2, le=64, description="prompt lengths, spread geometrically up to n_ctx"
     )
-    repeats: int = Field(default=1, ge=1, le=100, description="measurements per prompt length")
-    decode_tokens: int = Field(
-        default=8, ge=1, le=4096, description="tokens generated after each prompt"
-    )
+    min_prompt_tokens: int = Field(default=16, ge=1, description="shortest prompt, tokens")
     # Half the context by default: the longest prompt costs most of the profile (attention),
     # and start-up should stay short; the curves extend beyond it, a request can go further.
     max_prompt_fraction: float = Field(
-        default=0.5, gt=0, le=1, description="longest prompt profiled, as a fraction of n_ctx"
+        default=0.5, gt=0, le=1, description="longest prompt as a fraction of n_ctx"
     )
+    repeats: int = Field(default=1, ge=1, le=100, description="measurements per prompt length")
+    decode_tokens: int = Field(default=8, ge=1, le=4096, description="tokens generated per run")
+    warmup: bool = Field(default=True, description="one unmeasured run first (caches, kernels)")
     idle_seconds: float = Field(
-        default=0.5, ge=0, le=60, description="seconds of idle power measured first (real meters)"
+        default=0.5, ge=0, le=60, description="seconds of idle power measured first (0: skip)"
+    )
+    max_runs_per_window: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="prompt evaluations that may share one meter window when one is too short",
+    )
+
+    @field_validator("prompt_lengths")
+    @classmethod
+    def _two_lengths(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) < 2 or min(v) < 1):
+            raise ValueError("prompt_lengths needs at least two distinct lengths >= 1 token")
+        return v
+
+    def lengths_for(self, n_ctx: int) -> list[int]:
+        """Prompt lengths to measure, leaving room for ``decode_tokens`` in the context."""
+        fits = n_ctx - self.decode_tokens - 1  # longest prompt that leaves room to decode
+        top = min(int(self.max_prompt_fraction * n_ctx), fits)
+        if self.prompt_lengths is not None:
+            too_long = [n for n in self.prompt_lengths if n > fits]
+            if too_long:
+                raise ConfigError(
+                    f"prompt lengths {too_long} leave no room for {self.decode_tokens} decoded "
+                    f"tokens in a context of {n_ctx}; expected at most {fits}"
+                )
+            return sorted(set(self.prompt_lengths))
+        low = min(self.min_prompt_tokens, top)
+        if top <= low:
+            raise ConfigError(
+                f"a context of {n_ctx} tokens leaves no prompt lengths to profile between "
+                f"{low} and {top}; lower decode_tokens or min_prompt_tokens"
+            )
+        # Geometric spread: short prompts are common, long ones show the growth with history.
+        return sorted({round(float(x)) for x in np.geomspace(low, top, self.points)})
+
+
+class ProfileConfig(ProfilerSettings):
+    """Self-profiling of the agent, published retained on ``agents/<id>/profile``
+    (``[profile]`` in the file, ``--profile-*`` flags): how to measure, plus when and with
+    which meter."""
+
+    on_start: bool = Field(
+        default=True, description="profile once at start (requests wait until it is done)"
     )
     meter: MeterName | None = Field(
         default=None,

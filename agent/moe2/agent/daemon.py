@@ -25,11 +25,11 @@ from moe2.agent import __version__
 from moe2.agent.backend import ModelBackend
 from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.service import Gateway
-from moe2.agent.profiler import ProfilerSettings, SelfProfiler, current_power_mode
+from moe2.agent.profiler import SelfProfiler, current_power_mode
 from moe2.agent.service import AgentService
 from moe2.shared import protocol as p
 from moe2.shared.devices import resolve_device_class
-from moe2.shared.errors import Busy, Moe2Error, ProtocolError
+from moe2.shared.errors import Busy, InternalError, Moe2Error, ProtocolError
 from moe2.shared.files import sha256_file
 from moe2.shared.mqtt import Connection, reply_properties
 
@@ -101,18 +101,11 @@ class Agent:
         device, how = resolve_device_class(self.config.device_class)
         mode = cfg.power_mode or current_power_mode(device)
         log.info("device class %s, %s; power mode %s", device.device_class, how, mode or "unknown")
-        settings = ProfilerSettings(
-            points=cfg.points,
-            repeats=cfg.repeats,
-            decode_tokens=cfg.decode_tokens,
-            max_prompt_fraction=cfg.max_prompt_fraction,
-            idle_seconds=cfg.idle_seconds,
-        )
         return SelfProfiler(
             self.backend,
             device,
             mode,
-            settings,
+            cfg,
             agent_id=self.config.id,
             meter=cfg.meter,
             cancelled=lambda: self._stopped.is_set(),  # stopping: abandon between measurements
@@ -249,7 +242,8 @@ class Agent:
                 reply = p.error_reply(exc.code, exc.message, job.request.op)
             except Exception as exc:  # a bug must cost one request, not the agent
                 log.exception("request %s failed", job.request.op)
-                reply = p.error_reply("internal", f"{type(exc).__name__}: {exc}", job.request.op)
+                err = InternalError(f"{type(exc).__name__}: {exc}")
+                reply = p.error_reply(err.code, err.message, job.request.op)
             if isinstance(job.request, p.ProfileRequest):
                 reply = self._after_profile(job, reply)
             if job.response_topic is None:

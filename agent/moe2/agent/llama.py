@@ -114,8 +114,8 @@ class LlamaCppBackend(ModelBackend):
 
     # ------------------------------------------------------------------ tokens
 
-    def tokenize(self, text: str, *, add_bos: bool, special: bool = False) -> list[int]:
-        data = text.encode("utf-8")
+    def tokenize(self, text: str | bytes, *, add_bos: bool, special: bool = False) -> list[int]:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         n_max = len(data) + 8
         buf = (llama_cpp.llama_token * n_max)()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
@@ -146,11 +146,14 @@ class LlamaCppBackend(ModelBackend):
                 return buf.raw[:got].decode("utf-8", "replace")
             size = -got + 1
 
-    def piece(self, token: int) -> str:
+    def piece_bytes(self, token: int) -> bytes:
         self._check_tokens([token])
         buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+        if n < 0:  # longer than the buffer: -n is the size needed
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
 
     # ------------------------------------------------------------------ sequences
 

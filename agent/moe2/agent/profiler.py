@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from moe2.agent.backend import ModelBackend, ModelInfo
+from moe2.agent.config import ProfilerSettings
 from moe2.agent.meters import choose_meter
 from moe2.agent.meters.base import Meter, MeterError
 from moe2.agent.meters.nvml import nvml_power_limit_w
@@ -42,7 +43,7 @@ from moe2.shared.costmodel import (
     fit_curve,
 )
 from moe2.shared.devices import DeviceClass, jetson_power_mode
-from moe2.shared.errors import ConfigError, ModelError, Moe2Error
+from moe2.shared.errors import Cancelled, ConfigError, ModelError
 from moe2.shared.protocol.base import describe_error
 from moe2.shared.protocol.profiles import AgentProfile, MeterSource, ProfilePoint
 
@@ -53,63 +54,8 @@ FILLER_TEXT = (
 )
 
 
-class ProfilerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    prompt_lengths: list[int] | None = Field(
-        default=None, description="prompt lengths to measure, tokens (default: spread by points)"
-    )
-    points: int = Field(default=6, ge=2, le=64, description="prompt lengths when not given")
-    min_prompt_tokens: int = Field(default=16, ge=1, description="shortest prompt, tokens")
-    max_prompt_fraction: float = Field(
-        default=0.9, gt=0, le=1, description="longest prompt as a fraction of n_ctx"
-    )
-    repeats: int = Field(default=3, ge=1, le=100, description="measurements per prompt length")
-    decode_tokens: int = Field(default=16, ge=1, le=4096, description="tokens generated per run")
-    warmup: bool = Field(default=True, description="one unmeasured run first (caches, kernels)")
-    idle_seconds: float = Field(
-        default=1.0, ge=0, le=60, description="seconds of idle power measured first (0: skip)"
-    )
-    max_runs_per_window: int = Field(
-        default=64,
-        ge=1,
-        le=10_000,
-        description="prompt evaluations that may share one meter window when one is too short",
-    )
-
-    @field_validator("prompt_lengths")
-    @classmethod
-    def _two_lengths(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(set(v)) < 2 or min(v) < 1):
-            raise ValueError("prompt_lengths needs at least two distinct lengths >= 1 token")
-        return v
-
-    def lengths_for(self, n_ctx: int) -> list[int]:
-        """Prompt lengths to measure, leaving room for ``decode_tokens`` in the context."""
-        fits = n_ctx - self.decode_tokens - 1  # longest prompt that leaves room to decode
-        top = min(int(self.max_prompt_fraction * n_ctx), fits)
-        if self.prompt_lengths is not None:
-            too_long = [n for n in self.prompt_lengths if n > fits]
-            if too_long:
-                raise ConfigError(
-                    f"prompt lengths {too_long} leave no room for {self.decode_tokens} decoded "
-                    f"tokens in a context of {n_ctx}; expected at most {fits}"
-                )
-            return sorted(set(self.prompt_lengths))
-        low = min(self.min_prompt_tokens, top)
-        if top <= low:
-            raise ConfigError(
-                f"a context of {n_ctx} tokens leaves no prompt lengths to profile between "
-                f"{low} and {top}; lower decode_tokens or min_prompt_tokens"
-            )
-        # Geometric spread: short prompts are common, long ones show the growth with history.
-        return sorted({round(float(x)) for x in np.geomspace(low, top, self.points)})
-
-
-class ProfileCancelled(Moe2Error):
+class ProfileCancelled(Cancelled):
     """The agent is stopping: the profile was abandoned between two measurements."""
-
-    code = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -355,7 +301,8 @@ class SelfProfiler:
     def settings_with(self, overrides: Mapping[str, Any]) -> ProfilerSettings:
         """The agent's settings with ``overrides``; ConfigError when they do not fit its model."""
         try:
-            settings = ProfilerSettings.model_validate({**self.settings.model_dump(), **overrides})
+            merged = {**self.settings.model_dump(), **overrides}
+            settings = type(self.settings).model_validate(merged)
         except ValidationError as exc:
             raise ConfigError(f"invalid profiler settings: {describe_error(exc)}") from None
         settings.lengths_for(self.backend.info.n_ctx)  # room for every prompt, or ConfigError

@@ -26,6 +26,7 @@ class AgentService:
         self.backend = backend
         self.sessions = SessionManager(backend, max_sessions)
         self._piece = lru_cache(maxsize=1 << 16)(backend.piece)
+        self._vocab_reply: p.VocabReply | None = None  # computed once, on first request
         self.profiler: SelfProfiler | None = None  # set by the daemon; None: cannot profile
 
     def handle(self, req: Any) -> p.Message:
@@ -45,6 +46,8 @@ class AgentService:
         if isinstance(req, p.DetokenizeRequest):
             pieces = [self._piece(t) for t in req.tokens] if req.pieces else None
             return p.DetokenizeReply(text=self.backend.detokenize(req.tokens), pieces=pieces)
+        if isinstance(req, p.VocabRequest):
+            return self._vocab()
         if isinstance(req, p.PingRequest):
             return p.PingReply(agent_id=self.agent_id, active_sessions=len(self.sessions))
         if isinstance(req, p.ProfileRequest):
@@ -95,7 +98,7 @@ class AgentService:
             seq.truncate(req.rewind_to)
         tokens = req.tokens
         if tokens is None:
-            tokens = self.backend.tokenize(req.text or "", add_bos=False)
+            tokens = self.backend.tokenize(req.text_bytes() or b"", add_bos=False)
             if not tokens:
                 raise BadMessage("the step text tokenizes to nothing")
         t0 = time.perf_counter()
@@ -108,6 +111,12 @@ class AgentService:
             dist=self.distribution(logprobs, req.top_k, req.full, req.with_pieces),
             compute_ms=ms,
         )
+
+    def _vocab(self) -> p.VocabReply:
+        if self._vocab_reply is None:
+            pieces = [self.backend.piece_bytes(t) for t in range(self.backend.info.n_vocab)]
+            self._vocab_reply = p.encode_vocab(self.backend.info.tokenizer_hash, pieces)
+        return self._vocab_reply
 
     def _score(self, req: p.ScoreRequest) -> p.ScoreReply:
         prompt = self._prompt_tokens(req.prompt, req.prompt_tokens, req.add_bos)

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
-from moe2.controller.options import (  # noqa: F401  (re-exported for command modules)
-    EXIT_FAILED,
-    EXIT_INFEASIBLE,
-    broker_from_flags,
-    broker_options,
-    emit,
-    json_option,
-)
-from moe2.shared.errors import Moe2Error
+from moe2.controller.options import EXIT_FAILED, EXIT_NOT_ACKED
+from moe2.controller.settings import ControllerSettings
+from moe2.shared.errors import ConfigError, Moe2Error, NotAcknowledged
 
 
 class Moe2Group(click.Group):
@@ -29,6 +24,9 @@ class Moe2Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except NotAcknowledged as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(EXIT_NOT_ACKED)
         except Moe2Error as exc:
             click.echo(f"error: {exc.message}", err=True)
             sys.exit(EXIT_FAILED)
@@ -36,11 +34,24 @@ class Moe2Group(click.Group):
 
 @click.group(cls=Moe2Group)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Controller configuration file (TOML) [default: $MOE2_CONFIG, else "
+    "~/.config/moe2/controller.toml when it exists]; MOE2_* variables and flags override it.",
+)
 @click.version_option(package_name="moe2-edge-controller")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int, config_file: Path | None) -> None:
     """moe2 control plane: fleet, experts, gate, optimisation, demo."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        ctx.obj = ControllerSettings.load(config_file)
+    except ConfigError as exc:
+        raise click.UsageError(exc.message) from None
 
 
 def _register() -> None:

@@ -238,8 +238,14 @@ def _cli() -> Any:
 
     import click
 
-    from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
-    from moe2.controller.registry.cli import db_option
+    from moe2.controller.options import (
+        broker_from_flags,
+        broker_options,
+        db_option,
+        emit,
+        json_option,
+        open_registry,
+    )
     from moe2.controller.registry.sync import online_experts, sync_once
     from moe2.shared.errors import NoExperts
 
@@ -262,7 +268,7 @@ def _cli() -> Any:
     ) -> None:
         """Ask every online expert for the dataset's target log-probabilities; resumable."""
         broker = broker_from_flags(kw)
-        reg = Registry.open(db_url)
+        reg = open_registry(db_url)
         sync_once(reg, broker)
         online = online_experts(reg)
         if experts:

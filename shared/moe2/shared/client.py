@@ -5,6 +5,8 @@
         print(answer.text, answer.experts)
 
 Errors come back as the matching ``Moe2Error`` (``UnknownApp``, ``NoExperts``, ``Busy``...).
+A prompt for an application that no gateway serves reaches no subscriber; the broker says so
+in its MQTT 5 acknowledgement and ``ask`` raises ``UnknownApp`` at once.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from moe2.shared import protocol as p
-from moe2.shared.errors import BadMessage, RequestTimeout, error_from_reply
+from moe2.shared.errors import BadMessage, RequestTimeout, UnknownApp, error_from_reply
 from moe2.shared.mqtt import BrokerConfig, Connection, response_properties
 
 
 class PromptClient:
     def __init__(self, broker: BrokerConfig, client_id: str | None = None) -> None:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
-        self.inbox = f"{p.TOPIC_ROOT}/clients/{self.client_id}/answers"
+        self.inbox = p.topics.client_answers(self.client_id)
         self._conn = Connection(broker, self.client_id)
         self._waiting: dict[str, queue.Queue[dict[str, Any]]] = {}
         self._lock = threading.Lock()
@@ -76,11 +78,13 @@ class PromptClient:
         with self._lock:
             self._waiting[pid] = q
         try:
-            self._conn.publish(
+            delivered = self._conn.publish_acked(
                 p.topics.prompts(app),
                 req.model_dump_json(exclude_none=True).encode(),
                 properties=response_properties(self.inbox, pid.encode()),
             )
+            if not delivered:
+                raise UnknownApp(f"no gateway serves application {app!r} on this broker")
             while True:
                 try:
                     obj = q.get(timeout=timeout)

@@ -21,9 +21,12 @@ callers never parse message text.
     ├── UnknownApp                  no assignment for this application          (unknown_app)
     ├── NoExperts                   no chosen expert online / all failed        (no_experts)
     ├── DeadlineExceeded            the prompt's deadline passed                (deadline)
-    ├── RemoteError                 an error reply received from a peer (carries the peer's code)
+    ├── Cancelled                   the peer is stopping and abandoned the work   (cancelled)
+    ├── InternalError               a bug in the peer; the request failed, the peer lives (internal)
+    ├── RemoteError                 an error reply with a code this version does not know
     ├── RequestTimeout              no reply within the deadline                (timeout)
-    └── BrokerError                 cannot start or reach the MQTT broker
+    ├── NotAcknowledged             desired state that no gateway acknowledged  (not_acked)
+    └── BrokerError                 cannot start or reach the MQTT broker       (broker)
 """
 
 from __future__ import annotations
@@ -101,6 +104,18 @@ class DeadlineExceeded(Moe2Error):
     code = "deadline"
 
 
+class Cancelled(Moe2Error):
+    code = "cancelled"
+
+
+class InternalError(Moe2Error):
+    code = "internal"
+
+
+class NotAcknowledged(Moe2Error):
+    code = "not_acked"
+
+
 class RequestTimeout(Moe2Error):
     code = "timeout"
 
@@ -118,30 +133,24 @@ class RemoteError(Moe2Error):
         self.remote_message = message
 
 
-# Code -> class, for turning an error reply back into the matching exception.
-_BY_CODE: dict[str, type[Moe2Error]] = {
-    cls.code: cls
-    for cls in (
-        BadMessage,
-        UnsupportedVersion,
-        MessageTooLarge,
-        UnknownOperation,
-        UnknownSession,
-        SessionEvicted,
-        ContextOverflow,
-        InvalidToken,
-        Busy,
-        UnknownApp,
-        NoExperts,
-        DeadlineExceeded,
-        RequestTimeout,
-    )
-}
+def _all_codes() -> dict[str, type[Moe2Error]]:
+    """Code -> the most specific class of the tree that carries it."""
+    out: dict[str, type[Moe2Error]] = {}
+    todo: list[type[Moe2Error]] = [Moe2Error]
+    while todo:
+        cls = todo.pop()
+        if cls is not RemoteError and cls.__module__ == __name__:  # not other modules' leaves
+            out[cls.code] = cls
+        todo.extend(cls.__subclasses__())
+    out["bad_request"] = BadMessage
+    out["unknown_session"] = UnknownSession
+    out["model_error"] = ModelError
+    return out
 
 
 def error_from_reply(code: str, message: str) -> Moe2Error:
     """The local exception for a peer's error reply (``RemoteError`` for unknown codes)."""
-    cls = _BY_CODE.get(code)
-    if cls is None:
+    cls = _all_codes().get(code)
+    if cls is None or cls is Moe2Error:
         return RemoteError(code, message)
     return cls(message)

@@ -7,12 +7,14 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from moe2.controller import datasets as ds
-from moe2.controller.cli import EXIT_INFEASIBLE, main
+from moe2.controller.cli import main
 from moe2.controller.collect import CollectSettings, collect
 from moe2.controller.localfleet import LocalFleet
+from moe2.controller.options import EXIT_INFEASIBLE
 from moe2.controller.registry import Registry
 from moe2.controller.registry.sync import online_experts, sync_once
 from moe2.shared.mqtt import BrokerConfig, RpcClient
@@ -21,8 +23,12 @@ DOMAINS = ("animals", "cooking")
 
 
 def test_optimize_from_the_registry_writes_a_replayable_problem_and_pushes(
-    broker_config: BrokerConfig, tiny_models: dict[str, Path], tmp_path: Path
+    broker_config: BrokerConfig,
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path))  # problem files go to its problems/
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     ids = {d: f"{d[:3]}-{uuid.uuid4().hex[:6]}" for d in DOMAINS}
     gw = f"gw-{uuid.uuid4().hex[:6]}"
@@ -85,7 +91,9 @@ def test_optimize_from_the_registry_writes_a_replayable_problem_and_pushes(
             "feasible",
             "optimal",
             "stats",
+            "pushed",
         }
+        assert all(r["accepted"] == [gw] for r in out["pushed"]), out["pushed"]
         assert out["feasible"] and set(out["subset"]) <= set(ids.values()) and out["subset"]
 
         problems = sorted((tmp_path / "problems").glob("problem-*-opt.json"))

@@ -4,28 +4,49 @@ Same vocabulary: F(t) = Σ_n ω_n p_n(t) by token id. A top-k reply leaves the o
 probabilities unknown except for their total (the tail), which is spread evenly over them:
 exact when every expert sends its full distribution, an approximation otherwise.
 
-Different vocabularies: align by token text (as UniTE does): each candidate string in the
-union of the experts' top-k lists gets Σ_n ω_n p_n(string), where p_n is expert n's
-probability of a token spelling exactly that string (0 when it has none in its top-k); end-of-
-generation tokens of every expert map to one END symbol.
+Different vocabularies: align by token text, as raw bytes (as UniTE does, but on bytes, so
+byte tokens that hold part of a UTF-8 character align only with the same bytes): each
+candidate in the union of the experts' top-k lists gets Σ_n ω_n p_n(bytes), where p_n is
+expert n's probability of a token whose text is exactly those bytes (0 when none is in its
+top-k); end-of-generation tokens of every expert map to one ``END`` key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 
 from moe2.shared import protocol as p
+from moe2.shared.errors import BadMessage
 
-END = "\x00<end>"  # the shared symbol for every expert's end-of-generation tokens
+
+class _End:
+    """The one key every expert's end-of-generation tokens fuse under."""
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END: Final = _End()
+TextKey = bytes | _End
 
 
 @dataclass(frozen=True)
 class Fused:
-    keys: list  # token ids (same vocabulary) or strings (cross vocabulary)
+    keys: list  # token ids (same vocabulary) or TextKeys (cross vocabulary)
     probs: np.ndarray  # (len(keys),) fused probabilities of those keys (sum <= 1)
+
+
+def check_dist(dist: p.TopKDist | p.FullDist, n_vocab: int) -> None:
+    """BadMessage unless ``dist`` fits a vocabulary of ``n_vocab`` tokens."""
+    if isinstance(dist, p.FullDist):
+        if dist.n_vocab != n_vocab:
+            raise BadMessage(f"full distribution over {dist.n_vocab} tokens, expected {n_vocab}")
+    elif dist.ids and max(dist.ids) >= n_vocab:
+        raise BadMessage(f"token id {max(dist.ids)} is outside the vocabulary of {n_vocab}")
 
 
 def fuse_by_id(
@@ -58,20 +79,20 @@ def fuse_by_id(
 
 
 def fuse_by_text(
-    dists: Mapping[str, p.TopKDist], weights: Mapping[str, float], eos: Mapping[str, Sequence[int]]
+    dists: Mapping[str, p.TopKDist],
+    weights: Mapping[str, float],
+    pieces: Mapping[str, Sequence[bytes]],  # expert -> the bytes of each of its token ids
+    eos: Mapping[str, Sequence[int]],
 ) -> Fused:
-    """Weighted mixture over token strings of experts with different vocabularies."""
-    keys: dict[str, int] = {}
-    rows: dict[str, dict[str, float]] = {}
+    """Weighted mixture over token texts (bytes) of experts with different vocabularies."""
+    keys: dict[TextKey, int] = {}
+    rows: dict[str, dict[TextKey, float]] = {}
     for name, d in dists.items():
-        if d.pieces is None:
-            raise ValueError(
-                f"expert {name} sent no token texts; cross-vocabulary fusion needs them"
-            )
-        row: dict[str, float] = {}
+        row: dict[TextKey, float] = {}
         end_ids = set(eos[name])
-        for t, lp, piece in zip(d.ids, d.logprobs, d.pieces):
-            key = END if t in end_ids else piece
+        vocab = pieces[name]
+        for t, lp in zip(d.ids, d.logprobs):
+            key: TextKey = END if t in end_ids else vocab[t]
             if not key:
                 continue  # control tokens without text cannot be aligned
             row[key] = row.get(key, 0.0) + float(np.exp(lp))

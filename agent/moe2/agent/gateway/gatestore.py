@@ -129,11 +129,10 @@ class GateStore:
     # ------------------------------------------------------------------ blobs
 
     def _on_chunk(self, msg: Any) -> None:
-        parts = msg.topic.split("/")
-        try:
-            sha, index = parts[-2], int(parts[-1])
-        except (IndexError, ValueError):
+        topic = p.topics.parse(msg.topic)
+        if topic is None or topic.sha256 is None or topic.index is None:
             return
+        sha, index = topic.sha256, topic.index
         with self._lock:
             blob = self._blobs.get(sha)
             if blob is None or blob.data is not None or not 0 <= index < blob.ref.chunks:

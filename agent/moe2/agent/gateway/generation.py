@@ -1,16 +1,20 @@
 """One fused generation (paper Algorithm 3): open a session on each chosen expert, then per
 token ask all of them at once, fuse, pick, and feed the pick back to every expert.
 
-Experts that fail or stay silent past the step timeout are dropped and the others'
-weights renormalised; generation ends on an end-of-generation token, ``max_tokens``, a full
-context, or the prompt's deadline (an error).
+Experts that fail, stay silent past the step timeout or send a distribution that does not fit
+their vocabulary are dropped and the others' weights renormalised; generation ends on an
+end-of-generation token, ``max_tokens``, a full context, or the prompt's deadline (an error).
+Token texts come from the vocabulary tables the gateway holds (``vocab.py``), so the loop
+makes no request besides open, step and close; the answer is the bytes of the chosen tokens,
+decoded as UTF-8 incrementally (a character split over byte tokens is emitted whole).
 
-    gen = Generation(rpc, infos, {"a": 0.7, "b": 0.3}, settings)
+    gen = Generation(rpc, infos, vocabs, {"a": 0.7, "b": 0.3}, config, Sampling())
     result = gen.run("the fox eats", max_tokens=16)
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -20,28 +24,30 @@ from typing import Any, Literal
 
 import numpy as np
 
-from moe2.agent.gateway.fusion import END, Fused, choose, fuse_by_id, fuse_by_text
+from moe2.agent.gateway.config import GatewayConfig
+from moe2.agent.gateway.fusion import END, Fused, check_dist, choose, fuse_by_id, fuse_by_text
 from moe2.agent.gateway.gate import renormalise
+from moe2.agent.gateway.vocab import Vocab
 from moe2.shared import protocol as p
 from moe2.shared.errors import (
     ContextOverflow,
     DeadlineExceeded,
     Moe2Error,
+    NoExperts,
     RequestTimeout,
 )
-from moe2.shared.errors import NoExperts as NoExpertsLeft
 from moe2.shared.mqtt import RpcClient
 
 log = logging.getLogger(__name__)
 
+FinishReason = Literal["stop", "length", "context"]
+
 
 @dataclass(frozen=True)
-class GenerationSettings:
-    step_timeout_s: float = 5.0
-    open_timeout_s: float = 30.0  # the first step processes the whole prompt
-    top_k: int = 64
-    full_vocab_limit: int = 8192
-    temperature: float = 0.0
+class Sampling:
+    """A prompt's own choices (from the PromptRequest)."""
+
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
 
@@ -49,11 +55,12 @@ class GenerationSettings:
 @dataclass
 class GenerationResult:
     text: str
-    finish_reason: str  # "stop" | "length" | "context"
+    finish_reason: FinishReason
     weights: dict[str, float]  # final weights of the experts still answering
     tokens: int
     fusion: Literal["token-id", "token-text"]
     dropped: list[p.DroppedExpert] = field(default_factory=list)
+    picks: list[Any] = field(default_factory=list)  # chosen ids (by id) or bytes (by text)
 
 
 class Generation:
@@ -61,8 +68,10 @@ class Generation:
         self,
         rpc: RpcClient,
         infos: Mapping[str, p.AgentInfo],
+        vocabs: Mapping[str, Vocab],  # expert -> its vocabulary table
         weights: Mapping[str, float],
-        settings: GenerationSettings,
+        config: GatewayConfig,
+        sampling: Sampling = Sampling(),
         *,
         deadline: float | None = None,  # time.monotonic() value
         on_delta: Callable[[str], None] | None = None,
@@ -70,8 +79,10 @@ class Generation:
     ) -> None:
         self.rpc = rpc
         self.infos = dict(infos)
+        self.vocabs = dict(vocabs)
         self.weights = renormalise(dict(weights))
-        self.s = settings
+        self.config = config
+        self.sampling = sampling
         self.deadline = deadline
         self.on_delta = on_delta
         self.on_step = on_step
@@ -80,12 +91,15 @@ class Generation:
         hashes = {self.infos[n].tokenizer_hash for n in self.weights}
         self.by_id = len(hashes) == 1
         self.fusion: Literal["token-id", "token-text"] = "token-id" if self.by_id else "token-text"
-        first = self.infos[next(iter(self.weights))]
-        self.n_vocab = first.n_vocab
-        self.full = self.by_id and self.n_vocab <= settings.full_vocab_limit
+        first = next(iter(self.weights))
+        self.n_vocab = self.infos[first].n_vocab
+        self.full = self.by_id and self.n_vocab <= config.full_vocab_limit
         self.eos = {n: list(self.infos[n].eos_ids) for n in self.weights}
-        self._pieces: dict[int, str] = {}
-        self._rng = np.random.default_rng(settings.seed)
+        self.eos_any = {t for ids in self.eos.values() for t in ids}
+        self._pieces = {n: self.vocabs[n].pieces for n in self.weights}
+        self._rng = np.random.default_rng(sampling.seed)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text: list[str] = []
 
     # ------------------------------------------------------------------ helpers
 
@@ -99,23 +113,31 @@ class Generation:
             if sid is not None:  # best effort: it may be dead
                 self.rpc.call_async(name, p.CloseRequest(session=sid))
         if not self.weights:
-            raise NoExpertsLeft(
-                "every expert chosen for this prompt failed: "
-                + "; ".join(f"{d.id}: {d.reason}" for d in self.dropped)
-            )
+            reasons = "; ".join(f"{d.id}: {d.reason}" for d in self.dropped)
+            if all(d.reason.startswith("context_overflow") for d in self.dropped):
+                raise ContextOverflow(
+                    f"the prompt is longer than every expert's context: {reasons}"
+                )
+            raise NoExperts(f"every expert chosen for this prompt failed: {reasons}")
 
-    def _gather(self, futures: dict[str, Future[Any]], at: int) -> dict[str, Any]:
-        """Replies of one step, dropping experts that fail or time out."""
-        limit = self.s.open_timeout_s if at == 0 else self.s.step_timeout_s
+    def _gather(
+        self, futures: dict[str, Future[p.DistributionReply]], at: int
+    ) -> dict[str, p.DistributionReply]:
+        """Replies of one step that fit their expert's vocabulary; drops the others."""
+        limit = self.config.open_timeout_s if at == 0 else self.config.step_timeout_s
         step_end = time.monotonic() + limit
         if self.deadline is not None:
             step_end = min(step_end, self.deadline)
-        replies: dict[str, Any] = {}
+        replies: dict[str, p.DistributionReply] = {}
         for name, fut in futures.items():
             try:
-                replies[name] = self.rpc.wait(fut, max(0.0, step_end - time.monotonic()))
+                reply = self.rpc.wait(fut, max(0.0, step_end - time.monotonic()))
+                check_dist(reply.dist, self.infos[name].n_vocab)
+                replies[name] = reply
             except ContextOverflow:
-                raise
+                if at > 0:
+                    raise  # the history filled an expert's context: the answer ends here
+                self._drop(name, "context_overflow: the prompt does not fit its context", at)
             except RequestTimeout:
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     raise DeadlineExceeded(
@@ -126,116 +148,96 @@ class Generation:
                 self._drop(name, f"{exc.code}: {exc.message}", at)
         return replies
 
-    def _request_options(self) -> dict[str, Any]:
-        if self.full:
-            return {"full": True}
-        return {"top_k": self.s.top_k, "with_pieces": True}
+    def _options(self) -> dict[str, Any]:
+        return {"full": True} if self.full else {"top_k": self.config.top_k}
+
+    def _emit(self, data: bytes) -> None:
+        delta = self._decoder.decode(data)
+        if delta:
+            self._text.append(delta)
+            if self.on_delta is not None:
+                self.on_delta(delta)
 
     # ------------------------------------------------------------------ the loop
 
     def run(self, prompt: str, max_tokens: int) -> GenerationResult:
-        opts = self._request_options()
+        opts = self._options()
         futures = {
             n: self.rpc.call_async(n, p.OpenRequest(prompt=prompt, **opts)) for n in self.weights
         }
-        generated_ids: list[int] = []
-        generated_text: list[str] = []
-        finish = "length"
+        picks: list[Any] = []
+        finish: FinishReason = "length"
         try:
             replies = self._gather(futures, 0)
             for name, r in replies.items():
                 self.sessions[name] = r.session
             for step in range(max_tokens):
-                live = {n: r for n, r in replies.items() if n in self.weights}
+                live = {n: r.dist for n, r in replies.items() if n in self.weights}
                 if not live:
-                    raise NoExpertsLeft("no expert answered")
-                dists = {n: r.dist for n, r in live.items()}
-                if self.by_id:
-                    fused = fuse_by_id(dists, self.weights, self.n_vocab)
-                else:
-                    fused = fuse_by_text(dists, self.weights, self.eos)
+                    raise NoExperts("no expert answered")
+                fused = self._fuse(live, step)
                 if self.on_step is not None:
                     self.on_step(step, fused)
-                pick = fused.keys[choose(fused, self.s.temperature, self.s.top_p, self._rng)]
-                if self.by_id:
-                    self._learn_pieces(dists)
-                    if any(pick in e for e in self.eos.values()):
-                        finish = "stop"
-                        break
-                    generated_ids.append(int(pick))
-                    if self.on_delta is not None:
-                        self.on_delta(self._piece(int(pick)))
-                else:
-                    if pick == END:
-                        finish = "stop"
-                        break
-                    generated_text.append(pick)
-                    if self.on_delta is not None:
-                        self.on_delta(pick)
+                pick = fused.keys[
+                    choose(fused, self.sampling.temperature, self.sampling.top_p, self._rng)
+                ]
+                if pick is END or (self.by_id and pick in self.eos_any):
+                    finish = "stop"
+                    break
+                picks.append(pick)
+                self._emit(self._pieces[next(iter(self.weights))][pick] if self.by_id else pick)
                 if step + 1 == max_tokens:
                     break
-                futures = {}
-                for name in self.weights:
-                    futures[name] = self.rpc.call_async(
-                        name, self._step_request(name, pick, dists.get(name), opts)
-                    )
-                replies = self._gather(futures, step + 1)
-        except ContextOverflow:
-            finish = "context"
+                futures = {
+                    name: self.rpc.call_async(name, self._step_request(name, pick, live.get(name)))
+                    for name in self.weights
+                }
+                try:
+                    replies = self._gather(futures, step + 1)
+                except ContextOverflow:
+                    finish = "context"
+                    break
         finally:
             for name, sid in self.sessions.items():
                 self.rpc.call_async(name, p.CloseRequest(session=sid))
-        if self.by_id:
-            text = self._detokenize(generated_ids)
-            n_tokens = len(generated_ids)
-        else:
-            text = "".join(generated_text)
-            n_tokens = len(generated_text)
+        tail = self._decoder.decode(b"", final=True)
+        if tail:
+            self._text.append(tail)
+            if self.on_delta is not None:
+                self.on_delta(tail)
         return GenerationResult(
-            text, finish, dict(self.weights), n_tokens, self.fusion, self.dropped
+            "".join(self._text),
+            finish,
+            dict(self.weights),
+            len(picks),
+            self.fusion,
+            self.dropped,
+            picks,
         )
 
-    def _step_request(self, name: str, pick: Any, dist: Any, opts: dict[str, Any]) -> p.StepRequest:
+    def _fuse(self, live: dict[str, Any], step: int) -> Fused:
+        if self.by_id:
+            return fuse_by_id(live, self.weights, self.n_vocab)
+        bad = [n for n, d in live.items() if not isinstance(d, p.TopKDist)]
+        for name in bad:  # text fusion works on top-k lists
+            self._drop(name, "sent a full distribution to a cross-vocabulary fusion", step)
+            del live[name]
+        return fuse_by_text(live, self.weights, self._pieces, self.eos)
+
+    def _step_request(self, name: str, pick: Any, dist: Any) -> p.StepRequest:
         sid = self.sessions[name]
+        opts = self._options()
         if self.by_id:
             return p.StepRequest(session=sid, tokens=[int(pick)], **opts)
-        # Across vocabularies: the expert's own token for that text when it has one,
-        # else let the expert tokenize the text.
-        if dist is not None and dist.pieces is not None:
-            for t, piece in zip(dist.ids, dist.pieces):
-                if piece == pick and t not in self.eos[name]:
+        # Across vocabularies: the expert's own token for those bytes when it has one (the
+        # candidate in its top-k first, else any), else the bytes for it to tokenize.
+        eos = self.eos[name]
+        pieces = self._pieces[name]
+        if isinstance(dist, p.TopKDist):
+            for t in dist.ids:
+                if pieces[t] == pick and t not in eos:
                     return p.StepRequest(session=sid, tokens=[t], **opts)
-        return p.StepRequest(session=sid, text=pick, **opts)
-
-    def _learn_pieces(self, dists: Mapping[str, Any]) -> None:
-        for d in dists.values():
-            if isinstance(d, p.TopKDist) and d.pieces is not None:
-                for t, piece in zip(d.ids, d.pieces):
-                    self._pieces.setdefault(t, piece)
-
-    def _any_expert(self) -> str:
-        return next(iter(self.weights))
-
-    def _piece(self, token: int) -> str:
-        if token not in self._pieces:
-            reply = self.rpc.call(
-                self._any_expert(),
-                p.DetokenizeRequest(tokens=[token], pieces=True),
-                timeout=self.s.step_timeout_s,
-            )
-            self._pieces[token] = (reply.pieces or [""])[0]
-        return self._pieces[token]
-
-    def _detokenize(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        try:
-            reply = self.rpc.call(
-                self._any_expert(), p.DetokenizeRequest(tokens=ids), timeout=self.s.step_timeout_s
-            )
-            return str(reply.text)
-        except Moe2Error:  # the expert died after the last step: pieces are close enough
-            return "".join(self._piece_or_empty(t) for t in ids)
-
-    def _piece_or_empty(self, token: int) -> str:
-        return self._pieces.get(token, "")
+        own = self.vocabs[name].by_bytes.get(pick)
+        if own is not None and own not in eos:
+            return p.StepRequest(session=sid, tokens=[own], **opts)
+        return p.StepRequest.with_bytes(sid, pick, **opts)

@@ -1,13 +1,18 @@
-"""The gateway: consumes prompts (shared subscription), answers each exactly once.
+"""The gateway: takes prompts for the applications it serves, answers each exactly once.
 
 Every prompt that names where to answer gets exactly one terminal message there: the final
 answer or an error. The network thread only validates and hands prompts to a bounded pool;
 beyond ``max_concurrent + max_pending`` prompts the client gets a ``busy`` error at once.
+
+What it knows of the fleet comes from one ``FleetView`` (agents' info and status, the
+retained assignments); which prompts reach it and how each application is served, from its
+``AppRouter``; token texts, from its ``VocabCache``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -17,34 +22,47 @@ from typing import Any
 from pydantic import BaseModel
 
 from moe2.agent.gateway.config import GatewayConfig
-from moe2.agent.gateway.directory import Directory
 from moe2.agent.gateway.gate import Gate, UniformGate, top_k
 from moe2.agent.gateway.gatestore import GateStore
-from moe2.agent.gateway.generation import Generation, GenerationSettings
+from moe2.agent.gateway.generation import Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
+from moe2.agent.gateway.routing import AppRouter
+from moe2.agent.gateway.vocab import Vocab, VocabCache
 from moe2.shared import protocol as p
-from moe2.shared.errors import BadMessage, Moe2Error, NoExperts, UnknownApp
+from moe2.shared.errors import BadMessage, Busy, InternalError, Moe2Error, NoExperts, UnknownApp
+from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient, reply_properties
 from moe2.shared.protocol.prompts import check_publish_topic
 
 log = logging.getLogger(__name__)
+
+Targets = list[tuple[str, bytes | None]]  # (topic, MQTT 5 correlation data) to answer on
 
 
 class Gateway:
     def __init__(self, gateway_id: str, config: GatewayConfig, broker: BrokerConfig) -> None:
         self.id = gateway_id
         self.config = config
-        self.conn = Connection(broker, f"moe2-gateway-{gateway_id}")
-        self.directory = Directory(self.conn)
-        self.directory.on_assignment.append(self._ack)
+        offline = p.GatewayStatus(gateway=gateway_id, state="offline", group=config.group)
+        self.conn = Connection(
+            broker,
+            f"moe2-gateway-{gateway_id}",
+            will=(p.topics.gateway_status(gateway_id), p.encode(offline), True),
+        )
+        self.fleet = FleetView(self.conn, ("info", "status", "gateway", "desired_app"))
         self.rpc = RpcClient(
             broker, f"gw-{gateway_id}", timeout=config.step_timeout_s, qos=config.rpc_qos
         )
+        self.vocabs = VocabCache(self.rpc, config.open_timeout_s)
         self.gates: dict[str, Gate] = {}  # per application; uniform until one is pushed
         self.gate_store = GateStore(self.conn, gateway_id, self._use_gate)
+        self.router = AppRouter(
+            gateway_id, config, self.conn, self._on_prompt, self._on_unrouted, self.gate_store.want
+        )
+        self.fleet.listeners.append(self.router.on_fleet_change)
+        self.fleet.listeners.append(self._on_fleet_change)
         self._pool = ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prompt")
         self._slots = threading.BoundedSemaphore(config.max_concurrent + config.max_pending)
-        self.conn.subscribe(p.topics.prompts_shared(config.group), self._on_prompt, qos=1)
         self.links = LinkMonitor(
             gateway_id,
             self.conn,
@@ -58,34 +76,28 @@ class Gateway:
 
     def start(self) -> Gateway:
         self.rpc.start()
+        self.router.sync_subscriptions()  # the local applications, subscribed on connecting
         self.conn.start()
         self.links.start()
         return self
 
-    def _served_online_experts(self) -> list[str]:
-        wanted = self.directory.assigned_experts()
-        for app in self.config.apps.values():
-            wanted.update(app.subset)
-        return [e for e in wanted if self.directory.online(e) is not None]
-
     def stop(self) -> None:
         self.links.stop()
+        self.router.stop_intake()
         self.conn.stop()
         self.gate_store.close()
         self._pool.shutdown(wait=True, cancel_futures=False)
         self.rpc.close()
 
-    # ------------------------------------------------------------------ replies
+    def _served_online_experts(self) -> list[str]:
+        return sorted(e for e in self.router.experts() if self.fleet.online(e) is not None)
 
-    def _send(self, targets: list[tuple[str, bytes | None]], message: BaseModel) -> None:
-        payload = message.model_dump_json().encode()
-        for topic, corr in targets:
-            self.conn.publish(topic, payload, qos=1, properties=reply_properties(corr))
-
-    def _ack(self, a: p.AppAssignment) -> None:
-        ack = p.AssignmentAck(gateway=self.id, app=a.app, version=a.version, accepted=True)
-        self.conn.publish(p.topics.assignment_ack(self.id, a.app), p.encode(ack), retain=True)
-        self.gate_store.want(a.app, a.gate)  # the gate is swapped in once verified and loaded
+    def _on_fleet_change(self, kind: str, key: tuple[str, ...], message: Any) -> None:
+        # Learn each vocabulary as soon as an agent that has it comes online.
+        if kind in ("info", "status") and message is not None:
+            info = self.fleet.online(key[0])
+            if info is not None:
+                self.vocabs.prefetch(key[0], info)
 
     def _use_gate(self, app: str, gate: Gate | None) -> None:
         if gate is None:
@@ -93,21 +105,73 @@ class Gateway:
         else:
             self.gates[app] = gate
 
+    # ------------------------------------------------------------------ replies
+
+    def _send(self, targets: Targets, message: BaseModel) -> None:
+        payload = message.model_dump_json().encode()
+        for topic, corr in targets:
+            self.conn.publish(topic, payload, qos=1, properties=reply_properties(corr))
+
     # ------------------------------------------------------------------ intake
+
+    def _targets(self, msg: Any) -> Targets:
+        """Where to answer: the MQTT 5 ResponseTopic (with its correlation data), if any."""
+        props = msg.properties
+        rtopic = getattr(props, "ResponseTopic", None) if props else None
+        corr = getattr(props, "CorrelationData", None) if props else None
+        return [(rtopic, bytes(corr) if corr is not None else None)] if rtopic else []
+
+    def _refuse(self, msg: Any, targets: Targets, error: Moe2Error) -> None:
+        """Answer a prompt we will not serve, to whoever we can find (never parsing an
+        oversized payload to find them)."""
+        payload = msg.payload
+        raw = _loose_json(payload) if len(payload) <= self.config.max_prompt_bytes else {}
+        reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else None
+        pid = raw.get("id") if isinstance(raw.get("id"), str) else None
+        if reply_to and reply_to not in [t for t, _ in targets]:
+            with contextlib.suppress(ValueError):
+                targets.append((check_publish_topic(reply_to), None))
+        if not targets:
+            log.warning("unanswerable prompt on %s dropped: %s", msg.topic, error.message)
+            return
+        self.errors += 1
+        self._send(targets, p.prompt_error(pid, error.code, error.message))
+
+    def _on_unrouted(self, msg: Any) -> None:
+        """The catch-all: answer ``unknown_app`` when no online gateway serves the app."""
+        topic = p.topics.parse(msg.topic)
+        app = topic.app if topic is not None else None
+        if app is None or app in self.router.served():
+            return
+        if any(app in g.apps for g in self.fleet.online_gateways().values()):
+            return  # a gateway that serves it has its own copy
+        served = sorted({a for g in self.fleet.online_gateways().values() for a in g.apps})
+        self._refuse(
+            msg,
+            self._targets(msg),
+            UnknownApp(
+                f"no online gateway serves application {app!r}; served: "
+                f"{', '.join(served) if served else 'none'}"
+            ),
+        )
 
     def _on_prompt(self, msg: Any) -> None:
         received = time.monotonic()
         props = msg.properties
         rtopic = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
-        targets: list[tuple[str, bytes | None]] = []
+        targets: Targets = []
         if rtopic:
             targets.append((rtopic, bytes(corr) if corr is not None else None))
-        app = p.topics.app_from_prompt_topic(msg.topic) or ""
+        topic = p.topics.parse(msg.topic)
+        app = topic.app if topic is not None and topic.app is not None else ""
         try:
-            req, raw = p.decode_prompt(msg.payload, self.config.max_prompt_bytes)
+            req, _raw = p.decode_prompt(msg.payload, self.config.max_prompt_bytes)
         except Moe2Error as exc:
-            raw = _loose_json(msg.payload)
+            # Say why to whoever we can find, but never parse an oversized payload for it.
+            raw = (
+                _loose_json(msg.payload) if len(msg.payload) <= self.config.max_prompt_bytes else {}
+            )
             reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else None
             pid = raw.get("id") if isinstance(raw.get("id"), str) else None
             if reply_to and reply_to not in [t for t, _ in targets]:
@@ -123,22 +187,14 @@ class Gateway:
             targets.insert(0, (req.reply_to, None))
         if not self._slots.acquire(blocking=False):
             self.errors += 1
-            self._send(
-                targets,
-                p.prompt_error(req.id, "busy", f"gateway {self.id} is saturated; retry later"),
-            )
+            err = Busy(f"gateway {self.id} is saturated; retry later")
+            self._send(targets, p.prompt_error(req.id, err.code, err.message))
             return
         self._pool.submit(self._answer, app, req, targets, received)
 
     # ------------------------------------------------------------------ one prompt
 
-    def _answer(
-        self,
-        app: str,
-        req: p.PromptRequest,
-        targets: list[tuple[str, bytes | None]],
-        received: float,
-    ) -> None:
+    def _answer(self, app: str, req: p.PromptRequest, targets: Targets, received: float) -> None:
         try:
             final: BaseModel = self._generate(app, req, targets, received)
             self.answered += 1
@@ -147,31 +203,15 @@ class Gateway:
             self.errors += 1
         except Exception as exc:  # one prompt's bug must not cost the others their answer
             log.exception("prompt %s failed", req.id)
-            final = p.prompt_error(req.id, "internal", f"{type(exc).__name__}: {exc}")
+            err = InternalError(f"{type(exc).__name__}: {exc}")
+            final = p.prompt_error(req.id, err.code, err.message)
             self.errors += 1
         finally:
             self._slots.release()
         self._send(targets, final)
 
-    def _plan(self, app: str) -> tuple[list[str], int]:
-        a = self.directory.assignment(app)
-        if a is not None:
-            return list(a.subset), a.k
-        local = self.config.apps.get(app)
-        if local is not None:
-            return list(local.subset), local.k
-        known = sorted(self.config.apps)
-        raise UnknownApp(
-            f"no assignment for application {app!r}; this gateway knows "
-            f"{', '.join(known) if known else 'no applications'} (push one with moe2ctl)"
-        )
-
     def _generate(
-        self,
-        app: str,
-        req: p.PromptRequest,
-        targets: list[tuple[str, bytes | None]],
-        received: float,
+        self, app: str, req: p.PromptRequest, targets: Targets, received: float
     ) -> p.PromptAnswer:
         max_tokens = req.max_tokens or self.config.default_max_tokens
         if max_tokens > self.config.max_tokens_limit:
@@ -179,13 +219,22 @@ class Gateway:
                 f"max_tokens {max_tokens} exceeds this gateway's limit of "
                 f"{self.config.max_tokens_limit}"
             )
-        subset, k = self._plan(app)
-        infos = {n: i for n in subset if (i := self.directory.online(n)) is not None}
+        plan = self.router.plan(app)
+        infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
         if not infos:
-            raise NoExperts(f"none of the experts of {app!r} ({', '.join(subset)}) is online")
-        online = [n for n in subset if n in infos]
+            raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
+        online = [n for n in plan.subset if n in infos]
         gate = self.gates.get(app, UniformGate())
-        chosen = dict(top_k(gate.values(req.prompt, online), online, k))
+        chosen = dict(top_k(gate.values(req.prompt, online), online, plan.k))
+        vocabs: dict[str, Vocab] = {}
+        for name in list(chosen):
+            try:
+                vocabs[name] = self.vocabs.get(name, infos[name])
+            except Moe2Error as exc:
+                log.warning("expert %s left out of %s: %s", name, req.id, exc.message)
+                del chosen[name]
+        if not chosen:
+            raise NoExperts(f"no vocabulary is known for the experts chosen for {app!r}")
         index = 0
 
         def on_delta(delta: str) -> None:
@@ -194,20 +243,13 @@ class Gateway:
                 self._send(targets, p.StreamChunk(id=req.id, index=index, delta=delta))
                 index += 1
 
-        settings = GenerationSettings(
-            step_timeout_s=self.config.step_timeout_s,
-            open_timeout_s=self.config.open_timeout_s,
-            top_k=self.config.top_k,
-            full_vocab_limit=self.config.full_vocab_limit,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-        )
         gen = Generation(
             self.rpc,
             infos,
+            vocabs,
             chosen,
-            settings,
+            self.config,
+            Sampling(req.temperature, req.top_p, req.seed),
             deadline=received + self.config.deadline_s,
             on_delta=on_delta,
         )
@@ -215,21 +257,20 @@ class Gateway:
         return p.PromptAnswer(
             id=req.id,
             text=result.text,
-            finish_reason=result.finish_reason,  # type: ignore[arg-type]
+            finish_reason=result.finish_reason,
             experts=[p.ExpertWeight(id=n, weight=w) for n, w in result.weights.items()],
             tokens=result.tokens,
             latency_ms=(time.monotonic() - received) * 1e3,
             app=app,
             fusion=result.fusion,
             dropped=result.dropped,
+            gateway=self.id,
         )
 
 
 def _loose_json(payload: bytes) -> dict[str, Any]:
-    import json
-
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return obj if isinstance(obj, dict) else {}

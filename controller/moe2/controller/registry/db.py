@@ -1,6 +1,6 @@
 """The registry: what the controller knows about its fleet, data, scores, gates and pushes.
 
-reg = Registry.open()                       # $MOE2_DB_URL or ~/.local/share/moe2/registry.db
+reg = Registry.open("sqlite:///registry.db")   # or postgresql://...; moe2ctl: settings.py
 ds = reg.add_dataset("tiny", "free-answer", "tiny-domains", samples)
 reg.add_scores([...]); arrays = reg.score_table("tiny", ["a", "b"])
 """
@@ -8,16 +8,14 @@ reg.add_scores([...]); arrays = reg.score_table("tiny", ["a", "b"])
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, create_engine, event, insert, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from moe2.controller.registry import migrations
 from moe2.controller.registry.schema import (
@@ -35,20 +33,8 @@ from moe2.controller.registry.schema import (
 from moe2.shared import protocol as p
 from moe2.shared.errors import ConfigError
 
-DB_ENV = "MOE2_DB_URL"
 
-
-def default_url() -> str:
-    url = os.environ.get(DB_ENV)
-    if url:
-        return url
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    path = base / "moe2" / "registry.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
-def _engine(url: str) -> Engine:
+def engine_for(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite"):
@@ -94,8 +80,8 @@ class Registry:
         self.engine = engine
 
     @classmethod
-    def open(cls, url: str | None = None, *, upgrade: bool = True) -> Registry:
-        engine = _engine(url or default_url())
+    def open(cls, url: str, *, upgrade: bool = True) -> Registry:
+        engine = engine_for(url)
         if upgrade:
             migrations.migrate(engine)
         return cls(engine)
@@ -139,7 +125,7 @@ class Registry:
 
     def agents(self) -> list[Agent]:
         with self.session() as s:
-            return list(s.exec(select(Agent).order_by(Agent.id)).scalars())  # type: ignore[call-overload]
+            return list(s.execute(select(Agent).order_by(col(Agent.id))).scalars())
 
     def agent_info(self, agent_id: str) -> p.AgentInfo | None:
         with self.session() as s:
@@ -161,7 +147,7 @@ class Registry:
         """Store a dataset once; adding the same name again returns the stored one when it
         has the same samples, and refuses when they differ."""
         with self.session() as s:
-            old = s.exec(select(Dataset).where(Dataset.name == name)).scalars().first()  # type: ignore[call-overload]
+            old = s.execute(select(Dataset).where(col(Dataset.name) == name)).scalars().first()
             if old is not None:
                 if old.n_samples != len(samples) or old.kind != kind:
                     raise ConfigError(
@@ -196,9 +182,9 @@ class Registry:
 
     def dataset(self, name: str) -> Dataset:
         with self.session() as s:
-            ds = s.exec(select(Dataset).where(Dataset.name == name)).scalars().first()  # type: ignore[call-overload]
+            ds = s.execute(select(Dataset).where(col(Dataset.name) == name)).scalars().first()
             if ds is None:
-                names = [d.name for d in s.exec(select(Dataset)).scalars()]  # type: ignore[call-overload]
+                names = [d.name for d in s.execute(select(Dataset)).scalars()]
                 raise ConfigError(
                     f"no dataset {name!r} in the registry; known: {', '.join(names) or 'none'}"
                 )
@@ -206,16 +192,16 @@ class Registry:
 
     def datasets(self) -> list[Dataset]:
         with self.session() as s:
-            return list(s.exec(select(Dataset).order_by(Dataset.id)).scalars())  # type: ignore[call-overload]
+            return list(s.execute(select(Dataset).order_by(col(Dataset.id))).scalars())
 
     def samples(self, dataset: str) -> list[SampleRow]:
         ds = self.dataset(dataset)
         with self.session() as s:
             rows = s.execute(
-                select(Sample).where(Sample.dataset_id == ds.id).order_by(Sample.idx)  # type: ignore[arg-type]
+                select(Sample).where(col(Sample.dataset_id) == ds.id).order_by(col(Sample.idx))
             ).scalars()
             return [
-                SampleRow(r.id, r.idx, r.app, r.prompt, json.loads(r.targets_json), r.answer)  # type: ignore[arg-type]
+                SampleRow(int(r.id), r.idx, r.app, r.prompt, json.loads(r.targets_json), r.answer)
                 for r in rows
             ]
 
@@ -226,9 +212,9 @@ class Registry:
         ds = self.dataset(dataset)
         with self.session() as s:
             q = (
-                select(Score.sample_id, Score.option)
-                .join(Sample, Sample.id == Score.sample_id)  # type: ignore[arg-type]
-                .where(Sample.dataset_id == ds.id, Score.expert == expert)
+                select(col(Score.sample_id), col(Score.option))
+                .join(Sample, col(Sample.id) == col(Score.sample_id))
+                .where(col(Sample.dataset_id) == ds.id, col(Score.expert) == expert)
             )
             return {(int(a), int(b)) for a, b in s.execute(q)}
 
@@ -258,9 +244,9 @@ class Registry:
         ds = self.dataset(dataset)
         with self.session() as s:
             q = (
-                select(Score.expert, Score.sample_id, Score.option)
-                .join(Sample, Sample.id == Score.sample_id)  # type: ignore[arg-type]
-                .where(Sample.dataset_id == ds.id)
+                select(col(Score.expert), col(Score.sample_id), col(Score.option))
+                .join(Sample, col(Sample.id) == col(Score.sample_id))
+                .where(col(Sample.dataset_id) == ds.id)
             )
             out: dict[str, int] = {}
             for expert, _, _ in s.execute(q):
@@ -274,9 +260,14 @@ class Registry:
         ds = self.dataset(dataset)
         with self.session() as s:
             q = (
-                select(Score.sample_id, Score.expert, Score.option, Score.logprobs_json)
-                .join(Sample, Sample.id == Score.sample_id)  # type: ignore[arg-type]
-                .where(Sample.dataset_id == ds.id)
+                select(
+                    col(Score.sample_id),
+                    col(Score.expert),
+                    col(Score.option),
+                    col(Score.logprobs_json),
+                )
+                .join(Sample, col(Sample.id) == col(Score.sample_id))
+                .where(col(Sample.dataset_id) == ds.id)
             )
             got: dict[tuple[int, str, int], list[float]] = {
                 (int(sid), e, int(o)): json.loads(lp) for sid, e, o, lp in s.execute(q)
@@ -313,9 +304,9 @@ class Registry:
         with self.session() as s:
             for i in range(0, len(keys), 500):
                 part = list(keys[i : i + 500])
-                q = select(EmbeddingCache.text_sha256, EmbeddingCache.vector).where(
-                    EmbeddingCache.model == model,
-                    EmbeddingCache.text_sha256.in_(part),  # type: ignore[attr-defined]
+                q = select(col(EmbeddingCache.text_sha256), col(EmbeddingCache.vector)).where(
+                    col(EmbeddingCache.model) == model,
+                    col(EmbeddingCache.text_sha256).in_(part),
                 )
                 for k, v in s.execute(q):
                     out[k] = np.frombuffer(v, dtype="<f4").copy()
@@ -342,7 +333,7 @@ class Registry:
         with self.session() as s:
             if version is None:
                 row = (
-                    s.execute(select(GateVersion).order_by(GateVersion.created_at.desc()))  # type: ignore[attr-defined]
+                    s.execute(select(GateVersion).order_by(col(GateVersion.created_at).desc()))
                     .scalars()
                     .first()
                 )
@@ -376,30 +367,37 @@ class Registry:
 
     def gate_acks(self, version: str) -> list[GateAckRow]:
         with self.session() as s:
-            q = select(GateAckRow).where(GateAckRow.version == version)
+            q = select(GateAckRow).where(col(GateAckRow.version) == version)
             return list(s.execute(q).scalars())
 
     # ------------------------------------------------------------------ assignments
 
-    def next_assignment_version(self, app: str) -> int:
-        with self.session() as s:
-            q = select(Assignment.version).where(Assignment.app == app)
-            versions = [int(v) for (v,) in s.execute(q)]
-        return max(versions, default=0) + 1
-
     def add_assignment(self, a: p.AppAssignment) -> None:
+        """Record a pushed assignment (its version comes from the fleet: ``moe2.shared.
+        desired``; a version seen again, after a broker lost its state, replaces the row)."""
         with self.session() as s:
-            s.add(
-                Assignment(
-                    app=a.app,
-                    version=a.version,
-                    subset_json=json.dumps(list(a.subset)),
-                    k=a.k,
-                    gate_version=a.gate.version if a.gate else None,
-                    gate_sha256=a.gate.sha256 if a.gate else None,
-                )
+            q = select(Assignment).where(
+                col(Assignment.app) == a.app, col(Assignment.version) == a.version
             )
+            row = s.execute(q).scalars().first() or Assignment(
+                app=a.app, version=a.version, subset_json="[]", k=a.k
+            )
+            row.subset_json = json.dumps(list(a.subset))
+            row.k = a.k
+            row.gate_version = a.gate.version if a.gate else None
+            row.gate_sha256 = a.gate.sha256 if a.gate else None
+            row.pushed_at = time.time()
+            s.add(row)
             s.commit()
+
+    def assignments(self, app: str) -> list[Assignment]:
+        with self.session() as s:
+            q = (
+                select(Assignment)
+                .where(col(Assignment.app) == app)
+                .order_by(col(Assignment.version))
+            )
+            return list(s.execute(q).scalars())
 
     def record_assignment_ack(self, ack: p.AssignmentAck) -> None:
         with self.session() as s:
@@ -413,7 +411,7 @@ class Registry:
 
     def assignment_acks(self, app: str) -> list[AssignmentAckRow]:
         with self.session() as s:
-            q = select(AssignmentAckRow).where(AssignmentAckRow.app == app)
+            q = select(AssignmentAckRow).where(col(AssignmentAckRow.app) == app)
             return list(s.execute(q).scalars())
 
     # ------------------------------------------------------------------ optimisation

@@ -156,7 +156,7 @@ class EmbeddingCache(SQLModel, table=True):
 
 
 TABLES = [
-    m.__table__  # type: ignore[attr-defined]
+    SQLModel.metadata.tables[str(m.__tablename__)]
     for m in (
         SchemaVersion,
         Agent,

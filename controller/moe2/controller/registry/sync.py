@@ -1,60 +1,37 @@
-"""Keeping the registry current from the fleet's retained messages: agents' info, status and
-profiles, and the gateways' acknowledgements of assignments and gates.
+"""Keeping the registry current from the fleet's state: agents' info, status and profiles,
+and the gateways' acknowledgements of assignments and gates.
 
     counts = sync_once(registry, broker)     # {"info": 3, "status": 3, ...}
 """
 
 from __future__ import annotations
 
-import logging
-
-from moe2.controller.fleet import read_retained
 from moe2.controller.registry.db import Registry
 from moe2.shared import protocol as p
-from moe2.shared.errors import Moe2Error
+from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig
 
-log = logging.getLogger(__name__)
-
-FILTERS = (
-    p.topics.ALL_AGENT_INFO,
-    p.topics.ALL_AGENT_STATUS,
-    p.topics.ALL_AGENT_PROFILES,
-    p.topics.ALL_ASSIGNMENT_ACKS,
-    p.topics.ALL_GATE_ACKS,
-)
+KINDS = ("info", "status", "profile", "assignment_ack", "gate_ack")
 
 
-def apply(registry: Registry, topic: str, payload: bytes) -> str | None:
-    """Store one retained message; returns its kind, or None when it is not one we keep."""
-    kind = topic.split("/")[-1] if topic.count("/") == 4 else topic.split("/")[-2]
-    try:
-        if kind == "info":
-            registry.upsert_agent_info(p.decode_message(p.AgentInfo, payload))
-        elif kind == "status":
-            st = p.decode_message(p.AgentStatus, payload)
-            registry.set_agent_state(st.agent_id, st.state)
-        elif kind == "profile":
-            registry.set_agent_profile(p.decode_message(p.AgentProfile, payload))
-        elif kind == "acks":
-            registry.record_assignment_ack(p.decode_message(p.AssignmentAck, payload))
-        elif kind == "gates":
-            registry.record_gate_ack(p.decode_message(p.GateAck, payload))
-        else:
-            return None
-    except Moe2Error as exc:
-        log.warning("ignoring %s: %s", topic, exc.message)
-        return None
-    return kind
+def store(registry: Registry, state: FleetState) -> dict[str, int]:
+    """Store a fleet state; the number of messages of each kind stored."""
+    for info in state.info.values():
+        registry.upsert_agent_info(info)
+    for st in state.status.values():
+        registry.set_agent_state(st.agent_id, st.state)
+    for prof in state.profile.values():
+        registry.set_agent_profile(prof)
+    for ack in state.assignment_ack.values():
+        registry.record_assignment_ack(ack)
+    for gack in state.gate_ack.values():
+        registry.record_gate_ack(gack)
+    counts = {k: len(getattr(state, k)) for k in KINDS}
+    return {k: n for k, n in counts.items() if n}
 
 
 def sync_once(registry: Registry, broker: BrokerConfig, wait_s: float = 3.0) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for topic, payload in sorted(read_retained(broker, FILTERS, wait_s).items()):
-        kind = apply(registry, topic, payload)
-        if kind:
-            counts[kind] = counts.get(kind, 0) + 1
-    return counts
+    return store(registry, FleetView.snapshot(broker, KINDS, wait_s))
 
 
 def online_experts(registry: Registry) -> dict[str, p.AgentInfo]:

@@ -6,11 +6,18 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
     moe2/v1/agents/<agent>/status    retained  AgentStatus     online/offline (offline is the LWT)
     moe2/v1/agents/<agent>/profile   retained  AgentProfile    delay and energy cost curves
     moe2/v1/agents/<gw>/links        retained  LinkReport      gateway-to-expert round trip, rate
+    moe2/v1/agents/<gw>/gateway      retained  GatewayStatus   apps a gateway serves (LWT offline)
     moe2/v1/agents/<agent>/rpc                 RpcRequest      MQTT 5 request/response
+    moe2/v1/replies/<client>/rpc/<agent>       RpcReply        the agent's answer to <client>
+    moe2/v1/replies/<client>/answers           prompt answers  a PromptClient's inbox
     moe2/v1/prompts/<app>                      (prompt API, see DESIGN.md §3)
+    moe2/v1/desired/apps/<app>       retained  AppAssignment   desired state (desired.py)
+    moe2/v1/agents/<gw>/acks/<app>   retained  AssignmentAck   a gateway accepted/rejected it
     moe2/v1/gates/<version>          retained  GateManifest    a trained gate (gates.py)
     moe2/v1/blobs/<sha256>/<i>       retained  raw bytes       chunks of a gate's files
     moe2/v1/agents/<gw>/gates/<ver>  retained  GateAck         a gateway loaded/rejected it
+
+Topics are built and parsed only in ``topics.py``.
 
 Every JSON payload carries ``"v": SCHEMA_VERSION``. RPC requests name their operation in
 ``op``; replies are ``{"v", "ok": true, ...}`` or ``{"v", "ok": false, "error": {code, message}}``
@@ -34,14 +41,18 @@ from moe2.shared.protocol.base import (
     decode_message,
     encode,
 )
+from moe2.shared.protocol.desired import (
+    MAX_VERSION,
+    AppAssignment,
+    AssignmentAck,
+    GateRef,
+    GatewayStatus,
+)
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
 from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
 from moe2.shared.protocol.prompts import (
-    AppAssignment,
-    AssignmentAck,
     DroppedExpert,
     ExpertWeight,
-    GateRef,
     PromptAnswer,
     PromptError,
     PromptRequest,
@@ -70,19 +81,23 @@ from moe2.shared.protocol.rpc import (
     TokenizeReply,
     TokenizeRequest,
     TopKDist,
+    VocabReply,
+    VocabRequest,
     decode_reply,
     decode_request,
     encode_full,
     encode_topk,
+    encode_vocab,
     error_reply,
     request_op,
 )
-from moe2.shared.protocol.topics import topics
+from moe2.shared.protocol.topics import Topic, topics
 
 __all__ = [
     "MAX_TEXT_CHARS",
     "MAX_TOKENS_PER_REQUEST",
     "MAX_TOP_K",
+    "MAX_VERSION",
     "NAME_PATTERN",
     "OPERATIONS",
     "SCHEMA_VERSION",
@@ -106,6 +121,7 @@ __all__ = [
     "GateAck",
     "GateManifest",
     "GateRef",
+    "GatewayStatus",
     "LinkFigures",
     "LinkReport",
     "Message",
@@ -124,6 +140,9 @@ __all__ = [
     "TokenizeReply",
     "TokenizeRequest",
     "TopKDist",
+    "Topic",
+    "VocabReply",
+    "VocabRequest",
     "check_name",
     "decode_message",
     "decode_prompt",
@@ -132,6 +151,7 @@ __all__ = [
     "encode",
     "encode_full",
     "encode_topk",
+    "encode_vocab",
     "error_reply",
     "gate_digest",
     "prompt_error",

@@ -1,4 +1,4 @@
-"""The public prompt API (DESIGN.md §3) and the desired state that steers gateways.
+"""The public prompt API (DESIGN.md §3).
 
 A client publishes to ``moe2/v1/prompts/<app>``::
 
@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from moe2.shared.errors import BadMessage, MessageTooLarge
-from moe2.shared.protocol.base import MAX_TEXT_CHARS, NAME_PATTERN, Message, describe_error
+from moe2.shared.protocol.base import MAX_TEXT_CHARS, describe_error
 
 MAX_PROMPT_ID = 128
 MAX_TOPIC = 512
@@ -47,7 +47,7 @@ class PromptRequest(_Public):
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)  # 0: greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)  # sampling seed
 
     @field_validator("reply_to")
     @classmethod
@@ -82,6 +82,7 @@ class PromptAnswer(_Public):
     app: str
     fusion: Literal["token-id", "token-text"]  # same vocabulary, or aligned by text
     dropped: list[DroppedExpert] = Field(default_factory=list)
+    gateway: str | None = None  # the gateway that answered
 
 
 class PromptErrorBody(_Public):
@@ -116,33 +117,3 @@ def decode_prompt(
         return PromptRequest.model_validate(raw), raw
     except ValidationError as exc:
         raise BadMessage(f"invalid prompt: {describe_error(exc)}") from None
-
-
-# --------------------------------------------------------------------------- desired state
-
-
-class GateRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    version: str
-    sha256: str
-
-
-class AppAssignment(Message):
-    """Retained on ``moe2/v1/desired/apps/<app>``: which experts serve an application."""
-
-    app: Annotated[str, Field(pattern=NAME_PATTERN)]
-    version: int = Field(ge=1)  # increases with every push
-    subset: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(min_length=1)
-    k: int = Field(ge=1)  # experts per prompt: the top-k of the subset by gate value
-    gate: GateRef | None = None  # None: uniform weights over the subset
-
-
-class AssignmentAck(Message):
-    """Retained on ``moe2/v1/agents/<gateway>/acks/<app>``: what a gateway now serves."""
-
-    gateway: str
-    app: str
-    version: int
-    accepted: bool
-    reason: str | None = None

@@ -4,11 +4,19 @@ self-profiling."""
 from __future__ import annotations
 
 import base64
+import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from moe2.shared.errors import BadMessage, UnknownOperation
 from moe2.shared.protocol.base import (
@@ -22,6 +30,10 @@ from moe2.shared.protocol.base import (
 from moe2.shared.protocol.profiles import AgentProfile
 
 # --------------------------------------------------------------------------- distributions
+
+# A distribution whose probabilities do not sum to 1 within this is refused (float32 sums of
+# a 150k vocabulary stay within 1e-4; a peer that sends garbage does not).
+NORMALISATION_TOLERANCE = 1e-3
 
 
 class TopKDist(BaseModel):
@@ -39,6 +51,16 @@ class TopKDist(BaseModel):
             raise ValueError("ids and logprobs must have the same length")
         if self.pieces is not None and len(self.pieces) != len(self.ids):
             raise ValueError("pieces and ids must have the same length")
+        if len(set(self.ids)) != len(self.ids) or any(t < 0 for t in self.ids):
+            raise ValueError("ids must be distinct non-negative token ids")
+        if not all(math.isfinite(lp) and lp <= 1e-6 for lp in self.logprobs):
+            raise ValueError("logprobs must be finite natural-log probabilities (<= 0)")
+        mass = sum(math.exp(lp) for lp in self.logprobs) + self.tail
+        if abs(mass - 1.0) > NORMALISATION_TOLERANCE:
+            raise ValueError(
+                f"top-k probabilities plus tail sum to {mass:.4f}, expected 1 "
+                f"(within {NORMALISATION_TOLERANCE})"
+            )
         return self
 
 
@@ -46,15 +68,25 @@ class FullDist(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["full"] = "full"
-    n_vocab: int
+    n_vocab: int = Field(ge=1, le=1 << 22)
     logprobs_b64: str  # base64 of (n_vocab,) little-endian float32 natural-log probabilities
 
     def logprobs(self) -> np.ndarray:
-        arr = np.frombuffer(base64.b64decode(self.logprobs_b64), dtype="<f4")
-        if arr.shape[0] != self.n_vocab:
+        """(n_vocab,) float32 log-probabilities; BadMessage unless finite and normalised."""
+        try:
+            raw = base64.b64decode(self.logprobs_b64, validate=True)
+        except ValueError:
+            raise BadMessage("full distribution is not valid base64") from None
+        if len(raw) != 4 * self.n_vocab:
             raise BadMessage(
-                f"full distribution has {arr.shape[0]} entries, expected {self.n_vocab}"
+                f"full distribution has {len(raw) / 4:g} entries, expected {self.n_vocab}"
             )
+        arr = np.frombuffer(raw, dtype="<f4")
+        if not np.all(arr <= 1e-6) or np.isnan(arr).any():
+            raise BadMessage("full distribution holds values that are not log-probabilities")
+        mass = float(np.exp(arr.astype(np.float64)).sum())
+        if abs(mass - 1.0) > NORMALISATION_TOLERANCE:
+            raise BadMessage(f"full distribution sums to {mass:.4f}, expected 1")
         return arr
 
 
@@ -77,138 +109,6 @@ def encode_topk(logprobs: np.ndarray, k: int, pieces: list[str] | None = None) -
 def encode_full(logprobs: np.ndarray) -> FullDist:
     arr = np.ascontiguousarray(logprobs, dtype="<f4")
     return FullDist(n_vocab=arr.shape[0], logprobs_b64=base64.b64encode(arr.tobytes()).decode())
-
-
-# --------------------------------------------------------------------------- RPC requests
-
-TokenList = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_TOKENS_PER_REQUEST)]
-Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
-
-
-class _Request(Message):
-    op: str
-
-
-class _DistributionOptions(BaseModel):
-    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)  # None: the agent's default
-    full: bool = False  # send the whole distribution instead of the top-k
-    with_pieces: bool = False  # add the text of each top-k token
-
-
-class OpenRequest(_Request, _DistributionOptions):
-    """Open a session on a prompt; the reply carries the next-token distribution."""
-
-    op: Literal["open"] = "open"
-    prompt: Text | None = None
-    tokens: TokenList | None = None
-    add_bos: bool | None = None  # None: as the model expects
-
-    @model_validator(mode="after")
-    def _one_prompt(self) -> OpenRequest:
-        if (self.prompt is None) == (self.tokens is None):
-            raise ValueError("give exactly one of 'prompt' (text) or 'tokens' (ids)")
-        if self.tokens is not None and len(self.tokens) == 0:
-            raise ValueError("'tokens' must not be empty")
-        return self
-
-
-class StepRequest(_Request, _DistributionOptions):
-    """Append tokens to a session's history; reply with the next-token distribution."""
-
-    op: Literal["step"] = "step"
-    session: str = Field(min_length=1, max_length=64)
-    tokens: Annotated[TokenList, Field(min_length=1)] | None = None
-    # Text instead of ids: the agent tokenizes it (no BOS) and appends the tokens; how a
-    # gateway feeds a token chosen by text to experts with another vocabulary.
-    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
-    # Roll the history back to its first `rewind_to` tokens before appending (backtracking,
-    # speculative decoding). Must not exceed the current history length.
-    rewind_to: int | None = Field(default=None, ge=1)
-
-    @model_validator(mode="after")
-    def _one_input(self) -> StepRequest:
-        if (self.tokens is None) == (self.text is None):
-            raise ValueError("give exactly one of 'tokens' (ids) or 'text'")
-        return self
-
-
-class CloseRequest(_Request):
-    op: Literal["close"] = "close"
-    session: str = Field(min_length=1, max_length=64)
-
-
-class ScoreRequest(_Request):
-    """Teacher-forced log-probabilities of ``target`` after ``prompt``, one forward pass."""
-
-    op: Literal["score"] = "score"
-    prompt: Text | None = None
-    prompt_tokens: TokenList | None = None
-    target: Text | None = None
-    target_tokens: TokenList | None = None
-    add_bos: bool | None = None
-
-    @model_validator(mode="after")
-    def _one_each(self) -> ScoreRequest:
-        if (self.prompt is None) == (self.prompt_tokens is None):
-            raise ValueError("give exactly one of 'prompt' or 'prompt_tokens'")
-        if (self.target is None) == (self.target_tokens is None):
-            raise ValueError("give exactly one of 'target' or 'target_tokens'")
-        return self
-
-
-class TokenizeRequest(_Request):
-    op: Literal["tokenize"] = "tokenize"
-    text: Text
-    add_bos: bool = False
-    special: bool = False  # parse special-token text such as "<s>"
-
-
-class DetokenizeRequest(_Request):
-    op: Literal["detokenize"] = "detokenize"
-    tokens: TokenList
-    pieces: bool = False  # also return the text of each token separately
-
-
-class PingRequest(_Request):
-    op: Literal["ping"] = "ping"
-
-
-class ProfileRequest(_Request):
-    """Profile the agent now, on its model thread (requests wait meanwhile), and by default
-    replace its retained profile. Unset fields keep the agent's configured profiler settings;
-    the bounds keep one request from holding the model for long."""
-
-    op: Literal["profile"] = "profile"
-    points: int | None = Field(default=None, ge=2, le=32)  # prompt lengths, spread up to n_ctx
-    prompt_lengths: list[Annotated[int, Field(ge=1)]] | None = Field(
-        default=None, min_length=2, max_length=32
-    )  # exact prompt lengths, tokens (instead of points)
-    repeats: int | None = Field(default=None, ge=1, le=20)  # measurements per prompt length
-    decode_tokens: int | None = Field(default=None, ge=1, le=512)  # generated per measurement
-    max_prompt_fraction: float | None = Field(default=None, gt=0, le=1)  # longest / n_ctx
-    publish: bool = True  # replace the retained profile on agents/<id>/profile
-
-    @model_validator(mode="after")
-    def _distinct_lengths(self) -> ProfileRequest:
-        if self.prompt_lengths is not None and len(set(self.prompt_lengths)) < 2:
-            raise ValueError("prompt_lengths needs at least two distinct lengths")
-        return self
-
-
-RpcRequest = Annotated[
-    OpenRequest
-    | StepRequest
-    | CloseRequest
-    | ScoreRequest
-    | TokenizeRequest
-    | DetokenizeRequest
-    | PingRequest
-    | ProfileRequest,
-    Field(discriminator="op"),
-]
-OPERATIONS = ("open", "step", "close", "score", "tokenize", "detokenize", "ping", "profile")
-
-_request_adapter: TypeAdapter[Any] = TypeAdapter(RpcRequest)
 
 
 # --------------------------------------------------------------------------- RPC replies
@@ -250,6 +150,39 @@ class DetokenizeReply(_Reply):
     pieces: list[str] | None = None
 
 
+class VocabReply(_Reply):
+    """Every token's text as raw bytes (what it adds to the output; empty for control tokens),
+    so a gateway knows token texts ahead and never asks inside its token loop."""
+
+    op: Literal["vocab"] = "vocab"
+    tokenizer_hash: str
+    n_vocab: int = Field(ge=1, le=1 << 22)
+    lengths_b64: str  # base64 of (n_vocab,) little-endian uint32 byte lengths
+    data_b64: str  # base64 of the concatenated token bytes
+
+    def pieces(self) -> list[bytes]:
+        try:
+            lengths = np.frombuffer(base64.b64decode(self.lengths_b64, validate=True), "<u4")
+            data = base64.b64decode(self.data_b64, validate=True)
+        except ValueError:
+            raise BadMessage("vocabulary is not valid base64") from None
+        if lengths.shape[0] != self.n_vocab or int(lengths.sum()) != len(data):
+            raise BadMessage("vocabulary lengths do not match its data")
+        ends = np.cumsum(lengths, dtype=np.int64)
+        starts = ends - lengths
+        return [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def encode_vocab(tokenizer_hash: str, pieces: list[bytes]) -> VocabReply:
+    lengths = np.array([len(x) for x in pieces], dtype="<u4")
+    return VocabReply(
+        tokenizer_hash=tokenizer_hash,
+        n_vocab=len(pieces),
+        lengths_b64=base64.b64encode(lengths.tobytes()).decode(),
+        data_b64=base64.b64encode(b"".join(pieces)).decode(),
+    )
+
+
 class PingReply(_Reply):
     op: Literal["ping"] = "ping"
     agent_id: str
@@ -279,12 +212,203 @@ def error_reply(code: str, message: str, op: str | None = None) -> ErrorReply:
     return ErrorReply(op=op, error=ErrorBody(code=code, message=message))
 
 
+# --------------------------------------------------------------------------- RPC requests
+
+TokenList = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_TOKENS_PER_REQUEST)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+ReplyT = TypeVar("ReplyT", bound="_Reply")
+
+
+class _Request(Message, Generic[ReplyT]):
+    """An RPC request; ``_Request[XReply]`` names the reply type the agent answers with, so
+    ``RpcClient.call(agent, OpenRequest(...))`` is typed ``DistributionReply``."""
+
+    op: str
+
+    @classmethod
+    def reply_type(cls) -> type[_Reply]:
+        for base in cls.__mro__:
+            meta = getattr(base, "__pydantic_generic_metadata__", None)
+            if meta and meta.get("origin") is _Request and meta.get("args"):
+                reply: type[_Reply] = meta["args"][0]
+                return reply
+        raise TypeError(f"{cls.__name__} does not name its reply type")
+
+
+class _DistributionOptions(BaseModel):
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)  # None: the agent's default
+    full: bool = False  # send the whole distribution instead of the top-k
+    with_pieces: bool = False  # add the text of each top-k token
+
+
+class OpenRequest(_Request[DistributionReply], _DistributionOptions):
+    """Open a session on a prompt; the reply carries the next-token distribution."""
+
+    op: Literal["open"] = "open"
+    prompt: Text | None = None
+    tokens: TokenList | None = None
+    add_bos: bool | None = None  # None: as the model expects
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> OpenRequest:
+        if (self.prompt is None) == (self.tokens is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'tokens' (ids)")
+        if self.tokens is not None and len(self.tokens) == 0:
+            raise ValueError("'tokens' must not be empty")
+        return self
+
+
+class StepRequest(_Request[DistributionReply], _DistributionOptions):
+    """Append tokens to a session's history; reply with the next-token distribution."""
+
+    op: Literal["step"] = "step"
+    session: str = Field(min_length=1, max_length=64)
+    tokens: Annotated[TokenList, Field(min_length=1)] | None = None
+    # Text instead of ids: the agent tokenizes it (no BOS) and appends the tokens; how a
+    # gateway feeds a token chosen by text to experts with another vocabulary.
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+    # Raw bytes instead of text (base64 in JSON): a cross-vocabulary pick may be part of a
+    # UTF-8 character (byte tokens), which no str can hold.
+    text_b64: Annotated[str, Field(min_length=4, max_length=2 * MAX_TEXT_CHARS)] | None = None
+    # Roll the history back to its first `rewind_to` tokens before appending (backtracking,
+    # speculative decoding). Must not exceed the current history length.
+    rewind_to: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> StepRequest:
+        given = sum(x is not None for x in (self.tokens, self.text, self.text_b64))
+        if given != 1:
+            raise ValueError("give exactly one of 'tokens' (ids), 'text' or 'text_b64'")
+        if self.text_b64 is not None:
+            self.text_bytes()  # valid base64 of at least one byte
+        return self
+
+    @classmethod
+    def with_bytes(cls, session: str, data: bytes, **options: Any) -> StepRequest:
+        return cls(session=session, text_b64=base64.b64encode(data).decode(), **options)
+
+    def text_bytes(self) -> bytes | None:
+        """The bytes to append: ``text`` as UTF-8, or ``text_b64`` decoded."""
+        if self.text is not None:
+            return self.text.encode()
+        if self.text_b64 is None:
+            return None
+        try:
+            data = base64.b64decode(self.text_b64, validate=True)
+        except ValueError:
+            raise ValueError("text_b64 is not valid base64") from None
+        if not data:
+            raise ValueError("text_b64 decodes to nothing")
+        return data
+
+
+class CloseRequest(_Request[CloseReply]):
+    op: Literal["close"] = "close"
+    session: str = Field(min_length=1, max_length=64)
+
+
+class ScoreRequest(_Request[ScoreReply]):
+    """Teacher-forced log-probabilities of ``target`` after ``prompt``, one forward pass."""
+
+    op: Literal["score"] = "score"
+    prompt: Text | None = None
+    prompt_tokens: TokenList | None = None
+    target: Text | None = None
+    target_tokens: TokenList | None = None
+    add_bos: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_each(self) -> ScoreRequest:
+        if (self.prompt is None) == (self.prompt_tokens is None):
+            raise ValueError("give exactly one of 'prompt' or 'prompt_tokens'")
+        if (self.target is None) == (self.target_tokens is None):
+            raise ValueError("give exactly one of 'target' or 'target_tokens'")
+        return self
+
+
+class TokenizeRequest(_Request[TokenizeReply]):
+    op: Literal["tokenize"] = "tokenize"
+    text: Text
+    add_bos: bool = False
+    special: bool = False  # parse special-token text such as "<s>"
+
+
+class DetokenizeRequest(_Request[DetokenizeReply]):
+    op: Literal["detokenize"] = "detokenize"
+    tokens: TokenList
+    pieces: bool = False  # also return the text of each token separately
+
+
+class VocabRequest(_Request[VocabReply]):
+    """The text of every token of the agent's vocabulary, as bytes."""
+
+    op: Literal["vocab"] = "vocab"
+
+
+class PingRequest(_Request[PingReply]):
+    op: Literal["ping"] = "ping"
+
+
+class ProfileRequest(_Request[ProfileReply]):
+    """Profile the agent now, on its model thread (requests wait meanwhile), and by default
+    replace its retained profile. Unset fields keep the agent's configured profiler settings;
+    the bounds keep one request from holding the model for long."""
+
+    op: Literal["profile"] = "profile"
+    points: int | None = Field(default=None, ge=2, le=32)  # prompt lengths, spread up to n_ctx
+    prompt_lengths: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, min_length=2, max_length=32
+    )  # exact prompt lengths, tokens (instead of points)
+    repeats: int | None = Field(default=None, ge=1, le=20)  # measurements per prompt length
+    decode_tokens: int | None = Field(default=None, ge=1, le=512)  # generated per measurement
+    max_prompt_fraction: float | None = Field(default=None, gt=0, le=1)  # longest / n_ctx
+    publish: bool = True  # replace the retained profile on agents/<id>/profile
+
+    @model_validator(mode="after")
+    def _distinct_lengths(self) -> ProfileRequest:
+        if self.prompt_lengths is not None and len(set(self.prompt_lengths)) < 2:
+            raise ValueError("prompt_lengths needs at least two distinct lengths")
+        return self
+
+
+RpcRequest = Annotated[
+    OpenRequest
+    | StepRequest
+    | CloseRequest
+    | ScoreRequest
+    | TokenizeRequest
+    | DetokenizeRequest
+    | VocabRequest
+    | PingRequest
+    | ProfileRequest,
+    Field(discriminator="op"),
+]
+OPERATIONS = (
+    "open",
+    "step",
+    "close",
+    "score",
+    "tokenize",
+    "detokenize",
+    "vocab",
+    "ping",
+    "profile",
+)
+
+_request_adapter: TypeAdapter[Any] = TypeAdapter(RpcRequest)
+
+
+# --------------------------------------------------------------------------- decoding
+
 RpcReply = Annotated[
     DistributionReply
     | CloseReply
     | ScoreReply
     | TokenizeReply
     | DetokenizeReply
+    | VocabReply
     | PingReply
     | ProfileReply,
     Field(discriminator="op"),

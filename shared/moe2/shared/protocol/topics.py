@@ -1,8 +1,88 @@
-"""Every MQTT topic moe2 uses, built in one place."""
+"""Every MQTT topic moe2 uses: built here, and parsed here (``parse``), nowhere else."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
+from moe2.shared.errors import BadMessage
 from moe2.shared.protocol.base import TOPIC_ROOT, check_name
+
+TopicKind = Literal[
+    "info",  # agents/<agent>/info            retained AgentInfo
+    "status",  # agents/<agent>/status        retained AgentStatus (LWT offline)
+    "profile",  # agents/<agent>/profile      retained AgentProfile
+    "links",  # agents/<gateway>/links        retained LinkReport
+    "gateway",  # agents/<gateway>/gateway    retained GatewayStatus (LWT offline)
+    "rpc",  # agents/<agent>/rpc              RPC requests
+    "assignment_ack",  # agents/<gateway>/acks/<app>      retained AssignmentAck
+    "gate_ack",  # agents/<gateway>/gates/<version>       retained GateAck
+    "desired_app",  # desired/apps/<app>                  retained AppAssignment
+    "gate_manifest",  # gates/<version>                   retained GateManifest
+    "blob_chunk",  # blobs/<sha256>/<index>               retained raw bytes
+    "prompt",  # prompts/<app>                            the public prompt API
+    "reply",  # replies/<client>/...                      answers and RPC replies
+]
+
+_AGENT_LEAVES = {
+    "info": "info",
+    "status": "status",
+    "profile": "profile",
+    "links": "links",
+    "gateway": "gateway",
+    "rpc": "rpc",
+}
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A parsed moe2 topic: its kind and the names its levels carry."""
+
+    kind: TopicKind
+    agent: str | None = None  # agents/<agent>/...: the agent (or gateway) the topic belongs to
+    app: str | None = None
+    version: str | None = None  # gate version
+    sha256: str | None = None
+    index: int | None = None  # blob chunk index
+    client: str | None = None  # replies/<client>/...
+    rest: tuple[str, ...] = ()  # replies/<client>/<rest...>
+
+
+def parse(topic: str) -> Topic | None:
+    """The moe2 meaning of ``topic``, or None when it is not one of ours (or malformed:
+    names that could not have been built by ``topics`` are refused)."""
+    parts = topic.split("/")
+    if len(parts) < 3 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT:
+        return None
+    head, tail = parts[2], parts[3:]
+    try:
+        if head == "agents" and len(tail) == 2 and tail[1] in _AGENT_LEAVES:
+            return Topic(_AGENT_LEAVES[tail[1]], agent=check_name("agent id", tail[0]))  # type: ignore[arg-type]
+        if head == "agents" and len(tail) == 3 and tail[1] == "acks":
+            return Topic(
+                "assignment_ack",
+                agent=check_name("agent id", tail[0]),
+                app=check_name("application", tail[2]),
+            )
+        if head == "agents" and len(tail) == 3 and tail[1] == "gates":
+            return Topic(
+                "gate_ack",
+                agent=check_name("agent id", tail[0]),
+                version=check_name("gate version", tail[2]),
+            )
+        if head == "desired" and len(tail) == 2 and tail[0] == "apps":
+            return Topic("desired_app", app=check_name("application", tail[1]))
+        if head == "gates" and len(tail) == 1:
+            return Topic("gate_manifest", version=check_name("gate version", tail[0]))
+        if head == "blobs" and len(tail) == 2 and tail[1].isdigit() and len(tail[1]) <= 9:
+            return Topic("blob_chunk", sha256=check_name("blob hash", tail[0]), index=int(tail[1]))
+        if head == "prompts" and len(tail) == 1:
+            return Topic("prompt", app=check_name("application", tail[0]))
+        if head == "replies" and len(tail) >= 1:
+            return Topic("reply", client=check_name("client id", tail[0]), rest=tuple(tail[1:]))
+    except BadMessage:
+        return None
+    return None
 
 
 class topics:
@@ -23,38 +103,73 @@ class topics:
     def agent_rpc(agent_id: str) -> str:
         return f"{TOPIC_ROOT}/agents/{check_name('agent id', agent_id)}/rpc"
 
-    # Wildcard subscriptions used by the controller and the gateway.
-    ALL_AGENT_INFO = f"{TOPIC_ROOT}/agents/+/info"
-    ALL_AGENT_STATUS = f"{TOPIC_ROOT}/agents/+/status"
-    ALL_AGENT_PROFILES = f"{TOPIC_ROOT}/agents/+/profile"
-    ALL_GATEWAY_LINKS = f"{TOPIC_ROOT}/agents/+/links"
+    @staticmethod
+    def gateway_status(gateway: str) -> str:
+        """Retained GatewayStatus: the applications a gateway serves (LWT: offline)."""
+        return f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/gateway"
 
     @staticmethod
     def gateway_links(gateway: str) -> str:
         """Retained LinkReport: round trip and payload rate from a gateway to each expert."""
         return f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/links"
 
+    # Wildcard subscriptions of the fleet view (moe2.shared.fleet).
+    ALL_AGENT_INFO = f"{TOPIC_ROOT}/agents/+/info"
+    ALL_AGENT_STATUS = f"{TOPIC_ROOT}/agents/+/status"
+    ALL_AGENT_PROFILES = f"{TOPIC_ROOT}/agents/+/profile"
+    ALL_GATEWAY_LINKS = f"{TOPIC_ROOT}/agents/+/links"
+    ALL_GATEWAY_STATUS = f"{TOPIC_ROOT}/agents/+/gateway"
+
+    # ------------------------------------------------------------------ replies
+    # Everything addressed to one client lives under replies/<client>/: the broker's ACL
+    # lets user <client> read exactly that subtree.
+
     @staticmethod
     def replies(client_id: str) -> str:
-        """Inbox of an RPC client; requests name it as their ResponseTopic."""
+        """The subtree of everything addressed to ``client_id`` (subscribe to ``.../#``)."""
         return f"{TOPIC_ROOT}/replies/{check_name('client id', client_id)}"
+
+    @staticmethod
+    def rpc_reply(client_id: str, agent_id: str) -> str:
+        """Where ``agent_id`` answers the RPC requests of ``client_id``: the topic names the
+        replier, so a reply is accepted only from the agent that was asked."""
+        return (
+            f"{TOPIC_ROOT}/replies/{check_name('client id', client_id)}/rpc/"
+            f"{check_name('agent id', agent_id)}"
+        )
+
+    @staticmethod
+    def rpc_replies(client_id: str) -> str:
+        """The filter an RPC client subscribes to: replies from every agent."""
+        return f"{TOPIC_ROOT}/replies/{check_name('client id', client_id)}/rpc/+"
+
+    @staticmethod
+    def client_answers(client_id: str) -> str:
+        """Inbox of a prompt client (``PromptClient``, ``moe2ctl ask``)."""
+        return f"{TOPIC_ROOT}/replies/{check_name('client id', client_id)}/answers"
+
+    # ------------------------------------------------------------------ prompts
 
     @staticmethod
     def prompts(app: str) -> str:
         return f"{TOPIC_ROOT}/prompts/{check_name('application', app)}"
 
-    # Gateways share the prompts of every application (MQTT 5 shared subscription: each
-    # prompt goes to one gateway of the group).
     @staticmethod
-    def prompts_shared(group: str) -> str:
-        return f"$share/{check_name('gateway group', group)}/{TOPIC_ROOT}/prompts/+"
+    def prompts_shared(group: str, app: str) -> str:
+        """A gateway's subscription to one application it serves (MQTT 5 shared
+        subscription: each prompt goes to one gateway of the group that serves the app)."""
+        return (
+            f"$share/{check_name('gateway group', group)}/{TOPIC_ROOT}/prompts/"
+            f"{check_name('application', app)}"
+        )
 
     @staticmethod
-    def app_from_prompt_topic(topic: str) -> str | None:
-        parts = topic.split("/")
-        if len(parts) == 4 and f"{parts[0]}/{parts[1]}" == TOPIC_ROOT and parts[2] == "prompts":
-            return parts[3]
-        return None
+    def prompts_unrouted(group: str) -> str:
+        """Every gateway's catch-all (a group of its own): one gateway of the fleet sees each
+        prompt and answers ``unknown_app`` when no online gateway serves its application."""
+        return f"$share/{check_name('gateway group', group)}.unrouted/{TOPIC_ROOT}/prompts/+"
+
+    # ------------------------------------------------------------------ desired state
 
     @staticmethod
     def desired_app(app: str) -> str:
@@ -71,13 +186,6 @@ class topics:
         )
 
     ALL_ASSIGNMENT_ACKS = f"{TOPIC_ROOT}/agents/+/acks/+"
-
-    @staticmethod
-    def agent_id_from(topic: str) -> str | None:
-        parts = topic.split("/")
-        if len(parts) == 5 and f"{parts[0]}/{parts[1]}" == TOPIC_ROOT and parts[2] == "agents":
-            return parts[3]
-        return None
 
     # Gate rollout (protocol/gates.py).
     @staticmethod
@@ -102,3 +210,5 @@ class topics:
         )
 
     ALL_GATE_ACKS = f"{TOPIC_ROOT}/agents/+/gates/+"
+
+    parse = staticmethod(parse)

@@ -10,96 +10,24 @@ them; nothing is stored (the registry does that).
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import click
-import paho.mqtt.client as mqtt
 
 from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
-from moe2.shared.errors import BadMessage, Moe2Error
-from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient
-from moe2.shared.protocol import (
-    AgentInfo,
-    AgentProfile,
-    AgentStatus,
-    ProfileRequest,
-    decode_message,
-    topics,
-)
-
-log = logging.getLogger(__name__)
+from moe2.shared.errors import Moe2Error
+from moe2.shared.fleet import FleetState, FleetView
+from moe2.shared.mqtt import BrokerConfig, RpcClient
+from moe2.shared.protocol import AgentInfo, AgentProfile, AgentStatus, ProfileRequest
 
 
-def read_retained(
-    broker: BrokerConfig, filters: Iterable[str], wait_s: float = 3.0
-) -> dict[str, bytes]:
-    """Retained payloads (by topic) under ``filters``; empty payloads (cleared) are left out.
-
-    The broker sends retained messages while it handles a SUBSCRIBE, so a marker published to
-    our own inbox after subscribing arrives after all of them; ``wait_s`` bounds the wait when
-    a broker orders things differently.
-    """
-    client_id = f"moe2ctl-{uuid.uuid4().hex[:12]}"
-    inbox = topics.replies(client_id)
-    got: dict[str, bytes] = {}
-    lock = threading.Lock()
-    done = threading.Event()
-
-    def on_retained(msg: mqtt.MQTTMessage) -> None:
-        if msg.retain and msg.payload:
-            with lock:
-                got[msg.topic] = bytes(msg.payload)
-
-    conn = Connection(broker, client_id)
-    for topic_filter in filters:
-        conn.subscribe(topic_filter, on_retained)
-    conn.subscribe(inbox, lambda _msg: done.set())
-
-    def mark_end() -> None:
-        conn.publish(inbox, b"end-of-retained", qos=1)
-
-    conn.on_connected.append(mark_end)
-    with conn:
-        if not done.wait(wait_s):
-            log.warning("no end-of-retained marker within %.1f s; the list may be partial", wait_s)
-    with lock:
-        return dict(got)
-
-
-def _decode_all(payloads: dict[str, bytes], model: type[Any]) -> dict[str, Any]:
-    """Agent id -> decoded message; undecodable ones are reported and skipped."""
-    out: dict[str, Any] = {}
-    for topic, payload in payloads.items():
-        agent = topics.agent_id_from(topic)
-        if agent is None:
-            continue
-        try:
-            out[agent] = decode_message(model, payload)
-        except BadMessage as exc:
-            click.echo(f"warning: {topic}: {exc.message}", err=True)
-    return out
-
-
-def _fleet(broker: BrokerConfig, wait_s: float) -> tuple[dict[str, Any], ...]:
-    raw = read_retained(
-        broker,
-        [topics.ALL_AGENT_INFO, topics.ALL_AGENT_STATUS, topics.ALL_AGENT_PROFILES],
-        wait_s,
-    )
-
-    def kind(suffix: str) -> dict[str, bytes]:
-        return {t: p for t, p in raw.items() if t.endswith(suffix)}
-
-    return (
-        _decode_all(kind("/info"), AgentInfo),
-        _decode_all(kind("/status"), AgentStatus),
-        _decode_all(kind("/profile"), AgentProfile),
-    )
+def _snapshot(broker: BrokerConfig, wait_s: float) -> FleetState:
+    state = FleetView.snapshot(broker, ("info", "status", "profile", "gateway"), wait_s)
+    for topic, why in state.refused:  # reported, not hidden
+        click.echo(f"warning: ignored {topic}: {why}", err=True)
+    return state
 
 
 def _broker_options(fn: Any) -> Any:
@@ -114,19 +42,17 @@ def _broker_options(fn: Any) -> Any:
     )(fn)
 
 
-def _split_broker(kwargs: dict[str, Any]) -> BrokerConfig:
-    return broker_from_flags(kwargs)
-
-
 # --------------------------------------------------------------------------- agents
 
 
-def agent_rows(
-    infos: dict[str, AgentInfo], statuses: dict[str, AgentStatus], profiles: dict[str, AgentProfile]
-) -> list[dict[str, Any]]:
+def agent_rows(state: FleetState) -> list[dict[str, Any]]:
+    infos: dict[str, AgentInfo] = state.info
+    statuses: dict[str, AgentStatus] = state.status
+    profiles: dict[str, AgentProfile] = state.profile
     rows = []
     for agent in sorted(set(infos) | set(statuses) | set(profiles)):
         info, status, prof = infos.get(agent), statuses.get(agent), profiles.get(agent)
+        gw = state.gateway.get(agent)
         rows.append(
             {
                 "agent_id": agent,
@@ -144,6 +70,7 @@ def agent_rows(
                 "started_at": info.started_at if info else None,
                 "meter_source": prof.meter_source if prof else None,
                 "energy_measured": prof.energy_measured if prof else None,
+                "gateway_apps": dict(gw.apps) if gw is not None and gw.state == "online" else None,
             }
         )
     return rows
@@ -164,7 +91,7 @@ def _agents_text(rows: list[dict[str, Any]]) -> str:
         return "-" if v is None else str(v)
 
     return _table(
-        ["AGENT", "STATE", "MODEL", "QUANT", "CTX", "DEVICE", "TOKENIZER", "METER"],
+        ["AGENT", "STATE", "MODEL", "QUANT", "CTX", "DEVICE", "TOKENIZER", "METER", "SERVES"],
         [
             [
                 r["agent_id"],
@@ -175,6 +102,10 @@ def _agents_text(rows: list[dict[str, Any]]) -> str:
                 cell(r["device_class"]),
                 cell(r["tokenizer_hash"] and r["tokenizer_hash"][:12]),
                 cell(r["meter_source"]),
+                cell(
+                    r["gateway_apps"]
+                    and ",".join(f"{a}@v{v}" for a, v in r["gateway_apps"].items())
+                ),
             ]
             for r in rows
         ],
@@ -186,8 +117,7 @@ def _agents_text(rows: list[dict[str, Any]]) -> str:
 @_broker_options
 def agents_cmd(as_json: bool, wait_s: float, **kwargs: Any) -> None:
     """List the agents: online/offline, model, device class, tokenizer, energy meter."""
-    infos, statuses, profiles = _fleet(_split_broker(kwargs), wait_s)
-    emit(agent_rows(infos, statuses, profiles), as_json, _agents_text)
+    emit(agent_rows(_snapshot(broker_from_flags(kwargs), wait_s)), as_json, _agents_text)
 
 
 # --------------------------------------------------------------------------- profile
@@ -321,7 +251,7 @@ def profile_cmd(
     **kwargs: Any,
 ) -> None:
     """Show agents' cost curves (delay and energy vs prompt length) and their meter source."""
-    broker = _split_broker(kwargs)
+    broker = broker_from_flags(kwargs)
     if refresh:
         if not agent_ids:
             raise click.UsageError("--refresh needs the ids of the agents to profile")
@@ -330,7 +260,7 @@ def profile_cmd(
         )
         profiles = refresh_profiles(broker, agent_ids, request, timeout_s)
     else:
-        _, _, profiles = _fleet(broker, wait_s)
+        profiles = _snapshot(broker, wait_s).profile
     wanted = list(agent_ids) or sorted(profiles)
     missing = [a for a in wanted if a not in profiles]
     if missing:

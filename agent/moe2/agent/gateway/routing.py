@@ -1,0 +1,218 @@
+"""Which applications this gateway serves, with which experts, and where its prompts come from.
+
+An application is served from the gateway's local configuration (``--serve-app``) until the
+controller pushes an assignment for it; a pushed assignment then decides, and may leave this
+gateway out (``AppAssignment.gateways``). For every application it serves, the gateway holds
+one shared subscription ``$share/<group>/moe2/v1/prompts/<app>``, so a prompt only ever
+reaches a gateway that serves its application; a prompt for an application nobody serves
+reaches every gateway's catch-all subscription (a shared group of its own), and the one gateway
+that gets it answers ``unknown_app`` when no online gateway announces that application.
+
+Versions only grow. A version above the current one is applied and acknowledged; the same
+version with the same content is acknowledged again; anything else is rejected with a reason
+and the version served (``current``). A cleared retained assignment returns the application to
+the local configuration but keeps the version floor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from moe2.agent.gateway.config import GatewayConfig
+from moe2.shared import protocol as p
+from moe2.shared.errors import UnknownApp
+from moe2.shared.mqtt import Connection
+from moe2.shared.protocol.desired import STALE_VERSION
+
+log = logging.getLogger(__name__)
+
+PromptHandler = Callable[[Any], None]
+GateWanted = Callable[[str, p.GateRef | None], None]  # (app, gate to load or None: uniform)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one application is served right now."""
+
+    app: str
+    subset: list[str]
+    k: int
+    gate: p.GateRef | None
+    version: int  # 0: the local configuration
+
+
+class AppRouter:
+    def __init__(
+        self,
+        gateway_id: str,
+        config: GatewayConfig,
+        conn: Connection,
+        on_prompt: PromptHandler,
+        on_unrouted: PromptHandler,
+        on_gate: GateWanted,
+    ) -> None:
+        self.id = gateway_id
+        self.config = config
+        self.conn = conn
+        self.on_prompt = on_prompt
+        self.on_unrouted = on_unrouted
+        self.on_gate = on_gate
+        self._lock = threading.RLock()
+        self._pushed: dict[str, p.AppAssignment] = {}  # app -> the accepted assignment
+        self._floor: dict[str, int] = {}  # app -> highest version accepted (kept after a clear)
+        self._acks: dict[str, p.AssignmentAck] = {}  # app -> the last acknowledgement sent
+        self._subscribed: set[str] = set()
+        self._catch_all = False  # subscribed to prompts of every application
+        self._stopping = False
+        conn.on_connected.append(self._republish)
+
+    # ------------------------------------------------------------------ the plan
+
+    def served(self) -> dict[str, int]:
+        """App -> version served (0: local configuration)."""
+        with self._lock:
+            out = {app: 0 for app in self.config.apps if app not in self._pushed}
+            for app, a in self._pushed.items():
+                if a.serves(self.id):
+                    out[app] = a.version
+            return dict(sorted(out.items()))
+
+    def plan(self, app: str) -> Plan:
+        with self._lock:
+            a = self._pushed.get(app)
+            if a is not None and a.serves(self.id):
+                return Plan(app, list(a.subset), a.k, a.gate, a.version)
+            local = self.config.apps.get(app)
+            if a is None and local is not None:
+                return Plan(app, list(local.subset), local.k, None, 0)
+            served = sorted(self.served())
+        raise UnknownApp(
+            f"gateway {self.id} does not serve application {app!r}; it serves "
+            f"{', '.join(served) if served else 'no applications'}"
+        )
+
+    def experts(self) -> set[str]:
+        """Every expert of every application this gateway serves."""
+        with self._lock:
+            return {e for app in self.served() for e in self.plan(app).subset}
+
+    # ------------------------------------------------------------------ desired state
+
+    def on_fleet_change(self, kind: str, key: tuple[str, ...], message: Any) -> None:
+        """A FleetView listener: applies retained assignments as they arrive."""
+        if kind != "desired_app":
+            return
+        app = key[0]
+        if message is None:
+            self._cleared(app)
+        else:
+            self._received(message)
+
+    def _received(self, a: p.AppAssignment) -> None:
+        with self._lock:
+            floor = self._floor.get(a.app, 0)
+            current = self._pushed.get(a.app)
+            if a.version < floor or (a.version == floor and current != a):
+                why = (
+                    f"{STALE_VERSION}: {a.version} is below the version {floor} served"
+                    if a.version < floor
+                    else f"{STALE_VERSION}: version {a.version} already names another assignment"
+                )
+                self._ack(a, accepted=False, reason=why)
+                return
+            if a.k > len(a.subset):
+                self._ack(
+                    a, accepted=False, reason=f"k={a.k} exceeds the subset of {len(a.subset)}"
+                )
+                return
+            if a.version == floor:  # the same message again (a reconnect): say so again
+                self._ack(a, accepted=True)
+                return
+            self._pushed[a.app] = a
+            self._floor[a.app] = a.version
+            serving = a.serves(self.id)
+            self._ack(a, accepted=True)
+        log.info("%s v%d: %s", a.app, a.version, "serving" if serving else "left to others")
+        self.on_gate(a.app, a.gate if serving else None)
+        self.sync_subscriptions()
+
+    def _cleared(self, app: str) -> None:
+        with self._lock:
+            if self._pushed.pop(app, None) is None:
+                return
+        log.info("%s: pushed assignment cleared; back to the local configuration", app)
+        self.on_gate(app, None)
+        self.sync_subscriptions()
+
+    def _ack(self, a: p.AppAssignment, *, accepted: bool, reason: str | None = None) -> None:
+        ack = p.AssignmentAck(
+            gateway=self.id,
+            app=a.app,
+            version=a.version,
+            accepted=accepted,
+            serving=accepted and a.serves(self.id),
+            reason=reason,
+            current=self._floor.get(a.app, 0),
+        )
+        if not accepted:
+            log.warning("rejected %s v%d: %s", a.app, a.version, reason)
+        self._acks[a.app] = ack
+        self.conn.publish(p.topics.assignment_ack(self.id, a.app), p.encode(ack), retain=True)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    def sync_subscriptions(self) -> None:
+        """One shared subscription per served application; none for the others."""
+        unrouted = p.topics.prompts_unrouted(self.config.group)
+        with self._lock:
+            wanted = set() if self._stopping else set(self.served())
+            add, drop = wanted - self._subscribed, self._subscribed - wanted
+            self._subscribed = wanted
+            first = not self._catch_all and not self._stopping
+            self._catch_all = not self._stopping
+        if first:
+            self.conn.subscribe(unrouted, self.on_unrouted)
+        elif self._stopping:
+            self.conn.unsubscribe(unrouted)
+        for app in sorted(add):
+            self.conn.subscribe(p.topics.prompts_shared(self.config.group, app), self.on_prompt)
+        for app in sorted(drop):
+            self.conn.unsubscribe(p.topics.prompts_shared(self.config.group, app))
+        if (add or drop) and self.conn.connected:  # else _republish does it on connecting
+            self.publish_status()
+
+    def publish_status(self, state: str = "online") -> None:
+        status = self.status(state)
+        self.conn.publish(p.topics.gateway_status(self.id), p.encode(status), retain=True)
+
+    def status(self, state: str = "online") -> p.GatewayStatus:
+        return p.GatewayStatus(
+            gateway=self.id,
+            state=state,  # type: ignore[arg-type]
+            group=self.config.group,
+            apps=self.served() if state == "online" else {},
+            since=time.time(),
+        )
+
+    def _republish(self) -> None:
+        """After (re)connecting: our status and acknowledgements, in case the broker lost
+        its retained copies."""
+        if self._stopping:
+            return
+        self.publish_status()
+        with self._lock:
+            acks = list(self._acks.values())
+        for ack in acks:
+            self.conn.publish(p.topics.assignment_ack(self.id, ack.app), p.encode(ack), retain=True)
+
+    def stop_intake(self) -> None:
+        """Stop taking prompts (unsubscribe every application) and say so."""
+        with self._lock:
+            self._stopping = True
+        self.sync_subscriptions()
+        self.publish_status("offline")

@@ -1,0 +1,246 @@
+"""Publishing desired state: the one way assignments and gates reach the gateways.
+
+    with DesiredState(BrokerConfig(host="10.0.0.2")) as desired:
+        result = desired.push_assignment("qa", ["orin-1", "rtx-1"], k=1)
+        result.accepted, result.rejected, result.missing
+
+The version of an application's assignment comes from one place: what the fleet shows (the
+retained assignment and every gateway's acknowledgement), plus one. Each push waits for the
+acknowledgement of every online gateway (``GatewayStatus``) and reports who accepted, who
+rejected (with the gateway's reason) and who stayed silent; a gateway that rejects a version as
+stale says which version it serves, and the push is repeated once above it.
+
+A gate travels as content-addressed, chunked, retained blobs and a manifest, published before
+the assignments that name it (``protocol/gates.py``); gateways acknowledge each gate version
+once they have verified and loaded it, or rejected it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from moe2.shared import protocol as p
+from moe2.shared.errors import BrokerError, ConfigError
+from moe2.shared.fleet import FleetView
+from moe2.shared.mqtt import BrokerConfig, Connection
+from moe2.shared.protocol.desired import STALE_VERSION
+from moe2.shared.protocol.gates import chunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PushResult:
+    """What became of one pushed assignment."""
+
+    assignment: p.AppAssignment
+    expected: list[str]  # the gateways whose answer was awaited (online when pushed)
+    acks: dict[str, p.AssignmentAck] = field(default_factory=dict)  # gateway -> its answer
+    gate_acks: dict[str, p.GateAck] = field(default_factory=dict)  # gateway -> gate outcome
+
+    @property
+    def accepted(self) -> list[str]:
+        return sorted(g for g, a in self.acks.items() if a.accepted)
+
+    @property
+    def rejected(self) -> dict[str, str]:
+        return {g: a.reason or "rejected" for g, a in sorted(self.acks.items()) if not a.accepted}
+
+    @property
+    def missing(self) -> list[str]:
+        """Gateways that were expected to answer and did not."""
+        return sorted(g for g in self.expected if g not in self.acks)
+
+    @property
+    def gate_pending(self) -> list[str]:
+        """Serving gateways that accepted a gate-bearing assignment but have not loaded it."""
+        if self.assignment.gate is None:
+            return []
+        serving = [g for g, a in self.acks.items() if a.accepted and a.serving]
+        return sorted(g for g in serving if g not in self.gate_acks)
+
+    def summary(self) -> dict[str, object]:
+        a = self.assignment
+        return {
+            "app": a.app,
+            "version": a.version,
+            "subset": list(a.subset),
+            "k": a.k,
+            "gate": a.gate.model_dump() if a.gate else None,
+            "gateways": a.gateways,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "missing": self.missing,
+            "gate_loaded": sorted(g for g, x in self.gate_acks.items() if x.state == "loaded"),
+            "gate_rejected": {
+                g: x.reason or "rejected" for g, x in self.gate_acks.items() if x.state != "loaded"
+            },
+        }
+
+
+class DesiredState:
+    """A controller's connection for publishing desired state (see the module docstring)."""
+
+    def __init__(self, broker: BrokerConfig, *, wait_retained_s: float = 3.0) -> None:
+        client_id = f"moe2ctl-desired-{uuid.uuid4().hex[:8]}"
+        self.conn = Connection(broker, client_id)
+        self.view = FleetView(self.conn, ("gateway", "assignment_ack", "gate_ack", "desired_app"))
+        self._marker = p.topics.replies(client_id)
+        self._wait_retained_s = wait_retained_s
+        self._synced = False
+
+    def __enter__(self) -> DesiredState:
+        done = threading.Event()
+        self.conn.subscribe(self._marker, lambda _m: done.set())
+        self.conn.on_connected.append(self._mark_end_of_retained)
+        self.conn.start()
+        # Everything retained arrives before our marker: versions and gateways are known.
+        self._synced = done.wait(self._wait_retained_s)
+        if not self._synced:
+            log.warning("the broker did not return the retained state in time; versions may lag")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.stop()
+
+    def _mark_end_of_retained(self) -> None:
+        self.conn.publish(self._marker, b"end-of-retained", qos=1)
+
+    # ------------------------------------------------------------------ versions
+
+    def next_version(self, app: str) -> int:
+        version = self.view.latest_version(app) + 1
+        if version > p.MAX_VERSION:
+            raise ConfigError(
+                f"application {app!r} is at version {version - 1}, the largest allowed; clear "
+                "its retained assignment and the gateways' acknowledgements to start over"
+            )
+        return version
+
+    # ------------------------------------------------------------------ assignments
+
+    def push_assignment(
+        self,
+        app: str,
+        subset: Sequence[str],
+        k: int,
+        *,
+        gate: p.GateRef | None = None,
+        gateways: Sequence[str] | None = None,
+        wait_s: float = 5.0,
+    ) -> PushResult:
+        """Publish the next version of ``app``'s assignment and wait for the answers."""
+        return self._push_many([(app, subset, k)], gate, gateways, wait_s)[0]
+
+    def _push_many(
+        self,
+        apps: Sequence[tuple[str, Sequence[str], int]],
+        gate: p.GateRef | None,
+        gateways: Sequence[str] | None,
+        wait_s: float,
+    ) -> list[PushResult]:
+        deadline = time.monotonic() + wait_s
+        for app, subset, k in apps:
+            p.check_name("application", app)
+            if k > len(subset):
+                raise ConfigError(f"{app}: k={k} exceeds the subset of {len(subset)} experts")
+            if len(set(subset)) != len(subset):
+                raise ConfigError(f"{app}: the subset names an expert twice: {list(subset)}")
+        results = [self._publish_assignment(a, s, k, gate, gateways, None) for a, s, k in apps]
+        self._await(results, wait_s)
+        for i, (app, subset, k) in enumerate(apps):
+            acks = results[i].acks
+            stale = [
+                a
+                for a in acks.values()
+                if not a.accepted and (a.reason or "").startswith(STALE_VERSION)
+            ]
+            if stale and len(stale) == len(acks):
+                # The broker lost the retained state (a restart without persistence) but the
+                # gateways remember: go on above the highest version they serve.
+                floor = max(a.current or 0 for a in stale)
+                log.warning("gateways serve %s at version %d; pushing above it", app, floor)
+                results[i] = self._publish_assignment(app, subset, k, gate, gateways, floor + 1)
+                self._await([results[i]], max(0.5, deadline - time.monotonic()))
+        return results
+
+    def _publish_assignment(
+        self,
+        app: str,
+        subset: Sequence[str],
+        k: int,
+        gate: p.GateRef | None,
+        gateways: Sequence[str] | None,
+        version: int | None,
+    ) -> PushResult:
+        assignment = p.AppAssignment(
+            app=app,
+            version=version or self.next_version(app),
+            subset=list(subset),
+            k=k,
+            gate=gate,
+            gateways=list(gateways) if gateways else None,
+        )
+        result = PushResult(assignment, sorted(self.view.online_gateways()))
+        self._publish(p.topics.desired_app(app), p.encode(assignment))
+        return result
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        try:
+            self.conn.publish_acked(topic, payload, retain=True, timeout=30)
+        except BrokerError as exc:
+            raise BrokerError(f"publishing desired state failed: {exc.message}") from None
+
+    def _await(self, results: Sequence[PushResult], wait_s: float) -> None:
+        """Collect answers until every expected gateway answered (and loaded the gate where
+        one is named) or ``wait_s`` passed."""
+
+        def collect(state: object) -> bool:
+            done = True
+            for r in results:
+                a = r.assignment
+                for g in r.expected:
+                    ack = self.view.assignment_ack.get((g, a.app))
+                    if ack is not None and ack.version == a.version:
+                        r.acks[g] = ack
+                    if a.gate is not None:
+                        gack = self.view.gate_ack.get((g, a.gate.version))
+                        if gack is not None and gack.sha256 == a.gate.sha256:
+                            r.gate_acks[g] = gack
+                if r.missing or r.gate_pending:
+                    done = False
+            return done
+
+        self.view.wait(collect, wait_s)
+
+    # ------------------------------------------------------------------ gates
+
+    def publish_gate(self, manifest: p.GateManifest, files: Mapping[str, bytes]) -> None:
+        """Blobs first, manifest last: a gateway that sees the manifest finds every chunk."""
+        for ref in manifest.files:
+            data = files[ref.role]
+            if len(data) != ref.size:
+                raise ConfigError(f"gate file {ref.role} has {len(data)} bytes, not {ref.size}")
+            for i in range(ref.chunks):
+                self._publish(p.topics.blob_chunk(ref.sha256, i), chunk(data, ref, i))
+        self._publish(p.topics.gate_manifest(manifest.version), p.encode(manifest))
+
+    def push_gate(
+        self,
+        manifest: p.GateManifest,
+        files: Mapping[str, bytes],
+        apps: Sequence[tuple[str, Sequence[str], int]],  # (app, subset, k)
+        *,
+        gateways: Sequence[str] | None = None,
+        wait_s: float = 60.0,
+    ) -> list[PushResult]:
+        """Publish a gate, then one assignment per application naming it; wait for the
+        gateways to accept the assignments and load (or reject) the gate."""
+        ref = p.GateRef(version=manifest.version, sha256=p.gate_digest(manifest))
+        self.publish_gate(manifest, files)
+        return self._push_many(apps, ref, gateways, wait_s)

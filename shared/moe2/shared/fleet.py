@@ -1,0 +1,268 @@
+"""The fleet's state as its retained messages describe it, decoded and typed, in one place.
+
+Every process that needs to know the fleet uses this view: the gateway (who is online, with
+which vocabulary; what it is asked to serve), the controller (``moe2ctl agents``, ``sync``,
+pushes), ``LocalFleet`` and the tests.
+
+    view = FleetView(conn)                       # subscribes; kept current while conn lives
+    conn.start()
+    view.online("orin-1")                        # AgentInfo, or None when offline/unknown
+    view.wait(lambda v: v.online("orin-1") is not None, timeout=30)
+
+    snap = FleetView.snapshot(BrokerConfig(host="10.0.0.2"))   # connect, read, disconnect
+
+Identity is bound to the topic: a message about agent X is accepted only on X's topics and
+only when its payload names X too, so an agent cannot speak for another one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import paho.mqtt.client as mqtt
+
+from moe2.shared import protocol as p
+from moe2.shared.errors import Moe2Error
+from moe2.shared.mqtt import BrokerConfig, Connection
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=p.Message)
+
+# What a view can follow; each is one retained topic family.
+KINDS = (
+    "info",
+    "status",
+    "profile",
+    "links",
+    "gateway",
+    "assignment_ack",
+    "gate_ack",
+    "desired_app",
+)
+_FILTERS = {
+    "info": p.topics.ALL_AGENT_INFO,
+    "status": p.topics.ALL_AGENT_STATUS,
+    "profile": p.topics.ALL_AGENT_PROFILES,
+    "links": p.topics.ALL_GATEWAY_LINKS,
+    "gateway": p.topics.ALL_GATEWAY_STATUS,
+    "assignment_ack": p.topics.ALL_ASSIGNMENT_ACKS,
+    "gate_ack": p.topics.ALL_GATE_ACKS,
+    "desired_app": p.topics.ALL_DESIRED_APPS,
+}
+_MODELS: dict[str, type[p.Message]] = {
+    "info": p.AgentInfo,
+    "status": p.AgentStatus,
+    "profile": p.AgentProfile,
+    "links": p.LinkReport,
+    "gateway": p.GatewayStatus,
+    "assignment_ack": p.AssignmentAck,
+    "gate_ack": p.GateAck,
+    "desired_app": p.AppAssignment,
+}
+# The payload field that must name the same agent/app as the topic.
+_IDENTITY = {
+    "info": ("agent_id", "agent"),
+    "status": ("agent_id", "agent"),
+    "profile": ("agent_id", "agent"),
+    "links": ("gateway", "agent"),
+    "gateway": ("gateway", "agent"),
+    "assignment_ack": ("gateway", "agent"),
+    "gate_ack": ("gateway", "agent"),
+    "desired_app": ("app", "app"),
+}
+
+# Largest retained message the view decodes (a profile with many points is the largest).
+MAX_STATE_BYTES = 1 << 20
+
+Listener = Callable[[str, tuple[str, ...], Any], None]  # (kind, key, message or None)
+
+
+@dataclass
+class FleetState:
+    """Plain data: the decoded retained state, keyed as the topics are."""
+
+    info: dict[str, p.AgentInfo] = field(default_factory=dict)  # agent -> info
+    status: dict[str, p.AgentStatus] = field(default_factory=dict)
+    profile: dict[str, p.AgentProfile] = field(default_factory=dict)
+    links: dict[str, p.LinkReport] = field(default_factory=dict)  # gateway -> report
+    gateway: dict[str, p.GatewayStatus] = field(default_factory=dict)
+    assignment_ack: dict[tuple[str, str], p.AssignmentAck] = field(default_factory=dict)
+    gate_ack: dict[tuple[str, str], p.GateAck] = field(default_factory=dict)  # (gw, version)
+    desired_app: dict[str, p.AppAssignment] = field(default_factory=dict)  # app -> assignment
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (topic, why), latest last
+
+    # ------------------------------------------------------------------ questions
+
+    def online(self, agent_id: str) -> p.AgentInfo | None:
+        st = self.status.get(agent_id)
+        return self.info.get(agent_id) if st is not None and st.state == "online" else None
+
+    def online_agents(self) -> dict[str, p.AgentInfo]:
+        return {a: i for a in sorted(self.info) if (i := self.online(a)) is not None}
+
+    def online_gateways(self) -> dict[str, p.GatewayStatus]:
+        return {g: s for g, s in sorted(self.gateway.items()) if s.state == "online"}
+
+    def latest_version(self, app: str) -> int:
+        """The highest assignment version the fleet shows for ``app``: the retained one and
+        every gateway's acknowledgement (a gateway may hold a version whose retained copy was
+        cleared). 0 when none."""
+        versions = [a.version for (_, a_app), a in self.assignment_ack.items() if a_app == app]
+        if app in self.desired_app:
+            versions.append(self.desired_app[app].version)
+        return max(versions, default=0)
+
+    def best_links(self) -> dict[str, p.LinkFigures]:
+        """Expert -> the most recent link figures any gateway measured to it."""
+        out: dict[str, p.LinkFigures] = {}
+        for report in self.links.values():
+            for expert, fig in report.links.items():
+                if expert not in out or fig.measured_at > out[expert].measured_at:
+                    out[expert] = fig
+        return out
+
+
+class FleetView(FleetState):
+    """A ``FleetState`` kept current by subscriptions on a connection; thread-safe reads
+    through its methods, change notifications through ``listeners``."""
+
+    def __init__(self, conn: Connection, kinds: Iterable[str] = KINDS) -> None:
+        super().__init__()
+        self._cond = threading.Condition()
+        self.listeners: list[Listener] = []
+        self.rejected = 0  # messages refused (malformed, or identity not matching the topic)
+        self.kinds = tuple(kinds)
+        for kind in self.kinds:
+            if kind not in _FILTERS:
+                raise ValueError(f"unknown fleet state kind {kind!r}; expected one of {KINDS}")
+            conn.subscribe(_FILTERS[kind], self._on_message)
+
+    # ------------------------------------------------------------------ intake
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        topic = p.topics.parse(msg.topic)
+        if topic is None or topic.kind not in _MODELS:
+            return
+        kind = topic.kind
+        key: tuple[str, ...]
+        if kind == "assignment_ack":
+            key = (str(topic.agent), str(topic.app))
+        elif kind == "gate_ack":
+            key = (str(topic.agent), str(topic.version))
+        elif kind == "desired_app":
+            key = (str(topic.app),)
+        else:
+            key = (str(topic.agent),)
+        table: dict[Any, Any] = getattr(self, kind)
+        index = key if len(key) > 1 else key[0]
+        if not msg.payload:  # a cleared retained message
+            with self._cond:
+                old = table.pop(index, None)
+                self._cond.notify_all()
+            if old is not None:
+                self._notify(kind, key, None)
+            return
+        message = self._decode(kind, msg.topic, bytes(msg.payload), topic)
+        if message is None:
+            return
+        with self._cond:
+            table[index] = message
+            self._cond.notify_all()
+        self._notify(kind, key, message)
+
+    def _decode(self, kind: str, topic_str: str, payload: bytes, topic: p.Topic) -> Any:
+        try:
+            message = p.decode_message(_MODELS[kind], payload, MAX_STATE_BYTES)
+        except Moe2Error as exc:
+            self._refuse(topic_str, exc.message)
+            return None
+        field_name, topic_part = _IDENTITY[kind]
+        if getattr(message, field_name) != getattr(topic, topic_part):
+            named = getattr(message, field_name)
+            self._refuse(topic_str, f"it names {field_name} {named!r}, not the topic's")
+            return None
+        return message
+
+    def _refuse(self, topic: str, why: str) -> None:
+        log.warning("ignoring %s: %s", topic, why)
+        with self._cond:
+            self.rejected += 1
+            self.refused.append((topic, why))
+            del self.refused[:-100]  # the latest 100
+
+    def _notify(self, kind: str, key: tuple[str, ...], message: Any) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(kind, key, message)
+            except Exception:  # one listener's bug must not stop the others or the view
+                log.exception("fleet listener failed on %s %s", kind, key)
+
+    # ------------------------------------------------------------------ reads
+
+    def online(self, agent_id: str) -> p.AgentInfo | None:
+        with self._cond:
+            return super().online(agent_id)
+
+    def online_agents(self) -> dict[str, p.AgentInfo]:
+        with self._cond:
+            return super().online_agents()
+
+    def online_gateways(self) -> dict[str, p.GatewayStatus]:
+        with self._cond:
+            return super().online_gateways()
+
+    def latest_version(self, app: str) -> int:
+        with self._cond:
+            return super().latest_version(app)
+
+    def copy(self) -> FleetState:
+        """A consistent snapshot as plain data."""
+        with self._cond:
+            return FleetState(
+                **{k: dict(getattr(self, k)) for k in KINDS}, refused=list(self.refused)
+            )
+
+    def wait(self, predicate: Callable[[FleetState], bool], timeout: float) -> bool:
+        """Wait until ``predicate(state)`` holds (checked on every change); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(FleetState(**{k: getattr(self, k) for k in KINDS})):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+            return True
+
+    # ------------------------------------------------------------------ one-shot reads
+
+    @classmethod
+    def snapshot(
+        cls, broker: BrokerConfig, kinds: Iterable[str] = KINDS, wait_s: float = 3.0
+    ) -> FleetState:
+        """Connect, read the retained state, disconnect.
+
+        The broker sends retained messages while it handles a SUBSCRIBE, so a marker
+        published to our own inbox afterwards arrives after all of them; ``wait_s`` bounds
+        the wait on a broker that orders things differently."""
+        client_id = f"moe2-view-{uuid.uuid4().hex[:12]}"
+        marker = p.topics.replies(client_id)
+        done = threading.Event()
+        conn = Connection(broker, client_id)
+        view = cls(conn, kinds)
+        conn.subscribe(marker, lambda _msg: done.set())
+        conn.on_connected.append(lambda: _publish_marker(conn, marker))
+        with conn:
+            if not done.wait(wait_s):
+                log.warning("no end-of-retained marker within %.1f s; state may be partial", wait_s)
+        return view.copy()
+
+
+def _publish_marker(conn: Connection, topic: str) -> None:
+    conn.publish(topic, b"end-of-retained", qos=1)

@@ -1,0 +1,74 @@
+"""Desired state: what the controller asks the gateways to serve, and what they say back.
+
+    moe2/v1/desired/apps/<app>            retained  AppAssignment   subset, k, gate of an app
+    moe2/v1/agents/<gw>/acks/<app>        retained  AssignmentAck   accepted / rejected (why)
+    moe2/v1/agents/<gw>/gateway           retained  GatewayStatus   the apps a gateway serves
+
+Versions are per application and only grow: a gateway applies a version above the one it
+serves, acknowledges the same version again (a retained copy after a reconnect), and rejects
+an older one with a reason. The controller takes the next version from what the fleet shows
+(the retained assignment and every gateway's acknowledgement: ``moe2.shared.desired``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moe2.shared.protocol.base import NAME_PATTERN, Message
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+# How a gateway's reason for refusing an old version starts (the publisher retries above it).
+STALE_VERSION = "stale version"
+
+# Versions stay exact in every JSON implementation (2^53) and cannot be pinned out of reach.
+MAX_VERSION = (1 << 53) - 1
+
+
+class GateRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Name
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class AppAssignment(Message):
+    """Retained on ``moe2/v1/desired/apps/<app>``: which experts serve an application."""
+
+    app: Name
+    version: int = Field(ge=1, le=MAX_VERSION)  # increases with every push
+    subset: list[Name] = Field(min_length=1, max_length=1024)
+    k: int = Field(ge=1, le=1024)  # experts per prompt: the top-k of the subset by gate value
+    gate: GateRef | None = None  # None: uniform weights over the subset
+    # Gateways that serve the app; None: every gateway. A gateway left out stops serving it.
+    gateways: list[Name] | None = Field(default=None, min_length=1, max_length=1024)
+
+    def serves(self, gateway: str) -> bool:
+        return self.gateways is None or gateway in self.gateways
+
+
+class AssignmentAck(Message):
+    """Retained on ``moe2/v1/agents/<gateway>/acks/<app>``: what a gateway made of the
+    assignment version it last received for the app."""
+
+    gateway: Name
+    app: Name
+    version: int = Field(ge=1, le=MAX_VERSION)
+    accepted: bool
+    serving: bool = True  # False: accepted, but the assignment leaves this gateway out
+    reason: str | None = Field(default=None, max_length=1000)  # why it was rejected
+    current: int | None = Field(default=None, ge=0, le=MAX_VERSION)  # the version it serves
+
+
+class GatewayStatus(Message):
+    """Retained on ``moe2/v1/agents/<gateway>/gateway`` (LWT: offline): the applications a
+    gateway answers prompts for, so controllers know whose acknowledgement to expect and
+    clients can tell an application that nobody serves."""
+
+    gateway: Name
+    state: Literal["online", "offline"]
+    group: Name | None = None  # shared-subscription group
+    apps: dict[Name, int] = Field(default_factory=dict)  # app -> assignment version (0: local)
+    since: float | None = None  # unix seconds
