@@ -33,7 +33,8 @@ setup: system dev
 demo: setup
 	$(VENV)/bin/moe2ctl demo
 
-test: setup
+# Lint and types are part of green: CI (.ci/run) runs exactly this.
+test: setup lint
 	$(VENV)/bin/python -m pytest
 
 lint: dev
