@@ -85,6 +85,7 @@ def test_optimize_from_the_registry_writes_a_replayable_problem_and_pushes(
             "feasible",
             "optimal",
             "stats",
+            "provenance",
         }
         assert out["feasible"] and set(out["subset"]) <= set(ids.values()) and out["subset"]
 
