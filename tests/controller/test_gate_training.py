@@ -23,7 +23,9 @@ from moe2.controller.registry import Registry
 from moe2.shared import protocol as p
 
 DOMAINS = ("animals", "code", "cooking", "arithmetic")
-FAST = TrainConfig(batch_size=16, accumulation=1, eval_every=10, early_stop=15, max_epochs=40)
+FAST = TrainConfig(
+    batch_size=16, accumulation=1, eval_every=10, plateau_patience=5, early_stop=15, max_epochs=40
+)
 
 
 def score_directly(reg: Registry, dataset: str, backends: dict[str, LlamaCppBackend]) -> None:
@@ -86,7 +88,7 @@ def test_gate_routes_better_than_every_single_expert_and_uniform(trained: Any) -
     assert held.gate.accuracy >= held.uniform.accuracy + 0.3, held
     assert held.gate.loss < held.uniform.loss and held.routing_accuracy >= 0.9
     metrics = json.loads(reg.gate_version("g-test").metrics_json)
-    assert {"train", "val", "epochs", "seconds"} <= set(metrics)
+    assert {"train", "val", "test", "split", "epochs", "seconds"} <= set(metrics)
 
 
 def test_onnx_gate_matches_torch_to_1e5(trained: Any) -> None:

@@ -76,7 +76,7 @@ def train_gate(
         )
     encoder = encoder or Encoder.load()
     emb = embeddings(reg, encoder, [s.prompt for s in table.samples])
-    result = train(TrainData.build(table, emb), cfg)
+    result = train(TrainData.build(table, emb, dataset), cfg)
     version = version or f"g-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     out = data_dir() / "gates" / version
     out.mkdir(parents=True, exist_ok=True)
@@ -132,9 +132,16 @@ def export_gate(
 
 
 def _short(m: dict[str, Any]) -> str:
-    lines = []
-    for split in ("train", "val"):
+    sizes = m["split"]
+    lines = [
+        f"split: {sizes['train']} train, {sizes['val']} val (early stopping, LR schedule), "
+        f"{sizes['test']} test (held out); {m['steps']} steps, {m['lr_decays']} LR decays "
+        f"(final {m['final_lr']:.3g}), stopped by {m['stopped']}"
+    ]
+    for split in ("train", "val", "test"):
         r = m[split]
+        if r is None:
+            continue
         acc = lambda s: "-" if s["accuracy"] is None else f"{s['accuracy']:.3f}"  # noqa: E731
         lines.append(
             f"{split}: loss gate {r['gate']['loss']:.3f} uniform {r['uniform']['loss']:.3f} "
@@ -160,7 +167,10 @@ def train_cmd(
     as_json: bool,
     **kw: Any,
 ) -> None:
-    """Train the gate on the stored scores of DATASET (80/20 split, early stopping)."""
+    """Train the gate on the stored scores of DATASET.
+
+    The samples are split into train, val (early stopping and the LR schedule watch it) and
+    test (held out from both, reported apart; `moe2ctl eval` evaluates on it)."""
     cfg = load_settings(TrainConfig, overrides=collect_overrides(kw))
     reg = Registry.open(db_url)
     row, result = train_gate(reg, dataset, experts.split(",") if experts else None, cfg, version)
