@@ -82,6 +82,7 @@ def bench_training(n: int, experts: int = 8, tokens: int = 8) -> dict[str, float
         experts=[f"e{i}" for i in range(experts)],
         sample_idx=np.arange(n),
         prompts=[""] * n,
+        choices=[("",)] * n,
         apps=["a"] * n,
         logp=np.minimum(logp, 0),
         mask=np.ones((n, 1, tokens), bool),

@@ -84,6 +84,7 @@ class Mixed:
     experts: list[str]
     sample_idx: NDArray[np.int64]  # (samples,) position of each sample in its dataset
     prompts: list[str]
+    choices: list[tuple[str, ...]]  # the options' texts (one target for free answers)
     apps: list[str]
     logp: NDArray[np.float64]
     mask: NDArray[np.bool_]
@@ -103,6 +104,7 @@ class Mixed:
             list(self.experts),
             self.sample_idx[ix],
             [self.prompts[i] for i in ix],
+            [self.choices[i] for i in ix],
             [self.apps[i] for i in ix],
             self.logp[ix],
             self.mask[ix],
@@ -166,6 +168,7 @@ def mix(table: ScoreTable, dataset: str = "") -> Mixed:
         experts=list(table.experts),
         sample_idx=np.array([s.idx for s in table.samples], dtype=np.int64),
         prompts=[s.prompt for s in table.samples],
+        choices=[tuple(s.targets) for s in table.samples],
         apps=[s.app for s in table.samples],
         logp=logp,
         mask=mask,

@@ -107,8 +107,9 @@ def load_head(row: GateVersion) -> GateHead:
     from moe2.controller.gate.model import GateHead
 
     ck = torch.load(Path(row.artefact_dir) / "head.pt", weights_only=True)
-    cfg = TrainConfig.model_validate(ck["config"])
-    head = GateHead(ck["dim"], len(ck["experts"]), cfg.hidden, cfg.dropout)
+    # Only the architecture: a checkpoint's training settings may predate today's checks.
+    arch = TrainConfig.model_construct(**ck["config"])
+    head = GateHead(ck["dim"], len(ck["experts"]), arch.hidden, arch.dropout)
     head.load_state_dict(ck["state"])
     return head.eval()
 

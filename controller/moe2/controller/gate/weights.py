@@ -53,14 +53,7 @@ def gate_weights(
     if version == UNIFORM:
         values = np.full((len(prompts), len(experts)), 1.0 / len(experts))
         return GateWeights(UNIFORM, [], UNIFORM, values)
-    try:
-        row = reg.gate_version(version)
-    except ConfigError as exc:
-        if version is not None:
-            raise
-        raise ConfigError(
-            f"{exc.message}; or pass --gate uniform to weigh every expert equally"
-        ) from None
+    row = reg.gate_version(version)  # the newest when None; an error naming --gate uniform
     gate_experts: list[str] = json.loads(row.experts_json)
     missing = [e for e in experts if e not in gate_experts]
     if missing:

@@ -364,7 +364,10 @@ class Registry:
                     .first()
                 )
                 if row is None:
-                    raise ConfigError("no gate trained yet: run `moe2ctl train` first")
+                    raise ConfigError(
+                        "no gate trained yet: run `moe2ctl train DATASET` first, or pass "
+                        "--gate uniform to weigh every expert equally"
+                    )
                 return row
             row = s.get(GateVersion, version)
             if row is None:
