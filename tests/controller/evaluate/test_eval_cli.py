@@ -177,7 +177,7 @@ def test_the_table_and_the_json_agree(grid_run: dict[str, Any]) -> None:
                     continue
                 m = c["methods"][key]
                 acc, spread, delay_s, energy = re.match(
-                    r"([0-9.]+) ± ([0-9.]+) \(([0-9.e-]+) s, ([0-9.e-]+) J(, over)?\)", text
+                    r"([0-9.]+) ± ([0-9.]+) \(≈([0-9.e-]+) s, ≈([0-9.e-]+) J(, over)?\)", text
                 ).groups()[:4]  # type: ignore[union-attr]
                 assert float(acc) == round(100 * m["accuracy"], 1)
                 assert float(spread) == round(100 * m["spread"], 1)

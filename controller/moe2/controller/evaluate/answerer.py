@@ -39,7 +39,8 @@ class Question:
 @dataclass(frozen=True)
 class Route:
     """Who answers: the subset S, of which the k members with the largest weights are fused
-    (all of S when k ≥ |S|), weighted by the gate renormalised over them, or equally."""
+    (all of S when k ≥ |S|), weighted by the gate renormalised over them, or equally (then
+    the first k in the route's order)."""
 
     experts: tuple[str, ...]
     k: int

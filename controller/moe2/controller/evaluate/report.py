@@ -5,10 +5,11 @@ against the energy budget, one line per method and delay limit (matplotlib, Agg 
     print(markdown(result))
     plot(result, Path("eval.png"))
 
-A cell reads ``95.8 ± 2.9 (0.021 s, 1.52 J)``: accuracy in percent ± its spread (1σ: the
+A cell reads ``95.8 ± 2.9 (≈0.021 s, ≈1.52 J)``: accuracy in percent ± its spread (1σ: the
 binomial standard error on the held-out questions, with the standard deviation over seeds for
-random subsets), then what the answers cost per step (worst app's delay, energy), marked
-``over`` where that breaks the cell's limit.
+random subsets), then what the answers cost per step (worst app's delay, energy; ≈ where the
+figures are modelled, ~ where partly modelled, nothing where measured), marked ``over`` where
+that breaks the cell's limit.
 """
 
 from __future__ import annotations
@@ -37,11 +38,22 @@ def _limit(value: float | None, unit: str) -> str:
     return "none" if value is None else f"{value:g} {unit}"
 
 
+def source_mark(basis: str) -> str:
+    """'≈' before figures modelled from device data, '~' where some experts' are measured and
+    some modelled, nothing before measured ones."""
+    if "modelled" in basis:
+        return "≈"
+    if "mixed" in basis:
+        return "~"
+    return ""
+
+
 def _costs(m: MethodResult) -> str:
     if m.costs is None:
         return ""
     mark = ", over" if m.within_limits is False else ""
-    return f" ({m.costs.worst_delay:.3g} s, {m.costs.energy:.3g} J{mark})"
+    src = source_mark(m.costs.basis)
+    return f" ({src}{m.costs.worst_delay:.3g} s, {src}{m.costs.energy:.3g} J{mark})"
 
 
 def cell_text(m: MethodResult) -> str:
@@ -69,7 +81,8 @@ def markdown(result: Evaluation) -> str:
             else ""
         ),
         f"- costs per step, from profiles: {prov['cost_basis']} "
-        "(delay = worst app's mean, energy = mean; 'over' = above the cell's limit)",
+        "(delay = worst app's mean, energy = mean; ≈ modelled, ~ partly modelled, no mark "
+        "measured; 'over' = above the cell's limit)",
     ]
     for expert, src in prov["costs"].items():
         lines.append(
@@ -90,8 +103,9 @@ def markdown(result: Evaluation) -> str:
     order += [AVERAGE, VOTE_ALL, MOE2_ALL]
     for key in order:
         m = result.baselines[key]
-        delay = "" if m.costs is None else f"{m.costs.worst_delay:.3g}"
-        energy = "" if m.costs is None else f"{m.costs.energy:.3g}"
+        src = "" if m.costs is None else source_mark(m.costs.basis)
+        delay = "" if m.costs is None else f"{src}{m.costs.worst_delay:.3g}"
+        energy = "" if m.costs is None else f"{src}{m.costs.energy:.3g}"
         spread = "" if m.spread is None else percent(m.spread)
         lines.append(f"| {m.label} | {percent(m.accuracy)} | {spread} | {delay} | {energy} |")
     for delay_limit in result.grid.delays:

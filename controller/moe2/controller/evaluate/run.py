@@ -169,7 +169,9 @@ class _Harness:
     def alone(self, expert: str) -> list[Answer]:
         return self.answers(Route((expert,), 1, "gate"))
 
-    def costs(self, answers: Sequence[Answer], used: Sequence[Sequence[str]], gated: bool):
+    def costs(
+        self, answers: Sequence[Answer], used: Sequence[Sequence[str]], gated: bool
+    ) -> AnswerCosts:
         apps = [q.app for q in self.questions]
         if self.answerer.measures_costs and all(a.delay_s is not None for a in answers):
             return measured_costs(
