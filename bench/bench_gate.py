@@ -32,6 +32,7 @@ from moe2.controller.gate.embedding import MAX_LENGTH, Encoder, encode_batch, lo
 from moe2.controller.gate.model import GateHead
 from moe2.controller.gate.train import TrainData, train
 from moe2.controller.localfleet import LocalFleet
+from moe2.controller.mixing import Mixed
 from moe2.controller.registry import Registry
 from moe2.controller.registry.sync import online_experts, sync_once
 from moe2.shared.broker import start_broker
@@ -77,16 +78,20 @@ def bench_training(n: int, experts: int = 8, tokens: int = 8) -> dict[str, float
         scale=0.3, size=(n, 1, experts, tokens)
     )
     logp[np.arange(n), 0, dom, :] = -1.0
-    data = TrainData(
-        [f"e{i}" for i in range(experts)],
-        ["a"] * n,
-        emb,
-        np.minimum(logp, 0),
-        np.ones((n, 1, tokens), bool),
-        np.ones(n, int),
-        np.zeros(n, int),
-        "token",
+    mixed = Mixed(
+        experts=[f"e{i}" for i in range(experts)],
+        sample_idx=np.arange(n),
+        prompts=[""] * n,
+        choices=[("",)] * n,
+        apps=["a"] * n,
+        logp=np.minimum(logp, 0),
+        mask=np.ones((n, 1, tokens), bool),
+        n_options=np.ones(n, np.int64),
+        answer=np.zeros(n, np.int64),
+        per_token=np.ones(n, bool),
+        steps=np.full((n, 1), tokens),
     )
+    data = TrainData(mixed, emb)
     t0 = time.perf_counter()
     r = train(data, TrainConfig())
     return {

@@ -27,7 +27,9 @@ from moe2.shared.client import PromptClient
 from moe2.shared.desired import DesiredState
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient
 
-FAST = TrainConfig(batch_size=16, accumulation=1, eval_every=10, early_stop=15, max_epochs=40)
+FAST = TrainConfig(
+    batch_size=16, accumulation=1, eval_every=10, plateau_patience=5, early_stop=15, max_epochs=40
+)
 
 
 def weights(client: PromptClient, app: str, prompt: str) -> dict[str, float]:

@@ -19,3 +19,8 @@ from moe2.controller.gate.cli import export_cmd, push_gate_cmd, train_cmd  # noq
 from moe2.controller.registry.cli import datasets_cmd, db_cmd, sync_cmd  # noqa: E402
 
 COMMANDS += [db_cmd, sync_cmd, datasets_cmd, collect_cmd, train_cmd, export_cmd, push_gate_cmd]
+
+# Evaluation (issue 16).
+from moe2.controller.evaluate.cli import eval_cmd  # noqa: E402
+
+COMMANDS += [eval_cmd]

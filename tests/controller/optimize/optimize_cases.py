@@ -15,6 +15,42 @@ APPS = ("qa", "code", "chat")
 
 
 def random_problem(seed: int, n: int | None = None) -> Problem:
+    """``_family_problem`` in one of the file's forms (by seed): as written (``p``, ``delay``),
+    with exact delays (a prompt step and decode steps that rank the experts differently, T up
+    to 9), with deep log-probabilities (answers of hundreds to thousands of nats, some experts
+    beyond the solvers' clipping range), or both."""
+    pr = _family_problem(seed, n)
+    rng = np.random.default_rng(seed + 7919)
+    form = (seed // 4) % 4
+    if form == 0:
+        return pr
+    kw = pr.to_dict()
+    kw.pop("limits")
+    if form in (1, 3):
+        del kw["delay"]
+        samples, experts = pr.n_samples, pr.n_experts
+        base = np.asarray(pr.prompt_delay)
+        kw["steps"] = rng.integers(1, 10, size=samples).tolist()
+        kw["prompt_delay"] = (base * rng.uniform(0.2, 3.0, size=experts)).tolist()
+        kw["decode_delay"] = (base * rng.uniform(0.05, 1.0, size=experts)).tolist()
+    if form in (2, 3):
+        del kw["p"]
+        depth = rng.uniform(30.0, 400.0, size=(pr.n_experts, 1))
+        kw["logp"] = [(a * depth).tolist() for a in pr.logp]
+    shape = Problem(**kw)
+    # Limits again, for the new costs: some problems stay infeasible.
+    limits: dict[str, float] = {}
+    from moe2.controller.optimize.objective import Evaluator
+
+    ev = Evaluator(shape)
+    delays = np.array([ev.app_delays([k]) for k in range(shape.n_experts)])  # (experts, apps)
+    for a, app in enumerate(ev.apps):
+        if app in pr.delay_limits:
+            limits[app] = float(np.quantile(delays[:, a], max(0.0, rng.uniform(-0.2, 1.0))) * 1.05)
+    return shape.with_limits(limits, pr.energy_limit)
+
+
+def _family_problem(seed: int, n: int | None = None) -> Problem:
     """A small random problem of one of four families (by seed): realistic synthetic,
     arbitrary random, adversarial (experts the gate likes that are nearly always wrong, so J
     is far from monotone) and coverage (each sample's gate is one-hot on the one expert that
@@ -84,20 +120,33 @@ FLOOR = 1e-30
 
 
 def ref_objective(pr: Problem, subset: Sequence[int]) -> float:
+    # Exact in log space: log Σ_n ω_n p_n = log Σ_n exp(log ω_n + log p_n), shifted by the max.
     total = 0.0
     for i in range(pr.n_samples):
         g = [max(float(pr.gate[i][n]), FLOOR) for n in subset]
-        for t in range(pr.p[i].shape[1]):
-            mix = sum(gn / sum(g) * max(float(pr.p[i][n][t]), FLOOR) for gn, n in zip(g, subset))
-            total -= math.log(mix)
+        for u in range(pr.logp[i].shape[1]):
+            terms = [math.log(gn / sum(g)) + float(pr.logp[i][n][u]) for gn, n in zip(g, subset)]
+            top = max(terms)
+            total -= top + math.log(sum(math.exp(t - top) for t in terms))
     return total / pr.n_samples
+
+
+def ref_sample_delay(pr: Problem, i: int, subset: Sequence[int]) -> float:
+    # DESIGN.md §2: the mean over the answer's steps of the slowest chosen expert at that step;
+    # step 1 processes the prompt, steps 2..T decode.
+    steps = int(pr.steps[i])
+    per_step = [
+        max(float(pr.prompt_delay[i][n] if t == 0 else pr.decode_delay[i][n]) for n in subset)
+        for t in range(steps)
+    ]
+    return sum(per_step) / steps
 
 
 def ref_delays(pr: Problem, subset: Sequence[int]) -> dict[str, float]:
     out = {}
     for a in dict.fromkeys(pr.app):
         rows = [i for i in range(pr.n_samples) if pr.app[i] == a]
-        out[a] = sum(max(pr.delay[i][n] for n in subset) for i in rows) / len(rows) + pr.gate_delay
+        out[a] = sum(ref_sample_delay(pr, i, subset) for i in rows) / len(rows) + pr.gate_delay
     return out
 
 

@@ -16,7 +16,16 @@ from moe2.controller.optimize import Problem, Solution, solve
 from moe2.controller.optimize.synthetic import synthetic_problem
 from moe2.controller.options import EXIT_INFEASIBLE
 
-SOLVED_KEYS = ["subset", "objective", "delay", "energy", "feasible", "optimal", "stats"]
+SOLVED_KEYS = [
+    "subset",
+    "objective",
+    "delay",
+    "energy",
+    "feasible",
+    "optimal",
+    "stats",
+    "provenance",
+]
 
 
 def _write(tmp_path: Path, pr: Problem, name: str = "problem.json") -> Path:
@@ -106,7 +115,7 @@ def test_infeasible_exits_3_with_the_reason(tmp_path: Path) -> None:
     code, out = _run("--problem", str(path), "--json")
     assert code == EXIT_INFEASIBLE
     data = json.loads(out)
-    assert list(data) == ["feasible", "reason"] and data["feasible"] is False
+    assert list(data) == ["feasible", "reason", "provenance"] and data["feasible"] is False
     assert data["reason"].startswith("energy is at least") and "over the limit" in data["reason"]
     code, out = _run("--problem", str(path))
     assert code == EXIT_INFEASIBLE and out.startswith("infeasible: energy is at least")

@@ -33,7 +33,7 @@ GOOD: dict[str, Any] = {
 def test_round_trip(tmp_path: Path) -> None:
     pr = Problem.from_dict(GOOD)
     assert pr.n_samples == 2 and pr.n_experts == 3
-    assert pr.tokens.tolist() == [2, 1]
+    assert pr.units.tolist() == [2, 1]
     assert pr.to_dict() == GOOD
     path = tmp_path / "problem.json"
     pr.to_file(path)
@@ -95,7 +95,7 @@ BAD = [
     (("p", 1, 0, 0), -0.5, "p[1][0][0] = -0.5 is outside [0, 1]"),
     (("p", 1, 2), [0.7, 0.1], "rows of p[1] have different lengths"),
     (("p", 1, 1), [], "rows of p[1] have different lengths"),
-    (("p", 1), [[0.3], [0.6]], "p[1] has shape (2, 1), expected (3, tokens ≥ 1)"),
+    (("p", 1), [[0.3], [0.6]], "p[1] has shape (2, 1), expected (3, units ≥ 1)"),
     (("p", 0, 0, 0), math.inf, "p[0][0][0] is inf"),
     (("p",), [GOOD["p"][0]], "p has 1 samples, expected 2"),
     (("app",), ["qa"], "app has 1 entries, expected 2"),

@@ -92,6 +92,7 @@ def test_optimize_from_the_registry_writes_a_replayable_problem_and_pushes(
             "optimal",
             "stats",
             "pushed",
+            "provenance",
         }
         assert all(r["accepted"] == [gw] for r in out["pushed"]), out["pushed"]
         assert out["feasible"] and set(out["subset"]) <= set(ids.values()) and out["subset"]

@@ -77,7 +77,7 @@ def train_gate(
         )
     encoder = encoder or Encoder.load()
     emb = embeddings(reg, encoder, [s.prompt for s in table.samples])
-    result = train(TrainData.build(table, emb), cfg)
+    result = train(TrainData.build(table, emb, dataset), cfg)
     version = version or f"g-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     out = (gates_dir or settings().gates_dir) / version
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +108,9 @@ def load_head(row: GateVersion) -> GateHead:
     from moe2.controller.gate.model import GateHead
 
     ck = torch.load(Path(row.artefact_dir) / "head.pt", weights_only=True)
-    cfg = TrainConfig.model_validate(ck["config"])
-    head = GateHead(ck["dim"], len(ck["experts"]), cfg.hidden, cfg.dropout)
+    # Only the architecture: a checkpoint's training settings may predate today's checks.
+    arch = TrainConfig.model_construct(**ck["config"])
+    head = GateHead(ck["dim"], len(ck["experts"]), arch.hidden, arch.dropout)
     head.load_state_dict(ck["state"])
     return head.eval()
 
@@ -137,9 +138,16 @@ def export_gate(
 
 
 def _short(m: dict[str, Any]) -> str:
-    lines = []
-    for split in ("train", "val"):
+    sizes = m["split"]
+    lines = [
+        f"split: {sizes['train']} train, {sizes['val']} val (early stopping, LR schedule), "
+        f"{sizes['test']} test (held out); {m['steps']} steps, {m['lr_decays']} LR decays "
+        f"(final {m['final_lr']:.3g}), stopped by {m['stopped']}"
+    ]
+    for split in ("train", "val", "test"):
         r = m[split]
+        if r is None:
+            continue
         acc = lambda s: "-" if s["accuracy"] is None else f"{s['accuracy']:.3f}"  # noqa: E731
         lines.append(
             f"{split}: loss gate {r['gate']['loss']:.3f} uniform {r['uniform']['loss']:.3f} "
@@ -165,7 +173,10 @@ def train_cmd(
     as_json: bool,
     **kw: Any,
 ) -> None:
-    """Train the gate on the stored scores of DATASET (80/20 split, early stopping)."""
+    """Train the gate on the stored scores of DATASET.
+
+    The samples are split into train, val (early stopping and the LR schedule watch it) and
+    test (held out from both, reported apart; `moe2ctl eval` evaluates on it)."""
     cfg = load_settings(TrainConfig, overrides=collect_overrides(kw))
     reg = open_registry(db_url)
     row, result = train_gate(reg, dataset, experts.split(",") if experts else None, cfg, version)

@@ -1,12 +1,17 @@
 """Gate training on stored scores (DESIGN.md §2, eq. 13), and its evaluation.
 
 Teacher forcing makes p_{n,t} independent of θ, so training needs only the stored target
-log-probabilities and the prompts' embeddings: (samples, experts, tokens) arrays, a few
-seconds of torch.
+log-probabilities and the prompts' embeddings: (samples, options, experts, units) arrays in the
+units of the one mixing rule (``moe2.controller.mixing``), a few seconds of torch.
+
+The samples are split three ways, by a seeded hash of each sample's position in its dataset
+(stable when more samples are scored): the gate learns on *train*; early stopping and the
+learning-rate scheduler watch *val*; *test* is never seen by either and is reported apart
+(and is what ``moe2ctl eval`` evaluates on by default).
 
     cfg = TrainConfig()
     data = TrainData.build(table, embeddings)
-    result = train(data, cfg)        # result.head, result.metrics
+    result = train(data, cfg)        # result.head, result.metrics()
 """
 
 from __future__ import annotations
@@ -22,79 +27,49 @@ import torch
 
 from moe2.controller.gate.config import TrainConfig
 from moe2.controller.gate.model import GateHead
+from moe2.controller.mixing import Mixed, mix, normalise
 from moe2.controller.registry import ScoreTable
+from moe2.controller.splits import Split, split
 
 
 @dataclass
 class TrainData:
-    """Dense arrays for training and evaluation.
+    """The scores in mixing units (``mixed``) and the prompts' embeddings, sample-aligned."""
 
-    ``logp``: (samples, options, experts, tokens) float64 log-probabilities, 0 where masked;
-    ``mask``: (samples, options, tokens) bool; ``n_options``: (samples,) options per sample.
-    Across vocabularies (experts tokenise differently) each option collapses to one
-    sequence-level "token": Σ_t log p_{n,t}, so fusion mixes sequence likelihoods.
-    """
-
-    experts: list[str]
-    apps: list[str]
+    mixed: Mixed
     emb: np.ndarray  # (samples, dim) float32
-    logp: np.ndarray
-    mask: np.ndarray
-    n_options: np.ndarray
-    answer: np.ndarray  # (samples,) index of the correct option
-    level: str  # "token" or "sequence"
 
     @classmethod
-    def build(cls, table: ScoreTable, emb: np.ndarray) -> TrainData:
-        same_length = all(
-            not np.isnan(a).any() for opts in table.logp for a in opts
-        )  # ragged per expert -> different tokenizers
-        level = "token" if same_length else "sequence"
-        opts = max(len(o) for o in table.logp)
-        width = max(a.shape[1] for o in table.logp for a in o) if level == "token" else 1
-        n, e = len(table.samples), len(table.experts)
-        logp = np.zeros((n, opts, e, width))
-        mask = np.zeros((n, opts, width), dtype=bool)
-        for i, per in enumerate(table.logp):
-            for o, a in enumerate(per):
-                if level == "token":
-                    logp[i, o, :, : a.shape[1]] = a
-                    mask[i, o, : a.shape[1]] = True
-                else:
-                    logp[i, o, :, 0] = np.nansum(a, axis=1)
-                    mask[i, o, 0] = True
-        return cls(
-            experts=list(table.experts),
-            apps=[s.app for s in table.samples],
-            emb=np.asarray(emb, dtype=np.float32),
-            logp=logp,
-            mask=mask,
-            n_options=np.array([len(o) for o in table.logp]),
-            answer=np.array([s.answer for s in table.samples]),
-            level=level,
-        )
+    def build(cls, table: ScoreTable, emb: np.ndarray, dataset: str = "") -> TrainData:
+        return cls(mix(table, dataset), np.asarray(emb, dtype=np.float32))
+
+    @property
+    def experts(self) -> list[str]:
+        return self.mixed.experts
+
+    @property
+    def apps(self) -> list[str]:
+        return self.mixed.apps
+
+    @property
+    def answer(self) -> np.ndarray:
+        return self.mixed.answer
 
     def subset(self, idx: np.ndarray) -> TrainData:
-        return TrainData(
-            self.experts,
-            [self.apps[i] for i in idx],
-            self.emb[idx],
-            self.logp[idx],
-            self.mask[idx],
-            self.n_options[idx],
-            self.answer[idx],
-            self.level,
-        )
+        return TrainData(self.mixed.select(idx), self.emb[idx])
 
 
 def option_loglik(log_w: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t log Σ_n ω_n p_{n,t} for each option: log_w (batch, experts), logp (batch, options,
-    experts, tokens), mask (batch, options, tokens) -> (batch, options)."""
-    mixed = torch.logsumexp(log_w[:, None, :, None] + logp, dim=2)  # (batch, options, tokens)
+    """Σ_u log Σ_n ω_n p_{n,u} for each option, in torch for the gradient: log_w (batch,
+    experts), logp (batch, options, experts, units), mask (batch, options, units) -> (batch,
+    options). The same formula as ``Mixed.option_loglik`` (numpy), which every report uses."""
+    mixed = torch.logsumexp(log_w[:, None, :, None] + logp, dim=2)  # (batch, options, units)
     return (mixed * mask).sum(-1)
 
 
-def nll(log_w: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor):
+def nll(
+    log_w: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor
+) -> torch.Tensor:
     """Eq. 13 on the correct option, mean over the batch."""
     ll = option_loglik(log_w, logp, mask)  # (batch, options)
     return -ll.gather(1, answer[:, None]).squeeze(1).mean()
@@ -110,18 +85,17 @@ class Scores:
 
 
 def evaluate_weights(data: TrainData, log_w: np.ndarray) -> Scores:
-    lw = torch.as_tensor(log_w, dtype=torch.float64)
-    logp = torch.as_tensor(data.logp)
-    mask = torch.as_tensor(data.mask)
-    ll = option_loglik(lw, logp, mask).numpy()  # (samples, options)
-    n = np.arange(len(ll))
-    correct = ll[n, data.answer]
-    tokens = data.mask[n, data.answer].sum()
+    """Loss and accuracy under (samples, experts) log weights, in float64 through the one
+    mixing rule: the loss here is J(N) of the optimizer on the same samples and gate."""
+    m = data.mixed
+    ll = m.option_loglik(np.asarray(log_w, dtype=np.float64))  # (samples, options)
+    n = np.arange(m.n_samples)
+    correct = ll[n, m.answer]
+    units = m.mask[n, m.answer].sum()
     acc = None
-    if (data.n_options > 1).any():
-        masked = np.where(np.arange(ll.shape[1])[None] < data.n_options[:, None], ll, -np.inf)
-        acc = float((masked.argmax(1) == data.answer).mean())
-    return Scores(float(-correct.mean()), float(-correct.sum() / max(tokens, 1)), acc)
+    if (m.n_options > 1).any():
+        acc = float((ll.argmax(1) == m.answer).mean())
+    return Scores(float(-correct.mean()), float(-correct.sum() / max(units, 1)), acc)
 
 
 @dataclass
@@ -147,9 +121,10 @@ def report(data: TrainData, gate_values: np.ndarray) -> Report:
         lw[:, j] = 0.0
         singles[name] = evaluate_weights(data, lw)
     best = min(singles, key=lambda n: (-(singles[n].accuracy or 0.0), singles[n].loss))
-    oracle = (data.logp[np.arange(len(data.emb)), data.answer].sum(-1)).argmax(-1)
+    m = data.mixed
+    oracle = (m.logp[np.arange(m.n_samples), m.answer].sum(-1)).argmax(-1)
     routing = float((gate_values.argmax(1) == oracle).mean())
-    gate = evaluate_weights(data, np.log(np.clip(gate_values, 1e-30, None)))
+    gate = evaluate_weights(data, np.log(normalise(gate_values)))
     return Report(gate, uniform, singles, best, routing)
 
 
@@ -157,19 +132,30 @@ def report(data: TrainData, gate_values: np.ndarray) -> Report:
 class TrainResult:
     head: GateHead
     config: TrainConfig
+    split: Split
+    sample_idx: np.ndarray  # (samples,) dataset position of each sample of the data
     train: Report
     val: Report
+    test: Report | None  # None when the test fraction is 0
     history: list[dict[str, float]] = field(default_factory=list)
     epochs: int = 0
     steps: int = 0
     seconds: float = 0.0
+    stopped: str = ""  # "early stop" | "max epochs"
 
     def metrics(self) -> dict[str, Any]:
         return {
             "train": self.train.as_dict(),
             "val": self.val.as_dict(),
+            "test": None if self.test is None else self.test.as_dict(),
+            "split": self.split.as_dict(self.sample_idx),
             "epochs": self.epochs,
             "steps": self.steps,
+            "lr_decays": sum(
+                1 for a, b in zip(self.history, self.history[1:]) if b["lr"] < a["lr"]
+            ),
+            "final_lr": self.history[-1]["lr"] if self.history else self.config.lr,
+            "stopped": self.stopped,
             "seconds": round(self.seconds, 3),
         }
 
@@ -178,12 +164,6 @@ class TrainResult:
 def gate_values(head: GateHead, emb: np.ndarray) -> np.ndarray:
     head.eval()
     return head(torch.as_tensor(emb, dtype=torch.float32)).double().numpy()
-
-
-def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(n * val_fraction))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def train(data: TrainData, cfg: TrainConfig) -> TrainResult:
@@ -199,25 +179,31 @@ def train(data: TrainData, cfg: TrainConfig) -> TrainResult:
 def _train(data: TrainData, cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    tr_idx, va_idx = split(len(data.emb), cfg.val_fraction, cfg.seed)
-    tr, va = data.subset(tr_idx), data.subset(va_idx)
+    parts = split(data.mixed.sample_idx, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    tr, va = data.subset(parts.train), data.subset(parts.val)
     head = GateHead(data.emb.shape[1], len(data.experts), cfg.hidden, cfg.dropout)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The same notion of "improved" as early stopping (relative min_delta), so that with
+    # plateau_patience < early_stop the learning rate decays before training stops.
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        opt,
+        factor=cfg.plateau_factor,
+        patience=cfg.plateau_patience,
+        threshold=cfg.min_delta,
+        threshold_mode="rel",
     )
     emb = torch.as_tensor(tr.emb)
-    logp = torch.as_tensor(tr.logp, dtype=torch.float32)
-    mask = torch.as_tensor(tr.mask)
+    logp = torch.as_tensor(tr.mixed.logp, dtype=torch.float32)
+    mask = torch.as_tensor(tr.mixed.mask)
     ans = torch.as_tensor(tr.answer)
     v_emb = torch.as_tensor(va.emb)
-    v_logp = torch.as_tensor(va.logp, dtype=torch.float32)
-    v_mask, v_ans = torch.as_tensor(va.mask), torch.as_tensor(va.answer)
+    v_logp = torch.as_tensor(va.mixed.logp, dtype=torch.float32)
+    v_mask, v_ans = torch.as_tensor(va.mixed.mask), torch.as_tensor(va.answer)
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_state, stale, steps, micro = math.inf, copy.deepcopy(head.state_dict()), 0, 0, 0
     history: list[dict[str, float]] = []
     epoch = 0
-    stop = False
+    stopped = "max epochs"
     for epoch in range(1, cfg.max_epochs + 1):  # noqa: B007 (reported)
         head.train()
         perm = torch.randperm(len(emb), generator=gen)
@@ -246,20 +232,25 @@ def _train(data: TrainData, cfg: TrainConfig) -> TrainResult:
             else:
                 stale += 1
                 if stale >= cfg.early_stop:
-                    stop = True
+                    stopped = "early stop"
                     break
-        if stop:
+        if stopped == "early stop":
             break
     if history:  # else too little data for one evaluation: keep the last state
         head.load_state_dict(best_state)
     head.eval()
+    te = data.subset(parts.test) if parts.test.size else None
     return TrainResult(
         head=head,
         config=cfg,
+        split=parts,
+        sample_idx=data.mixed.sample_idx,
         train=report(tr, gate_values(head, tr.emb)),
         val=report(va, gate_values(head, va.emb)),
+        test=None if te is None else report(te, gate_values(head, te.emb)),
         history=history,
         epochs=epoch,
         steps=steps,
         seconds=time.perf_counter() - t0,
+        stopped=stopped,
     )

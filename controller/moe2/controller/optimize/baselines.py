@@ -37,7 +37,7 @@ class BruteForce(Solver):
         # built by doubling: the subsets with expert j are those without it, plus j.
         q_tab = np.zeros((1, tokens))
         g_tab = np.zeros((1, tokens))
-        d_tab = np.zeros((1, ev.n_samples))  # slowest expert per sample; delays are ≥ 0
+        d_tab = np.zeros((1, ev.delay.shape[1]))  # slowest expert per delay column; ≥ 0
         e_tab = np.zeros(1)
         for j in range(low):
             q_tab = np.vstack([q_tab, q_tab + ev.q[j]])
@@ -46,8 +46,9 @@ class BruteForce(Solver):
             e_tab = np.concatenate([e_tab, e_tab + ev.mean_energy[j]])
         # Start from the best feasible single expert, so that even a search cut short by the
         # time limit answers with a feasible subset.
+        # Objective values are J̃ = J − ev.offset (see objective.py).
         singles = np.flatnonzero(ev.feasible_singletons())
-        j_singles = -np.log(ev.p[singles]).sum(axis=1) / ev.n_samples
+        j_singles = np.array([ev.relative([int(s)]) for s in singles])
         best, best_j = 1 << int(singles[np.argmin(j_singles)]), float(j_singles.min())
         feasible, timed_out = 0, False
         for high in range(1 << (n - low)):
@@ -70,10 +71,15 @@ class BruteForce(Solver):
                 continue
             feasible += rows.size
             j_rows = -np.log((q_tab[rows] + q_h) / (g_tab[rows] + g_h)).sum(axis=1)
-            k = int(np.argmin(j_rows))
-            if j_rows[k] / ev.n_samples < best_j:
-                best_j = j_rows[k] / ev.n_samples
-                best = (high << low) | int(rows[k])
+
+            def chosen(k: int, high: int = high, rows: IntArray = rows) -> list[int]:
+                mask = (high << low) | int(rows[k])
+                return [i for i in range(n) if mask >> i & 1]
+
+            better = ev.settle(j_rows / ev.n_samples, chosen, best_j)
+            if better is not None:
+                best_j = better[0]
+                best = (high << low) | int(rows[better[1]])
         indices = tuple(i for i in range(n) if best >> i & 1)
         stats = {"subsets": (1 << n) - 1, "feasible_subsets": feasible, "timed_out": timed_out}
         return Found(indices, None if timed_out else 0.0, stats)
@@ -102,7 +108,7 @@ class RandomFeasible(Solver):
     def search(self, ev: Evaluator, epsilon: float, deadline: Deadline) -> Found:
         rng = np.random.default_rng(self.seed)
         chosen: list[int] = []
-        slowest = np.zeros(ev.n_samples)  # (samples,) seconds
+        slowest = np.zeros(ev.delay.shape[1])  # (delay columns,) seconds
         energy = 0.0
         for n in rng.permutation(np.flatnonzero(ev.feasible_singletons())):
             s = np.maximum(slowest, ev.delay[n])

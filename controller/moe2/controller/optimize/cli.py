@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from moe2.controller.optimize.costs import summary
 from moe2.controller.optimize.problem import Problem
 from moe2.controller.optimize.solution import Infeasible, Solution
 from moe2.controller.optimize.solvers import DEFAULT_SOLVER, SOLVERS, solve
@@ -44,10 +45,52 @@ def _status(solution: Solution) -> str:
     return f"within {gap:.4g} of the optimum"
 
 
+def provenance(problem: Problem) -> dict[str, Any]:
+    """Which gate and which cost figures the problem was built from (its ``meta``)."""
+    meta = problem.meta
+    gate = meta.get("gate_provenance")
+    if gate is None:
+        gate = {"version": meta["gate"]} if "gate" in meta else NOT_RECORDED
+    return {
+        "dataset": meta.get("dataset", NOT_RECORDED),
+        "gate": gate,
+        "costs": meta.get("costs", NOT_RECORDED),
+    }
+
+
+NOT_RECORDED = "not recorded in the problem file"
+
+
+def _provenance_lines(problem: Problem) -> list[str]:
+    where = provenance(problem)
+    gate = where["gate"]
+    if isinstance(gate, dict):
+        shown = str(gate.get("version"))
+        if gate.get("datasets"):
+            shown += f" (trained on {', '.join(gate['datasets'])}"
+            shown += f"; weights via {gate['source']})" if gate.get("source") else ")"
+    else:
+        shown = gate
+    lines = [f"gate        {shown}", f"dataset     {where['dataset']}"]
+    costs = where["costs"]
+    if isinstance(costs, dict):
+        lines.append(f"costs       {summary(costs)} figures:")
+        for expert, src in costs.items():
+            lines.append(
+                f"  {expert:<18} delay {src['delay']}, energy {src['energy']} "
+                f"({src['meter']}), {src['device_class'] or 'unknown device'}, "
+                f"link {src['link']}"
+            )
+    else:
+        lines.append(f"costs       {costs}")
+    return lines
+
+
 def render(result: Solution | Infeasible, problem: Problem) -> str:
-    """The human-readable report: subset, objective, each limit, solver statistics."""
+    """The human-readable report: subset, objective, each limit, solver statistics, and
+    where the gate and the costs came from."""
     if isinstance(result, Infeasible):
-        return f"infeasible: {result.reason}"
+        return "\n".join([f"infeasible: {result.reason}", "", *_provenance_lines(problem)])
     lines = [
         f"subset      {', '.join(result.subset)}  ({len(result.subset)} of "
         f"{problem.n_experts} experts)",
@@ -78,7 +121,7 @@ def render(result: Solution | Infeasible, problem: Problem) -> str:
     if isinstance(lower, float) and math.isfinite(lower):
         parts.append(f"lower bound {lower:.6f}")
     parts.append(f"{stats.get('time_s', 0.0):.3f} s")
-    lines += ["", ", ".join(parts)]
+    lines += ["", ", ".join(parts), "", *_provenance_lines(problem)]
     return "\n".join(lines)
 
 
@@ -90,7 +133,7 @@ def report(
 ) -> None:
     """Print ``result`` (JSON or the table); exit with EXIT_INFEASIBLE if infeasible, and
     with EXIT_NOT_ACKED when a pushed assignment was accepted by no gateway."""
-    out = result.to_json()
+    out = result.to_json() | {"provenance": provenance(problem)}
     if pushed:
         out["pushed"] = [r.summary() for r in pushed]
     emit(out, as_json, lambda _: render(result, problem))
@@ -103,12 +146,36 @@ def report(
         )
 
 
-@click.command("optimize")
+PROBLEM_FILE_HELP = """\b
+Problem file (JSON; every key below, all arrays per sample in one order):
+  experts       ["e0", "e1", ...]
+  gate          sample × expert gate values, rows sum to 1
+  logp          sample × expert × unit target log-probabilities, nats (a unit is
+                a token, or the whole target across vocabularies); or "p":
+                probabilities, the original form, floored at 1e-30
+  app           application of each sample
+  prompt_delay  sample × expert seconds of step 1 (processing the prompt)
+  decode_delay  sample × expert seconds of each later step
+  steps         T of each sample: its answer's length in steps
+                (or "delay": sample × expert seconds of a mean step, the original
+                form, read as prompt_delay = decode_delay = delay, T = 1)
+  energy        sample × expert joules per step (mean over the answer's steps)
+  gate_delay    seconds the gate adds (optional, 0)
+  limits        {"delay": {"app": seconds}, "energy": joules} (optional)
+  epsilon       accepted optimality gap, nats per sample (optional, 0)
+  meta          free-form; the registry path records the dataset, the gate and
+                each expert's cost sources here (optional)
+A sample's delay under S is (max_S prompt_delay + (T-1) max_S decode_delay) / T.
+"""
+
+
+@click.command("optimize", epilog=PROBLEM_FILE_HELP)
 @click.option(
     "--problem",
     "problem_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Solve this problem file (DESIGN.md §3) offline, without broker or registry.",
+    help="Solve this problem file offline, without broker or registry (format below and in "
+    "README.md, 'Optimizer problem file').",
 )
 @click.option(
     "--solver",
@@ -139,13 +206,15 @@ def report(
     "app_limits",
     multiple=True,
     metavar="NAME=SECONDS",
-    help="Registry path: expected delay limit of an application (repeatable).",
+    help="Registry path: an application's delay limit, seconds per step (the mean over an "
+    "answer's steps of the slowest chosen expert, plus the gate; repeatable).",
 )
 @click.option(
     "--energy",
     type=click.FloatRange(min=0.0, min_open=True),
     default=None,
-    help="Registry path: energy budget, joules per prompt on average.",
+    help="Registry path: energy budget, joules per step of an answer (eq. 11: the chosen "
+    "experts' energy, mean over the steps), averaged over the prompts.",
 )
 @click.option(
     "--k",
@@ -158,7 +227,8 @@ def report(
     "--gate",
     "gate_version",
     default=None,
-    help="Gate version for the weights [default: the newest; 'uniform' for none].",
+    help="Gate version for the weights [default: the newest; an error if none was trained]; "
+    "'uniform' weighs every expert equally.",
 )
 @click.option(
     "--gate-delay",

@@ -1,65 +1,163 @@
-"""Build an optimisation problem from the registry: scores and gate for the objective,
-stored profiles (and measured links) for the costs.
+"""Build an optimisation problem from the registry: scores and gate for the objective, stored
+profiles (and measured links) for the costs, and a record of where each came from.
 
-Objective data: for each sample of the dataset, the correct target's token probabilities per
-expert (``score_table``). Experts of one vocabulary are mixed per token (eq. 13); a sample
-whose experts tokenised the target differently is mixed per sequence (one "token" holding the
-target's whole probability), which is the only alignment scores across vocabularies allow.
+    data = scored_set(reg, "tiny", gate_version=None)        # newest gate; "uniform" for none
+    problem = data.problem({"qa": 2.0}, 20.0)                 # every fully scored sample
+    problem = data.select(positions).problem(...)             # a split of them
 
-Costs: each expert's profile curves give the delay and energy of every step (step 1 processes
-the prompt; ``costmodel.step_costs``); the per-sample figure is the mean over the answer's
-steps plus the gateway's measured transmission delay per step, where a link report exists.
-The problem takes a (samples, experts) delay, so the expected per-step maximum over S becomes
-the maximum over S of each expert's mean step: equal for one-token answers (multiple choice,
-the paper's tables), a slight underestimate for longer ones. Prompt length is estimated from
-the text (about 1.3 tokens per word) since tokenisers differ per expert.
+Objective data: for each sample, the correct target's log-probabilities per expert in the units
+of the one mixing rule (``moe2.controller.mixing``: per token when the experts share a
+tokenizer hash, else per sequence), never exponentiated. Costs: ``optimize.costs`` (a prompt
+step and a decode step per sample × expert, T = the answer's length in steps). The problem's
+``meta`` names the dataset, the gate (version, training datasets, ONNX or torch) and each
+expert's cost sources; ``optimize`` prints them with the answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from moe2.controller.gate.weights import GateWeights, gate_weights
+from moe2.controller.mixing import Mixed, mix
+from moe2.controller.optimize.costs import Costs, load_profiles, profile_costs
 from moe2.controller.optimize.problem import Problem
 from moe2.controller.registry.db import Registry
 from moe2.shared import protocol as p
-from moe2.shared.costmodel import step_costs
 from moe2.shared.errors import ConfigError
 
-TOKENS_PER_WORD = 1.3
-REPLY_BYTES = 1200  # a top-64 step reply with pieces, the bytes a step moves over a link
 
+@dataclass(frozen=True)
+class ScoredSet:
+    """A dataset's fully scored samples with the gate's weights and the experts' costs,
+    sample-aligned: what an optimisation or an evaluation needs from the registry."""
 
-def _gate_values(
-    reg: Registry, experts: Sequence[str], prompts: Sequence[str], version: str | None
-) -> tuple[np.ndarray, str]:
-    """(samples, experts) gate values renormalised over ``experts``; uniform without a gate."""
-    if version == "uniform":
-        return np.full((len(prompts), len(experts)), 1.0 / len(experts)), "uniform"
-    try:
-        gate = reg.gate_version(version)
-    except ConfigError:
-        if version is not None:
-            raise
-        return np.full((len(prompts), len(experts)), 1.0 / len(experts)), "uniform"
-    import json
-    from pathlib import Path
+    dataset: str
+    mixed: Mixed
+    gate: GateWeights
+    costs: Costs
 
-    from moe2.controller.gate.export import gate_files, onnx_values
+    @property
+    def experts(self) -> list[str]:
+        return self.mixed.experts
 
-    gate_experts: list[str] = json.loads(gate.experts_json)
-    missing = [e for e in experts if e not in gate_experts]
-    if missing:
-        raise ConfigError(
-            f"gate {gate.version} does not know experts {missing}; train a new gate or pass "
-            "--gate uniform"
+    def select(self, positions: Sequence[int] | np.ndarray) -> ScoredSet:
+        """The samples at ``positions`` (into this set's order)."""
+        ix = np.asarray(positions, dtype=np.int64)
+        if ix.size == 0:
+            raise ConfigError(f"no samples of {self.dataset!r} left in this selection")
+        c = self.costs
+        return ScoredSet(
+            self.dataset,
+            self.mixed.select(ix),
+            replace(self.gate, values=self.gate.values[ix]),
+            replace(
+                c,
+                prompt_delay=c.prompt_delay[ix],
+                decode_delay=c.decode_delay[ix],
+                steps=c.steps[ix],
+                energy=c.energy[ix],
+            ),
         )
-    values = onnx_values(gate_files(Path(gate.artefact_dir)), list(prompts))
-    cols = [gate_experts.index(e) for e in experts]
-    sub = np.maximum(values[:, cols], 1e-12)
-    return sub / sub.sum(axis=1, keepdims=True), gate.version
+
+    def positions(self, sample_idx: set[int], *, inside: bool) -> np.ndarray:
+        """Positions of the samples whose dataset position is (not) in ``sample_idx``."""
+        hit = np.array([int(i) in sample_idx for i in self.mixed.sample_idx], dtype=bool)
+        return np.flatnonzero(hit if inside else ~hit)
+
+    def provenance(self) -> dict[str, Any]:
+        m = self.mixed
+        return {
+            "dataset": self.dataset,
+            "samples": m.n_samples,
+            "mixing": {"token": int(m.per_token.sum()), "sequence": int((~m.per_token).sum())},
+            "gate": self.gate.provenance(),
+            "costs": self.costs.provenance(),
+        }
+
+    def problem(
+        self,
+        delay_limits: Mapping[str, float],
+        energy_limit: float | None,
+        *,
+        gate_delay: float = 0.004,
+        epsilon: float = 0.0,
+    ) -> Problem:
+        m = self.mixed
+        unknown = sorted(set(delay_limits) - set(m.apps))
+        if unknown:
+            raise ConfigError(
+                f"no samples of application(s) {unknown} in {self.dataset!r}; it has "
+                f"{sorted(set(m.apps))}"
+            )
+        where = self.provenance()
+        meta: dict[str, Any] = {
+            "source": "registry",
+            "dataset": self.dataset,
+            "samples": where["samples"],
+            "mixing": where["mixing"],
+            "gate": self.gate.version,  # the version alone, as the first format had it
+            "gate_provenance": where["gate"],
+            "costs": where["costs"],
+            "meters": {e: s.meter for e, s in self.costs.sources.items()},
+        }
+        return Problem(
+            experts=m.experts,
+            gate=self.gate.values,
+            logp=[m.target(i) for i in range(m.n_samples)],
+            app=m.apps,
+            prompt_delay=self.costs.prompt_delay,
+            decode_delay=self.costs.decode_delay,
+            steps=self.costs.steps,
+            energy=self.costs.energy,
+            gate_delay=gate_delay,
+            delay_limits=dict(delay_limits),
+            energy_limit=energy_limit,
+            epsilon=epsilon,
+            meta=meta,
+        )
+
+
+def scored_set(
+    reg: Registry,
+    dataset: str,
+    *,
+    gate_version: str | None,
+    links: Mapping[str, p.LinkFigures] | None = None,
+    online_only: bool = True,
+    experts: Sequence[str] | None = None,
+) -> ScoredSet:
+    """Every sample of ``dataset`` that all chosen experts scored; the experts are ``experts``
+    or every one with complete scores, a stored profile and (``online_only``) an online
+    status."""
+    agents = {a.id: a for a in reg.agents()}
+    if experts is None:
+        table = reg.score_table(dataset)
+        chosen = [
+            e
+            for e in table.experts
+            if e in agents
+            and (not online_only or agents[e].state == "online")
+            and agents[e].profile_json
+        ]
+    else:
+        chosen = list(experts)
+    if not chosen:
+        raise ConfigError(
+            f"no expert has complete scores for {dataset!r}, a stored profile and (unless "
+            "--include-offline) an online status; run `moe2ctl collect` and `moe2ctl sync`"
+        )
+    table = reg.score_table(dataset, chosen)
+    if not table.samples:
+        raise ConfigError(f"dataset {dataset!r} has no samples scored by all of {chosen}")
+    mixed = mix(table, dataset)
+    answer_steps = mixed.steps[np.arange(mixed.n_samples), mixed.answer]
+    costs = profile_costs(load_profiles(reg, chosen), chosen, mixed.prompts, answer_steps, links)
+    gate = gate_weights(reg, chosen, mixed.prompts, gate_version)
+    return ScoredSet(dataset, mixed, gate, costs)
 
 
 def problem_from_registry(
@@ -74,68 +172,5 @@ def problem_from_registry(
     epsilon: float = 0.0,
     online_only: bool = True,
 ) -> Problem:
-    table = reg.score_table(dataset)
-    agents = {a.id: a for a in reg.agents()}
-    experts = [
-        e
-        for e in table.experts
-        if e in agents
-        and (not online_only or agents[e].state == "online")
-        and agents[e].profile_json
-    ]
-    if not experts:
-        raise ConfigError(
-            f"no expert has complete scores for {dataset!r}, a stored profile and (unless "
-            "--include-offline) an online status; run `moe2ctl collect` and `moe2ctl sync`"
-        )
-    if not table.samples:
-        raise ConfigError(f"dataset {dataset!r} has no fully scored samples")
-    idx = [table.experts.index(e) for e in experts]
-    profiles = {
-        e: p.decode_message(p.AgentProfile, (agents[e].profile_json or "").encode())
-        for e in experts
-    }
-
-    probs: list[np.ndarray] = []
-    delay = np.zeros((len(table.samples), len(experts)))
-    energy = np.zeros_like(delay)
-    for i, (smp, options) in enumerate(zip(table.samples, table.logp)):
-        logp = options[smp.answer][idx]  # (experts, tokens), NaN-padded across vocabularies
-        if np.isnan(logp).any():
-            probs.append(np.exp(np.nansum(logp, axis=1, keepdims=True)))  # sequence level
-        else:
-            probs.append(np.exp(logp))
-        prompt_tokens = max(1, round(len(smp.prompt.split()) * TOKENS_PER_WORD))
-        for j, e in enumerate(experts):
-            answer_tokens = max(1, int(np.count_nonzero(~np.isnan(logp[j]))))
-            sec, joules = step_costs(profiles[e].curves, prompt_tokens, answer_tokens)
-            link = (links or {}).get(e)
-            per_step_link = link.rtt_s + REPLY_BYTES / link.bytes_per_s if link else 0.0
-            delay[i, j] = float(sec.mean()) + per_step_link
-            energy[i, j] = float(joules.mean())
-    gate, used_gate = _gate_values(reg, experts, [s.prompt for s in table.samples], gate_version)
-    apps = [s.app for s in table.samples]
-    unknown = sorted(set(delay_limits) - set(apps))
-    if unknown:
-        raise ConfigError(
-            f"no samples of application(s) {unknown} in {dataset!r}; it has {sorted(set(apps))}"
-        )
-    meta: dict[str, Any] = {
-        "dataset": dataset,
-        "gate": used_gate,
-        "source": "registry",
-        "meters": {e: profiles[e].meter_source for e in experts},
-    }
-    return Problem(
-        experts=experts,
-        gate=gate,
-        p=probs,
-        app=apps,
-        delay=delay,
-        energy=energy,
-        gate_delay=gate_delay,
-        delay_limits=dict(delay_limits),
-        energy_limit=energy_limit,
-        epsilon=epsilon,
-        meta=meta,
-    )
+    data = scored_set(reg, dataset, gate_version=gate_version, links=links, online_only=online_only)
+    return data.problem(delay_limits, energy_limit, gate_delay=gate_delay, epsilon=epsilon)

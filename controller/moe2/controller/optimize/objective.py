@@ -1,37 +1,56 @@
 """J(S) and the costs of a subset, precomputed once per problem for fast repeated evaluation.
 
-J(S) = (1/samples) Σ_i −Σ_t log Σ_{n∈S} ω_{i,n} p_{i,n,t},  ω_{i,n} = g_{i,n} / Σ_{n'∈S} g_{i,n'}
+J(S) = (1/samples) Σ_i −Σ_u log Σ_{n∈S} ω_{i,n} p_{i,n,u},  ω_{i,n} = g_{i,n} / Σ_{n'∈S} g_{i,n'}
 
-Every token of every sample weighs 1/samples, so the samples' ragged token lists are flattened
-into one token axis (no padding, no mask): with q = g·p per token,
+u runs over the sample's mixing units (tokens, or the whole target; ``moe2.controller.mixing``).
+Every unit of every sample weighs 1/samples, so the samples' ragged unit lists are flattened
+into one unit axis (no padding, no mask).
 
-    J(S) = −(1/samples) Σ_k log( Σ_{n∈S} q_{k,n} / Σ_{n∈S} g_{k,n} )      k over all tokens
+Log space end to end. ``objective`` is exact: a logsumexp over S of log ω + log p, whatever the
+magnitude of log p (an answer of −5,000 nats is as exact as one of −0.1). The solvers need sums
+over subsets, hence linear probabilities; they get each unit's probabilities relative to the
+best expert on that unit, p̃_{n,u} = exp(log p_{n,u} − max_m log p_{m,u}) ∈ (0, 1], so that
+J(S) = offset + J̃(S) with the constant offset = −(1/samples) Σ_u max_m log p_{m,u}. Comparisons,
+differences and bounds are the same for J and J̃. Only an expert more than ``-LOG_CLIP`` nats
+below the best on a unit would underflow; its p̃ is clipped up there (``clipped`` says whether
+that happened), which can only make J̃ optimistic, so bounds stay valid, and the solvers settle
+any candidate that beats the incumbent with the exact value (``settle``).
 
-Arrays are stored expert-major ((experts, tokens)) so that a subset's sums read whole rows.
+Arrays are stored expert-major ((experts, units)) so that a subset's sums read whole rows.
 
-Costs (DESIGN.md §2): an app's delay is the mean over its samples of the slowest chosen expert
-plus the gate's delay (the expectation of the max); energy is the mean over all samples of the
-chosen experts' sum, i.e. Σ_{n∈S} ē_n. Both grow with S, so feasibility is closed under subsets.
+Costs (DESIGN.md §2): a sample's delay under S is (1/T) Σ_t max_{n∈S} τ_n(t) with step 1 the
+prompt and steps 2..T decode steps, = max_S prompt/T + max_S decode·(T−1)/T. Both terms are
+"delay columns" (two per sample; one when every T is 1), so an app's delay is one weighted sum
+of the column-wise maximum over S, plus the gate's delay: the expectation over prompts of the
+per-prompt maximum, never the maximum of expectations. Energy is the mean over all samples of
+the chosen experts' sum, i.e. Σ_{n∈S} ē_n. Both grow with S, so feasibility is closed under
+subsets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
+from moe2.controller.mixing import GATE_FLOOR
 from moe2.controller.optimize.problem import FloatArray, Problem
 
-# A probability or gate value of exactly 0 would make a token's loss infinite (or a singleton's
-# weights 0/0); floor both, which caps one token's loss near 69 nats.
-FLOOR = 1e-30
+# Relative log-probabilities below this are clipped for the solvers' linear sums: exp(-575)
+# ≈ 1e-250 times a gate of GATE_FLOOR stays a normal float64.
+LOG_CLIP = -575.0
 
 # Limits are met up to this relative slack, so that sums taken in a different order (an
 # incremental search, a brute-force table) agree on a subset that sits exactly on a limit.
 LIMIT_RTOL = 1e-9
 
 Indices = Sequence[int] | NDArray[np.intp]
+
+
+def _logsumexp0(z: FloatArray) -> FloatArray:
+    top = z.max(axis=0)
+    return np.asarray(np.log(np.exp(z - top).sum(axis=0)) + top)
 
 
 class Evaluator:
@@ -41,25 +60,40 @@ class Evaluator:
         self.problem = problem
         self.n_experts = problem.n_experts
         self.n_samples = problem.n_samples
-        tokens = problem.tokens
-        token_sample = np.repeat(np.arange(self.n_samples), tokens)  # (tokens,) sample index
-        p = np.maximum(np.concatenate(problem.p, axis=1), FLOOR)  # (experts, tokens)
-        g = np.maximum(problem.gate, FLOOR).T[:, token_sample]  # (experts, tokens)
-        self.q: FloatArray = np.ascontiguousarray(g * p)  # (experts, tokens) gate · probability
-        self.g: FloatArray = np.ascontiguousarray(g)  # (experts, tokens) gate of the token's sample
-        self.p: FloatArray = np.ascontiguousarray(p)  # (experts, tokens)
+        unit_sample = np.repeat(np.arange(self.n_samples), problem.units)  # (units,) sample
+        logp = np.concatenate(problem.logp, axis=1)  # (experts, units) nats
+        top = logp.max(axis=0)  # (units,) the best expert's log-probability
+        self.rel: FloatArray = np.ascontiguousarray(logp - top)  # (experts, units) ≤ 0, exact
+        self.offset = float(-top.sum() / self.n_samples)  # J = offset + J̃
+        self.clipped = bool((self.rel < LOG_CLIP).any())
+        p = np.exp(np.maximum(self.rel, LOG_CLIP))  # (experts, units) in (0, 1]
+        g = np.maximum(problem.gate, GATE_FLOOR).T[:, unit_sample]  # (experts, units)
+        self.q: FloatArray = np.ascontiguousarray(g * p)  # (experts, units) gate · p̃
+        self.g: FloatArray = np.ascontiguousarray(g)  # (experts, units) gate of the unit's sample
+        self.p: FloatArray = np.ascontiguousarray(p)  # (experts, units) p̃
+        self.log_g: FloatArray = np.log(self.g)
         self.mean_energy: FloatArray = problem.energy.mean(axis=0)  # (experts,) joules
-        self.delay: FloatArray = np.ascontiguousarray(problem.delay.T)  # (experts, samples) s
 
-        # App a's delay is app_weights[a] @ (max over S of delay) + gate_delay.
-        self.apps: tuple[str, ...] = tuple(dict.fromkeys(problem.app))
-        member = np.array(problem.app)[None, :] == np.array(self.apps)[:, None]
-        self.app_weights: FloatArray = member / member.sum(axis=1, keepdims=True)  # (apps, samples)
+        # Delay columns: (experts, columns) seconds; app a's delay is
+        # app_weights[a] @ (max over S of the columns) + gate_delay.
+        steps = problem.steps.astype(np.float64)  # (samples,)
+        prompt = problem.prompt_delay / steps[:, None]  # (samples, experts)
+        member = np.array(problem.app)[None, :] == np.array(self._app_order(problem))[:, None]
+        per_sample = member / member.sum(axis=1, keepdims=True)  # (apps, samples)
+        if np.all(problem.steps == 1):
+            self.delay: FloatArray = np.ascontiguousarray(prompt.T)
+            self.app_weights: FloatArray = per_sample
+        else:
+            decode = problem.decode_delay * ((steps - 1) / steps)[:, None]
+            self.delay = np.ascontiguousarray(np.vstack([prompt, decode]).T)
+            self.app_weights = np.hstack([per_sample, per_sample])  # (apps, columns)
+
+        self.apps: tuple[str, ...] = self._app_order(problem)
         self.gate_delay = problem.gate_delay
         limited = [a for a in self.apps if a in problem.delay_limits]
         self.limited_apps: tuple[str, ...] = tuple(limited)
         rows = [self.apps.index(a) for a in limited]
-        self.limit_weights: FloatArray = self.app_weights[rows]  # (limited apps, samples)
+        self.limit_weights: FloatArray = self.app_weights[rows]  # (limited apps, columns)
         limits = np.array([problem.delay_limits[a] for a in limited], dtype=np.float64)
         self.delay_limits: FloatArray = limits  # (limited apps,) seconds
         self.delay_allowed: FloatArray = limits * (1 + LIMIT_RTOL) + LIMIT_RTOL
@@ -67,20 +101,59 @@ class Evaluator:
         self.energy_limit = np.inf if e_max is None else float(e_max)
         self.energy_allowed = self.energy_limit * (1 + LIMIT_RTOL) + LIMIT_RTOL
 
+    @staticmethod
+    def _app_order(problem: Problem) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(problem.app))
+
     # -- objective --------------------------------------------------------------------
 
     def objective(self, subset: Indices) -> float:
+        """J(S), nats per sample, exact (log space)."""
+        return self.offset + self.relative(subset)
+
+    def relative(self, subset: Indices) -> float:
+        """J̃(S) = J(S) − offset, exact: the solvers' unit."""
         idx = np.asarray(subset, dtype=np.intp)
         if idx.size == 0:
             raise ValueError("J is defined for non-empty subsets only")
-        mix = self.q[idx].sum(axis=0) / self.g[idx].sum(axis=0)  # (tokens,) fused probability
+        log_g = self.log_g[idx]  # (|S|, units)
+        log_w = log_g - _logsumexp0(log_g)  # log ω, renormalised over S
+        return float(-_logsumexp0(log_w + self.rel[idx]).sum() / self.n_samples)
+
+    def fast_relative(self, subset: Indices) -> float:
+        """J̃(S) from the linear sums: exact unless ``clipped``, then never above J̃(S)."""
+        idx = np.asarray(subset, dtype=np.intp)
+        mix = self.q[idx].sum(axis=0) / self.g[idx].sum(axis=0)  # (units,) fused p̃
         return float(-np.log(mix).sum() / self.n_samples)
+
+    def settle(
+        self, values: FloatArray, subset_of: Callable[[int], Sequence[int]], best: float
+    ) -> tuple[float, int] | None:
+        """The best candidate that beats ``best`` (J̃ units), as (value, position), or None.
+
+        ``values`` are candidates' J̃ from the linear sums; where clipping happened they may
+        be optimistic, so every candidate below ``best`` is re-evaluated exactly, smallest
+        first, until the next fast value cannot beat the best exact one.
+        """
+        if values.size == 0:
+            return None
+        if not self.clipped:
+            k = int(np.argmin(values))
+            return (float(values[k]), k) if values[k] < best else None
+        found: tuple[float, int] | None = None
+        for k in np.argsort(values, kind="stable"):
+            if values[k] >= best:
+                break
+            exact = self.relative(subset_of(int(k)))
+            if exact < best:
+                best, found = exact, (exact, int(k))
+        return found
 
     # -- costs --------------------------------------------------------------------------
 
     def app_delays(self, subset: Indices) -> FloatArray:
         """(apps,) seconds: every app's expected delay, in ``self.apps`` order."""
-        slowest = self.delay[np.asarray(subset, dtype=np.intp)].max(axis=0)  # (samples,)
+        slowest = self.delay[np.asarray(subset, dtype=np.intp)].max(axis=0)  # (columns,)
         return self.app_weights @ slowest + self.gate_delay
 
     def limited_delays(self, subset: Indices) -> FloatArray:

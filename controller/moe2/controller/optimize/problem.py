@@ -1,14 +1,26 @@
-"""One subset-selection problem: scores, gate, costs and limits, and its JSON file (DESIGN.md §3).
+"""One subset-selection problem: scores, gate, costs and limits, and its JSON file (README
+"Optimizer problem file"; DESIGN.md §3 is the original contract).
 
 A problem is built from arrays (the registry path) or read from a file (replay); both go through
 the same validation, and ``to_file`` writes exactly the format ``from_file`` reads::
 
-    problem = Problem(experts=("a", "b"), gate=[[0.7, 0.3]], p=[[[0.9, 0.8], [0.2, 0.4]]],
-                      app=("qa",), delay=[[1.2, 0.4]], energy=[[9.0, 3.0]],
-                      delay_limits={"qa": 2.0}, energy_limit=20.0)
+    problem = Problem(experts=("a", "b"), gate=[[0.7, 0.3]], logp=[[[-0.1, -0.2], [-1.6, -0.9]]],
+                      app=("qa",), prompt_delay=[[1.2, 0.4]], decode_delay=[[0.1, 0.3]],
+                      steps=[8], energy=[[9.0, 3.0]], delay_limits={"qa": 2.0}, energy_limit=20.0)
     problem.to_file("replay.json"); Problem.from_file("replay.json")
 
-Every error names the field and the sample (and expert, token) index, so a bad file is fixed
+Two forms of the scores and of the delays are read:
+
+- ``logp`` (sample × expert × unit log-probabilities, nats) is exact at any length; ``p``
+  (probabilities) is the original form and keeps its original meaning, including the floor of
+  ``P_FLOOR`` below which every probability counted the same (a long answer's probability
+  underflows it: write ``logp``).
+- ``prompt_delay`` + ``decode_delay`` + ``steps`` give DESIGN's delay exactly: a sample's delay
+  under S is (1/T) Σ_t max_{n∈S} τ_n(t) with step 1 the prompt step and steps 2..T decode steps,
+  i.e. (max_S prompt + (T−1) max_S decode) / T. ``delay`` (one mean step per sample × expert)
+  is the original form: it equals prompt = decode = delay with T = 1.
+
+Every error names the field and the sample (and expert, unit) index, so a bad file is fixed
 without a debugger.
 """
 
@@ -31,8 +43,19 @@ FloatArray = NDArray[np.float64]
 # Gate rows are softmax outputs, often written from float32 with rounding: accept that much.
 GATE_SUM_TOLERANCE = 1e-3
 
-_REQUIRED = ("experts", "gate", "p", "app", "delay", "energy")
+# The floor the original ``p`` form always had: a probability below it (or exactly 0, an
+# underflow) counts as this much, capping one unit's loss near 69 nats. ``logp`` has no floor.
+P_FLOOR = 1e-30
+
+# A log-probability written from float32 may exceed 0 by rounding: accept that much.
+LOGP_TOLERANCE = 1e-6
+
+_BASE = ("experts", "gate", "app", "energy")
+_SCORES = ("p", "logp")  # exactly one
+_DELAY_OLD = ("delay",)
+_DELAY_EXACT = ("prompt_delay", "decode_delay", "steps")  # all three, or "delay"
 _OPTIONAL = ("gate_delay", "limits", "epsilon", "meta")
+_KEYS = _BASE + _SCORES + _DELAY_OLD + _DELAY_EXACT + _OPTIONAL
 _LIMIT_KEYS = ("delay", "energy")
 
 
@@ -109,32 +132,44 @@ def _number(name: str, value: Any, minimum: float = 0.0) -> float:
 class Problem:
     """Choose S ⊆ experts minimising J(S) under every app's delay limit and the energy limit.
 
-    ``p[i]`` is sample i's (experts, tokens_i) array of target-token probabilities; the token
-    count may differ between samples. ``delay`` is seconds and ``energy`` joules per sample and
-    expert; ``gate_delay`` (seconds) is added to every app's delay. Apps missing from
-    ``delay_limits`` are unconstrained, as is energy when ``energy_limit`` is None.
+    ``logp[i]`` is sample i's (experts, units) array of target log-probabilities (a unit is a
+    token, or the whole target when the experts' vocabularies differ; see
+    ``moe2.controller.mixing``); the unit count may differ between samples. Delays are
+    seconds, ``energy`` joules per sample and expert (mean per step); ``gate_delay`` (seconds)
+    is added to every app's delay. Apps missing from ``delay_limits`` are unconstrained, as is
+    energy when ``energy_limit`` is None.
     """
 
     experts: tuple[str, ...]
     gate: FloatArray  # (samples, experts), rows sum to 1
-    p: tuple[FloatArray, ...]  # samples × (experts, tokens_i)
+    logp: tuple[FloatArray, ...]  # samples × (experts, units_i), nats
     app: tuple[str, ...]  # (samples,)
-    delay: FloatArray  # (samples, experts) seconds
+    prompt_delay: FloatArray  # (samples, experts) seconds of step 1 (the prompt)
+    decode_delay: FloatArray  # (samples, experts) seconds of each step 2..T
+    steps: NDArray[np.int64]  # (samples,) T, the answer's length in steps
     energy: FloatArray  # (samples, experts) joules
     gate_delay: float = 0.0  # seconds
     delay_limits: Mapping[str, float] = field(default_factory=dict)  # app -> seconds
     energy_limit: float | None = None  # joules, mean per sample
     epsilon: float = 0.0  # accepted optimality gap in objective units (nats per sample)
     meta: Mapping[str, Any] = field(default_factory=dict)  # free-form, carried but not used
+    # The forms the scores and delays were given in, so that ``to_dict`` writes them back.
+    _p_given: tuple[FloatArray, ...] | None = field(default=None, repr=False)
+    _delay_given: FloatArray | None = field(default=None, repr=False)
 
     def __init__(
         self,
+        *,
         experts: Sequence[str],
         gate: ArrayLike,
-        p: ArrayLike | Sequence[ArrayLike],
         app: Sequence[str],
-        delay: ArrayLike,
         energy: ArrayLike,
+        p: ArrayLike | Sequence[ArrayLike] | None = None,
+        logp: ArrayLike | Sequence[ArrayLike] | None = None,
+        delay: ArrayLike | None = None,
+        prompt_delay: ArrayLike | None = None,
+        decode_delay: ArrayLike | None = None,
+        steps: ArrayLike | None = None,
         gate_delay: float = 0.0,
         delay_limits: Mapping[str, float] | None = None,
         energy_limit: float | None = None,
@@ -145,11 +180,11 @@ class Problem:
         names = _experts(experts)
         n = len(names)
         if isinstance(gate, (list, tuple)) and not gate:
-            raise _fail("there are no samples: gate, p, app, delay and energy are empty")
+            raise _fail("there are no samples: gate, logp, app, delays and energy are empty")
         gate_arr = _numeric("gate", gate, 2)
         samples = gate_arr.shape[0]
         if samples == 0:
-            raise _fail("there are no samples: gate, p, app, delay and energy are empty")
+            raise _fail("there are no samples: gate, logp, app, delays and energy are empty")
         _check_shape("gate", gate_arr, (samples, n), "samples × experts")
         _check_finite("gate", gate_arr)
         _check_range("gate", gate_arr, 0.0, 1.0, "outside [0, 1]")
@@ -162,9 +197,42 @@ class Problem:
         set_ = object.__setattr__
         set_(self, "experts", names)
         set_(self, "gate", gate_arr)
-        set_(self, "p", _probabilities(p, samples, n))
+        if (p is None) == (logp is None):
+            raise _fail(
+                "give the target scores once: 'logp' (log-probabilities, nats) or 'p' "
+                "(probabilities, the original form)"
+            )
+        if logp is not None:
+            set_(self, "logp", _log_probabilities(logp, samples, n))
+            set_(self, "_p_given", None)
+        else:
+            probs = _probabilities(p, samples, n)
+            set_(self, "_p_given", probs)
+            set_(self, "logp", tuple(np.log(np.maximum(a, P_FLOOR)) for a in probs))
         set_(self, "app", apps)
-        set_(self, "delay", _costs("delay", delay, samples, n, "seconds"))
+        exact = (prompt_delay, decode_delay, steps)
+        if delay is not None:
+            if any(x is not None for x in exact):
+                raise _fail(
+                    "give the delays once: 'delay' (mean step, the original form) or "
+                    "'prompt_delay' + 'decode_delay' + 'steps', not both"
+                )
+            d = _costs("delay", delay, samples, n, "seconds")
+            set_(self, "_delay_given", d)
+            set_(self, "prompt_delay", d)
+            set_(self, "decode_delay", d)
+            set_(self, "steps", np.ones(samples, dtype=np.int64))
+        else:
+            missing = [k for k, v in zip(_DELAY_EXACT, exact, strict=True) if v is None]
+            if missing:
+                raise _fail(
+                    f"missing key(s) {', '.join(map(repr, missing))}: the delays are 'delay' "
+                    "or all of 'prompt_delay', 'decode_delay' and 'steps'"
+                )
+            set_(self, "_delay_given", None)
+            set_(self, "prompt_delay", _costs("prompt_delay", prompt_delay, samples, n, "seconds"))
+            set_(self, "decode_delay", _costs("decode_delay", decode_delay, samples, n, "seconds"))
+            set_(self, "steps", _steps(steps, samples))
         set_(self, "energy", _costs("energy", energy, samples, n, "joules"))
         set_(self, "gate_delay", _number("gate_delay", gate_delay))
         set_(self, "delay_limits", _delay_limits(delay_limits or {}, apps))
@@ -187,23 +255,38 @@ class Problem:
         return len(self.experts)
 
     @property
-    def tokens(self) -> NDArray[np.int64]:
-        """(samples,) number of target tokens of each sample."""
-        return np.array([pi.shape[1] for pi in self.p], dtype=np.int64)
+    def units(self) -> NDArray[np.int64]:
+        """(samples,) number of mixing units (target tokens, or 1 per sequence) per sample."""
+        return np.array([a.shape[1] for a in self.logp], dtype=np.int64)
 
-    # -- the file format of DESIGN.md §3 -------------------------------------------------
+    def with_limits(self, delay_limits: Mapping[str, float], energy_limit: float | None) -> Problem:
+        """The same samples, gate and costs under other limits (a grid of settings)."""
+        out = object.__new__(Problem)
+        out.__dict__.update(self.__dict__)
+        object.__setattr__(out, "delay_limits", _delay_limits(delay_limits, self.app))
+        object.__setattr__(
+            out,
+            "energy_limit",
+            None if energy_limit is None else _number("limits.energy", energy_limit),
+        )
+        return out
+
+    # -- the file format -----------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, data: Any) -> Problem:
         if not isinstance(data, Mapping):
             raise _fail(f"a problem is a JSON object, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
+        unknown = sorted(set(data) - set(_KEYS))
         if unknown:
             raise _fail(
-                f"unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"expected {', '.join(_REQUIRED + _OPTIONAL)}"
+                f"unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(_KEYS)}"
             )
-        missing = [k for k in _REQUIRED if k not in data]
+        missing = [k for k in _BASE if k not in data]
+        if not any(k in data for k in _SCORES):
+            missing.append("logp (or p)")
+        if not any(k in data for k in _DELAY_OLD + _DELAY_EXACT):
+            missing.append("prompt_delay, decode_delay and steps (or delay)")
         if missing:
             raise _fail(f"missing key(s) {', '.join(map(repr, missing))}")
         limits = data.get("limits") or {}
@@ -221,9 +304,13 @@ class Problem:
         return cls(
             experts=data["experts"],
             gate=data["gate"],
-            p=data["p"],
+            p=data.get("p"),
+            logp=data.get("logp"),
             app=data["app"],
-            delay=data["delay"],
+            delay=data.get("delay"),
+            prompt_delay=data.get("prompt_delay"),
+            decode_delay=data.get("decode_delay"),
+            steps=data.get("steps"),
             energy=data["energy"],
             gate_delay=data.get("gate_delay", 0.0),
             delay_limits=limits.get("delay") or {},
@@ -233,17 +320,27 @@ class Problem:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "experts": list(self.experts),
-            "gate": self.gate.tolist(),
-            "p": [pi.tolist() for pi in self.p],
-            "app": list(self.app),
-            "delay": self.delay.tolist(),
-            "energy": self.energy.tolist(),
-            "gate_delay": self.gate_delay,
-            "limits": {"delay": dict(self.delay_limits), "energy": self.energy_limit},
-            "epsilon": self.epsilon,
-        }
+        # The scores and delays in the form they were given, so a file round-trips exactly.
+        out: dict[str, Any] = {"experts": list(self.experts), "gate": self.gate.tolist()}
+        if self._p_given is not None:
+            out["p"] = [a.tolist() for a in self._p_given]
+        else:
+            out["logp"] = [a.tolist() for a in self.logp]
+        out["app"] = list(self.app)
+        if self._delay_given is not None:
+            out["delay"] = self._delay_given.tolist()
+        else:
+            out["prompt_delay"] = self.prompt_delay.tolist()
+            out["decode_delay"] = self.decode_delay.tolist()
+            out["steps"] = self.steps.tolist()
+        out.update(
+            {
+                "energy": self.energy.tolist(),
+                "gate_delay": self.gate_delay,
+                "limits": {"delay": dict(self.delay_limits), "energy": self.energy_limit},
+                "epsilon": self.epsilon,
+            }
+        )
         if self.meta:
             out["meta"] = dict(self.meta)
         return out
@@ -296,27 +393,60 @@ def _apps(app: Any, samples: int) -> tuple[str, ...]:
     return tuple(app)
 
 
-def _probabilities(p: Any, samples: int, n: int) -> tuple[FloatArray, ...]:
-    if isinstance(p, np.ndarray) and p.ndim == 3:
-        rows: Sequence[Any] = list(p)
-    elif isinstance(p, (list, tuple)):
-        rows = p
+def _score_rows(name: str, value: Any, samples: int) -> Sequence[Any]:
+    if isinstance(value, np.ndarray) and value.ndim == 3:
+        rows: Sequence[Any] = list(value)
+    elif isinstance(value, (list, tuple)):
+        rows = value
     else:
-        raise _fail("p must be a list with one (experts × tokens) array per sample")
+        raise _fail(f"{name} must be a list with one (experts × units) array per sample")
     if len(rows) != samples:
-        raise _fail(f"p has {len(rows)} samples, expected {samples} (as many as gate rows)")
+        raise _fail(f"{name} has {len(rows)} samples, expected {samples} (as many as gate rows)")
+    return rows
+
+
+def _score_array(name: str, i: int, row: Any, n: int) -> FloatArray:
+    arr = _numeric(f"{name}[{i}]", row, 2)
+    if arr.shape[0] != n or arr.shape[1] == 0:
+        raise _fail(
+            f"{name}[{i}] has shape {arr.shape}, expected ({n}, units ≥ 1): one list of "
+            "target scores per expert, the same length for every expert"
+        )
+    _check_finite(name, arr, (i,))
+    return arr
+
+
+def _probabilities(p: Any, samples: int, n: int) -> tuple[FloatArray, ...]:
+    rows = _score_rows("p", p, samples)
     out = []
     for i, row in enumerate(rows):
-        arr = _numeric(f"p[{i}]", row, 2)
-        if arr.shape[0] != n or arr.shape[1] == 0:
-            raise _fail(
-                f"p[{i}] has shape {arr.shape}, expected ({n}, tokens ≥ 1): one list of "
-                "target-token probabilities per expert, the same length for every expert"
-            )
-        _check_finite("p", arr, (i,))
+        arr = _score_array("p", i, row, n)
         _check_range("p", arr, 0.0, 1.0, "outside [0, 1]", (i,))
         out.append(arr)
     return tuple(out)
+
+
+def _log_probabilities(logp: Any, samples: int, n: int) -> tuple[FloatArray, ...]:
+    rows = _score_rows("logp", logp, samples)
+    out = []
+    for i, row in enumerate(rows):
+        arr = _score_array("logp", i, row, n)
+        _check_range(
+            "logp", arr, -math.inf, LOGP_TOLERANCE, "above 0: a log-probability is ≤ 0", (i,)
+        )
+        out.append(np.minimum(arr, 0.0))
+    return tuple(out)
+
+
+def _steps(value: Any, samples: int) -> NDArray[np.int64]:
+    arr = _numeric("steps", value, 1)
+    _check_shape("steps", arr, (samples,), "one answer length per sample")
+    _check_finite("steps", arr)
+    bad = np.flatnonzero((arr < 1) | (arr != np.round(arr)))
+    if bad.size:
+        i = int(bad[0])
+        raise _fail(f"steps[{i}] = {arr[i]:g} must be a whole number of steps ≥ 1")
+    return arr.astype(np.int64)
 
 
 def _costs(name: str, value: Any, samples: int, n: int, unit: str) -> FloatArray:

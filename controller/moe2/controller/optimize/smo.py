@@ -229,13 +229,15 @@ class _Search:
     def __init__(self, ev: Evaluator, epsilon: float) -> None:
         self.ev, self.epsilon, self.ns = ev, epsilon, ev.n_samples
         candidates = np.flatnonzero(ev.feasible_singletons())  # nothing else can ever join
+        # Objective values are J̃ = J − ev.offset throughout (see objective.py).
         self.incumbent = greedy_removal(ev, candidates)
-        self.best = ev.objective(self.incumbent)
+        self.best = ev.relative(self.incumbent)
         self.greedy = self.best
-        singles = -np.log(ev.p[candidates]).sum(axis=1) / self.ns  # J({n})
-        if singles.min() < self.best:
-            self.best = float(singles.min())
-            self.incumbent = (int(candidates[int(np.argmin(singles))]),)
+        singles = -np.log(ev.p[candidates]).sum(axis=1) / self.ns  # J̃({n})
+        better = ev.settle(singles, lambda k: [int(candidates[k])], self.best)
+        if better is not None:
+            self.best = better[0]
+            self.incumbent = (int(candidates[better[1]]),)
         # Root order: the experts with the most gate mass first. The late root subtrees lack
         # them, and without them the fused probabilities (and the bounds) are poor.
         self.perm = candidates[np.argsort(-ev.g[candidates].mean(axis=1), kind="stable")]
@@ -288,12 +290,12 @@ class _Search:
         if gap <= _RTOL * max(1.0, abs(self.best)):
             gap = 0.0
         stats: dict[str, Any] = {
-            "greedy_objective": self.greedy,
+            "greedy_objective": self.greedy + self.ev.offset,
             "nodes": self.expanded,
             "evaluated": self.evaluated + m,
             "pruned": self.pruned,
             "open": len(self.heap),
-            "lower_bound": lower,
+            "lower_bound": lower + self.ev.offset,
             "timed_out": timed_out,
         }
         return Found(tuple(sorted(self.incumbent)), gap, stats)
@@ -320,12 +322,14 @@ class _Search:
         q_u, g_u = self.q[rest], self.g[rest]  # (|U|, tokens)
         ratio = (q_i + q_u) / (g_i + g_u)  # (|U|, tokens) R_t(I ∪ {u})
         log_ratio = np.log(ratio)
-        j_children = -log_ratio.sum(axis=1) / ns  # J(I ∪ {u})
+        j_children = -log_ratio.sum(axis=1) / ns  # J̃(I ∪ {u})
         self.evaluated += rest.size
-        k = int(np.argmin(j_children))
-        if j_children[k] < self.best:
-            self.best = float(j_children[k])
-            self.incumbent = tuple(int(i) for i in self.perm[np.append(members, rest[k])])
+        better = ev.settle(
+            j_children, lambda k: self.perm[np.append(members, rest[k])].tolist(), self.best
+        )
+        if better is not None:
+            self.best = better[0]
+            self.incumbent = tuple(int(i) for i in self.perm[np.append(members, rest[better[1]])])
         gains, caps = _signed_gains(q_i, g_i, ratio, log_ratio, q_u, g_u, self.p[rest])
         # This node's child order: the experts that could help most first, so the later
         # children, which lack them, get tight bounds.
@@ -371,9 +375,13 @@ class _Search:
         if rows.size == 0:
             return
         values = -np.log(q_tab[rows] / g_tab[rows]).sum(axis=1) / self.ns
-        self.evaluated += rows.size
-        k = int(np.argmin(values))
-        if values[k] < self.best:
-            self.best = float(values[k])
+
+        def chosen(k: int) -> list[int]:
             extra = [int(rest[j]) for j in range(rest.size) if int(rows[k]) >> j & 1]
-            self.incumbent = tuple(int(i) for i in self.perm[[*members.tolist(), *extra]])
+            return [int(i) for i in self.perm[[*members.tolist(), *extra]]]
+
+        self.evaluated += rows.size
+        better = ev.settle(values, chosen, self.best)
+        if better is not None:
+            self.best = better[0]
+            self.incumbent = tuple(chosen(better[1]))

@@ -75,7 +75,25 @@ def datasets_cmd() -> None:
 @click.option("--per-domain", type=int, default=50, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--choices", type=int, default=1, show_default=True, help="options per sample")
-@click.option("--jsonl", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option(
+    "--jsonl",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help='one sample a line: {"question", "choices", "answer", "subject"?}, or {"prompt", '
+    '"choices", "answer", "app"?}, or {"prompt", "target", "app"?}',
+)
+@click.option(
+    "--prompt-format",
+    default=ds.PROMPT_FORMAT,
+    show_default=True,
+    help="with --jsonl: how a question becomes the prompt ({question})",
+)
+@click.option(
+    "--option-format",
+    default=ds.OPTION_FORMAT,
+    show_default=True,
+    help="with --jsonl: how a choice becomes the scored option text ({choice})",
+)
 @click.option(
     "--benchmark",
     type=click.Choice(ds.BENCHMARKS),
@@ -97,6 +115,8 @@ def datasets_add(
     seed: int,
     choices: int,
     jsonl: Path | None,
+    prompt_format: str,
+    option_format: str,
     benchmark: str | None,
     limit: int | None,
     db_url: str | None,
@@ -112,7 +132,11 @@ def datasets_add(
         samples = ds.tiny_domains(tiny.split(","), per_domain, seed=seed, choices=choices)
         source = f"tiny:{tiny}:n={per_domain}:seed={seed}:choices={choices}"
     else:
-        samples = ds.from_jsonl(jsonl)  # type: ignore[arg-type]
+        samples = ds.from_jsonl(
+            jsonl,  # type: ignore[arg-type]
+            prompt_format=prompt_format,
+            option_format=option_format,
+        )
         source = f"jsonl:{jsonl}"
     reg = open_registry(db_url)
     row = reg.add_dataset(name, ds.kind_of(samples), source, samples)

@@ -68,11 +68,15 @@ class ScoreTable:
     ``logp[i][o]`` is a (experts, tokens) float64 array of target-token log-probabilities of
     option ``o`` of sample ``i`` (token counts are ragged across samples and options; across
     vocabularies each expert has its own count, padded with NaN to the longest).
+    ``tokenizers[i]`` holds the tokenizer hashes stored with sample ``i``'s scores, per expert
+    (a set: one hash unless the expert changed vocabulary between options); the one mixing
+    rule (``moe2.controller.mixing``) decides per token or per sequence from them.
     """
 
     experts: list[str]
     samples: list[SampleRow]
     logp: list[list[np.ndarray]]
+    tokenizers: list[list[frozenset[str]]]
 
 
 class Registry:
@@ -265,13 +269,16 @@ class Registry:
                     col(Score.expert),
                     col(Score.option),
                     col(Score.logprobs_json),
+                    col(Score.tokenizer_hash),
                 )
                 .join(Sample, col(Sample.id) == col(Score.sample_id))
                 .where(col(Sample.dataset_id) == ds.id)
             )
-            got: dict[tuple[int, str, int], list[float]] = {
-                (int(sid), e, int(o)): json.loads(lp) for sid, e, o, lp in s.execute(q)
-            }
+            got: dict[tuple[int, str, int], list[float]] = {}
+            hashes: dict[tuple[int, str, int], str] = {}
+            for sid, e, o, lp, h in s.execute(q):
+                got[(int(sid), e, int(o))] = json.loads(lp)
+                hashes[(int(sid), e, int(o))] = str(h)
         needed = sum(len(smp.targets) for smp in samples)
         if experts is None:
             counts: dict[str, int] = {}
@@ -281,6 +288,7 @@ class Registry:
         experts = list(experts)
         kept: list[SampleRow] = []
         logp: list[list[np.ndarray]] = []
+        tokenizers: list[list[frozenset[str]]] = []
         for smp in samples:
             per_option: list[np.ndarray] = []
             for o in range(len(smp.targets)):
@@ -295,7 +303,11 @@ class Registry:
             else:
                 kept.append(smp)
                 logp.append(per_option)
-        return ScoreTable(experts, kept, logp)
+                options = range(len(smp.targets))
+                tokenizers.append(
+                    [frozenset(hashes[(smp.id, e, o)] for o in options) for e in experts]
+                )
+        return ScoreTable(experts, kept, logp, tokenizers)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -338,7 +350,10 @@ class Registry:
                     .first()
                 )
                 if row is None:
-                    raise ConfigError("no gate trained yet: run `moe2ctl train` first")
+                    raise ConfigError(
+                        "no gate trained yet: run `moe2ctl train DATASET` first, or pass "
+                        "--gate uniform to weigh every expert equally"
+                    )
                 return row
             row = s.get(GateVersion, version)
             if row is None:

@@ -1,0 +1,342 @@
+"""``moe2ctl eval``: MoE² against its baselines on held-out questions, one setting or a grid.
+
+    moe2ctl eval                                    # newest gate, its test split, no limits
+    moe2ctl eval --delay 0.02,0.05 --energy 1,2,3,5 --plot eval.png
+    moe2ctl eval --jsonl mine.jsonl --json          # your own questions, scored if needed
+    moe2ctl eval tiny-mc --gate uniform             # no gate: experts weighed equally
+
+Held out: evaluating the gate's own dataset uses its test split (which training and early
+stopping never saw); another dataset or a JSONL file is used whole, minus any prompt the gate
+trained on. SMO chooses subsets on the gate's dataset without its test split. Exit status 0,
+1 on an error (the message says what was expected), 2 on bad flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moe2.controller import datasets as ds
+from moe2.controller.evaluate.answerer import ANSWERERS, Answerer, ScoreAnswerer
+from moe2.controller.evaluate.report import markdown, plot
+from moe2.controller.evaluate.run import EvalSettings, Grid, evaluate, work_units
+from moe2.controller.gate.weights import UNIFORM
+from moe2.controller.optimize.fromregistry import ScoredSet, scored_set
+from moe2.controller.optimize.solvers import SOLVERS
+from moe2.controller.options import (
+    broker_from_flags,
+    broker_options,
+    db_option,
+    emit,
+    json_option,
+    open_registry,
+)
+from moe2.controller.registry import Registry
+from moe2.controller.splits import split
+from moe2.shared.errors import ConfigError, NoExperts
+from moe2.shared.mqtt import BrokerConfig
+
+# Without a gate there is no recorded split: hold out this share of the dataset, seeded.
+UNIFORM_TEST_FRACTION = 0.2
+
+
+def parse_limits(text: str, flag: str, unit: str) -> tuple[float | None, ...]:
+    """'1,2,3' -> (1.0, 2.0, 3.0); 'none' (alone or in the list) is no limit."""
+    out: list[float | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.lower() in ("none", "inf", ""):
+            out.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise click.BadParameter(
+                f"{part!r}: expected {unit} > 0 or 'none', comma-separated (e.g. 1,2,3)",
+                param_hint=flag,
+            )
+        out.append(value)
+    return tuple(dict.fromkeys(out))
+
+
+def import_jsonl(reg: Registry, path: Path, prompt_format: str, option_format: str) -> str:
+    """Store the file's questions as a dataset named after its content and formats (so a
+    rerun reuses the stored dataset and scores) and return the name."""
+    samples = ds.from_jsonl(path, prompt_format=prompt_format, option_format=option_format)
+    if ds.kind_of(samples) != ds.CHOICE:
+        raise ConfigError(
+            f"{path}: evaluation needs multiple-choice questions (two or more 'choices' and "
+            "an 'answer' index on every line)"
+        )
+    digest = hashlib.sha256(path.read_bytes() + f"\0{prompt_format}\0{option_format}".encode())
+    name = f"jsonl-{path.stem}-{digest.hexdigest()[:8]}"
+    reg.add_dataset(name, ds.CHOICE, f"jsonl:{path}", samples, description="moe2ctl eval")
+    return name
+
+
+def ensure_scores(reg: Registry, dataset: str, experts: list[str], broker: BrokerConfig) -> None:
+    """Collect the scores ``experts`` lack on ``dataset`` from the fleet (they must be online)."""
+    needed = sum(len(s.targets) for s in reg.samples(dataset))
+    missing = [e for e in experts if len(reg.scored(dataset, e)) < needed]
+    if not missing:
+        return
+    from moe2.controller.collect import CollectSettings, collect
+    from moe2.controller.registry.sync import online_experts, sync_once
+    from moe2.shared.mqtt import RpcClient
+
+    sync_once(reg, broker)
+    online = online_experts(reg)
+    offline = [e for e in missing if e not in online]
+    if offline:
+        raise NoExperts(
+            f"the scores of {', '.join(offline)} on {dataset} are missing and they are not "
+            f"online to score it (online: {', '.join(sorted(online)) or 'none'})"
+        )
+    click.echo(f"scoring {dataset} with {', '.join(missing)}", err=True)
+    with RpcClient(broker, timeout=60.0) as rpc:
+        report = collect(
+            reg,
+            rpc,
+            dataset,
+            {e: online[e] for e in missing},
+            CollectSettings(),
+            stop=threading.Event(),
+        )
+    if report.failed or not report.complete:
+        raise NoExperts(f"scoring {dataset} did not complete: {report.as_dict()}")
+
+
+def held_out_sets(
+    reg: Registry,
+    gate_version: str | None,
+    dataset: str | None,
+    experts: list[str] | None,
+) -> tuple[ScoredSet, ScoredSet, str, str]:
+    """(selection, test, test note, selection note) for the gate and the dataset asked for."""
+    if gate_version == UNIFORM:
+        if dataset is None:
+            raise ConfigError("with --gate uniform, name the dataset to evaluate on")
+        whole = scored_set(reg, dataset, gate_version=UNIFORM, online_only=False, experts=experts)
+        parts = split(whole.mixed.sample_idx, 0.0, UNIFORM_TEST_FRACTION, seed=0)
+        if parts.test.size == 0:
+            raise ConfigError(f"{dataset!r} has too few scored samples to hold any out")
+        note = f"a seeded {UNIFORM_TEST_FRACTION:.0%} of {dataset}: no gate, no recorded split"
+        return whole.select(parts.train), whole.select(parts.test), note, "the rest"
+    row = reg.gate_version(gate_version)  # the newest when None; an error if none trained
+    trained_on = json.loads(row.datasets_json)[0]
+    gate_experts = experts or json.loads(row.experts_json)
+    whole = scored_set(
+        reg, trained_on, gate_version=row.version, online_only=False, experts=gate_experts
+    )
+    held = whole.gate.held_out
+    selection = whole.select(whole.positions(held, inside=False))
+    sel_note = f"the gate's train and val splits of {trained_on}"
+    if dataset is None or dataset == trained_on:
+        if not held:
+            raise ConfigError(
+                f"gate {row.version} recorded no test split (trained with test fraction 0 or "
+                "before splits were recorded): retrain it, or evaluate on another dataset"
+            )
+        test = whole.select(whole.positions(held, inside=True))
+        return selection, test, f"gate {row.version}'s test split of {trained_on}", sel_note
+    other = scored_set(
+        reg, dataset, gate_version=row.version, online_only=False, experts=gate_experts
+    )
+    seen = set(selection.mixed.prompts)
+    keep = [i for i, text in enumerate(other.mixed.prompts) if text not in seen]
+    if not keep:
+        raise ConfigError(f"every prompt of {dataset!r} is in the gate's training data")
+    dropped = other.mixed.n_samples - len(keep)
+    note = f"all of {dataset}" + (
+        f", minus {dropped} prompt(s) the gate trained on" if dropped else ""
+    )
+    return selection, other.select(keep), note, sel_note
+
+
+def make_answerer(name: str, test: ScoredSet) -> Answerer:
+    if name == ScoreAnswerer.name:
+        return ScoreAnswerer(test)
+    raise ConfigError(f"answerer {name!r} cannot be built here; expected one of {list(ANSWERERS)}")
+
+
+@click.command("eval")
+@click.argument("dataset", required=False)
+@click.option(
+    "--jsonl",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help='Evaluate on these questions, one a line: {"question", "choices": [...], "answer": '
+    'index, "subject"?} (or datasets add\'s {"prompt", "choices", "answer", "app"?}); '
+    "stored as a dataset and scored by the online experts if their scores are missing.",
+)
+@click.option(
+    "--prompt-format",
+    default=ds.PROMPT_FORMAT,
+    show_default=True,
+    help="With --jsonl: how a question becomes the prompt the experts score ({question}).",
+)
+@click.option(
+    "--option-format",
+    default=ds.OPTION_FORMAT,
+    show_default=True,
+    help="With --jsonl: how a choice becomes the option text scored after it ({choice}).",
+)
+@click.option(
+    "--gate",
+    "gate_version",
+    default=None,
+    help="Gate version [default: the newest; an error if none was trained]; 'uniform' "
+    "weighs every expert equally.",
+)
+@click.option("--experts", default=None, help="Comma-separated [default: the gate's experts].")
+@click.option(
+    "--delay",
+    "delays",
+    default="none",
+    show_default=True,
+    help="Delay limits τ_max, seconds per step (mean over an answer's steps of the slowest "
+    "expert, plus the gate), for every app; comma-separated for a grid; 'none' = no limit.",
+)
+@click.option(
+    "--energy",
+    "energies",
+    default="none",
+    show_default=True,
+    help="Energy limits E_max, joules per step (the experts' energy, mean over an answer's "
+    "steps and the questions); comma-separated for a grid; 'none' = no limit.",
+)
+@click.option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Experts fused per question: the top-k of the subset by gate weight.",
+)
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Random subsets per cell for Rand. M. V. (mean ± standard deviation).",
+)
+@click.option(
+    "--gate-delay",
+    type=click.FloatRange(min=0.0),
+    default=0.004,
+    show_default=True,
+    help="Seconds the gate adds per step.",
+)
+@click.option(
+    "--solver",
+    type=click.Choice(list(SOLVERS)),
+    default="smo",
+    show_default=True,
+    help="How MoE² and SMO M. V. choose their subset.",
+)
+@click.option(
+    "--answerer",
+    type=click.Choice(list(ANSWERERS)),
+    default=ScoreAnswerer.name,
+    show_default=True,
+    help="Where answers come from: 'scores' picks the option of highest fused teacher-forced "
+    "log-likelihood from the registry's scores.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PNG of accuracy against E_max [default: eval-<dataset>.png].",
+)
+@click.option("--no-plot", is_flag=True, help="Write no PNG.")
+@click.option(
+    "--markdown",
+    "md_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the markdown report to this file.",
+)
+@db_option
+@broker_options
+@json_option
+def eval_cmd(
+    dataset: str | None,
+    jsonl: Path | None,
+    prompt_format: str,
+    option_format: str,
+    gate_version: str | None,
+    experts: str | None,
+    delays: str,
+    energies: str,
+    k: int,
+    seeds: int,
+    gate_delay: float,
+    solver: str,
+    answerer: str,
+    plot_path: Path | None,
+    no_plot: bool,
+    md_path: Path | None,
+    db_url: str | None,
+    as_json: bool,
+    **kw: Any,
+) -> None:
+    """Accuracy of MoE² and its baselines on held-out questions (paper Fig. 3, Tables II-IV).
+
+    Methods: each single expert (S. A.), their average (A. E. A.), the majority vote of all
+    experts (M. V.) and MoE² over all of them; and per cell of the --delay × --energy grid,
+    MoE² (SMO subset, gate, top-k fusion), SMO M. V. (the same subset, majority vote) and
+    Rand. M. V. (random feasible subsets, majority vote). Next to every accuracy: the answers'
+    delay and energy per step against the cell's limits, from the experts' profiles (the
+    report says which figures are measured and which modelled)."""
+    if jsonl is not None and dataset is not None:
+        raise click.UsageError("give DATASET or --jsonl FILE, not both")
+    grid = Grid(
+        parse_limits(delays, "--delay", "seconds"), parse_limits(energies, "--energy", "joules")
+    )
+    settings = EvalSettings(k=k, seeds=seeds, gate_delay=gate_delay, solver=solver)
+    chosen = experts.split(",") if experts else None
+    reg = open_registry(db_url)
+    try:
+        if jsonl is not None:
+            ds.check_formats(prompt_format, option_format)
+            dataset = import_jsonl(reg, jsonl, prompt_format, option_format)
+            wanted = chosen
+            if wanted is None and gate_version != UNIFORM:
+                wanted = json.loads(reg.gate_version(gate_version).experts_json)
+            if wanted is None:
+                raise ConfigError("with --gate uniform and --jsonl, name the --experts")
+            ensure_scores(reg, dataset, wanted, broker_from_flags(kw))
+        selection, test, test_note, sel_note = held_out_sets(reg, gate_version, dataset, chosen)
+        with click.progressbar(
+            length=work_units(grid, settings), label="evaluating", file=sys.stderr
+        ) as bar:
+            result = evaluate(
+                selection,
+                test,
+                make_answerer(answerer, test),
+                grid,
+                settings,
+                progress=bar.update,
+                test_note=test_note,
+                selection_note=sel_note,
+            )
+    finally:
+        reg.close()
+    report = markdown(result)
+    out = result.to_json()
+    if not no_plot:
+        path = plot_path or Path(f"eval-{result.dataset}.png")
+        out["plot"] = str(plot(result, path))
+        click.echo(f"plot written to {path}", err=True)
+    if md_path is not None:
+        md_path.write_text(report, encoding="utf-8")
+        out["markdown"] = str(md_path)
+    emit(out, as_json, lambda _: report)

@@ -1,0 +1,179 @@
+"""The one mixing rule: how the experts' stored target log-probabilities are fused (DESIGN.md §2).
+
+Per token when every expert scored the sample with the same tokenizer (one vocabulary hash):
+the fused probability of target token t is Σ_n ω_n p_{n,t} (eq. 13). Per sequence otherwise:
+token ids of different vocabularies do not line up, so each expert's whole-target likelihood
+Π_t p_{n,t} is mixed as one unit. The choice is made per sample from the tokenizer hashes the
+registry stored with the scores (``Score.tokenizer_hash``), never from token counts, and gate
+training, the optimizer and evaluation all take their arrays from ``mix`` below::
+
+    mixed = mix(registry.score_table("tiny"))
+    ll = mixed.option_loglik(log_w)        # (samples, options) fused log-likelihood, nats
+    loss = mixed.loss(log_w)               # eq. 13 on the correct options, mean over samples
+
+A "unit" is a token (per-token samples) or the whole target (per-sequence samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from moe2.controller.registry.db import ScoreTable
+from moe2.shared.errors import ConfigError
+
+# A gate value of exactly 0 would make an expert's weight 0 even alone (0/0 in a singleton):
+# floor it. Weights are renormalised over the experts mixed, so the floor only matters there.
+GATE_FLOOR = 1e-30
+
+Level = Literal["token", "sequence"]
+TOKEN: Level = "token"
+SEQUENCE: Level = "sequence"
+
+
+def normalise(gate: NDArray[np.float64]) -> NDArray[np.float64]:
+    """(samples, experts) gate values floored at GATE_FLOOR and renormalised to sum to 1."""
+    g = np.maximum(np.asarray(gate, dtype=np.float64), GATE_FLOOR)
+    return np.asarray(g / g.sum(axis=1, keepdims=True))
+
+
+def level_of(tokenizers: Sequence[frozenset[str]]) -> Level:
+    """Per token iff every expert's scores of the sample carry one and the same tokenizer hash."""
+    hashes = frozenset().union(*tokenizers)
+    return TOKEN if len(hashes) == 1 else SEQUENCE
+
+
+def units(logp: NDArray[np.float64], level: Level, where: str) -> NDArray[np.float64]:
+    """(experts, units) log-probabilities (nats) of one target from its (experts, tokens) scores,
+    NaN-padded where an expert's tokenization is shorter."""
+    if level == TOKEN:
+        if np.isnan(logp).any():
+            raise ConfigError(
+                f"{where}: the experts share one tokenizer hash but stored different token "
+                "counts for the same target; delete and re-collect these scores"
+            )
+        return logp
+    return np.nansum(logp, axis=1, keepdims=True)
+
+
+def steps(logp: NDArray[np.float64]) -> int:
+    """Generation steps T of one target: its token count (across vocabularies the longest
+    tokenization, since the fused answer ends when the slowest expert's does)."""
+    return int(np.count_nonzero(~np.isnan(logp), axis=1).max())
+
+
+def mixture_loglik(log_w: NDArray[np.float64], logp: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Σ_u log Σ_n ω_n p_{n,u}: ``log_w`` and ``logp`` broadcast with experts on axis -2 and
+    units on axis -1 (e.g. log_w (experts, 1), logp (experts, units)) -> the leading axes."""
+    return np.asarray(_logsumexp(log_w + logp, axis=-2).sum(axis=-1))
+
+
+@dataclass
+class Mixed:
+    """A score table in the units of the mixing rule, dense and padded.
+
+    ``logp``: (samples, options, experts, units) nats, 0 where masked; ``mask``: (samples,
+    options, units); ``level``: (samples,) True where mixed per token; ``steps``: (samples,
+    options) generation steps T of each option.
+    """
+
+    experts: list[str]
+    sample_idx: NDArray[np.int64]  # (samples,) position of each sample in its dataset
+    prompts: list[str]
+    choices: list[tuple[str, ...]]  # the options' texts (one target for free answers)
+    apps: list[str]
+    logp: NDArray[np.float64]
+    mask: NDArray[np.bool_]
+    n_options: NDArray[np.int64]  # (samples,)
+    answer: NDArray[np.int64]  # (samples,) index of the correct option
+    per_token: NDArray[np.bool_]  # (samples,)
+    steps: NDArray[np.int64]  # (samples, options)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.prompts)
+
+    def select(self, idx: Sequence[int] | NDArray[np.integer]) -> Mixed:
+        """The samples at positions ``idx`` (in this object's order)."""
+        ix = np.asarray(idx, dtype=np.int64)
+        return Mixed(
+            list(self.experts),
+            self.sample_idx[ix],
+            [self.prompts[i] for i in ix],
+            [self.choices[i] for i in ix],
+            [self.apps[i] for i in ix],
+            self.logp[ix],
+            self.mask[ix],
+            self.n_options[ix],
+            self.answer[ix],
+            self.per_token[ix],
+            self.steps[ix],
+        )
+
+    def target(self, i: int, option: int | None = None) -> NDArray[np.float64]:
+        """(experts, units) log-probabilities of sample i's option (default: the correct one)."""
+        o = int(self.answer[i]) if option is None else option
+        n = int(self.mask[i, o].sum())
+        return self.logp[i, o, :, :n]
+
+    def option_loglik(self, log_w: NDArray[np.float64]) -> NDArray[np.float64]:
+        """(samples, options) fused log-likelihood of every option under (samples, experts)
+        log weights (rows of log ω: −inf for experts left out); −inf for padded options."""
+        mixed = _logsumexp(log_w[:, None, :, None] + self.logp, axis=2)  # (samples, options, units)
+        ll = np.where(self.mask, mixed, 0.0).sum(-1)
+        present = np.arange(self.logp.shape[1])[None, :] < self.n_options[:, None]
+        return np.where(present, ll, -np.inf)
+
+    def loss(self, log_w: NDArray[np.float64]) -> float:
+        """Eq. 13 on the correct options, mean over samples (nats)."""
+        ll = self.option_loglik(log_w)
+        return float(-ll[np.arange(self.n_samples), self.answer].mean())
+
+
+def _logsumexp(z: NDArray[np.float64], axis: int) -> NDArray[np.float64]:
+    top = np.max(z, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.exp(z - top).sum(axis=axis, keepdims=True)) + top
+    return np.squeeze(out, axis=axis)
+
+
+def mix(table: ScoreTable, dataset: str = "") -> Mixed:
+    """The table's scores in mixing units; the level is decided per sample (``level_of``)."""
+    n, e = len(table.samples), len(table.experts)
+    if n == 0:
+        raise ConfigError(f"dataset {dataset!r} has no fully scored samples to mix")
+    opts = max(len(o) for o in table.logp)
+    per_token = np.array([level_of(h) == TOKEN for h in table.tokenizers], dtype=bool)
+    width = 1
+    for i, per in enumerate(table.logp):
+        if per_token[i]:
+            width = max(width, *(a.shape[1] for a in per))
+    logp = np.zeros((n, opts, e, width))
+    mask = np.zeros((n, opts, width), dtype=bool)
+    step = np.zeros((n, opts), dtype=np.int64)
+    for i, (smp, per) in enumerate(zip(table.samples, table.logp, strict=True)):
+        level: Level = TOKEN if per_token[i] else SEQUENCE
+        for o, a in enumerate(per):
+            where = f"{dataset or 'dataset'} sample {smp.idx} option {o}"
+            u = units(a, level, where)
+            logp[i, o, :, : u.shape[1]] = u
+            mask[i, o, : u.shape[1]] = True
+            step[i, o] = steps(a)
+    return Mixed(
+        experts=list(table.experts),
+        sample_idx=np.array([s.idx for s in table.samples], dtype=np.int64),
+        prompts=[s.prompt for s in table.samples],
+        choices=[tuple(s.targets) for s in table.samples],
+        apps=[s.app for s in table.samples],
+        logp=logp,
+        mask=mask,
+        n_options=np.array([len(o) for o in table.logp], dtype=np.int64),
+        answer=np.array([s.answer for s in table.samples], dtype=np.int64),
+        per_token=per_token,
+        steps=step,
+    )

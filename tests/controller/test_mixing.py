@@ -1,0 +1,131 @@
+"""The one mixing rule: per token when a sample's scores share one tokenizer hash, per sequence
+when they don't, decided from the stored hashes (never from token counts), and the same arrays
+in gate training, the optimizer and evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tinyfleet import register_experts
+
+from moe2.agent.backend import ModelInfo
+from moe2.controller import datasets as ds
+from moe2.controller.evaluate.answerer import Question, Route, ScoreAnswerer
+from moe2.controller.gate.train import TrainData
+from moe2.controller.mixing import SEQUENCE, TOKEN, level_of, mix, mixture_loglik
+from moe2.controller.optimize.fromregistry import scored_set
+from moe2.controller.optimize.objective import Evaluator
+from moe2.controller.registry import Registry
+from moe2.shared.errors import ConfigError
+
+LLAMA, QWEN = "hash-llama", "hash-qwen"
+
+
+def _info(name: str, tokenizer: str) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        architecture="llama",
+        quantization="F32",
+        n_ctx=512,
+        n_vocab=100,
+        n_params=1000,
+        model_bytes=4000,
+        tokenizer_hash=tokenizer,
+        bos_id=1,
+        eos_ids=(2,),
+        add_bos=True,
+        chat_template=None,
+    )
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Registry:
+    """Two samples with two options; experts a and b share a vocabulary, c has its own but
+    (by chance) tokenizes every target into as many tokens as a and b do."""
+    r = Registry.open(f"sqlite:///{tmp_path / 'r.db'}")
+    samples = [
+        ds.Sample("qa", "Q1?", (" yes", " no"), 0),
+        ds.Sample("qa", "Q2?", (" red", " blue"), 1),
+    ]
+    r.add_dataset("mix", "multiple-choice", "test", samples)
+    rows = []
+    logp = {  # expert -> sample -> option -> per-token log-probabilities
+        "a": [[[-0.1, -0.2], [-3.0, -1.0]], [[-2.0, -2.0], [-0.5, -0.4]]],
+        "b": [[[-1.0, -2.5], [-0.2, -0.3]], [[-0.3, -0.1], [-3.0, -2.0]]],
+        "c": [[[-0.7, -0.7], [-0.9, -0.6]], [[-1.1, -0.2], [-0.4, -1.5]]],
+    }
+    hashes = {"a": LLAMA, "b": LLAMA, "c": QWEN}
+    for i, smp in enumerate(r.samples("mix")):
+        for o in range(2):
+            for e in logp:
+                rows.append(
+                    {
+                        "sample_id": smp.id,
+                        "expert": e,
+                        "option": o,
+                        "tokenizer_hash": hashes[e],
+                        "tokens": [5, 6],
+                        "logprobs": logp[e][i][o],
+                    }
+                )
+    r.add_scores(rows)
+    placement = {"a": ("rtx4090", 7.0), "b": ("orin-agx-64gb", 3.0), "c": ("cpu-generic", 0.5)}
+    register_experts(r, {e: _info(e, hashes[e]) for e in logp}, placement)
+    return r
+
+
+def test_the_level_comes_from_the_hashes() -> None:
+    assert level_of([frozenset({LLAMA}), frozenset({LLAMA})]) == TOKEN
+    assert level_of([frozenset({LLAMA}), frozenset({QWEN})]) == SEQUENCE
+    # an expert whose vocabulary changed between options cannot be fused per token either
+    assert level_of([frozenset({LLAMA, QWEN}), frozenset({LLAMA})]) == SEQUENCE
+
+
+def test_equal_token_counts_across_vocabularies_mix_per_sequence(reg: Registry) -> None:
+    same = mix(reg.score_table("mix", ["a", "b"]))
+    assert same.per_token.all() and same.mask[:, :, :2].all()
+    mixed = mix(reg.score_table("mix", ["a", "b", "c"]))
+    assert not mixed.per_token.any()
+    assert mixed.mask.shape[-1] == 1  # one unit per option: the whole target
+    np.testing.assert_allclose(mixed.target(0)[:, 0], [-0.3, -3.5, -1.4])
+    assert mixed.steps[0].tolist() == [2, 2]
+
+
+def test_one_vocabulary_with_different_token_counts_is_refused(reg: Registry) -> None:
+    table = reg.score_table("mix", ["a", "b"])
+    table.logp[0][1][1, 1] = np.nan  # b stored one token fewer for sample 0, option 1
+    with pytest.raises(ConfigError, match="share one tokenizer hash but stored different token"):
+        mix(table, "mix")
+
+
+def test_training_the_optimizer_and_evaluation_mix_alike(reg: Registry) -> None:
+    for experts in (["a", "b"], ["a", "b", "c"]):
+        table = reg.score_table("mix", experts)
+        reference = mix(table, "mix")
+        train = TrainData.build(table, np.zeros((2, 4), np.float32), "mix").mixed
+        np.testing.assert_array_equal(train.logp, reference.logp)
+        np.testing.assert_array_equal(train.per_token, reference.per_token)
+        data = scored_set(reg, "mix", gate_version="uniform", experts=experts)
+        np.testing.assert_array_equal(data.mixed.logp, reference.logp)
+        problem = data.problem({}, None)
+        for i in range(2):
+            np.testing.assert_array_equal(problem.logp[i], reference.target(i))
+        # J(N) with uniform weights = the training loss function = the sum over units of
+        # log of the mean probability, written out
+        n = len(experts)
+        j = Evaluator(problem).objective(list(range(n)))
+        log_w = np.full((2, n), -math.log(n))
+        assert reference.loss(log_w) == pytest.approx(j, abs=1e-12)
+        by_hand = -np.mean(
+            [mixture_loglik(log_w[i][:, None], reference.target(i)) for i in range(2)]
+        )
+        assert by_hand == pytest.approx(j, abs=1e-12)
+        # evaluation picks the option of highest fused log-likelihood under the same rule
+        answerer = ScoreAnswerer(data)
+        qs = [Question(i, "", ("x", "y"), int(reference.answer[i]), "qa") for i in range(2)]
+        got = answerer.answer(qs, Route(tuple(experts), n, "uniform"))
+        want = reference.option_loglik(log_w).argmax(1)
+        assert [a.choice for a in got] == want.tolist()
