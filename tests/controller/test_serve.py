@@ -220,14 +220,14 @@ def test_a_joining_agent_is_scored_and_a_slowed_one_dropped(
         reg = Registry.open(setup.url)
         assert reg.score_count("serve")[k] == reg.score_count("serve")[a]
         reg.close()
-        # The cooking expert's profile says it became 1000x slower (a lower power mode):
-        # at 1000x it breaks the 0.5 s/step limit, so it must leave the assignment.
+        # The cooking expert's profile says it became 10000x slower (a lower power mode):
+        # at 10000x it breaks the 0.5 s/step limit, so it must leave the assignment.
         state = setup.fleet.view.copy()
         slowed_at = time.time()
         with Connection(setup.cfg, uid("pub")) as conn:
             prof = _profile(setup.cfg, c)
             conn.publish_acked(
-                p.topics.agent_profile(c), p.encode(_slower(prof, 1000.0)), retain=True
+                p.topics.agent_profile(c), p.encode(_slower(prof, 10000.0)), retain=True
             )
         dropped = wait_decision(
             setup.url, pushed(APP, lambda s: c not in s and len(s) >= 1), 30, since=slowed_at
