@@ -143,6 +143,7 @@ def ci_inventory(
         "moe2_controller_root": str(root),
         "moe2_controller_manage_packages": False,
         "moe2_controller_manage_user": False,
+        "moe2_controller_manage_service": False,
         "moe2_controller_user": "root",
         "moe2_controller_group": "root",
         "moe2_controller_python": python,

@@ -24,3 +24,8 @@ COMMANDS += [db_cmd, sync_cmd, datasets_cmd, collect_cmd, train_cmd, export_cmd,
 from moe2.controller.evaluate.cli import eval_cmd  # noqa: E402
 
 COMMANDS += [eval_cmd]
+
+# The self-healing controller (issue 13).
+from moe2.controller.serve.cli import serve_cmd  # noqa: E402
+
+COMMANDS += [serve_cmd]

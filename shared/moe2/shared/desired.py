@@ -18,7 +18,6 @@ once they have verified and loaded it, or rejected it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -90,26 +89,17 @@ class DesiredState:
         client_id = f"moe2ctl-desired-{uuid.uuid4().hex[:8]}"
         self.conn = Connection(broker, client_id)
         self.view = FleetView(self.conn, ("gateway", "assignment_ack", "gate_ack", "desired_app"))
-        self._marker = p.topics.replies(client_id)
         self._wait_retained_s = wait_retained_s
-        self._synced = False
 
     def __enter__(self) -> DesiredState:
-        done = threading.Event()
-        self.conn.subscribe(self._marker, lambda _m: done.set())
-        self.conn.on_connected.append(self._mark_end_of_retained)
         self.conn.start()
-        # Everything retained arrives before our marker: versions and gateways are known.
-        self._synced = done.wait(self._wait_retained_s)
-        if not self._synced:
+        # Everything retained arrives before the view's marker: versions and gateways known.
+        if not self.view.synced.wait(self._wait_retained_s):
             log.warning("the broker did not return the retained state in time; versions may lag")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.conn.stop()
-
-    def _mark_end_of_retained(self) -> None:
-        self.conn.publish(self._marker, b"end-of-retained", qos=1)
 
     # ------------------------------------------------------------------ versions
 

@@ -115,7 +115,8 @@ class Connection:
         self._connected = threading.Event()
         self._pending_subacks: set[int] = set()
         self._connect_error: str | None = None
-        self.on_connected: list[Callable[[], None]] = []
+        self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
+        self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
         # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
         self._puback = threading.Condition()
         self._puback_rc: OrderedDict[int, Any] = OrderedDict()
@@ -232,6 +233,11 @@ class Connection:
             self._connect_error = str(rc)
             log.error("MQTT connection refused: %s", rc)
             return
+        for hook in list(self.on_session_start):
+            try:
+                hook()
+            except Exception:
+                log.exception("on_session_start hook failed")
         with self._lock:
             self._session_up = True
             subs = {f: (q, sid) for f, _, q, _, sid in self._handlers}

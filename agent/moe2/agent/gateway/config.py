@@ -80,6 +80,15 @@ class GatewayConfig(BaseModel):
         "a broker acknowledgement per step, and a lost step is caught by the step timeout",
     )
     max_prompt_bytes: int = Field(default=1 << 20, ge=256, description="largest prompt message")
+    stats_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="window over which each application's measured delay and energy are "
+        "published (retained on agents/<id>/stats)",
+    )
+    stats_interval_s: float = Field(
+        default=5.0, gt=0, description="seconds between publications of those figures"
+    )
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> GatewayConfig:

@@ -61,6 +61,7 @@ class GenerationResult:
     fusion: Literal["token-id", "token-text"]
     dropped: list[p.DroppedExpert] = field(default_factory=list)
     picks: list[Any] = field(default_factory=list)  # chosen ids (by id) or bytes (by text)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert, from its open
 
 
 class Generation:
@@ -88,6 +89,7 @@ class Generation:
         self.on_step = on_step
         self.dropped: list[p.DroppedExpert] = []
         self.sessions: dict[str, str] = {}
+        self.prompt_tokens: dict[str, int] = {}
         hashes = {self.infos[n].tokenizer_hash for n in self.weights}
         self.by_id = len(hashes) == 1
         self.fusion: Literal["token-id", "token-text"] = "token-id" if self.by_id else "token-text"
@@ -171,6 +173,7 @@ class Generation:
             replies = self._gather(futures, 0)
             for name, r in replies.items():
                 self.sessions[name] = r.session
+                self.prompt_tokens[name] = r.n_tokens
             for step in range(max_tokens):
                 live = {n: r.dist for n, r in replies.items() if n in self.weights}
                 if not live:
@@ -213,6 +216,7 @@ class Generation:
             self.fusion,
             self.dropped,
             picks,
+            {n: t for n, t in self.prompt_tokens.items() if n in self.weights},
         )
 
     def _fuse(self, live: dict[str, Any], step: int) -> Fused:

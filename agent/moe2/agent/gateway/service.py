@@ -27,6 +27,7 @@ from moe2.agent.gateway.gatestore import GateStore
 from moe2.agent.gateway.generation import Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
 from moe2.agent.gateway.routing import AppRouter
+from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
 from moe2.shared import protocol as p
 from moe2.shared.errors import BadMessage, Busy, InternalError, Moe2Error, NoExperts, UnknownApp
@@ -49,7 +50,7 @@ class Gateway:
             f"moe2-gateway-{gateway_id}",
             will=(p.topics.gateway_status(gateway_id), p.encode(offline), True),
         )
-        self.fleet = FleetView(self.conn, ("info", "status", "gateway", "desired_app"))
+        self.fleet = FleetView(self.conn, ("info", "status", "profile", "gateway", "desired_app"))
         self.rpc = RpcClient(
             broker, f"gw-{gateway_id}", timeout=config.step_timeout_s, qos=config.rpc_qos
         )
@@ -73,15 +74,33 @@ class Gateway:
         )
         self.answered = 0
         self.errors = 0
+        self.stats = AppStatsWindow(gateway_id, config.stats_window_s)
+        self._stop_stats = threading.Event()
+        self._stats_thread = threading.Thread(target=self._publish_stats, name="app-stats")
+        self._stats_thread.daemon = True
 
     def start(self) -> Gateway:
         self.rpc.start()
         self.router.sync_subscriptions()  # the local applications, subscribed on connecting
         self.conn.start()
         self.links.start()
+        self._stats_thread.start()
         return self
 
+    def _publish_stats(self) -> None:
+        last: dict[str, p.AppFigures] | None = None
+        while not self._stop_stats.wait(self.config.stats_interval_s):
+            report = self.stats.report()
+            if report.apps == last:
+                continue  # nothing new: keep the broker quiet
+            last = report.apps
+            try:
+                self.conn.publish(p.topics.gateway_stats(self.id), p.encode(report), retain=True)
+            except Exception:  # best effort: the next round tries again
+                log.exception("could not publish the application figures")
+
     def stop(self) -> None:
+        self._stop_stats.set()
         self.links.stop()
         self.router.stop_intake()
         self.conn.stop()
@@ -201,11 +220,13 @@ class Gateway:
         except Moe2Error as exc:
             final = p.prompt_error(req.id, exc.code, exc.message)
             self.errors += 1
+            self.stats.errored(app)
         except Exception as exc:  # one prompt's bug must not cost the others their answer
             log.exception("prompt %s failed", req.id)
             err = InternalError(f"{type(exc).__name__}: {exc}")
             final = p.prompt_error(req.id, err.code, err.message)
             self.errors += 1
+            self.stats.errored(app)
         finally:
             self._slots.release()
         self._send(targets, final)
@@ -254,13 +275,23 @@ class Gateway:
             on_delta=on_delta,
         )
         result = gen.run(req.prompt, max_tokens)
+        latency_s = time.monotonic() - received
+        profiles = self.fleet.copy().profile
+        energy, measured = answer_energy(profiles, result.prompt_tokens, max(1, result.tokens))
+        self.stats.answered(
+            app,
+            latency_s=latency_s,
+            steps=max(1, result.tokens),
+            energy_j_per_step=energy,
+            energy_measured=measured,
+        )
         return p.PromptAnswer(
             id=req.id,
             text=result.text,
             finish_reason=result.finish_reason,
             experts=[p.ExpertWeight(id=n, weight=w) for n, w in result.weights.items()],
             tokens=result.tokens,
-            latency_ms=(time.monotonic() - received) * 1e3,
+            latency_ms=latency_s * 1e3,
             app=app,
             fusion=result.fusion,
             dropped=result.dropped,

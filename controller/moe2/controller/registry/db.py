@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, insert, select
+from sqlalchemy import Engine, create_engine, delete, event, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from moe2.controller.registry import migrations
@@ -23,9 +24,11 @@ from moe2.controller.registry.schema import (
     Assignment,
     AssignmentAckRow,
     Dataset,
+    Decision,
     EmbeddingCache,
     GateAckRow,
     GateVersion,
+    Lease,
     OptimisationRun,
     Sample,
     Score,
@@ -428,6 +431,55 @@ class Registry:
         with self.session() as s:
             q = select(AssignmentAckRow).where(col(AssignmentAckRow.app) == app)
             return list(s.execute(q).scalars())
+
+    # ------------------------------------------------------------------ serve
+
+    def add_decision(self, row: Decision) -> int:
+        with self.session() as s:
+            s.add(row)
+            s.commit()
+            return int(row.id)  # type: ignore[arg-type]
+
+    def decisions(self, app: str | None = None, since: float = 0.0) -> list[Decision]:
+        with self.session() as s:
+            q = select(Decision).where(col(Decision.at) >= since).order_by(col(Decision.id))
+            if app is not None:
+                q = q.where(col(Decision.app) == app)
+            return list(s.execute(q).scalars())
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl_s`` seconds; False while another holder's
+        lease runs. Atomic on SQLite and PostgreSQL: one conditional UPDATE, else one INSERT
+        that the primary key lets only one process win."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                update(Lease)
+                .where(
+                    col(Lease.name) == name,
+                    or_(col(Lease.holder) == holder, col(Lease.expires_at) < now),
+                )
+                .values(holder=holder, expires_at=now + ttl_s)
+            ).rowcount
+        if taken:
+            return True
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(Lease).values(name=name, holder=holder, expires_at=now + ttl_s))
+        except IntegrityError:
+            return False  # another holder has it
+        return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                delete(Lease).where(col(Lease.name) == name, col(Lease.holder) == holder)
+            )
+
+    def lease_holder(self, name: str) -> tuple[str, float] | None:
+        with self.session() as s:
+            row = s.get(Lease, name)
+            return None if row is None else (row.holder, row.expires_at)
 
     # ------------------------------------------------------------------ optimisation
 

@@ -155,6 +155,33 @@ class EmbeddingCache(SQLModel, table=True):
     vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # (dim,) float32 LE
 
 
+class Decision(SQLModel, table=True):
+    """What ``moe2ctl serve`` decided and why (migration 3)."""
+
+    __tablename__ = "decisions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: float = Field(default_factory=_now, index=True)  # unix seconds
+    controller: str  # the serve process that held the lease
+    app: str | None = Field(default=None, index=True)
+    action: str  # pushed | unchanged | dry-run | infeasible | failed | scored
+    reason: str = Field(sa_column=Column(Text, nullable=False))  # what triggered it
+    subset_json: str | None = Field(default=None, sa_column=Column(Text))  # JSON list[str]
+    previous_json: str | None = Field(default=None, sa_column=Column(Text))
+    version: int | None = None  # the pushed assignment's version
+    detail_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+
+
+class Lease(SQLModel, table=True):
+    """A named lease: only its holder acts until it expires (migration 3)."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True)
+    holder: str
+    expires_at: float  # unix seconds
+
+
 TABLES = [
     SQLModel.metadata.tables[str(m.__tablename__)]
     for m in (
@@ -169,5 +196,7 @@ TABLES = [
         AssignmentAckRow,
         GateAckRow,
         EmbeddingCache,
+        Decision,
+        Lease,
     )
 ]

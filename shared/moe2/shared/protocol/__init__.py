@@ -7,6 +7,7 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
     moe2/v1/agents/<agent>/profile   retained  AgentProfile    delay and energy cost curves
     moe2/v1/agents/<gw>/links        retained  LinkReport      gateway-to-expert round trip, rate
     moe2/v1/agents/<gw>/gateway      retained  GatewayStatus   apps a gateway serves (LWT offline)
+    moe2/v1/agents/<gw>/stats        retained  AppStats        measured cost of each app's answers
     moe2/v1/agents/<agent>/rpc                 RpcRequest      MQTT 5 request/response
     moe2/v1/replies/<client>/rpc/<agent>       RpcReply        the agent's answer to <client>
     moe2/v1/replies/<client>/answers           prompt answers  a PromptClient's inbox
@@ -44,6 +45,8 @@ from moe2.shared.protocol.base import (
 from moe2.shared.protocol.desired import (
     MAX_VERSION,
     AppAssignment,
+    AppFigures,
+    AppStats,
     AssignmentAck,
     GateRef,
     GatewayStatus,
@@ -106,6 +109,8 @@ __all__ = [
     "AgentProfile",
     "AgentStatus",
     "AppAssignment",
+    "AppFigures",
+    "AppStats",
     "AssignmentAck",
     "BlobRef",
     "CloseReply",

@@ -72,3 +72,29 @@ class GatewayStatus(Message):
     group: Name | None = None  # shared-subscription group
     apps: dict[Name, int] = Field(default_factory=dict)  # app -> assignment version (0: local)
     since: float | None = None  # unix seconds
+
+
+class AppFigures(BaseModel):
+    """What one application's answers really cost at one gateway, over a recent window."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    answers: int = Field(ge=0)  # final answers in the window
+    errors: int = Field(ge=0)  # error replies in the window
+    steps: int = Field(ge=0)  # generation steps (tokens) of those answers
+    delay_s_per_step: float | None = Field(default=None, ge=0)  # mean of latency / steps
+    delay_s_per_step_p95: float | None = Field(default=None, ge=0)
+    # Joules per step of the experts that answered, from their profiles' curves scaled by
+    # the answer's measured steps; measured only where every profile's meter measured.
+    energy_j_per_step: float | None = Field(default=None, ge=0)
+    energy_measured: bool = False
+
+
+class AppStats(Message):
+    """Retained on ``moe2/v1/agents/<gateway>/stats``: per application, the measured delay
+    and energy of the answers this gateway gave over the last ``window_s`` seconds."""
+
+    gateway: Name
+    window_s: float = Field(gt=0)
+    apps: dict[Name, AppFigures] = Field(default_factory=dict)
+    at: float  # unix seconds

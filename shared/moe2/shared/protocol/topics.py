@@ -14,6 +14,7 @@ TopicKind = Literal[
     "profile",  # agents/<agent>/profile      retained AgentProfile
     "links",  # agents/<gateway>/links        retained LinkReport
     "gateway",  # agents/<gateway>/gateway    retained GatewayStatus (LWT offline)
+    "stats",  # agents/<gateway>/stats        retained AppStats (measured per-app costs)
     "rpc",  # agents/<agent>/rpc              RPC requests
     "assignment_ack",  # agents/<gateway>/acks/<app>      retained AssignmentAck
     "gate_ack",  # agents/<gateway>/gates/<version>       retained GateAck
@@ -30,6 +31,7 @@ _AGENT_LEAVES = {
     "profile": "profile",
     "links": "links",
     "gateway": "gateway",
+    "stats": "stats",
     "rpc": "rpc",
 }
 
@@ -109,6 +111,11 @@ class topics:
         return f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/gateway"
 
     @staticmethod
+    def gateway_stats(gateway: str) -> str:
+        """Retained AppStats: what each application's answers cost at this gateway."""
+        return f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/stats"
+
+    @staticmethod
     def gateway_links(gateway: str) -> str:
         """Retained LinkReport: round trip and payload rate from a gateway to each expert."""
         return f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/links"
@@ -119,6 +126,7 @@ class topics:
     ALL_AGENT_PROFILES = f"{TOPIC_ROOT}/agents/+/profile"
     ALL_GATEWAY_LINKS = f"{TOPIC_ROOT}/agents/+/links"
     ALL_GATEWAY_STATUS = f"{TOPIC_ROOT}/agents/+/gateway"
+    ALL_GATEWAY_STATS = f"{TOPIC_ROOT}/agents/+/stats"
 
     # ------------------------------------------------------------------ replies
     # Everything addressed to one client lives under replies/<client>/: the broker's ACL
