@@ -279,10 +279,14 @@ def test_serve_resumes_after_a_broker_restart(setup: Setup, tiny_models: dict[st
     serve = Running(setup, "serve-r")
     try:
         wait_decision(setup.url, pushed(APP, lambda s: set(s) == {a, c}), 60)
+        restarted = time.time()
         setup.broker.stop()
         time.sleep(1.0)
         setup.broker.start()
         setup.fleet.wait_online([a, c, setup.gateway], 60)  # everyone reconnected
+        # The broker forgot the retained assignment (no persistence): serve pushes it again
+        # once the fleet is back, whoever reconnected first.
+        wait_decision(setup.url, pushed(APP, lambda s: set(s) == {a, c}), 60, since=restarted)
         t = time.time()
         setup.fleet.kill(c)
         after = wait_decision(setup.url, pushed(APP, lambda s: c not in s), 40, since=t)

@@ -65,3 +65,14 @@ def test_measured_delay_above_the_limit_matters_once_the_window_is_fresh() -> No
     ok = assigned("a", "b")
     ok.stats["gw"] = stats(0.054, 10, time.time())
     assert changes(b, ok, {"a", "b"}, POLICY, 10).reasons == []
+
+
+def test_an_assignment_the_broker_forgot_matters_and_its_experts_still_count() -> None:
+    # A broker restarted without persistence loses the retained assignment; the basis
+    # remembers what was pushed, so the loss is a change, and so is an assigned expert leaving.
+    b = basis(assigned={"qa": ("a", "b")})
+    assert changes(b, assigned("a", "b"), {"a", "b"}, POLICY, 10).reasons == []
+    look = changes(b, FleetState(), {"a", "b"}, POLICY, 10)
+    assert look.reasons == ["qa: its assignment is no longer on the broker"]
+    look = changes(b, FleetState(), {"b"}, POLICY, 10)
+    assert "assigned expert a is offline or no longer eligible" in look.reasons

@@ -60,6 +60,9 @@ class Basis:
     rtt_s: dict[str, float]  # expert -> the gateways' measured round trip
     predicted: dict[str, float]  # app -> predicted seconds per step of the chosen subset
     at: float  # unix seconds
+    # app -> the subset on the broker (or pushed) then: a broker restarted without
+    # persistence forgets its retained assignments, the basis does not
+    assigned: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +106,10 @@ def changes(
         look.reasons.append("first look at the fleet")
         return look
     assigned = {e for a in state.desired_app.values() for e in a.subset}
+    assigned |= {e for subset in basis.assigned.values() for e in subset}
+    for app in sorted(basis.assigned):
+        if app not in state.desired_app:
+            look.reasons.append(f"{app}: its assignment is no longer on the broker")
     for e in sorted(basis.eligible - eligible):
         if e in assigned:
             look.reasons.append(f"assigned expert {e} is offline or no longer eligible")
@@ -207,8 +214,8 @@ class Reconciler:
     def tick(self) -> None:
         if not self._hold_lease():
             return
-        if not self.view.synced.is_set():
-            return  # (re)connecting: the fleet's state is arriving
+        if not self.conn.connected or not self.view.synced.is_set():
+            return  # (re)connecting: what we hold may be stale, the fleet's state is arriving
         if time.monotonic() - self.view.synced_at < self.policy.settle_s:
             return  # agents are still reconnecting and announcing themselves
         state = self.view.copy()
@@ -364,6 +371,11 @@ class Reconciler:
             {e: links[e].rtt_s for e in eligible if e in links},
             dict(predicted),
             time.time(),
+            {
+                app: tuple(a.subset)
+                for app, a in state.desired_app.items()
+                if app in self.policy.apps
+            },
         )
 
     def _apply(
@@ -392,6 +404,8 @@ class Reconciler:
                 self.basis = None  # try again on the next tick
                 continue
             record(self.reg, [pushed])
+            if self.basis is not None:
+                self.basis.assigned[app] = tuple(subset)
             self._decide(
                 app,
                 "pushed",
