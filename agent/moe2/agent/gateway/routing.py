@@ -179,8 +179,10 @@ class AppRouter:
             self.conn.subscribe(unrouted, self.on_unrouted)
         elif self._stopping:
             self.conn.unsubscribe(unrouted)
-        for app in sorted(add):
-            self.conn.subscribe(p.topics.prompts_shared(self.config.group, app), self.on_prompt)
+        for app in sorted(add):  # the prompt handler acknowledges each prompt once answered
+            self.conn.subscribe(
+                p.topics.prompts_shared(self.config.group, app), self.on_prompt, manual_ack=True
+            )
         for app in sorted(drop):
             self.conn.unsubscribe(p.topics.prompts_shared(self.config.group, app))
         if (add or drop) and self.conn.connected:  # else _republish does it on connecting
