@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -106,6 +107,11 @@ class GatewayConfig(BaseModel):
     )
     stats_interval_s: float = Field(
         default=5.0, gt=0, description="seconds between publications of those figures"
+    )
+    trusted_keys: list[Path] = Field(
+        default_factory=list,
+        description="PEM Ed25519 public keys of the fleet (moe2ctl keys generate): when set, "
+        "only assignments and gates one of them signed are applied",
     )
 
     @model_validator(mode="after")

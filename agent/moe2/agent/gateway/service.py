@@ -60,6 +60,7 @@ from moe2.shared.errors import (
 from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient, reply_properties
 from moe2.shared.protocol.prompts import addressable, check_reply_topic
+from moe2.shared.signing import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,18 @@ class Gateway:
         )
         self.vocabs = VocabCache(self.rpc, config.open_timeout_s)
         self.gates: dict[str, Gate] = {}  # per application; uniform until one is pushed
-        self.gate_store = GateStore(self.conn, gateway_id, self._use_gate)
+        verifier = Verifier.load(config.trusted_keys) if config.trusted_keys else None
+        if verifier is None:
+            log.warning("no trusted fleet keys: desired state is applied without a signature")
+        self.gate_store = GateStore(self.conn, gateway_id, self._use_gate, verifier=verifier)
         self.router = AppRouter(
-            gateway_id, config, self.conn, self._on_prompt, self._on_unrouted, self.gate_store.want
+            gateway_id,
+            config,
+            self.conn,
+            self._on_prompt,
+            self._on_unrouted,
+            self.gate_store.want,
+            verifier,
         )
         self.fleet.listeners.append(self.router.on_fleet_change)
         self.fleet.listeners.append(self._on_fleet_change)
