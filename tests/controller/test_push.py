@@ -102,9 +102,7 @@ def test_push_command_validates_and_reports(broker_config: BrokerConfig, tmp_pat
     assert bad.exit_code != 0 and "invalid application" in bad.output
 
 
-def test_push_with_no_gateway_online_exits_4_and_says_so(
-    broker: Any, tmp_path: Path
-) -> None:
+def test_push_with_no_gateway_online_exits_4_and_says_so(broker: Any, tmp_path: Path) -> None:
     # A broker of its own: no gateway of another test may answer.
     from moe2.shared.broker import start_broker
 

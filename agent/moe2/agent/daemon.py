@@ -203,6 +203,8 @@ class Agent:
         want = self._announced.get(msg.topic)
         if want is None or bytes(msg.payload) == want or self._stopped.is_set():
             return
+        if not self.conn.connected:  # our own last will, as the connection went down
+            return
         log.warning("%s was changed by someone else; announcing again", msg.topic)
         self.conn.publish(msg.topic, want, retain=True)
 

@@ -42,8 +42,10 @@ def generate_cmd(out: Path | None, as_json: bool) -> None:
     emit(
         {"private_key": str(path), "public_key": str(public)},
         as_json,
-        lambda o: f"private key {o['private_key']} (keep it on the controller)\n"
-        f"public key  {o['public_key']} (give it to every gateway: trusted_keys)",
+        lambda o: (
+            f"private key {o['private_key']} (keep it on the controller)\n"
+            f"public key  {o['public_key']} (give it to every gateway: trusted_keys)"
+        ),
     )
 
 
@@ -56,8 +58,10 @@ def show_cmd(as_json: bool) -> None:
         emit(
             {"private_key": None, "public_key_pem": None},
             as_json,
-            lambda _o: "no fleet key: desired state is published unsigned "
-            "(moe2ctl keys generate makes one)",
+            lambda _o: (
+                "no fleet key: desired state is published unsigned "
+                "(moe2ctl keys generate makes one)"
+            ),
         )
         return
     pem = Signer.load(path).public_pem().decode()

@@ -25,6 +25,7 @@ import secrets
 import socket
 import ssl
 import threading
+import time
 import uuid
 import zlib
 from collections import OrderedDict
@@ -137,6 +138,9 @@ class Connection:
         # session kept from an earlier run of this client. None: acknowledge and drop it.
         self.on_unhandled: Handler | None = None
         self.session_present = False  # the broker resumed a stored session at the last CONNACK
+        self._sent: list[mqtt.MQTTMessageInfo] = []  # recent publishes, for flush()
+        self._sent_lock = threading.Lock()
+        self._gone = threading.Event()  # set by on_disconnect
         self._session_up = False  # CONNACK received: subscribe at once (under _lock)
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -176,15 +180,35 @@ class Connection:
             )
         return self
 
-    def stop(self, *, keep_session: bool = False) -> None:
-        """Disconnect. A persistent session ends with it (the broker drops it at once) unless
-        ``keep_session``: what we have finished with needs no redelivery."""
+    def stop(self, *, keep_session: bool = False, flush_s: float = 5.0) -> None:
+        """Send what is still queued (QoS 1: until the broker has it, for up to ``flush_s``),
+        then disconnect. A persistent session ends with it (the broker drops it at once)
+        unless ``keep_session``: what we have finished with needs no redelivery."""
+        self.flush(flush_s)
         props = None
         if self.session_expiry_s > 0 and not keep_session:
             props = _properties(PacketTypes.DISCONNECT)
             props.SessionExpiryInterval = 0
-        self._client.disconnect(properties=props)
+        self._gone.clear()
+        if self._client.disconnect(properties=props) == mqtt.MQTT_ERR_SUCCESS:
+            self._gone.wait(2.0)  # the DISCONNECT is written before the loop stops
         self._client.loop_stop()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every message published so far has left (QoS 0) or been acknowledged
+        (QoS 1) while connected; False if some had not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._sent_lock:
+            pending = [i for i in self._sent if not i.is_published()]
+            self._sent = pending
+        for info in pending:
+            while not info.is_published() and self.connected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(min(left, 0.1))
+        return all(i.is_published() for i in pending)
 
     def ack(self, msg: mqtt.MQTTMessage) -> None:
         """Acknowledge a message given to a ``manual_ack`` handler (QoS 0: nothing to do)."""
@@ -254,7 +278,12 @@ class Connection:
         retain: bool = False,
         properties: Properties | None = None,
     ) -> mqtt.MQTTMessageInfo:
-        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        with self._sent_lock:  # for flush(): what stop() must not cut off
+            if len(self._sent) >= 256:
+                self._sent = [i for i in self._sent if not i.is_published()]
+            self._sent.append(info)
+        return info
 
     def publish_acked(
         self,
@@ -341,6 +370,7 @@ class Connection:
         with self._lock:
             self._session_up = False
         self._connected.clear()
+        self._gone.set()
         if rc != 0:
             log.warning("MQTT connection lost (%s); reconnecting", rc)
 
@@ -417,6 +447,11 @@ class RpcClient:
     ``call_async`` returns a Future of the request's reply type, so a gateway can ask k
     experts at once and wait for all; an error reply resolves it with the matching
     ``Moe2Error``.
+
+    After a reconnect (a broker restart, a network blip) every call still waiting is sent
+    again: a request or its reply may have been lost with the connection. Requests must bear
+    that (a step names the history length it extends: ``StepRequest.rewind_to``); a reply
+    that comes twice counts once.
     """
 
     def __init__(
@@ -434,13 +469,17 @@ class RpcClient:
         self._conn = Connection(broker, self.client_id)
         # correlation -> (the agent asked, the reply type expected, the future)
         self._pending: dict[bytes, tuple[str, type[_Reply] | None, Future[Any]]] = {}
+        self._requests: dict[bytes, bytes] = {}  # correlation -> payload, to send again
         self._lock = threading.Lock()
         self.rejected_replies = 0  # from an agent that was not asked, or malformed
+        self.resent = 0  # calls sent again after a reconnect
+        self._connections = 0
         self._conn.subscribe(
             protocol.topics.rpc_replies(self.owner),
             self._on_reply,
             qos=qos,
         )
+        self._conn.on_connected.append(self._resend)
 
     def start(self) -> RpcClient:
         self._conn.start()
@@ -469,14 +508,41 @@ class RpcClient:
         fut: Future[Any] = Future()
         with self._lock:
             self._pending[corr] = (agent_id, reply_type, fut)
+            self._requests[corr] = payload
         fut.add_done_callback(lambda _f: self._forget(corr))
+        self._publish(agent_id, payload, corr)
+        return fut
+
+    def _publish(self, agent_id: str, payload: bytes, corr: bytes) -> None:
         self._conn.publish(
             protocol.topics.agent_rpc(agent_id),
             payload,
             qos=self.qos,
             properties=response_properties(protocol.topics.rpc_reply(self.owner, agent_id), corr),
         )
-        return fut
+
+    def _resend(self) -> None:
+        """On every connect after the first: send the calls still waiting again."""
+        self._connections += 1
+        if self._connections > 1:
+            self.resend()
+
+    def resend(self, agent_id: str | None = None) -> int:
+        """Send the calls still waiting (on ``agent_id``, or on every agent) again: after a
+        reconnect of ours, or when an agent is back online (its subscription was gone while
+        it was away, so what we sent meanwhile reached nobody)."""
+        with self._lock:
+            again = [
+                (a, self._requests[c], c)
+                for c, (a, _rt, _f) in self._pending.items()
+                if agent_id is None or a == agent_id
+            ]
+        for agent, payload, corr in again:
+            self._publish(agent, payload, corr)
+        self.resent += len(again)
+        if again:
+            log.info("sent %d waiting RPC calls again", len(again))
+        return len(again)
 
     def send_raw(self, agent_id: str, payload: bytes) -> Future[Any]:
         """Send an already encoded (possibly invalid) request; for tests and tools."""
@@ -514,6 +580,7 @@ class RpcClient:
     def _forget(self, corr: bytes) -> None:
         with self._lock:
             self._pending.pop(corr, None)
+            self._requests.pop(corr, None)
 
     def _on_reply(self, msg: mqtt.MQTTMessage) -> None:
         corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None

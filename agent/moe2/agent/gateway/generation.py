@@ -103,6 +103,9 @@ class Generation:
         self.dropped: list[p.DroppedExpert] = []
         self.sessions: dict[str, str] = {}
         self.prompt_tokens: dict[str, int] = {}
+        # History length of each session after its last reply: a step names it (rewind_to),
+        # so a step sent again after a reconnect appends its token once, not twice.
+        self.history: dict[str, int] = {}
         hashes = {self.infos[n].tokenizer_hash for n in self.weights}
         self.by_id = len(hashes) == 1
         self.fusion: Literal["token-id", "token-text"] = "token-id" if self.by_id else "token-text"
@@ -211,6 +214,7 @@ class Generation:
                 replies[name] = reply
                 self.sessions[name] = reply.session  # closed in run()'s finally
                 self.prompt_tokens[name] = reply.n_tokens
+                self.history[name] = reply.n_tokens
             todo = sorted(busy)
             if not todo:
                 break
@@ -262,6 +266,8 @@ class Generation:
                 }
                 try:
                     replies = self._gather(futures, step + 1)
+                    for name, r in replies.items():
+                        self.history[name] = r.n_tokens
                 except ContextOverflow:
                     finish = "context"
                     break
@@ -295,7 +301,7 @@ class Generation:
 
     def _step_request(self, name: str, pick: Any, dist: Any) -> p.StepRequest:
         sid = self.sessions[name]
-        opts = self._options()
+        opts = {**self._options(), "rewind_to": self.history[name]}
         if self.by_id:
             return p.StepRequest(session=sid, tokens=[int(pick)], **opts)
         # Across vocabularies: the expert's own token for those bytes when it has one (the

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -64,6 +65,11 @@ from moe2.shared.signing import Verifier
 
 log = logging.getLogger(__name__)
 
+# After our own (re)connection, an expert's "offline" may be its last will published by a
+# broker that restarted; it is back within a second or two. Seconds.
+_RECONNECT_GRACE_S = 5.0
+_REMEMBER_ANSWERED = 10_000  # prompt messages remembered, to spot a second copy
+
 Targets = list[tuple[str, bytes | None]]  # (topic, MQTT 5 correlation data) to answer on
 
 
@@ -93,8 +99,8 @@ class Gateway:
             gateway_id,
             config,
             self.conn,
-            self._on_prompt,
-            self._on_unrouted,
+            self._when_synced(self._on_prompt),
+            self._when_synced(self._on_unrouted),
             self.gate_store.want,
             verifier,
         )
@@ -107,8 +113,19 @@ class Gateway:
         # them after a reconnect is the same prompt, not a new one).
         self._inflight: dict[int, str] = {}
         self._inflight_lock = threading.Condition()
+        # Prompts answered lately, by (message id, payload hash): a copy the broker sends
+        # again (our acknowledgement was lost with the connection) is acknowledged, not
+        # answered twice.
+        self._answered: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._connected_at = 0.0  # time.monotonic() of our last (re)connection
+        self.conn.on_connected.append(self._on_connected)
         self._abandon = threading.Event()  # drain timed out: end generations with 'cancelled'
         self.may_reply_outside = True  # the broker lets us publish outside moe2/ (probed)
+        # Prompts wait until the fleet's retained state is in (our marker came back): a
+        # restarted gateway gets the prompts its session kept before it knows any expert.
+        self._parked: list[tuple[Any, Any]] = []  # (handler, message)
+        self._sync_lock = threading.Lock()
+        self.fleet.sync_listeners.append(self._on_synced)
         self.links = LinkMonitor(
             gateway_id,
             self.conn,
@@ -183,12 +200,37 @@ class Gateway:
             info = self.fleet.online(key[0])
             if info is not None:
                 self.vocabs.prefetch(key[0], info)
+        # Back online (after a broker restart, say): what we asked it while it was away
+        # reached nobody; ask again (requests bear it: steps name their history length).
+        if kind == "status" and message is not None and message.state == "online":
+            self.rpc.resend(key[0])
         # An expert whose last will says offline answers nothing more: fail what waits on it
-        # now rather than at the step timeout.
+        # now rather than at the step timeout. Just after we (re)connected, wait a little:
+        # a broker restart publishes every agent's last will, and they are back in a second.
         if kind == "status" and (message is None or message.state == "offline"):
-            n = self.rpc.fail_agent(key[0], Cancelled(f"expert {key[0]} went offline"))
-            if n:
-                log.warning("expert %s went offline: %d requests to it failed", key[0], n)
+            grace = self._connected_at + _RECONNECT_GRACE_S - time.monotonic()
+            if grace > 0:
+                timer = threading.Timer(grace + 0.1, self._fail_if_offline, (key[0],))
+                timer.daemon = True
+                timer.start()
+            else:
+                self._fail_if_offline(key[0])
+
+    def _on_connected(self) -> None:
+        self._connected_at = time.monotonic()
+
+    def _fail_if_offline(self, expert: str) -> None:
+        if self.fleet.online(expert) is not None:
+            return
+        n = self.rpc.fail_agent(expert, Cancelled(f"expert {expert} went offline"))
+        if n:
+            log.warning("expert %s went offline: %d requests to it failed", expert, n)
+
+    def _expert_alive(self, expert: str) -> bool:
+        """Online, or offline only since a reconnection of ours (see _on_fleet_change)."""
+        if self.fleet.online(expert) is not None:
+            return True
+        return time.monotonic() < self._connected_at + _RECONNECT_GRACE_S
 
     def _use_gate(self, app: str, gate: Gate | None) -> None:
         if gate is None:
@@ -261,15 +303,32 @@ class Gateway:
             ),
         )
 
+    def _when_synced(self, handler: Any) -> Any:
+        def park_or_handle(msg: Any) -> None:
+            with self._sync_lock:
+                if not self.fleet.synced.is_set():
+                    self._parked.append((handler, msg))
+                    return
+            handler(msg)
+
+        return park_or_handle
+
+    def _on_synced(self) -> None:
+        """The fleet view has the broker's retained state (after each connection)."""
+        with self._sync_lock:
+            parked, self._parked = self._parked, []
+        if parked:
+            log.info("the fleet's state is in: taking %d prompts that waited for it", len(parked))
+        for handler, held in parked:
+            handler(held)
+
     def _on_stale(self, msg: Any) -> None:
         """A message for a subscription of an earlier run of this gateway, kept in its
         persistent session (it served other applications then)."""
-        try:
-            topic = p.topics.parse(msg.topic)
-            if topic is None or topic.kind != "prompt" or topic.app is None:
-                return
+        topic = p.topics.parse(msg.topic)
+        if topic is not None and topic.kind == "prompt" and topic.app is not None:
             if topic.app in self.router.served():
-                self._on_prompt(msg)  # acknowledges it
+                self._when_synced(self._on_prompt)(msg)  # acknowledged once answered
                 return
             self.conn.unsubscribe_raw(p.topics.prompts_shared(self.config.group, topic.app))
             self._refuse(
@@ -279,8 +338,7 @@ class Gateway:
                     "prompt waited for it while it was away); retry"
                 ),
             )
-        finally:
-            self.conn.ack(msg)
+        self.conn.ack(msg)
 
     def _on_prompt(self, msg: Any) -> None:
         """Intake of one prompt; it is acknowledged to the broker once answered."""
@@ -289,7 +347,17 @@ class Gateway:
             accepted = self._intake(msg)
         finally:
             if not accepted:
-                self.conn.ack(msg)
+                self._done(msg)
+
+    def _done(self, msg: Any) -> None:
+        """The prompt of ``msg`` is answered: acknowledge it, remember it a while."""
+        self.conn.ack(msg)
+        with self._inflight_lock:
+            self._inflight.pop(msg.mid, None)
+            self._answered[(msg.mid, hash(bytes(msg.payload)))] = None
+            while len(self._answered) > _REMEMBER_ANSWERED:
+                self._answered.popitem(last=False)
+            self._inflight_lock.notify_all()
 
     def _intake(self, msg: Any) -> bool:
         received = time.monotonic()
@@ -297,6 +365,9 @@ class Gateway:
             with self._inflight_lock:
                 if msg.mid in self._inflight:
                     return True  # sent again after a reconnect; the first copy is running
+                if (msg.mid, hash(bytes(msg.payload))) in self._answered:
+                    log.info("prompt message %d came again; answered already", msg.mid)
+                    return False
         targets = self._response_target(msg)
         topic = p.topics.parse(msg.topic)
         app = topic.app if topic is not None and topic.app is not None else ""
@@ -316,6 +387,7 @@ class Gateway:
             return False
         with self._inflight_lock:
             self._inflight[msg.mid] = req.id
+        log.debug("prompt %s accepted (message %d)", req.id, msg.mid)
         self._pool.submit(self._answer, msg, app, req, targets, received)
         return True
 
@@ -339,6 +411,7 @@ class Gateway:
             self.stats.errored(app)
         finally:
             self._slots.release()
+        log.debug("prompt %s answered: %s", req.id, type(final).__name__)
         try:
             self._send(targets, final)
         except Exception:
@@ -346,10 +419,7 @@ class Gateway:
         finally:
             # Answered: the broker may forget the prompt. Not before: had we died, it would
             # have been delivered again when we came back.
-            self.conn.ack(msg)
-            with self._inflight_lock:
-                self._inflight.pop(msg.mid, None)
-                self._inflight_lock.notify_all()
+            self._done(msg)
 
     def _generate(
         self, app: str, req: p.PromptRequest, targets: Targets, received: float
@@ -362,6 +432,10 @@ class Gateway:
             )
         plan = self.router.plan(app)
         infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
+        grace = self._connected_at + _RECONNECT_GRACE_S - time.monotonic()
+        if not infos and grace > 0:  # just reconnected: the experts are likely coming back
+            self.fleet.wait(lambda s: any(s.online(n) for n in plan.subset), grace)
+            infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
         if not infos:
             raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
         online = [n for n in plan.subset if n in infos]
@@ -420,7 +494,7 @@ class Gateway:
             Sampling(req.temperature, req.top_p, req.seed),
             deadline=deadline,
             on_delta=on_delta,
-            alive=lambda name: self.fleet.online(name) is not None,
+            alive=self._expert_alive,
             abandoned=self._abandon.is_set,
         )
         result = gen.run(req.prompt, max_tokens)

@@ -156,6 +156,15 @@ class topics:
         return f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/rpc/+"
 
     @staticmethod
+    def sync_marker(owner: str, client_id: str) -> str:
+        """A client's own end-of-retained marker: published after subscribing, it arrives
+        after every retained message of those subscriptions."""
+        return (
+            f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/sync/"
+            f"{check_name('client id', client_id)}"
+        )
+
+    @staticmethod
     def client_answers(owner: str, client_id: str) -> str:
         """Inbox of one prompt client (``PromptClient``, ``moe2ctl ask``) of user ``owner``."""
         return (
