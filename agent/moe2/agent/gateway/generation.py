@@ -147,7 +147,7 @@ class Generation:
             if self.abandoned():
                 raise Cancelled("the gateway is stopping and abandoned this prompt")
             if not self.alive(name):
-                raise _Offline(f"expert {name} went offline")
+                raise ExpertOffline(f"expert {name} went offline")
             left = until - time.monotonic()
             if left <= 0:
                 raise RequestTimeout("no reply in time")
@@ -181,8 +181,8 @@ class Generation:
                         "the prompt's deadline passed during generation"
                     ) from None
                 self._drop(name, f"no reply within {limit:g} s", at)
-            except _Offline as exc:
-                self._drop(name, f"offline: {exc.message} (its last will)", at)
+            except ExpertOffline as exc:
+                self._drop(name, f"offline: {exc.message} (its last will said so)", at)
             except Busy as exc:
                 if busy is None:
                     self._drop(name, f"{exc.code}: {exc.message}", at)
@@ -318,7 +318,7 @@ class Generation:
         return p.StepRequest.with_bytes(sid, pick, **opts)
 
 
-class _Offline(Moe2Error):
-    """The expert's last will came while we waited for it (never leaves this module)."""
+class ExpertOffline(Moe2Error):
+    """The expert's last will came while we waited for it (a drop reason, never a reply)."""
 
     code = "offline"

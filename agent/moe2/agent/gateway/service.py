@@ -42,7 +42,7 @@ from moe2.agent.gateway.capacity import ExpertSlots
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.gate import Gate, UniformGate, top_k
 from moe2.agent.gateway.gatestore import GateStore
-from moe2.agent.gateway.generation import Generation, Sampling
+from moe2.agent.gateway.generation import ExpertOffline, Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
 from moe2.agent.gateway.routing import AppRouter
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
@@ -52,7 +52,6 @@ from moe2.shared.errors import (
     BadMessage,
     BrokerError,
     Busy,
-    Cancelled,
     InternalError,
     Moe2Error,
     NoExperts,
@@ -222,7 +221,7 @@ class Gateway:
     def _fail_if_offline(self, expert: str) -> None:
         if self.fleet.online(expert) is not None:
             return
-        n = self.rpc.fail_agent(expert, Cancelled(f"expert {expert} went offline"))
+        n = self.rpc.fail_agent(expert, ExpertOffline(f"expert {expert} went offline"))
         if n:
             log.warning("expert %s went offline: %d requests to it failed", expert, n)
 
