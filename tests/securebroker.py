@@ -114,8 +114,9 @@ class SecuredBroker:
             ANSIBLE_RETRY_FILES_ENABLED="0",
             PYTHONWARNINGS="ignore",
         )
+        apply = [playbook, "-i", str(inv), str(ANSIBLE_DIR / "site.yml")]
         run = subprocess.run(
-            [playbook, "-i", str(inv), str(ANSIBLE_DIR / "site.yml")],
+            apply,
             cwd=ANSIBLE_DIR,
             env=env,
             stdout=subprocess.PIPE,
@@ -126,7 +127,17 @@ class SecuredBroker:
         )
         if run.returncode != 0:
             raise RuntimeError(f"the broker role failed:\n{run.stdout[-6000:]}")
-        return cls(root, port, users)
+        sb = cls(root, port, users)
+        sb.apply = lambda: (
+            subprocess.run(  # type: ignore[method-assign]
+                apply, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=600
+            ).stdout
+        )
+        return sb
+
+    def apply(self) -> str:
+        """Apply the role again; its output (the PLAY RECAP says what changed)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ users
 
