@@ -199,16 +199,16 @@ class Connection:
         (QoS 1) while connected; False if some had not within ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._sent_lock:
-            pending = [i for i in self._sent if not i.is_published()]
+            pending = [i for i in self._sent if not _settled(i)]
             self._sent = pending
         for info in pending:
-            while not info.is_published() and self.connected:
+            while not _settled(info) and self.connected:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(min(left, 0.1))
-        return all(i.is_published() for i in pending)
+        return all(_settled(i) for i in pending)
 
     def ack(self, msg: mqtt.MQTTMessage) -> None:
         """Acknowledge a message given to a ``manual_ack`` handler (QoS 0: nothing to do)."""
@@ -281,7 +281,7 @@ class Connection:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         with self._sent_lock:  # for flush(): what stop() must not cut off
             if len(self._sent) >= 256:
-                self._sent = [i for i in self._sent if not i.is_published()]
+                self._sent = [i for i in self._sent if not _settled(i)]
             self._sent.append(info)
         return info
 
@@ -405,6 +405,14 @@ class Connection:
                 log.exception("handler for %s failed", msg.topic)
         if not manual:
             self.ack(msg)
+
+
+def _settled(info: mqtt.MQTTMessageInfo) -> bool:
+    """Sent (QoS 0) or acknowledged (QoS 1), or failed for good: nothing more to wait for."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):  # failed: not connected, queue full...
+        return True
 
 
 def _stable_sub_id(topic_filter: str, taken: set[int]) -> int:

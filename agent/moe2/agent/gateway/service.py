@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 # After our own (re)connection, an expert's "offline" may be its last will published by a
 # broker that restarted; it is back within a second or two. Seconds.
 _RECONNECT_GRACE_S = 5.0
+# How long an expert's "offline" stands before what waits on it fails (a broker shutting
+# down publishes every last will just before it drops us). Seconds.
+_OFFLINE_CONFIRM_S = 1.0
 _REMEMBER_ANSWERED = 10_000  # prompt messages remembered, to spot a second copy
 
 Targets = list[tuple[str, bytes | None]]  # (topic, MQTT 5 correlation data) to answer on
@@ -117,6 +120,8 @@ class Gateway:
         # answered twice.
         self._answered: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._connected_at = 0.0  # time.monotonic() of our last (re)connection
+        self._offline_pending: dict[str, float] = {}  # expert -> when its "offline" came
+        self._offline_lock = threading.Lock()
         self.conn.on_connected.append(self._on_connected)
         self._abandon = threading.Event()  # drain timed out: end generations with 'cancelled'
         self.may_reply_outside = True  # the broker lets us publish outside moe2/ (probed)
@@ -204,21 +209,40 @@ class Gateway:
         if kind == "status" and message is not None and message.state == "online":
             self.rpc.resend(key[0])
         # An expert whose last will says offline answers nothing more: fail what waits on it
-        # now rather than at the step timeout. Just after we (re)connected, wait a little:
-        # a broker restart publishes every agent's last will, and they are back in a second.
+        # about a second later rather than at the step timeout. Not at once: a broker that
+        # shuts down publishes every agent's last will before it drops us too, and just after
+        # we reconnect the agents are coming back; give them _RECONNECT_GRACE_S.
         if kind == "status" and (message is None or message.state == "offline"):
-            grace = self._connected_at + _RECONNECT_GRACE_S - time.monotonic()
-            if grace > 0:
-                timer = threading.Timer(grace + 0.1, self._fail_if_offline, (key[0],))
-                timer.daemon = True
-                timer.start()
-            else:
-                self._fail_if_offline(key[0])
+            with self._offline_lock:
+                if key[0] in self._offline_pending:
+                    return
+                self._offline_pending[key[0]] = time.monotonic()
+            self._check_offline_later(key[0], _OFFLINE_CONFIRM_S)
 
     def _on_connected(self) -> None:
         self._connected_at = time.monotonic()
 
-    def _fail_if_offline(self, expert: str) -> None:
+    def _check_offline_later(self, expert: str, delay: float) -> None:
+        timer = threading.Timer(delay, self._check_offline, (expert,))
+        timer.daemon = True
+        timer.start()
+
+    def _check_offline(self, expert: str) -> None:
+        with self._offline_lock:
+            since = self._offline_pending.get(expert)
+        if since is None:
+            return
+        now = time.monotonic()
+        if self.fleet.online(expert) is None:
+            if not self.conn.connected:  # our connection is down too: the broker, likely
+                self._check_offline_later(expert, _OFFLINE_CONFIRM_S)
+                return
+            back = self._connected_at + _RECONNECT_GRACE_S
+            if self._connected_at >= since - _OFFLINE_CONFIRM_S and now < back:
+                self._check_offline_later(expert, back - now)  # we reconnected meanwhile
+                return
+        with self._offline_lock:
+            self._offline_pending.pop(expert, None)
         if self.fleet.online(expert) is not None:
             return
         n = self.rpc.fail_agent(expert, ExpertOffline(f"expert {expert} went offline"))
@@ -226,10 +250,11 @@ class Gateway:
             log.warning("expert %s went offline: %d requests to it failed", expert, n)
 
     def _expert_alive(self, expert: str) -> bool:
-        """Online, or offline only since a reconnection of ours (see _on_fleet_change)."""
+        """Online, or offline so recently that it is not certain (see _on_fleet_change)."""
         if self.fleet.online(expert) is not None:
             return True
-        return time.monotonic() < self._connected_at + _RECONNECT_GRACE_S
+        with self._offline_lock:
+            return expert in self._offline_pending
 
     def _use_gate(self, app: str, gate: Gate | None) -> None:
         if gate is None:
