@@ -182,8 +182,9 @@ def test_an_agent_lying_about_its_own_vocabulary_is_left_out(
 ) -> None:
     """Defect 3: an agent user may only speak about itself (the ACL binds it to its topics),
     but what it says is checked too: an info claiming n_vocab=7 for the shared tokenizer is
-    left out by the gateway, whose answers keep coming from the honest expert. Before, every
-    prompt failed with ``internal`` (the fused vocabulary was taken from the forger)."""
+    left out by the gateway, whose answers keep coming from the honest expert. Before, the
+    fused vocabulary was taken from the forger's claim and prompts failed (``internal`` in
+    the issue's report; ``no_experts`` after the fleet-state issue)."""
     sb = secured_broker
     honest, liar, gw, client = sb.take("agent"), sb.take("agent"), sb.take("gateway"), None
     start(fleet, sb, honest, tiny_models["animals"])
