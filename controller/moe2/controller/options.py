@@ -81,10 +81,15 @@ def broker_from_flags(kwargs: dict[str, Any]) -> BrokerConfig:
     return load_settings(BrokerConfig, overrides={**base, **overrides})
 
 
+def signing_key() -> Signer | None:
+    """The fleet key that signs desired state, when the settings name or find one."""
+    key = settings().signing_key_path
+    return Signer.load(key) if key is not None else None
+
+
 def desired_state(broker: BrokerConfig) -> DesiredState:
     """The publisher of desired state, signing with the fleet key when there is one."""
-    key = settings().signing_key_path
-    return DesiredState(broker, signer=Signer.load(key) if key is not None else None)
+    return DesiredState(broker, signer=signing_key())
 
 
 def emit(obj: Any, as_json: bool, human: Callable[[Any], str] | None = None) -> None:
