@@ -496,7 +496,7 @@ def test_hostile_prompts_get_exactly_one_error_each(
             lambda m: spied.append(m.topic) if b'"op"' not in m.payload else None,
         )
         spy.subscribe("moe2/v1/replies/victim/#", lambda m: spied.append(m.topic))
-        spy.subscribe("moe2/v1/desired/#", lambda m: spied.append(m.topic))
+        spy.subscribe("moe2/v1/desired/apps/x", lambda m: spied.append(m.topic))
         time.sleep(0.3)
         for payload, _, _ in cases:
             conn.publish(p.topics.prompts("zoo"), payload)

@@ -498,7 +498,7 @@ class RpcClient:
         with self._lock:
             pending, self._pending = self._pending, {}
         for _agent, _rt, fut in pending.values():
-            if not fut.done():
+            with contextlib.suppress(InvalidStateError):  # answered meanwhile
                 fut.set_exception(RequestTimeout("RPC client closed before the reply came"))
 
     def __enter__(self) -> RpcClient:
