@@ -6,7 +6,7 @@ A file (``moe2-agent --config /etc/moe2/agent.toml``)::
     model = "/var/lib/moe2/models/smollm2-135m-instruct-q4_1.gguf"
     device_class = "orin-agx-64gb"
     n_ctx = 2048
-    max_sessions = 4
+    max_sessions = 16
 
     [broker]
     host = "10.0.0.2"
@@ -151,11 +151,26 @@ class AgentConfig(BaseModel):
         "choice when layers are offloaded to a GPU",
     )
     max_sessions: int = Field(
-        default=4,
+        default=16,
         ge=1,
         le=256,
-        description="concurrent sessions (each holds a KV cache); "
-        "the least recently used is evicted beyond this",
+        description="concurrent sessions (each holds a KV cache); beyond this, opening one "
+        "is refused with 'busy' (announced, so gateways never ask for more); sized with the "
+        "gateway's max_concurrent so one gateway can use an expert for every prompt it runs",
+    )
+    session_idle_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=86_400,
+        description="a session unused this long is reclaimed (its gateway failed or died "
+        "before closing it); a live generation steps every few seconds at most",
+    )
+    drain_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="on SIGTERM: seconds to let work in flight finish (the gateway's prompts, "
+        "then the sessions other gateways hold here) before disconnecting",
     )
     default_top_k: int = Field(
         default=40, ge=1, le=4096, description="top-k sent when a request does not say"

@@ -6,8 +6,18 @@ the model thread runs one request at a time and always replies: a result, or an 
 a code. Nothing a peer sends can stop either thread.
 
 Self-profiling runs on the model thread too (first at start, then on ``profile`` requests),
-so no request is measured as its cost; the profile is published retained, and a failed
-profile is logged and answered as an error while the agent keeps serving.
+so no request is measured as its cost, and serves the requests waiting for the model between
+two measurements, so a profile delays them by one measurement at most; the profile is
+published retained, and a failed profile is logged and answered as an error while the agent
+keeps serving.
+
+Stopping (SIGTERM) drains: the gateway, if any, stops taking prompts and finishes those in
+flight; then the agent opens no new session (``cancelled``) but serves the sessions other
+gateways still step, for up to ``drain_s``; only then does it say offline and disconnect.
+
+An agent keeps its retained announcements true: when its info or status topic shows something
+else than it published (overwritten or cleared by someone with write access), it publishes
+them again.
 """
 
 from __future__ import annotations
@@ -35,6 +45,12 @@ from moe2.shared.mqtt import Connection, reply_properties
 
 log = logging.getLogger(__name__)
 
+# A session stepped within this many seconds is in use (a generation steps every few seconds
+# at most: the gateways' step timeout); the drain on stop waits for those.
+_STEP_GAP_S = 5.0
+# How often an idle model thread reclaims sessions unused for session_idle_s.
+_RECLAIM_EVERY_S = 5.0
+
 
 @dataclass
 class _Job:
@@ -49,7 +65,9 @@ class Agent:
     def __init__(self, config: AgentConfig, backend: ModelBackend) -> None:
         self.config = config
         self.backend = backend
-        self.service = AgentService(config.id, backend, config.max_sessions, config.default_top_k)
+        self.service = AgentService(
+            config.id, backend, config.max_sessions, config.default_top_k, config.session_idle_s
+        )
         self.profiler = self._build_profiler()  # ConfigError: unknown device class or mode
         self.service.profiler = self.profiler
         self.profile: p.AgentProfile | None = None  # the last one published
@@ -63,6 +81,10 @@ class Agent:
         )
         self.conn.on_connected.append(self._announce)
         self.conn.subscribe(p.topics.agent_rpc(config.id), self._on_request, qos=1)
+        # What we announced last, to notice when someone overwrites or clears it.
+        self._announced: dict[str, bytes] = {}
+        self.conn.subscribe(p.topics.agent_info(config.id), self._on_own_announcement)
+        self.conn.subscribe(p.topics.agent_status(config.id), self._on_own_announcement)
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.queue_size)
         self._worker = threading.Thread(target=self._work, name="model", daemon=True)
         self._stopped = threading.Event()
@@ -109,6 +131,7 @@ class Agent:
             agent_id=self.config.id,
             meter=cfg.meter,
             cancelled=lambda: self._stopped.is_set(),  # stopping: abandon between measurements
+            between=self._serve_waiting,  # requests do not wait for a whole profile
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -128,7 +151,8 @@ class Agent:
             return
         self._stopped.set()
         if self.gateway is not None:
-            self.gateway.stop()
+            self.gateway.stop(drain_s=self.config.drain_s)
+        self._drain_sessions()
         offline = p.AgentStatus(agent_id=self.config.id, state="offline", since=time.time())
         try:
             info = self.conn.publish(
@@ -145,16 +169,44 @@ class Agent:
             return
         self.service.close()
 
+    def _drain_sessions(self) -> None:
+        """Open no new session; serve the ones in use until they close or ``drain_s``."""
+        self.service.accepting = False
+        deadline = time.monotonic() + self.config.drain_s
+        # In use: stepped recently. A generation steps every few seconds at most (the
+        # gateways' step timeout); a session quiet for longer was abandoned.
+        while time.monotonic() < deadline and self.service.sessions.in_use(_STEP_GAP_S) > 0:
+            time.sleep(0.05)
+        left = self.service.sessions.in_use(_STEP_GAP_S)
+        if left:
+            log.warning(
+                "stopping with %d sessions still in use after %.0f s", left, self.config.drain_s
+            )
+
     def wait(self) -> None:
         self._stopped.wait()
 
     def _announce(self) -> None:
+        if self._stopped.is_set():
+            return
         cid = self.config.id
-        self.conn.publish(p.topics.agent_info(cid), p.encode(self.info), retain=True)
-        online = p.AgentStatus(agent_id=cid, state="online", since=time.time())
-        self.conn.publish(p.topics.agent_status(cid), p.encode(online), retain=True)
+        info = p.encode(self.info)
+        online = p.encode(p.AgentStatus(agent_id=cid, state="online", since=time.time()))
+        self._announced = {p.topics.agent_info(cid): info, p.topics.agent_status(cid): online}
+        for topic, payload in self._announced.items():
+            self.conn.publish(topic, payload, retain=True)
         if self.profile is not None:  # again after a reconnect: the broker may have lost it
             self._publish_profile(self.profile)
+
+    def _on_own_announcement(self, msg: mqtt.MQTTMessage) -> None:
+        """Our info or status as the broker holds it: announce again when it is not ours."""
+        want = self._announced.get(msg.topic)
+        if want is None or bytes(msg.payload) == want or self._stopped.is_set():
+            return
+        if not self.conn.connected:  # our own last will, as the connection went down
+            return
+        log.warning("%s was changed by someone else; announcing again", msg.topic)
+        self.conn.publish(msg.topic, want, retain=True)
 
     def _publish_profile(self, profile: p.AgentProfile) -> None:
         self.profile = profile
@@ -233,22 +285,45 @@ class Agent:
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=_RECLAIM_EVERY_S)
+            except queue.Empty:
+                self.service.sessions.reclaim_idle()
+                continue
             if job is None:
                 return
+            self._run(job)
+
+    def _serve_waiting(self) -> None:
+        """Between two profiling measurements: serve the requests waiting now (a profile
+        request waits for the running one to finish)."""
+        later: list[_Job | None] = []
+        for _ in range(self._jobs.qsize()):
             try:
-                reply: p.Message = self.service.handle(job.request)
-            except Moe2Error as exc:
-                reply = p.error_reply(exc.code, exc.message, job.request.op)
-            except Exception as exc:  # a bug must cost one request, not the agent
-                log.exception("request %s failed", job.request.op)
-                err = InternalError(f"{type(exc).__name__}: {exc}")
-                reply = p.error_reply(err.code, err.message, job.request.op)
-            if isinstance(job.request, p.ProfileRequest):
-                reply = self._after_profile(job, reply)
-            if job.response_topic is None:
-                continue
-            try:
-                self._reply(job.response_topic, job.correlation, reply, job.qos)
-            except Exception:
-                log.exception("could not publish the reply to %s", job.response_topic)
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None or isinstance(job.request, p.ProfileRequest):
+                later.append(job)
+            else:
+                self._run(job)
+        for job in later:
+            self._jobs.put(job)
+
+    def _run(self, job: _Job) -> None:
+        try:
+            reply: p.Message = self.service.handle(job.request)
+        except Moe2Error as exc:
+            reply = p.error_reply(exc.code, exc.message, job.request.op)
+        except Exception as exc:  # a bug must cost one request, not the agent
+            log.exception("request %s failed", job.request.op)
+            err = InternalError(f"{type(exc).__name__}: {exc}")
+            reply = p.error_reply(err.code, err.message, job.request.op)
+        if isinstance(job.request, p.ProfileRequest):
+            reply = self._after_profile(job, reply)
+        if job.response_topic is None:
+            return
+        try:
+            self._reply(job.response_topic, job.correlation, reply, job.qos)
+        except Exception:
+            log.exception("could not publish the reply to %s", job.response_topic)

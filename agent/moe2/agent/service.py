@@ -11,7 +11,7 @@ import numpy as np
 from moe2.agent.backend import ModelBackend
 from moe2.agent.sessions import SessionManager
 from moe2.shared import protocol as p
-from moe2.shared.errors import BadMessage, ConfigError
+from moe2.shared.errors import BadMessage, Cancelled, ConfigError
 
 if TYPE_CHECKING:
     from moe2.agent.profiler import SelfProfiler
@@ -19,12 +19,20 @@ if TYPE_CHECKING:
 
 class AgentService:
     def __init__(
-        self, agent_id: str, backend: ModelBackend, max_sessions: int, default_top_k: int = 40
+        self,
+        agent_id: str,
+        backend: ModelBackend,
+        max_sessions: int,
+        default_top_k: int = 40,
+        session_idle_s: float = 60.0,
     ) -> None:
         self.agent_id = agent_id
         self.default_top_k = default_top_k
         self.backend = backend
-        self.sessions = SessionManager(backend, max_sessions)
+        self.sessions = SessionManager(backend, max_sessions, session_idle_s)
+        # False while the agent stops: new sessions are refused (``cancelled``), the open ones
+        # are served until their gateways close them.
+        self.accepting = True
         self._piece = lru_cache(maxsize=1 << 16)(backend.piece)
         self._vocab_reply: p.VocabReply | None = None  # computed once, on first request
         self.profiler: SelfProfiler | None = None  # set by the daemon; None: cannot profile
@@ -76,6 +84,8 @@ class AgentService:
         return dist
 
     def _open(self, req: p.OpenRequest) -> p.DistributionReply:
+        if not self.accepting:
+            raise Cancelled(f"agent {self.agent_id} is stopping and opens no new session")
         tokens = self._prompt_tokens(req.prompt, req.tokens, req.add_bos)
         t0 = time.perf_counter()
         sid, seq, logprobs = self.sessions.open(tokens)

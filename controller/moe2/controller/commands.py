@@ -29,3 +29,8 @@ COMMANDS += [eval_cmd]
 from moe2.controller.serve.cli import serve_cmd  # noqa: E402
 
 COMMANDS += [serve_cmd]
+
+# Hardening (issue 12): the fleet key that signs desired state.
+from moe2.controller.keys import keys_cmd  # noqa: E402
+
+COMMANDS += [keys_cmd]

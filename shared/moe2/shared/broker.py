@@ -43,6 +43,8 @@ def render_mosquitto_conf(
     ]
     if persistence_dir:
         lines += ["persistence true", f"persistence_location {persistence_dir}/"]
+        if os.geteuid() == 0:  # else mosquitto drops to its own user, who cannot write there
+            lines.append("user root")
     else:
         lines.append("persistence false")
     return "\n".join(lines) + "\n"
@@ -73,8 +75,10 @@ class Broker(abc.ABC):
     name: str
     host = "127.0.0.1"
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, persistence: bool = False) -> None:
         self.port = port or free_port()
+        # Keep sessions and retained messages across a restart (as the fleet's broker does).
+        self.persistence = persistence
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix=f"moe2-{self.name}-")
 
@@ -84,7 +88,7 @@ class Broker(abc.ABC):
 
     def start(self, timeout: float = 15.0) -> Broker:
         workdir = Path(self._dir.name)
-        with (workdir / "broker.log").open("wb") as log:  # the child keeps its own handle
+        with (workdir / "broker.log").open("ab") as log:  # the child keeps its own handle
             self._proc = subprocess.Popen(
                 self.command(workdir),
                 stdout=log,
@@ -102,6 +106,12 @@ class Broker(abc.ABC):
     def log_tail(self, n: int = 2000) -> str:
         path = Path(self._dir.name) / "broker.log"
         return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+    def restart(self, timeout: float = 15.0) -> Broker:
+        """Stop (as systemd does: SIGTERM, so a persistent broker saves its state) and start
+        again on the same port."""
+        self.stop()
+        return self.start(timeout)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -140,7 +150,8 @@ class MosquittoBroker(Broker):
         if exe is None:
             raise BrokerError("mosquitto is not installed (Debian: apt-get install mosquitto)")
         conf = workdir / "mosquitto.conf"
-        conf.write_text(render_mosquitto_conf(self.port))
+        persist = str(workdir) if self.persistence else None
+        conf.write_text(render_mosquitto_conf(self.port, persistence_dir=persist))
         return [exe, "-c", str(conf)]
 
 
@@ -224,15 +235,18 @@ next_connection_delay_ms = 1
 BROKERS: dict[str, type[Broker]] = {"mosquitto": MosquittoBroker, "iotcore": IotcoreBroker}
 
 
-def start_broker(kind: str = "auto", port: int | None = None) -> Broker:
-    """Start a loopback broker: ``kind`` is "mosquitto", "iotcore" or "auto" (first available)."""
+def start_broker(
+    kind: str = "auto", port: int | None = None, *, persistence: bool = False
+) -> Broker:
+    """Start a loopback broker: ``kind`` is "mosquitto", "iotcore" or "auto" (first available);
+    ``persistence`` (mosquitto) keeps sessions and retained messages across ``restart``."""
     if kind == "auto":
         for cls in BROKERS.values():
             if cls.available():  # type: ignore[attr-defined]
-                return cls(port).start()
+                return cls(port, persistence=persistence).start()
         raise BrokerError(
             "no MQTT broker available: apt-get install mosquitto, or pip install iotcore"
         )
     if kind not in BROKERS:
         raise BrokerError(f"unknown broker kind {kind!r}; expected auto, {', '.join(BROKERS)}")
-    return BROKERS[kind](port).start()
+    return BROKERS[kind](port, persistence=persistence).start()

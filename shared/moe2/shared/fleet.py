@@ -151,7 +151,8 @@ class FleetView(FleetState):
         self.synced_at = 0.0  # time.monotonic() when it last did
         self._fresh: set[tuple[str, Any]] | None = None  # (kind, key) seen since connecting
         self._conn = conn
-        self._marker = _marker_topic(conn.client_id)
+        self._marker = _marker_topic(conn)
+        self.sync_listeners: list[Callable[[], None]] = []  # called each time synced is set
         for kind in self.kinds:
             if kind not in _FILTERS:
                 raise ValueError(f"unknown fleet state kind {kind!r}; expected one of {KINDS}")
@@ -186,6 +187,11 @@ class FleetView(FleetState):
         for kind, index in gone:
             log.info("%s %s is no longer on the broker", kind, index)
             self._notify(kind, index if isinstance(index, tuple) else (index,), None)
+        for hook in list(self.sync_listeners):
+            try:
+                hook()
+            except Exception:
+                log.exception("fleet sync listener failed")
 
     # ------------------------------------------------------------------ intake
 
@@ -305,10 +311,14 @@ class FleetView(FleetState):
         return view.copy()
 
 
-def _marker_topic(client_id: str) -> str:
-    """Our own topic for the end-of-retained marker (under our replies subtree)."""
-    try:
-        return p.topics.replies(client_id) + "/fleet-sync"
-    except Moe2Error:  # a client id that is no topic name (too long): a stable stand-in
-        digest = hashlib.sha256(client_id.encode()).hexdigest()[:24]
-        return p.topics.replies(f"c-{digest}") + "/fleet-sync"
+def _marker_topic(conn: Connection) -> str:
+    """Our own topic for the end-of-retained marker, under the replies subtree of our login
+    (the one a broker with moe2's ACL lets us read and write)."""
+
+    def name(value: str) -> str:
+        try:
+            return p.check_name("client id", value)
+        except Moe2Error:  # not a topic name (too long...): a stable stand-in
+            return f"c-{hashlib.sha256(value.encode()).hexdigest()[:24]}"
+
+    return p.topics.sync_marker(name(conn.broker.owner(conn.client_id)), name(conn.client_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -49,10 +50,28 @@ class GatewayConfig(BaseModel):
         default=120.0, gt=0, description="a prompt not answered by then gets an error"
     )
     max_concurrent: int = Field(
-        default=16, ge=1, le=1024, description="prompts generated at once by this gateway"
+        default=16,
+        ge=1,
+        le=1024,
+        description="prompts generated at once by this gateway (the agents' default "
+        "max_sessions is the same, so one gateway alone never waits for an expert's sessions)",
     )
     max_pending: int = Field(
         default=256, ge=0, description="prompts waiting beyond those before 'busy' errors"
+    )
+    queue_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="longest a prompt waits (from its arrival) for a session on each chosen "
+        "expert (each holds the max_sessions it announces) before a 'busy' error",
+    )
+    session_expiry_s: int = Field(
+        default=60,
+        ge=0,
+        le=86_400,
+        description="the broker keeps this gateway's MQTT session this long after a crash: "
+        "prompts it held unanswered, and those routed to it meanwhile, are delivered when it "
+        "is back within this (0: a clean session, such prompts are lost)",
     )
     top_k: int = Field(
         default=64, ge=1, le=4096, description="candidates per expert and step (top-k fusion)"
@@ -88,6 +107,11 @@ class GatewayConfig(BaseModel):
     )
     stats_interval_s: float = Field(
         default=5.0, gt=0, description="seconds between publications of those figures"
+    )
+    trusted_keys: list[Path] = Field(
+        default_factory=list,
+        description="PEM Ed25519 public keys of the fleet (moe2ctl keys generate): when set, "
+        "only assignments and gates one of them signed are applied",
     )
 
     @model_validator(mode="after")

@@ -1,8 +1,9 @@
 """Receiving gates: follow each application's ``GateRef``, fetch the manifest and the
 content-addressed blobs it names (retained, chunked), verify every hash, load the gate with
 ONNX Runtime off the network thread, and only then hand it to the gateway. A gate that is
-half received, does not match its reference or fails to load is never used: the application
-keeps its previous gate meanwhile. Each outcome is acknowledged in a retained ``GateAck``.
+half received, does not match its reference, is not signed by a trusted fleet key (when the
+gateway has some) or fails to load is never used: the application keeps its previous gate
+meanwhile. Each outcome is acknowledged in a retained ``GateAck``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from moe2.agent.gateway.gate import Gate
 from moe2.shared import protocol as p
 from moe2.shared.errors import Moe2Error
 from moe2.shared.mqtt import Connection
+from moe2.shared.signing import BadSignature, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,9 @@ class GateStore:
         gateway_id: str,
         on_gate: OnGate,
         loader: Callable[[p.GateManifest, dict[str, bytes]], Gate] = _load_onnx_gate,
+        verifier: Verifier | None = None,
     ) -> None:
+        self.verifier = verifier  # None: unsigned manifests are accepted
         self.conn = conn
         self.gateway_id = gateway_id
         self.on_gate = on_gate
@@ -104,6 +108,12 @@ class GateStore:
                 return
         if not refs:
             return
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(manifest)
+            except BadSignature as exc:
+                self._ack(manifest.version, digest, "rejected", reason=f"bad signature: {exc}")
+                return
         if all(r.sha256 != digest for r in refs):
             self._ack(
                 manifest.version,

@@ -1,8 +1,10 @@
 """One fused generation (paper Algorithm 3): open a session on each chosen expert, then per
 token ask all of them at once, fuse, pick, and feed the pick back to every expert.
 
-Experts that fail, stay silent past the step timeout or send a distribution that does not fit
-their vocabulary are dropped and the others' weights renormalised; generation ends on an
+Experts that fail, stay silent past the step timeout, go offline (their last will: dropped at
+once, not at the timeout) or send a distribution that does not fit their vocabulary are
+dropped and the others' weights renormalised; an expert that is full (``busy``: its sessions
+are all in use by other gateways) is asked again until the open timeout. Generation ends on an
 end-of-generation token, ``max_tokens``, a full context, or the prompt's deadline (an error).
 Token texts come from the vocabulary tables the gateway holds (``vocab.py``), so the loop
 makes no request besides open, step and close; the answer is the bytes of the chosen tokens,
@@ -30,6 +32,8 @@ from moe2.agent.gateway.gate import renormalise
 from moe2.agent.gateway.vocab import Vocab
 from moe2.shared import protocol as p
 from moe2.shared.errors import (
+    Busy,
+    Cancelled,
     ContextOverflow,
     DeadlineExceeded,
     Moe2Error,
@@ -39,6 +43,11 @@ from moe2.shared.errors import (
 from moe2.shared.mqtt import RpcClient
 
 log = logging.getLogger(__name__)
+
+# While waiting for a reply, how often to look whether its expert is still online, seconds.
+_ALIVE_CHECK_S = 0.2
+# Retries of an open an expert refused as full: first wait, and the longest, seconds.
+_BUSY_RETRY_S = (0.05, 1.0)
 
 FinishReason = Literal["stop", "length", "context"]
 
@@ -77,6 +86,8 @@ class Generation:
         deadline: float | None = None,  # time.monotonic() value
         on_delta: Callable[[str], None] | None = None,
         on_step: Callable[[int, Fused], None] | None = None,  # for tests and tracing
+        alive: Callable[[str], bool] = lambda name: True,  # False: its last will came
+        abandoned: Callable[[], bool] = lambda: False,  # True: the gateway gives up (stop)
     ) -> None:
         self.rpc = rpc
         self.infos = dict(infos)
@@ -87,14 +98,19 @@ class Generation:
         self.deadline = deadline
         self.on_delta = on_delta
         self.on_step = on_step
+        self.alive = alive
+        self.abandoned = abandoned
         self.dropped: list[p.DroppedExpert] = []
         self.sessions: dict[str, str] = {}
         self.prompt_tokens: dict[str, int] = {}
+        # History length of each session after its last reply: a step names it (rewind_to),
+        # so a step sent again after a reconnect appends its token once, not twice.
+        self.history: dict[str, int] = {}
         hashes = {self.infos[n].tokenizer_hash for n in self.weights}
         self.by_id = len(hashes) == 1
         self.fusion: Literal["token-id", "token-text"] = "token-id" if self.by_id else "token-text"
         first = next(iter(self.weights))
-        self.n_vocab = self.infos[first].n_vocab
+        self.n_vocab = self.vocabs[first].n_vocab  # the table's, not what an info claims
         self.full = self.by_id and self.n_vocab <= config.full_vocab_limit
         self.eos = {n: list(self.infos[n].eos_ids) for n in self.weights}
         self.eos_any = {t for ids in self.eos.values() for t in ids}
@@ -120,12 +136,31 @@ class Generation:
                 raise ContextOverflow(
                     f"the prompt is longer than every expert's context: {reasons}"
                 )
+            if all(d.reason.startswith("busy") for d in self.dropped):
+                raise Busy(f"every expert chosen for this prompt is full: {reasons}")
             raise NoExperts(f"every expert chosen for this prompt failed: {reasons}")
 
+    def _wait(self, name: str, fut: Future[p.DistributionReply], until: float) -> Any:
+        """The reply, waiting until ``until`` at most, but failing at once when the expert
+        goes offline or the gateway abandons the prompt."""
+        while True:
+            if self.abandoned():
+                raise Cancelled("the gateway is stopping and abandoned this prompt")
+            if not self.alive(name):
+                raise ExpertOffline(f"expert {name} went offline")
+            left = until - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout("no reply in time")
+            try:
+                return fut.result(timeout=min(left, _ALIVE_CHECK_S))
+            except TimeoutError:
+                continue
+
     def _gather(
-        self, futures: dict[str, Future[p.DistributionReply]], at: int
+        self, futures: dict[str, Future[p.DistributionReply]], at: int, busy: set[str] | None = None
     ) -> dict[str, p.DistributionReply]:
-        """Replies of one step that fit their expert's vocabulary; drops the others."""
+        """Replies of one step that fit their expert's vocabulary; drops the others. With
+        ``busy`` (the open), experts that answered ``busy`` are put there, not dropped."""
         limit = self.config.open_timeout_s if at == 0 else self.config.step_timeout_s
         step_end = time.monotonic() + limit
         if self.deadline is not None:
@@ -133,8 +168,8 @@ class Generation:
         replies: dict[str, p.DistributionReply] = {}
         for name, fut in futures.items():
             try:
-                reply = self.rpc.wait(fut, max(0.0, step_end - time.monotonic()))
-                check_dist(reply.dist, self.infos[name].n_vocab)
+                reply = self._wait(name, fut, step_end)
+                check_dist(reply.dist, self.vocabs[name].n_vocab)
                 replies[name] = reply
             except ContextOverflow:
                 if at > 0:
@@ -146,8 +181,49 @@ class Generation:
                         "the prompt's deadline passed during generation"
                     ) from None
                 self._drop(name, f"no reply within {limit:g} s", at)
+            except ExpertOffline as exc:
+                self._drop(name, f"offline: {exc.message} (its last will said so)", at)
+            except Busy as exc:
+                if busy is None:
+                    self._drop(name, f"{exc.code}: {exc.message}", at)
+                else:
+                    busy.add(name)
+            except Cancelled as exc:  # the expert stops, or went offline while we waited
+                if self.abandoned():
+                    raise
+                self._drop(name, f"{exc.code}: {exc.message}", at)
             except Moe2Error as exc:
                 self._drop(name, f"{exc.code}: {exc.message}", at)
+        return replies
+
+    def _open(self, prompt: str) -> dict[str, p.DistributionReply]:
+        """Open a session on every chosen expert; an expert that is full is asked again
+        (backing off) until the open timeout, then dropped."""
+        opts = self._options()
+        request = p.OpenRequest(prompt=prompt, **opts)
+        until = time.monotonic() + self.config.open_timeout_s
+        if self.deadline is not None:
+            until = min(until, self.deadline)
+        replies: dict[str, p.DistributionReply] = {}
+        todo = list(self.weights)
+        pause = _BUSY_RETRY_S[0]
+        while todo:
+            busy: set[str] = set()
+            futures = {n: self.rpc.call_async(n, request) for n in todo}
+            for name, reply in self._gather(futures, 0, busy).items():
+                replies[name] = reply
+                self.sessions[name] = reply.session  # closed in run()'s finally
+                self.prompt_tokens[name] = reply.n_tokens
+                self.history[name] = reply.n_tokens
+            todo = sorted(busy)
+            if not todo:
+                break
+            if time.monotonic() + pause >= until:
+                for name in todo:
+                    self._drop(name, "busy: every session of the expert stayed in use", 0)
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, _BUSY_RETRY_S[1])
         return replies
 
     def _options(self) -> dict[str, Any]:
@@ -163,17 +239,10 @@ class Generation:
     # ------------------------------------------------------------------ the loop
 
     def run(self, prompt: str, max_tokens: int) -> GenerationResult:
-        opts = self._options()
-        futures = {
-            n: self.rpc.call_async(n, p.OpenRequest(prompt=prompt, **opts)) for n in self.weights
-        }
         picks: list[Any] = []
         finish: FinishReason = "length"
         try:
-            replies = self._gather(futures, 0)
-            for name, r in replies.items():
-                self.sessions[name] = r.session
-                self.prompt_tokens[name] = r.n_tokens
+            replies = self._open(prompt)
             for step in range(max_tokens):
                 live = {n: r.dist for n, r in replies.items() if n in self.weights}
                 if not live:
@@ -197,6 +266,8 @@ class Generation:
                 }
                 try:
                     replies = self._gather(futures, step + 1)
+                    for name, r in replies.items():
+                        self.history[name] = r.n_tokens
                 except ContextOverflow:
                     finish = "context"
                     break
@@ -230,7 +301,7 @@ class Generation:
 
     def _step_request(self, name: str, pick: Any, dist: Any) -> p.StepRequest:
         sid = self.sessions[name]
-        opts = self._options()
+        opts = {**self._options(), "rewind_to": self.history[name]}
         if self.by_id:
             return p.StepRequest(session=sid, tokens=[int(pick)], **opts)
         # Across vocabularies: the expert's own token for those bytes when it has one (the
@@ -245,3 +316,9 @@ class Generation:
         if own is not None and own not in eos:
             return p.StepRequest(session=sid, tokens=[own], **opts)
         return p.StepRequest.with_bytes(sid, pick, **opts)
+
+
+class ExpertOffline(Moe2Error):
+    """The expert's last will came while we waited for it (a drop reason, never a reply)."""
+
+    code = "offline"

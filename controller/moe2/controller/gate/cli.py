@@ -22,6 +22,7 @@ from moe2.controller.options import (
     broker_from_flags,
     broker_options,
     db_option,
+    desired_state,
     emit,
     json_option,
     open_registry,
@@ -253,7 +254,6 @@ def push_gate_cmd(
     the gateways to load it. Exit status 4 when no gateway accepted an application."""
     from moe2.controller.gate import export as ex
     from moe2.controller.push import record, report
-    from moe2.shared.desired import DesiredState
 
     broker = broker_from_flags(kw)
     reg = open_registry(db_url)
@@ -265,7 +265,7 @@ def push_gate_cmd(
         manifest = p.GateManifest.model_validate_json((out_dir / "manifest.json").read_text())
         members = subset.split(",") if subset else list(manifest.experts)
         files = {role: path.read_bytes() for role, path in ex.gate_files(out_dir).items()}
-        with DesiredState(broker) as desired:
+        with desired_state(broker) as desired:
             results = desired.push_gate(
                 manifest,
                 files,

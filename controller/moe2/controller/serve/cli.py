@@ -21,6 +21,7 @@ from moe2.controller.options import (
     emit,
     json_option,
     registry_url,
+    signing_key,
 )
 from moe2.controller.serve.policy import ServePolicy
 from moe2.shared.errors import ConfigError
@@ -120,6 +121,7 @@ def serve_cmd(
         dry_run=dry_run,
         stats_window_s=stats_window_s,
         echo=echo,
+        signer=signing_key(),
     )
     log.info("serve %s: %s", reconciler.holder, policy.model_dump_json())
     reconciler.run(stop)

@@ -43,6 +43,7 @@ from moe2.shared.desired import DesiredState
 from moe2.shared.errors import BrokerError, Moe2Error
 from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection
+from moe2.shared.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,10 @@ class Reconciler:
         dry_run: bool = False,
         stats_window_s: float = 60.0,
         echo: Callable[[dict[str, Any]], None] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.broker = broker
+        self.signer = signer  # the fleet key: every push is signed with it
         self.registry_url = registry_url
         self.policy = policy
         self.holder = holder or f"serve-{uuid.uuid4().hex[:8]}"
@@ -395,7 +398,7 @@ class Reconciler:
                 self._decide(app, "dry-run", reason, subset, previous, None, detail)
                 continue
             try:
-                with DesiredState(self.broker) as desired:
+                with DesiredState(self.broker, signer=self.signer) as desired:
                     pushed = desired.push_assignment(
                         app, subset, k, gate=gate, wait_s=self.policy.push_wait_s
                     )

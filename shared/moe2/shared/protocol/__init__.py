@@ -9,8 +9,9 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
     moe2/v1/agents/<gw>/gateway      retained  GatewayStatus   apps a gateway serves (LWT offline)
     moe2/v1/agents/<gw>/stats        retained  AppStats        measured cost of each app's answers
     moe2/v1/agents/<agent>/rpc                 RpcRequest      MQTT 5 request/response
-    moe2/v1/replies/<client>/rpc/<agent>       RpcReply        the agent's answer to <client>
-    moe2/v1/replies/<client>/answers           prompt answers  a PromptClient's inbox
+    moe2/v1/replies/<user>/rpc/<agent>         RpcReply        the agent's answer to <user>
+    moe2/v1/replies/<user>/answers/<client>    prompt answers  a PromptClient's inbox
+    moe2/v1/replies/<user>/...                 prompt answers  any other reply_to of <user>
     moe2/v1/prompts/<app>                      (prompt API, see DESIGN.md §3)
     moe2/v1/desired/apps/<app>       retained  AppAssignment   desired state (desired.py)
     moe2/v1/agents/<gw>/acks/<app>   retained  AssignmentAck   a gateway accepted/rejected it

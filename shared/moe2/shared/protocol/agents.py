@@ -2,36 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from moe2.shared.protocol.base import Message
+from pydantic import Field, model_validator
+
+from moe2.shared.protocol.base import NAME_PATTERN, Message
+
+AgentName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+# Largest vocabulary an announcement may claim (the largest models have ~262k tokens).
+MAX_VOCAB = 1 << 22
 
 
 class AgentInfo(Message):
-    """Retained on ``agents/<id>/info``: what this agent serves."""
+    """Retained on ``agents/<id>/info``: what this agent serves. A gateway trusts none of it
+    blindly: ``n_vocab`` and ``tokenizer_hash`` must match the vocabulary the agent serves
+    (``vocab`` RPC), ``max_sessions`` bounds how many sessions it opens there."""
 
-    agent_id: str
+    agent_id: AgentName
     model: str  # model name from the GGUF metadata, or the file name
     model_file: str
     model_sha256: str | None = None  # of the GGUF file, when computed
     architecture: str
     quantization: str  # e.g. "Q4_K_M", "F32"
-    n_ctx: int
-    n_vocab: int
+    n_ctx: int = Field(ge=1)
+    n_vocab: int = Field(ge=1, le=MAX_VOCAB)
     tokenizer_hash: str  # sha256 over the vocabulary; equal hashes may fuse by token id
-    bos_id: int | None = None
-    eos_ids: list[int]  # ids that end a generation (eos, eot)
+    bos_id: int | None = Field(default=None, ge=0)
+    eos_ids: list[Annotated[int, Field(ge=0)]] = Field(max_length=1024)  # end a generation
     add_bos: bool  # whether the model expects BOS before a prompt
     chat_template: str | None = None
     device_class: str
     software_version: str
-    max_sessions: int
+    max_sessions: int = Field(ge=1, le=4096)  # sessions it holds at once (open beyond: busy)
     started_at: float  # unix seconds
+
+    @model_validator(mode="after")
+    def _ids_in_vocabulary(self) -> AgentInfo:
+        if any(t >= self.n_vocab for t in self.eos_ids) or (
+            self.bos_id is not None and self.bos_id >= self.n_vocab
+        ):
+            raise ValueError(f"bos/eos token ids must be below n_vocab={self.n_vocab}")
+        return self
 
 
 class AgentStatus(Message):
     """Retained on ``agents/<id>/status``; the broker publishes ``offline`` as the LWT."""
 
-    agent_id: str
+    agent_id: AgentName
     state: Literal["online", "offline"]
     since: float | None = None  # unix seconds; None in the last will (the broker sends it)

@@ -14,16 +14,21 @@ the topic's ``v1`` is the version, so that any MQTT client can speak it.
 from __future__ import annotations
 
 import re
+from json.decoder import scanstring  # type: ignore[attr-defined]  # public, untyped in typeshed
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from moe2.shared.errors import BadMessage, MessageTooLarge
-from moe2.shared.protocol.base import MAX_TEXT_CHARS, describe_error
+from moe2.shared.protocol.base import MAX_TEXT_CHARS, NAME_PATTERN, TOPIC_ROOT, describe_error
 
 MAX_PROMPT_ID = 128
 MAX_TOPIC = 512
 _TOPIC_OK = re.compile(r"^[^#+\x00]+$")
+_NAME_RE = re.compile(NAME_PATTERN)
+REPLIES_ROOT = f"{TOPIC_ROOT}/replies"
+_STRUCTURE = re.compile(r'"|,|[\[{]+|[\]}]+')  # runs of brackets at once
+_NESTED = re.compile(r'"|[\[{]+|[\]}]+')  # inside brackets, commas do not matter
 
 
 def check_publish_topic(topic: str) -> str:
@@ -33,6 +38,136 @@ def check_publish_topic(topic: str) -> str:
             "with '$'"
         )
     return topic
+
+
+def check_reply_topic(topic: str) -> str:
+    """A topic a gateway may answer on (``reply_to`` or the MQTT 5 ResponseTopic).
+
+    Inside ``moe2/`` only the replies namespace ``moe2/v1/replies/<user>/...``, and not its
+    ``rpc`` subtree (RPC replies): a prompt must not make a gateway write into another
+    client's RPC inbox, an agent's topics or the desired state. Outside ``moe2/`` any topic,
+    where the broker lets gateways publish (a broker without logins; see
+    ``Gateway.may_reply_outside``)."""
+    check_publish_topic(topic)
+    if topic.split("/", 1)[0] != "moe2":
+        return topic
+    parts = topic.split("/")
+    ok = (
+        len(parts) >= 4
+        and f"{parts[0]}/{parts[1]}/{parts[2]}" == REPLIES_ROOT
+        and _NAME_RE.match(parts[3]) is not None
+        and (len(parts) == 4 or parts[4] != "rpc")
+        and all(parts[4:])
+    )
+    if not ok:
+        raise ValueError(
+            f"inside moe2/ a reply topic must be {REPLIES_ROOT}/<user>/... (not .../rpc/...), "
+            "the subtree the broker lets user <user> read"
+        )
+    return topic
+
+
+def addressable(payload: bytes | bytearray) -> tuple[str | None, str | None]:
+    """(id, reply_to) of a prompt that failed validation, when its top level has them as
+    strings: enough to address an error to the sender. Never recursive, whatever the nesting
+    (a deeply nested value is skipped over), and never returns a string that cannot be sent
+    back as UTF-8 (a lone surrogate)."""
+    fields = _top_level_strings(bytes(payload), ("id", "reply_to"))
+    pid = fields.get("id")
+    if pid is not None and not (0 < len(pid) <= MAX_PROMPT_ID):
+        pid = None
+    return pid, fields.get("reply_to")
+
+
+def _top_level_strings(data: bytes, wanted: tuple[str, ...]) -> dict[str, str]:
+    """The string values of ``wanted`` keys of a JSON object's top level (best effort: {}
+    when it is not an object). Nested values are skipped by counting brackets outside
+    strings, so no depth limit applies."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {}
+    out: dict[str, str] = {}
+    i, n = _skip_ws(text, 0), len(text)
+    if i >= n or text[i] != "{":
+        return {}
+    i += 1
+    while True:
+        i = _skip_ws(text, i)
+        if i < n and text[i] == "}":
+            return out
+        if i >= n or text[i] != '"':
+            return out
+        try:
+            key, i = scanstring(text, i + 1)
+        except ValueError:
+            return out
+        i = _skip_ws(text, i)
+        if i >= n or text[i] != ":":
+            return out
+        i = _skip_ws(text, i + 1)
+        if i < n and text[i] == '"':
+            try:
+                value, i = scanstring(text, i + 1)
+            except ValueError:
+                return out
+            if key in wanted and _utf8_safe(value):
+                out.setdefault(key, value)
+        else:
+            i = _skip_value(text, i)
+            if i < 0:
+                return out
+        i = _skip_ws(text, i)
+        if i < n and text[i] == ",":
+            i += 1
+            continue
+        return out
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _skip_value(text: str, i: int) -> int:
+    """Index just past the non-string JSON value at ``i`` (-1 when it does not end)."""
+    depth = 0
+    while True:
+        m = (_STRUCTURE if depth == 0 else _NESTED).search(text, i)
+        if m is None:
+            return -1
+        i, run = m.start(), m.group()
+        if run == '"':
+            try:
+                _, i = scanstring(text, i + 1)
+            except ValueError:
+                return -1
+            if depth == 0:
+                return i
+            continue
+        if run == ",":
+            if depth == 0:  # after a number, true, false or null
+                return i
+            i += 1
+        elif run[0] in "[{":
+            depth += len(run)
+            i = m.end()
+        else:  # a run of closing brackets
+            if depth == 0:
+                return i  # the end of the enclosing object: the value ended before it
+            if len(run) >= depth:
+                return i + depth
+            depth -= len(run)
+            i = m.end()
+
+
+def _utf8_safe(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        return False
+    return True
 
 
 class _Public(BaseModel):
@@ -52,7 +187,7 @@ class PromptRequest(_Public):
     @field_validator("reply_to")
     @classmethod
     def _reply_topic(cls, v: str) -> str:
-        return check_publish_topic(v)
+        return check_reply_topic(v)
 
 
 class StreamChunk(_Public):
