@@ -38,6 +38,8 @@ class ModelInfo:
     eos_ids: tuple[int, ...]
     add_bos: bool
     chat_template: str | None
+    bos_text: str | None = None  # the BOS token's text, as a chat template writes it
+    eos_text: str | None = None  # the EOS token's text
 
 
 class Sequence(abc.ABC):

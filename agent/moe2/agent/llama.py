@@ -94,6 +94,7 @@ class LlamaCppBackend(ModelBackend):
         tok_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
         eos = sorted(i for i in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i))
         bos = int(llama_cpp.llama_vocab_bos(vocab))
+        eos_id = int(llama_cpp.llama_vocab_eos(vocab))
         ftype_raw = self._meta("general.file_type")
         quant = _FTYPE_NAMES.get(int(ftype_raw), f"ftype-{ftype_raw}") if ftype_raw else "unknown"
         tmpl = llama_cpp.llama_model_chat_template(self._model, None)
@@ -110,6 +111,8 @@ class LlamaCppBackend(ModelBackend):
             eos_ids=tuple(eos),
             add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
             chat_template=tmpl.decode("utf-8", "replace") if tmpl else None,
+            bos_text=texts[bos] if 0 <= bos < self._n_vocab else None,
+            eos_text=texts[eos_id] if 0 <= eos_id < self._n_vocab else None,
         )
 
     # ------------------------------------------------------------------ tokens

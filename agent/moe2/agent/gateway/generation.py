@@ -10,6 +10,7 @@ decoded as UTF-8 incrementally (a character split over byte tokens is emitted wh
 
     gen = Generation(rpc, infos, vocabs, {"a": 0.7, "b": 0.3}, config, Sampling())
     result = gen.run("the fox eats", max_tokens=16)
+    result = gen.run(None, 16, messages=[ChatMessage(role="user", content="Hi")])
 """
 
 from __future__ import annotations
@@ -162,11 +163,14 @@ class Generation:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, prompt: str, max_tokens: int) -> GenerationResult:
+    def run(
+        self, prompt: str | None, max_tokens: int, messages: list[p.ChatMessage] | None = None
+    ) -> GenerationResult:
+        """Generate from ``prompt``, or from ``messages``, which each expert renders with its
+        own chat template."""
         opts = self._options()
-        futures = {
-            n: self.rpc.call_async(n, p.OpenRequest(prompt=prompt, **opts)) for n in self.weights
-        }
+        start = p.OpenRequest(prompt=prompt, messages=messages, **opts)
+        futures = {n: self.rpc.call_async(n, start) for n in self.weights}
         picks: list[Any] = []
         finish: FinishReason = "length"
         try:

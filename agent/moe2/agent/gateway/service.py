@@ -246,7 +246,7 @@ class Gateway:
             raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
         online = [n for n in plan.subset if n in infos]
         gate = self.gates.get(app, UniformGate())
-        chosen = dict(top_k(gate.values(req.prompt, online), online, plan.k))
+        chosen = dict(top_k(gate.values(req.gate_text, online), online, plan.k))
         vocabs: dict[str, Vocab] = {}
         for name in list(chosen):
             try:
@@ -274,7 +274,7 @@ class Gateway:
             deadline=received + self.config.deadline_s,
             on_delta=on_delta,
         )
-        result = gen.run(req.prompt, max_tokens)
+        result = gen.run(req.prompt, max_tokens, req.messages)
         latency_s = time.monotonic() - received
         profiles = self.fleet.copy().profile
         energy, measured = answer_energy(profiles, result.prompt_tokens, max(1, result.tokens))

@@ -54,6 +54,7 @@ from moe2.shared.protocol.desired import (
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
 from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
 from moe2.shared.protocol.prompts import (
+    ChatMessage,
     DroppedExpert,
     ExpertWeight,
     PromptAnswer,
@@ -113,6 +114,7 @@ __all__ = [
     "AppStats",
     "AssignmentAck",
     "BlobRef",
+    "ChatMessage",
     "CloseReply",
     "CloseRequest",
     "DetokenizeReply",
