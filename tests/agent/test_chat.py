@@ -113,7 +113,8 @@ def test_conversation_validation() -> None:
             {"id": "1", "messages": [{"role": "wizard", "content": "x"}], "reply_to": "a/b"}
         )
     req = p.PromptRequest(
-        id="1", messages=[msg("user", "first"), msg("assistant", "ok"), msg("user", "second")],
+        id="1",
+        messages=[msg("user", "first"), msg("assistant", "ok"), msg("user", "second")],
         reply_to="a/b",
     )
     assert req.gate_text == "second"  # the gate weighs the turn being answered

@@ -40,6 +40,10 @@ class PromptClient:
     def __exit__(self, *exc: object) -> None:
         self._conn.stop()
 
+    @property
+    def connected(self) -> bool:
+        return self._conn.connected
+
     def _on_message(self, msg: Any) -> None:
         try:
             obj = json.loads(msg.payload)
