@@ -22,6 +22,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from moe2.agent.config import AgentConfig
+    from moe2.agent.offload import Offload
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Sequence(abc.ABC):
 
 class ModelBackend(abc.ABC):
     info: ModelInfo
+    offload: Offload | None = None  # where the model runs; None: the backend cannot tell
 
     @abc.abstractmethod
     def tokenize(self, text: str | bytes, *, add_bos: bool, special: bool = False) -> list[int]:

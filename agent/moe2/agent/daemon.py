@@ -25,6 +25,8 @@ from moe2.agent import __version__
 from moe2.agent.backend import ModelBackend
 from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.service import Gateway
+from moe2.agent.metrics import AgentMetrics, GatewayMetrics
+from moe2.agent.metrics import serve as serve_metrics
 from moe2.agent.profiler import SelfProfiler, current_power_mode
 from moe2.agent.service import AgentService
 from moe2.shared import protocol as p
@@ -66,9 +68,17 @@ class Agent:
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.queue_size)
         self._worker = threading.Thread(target=self._work, name="model", daemon=True)
         self._stopped = threading.Event()
+        self.metrics = AgentMetrics(config.id)
+        self.metrics.watch(self._jobs.qsize, lambda: len(self.service.sessions))
+        if backend.offload is not None:
+            self.metrics.set_offload(backend.offload)
+        self.metrics_port: int | None = None  # bound port once serving
+        self._tokens_counted = 0
         self.gateway: Gateway | None = None
         if config.gateway.enabled:
-            self.gateway = Gateway(config.id, config.gateway, config.broker)
+            self.gateway = Gateway(
+                config.id, config.gateway, config.broker, GatewayMetrics(self.metrics.registry)
+            )
         self.dropped_without_reply_topic = 0
 
     def _build_info(self) -> p.AgentInfo:
@@ -90,10 +100,30 @@ class Agent:
             eos_ids=list(mi.eos_ids),
             add_bos=mi.add_bos,
             chat_template=mi.chat_template,
+            backend=self._compute_backend(),
             device_class=self.profiler.device.device_class,
             software_version=__version__,
             max_sessions=self.config.max_sessions,
             started_at=self.started_at,
+        )
+
+    def _compute_backend(self) -> p.ComputeBackend | None:
+        off = self.backend.offload
+        if off is None:
+            return None
+        return p.ComputeBackend(
+            name=off.backend,
+            gpu_layers=off.gpu_layers,
+            n_layers=off.n_layers,
+            requested_layers=off.requested_layers,
+            vram_bytes=off.vram_bytes,
+            supports_gpu_offload=off.supports_gpu_offload,
+            devices=[
+                p.ComputeDevice(
+                    name=d.name, description=d.description, kind=d.kind, memory_total=d.memory_total
+                )
+                for d in off.devices
+            ],
         )
 
     def _build_profiler(self) -> SelfProfiler:
@@ -119,6 +149,10 @@ class Agent:
         self._worker.start()
         if self.gateway is not None:  # ready before the agent says it is online
             self.gateway.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = serve_metrics(
+                self.metrics.registry, self.config.metrics_host, self.config.metrics_port
+            )
         self.conn.start()
         log.info("agent %s serving %s", self.config.id, self.info.model)
         return self
@@ -226,24 +260,39 @@ class Agent:
         try:
             self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), msg.qos))
         except queue.Full:
+            self.metrics.busy.inc()
             err = Busy(
                 f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later"
             )
             self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), msg.qos)
+
+    def _count(self, op: str, reply: p.Message, seconds: float) -> None:
+        m = self.metrics
+        m.requests.labels(op).inc()
+        m.request_seconds.labels(op).observe(seconds)
+        if isinstance(reply, p.ErrorReply):
+            m.errors.labels(op, reply.error.code).inc()
+        evaluated = self.service.tokens_evaluated
+        if evaluated > self._tokens_counted:
+            m.tokens.inc(evaluated - self._tokens_counted)
+            self._tokens_counted = evaluated
 
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
+            op = job.request.op
+            started = time.perf_counter()
             try:
                 reply: p.Message = self.service.handle(job.request)
             except Moe2Error as exc:
-                reply = p.error_reply(exc.code, exc.message, job.request.op)
+                reply = p.error_reply(exc.code, exc.message, op)
             except Exception as exc:  # a bug must cost one request, not the agent
-                log.exception("request %s failed", job.request.op)
+                log.exception("request %s failed", op)
                 err = InternalError(f"{type(exc).__name__}: {exc}")
-                reply = p.error_reply(err.code, err.message, job.request.op)
+                reply = p.error_reply(err.code, err.message, op)
+            self._count(op, reply, time.perf_counter() - started)
             if isinstance(job.request, p.ProfileRequest):
                 reply = self._after_profile(job, reply)
             if job.response_topic is None:

@@ -30,6 +30,7 @@ class AgentService:
         self._vocab_reply: p.VocabReply | None = None  # computed once, on first request
         self.profiler: SelfProfiler | None = None  # set by the daemon; None: cannot profile
         self.chat = ChatRenderer(backend)
+        self.tokens_evaluated = 0  # by open and step, for the metrics
 
     def handle(self, req: Any) -> p.Message:
         if isinstance(req, p.OpenRequest):
@@ -85,6 +86,7 @@ class AgentService:
         t0 = time.perf_counter()
         sid, seq, logprobs = self.sessions.open(tokens)
         ms = (time.perf_counter() - t0) * 1e3
+        self.tokens_evaluated += len(tokens)
         return p.DistributionReply(
             op="open",
             session=sid,
@@ -109,6 +111,7 @@ class AgentService:
         t0 = time.perf_counter()
         logprobs = seq.extend(tokens)
         ms = (time.perf_counter() - t0) * 1e3
+        self.tokens_evaluated += len(tokens)
         return p.DistributionReply(
             op="step",
             session=req.session,

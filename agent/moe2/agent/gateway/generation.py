@@ -63,6 +63,7 @@ class GenerationResult:
     dropped: list[p.DroppedExpert] = field(default_factory=list)
     picks: list[Any] = field(default_factory=list)  # chosen ids (by id) or bytes (by text)
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert, from its open
+    step_seconds: list[float] = field(default_factory=list)  # each fused step, asked to fused
 
 
 class Generation:
@@ -172,7 +173,9 @@ class Generation:
         start = p.OpenRequest(prompt=prompt, messages=messages, **opts)
         futures = {n: self.rpc.call_async(n, start) for n in self.weights}
         picks: list[Any] = []
+        steps: list[float] = []
         finish: FinishReason = "length"
+        asked = time.monotonic()
         try:
             replies = self._gather(futures, 0)
             for name, r in replies.items():
@@ -183,6 +186,7 @@ class Generation:
                 if not live:
                     raise NoExperts("no expert answered")
                 fused = self._fuse(live, step)
+                steps.append(time.monotonic() - asked)
                 if self.on_step is not None:
                     self.on_step(step, fused)
                 pick = fused.keys[
@@ -195,6 +199,7 @@ class Generation:
                 self._emit(self._pieces[next(iter(self.weights))][pick] if self.by_id else pick)
                 if step + 1 == max_tokens:
                     break
+                asked = time.monotonic()
                 futures = {
                     name: self.rpc.call_async(name, self._step_request(name, pick, live.get(name)))
                     for name in self.weights
@@ -221,6 +226,7 @@ class Generation:
             self.dropped,
             picks,
             {n: t for n, t in self.prompt_tokens.items() if n in self.weights},
+            steps,
         )
 
     def _fuse(self, live: dict[str, Any], step: int) -> Fused:

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from moe2.agent.gateway.config import GatewayConfig
@@ -29,6 +30,7 @@ from moe2.agent.gateway.links import LinkMonitor
 from moe2.agent.gateway.routing import AppRouter
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
+from moe2.agent.metrics import GatewayMetrics
 from moe2.shared import protocol as p
 from moe2.shared.errors import BadMessage, Busy, InternalError, Moe2Error, NoExperts, UnknownApp
 from moe2.shared.fleet import FleetView
@@ -41,9 +43,16 @@ Targets = list[tuple[str, bytes | None]]  # (topic, MQTT 5 correlation data) to 
 
 
 class Gateway:
-    def __init__(self, gateway_id: str, config: GatewayConfig, broker: BrokerConfig) -> None:
+    def __init__(
+        self,
+        gateway_id: str,
+        config: GatewayConfig,
+        broker: BrokerConfig,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self.id = gateway_id
         self.config = config
+        self.metrics = metrics or GatewayMetrics(CollectorRegistry())
         offline = p.GatewayStatus(gateway=gateway_id, state="offline", group=config.group)
         self.conn = Connection(
             broker,
@@ -154,6 +163,7 @@ class Gateway:
             log.warning("unanswerable prompt on %s dropped: %s", msg.topic, error.message)
             return
         self.errors += 1
+        self.metrics.errors.labels(_app_of(msg), error.code).inc()
         self._send(targets, p.prompt_error(pid, error.code, error.message))
 
     def _on_unrouted(self, msg: Any) -> None:
@@ -200,35 +210,43 @@ class Gateway:
                 log.warning("unanswerable prompt on %s dropped: %s", msg.topic, exc.message)
                 return
             self.errors += 1
+            self.metrics.errors.labels(app, exc.code).inc()
             self._send(targets, p.prompt_error(pid, exc.code, exc.message))
             return
         if req.reply_to not in [t for t, _ in targets]:
             targets.insert(0, (req.reply_to, None))
         if not self._slots.acquire(blocking=False):
             self.errors += 1
+            self.metrics.errors.labels(app, Busy.code).inc()
             err = Busy(f"gateway {self.id} is saturated; retry later")
             self._send(targets, p.prompt_error(req.id, err.code, err.message))
             return
+        self.metrics.in_flight.inc()
         self._pool.submit(self._answer, app, req, targets, received)
 
     # ------------------------------------------------------------------ one prompt
 
     def _answer(self, app: str, req: p.PromptRequest, targets: Targets, received: float) -> None:
+        m = self.metrics
         try:
             final: BaseModel = self._generate(app, req, targets, received)
             self.answered += 1
+            m.prompts.labels(app).inc()
         except Moe2Error as exc:
             final = p.prompt_error(req.id, exc.code, exc.message)
             self.errors += 1
             self.stats.errored(app)
+            m.errors.labels(app, exc.code).inc()
         except Exception as exc:  # one prompt's bug must not cost the others their answer
             log.exception("prompt %s failed", req.id)
             err = InternalError(f"{type(exc).__name__}: {exc}")
             final = p.prompt_error(req.id, err.code, err.message)
             self.errors += 1
             self.stats.errored(app)
+            m.errors.labels(app, err.code).inc()
         finally:
             self._slots.release()
+            m.in_flight.dec()
         self._send(targets, final)
 
     def _generate(
@@ -285,6 +303,14 @@ class Gateway:
             energy_j_per_step=energy,
             energy_measured=measured,
         )
+        m = self.metrics
+        m.tokens.labels(app).inc(result.tokens)
+        for seconds in result.step_seconds:
+            m.step_seconds.labels(app).observe(seconds)
+        for d in result.dropped:
+            m.dropped.labels(app, d.id).inc()
+        if result.tokens and latency_s > 0:
+            m.tokens_per_s.labels(app).observe(result.tokens / latency_s)
         return p.PromptAnswer(
             id=req.id,
             text=result.text,
@@ -297,6 +323,11 @@ class Gateway:
             dropped=result.dropped,
             gateway=self.id,
         )
+
+
+def _app_of(msg: Any) -> str:
+    topic = p.topics.parse(msg.topic)
+    return topic.app if topic is not None and topic.app is not None else ""
 
 
 def _loose_json(payload: bytes) -> dict[str, Any]:

@@ -29,7 +29,7 @@ probability mass left outside the top-k (``tail``), or on request the full distr
 base64 little-endian float32 log-probabilities.
 """
 
-from moe2.shared.protocol.agents import AgentInfo, AgentStatus
+from moe2.shared.protocol.agents import AgentInfo, AgentStatus, ComputeBackend, ComputeDevice
 from moe2.shared.protocol.base import (
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
@@ -117,6 +117,8 @@ __all__ = [
     "ChatMessage",
     "CloseReply",
     "CloseRequest",
+    "ComputeBackend",
+    "ComputeDevice",
     "DetokenizeReply",
     "DetokenizeRequest",
     "DistributionReply",
