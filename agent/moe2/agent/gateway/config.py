@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -88,6 +89,16 @@ class GatewayConfig(BaseModel):
     )
     stats_interval_s: float = Field(
         default=5.0, gt=0, description="seconds between publications of those figures"
+    )
+    gate_providers: Literal["auto", "tensorrt", "cuda", "cpu"] = Field(
+        default="auto",
+        description="ONNX Runtime providers for a trained gate; auto: TensorRT, then CUDA, "
+        "then the CPU, as this onnxruntime build has them",
+    )
+    gate_engine_cache: Path | None = Field(
+        default=None,
+        description="folder of TensorRT engines built for the gate (default: "
+        "~/.cache/moe2/tensorrt)",
     )
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.gate import Gate, UniformGate, top_k
-from moe2.agent.gateway.gatestore import GateStore
+from moe2.agent.gateway.gatestore import GateStore, onnx_loader
 from moe2.agent.gateway.generation import Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
 from moe2.agent.gateway.routing import AppRouter
@@ -65,7 +65,12 @@ class Gateway:
         )
         self.vocabs = VocabCache(self.rpc, config.open_timeout_s)
         self.gates: dict[str, Gate] = {}  # per application; uniform until one is pushed
-        self.gate_store = GateStore(self.conn, gateway_id, self._use_gate)
+        self.gate_store = GateStore(
+            self.conn,
+            gateway_id,
+            self._use_gate,
+            onnx_loader(config.gate_providers, config.gate_engine_cache),
+        )
         self.router = AppRouter(
             gateway_id, config, self.conn, self._on_prompt, self._on_unrouted, self.gate_store.want
         )
