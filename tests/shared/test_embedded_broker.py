@@ -23,7 +23,7 @@ from moe2.shared import broker as broker_mod
 from moe2.shared.broker import IotcoreBroker, start_broker
 from moe2.shared.client import PromptClient
 from moe2.shared.errors import UnknownApp
-from moe2.shared.mqtt import BrokerConfig
+from moe2.shared.mqtt import BrokerConfig, Connection, reply_qos, response_properties
 
 pytest.importorskip("iotcore", reason="pip install 'moe2-edge-shared[embedded-broker]'")
 
@@ -171,3 +171,21 @@ def test_demo_runs_on_the_embedded_broker(tmp_path: Path) -> None:
     assert "broker: iotcore on 127.0.0.1" in run.stdout and "(MQTT 3.1.1)" in run.stdout
     answers = run.stdout.split("answers through the gateway", 1)[1]
     assert answers.count(" -> ") == 4 and "token-id fusion" in answers
+
+
+def test_reply_qos_travels_with_the_request(embedded: IotcoreBroker) -> None:
+    """rumqttd delivers a QoS 0 publish at the subscription's QoS 1 (MQTT says the lower of
+    the two) and forwards QoS 1 messages ~44 ms late: an agent must answer a gateway's QoS 0
+    step at the QoS the gateway asked for, which travels as a user property."""
+    cfg = BrokerConfig(host=embedded.host, port=embedded.port)
+    got: queue.Queue = queue.Queue()
+    sub = Connection(cfg, f"sub-{uuid.uuid4().hex[:6]}")
+    sub.subscribe("rq/test", got.put, qos=1)
+    pub = Connection(cfg, f"pub-{uuid.uuid4().hex[:6]}")
+    with sub, pub:
+        pub.publish("rq/test", b"x", qos=0, properties=response_properties("r/x", b"c", 0))
+        pub.publish("rq/test", b"y", qos=0)
+        asked, plain = got.get(timeout=5), got.get(timeout=5)
+    assert asked.qos == 1  # upgraded by the broker
+    assert reply_qos(asked) == 0
+    assert reply_qos(plain) == 1  # no wish: the delivered QoS

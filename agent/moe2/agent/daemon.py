@@ -33,7 +33,7 @@ from moe2.shared import protocol as p
 from moe2.shared.devices import resolve_device_class
 from moe2.shared.errors import Busy, InternalError, Moe2Error, ProtocolError
 from moe2.shared.files import sha256_file
-from moe2.shared.mqtt import Connection, reply_properties
+from moe2.shared.mqtt import Connection, reply_properties, reply_qos
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ class Agent:
         topic = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
         corr = bytes(corr) if corr is not None else None
+        qos = reply_qos(msg)
         if not topic:
             # Nowhere to answer: count it, say so in the log, carry on.
             self.dropped_without_reply_topic += 1
@@ -254,17 +255,17 @@ class Agent:
                 topic,
                 corr,
                 p.error_reply(exc.code, exc.message, p.request_op(msg.payload)),
-                msg.qos,
+                qos,
             )
             return
         try:
-            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), msg.qos))
+            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), qos))
         except queue.Full:
             self.metrics.busy.inc()
             err = Busy(
                 f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later"
             )
-            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), msg.qos)
+            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), qos)
 
     def _count(self, op: str, reply: p.Message, seconds: float) -> None:
         m = self.metrics
