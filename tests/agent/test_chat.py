@@ -4,17 +4,20 @@ checked on the tokens the agent actually evaluates."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from moe2.agent.chat import ChatRenderer, plain_transcript
 from moe2.agent.config import AgentConfig
 from moe2.agent.llama import LlamaCppBackend
 from moe2.agent.service import AgentService
+from moe2.controller.cli import main
 from moe2.controller.experts import packaged
 from moe2.controller.experts.tiny import write_expert
 from moe2.shared import protocol as p
@@ -143,6 +146,26 @@ def test_messages_through_the_gateway_each_expert_in_its_own_format(
         transcript = client.ask(app_b, plain_transcript(conv), max_tokens=6)
         via_b = client.ask(app_b, conv, max_tokens=6)
         assert via_b.text == transcript.text
+    # the same conversation from the command line
+    broker = ["--broker-host", broker_config.host, "--broker-port", str(broker_config.port)]
+    run = CliRunner().invoke(
+        main,
+        [
+            "ask",
+            "--app",
+            app_a,
+            "--chat",
+            "--system",
+            "the fox ",
+            "--max-tokens",
+            "6",
+            "--json",
+            *broker,
+            "eats",
+        ],
+    )
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout)["text"] == plain.text
 
 
 # --------------------------------------------------------------------------- real models
