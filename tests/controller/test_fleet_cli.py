@@ -12,7 +12,15 @@ from moe2.controller.cli import main
 from moe2.shared.broker import Broker, MosquittoBroker, start_broker
 from moe2.shared.costmodel import CostCurve, CostCurves
 from moe2.shared.mqtt import BrokerConfig, Connection
-from moe2.shared.protocol import AgentInfo, AgentProfile, AgentStatus, encode, topics
+from moe2.shared.protocol import (
+    AgentInfo,
+    AgentProfile,
+    AgentStatus,
+    ComputeBackend,
+    ComputeDevice,
+    encode,
+    topics,
+)
 from moe2.shared.protocol.profiles import MeterSource, ProfilePoint
 
 pytestmark = pytest.mark.skipif(not MosquittoBroker.available(), reason="needs mosquitto")
@@ -30,11 +38,18 @@ CURVES = CostCurves(
 
 
 def _info(agent: str, device: str) -> AgentInfo:
+    gpu = device != "cpu-generic"
+    backend = ComputeBackend(
+        name="CUDA" if gpu else "CPU", gpu_layers=31 if gpu else 0, n_layers=31,
+        requested_layers=31 if gpu else 0, vram_bytes=(92 << 20) if gpu else 0,
+        supports_gpu_offload=gpu,
+        devices=[ComputeDevice(name="CUDA0", description="Orin", kind="gpu")] if gpu else [],
+    )
     return AgentInfo(
         agent_id=agent, model="SmolLM2-135M-Instruct", model_file="smollm2.gguf",
         architecture="llama", quantization="Q4_1", n_ctx=2048, n_vocab=49152,
         tokenizer_hash="ab" * 32, eos_ids=[2], add_bos=False, device_class=device,
-        software_version="0.1.0", max_sessions=4, started_at=1.7e9,
+        software_version="0.1.0", max_sessions=4, started_at=1.7e9, backend=backend,
     )
 
 
@@ -95,15 +110,21 @@ def test_agents_json_lists_state_model_device_and_meter(broker: Broker) -> None:
     assert (rows["orin-1"]["meter_source"], rows["orin-1"]["energy_measured"]) == (
         "modelled", False)
     assert "broken-1" in err  # the bad retained message is reported, not hidden
+    assert rows["orin-1"]["backend"]["name"] == "CUDA"
+    assert rows["orin-1"]["backend"]["gpu_layers"] == 31
 
 
 def test_agents_table(broker: Broker) -> None:
     code, out, _ = _run(broker, "agents")
     assert code == 0
     header, *lines = out.splitlines()
-    assert header.split() == ["AGENT", "STATE", "MODEL", "QUANT", "CTX", "DEVICE", "TOKENIZER",
-                              "METER", "SERVES"]
+    assert header.split() == ["AGENT", "STATE", "MODEL", "QUANT", "CTX", "DEVICE", "BACKEND",
+                              "TOKENIZER", "METER", "SERVES"]
     assert any(line.split()[:2] == ["orin-1", "offline"] for line in lines)
+    # where each model runs: layers on the GPU of all, GiB of weights there
+    orin = next(line for line in lines if line.startswith("orin-1"))
+    cpu = next(line for line in lines if line.startswith("cpu-1"))
+    assert "CUDA 31/31 0.1G" in orin and " CPU " in cpu
 
 
 def test_profile_json_evaluates_the_curves(broker: Broker) -> None:
