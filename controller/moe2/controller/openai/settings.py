@@ -33,12 +33,6 @@ class HttpSettings(BaseModel):
     max_request_bytes: int = Field(
         default=4 << 20, ge=1024, description="largest request body accepted, bytes"
     )
-    models_wait_s: float = Field(
-        default=1.0,
-        gt=0,
-        le=60,
-        description="at start, how long to collect the gateways' retained announcements",
-    )
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
 
     @field_validator("api_keys", mode="before")
