@@ -11,8 +11,9 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,7 @@ class Front:
     app: str
     broker: BrokerConfig
     log: Path
+    clients: list[Any] = field(default_factory=list)  # closed at the end, none left to GC
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +72,13 @@ def front(
         ]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        front = Front(f"http://127.0.0.1:{port}/v1", app, broker_config, log)
         try:
             wait_for_port("127.0.0.1", port, 30)
-            yield Front(f"http://127.0.0.1:{port}/v1", app, broker_config, log)
+            yield front
         finally:
+            for c in front.clients:
+                c.close()
             proc.terminate()
             try:
                 proc.wait(10)
@@ -92,11 +97,14 @@ def http(url: str, body: bytes | None = None, key: str | None = None) -> tuple[i
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        with err:
+            return err.code, json.loads(err.read())
 
 
 def client(front: Front, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=front.url, api_key=key, max_retries=0, timeout=60)
+    c = openai.OpenAI(base_url=front.url, api_key=key, max_retries=0, timeout=60)
+    front.clients.append(c)
+    return c
 
 
 CONVERSATION = [{"role": "user", "content": "the fox eats"}]

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import paho.mqtt.client as mqtt
 
@@ -72,7 +73,7 @@ class Agent:
         self.metrics.watch(self._jobs.qsize, lambda: len(self.service.sessions))
         if backend.offload is not None:
             self.metrics.set_offload(backend.offload)
-        self.metrics_port: int | None = None  # bound port once serving
+        self._metrics_server: WSGIServer | None = None
         self._tokens_counted = 0
         self.gateway: Gateway | None = None
         if config.gateway.enabled:
@@ -149,8 +150,8 @@ class Agent:
         self._worker.start()
         if self.gateway is not None:  # ready before the agent says it is online
             self.gateway.start()
-        if self.config.metrics_port is not None:
-            self.metrics_port = serve_metrics(
+        if self.config.metrics_port is not None:  # ConfigError: the port is taken
+            self._metrics_server = serve_metrics(
                 self.metrics.registry, self.config.metrics_host, self.config.metrics_port
             )
         self.conn.start()
@@ -172,6 +173,9 @@ class Agent:
         except (RuntimeError, ValueError):
             pass  # not connected: the broker publishes the last will instead
         self.conn.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         self._jobs.put(None)
         self._worker.join(timeout=10)
         if self._worker.is_alive():  # never free the model under a running request

@@ -15,8 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from moe2.shared.errors import ConfigError
 
 if TYPE_CHECKING:
     from moe2.agent.offload import Offload
@@ -115,9 +118,12 @@ class GatewayMetrics:
         )
 
 
-def serve(registry: CollectorRegistry, host: str, port: int) -> int:
-    """Serve ``/metrics`` in a daemon thread; returns the port (useful when 0 was asked)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    bound = int(server.server_address[1])
-    log.info("metrics on http://%s:%d/metrics", host, bound)
-    return bound
+def serve(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
+    """Serve ``/metrics`` in a daemon thread (``server.server_address[1]`` is the port,
+    useful when 0 was asked; ``server.shutdown()`` stops it)."""
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from None
+    log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
+    return server
