@@ -73,7 +73,10 @@ def serve(settings: HttpSettings) -> None:
 
     fleet_conn = Connection(settings.broker, f"moe2-http-fleet-{os.getpid()}")
     fleet = FleetView(fleet_conn, ("gateway",))
-    with PromptClient(settings.broker, f"moe2-http-{os.getpid()}") as client:
+    # On a broker with logins a client reads only moe2/v1/replies/<its user>/#: the answers'
+    # inbox is named after the user then (one moe2-http per broker user).
+    client_id = settings.broker.username or f"moe2-http-{os.getpid()}"
+    with PromptClient(settings.broker, client_id) as client:
         fleet_conn.start()
         try:
             app = build_app(Front(settings, client, fleet))
