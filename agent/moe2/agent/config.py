@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moe2.agent.gateway.config import GatewayConfig
-from moe2.shared.devices import MeterName
+from moe2.shared.devices import MeterName, resolve_device_class
 from moe2.shared.errors import ConfigError
 from moe2.shared.mqtt import BrokerConfig
 from moe2.shared.protocol import NAME_PATTERN, check_name
@@ -141,8 +141,16 @@ class AgentConfig(BaseModel):
     n_threads: int = Field(
         default=0, ge=0, le=1024, description="CPU threads for llama.cpp (0: all cores)"
     )
-    n_gpu_layers: int = Field(
-        default=0, ge=-1, description="layers to offload to the GPU (-1: all)"
+    n_gpu_layers: int | None = Field(
+        default=None,
+        ge=-1,
+        description="layers to offload to the GPU (-1: all; default: all when the device "
+        "class has a GPU, 0 otherwise)",
+    )
+    require_gpu_offload: bool = Field(
+        default=True,
+        description="refuse to start when layers asked on the GPU are not there (a CPU-only "
+        "llama-cpp-python build, no GPU visible); false: warn and run on the CPU",
     )
     flash_attn: Literal["auto", "on", "off"] = Field(
         default="auto",
@@ -184,10 +192,27 @@ class AgentConfig(BaseModel):
     max_payload_bytes: int = Field(
         default=4 << 20, ge=1024, le=256 << 20, description="largest request accepted, in bytes"
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus metrics on this port at /metrics (0: any free port; "
+        "default: off)",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address the metrics endpoint listens on"
+    )
     hash_model_file: bool = Field(default=True, description="announce the sha256 of the GGUF file")
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+
+    def gpu_layers(self) -> int:
+        """Layers to offload: the setting, else all when the device class has a GPU."""
+        if self.n_gpu_layers is not None:
+            return self.n_gpu_layers
+        device, _how = resolve_device_class(self.device_class)
+        return -1 if device.kind in ("jetson", "nvidia-dgpu") else 0
 
     @field_validator("id")
     @classmethod

@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import paho.mqtt.client as mqtt
 
@@ -35,13 +36,15 @@ from moe2.agent import __version__
 from moe2.agent.backend import ModelBackend
 from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.service import Gateway
+from moe2.agent.metrics import AgentMetrics, GatewayMetrics
+from moe2.agent.metrics import serve as serve_metrics
 from moe2.agent.profiler import SelfProfiler, current_power_mode
 from moe2.agent.service import AgentService
 from moe2.shared import protocol as p
 from moe2.shared.devices import resolve_device_class
 from moe2.shared.errors import Busy, InternalError, Moe2Error, ProtocolError
 from moe2.shared.files import sha256_file
-from moe2.shared.mqtt import Connection, reply_properties
+from moe2.shared.mqtt import Connection, reply_properties, reply_qos
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +91,17 @@ class Agent:
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.queue_size)
         self._worker = threading.Thread(target=self._work, name="model", daemon=True)
         self._stopped = threading.Event()
+        self.metrics = AgentMetrics(config.id)
+        self.metrics.watch(self._jobs.qsize, lambda: len(self.service.sessions))
+        if backend.offload is not None:
+            self.metrics.set_offload(backend.offload)
+        self._metrics_server: WSGIServer | None = None
+        self._tokens_counted = 0
         self.gateway: Gateway | None = None
         if config.gateway.enabled:
-            self.gateway = Gateway(config.id, config.gateway, config.broker)
+            self.gateway = Gateway(
+                config.id, config.gateway, config.broker, GatewayMetrics(self.metrics.registry)
+            )
         self.dropped_without_reply_topic = 0
 
     def _build_info(self) -> p.AgentInfo:
@@ -112,10 +123,30 @@ class Agent:
             eos_ids=list(mi.eos_ids),
             add_bos=mi.add_bos,
             chat_template=mi.chat_template,
+            backend=self._compute_backend(),
             device_class=self.profiler.device.device_class,
             software_version=__version__,
             max_sessions=self.config.max_sessions,
             started_at=self.started_at,
+        )
+
+    def _compute_backend(self) -> p.ComputeBackend | None:
+        off = self.backend.offload
+        if off is None:
+            return None
+        return p.ComputeBackend(
+            name=off.backend,
+            gpu_layers=off.gpu_layers,
+            n_layers=off.n_layers,
+            requested_layers=off.requested_layers,
+            vram_bytes=off.vram_bytes,
+            supports_gpu_offload=off.supports_gpu_offload,
+            devices=[
+                p.ComputeDevice(
+                    name=d.name, description=d.description, kind=d.kind, memory_total=d.memory_total
+                )
+                for d in off.devices
+            ],
         )
 
     def _build_profiler(self) -> SelfProfiler:
@@ -142,6 +173,10 @@ class Agent:
         self._worker.start()
         if self.gateway is not None:  # ready before the agent says it is online
             self.gateway.start()
+        if self.config.metrics_port is not None:  # ConfigError: the port is taken
+            self._metrics_server = serve_metrics(
+                self.metrics.registry, self.config.metrics_host, self.config.metrics_port
+            )
         self.conn.start()
         log.info("agent %s serving %s", self.config.id, self.info.model)
         return self
@@ -162,6 +197,9 @@ class Agent:
         except (RuntimeError, ValueError):
             pass  # not connected: the broker publishes the last will instead
         self.conn.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         self._jobs.put(None)
         self._worker.join(timeout=10)
         if self._worker.is_alive():  # never free the model under a running request
@@ -260,6 +298,7 @@ class Agent:
         topic = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
         corr = bytes(corr) if corr is not None else None
+        qos = reply_qos(msg)
         if not topic:
             # Nowhere to answer: count it, say so in the log, carry on.
             self.dropped_without_reply_topic += 1
@@ -272,16 +311,28 @@ class Agent:
                 topic,
                 corr,
                 p.error_reply(exc.code, exc.message, p.request_op(msg.payload)),
-                msg.qos,
+                qos,
             )
             return
         try:
-            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), msg.qos))
+            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), qos))
         except queue.Full:
+            self.metrics.busy.inc()
             err = Busy(
                 f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later"
             )
-            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), msg.qos)
+            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), qos)
+
+    def _count(self, op: str, reply: p.Message, seconds: float) -> None:
+        m = self.metrics
+        m.requests.labels(op).inc()
+        m.request_seconds.labels(op).observe(seconds)
+        if isinstance(reply, p.ErrorReply):
+            m.errors.labels(op, reply.error.code).inc()
+        evaluated = self.service.tokens_evaluated
+        if evaluated > self._tokens_counted:
+            m.tokens.inc(evaluated - self._tokens_counted)
+            self._tokens_counted = evaluated
 
     def _work(self) -> None:
         while True:
@@ -311,14 +362,17 @@ class Agent:
             self._jobs.put(job)
 
     def _run(self, job: _Job) -> None:
+        op = job.request.op
+        started = time.perf_counter()
         try:
             reply: p.Message = self.service.handle(job.request)
         except Moe2Error as exc:
-            reply = p.error_reply(exc.code, exc.message, job.request.op)
+            reply = p.error_reply(exc.code, exc.message, op)
         except Exception as exc:  # a bug must cost one request, not the agent
-            log.exception("request %s failed", job.request.op)
+            log.exception("request %s failed", op)
             err = InternalError(f"{type(exc).__name__}: {exc}")
-            reply = p.error_reply(err.code, err.message, job.request.op)
+            reply = p.error_reply(err.code, err.message, op)
+        self._count(op, reply, time.perf_counter() - started)
         if isinstance(job.request, p.ProfileRequest):
             reply = self._after_profile(job, reply)
         if job.response_topic is None:

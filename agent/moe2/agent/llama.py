@@ -19,7 +19,15 @@ import llama_cpp
 import numpy as np
 
 from moe2.agent.backend import ModelBackend, ModelInfo, Sequence, log_softmax
-from moe2.shared.errors import ContextOverflow, InvalidToken, ModelError
+from moe2.agent.offload import (
+    LogCapture,
+    check_offload,
+    describe,
+    device_summary,
+    list_devices,
+    parse_load_log,
+)
+from moe2.shared.errors import ConfigError, ContextOverflow, InvalidToken, ModelError
 
 if TYPE_CHECKING:
     from moe2.agent.config import AgentConfig
@@ -35,6 +43,9 @@ _FTYPE_NAMES = {
 }
 
 _backend_ready = False
+# llama.cpp's log, read while a model loads (placement); the ctypes callback must stay alive.
+_CAPTURE = LogCapture()
+_log_callback = None
 
 # Largest number of logit rows one decode may return while scoring: bounds memory to
 # about 64 MB of float32 whatever the vocabulary size.
@@ -42,12 +53,16 @@ _SCORE_LOGIT_FLOATS = 16 << 20
 
 
 def _init_backend() -> None:
-    global _backend_ready
+    global _backend_ready, _log_callback
     if not _backend_ready:
-        # llama.cpp logs every tensor at load; keep errors only unless debugging.
-        logging.getLogger("llama-cpp-python").setLevel(
-            logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
-        )
+        # llama.cpp logs every tensor at load: captured for the placement, passed on to
+        # Python logging at DEBUG (moe2.agent.offload), never printed otherwise.
+        @llama_cpp.llama_log_callback
+        def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            _CAPTURE(level, text)
+
+        _log_callback = _on_log
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _backend_ready = True
 
@@ -57,19 +72,46 @@ class LlamaCppBackend(ModelBackend):
         _init_backend()
         self._path = Path(config.model)
         self._n_threads = config.n_threads or max(1, os.cpu_count() or 1)
+        requested = config.gpu_layers()  # ConfigError: unknown device class
         # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled
         if config.flash_attn == "on":
             self._flash_attn = 1
-        elif config.flash_attn == "off" or config.n_gpu_layers == 0:
+        elif config.flash_attn == "off" or requested == 0:
             self._flash_attn = 0
         else:
             self._flash_attn = -1
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = config.n_gpu_layers if config.n_gpu_layers >= 0 else 1 << 30
-        model = llama_cpp.llama_model_load_from_file(str(self._path).encode(), mparams)
+        mparams.n_gpu_layers = requested if requested >= 0 else 1 << 30
+        _CAPTURE.start()
+        try:
+            model = llama_cpp.llama_model_load_from_file(str(self._path).encode(), mparams)
+        finally:
+            load_log = _CAPTURE.stop()
         if not model:
             raise ModelError(f"llama.cpp could not load {self._path} (not a supported GGUF?)")
         self._model = model
+        self.offload = describe(
+            parse_load_log(load_log),
+            list_devices(Path(llama_cpp.__file__).parent / "lib"),
+            int(llama_cpp.llama_model_n_layer(model)),
+            requested,
+            bool(llama_cpp.llama_supports_gpu_offload()),
+        )
+        log.info(
+            "%s on %s: %d of %d layers on a GPU, %.0f MiB of weights in GPU memory; devices: %s",
+            self._path.name,
+            self.offload.backend,
+            self.offload.gpu_layers,
+            self.offload.n_layers,
+            self.offload.vram_bytes / 2**20,
+            device_summary(self.offload.devices) or "unknown",
+        )
+        try:
+            check_offload(self.offload, required=config.require_gpu_offload)
+        except ConfigError:
+            llama_cpp.llama_model_free(model)
+            self._model = None
+            raise
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
@@ -94,6 +136,7 @@ class LlamaCppBackend(ModelBackend):
         tok_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
         eos = sorted(i for i in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i))
         bos = int(llama_cpp.llama_vocab_bos(vocab))
+        eos_id = int(llama_cpp.llama_vocab_eos(vocab))
         ftype_raw = self._meta("general.file_type")
         quant = _FTYPE_NAMES.get(int(ftype_raw), f"ftype-{ftype_raw}") if ftype_raw else "unknown"
         tmpl = llama_cpp.llama_model_chat_template(self._model, None)
@@ -110,6 +153,8 @@ class LlamaCppBackend(ModelBackend):
             eos_ids=tuple(eos),
             add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
             chat_template=tmpl.decode("utf-8", "replace") if tmpl else None,
+            bos_text=texts[bos] if 0 <= bos < self._n_vocab else None,
+            eos_text=texts[eos_id] if 0 <= eos_id < self._n_vocab else None,
         )
 
     # ------------------------------------------------------------------ tokens

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moe2.agent.backend import ModelBackend
+from moe2.agent.chat import ChatRenderer
 from moe2.agent.sessions import SessionManager
 from moe2.shared import protocol as p
 from moe2.shared.errors import BadMessage, Cancelled, ConfigError
@@ -36,6 +37,8 @@ class AgentService:
         self._piece = lru_cache(maxsize=1 << 16)(backend.piece)
         self._vocab_reply: p.VocabReply | None = None  # computed once, on first request
         self.profiler: SelfProfiler | None = None  # set by the daemon; None: cannot profile
+        self.chat = ChatRenderer(backend)
+        self.tokens_evaluated = 0  # by open and step, for the metrics
 
     def handle(self, req: Any) -> p.Message:
         if isinstance(req, p.OpenRequest):
@@ -86,10 +89,14 @@ class AgentService:
     def _open(self, req: p.OpenRequest) -> p.DistributionReply:
         if not self.accepting:
             raise Cancelled(f"agent {self.agent_id} is stopping and opens no new session")
-        tokens = self._prompt_tokens(req.prompt, req.tokens, req.add_bos)
+        if req.messages is not None:
+            tokens = self.chat.tokens(req.messages)
+        else:
+            tokens = self._prompt_tokens(req.prompt, req.tokens, req.add_bos)
         t0 = time.perf_counter()
         sid, seq, logprobs = self.sessions.open(tokens)
         ms = (time.perf_counter() - t0) * 1e3
+        self.tokens_evaluated += len(tokens)
         return p.DistributionReply(
             op="open",
             session=sid,
@@ -114,6 +121,7 @@ class AgentService:
         t0 = time.perf_counter()
         logprobs = seq.extend(tokens)
         ms = (time.perf_counter() - t0) * 1e3
+        self.tokens_evaluated += len(tokens)
         return p.DistributionReply(
             op="step",
             session=req.session,

@@ -62,7 +62,10 @@ def demo(broker_kind: str, domains: tuple[str, ...], top: int, k: int) -> None:
         tempfile.TemporaryDirectory(prefix="moe2-demo-") as tmp,
     ):
         cfg = BrokerConfig(host=broker.host, port=broker.port)
-        click.echo(f"broker: {broker.name} on {broker.host}:{broker.port}")
+        ports = ", ".join(f"{port} (MQTT {v})" for v, port in broker.listeners.items())
+        if len(set(broker.listeners.values())) == 1:
+            ports = f"{broker.port} (MQTT 5 and 3.1.1)"
+        click.echo(f"broker: {broker.name} on {broker.host}, port {ports}")
         paths = build_experts(models_dir() / "tiny", list(domains))
         click.echo(f"experts: {', '.join(f'{d} ({paths[d].name})' for d in domains)}")
         with LocalFleet(cfg, Path(tmp)) as fleet, RpcClient(cfg) as rpc:

@@ -3,6 +3,7 @@
     with PromptClient(BrokerConfig(host="gw.local")) as client:
         answer = client.ask("qa", "the fox eats", max_tokens=16, on_delta=print)
         print(answer.text, answer.experts)
+        answer = client.ask("qa", [ChatMessage(role="user", content="Name a prime.")])
 
 Errors come back as the matching ``Moe2Error`` (``UnknownApp``, ``NoExperts``, ``Busy``...).
 
@@ -30,7 +31,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from moe2.shared import protocol as p
@@ -68,6 +69,10 @@ class PromptClient:
     def __exit__(self, *exc: object) -> None:
         self._conn.stop()
 
+    @property
+    def connected(self) -> bool:
+        return self._conn.connected
+
     def _on_message(self, msg: Any) -> None:
         try:
             obj = json.loads(msg.payload)
@@ -83,7 +88,7 @@ class PromptClient:
     def ask(
         self,
         app: str,
-        prompt: str,
+        prompt: str | Sequence[p.ChatMessage],
         *,
         max_tokens: int | None = None,
         temperature: float = 0.0,
@@ -92,10 +97,14 @@ class PromptClient:
         on_delta: Callable[[str], None] | None = None,
         timeout: float = 120.0,
     ) -> p.PromptAnswer:
+        """The answer to ``prompt``: a text, or a conversation that each expert renders with
+        its own chat template."""
         pid = uuid.uuid4().hex
+        text, messages = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         req = p.PromptRequest(
             id=pid,
-            prompt=prompt,
+            prompt=text,
+            messages=messages,
             reply_to=self.inbox,
             max_tokens=max_tokens,
             temperature=temperature,

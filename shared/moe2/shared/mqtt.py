@@ -434,11 +434,31 @@ def _sub_props(sub_id: int) -> Properties:
     return props
 
 
-def response_properties(response_topic: str, correlation: bytes) -> Properties:
+# MQTT 5 user property naming the QoS a requester wants its reply at. The delivered QoS does
+# not say: rumqttd (the embedded broker) delivers a QoS 0 request at the subscription's QoS 1,
+# against MQTT's min(publish, subscription), and forwards QoS 1 messages ~44 ms late, so a
+# reply at the delivered QoS would cost a gateway ~44 ms per token there.
+REPLY_QOS = "moe2-reply-qos"
+
+
+def response_properties(
+    response_topic: str, correlation: bytes, reply_qos: int | None = None
+) -> Properties:
     props = _properties(PacketTypes.PUBLISH)
     props.ResponseTopic = response_topic
     props.CorrelationData = correlation
+    if reply_qos is not None:
+        props.UserProperty = [(REPLY_QOS, str(reply_qos))]
     return props
+
+
+def reply_qos(msg: mqtt.MQTTMessage) -> int:
+    """The QoS to answer a request at: the delivered one, or lower when the requester asks."""
+    pairs = getattr(msg.properties, "UserProperty", None) if msg.properties else None
+    for key, value in pairs or ():
+        if key == REPLY_QOS and value in ("0", "1"):
+            return min(int(value), msg.qos)
+    return min(msg.qos, 1)
 
 
 def reply_properties(correlation: bytes | None) -> Properties | None:
@@ -526,7 +546,9 @@ class RpcClient:
             protocol.topics.agent_rpc(agent_id),
             payload,
             qos=self.qos,
-            properties=response_properties(protocol.topics.rpc_reply(self.owner, agent_id), corr),
+            properties=response_properties(
+                protocol.topics.rpc_reply(self.owner, agent_id), corr, self.qos
+            ),
         )
 
     def _resend(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -112,6 +112,16 @@ class GatewayConfig(BaseModel):
         default_factory=list,
         description="PEM Ed25519 public keys of the fleet (moe2ctl keys generate): when set, "
         "only assignments and gates one of them signed are applied",
+    )
+    gate_providers: Literal["auto", "tensorrt", "cuda", "cpu"] = Field(
+        default="auto",
+        description="ONNX Runtime providers for a trained gate; auto: TensorRT, then CUDA, "
+        "then the CPU, as this onnxruntime build has them",
+    )
+    gate_engine_cache: Path | None = Field(
+        default=None,
+        description="folder of TensorRT engines built for the gate (default: "
+        "~/.cache/moe2/tensorrt)",
     )
 
     @model_validator(mode="after")

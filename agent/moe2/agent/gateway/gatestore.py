@@ -13,13 +13,17 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moe2.agent.gateway.gate import Gate
 from moe2.shared import protocol as p
 from moe2.shared.errors import Moe2Error
 from moe2.shared.mqtt import Connection
 from moe2.shared.signing import BadSignature, Verifier
+
+if TYPE_CHECKING:
+    from moe2.agent.gateway.onnxgate import ProviderChoice
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +38,20 @@ class _Blob:
         self.waiters: list[str] = []  # gate versions that need it
 
 
-def _load_onnx_gate(manifest: p.GateManifest, files: dict[str, bytes]) -> Gate:
-    from moe2.agent.gateway.onnxgate import OnnxGate
+def onnx_loader(
+    providers: ProviderChoice = "auto", engine_cache: Path | None = None
+) -> Callable[[p.GateManifest, dict[str, bytes]], Gate]:
+    """Loads gates with ONNX Runtime on these providers (``GatewayConfig.gate_providers``)."""
 
-    return OnnxGate(manifest, files)
+    def load(manifest: p.GateManifest, files: dict[str, bytes]) -> Gate:
+        from moe2.agent.gateway.onnxgate import OnnxGate
+
+        return OnnxGate(manifest, files, providers, engine_cache)
+
+    return load
+
+
+_load_onnx_gate = onnx_loader()
 
 
 class GateStore:

@@ -12,6 +12,7 @@ decoded as UTF-8 incrementally (a character split over byte tokens is emitted wh
 
     gen = Generation(rpc, infos, vocabs, {"a": 0.7, "b": 0.3}, config, Sampling())
     result = gen.run("the fox eats", max_tokens=16)
+    result = gen.run(None, 16, messages=[ChatMessage(role="user", content="Hi")])
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class GenerationResult:
     dropped: list[p.DroppedExpert] = field(default_factory=list)
     picks: list[Any] = field(default_factory=list)  # chosen ids (by id) or bytes (by text)
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert, from its open
+    step_seconds: list[float] = field(default_factory=list)  # each fused step, asked to fused
 
 
 class Generation:
@@ -196,11 +198,13 @@ class Generation:
                 self._drop(name, f"{exc.code}: {exc.message}", at)
         return replies
 
-    def _open(self, prompt: str) -> dict[str, p.DistributionReply]:
+    def _open(
+        self, prompt: str | None, messages: list[p.ChatMessage] | None = None
+    ) -> dict[str, p.DistributionReply]:
         """Open a session on every chosen expert; an expert that is full is asked again
         (backing off) until the open timeout, then dropped."""
         opts = self._options()
-        request = p.OpenRequest(prompt=prompt, **opts)
+        request = p.OpenRequest(prompt=prompt, messages=messages, **opts)
         until = time.monotonic() + self.config.open_timeout_s
         if self.deadline is not None:
             until = min(until, self.deadline)
@@ -238,16 +242,23 @@ class Generation:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, prompt: str, max_tokens: int) -> GenerationResult:
+    def run(
+        self, prompt: str | None, max_tokens: int, messages: list[p.ChatMessage] | None = None
+    ) -> GenerationResult:
+        """Generate from ``prompt``, or from ``messages``, which each expert renders with its
+        own chat template."""
         picks: list[Any] = []
+        steps: list[float] = []
         finish: FinishReason = "length"
+        asked = time.monotonic()
         try:
-            replies = self._open(prompt)
+            replies = self._open(prompt, messages)
             for step in range(max_tokens):
                 live = {n: r.dist for n, r in replies.items() if n in self.weights}
                 if not live:
                     raise NoExperts("no expert answered")
                 fused = self._fuse(live, step)
+                steps.append(time.monotonic() - asked)
                 if self.on_step is not None:
                     self.on_step(step, fused)
                 pick = fused.keys[
@@ -260,6 +271,7 @@ class Generation:
                 self._emit(self._pieces[next(iter(self.weights))][pick] if self.by_id else pick)
                 if step + 1 == max_tokens:
                     break
+                asked = time.monotonic()
                 futures = {
                     name: self.rpc.call_async(name, self._step_request(name, pick, live.get(name)))
                     for name in self.weights
@@ -288,6 +300,7 @@ class Generation:
             self.dropped,
             picks,
             {n: t for n, t in self.prompt_tokens.items() if n in self.weights},
+            steps,
         )
 
     def _fuse(self, live: dict[str, Any], step: int) -> Fused:

@@ -36,17 +36,19 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from moe2.agent.gateway.capacity import ExpertSlots
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.gate import Gate, UniformGate, top_k
-from moe2.agent.gateway.gatestore import GateStore
+from moe2.agent.gateway.gatestore import GateStore, onnx_loader
 from moe2.agent.gateway.generation import ExpertOffline, Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
 from moe2.agent.gateway.routing import AppRouter
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
+from moe2.agent.metrics import GatewayMetrics
 from moe2.shared import protocol as p
 from moe2.shared.errors import (
     BadMessage,
@@ -76,9 +78,16 @@ Targets = list[tuple[str, bytes | None]]  # (topic, MQTT 5 correlation data) to 
 
 
 class Gateway:
-    def __init__(self, gateway_id: str, config: GatewayConfig, broker: BrokerConfig) -> None:
+    def __init__(
+        self,
+        gateway_id: str,
+        config: GatewayConfig,
+        broker: BrokerConfig,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self.id = gateway_id
         self.config = config
+        self.metrics = metrics or GatewayMetrics(CollectorRegistry())
         offline = p.GatewayStatus(gateway=gateway_id, state="offline", group=config.group)
         self.conn = Connection(
             broker,
@@ -96,7 +105,13 @@ class Gateway:
         verifier = Verifier.load(config.trusted_keys) if config.trusted_keys else None
         if verifier is None:
             log.warning("no trusted fleet keys: desired state is applied without a signature")
-        self.gate_store = GateStore(self.conn, gateway_id, self._use_gate, verifier=verifier)
+        self.gate_store = GateStore(
+            self.conn,
+            gateway_id,
+            self._use_gate,
+            onnx_loader(config.gate_providers, config.gate_engine_cache),
+            verifier=verifier,
+        )
         self.router = AppRouter(
             gateway_id,
             config,
@@ -308,6 +323,7 @@ class Gateway:
             log.warning("unanswerable prompt on %s dropped: %s", msg.topic, error.message)
             return
         self.errors += 1
+        self.metrics.errors.labels(_app_of(msg), error.code).inc()
         self._send(targets, p.prompt_error(pid, error.code, error.message))
 
     def _on_unrouted(self, msg: Any) -> None:
@@ -406,12 +422,14 @@ class Gateway:
             targets.insert(0, (reply_to, None))
         if not self._slots.acquire(blocking=False):
             self.errors += 1
+            self.metrics.errors.labels(app, Busy.code).inc()
             err = Busy(f"gateway {self.id} is saturated; retry later")
             self._send(targets, p.prompt_error(req.id, err.code, err.message))
             return False
         with self._inflight_lock:
             self._inflight[msg.mid] = req.id
         log.debug("prompt %s accepted (message %d)", req.id, msg.mid)
+        self.metrics.in_flight.inc()
         self._pool.submit(self._answer, msg, app, req, targets, received)
         return True
 
@@ -420,21 +438,26 @@ class Gateway:
     def _answer(
         self, msg: Any, app: str, req: p.PromptRequest, targets: Targets, received: float
     ) -> None:
+        m = self.metrics
         try:
             final: BaseModel = self._generate(app, req, targets, received)
             self.answered += 1
+            m.prompts.labels(app).inc()
         except Moe2Error as exc:
             final = p.prompt_error(req.id, exc.code, exc.message)
             self.errors += 1
             self.stats.errored(app)
+            m.errors.labels(app, exc.code).inc()
         except Exception as exc:  # one prompt's bug must not cost the others their answer
             log.exception("prompt %s failed", req.id)
             err = InternalError(f"{type(exc).__name__}: {exc}")
             final = p.prompt_error(req.id, err.code, err.message)
             self.errors += 1
             self.stats.errored(app)
+            m.errors.labels(app, err.code).inc()
         finally:
             self._slots.release()
+            m.in_flight.dec()
         log.debug("prompt %s answered: %s", req.id, type(final).__name__)
         try:
             self._send(targets, final)
@@ -464,7 +487,7 @@ class Gateway:
             raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
         online = [n for n in plan.subset if n in infos]
         gate = self.gates.get(app, UniformGate())
-        chosen = dict(top_k(gate.values(req.prompt, online), online, plan.k))
+        chosen = dict(top_k(gate.values(req.gate_text, online), online, plan.k))
         vocabs: dict[str, Vocab] = {}
         for name in list(chosen):
             try:
@@ -521,7 +544,7 @@ class Gateway:
             alive=self._expert_alive,
             abandoned=self._abandon.is_set,
         )
-        result = gen.run(req.prompt, max_tokens)
+        result = gen.run(req.prompt, max_tokens, req.messages)
         latency_s = time.monotonic() - received
         profiles = self.fleet.copy().profile
         energy, measured = answer_energy(profiles, result.prompt_tokens, max(1, result.tokens))
@@ -532,6 +555,14 @@ class Gateway:
             energy_j_per_step=energy,
             energy_measured=measured,
         )
+        m = self.metrics
+        m.tokens.labels(app).inc(result.tokens)
+        for seconds in result.step_seconds:
+            m.step_seconds.labels(app).observe(seconds)
+        for d in result.dropped:
+            m.dropped.labels(app, d.id).inc()
+        if result.tokens and latency_s > 0:
+            m.tokens_per_s.labels(app).observe(result.tokens / latency_s)
         return p.PromptAnswer(
             id=req.id,
             text=result.text,
@@ -544,3 +575,8 @@ class Gateway:
             dropped=result.dropped,
             gateway=self.id,
         )
+
+
+def _app_of(msg: Any) -> str:
+    topic = p.topics.parse(msg.topic)
+    return topic.app if topic is not None and topic.app is not None else ""

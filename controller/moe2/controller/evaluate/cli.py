@@ -14,6 +14,7 @@ trained on. SMO chooses subsets on the gate's dataset without its test split. Ex
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import sys
 import threading
@@ -332,7 +333,12 @@ def eval_cmd(
         reg.close()
     report = markdown(result)
     out = result.to_json()
-    if not no_plot:
+    if not no_plot and plot_path is None and importlib.util.find_spec("matplotlib") is None:
+        # The default plot needs the eval extra; asked for by --plot, its absence is an error.
+        click.echo(
+            "no plot: matplotlib is missing (pip install 'moe2-edge-controller[eval]')", err=True
+        )
+    elif not no_plot:
         path = plot_path or Path(f"eval-{result.dataset}.png")
         out["plot"] = str(plot(result, path))
         click.echo(f"plot written to {path}", err=True)

@@ -28,6 +28,7 @@ from moe2.controller.evaluate.run import (
     Evaluation,
     MethodResult,
 )
+from moe2.controller.extras import require
 
 
 def percent(share: float) -> str:
@@ -136,6 +137,7 @@ def markdown(result: Evaluation) -> str:
 def plot(result: Evaluation, path: Path) -> Path:
     """Accuracy against the energy budget: one line per method and delay limit, with the best
     single expert and the vote of all experts as references."""
+    require("matplotlib", "eval", "moe2ctl eval --plot")
     import matplotlib
 
     matplotlib.use("Agg")

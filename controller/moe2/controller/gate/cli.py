@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
+from moe2.controller.extras import require
 from moe2.controller.gate.config import TrainConfig
 from moe2.controller.options import (
     broker_from_flags,
@@ -65,6 +66,7 @@ def train_gate(
 ) -> tuple[GateVersion, Any]:
     """Train and store a gate; its files go to ``gates_dir/<version>`` (default: the
     controller settings' gates folder)."""
+    require("torch", "train", "training a gate")
     import torch
 
     from moe2.controller.gate.embedding import Encoder
@@ -104,6 +106,7 @@ def train_gate(
 
 
 def load_head(row: GateVersion) -> GateHead:
+    require("torch", "train", "a gate without its ONNX export")
     import torch
 
     from moe2.controller.gate.model import GateHead
@@ -123,6 +126,7 @@ def export_gate(
     encoder: Encoder | None = None,
     gates_dir: Path | None = None,
 ) -> tuple[p.GateManifest, float]:
+    require("onnx", "train", "exporting a gate")
     from moe2.controller.gate import export as ex
     from moe2.controller.gate.embedding import Encoder
 

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, create_engine, delete, event, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
+from moe2.controller.extras import require
 from moe2.controller.registry import migrations
 from moe2.controller.registry.schema import (
     Agent,
@@ -38,6 +39,8 @@ from moe2.shared.errors import ConfigError
 
 
 def engine_for(url: str) -> Engine:
+    if url.startswith("postgresql"):
+        require("psycopg", "postgres", "a PostgreSQL registry")
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite"):

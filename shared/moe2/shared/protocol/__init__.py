@@ -30,7 +30,7 @@ probability mass left outside the top-k (``tail``), or on request the full distr
 base64 little-endian float32 log-probabilities.
 """
 
-from moe2.shared.protocol.agents import AgentInfo, AgentStatus
+from moe2.shared.protocol.agents import AgentInfo, AgentStatus, ComputeBackend, ComputeDevice
 from moe2.shared.protocol.base import (
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
@@ -55,6 +55,7 @@ from moe2.shared.protocol.desired import (
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
 from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
 from moe2.shared.protocol.prompts import (
+    ChatMessage,
     DroppedExpert,
     ExpertWeight,
     PromptAnswer,
@@ -114,8 +115,11 @@ __all__ = [
     "AppStats",
     "AssignmentAck",
     "BlobRef",
+    "ChatMessage",
     "CloseReply",
     "CloseRequest",
+    "ComputeBackend",
+    "ComputeDevice",
     "DetokenizeReply",
     "DetokenizeRequest",
     "DistributionReply",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moe2.shared.protocol.base import NAME_PATTERN, Message
 
@@ -12,6 +12,29 @@ AgentName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 # Largest vocabulary an announcement may claim (the largest models have ~262k tokens).
 MAX_VOCAB = 1 << 22
+
+
+class ComputeDevice(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # ggml's device name: "CPU", "CUDA0", "Metal"
+    description: str  # "NVIDIA GeForce RTX 4090", "Orin"
+    kind: Literal["cpu", "gpu", "igpu", "accel"]
+    memory_total: int | None = None  # bytes
+
+
+class ComputeBackend(BaseModel):
+    """Where the agent's model runs, as llama.cpp placed it at load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # "CPU", "CUDA", "Metal", "Vulkan"...
+    gpu_layers: int  # layers (output layer included) on a GPU
+    n_layers: int  # offloadable layers: repeating layers + the output layer
+    requested_layers: int  # what the configuration asked for
+    vram_bytes: int  # model weights in GPU memory
+    supports_gpu_offload: bool  # whether this llama.cpp build can offload at all
+    devices: list[ComputeDevice] = Field(default_factory=list)
 
 
 class AgentInfo(Message):
@@ -32,6 +55,7 @@ class AgentInfo(Message):
     eos_ids: list[Annotated[int, Field(ge=0)]] = Field(max_length=1024)  # end a generation
     add_bos: bool  # whether the model expects BOS before a prompt
     chat_template: str | None = None
+    backend: ComputeBackend | None = None  # None: an agent of an older version
     device_class: str
     software_version: str
     max_sessions: int = Field(ge=1, le=4096)  # sessions it holds at once (open beyond: busy)

@@ -5,6 +5,13 @@ A client publishes to ``moe2/v1/prompts/<app>``::
     {"id": "42", "prompt": "the fox eats", "reply_to": "phone/7/answers",
      "max_tokens": 32, "temperature": 0.0, "stream": true}
 
+or a conversation instead of ``prompt``, which each expert renders with its own model's chat
+template (so with experts of different families each sees it in its own format)::
+
+    {"id": "43", "messages": [{"role": "system", "content": "Answer briefly."},
+                              {"role": "user", "content": "Name a prime."}],
+     "reply_to": "phone/7/answers"}
+
 and receives on ``reply_to`` (and on its MQTT 5 ResponseTopic with its CorrelationData, when
 given) optional chunks ``{"id", "index", "delta"}``, then exactly one final answer or exactly
 one error ``{"id", "error": {"code", "message"}}``. These payloads carry no schema version:
@@ -17,12 +24,21 @@ import re
 from json.decoder import scanstring  # type: ignore[attr-defined]  # public, untyped in typeshed
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from moe2.shared.errors import BadMessage, MessageTooLarge
 from moe2.shared.protocol.base import MAX_TEXT_CHARS, NAME_PATTERN, TOPIC_ROOT, describe_error
 
 MAX_PROMPT_ID = 128
+MAX_MESSAGES = 256  # turns in one conversation
 MAX_TOPIC = 512
 _TOPIC_OK = re.compile(r"^[^#+\x00]+$")
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -174,9 +190,30 @@ class _Public(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ChatRole = Literal["system", "user", "assistant", "tool"]
+
+
+class ChatMessage(_Public):
+    """One turn of a conversation, as OpenAI's chat API and Hugging Face templates have it."""
+
+    role: ChatRole
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+Conversation = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+
+def conversation_text(messages: list[ChatMessage]) -> str:
+    """The text a gate weighs a conversation by: its last user turn (what the experts are
+    asked to answer now), else its last turn."""
+    users = [m for m in messages if m.role == "user"]
+    return (users or messages)[-1].content
+
+
 class PromptRequest(_Public):
     id: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_ID)]
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+    messages: Conversation | None = None  # instead of prompt
     reply_to: str
     max_tokens: int | None = Field(default=None, ge=1)  # the gateway caps it (error above)
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)  # 0: greedy
@@ -188,6 +225,23 @@ class PromptRequest(_Public):
     @classmethod
     def _reply_topic(cls, v: str) -> str:
         return check_reply_topic(v)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PromptRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (a conversation)")
+        if self.messages is not None and sum(len(m.content) for m in self.messages) > (
+            MAX_TEXT_CHARS
+        ):
+            raise ValueError(f"the conversation exceeds {MAX_TEXT_CHARS} characters")
+        return self
+
+    @property
+    def gate_text(self) -> str:
+        """What the gate weighs the experts by."""
+        if self.messages is not None:
+            return conversation_text(self.messages)
+        return self.prompt or ""
 
 
 class StreamChunk(_Public):

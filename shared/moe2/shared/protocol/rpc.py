@@ -28,6 +28,7 @@ from moe2.shared.protocol.base import (
     parse_envelope,
 )
 from moe2.shared.protocol.profiles import AgentProfile
+from moe2.shared.protocol.prompts import Conversation
 
 # --------------------------------------------------------------------------- distributions
 
@@ -244,17 +245,24 @@ class _DistributionOptions(BaseModel):
 
 
 class OpenRequest(_Request[DistributionReply], _DistributionOptions):
-    """Open a session on a prompt; the reply carries the next-token distribution."""
+    """Open a session on a prompt; the reply carries the next-token distribution.
+
+    ``messages`` is a conversation the agent renders with its own model's chat template
+    (special tokens as themselves; ``add_bos`` does not apply)."""
 
     op: Literal["open"] = "open"
     prompt: Text | None = None
     tokens: TokenList | None = None
+    messages: Conversation | None = None
     add_bos: bool | None = None  # None: as the model expects
 
     @model_validator(mode="after")
     def _one_prompt(self) -> OpenRequest:
-        if (self.prompt is None) == (self.tokens is None):
-            raise ValueError("give exactly one of 'prompt' (text) or 'tokens' (ids)")
+        if sum(x is not None for x in (self.prompt, self.tokens, self.messages)) != 1:
+            raise ValueError(
+                "give exactly one of 'prompt' (text), 'tokens' (ids) or 'messages' "
+                "(a conversation)"
+            )
         if self.tokens is not None and len(self.tokens) == 0:
             raise ValueError("'tokens' must not be empty")
         return self
