@@ -50,7 +50,7 @@ def templated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def service(model: Path) -> AgentService:
-    return AgentService("t", LlamaCppBackend(AgentConfig(model=model, n_threads=1)), 2)
+    return AgentService("t", LlamaCppBackend(AgentConfig(model=model, n_threads=1)), 4)
 
 
 def evaluated(svc: AgentService, messages: list[p.ChatMessage]) -> list[int]:

@@ -54,6 +54,7 @@ def served(
             *flags,
             "--serve-app",
             f"{app}=emb-animals,emb-code:2",
+            *embedded.gateway_flags,
         )
         fleet.wait_online(["emb-animals", "emb-code"], 60)
         yield cfg, app

@@ -74,6 +74,7 @@ def demo(broker_kind: str, domains: tuple[str, ...], top: int, k: int) -> None:
                 # The first agent is also the gateway: it serves the app "demo" with all
                 # experts, k of them per prompt (uniform weights until a gate is pushed).
                 role = ["--serve-app", f"demo={','.join(ids)}:{k}"] if i == 0 else []
+                role += broker.gateway_flags if i == 0 else ()
                 fleet.start(agent_id, paths[d], "--n-threads", "1", *role)
             fleet.wait_online(ids, timeout=120)
             click.echo(f"{len(ids)} agents online after {time.monotonic() - t0:.1f} s\n")

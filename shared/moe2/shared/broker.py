@@ -83,6 +83,9 @@ class Broker(abc.ABC):
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix=f"moe2-{self.name}-")
 
+    # Flags a gateway on this broker needs (``moe2-agent ... *broker.gateway_flags``).
+    gateway_flags: tuple[str, ...] = ()
+
     @property
     def listeners(self) -> dict[str, int]:
         """MQTT protocol version -> port ("5", "3.1.1")."""
@@ -191,6 +194,11 @@ class IotcoreBroker(Broker):
     """
 
     name = "iotcore"
+    # rumqttd 0.20 keeps sessions badly: when a client whose kept session holds a shared
+    # subscription disconnects, its router panics ("group must exists") and every client
+    # loses the broker; a resumed session's SUBSCRIBE gets no retained messages. Gateways keep
+    # no session on it (their prompts in flight are not redelivered after a crash there).
+    gateway_flags = ("--gateway-session-expiry-s", "0")
 
     def __init__(
         self, port: int | None = None, port_v311: int | None = None, *, persistence: bool = False

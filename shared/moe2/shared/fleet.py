@@ -156,7 +156,7 @@ class FleetView(FleetState):
         for kind in self.kinds:
             if kind not in _FILTERS:
                 raise ValueError(f"unknown fleet state kind {kind!r}; expected one of {KINDS}")
-            conn.subscribe(_FILTERS[kind], self._on_message)
+            conn.subscribe(_FILTERS[kind], self._on_message, retained_state=True)
         conn.subscribe(self._marker, self._on_marker)
         conn.on_session_start.append(self._session_start)
         conn.on_connected.append(self._subscribed)

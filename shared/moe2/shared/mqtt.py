@@ -146,6 +146,7 @@ class Connection:
         self._connected = threading.Event()
         self._pending_subacks: set[int] = set()
         self._connect_error: str | None = None
+        self._retained_state: set[str] = set()  # filters to subscribe afresh on a resumed session
         self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
         self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
         # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
@@ -232,13 +233,22 @@ class Connection:
     # ------------------------------------------------------------------ pub/sub
 
     def subscribe(
-        self, topic_filter: str, handler: Handler, qos: int = 1, *, manual_ack: bool = False
+        self,
+        topic_filter: str,
+        handler: Handler,
+        qos: int = 1,
+        *,
+        manual_ack: bool = False,
+        retained_state: bool = False,
     ) -> None:
         """Call ``handler`` for every message of ``topic_filter``. Each filter is its own
         SUBSCRIBE with an MQTT 5 subscription identifier, so a message is dispatched to the
         handlers of the subscription it was delivered for, even when filters overlap (a
         shared subscription and a plain one, say). With ``manual_ack`` the handler owns the
-        acknowledgement of each message (``ack``); otherwise it is sent once handlers return."""
+        acknowledgement of each message (``ack``); otherwise it is sent once handlers return.
+        ``retained_state``: the filter's retained messages must come again on every
+        reconnection, also when the broker resumed our session (rumqttd sends them only for a
+        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE)."""
         # A shared subscription "$share/<group>/<filter>" delivers messages whose topic
         # matches <filter>: the fallback dispatch (brokers without identifiers) uses that.
         match = topic_filter
@@ -252,6 +262,8 @@ class Connection:
                     topic_filter, set(self._sub_ids.values())
                 )
             self._handlers.append((topic_filter, match, qos, handler, sub_id, manual_ack))
+            if retained_state:
+                self._retained_state.add(topic_filter)
             if self._session_up and new:
                 self._client.subscribe(topic_filter, qos=qos, properties=_sub_props(sub_id))
 
@@ -332,6 +344,15 @@ class Connection:
             if not subs:
                 self._pending_subacks = set()
             else:
+                if self.session_present:
+                    # A resumed session keeps its subscriptions, and rumqttd sends retained
+                    # messages only for a new one; it also ignores an UNSUBSCRIBE of a filter
+                    # this connection has not subscribed yet: subscribe, unsubscribe, then
+                    # subscribe below (mosquitto sends the retained messages twice: harmless).
+                    for f in sorted(self._retained_state & subs.keys()):
+                        q, sid = subs[f]
+                        client.subscribe(f, qos=q, properties=_sub_props(sid))
+                        client.unsubscribe(f)
                 # We count as connected only once the broker has acknowledged every
                 # subscription, so nothing published to us after start() returns is missed.
                 mids = (
