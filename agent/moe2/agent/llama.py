@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -174,6 +175,23 @@ class LlamaCppBackend(ModelBackend):
             raise ModelError("llama.cpp could not create a context (out of memory?)")
         return ctx
 
+    def _scratch_sequence(self) -> LlamaSequence:
+        if self._scratch is None:
+            self._scratch = LlamaSequence(self)
+        return self._scratch
+
+    def _rows(
+        self, seq: LlamaSequence, tokens: Seq[int], wanted: set[int]
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Append ``tokens`` to ``seq``; yields (index into tokens, next-token log-probs after
+        it) for each wanted index, in order."""
+        chunk = max(1, min(self._n_batch, _SCORE_LOGIT_FLOATS // self._n_vocab))
+        for pos in range(0, len(tokens), chunk):
+            end = min(len(tokens), pos + chunk)
+            rows = seq._decode(tokens[pos:end], [i in wanted for i in range(pos, end)])
+            for row in rows:  # batch index row holds the logits of position pos + row
+                yield pos + row, log_softmax(seq._logits(row))
+
     def score(self, prompt: Seq[int], target: Seq[int]) -> np.ndarray:
         if not prompt:
             raise ModelError("scoring needs a non-empty prompt")
@@ -184,27 +202,51 @@ class LlamaCppBackend(ModelBackend):
                 f"prompt ({len(prompt)}) + target ({len(target)}) tokens exceed the context "
                 f"of {self._n_ctx}"
             )
-        if self._scratch is None:
-            self._scratch = LlamaSequence(self)
-        seq = self._scratch
+        seq = self._scratch_sequence()
         seq.truncate(0)
-        history = [*prompt, *target]
         # Logits are needed at the positions that predict each target token:
         # position len(prompt)-1+t predicts target[t].
         first = len(prompt) - 1
-        wanted = set(range(first, first + len(target)))
         out = np.empty(len(target), dtype=np.float64)
-        chunk = max(1, min(self._n_batch, _SCORE_LOGIT_FLOATS // self._n_vocab))
-        pos = 0
-        while pos < len(history):
-            end = min(len(history), pos + chunk)
-            rows = seq._decode(history[pos:end], [p in wanted for p in range(pos, end)])
-            for row in rows:  # batch index row holds the logits of position pos + row
-                t = pos + row - first
-                out[t] = float(log_softmax(seq._logits(row))[target[t]])
-            pos = end
-        seq.truncate(0)
+        try:
+            wanted = set(range(first, first + len(target)))
+            for i, lp in self._rows(seq, [*prompt, *target], wanted):
+                out[i - first] = float(lp[target[i - first]])
+        finally:
+            seq.truncate(0)
         return out
+
+    def score_choices(self, prompt: Seq[int], targets: Seq[Seq[int]]) -> list[np.ndarray]:
+        # The prompt is decoded once and kept in the KV cache; each target is decoded after
+        # it and rolled back. The prompt's last position predicts every target's first token.
+        if not prompt:
+            raise ModelError("scoring needs a non-empty prompt")
+        if not targets or not all(targets):
+            raise ModelError("scoring needs non-empty targets")
+        self._check_tokens(prompt)
+        for target in targets:
+            self._check_tokens(target)
+        longest = max(len(t) for t in targets)
+        if len(prompt) + longest > self._n_ctx:
+            raise ContextOverflow(
+                f"prompt ({len(prompt)}) + longest target ({longest}) tokens exceed the context "
+                f"of {self._n_ctx}"
+            )
+        seq = self._scratch_sequence()
+        seq.truncate(0)
+        outs = []
+        try:
+            ((_, first),) = list(self._rows(seq, prompt, {len(prompt) - 1}))
+            for target in targets:
+                seq.truncate(len(prompt))
+                out = np.empty(len(target), dtype=np.float64)
+                out[0] = float(first[target[0]])
+                for i, lp in self._rows(seq, target[:-1], set(range(len(target) - 1))):
+                    out[i + 1] = float(lp[target[i + 1]])
+                outs.append(out)
+        finally:
+            seq.truncate(0)
+        return outs
 
     def close(self) -> None:
         if self._scratch is not None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from moe2.agent.gateway.choices import ChoiceScorer
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.gate import Gate, UniformGate, top_k
 from moe2.agent.gateway.gatestore import GateStore
@@ -59,6 +60,9 @@ class Gateway:
         self.gate_store = GateStore(self.conn, gateway_id, self._use_gate)
         self.router = AppRouter(
             gateway_id, config, self.conn, self._on_prompt, self._on_unrouted, self.gate_store.want
+        )
+        self.choices = ChoiceScorer(
+            gateway_id, self.rpc, self.fleet, self.router, self.gates, config
         )
         self.fleet.listeners.append(self.router.on_fleet_change)
         self.fleet.listeners.append(self._on_fleet_change)
@@ -215,7 +219,11 @@ class Gateway:
 
     def _answer(self, app: str, req: p.PromptRequest, targets: Targets, received: float) -> None:
         try:
-            final: BaseModel = self._generate(app, req, targets, received)
+            final: BaseModel = (
+                self.choices.answer(app, req, received)
+                if req.choices is not None  # multiple choice: scored, not generated
+                else self._generate(app, req, targets, received)
+            )
             self.answered += 1
         except Moe2Error as exc:
             final = p.prompt_error(req.id, exc.code, exc.message)

@@ -31,6 +31,7 @@ base64 little-endian float32 log-probabilities.
 
 from moe2.shared.protocol.agents import AgentInfo, AgentStatus
 from moe2.shared.protocol.base import (
+    MAX_CHOICES,
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
     MAX_TOP_K,
@@ -54,6 +55,7 @@ from moe2.shared.protocol.desired import (
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
 from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
 from moe2.shared.protocol.prompts import (
+    ChoiceAnswer,
     DroppedExpert,
     ExpertWeight,
     PromptAnswer,
@@ -78,6 +80,8 @@ from moe2.shared.protocol.rpc import (
     PingRequest,
     ProfileReply,
     ProfileRequest,
+    ScoreChoicesReply,
+    ScoreChoicesRequest,
     ScoreReply,
     ScoreRequest,
     StepRequest,
@@ -97,6 +101,7 @@ from moe2.shared.protocol.rpc import (
 from moe2.shared.protocol.topics import Topic, topics
 
 __all__ = [
+    "MAX_CHOICES",
     "MAX_TEXT_CHARS",
     "MAX_TOKENS_PER_REQUEST",
     "MAX_TOP_K",
@@ -113,6 +118,7 @@ __all__ = [
     "AppStats",
     "AssignmentAck",
     "BlobRef",
+    "ChoiceAnswer",
     "CloseReply",
     "CloseRequest",
     "DetokenizeReply",
@@ -138,6 +144,8 @@ __all__ = [
     "PromptAnswer",
     "PromptError",
     "PromptRequest",
+    "ScoreChoicesReply",
+    "ScoreChoicesRequest",
     "ScoreReply",
     "ScoreRequest",
     "StepRequest",
