@@ -104,9 +104,7 @@ def _fused(scores: dict[str, list[np.ndarray]], weights: dict[str, float], per_t
             probs = sum(w * np.exp(scores[n][o]) for n, w in weights.items())
             out.append(float(np.log(probs).sum()))
         else:
-            out.append(
-                math.log(sum(w * math.exp(scores[n][o].sum()) for n, w in weights.items()))
-            )
+            out.append(math.log(sum(w * math.exp(scores[n][o].sum()) for n, w in weights.items())))
     return out
 
 
