@@ -282,7 +282,11 @@ def collect(
         stop.set()
         report.interrupted = True
         if batch:
-            report.stored += registry.add_scores(batch)
+            # The interrupt may have come inside add_scores, after its commit: store only
+            # what is not stored yet.
+            done = {e: registry.scored(dataset, e) for e in {r["expert"] for r in batch}}
+            rest = [r for r in batch if (r["sample_id"], r["option"]) not in done[r["expert"]]]
+            report.stored += len(batch) - len(rest) + registry.add_scores(rest)
     for w in workers:
         w.join(timeout=settings.timeout_s)
         if w.failure:

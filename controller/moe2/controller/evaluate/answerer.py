@@ -116,4 +116,3 @@ class ScoreAnswerer(Answerer):
 # Every answerer by name; ``GatewayAnswerer`` (its own module: it needs the broker client) is
 # added by the package's __init__.
 ANSWERERS: dict[str, type[Answerer]] = {ScoreAnswerer.name: ScoreAnswerer}
-

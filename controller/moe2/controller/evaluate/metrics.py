@@ -130,7 +130,7 @@ def answer_costs(
 
 
 def summary(kinds: set[str]) -> str:
-    """"measured", "modelled" or "mixed" for a set of sources."""
+    """ "measured", "modelled" or "mixed" for a set of sources."""
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
