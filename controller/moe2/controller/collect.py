@@ -284,8 +284,8 @@ def collect(
         if batch:
             # The interrupt may have come inside add_scores, after its commit: store only
             # what is not stored yet.
-            done = {e: registry.scored(dataset, e) for e in {r["expert"] for r in batch}}
-            rest = [r for r in batch if (r["sample_id"], r["option"]) not in done[r["expert"]]]
+            stored = {e: registry.scored(dataset, e) for e in {r["expert"] for r in batch}}
+            rest = [r for r in batch if (r["sample_id"], r["option"]) not in stored[r["expert"]]]
             report.stored += len(batch) - len(rest) + registry.add_scores(rest)
     for w in workers:
         w.join(timeout=settings.timeout_s)
