@@ -49,6 +49,7 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
+@pytest.mark.timeout(900)
 def test_the_demo_runs_the_pipeline_and_moe2_beats_its_baselines(tmp_path: Path) -> None:
     (tmp_path / "none.toml").write_text("")
     run = subprocess.run(
@@ -75,6 +76,7 @@ def test_the_demo_runs_the_pipeline_and_moe2_beats_its_baselines(tmp_path: Path)
     assert not (tmp_path / "work" / "registry.db-journal").exists()
 
 
+@pytest.mark.timeout(900)
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     (tmp_path / "none.toml").write_text("")
     proc = subprocess.Popen(

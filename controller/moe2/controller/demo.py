@@ -19,6 +19,7 @@ modelled from each class's power figures (marked ≈ in the tables).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import sys
@@ -284,6 +285,7 @@ def _start_fleet(fleet: LocalFleet, experts: list[Expert], fleet_kind: str, k: i
 
     ids = [e.agent_id for e in experts]
     profile = TINY_PROFILE if fleet_kind == "tiny" else PACKAGED_PROFILE
+    t0 = time.monotonic()
     for i, e in enumerate(experts):
         # The first agent is also the gateway: it serves app "demo" with every expert, k per
         # prompt, uniform weights until the controller pushes a gate and a subset.
@@ -299,12 +301,17 @@ def _start_fleet(fleet: LocalFleet, experts: list[Expert], fleet_kind: str, k: i
             *profile,
             *role,
         )
-    t0 = time.monotonic()
-    for a in ids:
-        say(f"{a:<22} pid {fleet.procs[a].pid}")
-    fleet.wait_online(ids, timeout=180)
-    say(f"{len(ids)} agents online after {time.monotonic() - t0:.1f} s; gateway: {ids[0]}")
-    _wait_until(lambda: _have(fleet.broker, "profile", ids), "profiles", len(ids), timeout=600)
+        say(f"{e.agent_id:<22} pid {fleet.procs[e.agent_id].pid}")
+        # One at a time: agents that profile together on one machine slow each other down,
+        # and their profiles would promise more delay than they take.
+        fleet.wait_online([e.agent_id], timeout=180)
+        _wait_until(
+            functools.partial(_have, fleet.broker, "profile", [e.agent_id]),
+            f"{e.agent_id} profiles itself",
+            1,
+            timeout=600,
+        )
+    say(f"{len(ids)} agents online and profiled after {time.monotonic() - t0:.1f} s")
     _wait_until(lambda: _have(fleet.broker, "links", ids), "links measured", len(ids), 60)
     profiles = FleetView.snapshot(fleet.broker, ("profile",), 2.0).profile
     for a in ids:

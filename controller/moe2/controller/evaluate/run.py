@@ -316,7 +316,8 @@ def evaluate(
             continue
         cell = Cell(delay_limit, energy_limit, True, objective=found.objective)
         subset = found.subset
-        moe = h.answers(Route(subset, settings.k, "gate"))
+        # a subset smaller than k fuses all of it: the same route as k = |S| (cached)
+        moe = h.answers(Route(subset, min(settings.k, len(subset)), "gate"))
         cell.methods[MOE2] = h.method(
             LABELS[MOE2], [a.choice for a in moe], moe, gated=True, limits=limits, subsets=[subset]
         )
