@@ -4,6 +4,7 @@
     moe2ctl eval --delay 0.02,0.05 --energy 1,2,3,5 --plot eval.png
     moe2ctl eval --jsonl mine.jsonl --json          # your own questions, scored if needed
     moe2ctl eval tiny-mc --gate uniform             # no gate: experts weighed equally
+    moe2ctl eval --answerer gateway --energy 1,2,none   # asked through a live gateway, measured
 
 Held out: evaluating the gate's own dataset uses its test split (which training and early
 stopping never saw); another dataset or a JSONL file is used whole, minus any prompt the gate

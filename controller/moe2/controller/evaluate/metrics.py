@@ -8,7 +8,9 @@
 Costs follow DESIGN.md §2 per answer: the mean over the answer's steps of the slowest expert
 that took part (the prompt step, then decode steps), plus the gate's delay when a gate
 routed it; the energy is the sum over the experts that took part, per step. An app's delay is
-the mean over its questions; the cell shows the worst app's.
+the mean over its questions; the cell shows the worst app's. ``measured_costs`` does the same
+with what an answerer measured on each answer (``evaluate/gateway.py``), held to the limits
+within the spread the answering experts' profiles state.
 """
 
 from __future__ import annotations
