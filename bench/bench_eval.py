@@ -59,7 +59,7 @@ PACKAGED = {
 }
 MIX = (("mmlu", 0.5), ("arc-easy", 0.15), ("arc-challenge", 0.15), ("sciq", 0.2))
 PROFILE = (
-    "--profile-points", "3", "--profile-repeats", "2", "--profile-max-prompt-fraction", "0.15",
+    "--profile-points", "3", "--profile-repeats", "3", "--profile-max-prompt-fraction", "0.15",
     "--profile-decode-tokens", "4", "--profile-idle-seconds", "0",
 )  # fmt: skip
 

@@ -57,7 +57,7 @@ TINY_PROFILE = (
     "--profile-idle-seconds", "0",
 )  # fmt: skip
 PACKAGED_PROFILE = (
-    "--profile-points", "3", "--profile-max-prompt-fraction", "0.15",
+    "--profile-points", "3", "--profile-max-prompt-fraction", "0.15", "--profile-repeats", "3",
     "--profile-decode-tokens", "4", "--profile-idle-seconds", "0",
 )  # fmt: skip
 
