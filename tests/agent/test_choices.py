@@ -25,6 +25,7 @@ from moe2.controller.localfleet import LocalFleet
 from moe2.shared import protocol as p
 from moe2.shared.client import PromptClient
 from moe2.shared.errors import BadMessage
+from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient, response_properties
 
 PROMPT = "the fox eats the"
@@ -200,3 +201,38 @@ def test_top_1_scores_on_one_expert_and_bad_choices_get_one_error(
     assert {g["id"]: g["error"]["code"] for g in got} == dict.fromkeys(
         ("one", "empty", "type"), "bad_request"
     )
+
+
+def test_choice_answers_count_in_the_apps_measured_figures(
+    fleet: LocalFleet, broker_config: BrokerConfig, tiny_models: dict[str, Path]
+) -> None:
+    a = uid("a")
+    fleet.start(a, tiny_models["animals"], "--n-threads", "1")  # it profiles itself
+    gw = start(
+        fleet,
+        tiny_models["code"],
+        uid("gw"),
+        "--serve-app",
+        f"mc={a}:1",
+        "--gateway-stats-interval-s",
+        "0.3",
+    )
+    fleet.wait_online([a], 60)
+    end = time.monotonic() + 60
+    while a not in FleetView.snapshot(broker_config, ("profile",), 5).profile:
+        assert time.monotonic() < end, "no profile"
+        time.sleep(0.3)
+    with PromptClient(broker_config) as client:
+        answers = [client.choose("mc", PROMPT, CHOICES, timeout=30) for _ in range(3)]
+    deadline = time.monotonic() + 10
+    while True:
+        state = FleetView.snapshot(broker_config, ("stats",), 5)
+        st = state.stats.get(gw)
+        if st is not None and "mc" in st.apps and st.apps["mc"].answers == 3:
+            break
+        assert time.monotonic() < deadline, "no figures for the app"
+        time.sleep(0.3)
+    fig = st.apps["mc"]
+    # each answer counts as the chosen option's steps, as a generation of it would
+    assert fig.steps == sum(x.steps[x.choice] for x in answers)
+    assert fig.energy_j_per_step is not None and fig.energy_j_per_step > 0

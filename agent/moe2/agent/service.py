@@ -147,6 +147,7 @@ class AgentService:
         logprobs = self.backend.score_choices(prompt, targets)
         ms = (time.perf_counter() - t0) * 1e3
         return p.ScoreChoicesReply(
+            prompt_tokens=len(prompt),
             targets_tokens=[list(t) for t in targets],
             logprobs=[lp.tolist() for lp in logprobs],
             compute_ms=ms,

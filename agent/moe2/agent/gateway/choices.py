@@ -9,12 +9,15 @@ choice). The experts' log-probabilities are fused with the one mixing rule
 option otherwise), exactly as the controller fuses stored scores, and the answer is the option
 of highest fused log-likelihood::
 
-    scorer = ChoiceScorer("gw-1", rpc, fleet, router, gates, config)
+    scorer = ChoiceScorer("gw-1", rpc, fleet, router, gates, config, stats)
     answer = scorer.answer("qa", request, received=time.monotonic())
     answer.choice, answer.logprobs, answer.mixing
 
 Experts that fail or stay silent are dropped and the others' weights renormalised, as in
-generation; when every one fails the prompt gets one error.
+generation; when every one fails the prompt gets one error. Each answer is counted in the
+application's figures (``stats.py``) as a generation of the chosen option would be: its
+latency over the option's steps, the experts' energy from their profiles at the prompt's
+length.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.gate import Gate, UniformGate, renormalise, top_k
 from moe2.agent.gateway.routing import AppRouter
+from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.shared import mixing
 from moe2.shared import protocol as p
 from moe2.shared.errors import (
@@ -56,6 +60,7 @@ class ChoiceScorer:
         router: AppRouter,
         gates: Mapping[str, Gate],  # the gateway's gates per application (updated in place)
         config: GatewayConfig,
+        stats: AppStatsWindow | None = None,
     ) -> None:
         self.id = gateway_id
         self.rpc = rpc
@@ -63,6 +68,7 @@ class ChoiceScorer:
         self.router = router
         self.gates = gates
         self.config = config
+        self.stats = stats
 
     def answer(self, app: str, req: p.PromptRequest, received: float) -> p.ChoiceAnswer:
         choices = list(req.choices or [])
@@ -94,14 +100,29 @@ class ChoiceScorer:
             u = mixing.units(logp, level, f"prompt {req.id} choice {o}")
             fused.append(float(mixing.mixture_loglik(log_w, u)))
             steps.append(mixing.steps(logp))
+        choice = int(np.argmax(fused))
+        latency_s = time.monotonic() - received
+        if self.stats is not None:
+            energy, measured = answer_energy(
+                self.fleet.copy().profile,
+                {n: replies[n].prompt_tokens for n in names},
+                steps[choice],
+            )
+            self.stats.answered(
+                app,
+                latency_s=latency_s,
+                steps=steps[choice],
+                energy_j_per_step=energy,
+                energy_measured=measured,
+            )
         return p.ChoiceAnswer(
             id=req.id,
-            choice=int(np.argmax(fused)),
+            choice=choice,
             logprobs=fused,
             experts=[p.ExpertWeight(id=n, weight=w) for n, w in weights.items()],
             mixing=level,
             steps=steps,
-            latency_ms=(time.monotonic() - received) * 1e3,
+            latency_ms=latency_s * 1e3,
             compute_ms={n: replies[n].compute_ms for n in names},
             app=app,
             dropped=dropped,
@@ -151,6 +172,7 @@ class ChoiceScorer:
         got = [self.rpc.wait(f, max(0.0, end - time.monotonic())) for f in futures]
         return p.ScoreChoicesReply(
             targets_tokens=[g.target_tokens for g in got],
+            prompt_tokens=0,  # a score reply does not say (only the stats use it)
             logprobs=[g.logprobs for g in got],
             compute_ms=sum(g.compute_ms for g in got),
         )

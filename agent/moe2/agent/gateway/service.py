@@ -61,9 +61,6 @@ class Gateway:
         self.router = AppRouter(
             gateway_id, config, self.conn, self._on_prompt, self._on_unrouted, self.gate_store.want
         )
-        self.choices = ChoiceScorer(
-            gateway_id, self.rpc, self.fleet, self.router, self.gates, config
-        )
         self.fleet.listeners.append(self.router.on_fleet_change)
         self.fleet.listeners.append(self._on_fleet_change)
         self._pool = ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prompt")
@@ -79,6 +76,9 @@ class Gateway:
         self.answered = 0
         self.errors = 0
         self.stats = AppStatsWindow(gateway_id, config.stats_window_s)
+        self.choices = ChoiceScorer(
+            gateway_id, self.rpc, self.fleet, self.router, self.gates, config, self.stats
+        )
         self._stop_stats = threading.Event()
         self._stats_thread = threading.Thread(target=self._publish_stats, name="app-stats")
         self._stats_thread.daemon = True

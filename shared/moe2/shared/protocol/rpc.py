@@ -142,6 +142,7 @@ class ScoreReply(_Reply):
 
 class ScoreChoicesReply(_Reply):
     op: Literal["score_choices"] = "score_choices"
+    prompt_tokens: int = 0  # length of the prompt as the agent tokenized it
     targets_tokens: list[list[int]]  # (targets,) the ids scored, per target
     logprobs: list[list[float]]  # (targets, len(target)) log p(y_t | x, y_<t), nats
     compute_ms: float  # model time for all of them
