@@ -1,7 +1,7 @@
 """MoE² against its baselines on the real packaged models, the full grid, every answer through
 the gateway, beside the paper's Tables II-IV (issue 16).
 
-    .venv/bin/python bench/bench_eval.py                          # 3 models, 300 + 200 questions
+    .venv/bin/python bench/bench_eval.py                          # 3 models, 200 + 150 questions
     .venv/bin/python bench/bench_eval.py --train 120 --test 60    # a quicker look
     .venv/bin/python bench/bench_eval.py \\
         --expert smol-c0=SmolLM2.gguf+c0.gguf --expert smol-c1=SmolLM2.gguf+c1.gguf ...
@@ -243,8 +243,8 @@ def oracle(reg: Registry, broker: BrokerConfig, gate: str, dataset: str) -> floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--train", type=int, default=300, help="questions to train the gate on")
-    ap.add_argument("--test", type=int, default=200, help="held-out questions to evaluate on")
+    ap.add_argument("--train", type=int, default=200, help="questions to train the gate on")
+    ap.add_argument("--test", type=int, default=150, help="held-out questions to evaluate on")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--expert", action="append", default=[], help="ID=GGUF[+LORA] (repeatable)")
