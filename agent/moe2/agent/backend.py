@@ -92,6 +92,11 @@ class ModelBackend(abc.ABC):
     def score(self, prompt: Seq[int], target: Seq[int]) -> np.ndarray:
         """(len(target),) log p(target_t | prompt, target_<t), teacher forced, one pass."""
 
+    def score_choices(self, prompt: Seq[int], targets: Seq[Seq[int]]) -> list[np.ndarray]:
+        """``score`` of each target after the same prompt; a backend that can keep the
+        prompt's cache between targets overrides this to evaluate the prompt once."""
+        return [self.score(prompt, t) for t in targets]
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

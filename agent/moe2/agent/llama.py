@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +51,9 @@ _log_callback = None
 # Largest number of logit rows one decode may return while scoring: bounds memory to
 # about 64 MB of float32 whatever the vocabulary size.
 _SCORE_LOGIT_FLOATS = 16 << 20
+
+# Choices scored side by side, each on a sequence of its own behind the shared prompt.
+_CHOICE_SEQS = 64
 
 
 def _init_backend() -> None:
@@ -118,6 +122,7 @@ class LlamaCppBackend(ModelBackend):
         self._n_ctx = min(config.n_ctx, n_ctx_train) if n_ctx_train > 0 else config.n_ctx
         self._n_batch = min(512, self._n_ctx)
         self._scratch: LlamaSequence | None = None
+        self._choices: _ChoiceContext | None = None  # created on the first score_choices
         self.info = self._read_info()
 
     # ------------------------------------------------------------------ metadata
@@ -205,12 +210,14 @@ class LlamaCppBackend(ModelBackend):
     def new_sequence(self) -> LlamaSequence:
         return LlamaSequence(self)
 
-    def _new_context(self) -> llama_cpp.llama_context_p:
+    def _new_context(self, n_seq_max: int = 1) -> llama_cpp.llama_context_p:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self._n_ctx
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = self._n_batch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = n_seq_max
+        # Sequences share one pool of n_ctx cells (else each would get n_ctx / n_seq_max).
+        cparams.kv_unified = n_seq_max > 1
         cparams.n_threads = self._n_threads
         cparams.n_threads_batch = self._n_threads
         cparams.flash_attn_type = self._flash_attn
@@ -218,6 +225,23 @@ class LlamaCppBackend(ModelBackend):
         if not ctx:
             raise ModelError("llama.cpp could not create a context (out of memory?)")
         return ctx
+
+    def _scratch_sequence(self) -> LlamaSequence:
+        if self._scratch is None:
+            self._scratch = LlamaSequence(self)
+        return self._scratch
+
+    def _rows(
+        self, seq: LlamaSequence, tokens: Seq[int], wanted: set[int]
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Append ``tokens`` to ``seq``; yields (index into tokens, next-token log-probs after
+        it) for each wanted index, in order."""
+        chunk = max(1, min(self._n_batch, _SCORE_LOGIT_FLOATS // self._n_vocab))
+        for pos in range(0, len(tokens), chunk):
+            end = min(len(tokens), pos + chunk)
+            rows = seq._decode(tokens[pos:end], [i in wanted for i in range(pos, end)])
+            for row in rows:  # batch index row holds the logits of position pos + row
+                yield pos + row, log_softmax(seq._logits(row))
 
     def score(self, prompt: Seq[int], target: Seq[int]) -> np.ndarray:
         if not prompt:
@@ -229,32 +253,67 @@ class LlamaCppBackend(ModelBackend):
                 f"prompt ({len(prompt)}) + target ({len(target)}) tokens exceed the context "
                 f"of {self._n_ctx}"
             )
-        if self._scratch is None:
-            self._scratch = LlamaSequence(self)
-        seq = self._scratch
+        seq = self._scratch_sequence()
         seq.truncate(0)
-        history = [*prompt, *target]
         # Logits are needed at the positions that predict each target token:
         # position len(prompt)-1+t predicts target[t].
         first = len(prompt) - 1
-        wanted = set(range(first, first + len(target)))
         out = np.empty(len(target), dtype=np.float64)
-        chunk = max(1, min(self._n_batch, _SCORE_LOGIT_FLOATS // self._n_vocab))
-        pos = 0
-        while pos < len(history):
-            end = min(len(history), pos + chunk)
-            rows = seq._decode(history[pos:end], [p in wanted for p in range(pos, end)])
-            for row in rows:  # batch index row holds the logits of position pos + row
-                t = pos + row - first
-                out[t] = float(log_softmax(seq._logits(row))[target[t]])
-            pos = end
-        seq.truncate(0)
+        try:
+            wanted = set(range(first, first + len(target)))
+            for i, lp in self._rows(seq, [*prompt, *target], wanted):
+                out[i - first] = float(lp[target[i - first]])
+        finally:
+            seq.truncate(0)
         return out
+
+    def score_choices(self, prompt: Seq[int], targets: Seq[Seq[int]]) -> list[np.ndarray]:
+        if not prompt:
+            raise ModelError("scoring needs a non-empty prompt")
+        if not targets or not all(targets):
+            raise ModelError("scoring needs non-empty targets")
+        self._check_tokens(prompt)
+        for target in targets:
+            self._check_tokens(target)
+        longest = max(len(t) for t in targets)
+        if len(prompt) + longest > self._n_ctx:
+            raise ContextOverflow(
+                f"prompt ({len(prompt)}) + longest target ({longest}) tokens exceed the context "
+                f"of {self._n_ctx}"
+            )
+        together = len(prompt) + sum(len(t) - 1 for t in targets)
+        if len(targets) <= _CHOICE_SEQS and together <= self._n_ctx:
+            if self._choices is None:
+                self._choices = _ChoiceContext(self)
+            return self._choices.score(prompt, targets)
+        return self._score_in_turn(prompt, targets)
+
+    def _score_in_turn(self, prompt: Seq[int], targets: Seq[Seq[int]]) -> list[np.ndarray]:
+        """One target after the other behind the same cached prompt (when they do not fit
+        the context together)."""
+        seq = self._scratch_sequence()
+        seq.truncate(0)
+        outs = []
+        try:
+            ((_, first),) = list(self._rows(seq, prompt, {len(prompt) - 1}))
+            for target in targets:
+                seq.truncate(len(prompt))
+                out = np.empty(len(target), dtype=np.float64)
+                out[0] = float(first[target[0]])
+                for i, lp in self._rows(seq, target[:-1], set(range(len(target) - 1))):
+                    out[i + 1] = float(lp[target[i + 1]])
+                outs.append(out)
+        finally:
+            seq.truncate(0)
+        return outs
 
     def close(self) -> None:
         if self._scratch is not None:
             self._scratch.close()
             self._scratch = None
+        if self._choices is not None:
+            self._choices.close()
+            self._choices = None
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None
@@ -325,6 +384,69 @@ class LlamaSequence(Sequence):
         if n < len(self._tokens):
             llama_cpp.llama_memory_seq_rm(self._mem, 0, n, -1)
             del self._tokens[n:]
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+
+class _ChoiceContext:
+    """A llama context where the options of one question are scored side by side: the prompt
+    is decoded once on sequence 0, its cache cells are shared with sequences 1..N-1
+    (``llama_memory_seq_cp`` copies no data), and every option's tokens go after it on a
+    sequence of their own, in as few batches as the logit budget allows (usually one)."""
+
+    def __init__(self, backend: LlamaCppBackend) -> None:
+        self._b = backend
+        self._ctx: llama_cpp.llama_context_p | None = backend._new_context(_CHOICE_SEQS)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(backend._n_batch, 0, 1)
+
+    def _decode(self, entries: Seq[tuple[int, int, int, bool]]) -> None:
+        """Decode (token, position, sequence, wants logits) entries as one batch."""
+        b = self._batch
+        b.n_tokens = len(entries)
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise ModelError(f"llama_decode failed with status {rc}")
+
+    def _logprobs(self, row: int) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, row)
+        return log_softmax(np.ctypeslib.as_array(ptr, shape=(self._b._n_vocab,)))
+
+    def score(self, prompt: Seq[int], targets: Seq[Seq[int]]) -> list[np.ndarray]:
+        n_batch = self._b._n_batch
+        chunk = max(1, min(n_batch, _SCORE_LOGIT_FLOATS // self._b._n_vocab))
+        n = len(prompt)
+        outs = [np.empty(len(t), dtype=np.float64) for t in targets]
+        llama_cpp.llama_memory_clear(self._mem, False)
+        try:
+            for start in range(0, n, n_batch):
+                part = range(start, min(n, start + n_batch))
+                self._decode([(prompt[i], i, 0, i == n - 1) for i in part])
+            first = self._logprobs(n - 1 - part.start)  # the prompt's last position
+            for o, target in enumerate(targets):
+                outs[o][0] = float(first[target[0]])
+                if o > 0:
+                    llama_cpp.llama_memory_seq_cp(self._mem, 0, o, -1, -1)
+            # Position n + j of option o predicts its token j + 1.
+            rest = [(o, j) for o, t in enumerate(targets) for j in range(len(t) - 1)]
+            for start in range(0, len(rest), chunk):
+                part_oj = rest[start : start + chunk]
+                self._decode([(targets[o][j], n + j, o, True) for o, j in part_oj])
+                for row, (o, j) in enumerate(part_oj):
+                    outs[o][j + 1] = float(self._logprobs(row)[targets[o][j + 1]])
+        finally:
+            llama_cpp.llama_memory_clear(self._mem, False)
+        return outs
 
     def close(self) -> None:
         if self._ctx:

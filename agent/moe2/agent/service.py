@@ -50,6 +50,8 @@ class AgentService:
             return p.CloseReply(session=req.session)
         if isinstance(req, p.ScoreRequest):
             return self._score(req)
+        if isinstance(req, p.ScoreChoicesRequest):
+            return self._score_choices(req)
         if isinstance(req, p.TokenizeRequest):
             return p.TokenizeReply(
                 tokens=self.backend.tokenize(req.text, add_bos=req.add_bos, special=req.special)
@@ -149,6 +151,25 @@ class AgentService:
         logprobs = self.backend.score(prompt, target)
         ms = (time.perf_counter() - t0) * 1e3
         return p.ScoreReply(target_tokens=list(target), logprobs=logprobs.tolist(), compute_ms=ms)
+
+    def _score_choices(self, req: p.ScoreChoicesRequest) -> p.ScoreChoicesReply:
+        prompt = self._prompt_tokens(req.prompt, req.prompt_tokens, req.add_bos)
+        if req.targets_tokens is not None:
+            targets = req.targets_tokens
+        else:
+            targets = [self.backend.tokenize(t, add_bos=False) for t in req.targets or []]
+            empty = [i for i, t in enumerate(targets) if not t]
+            if empty:
+                raise BadMessage(f"target(s) {empty} tokenize to nothing")
+        t0 = time.perf_counter()
+        logprobs = self.backend.score_choices(prompt, targets)
+        ms = (time.perf_counter() - t0) * 1e3
+        return p.ScoreChoicesReply(
+            prompt_tokens=len(prompt),
+            targets_tokens=[list(t) for t in targets],
+            logprobs=[lp.tolist() for lp in logprobs],
+            compute_ms=ms,
+        )
 
     def _profile(self, req: p.ProfileRequest) -> p.ProfileReply:
         """Measure this agent now; the daemon publishes the profile when ``req.publish``."""

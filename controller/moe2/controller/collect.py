@@ -3,9 +3,12 @@ dataset, stored in the registry (DESIGN.md §2: collect p once, train the gate o
 
 Experts that share a tokenizer (same ``tokenizer_hash``) score the same token ids, tokenized
 once by one of them, so their per-token probabilities line up for token-level fusion; an
-expert with a vocabulary of its own scores the target text. Scores are committed in small
-batches: an interrupted run loses at most one uncommitted batch, and a new run skips every
-(sample, option, expert) already stored, so nothing is redone or stored twice.
+expert with a vocabulary of its own scores the target text. The options of one sample go to
+an expert in one ``score_choices`` request (the prompt evaluated once, the options side by
+side: exactly how a gateway scores a multiple-choice prompt), or one ``score`` request each
+to an agent without that operation. Scores are committed in small batches: an interrupted run
+loses at most one uncommitted batch, and a new run skips every (sample, option, expert)
+already stored, so nothing is redone or stored twice.
 
     report = collect(registry, rpc, "tiny", experts={"a": info_a, "b": info_b})
 """
@@ -24,7 +27,7 @@ from typing import Any
 
 from moe2.controller.registry import Registry, SampleRow
 from moe2.shared import protocol as p
-from moe2.shared.errors import Moe2Error
+from moe2.shared.errors import Moe2Error, UnknownOperation
 from moe2.shared.mqtt import RpcClient
 
 log = logging.getLogger(__name__)
@@ -77,24 +80,41 @@ def _tokenize_all(
     agent: p.AgentInfo,
     jobs: Sequence[_Job],
     timeout: float,
+    window: int = 64,
 ) -> dict[tuple[int, int], tuple[list[int], list[int]]]:
-    """(sample id, option) -> (prompt ids, target ids), tokenized by ``agent``."""
-    prompts: dict[int, Future[Any]] = {}
-    targets: dict[tuple[int, int], Future[Any]] = {}
+    """(sample id, option) -> (prompt ids, target ids), tokenized by ``agent``, ``window``
+    requests in flight (an agent refuses work beyond its queue: ``busy``)."""
+    wanted: list[tuple[str, Any, p.TokenizeRequest]] = []  # (kind, key, request)
+    seen: set[int] = set()
     for j in jobs:
-        if j.sample.id not in prompts:
-            prompts[j.sample.id] = rpc.call_async(
-                agent.agent_id, p.TokenizeRequest(text=j.sample.prompt, add_bos=agent.add_bos)
-            )
-        targets[(j.sample.id, j.option)] = rpc.call_async(
-            agent.agent_id, p.TokenizeRequest(text=j.sample.targets[j.option], add_bos=False)
+        if j.sample.id not in seen:
+            seen.add(j.sample.id)
+            req = p.TokenizeRequest(text=j.sample.prompt, add_bos=agent.add_bos)
+            wanted.append(("prompt", j.sample.id, req))
+        req = p.TokenizeRequest(text=j.sample.targets[j.option], add_bos=False)
+        wanted.append(("target", (j.sample.id, j.option), req))
+    got: dict[tuple[str, Any], list[int]] = {}
+    flying: deque[tuple[str, Any, Future[Any]]] = deque()
+    todo = deque(wanted)
+    while todo or flying:
+        while todo and len(flying) < window:
+            kind, key, req = todo.popleft()
+            flying.append((kind, key, rpc.call_async(agent.agent_id, req)))
+        kind, key, fut = flying.popleft()
+        got[(kind, key)] = rpc.wait(fut, timeout).tokens
+    return {
+        (j.sample.id, j.option): (
+            got[("prompt", j.sample.id)],
+            got[("target", (j.sample.id, j.option))],
         )
-    ptoks = {sid: rpc.wait(f, timeout).tokens for sid, f in prompts.items()}
-    return {key: (ptoks[key[0]], rpc.wait(f, timeout).tokens) for key, f in targets.items()}
+        for j in jobs
+    }
 
 
 class _Worker(threading.Thread):
-    """Sends one expert's score requests, ``window`` at a time, into the results queue."""
+    """Sends one expert's score requests, ``window`` at a time, into the results queue: one
+    request per sample (all its options still to score), or per option for an agent that does
+    not know ``score_choices``."""
 
     def __init__(
         self,
@@ -110,44 +130,86 @@ class _Worker(threading.Thread):
         self.rpc, self.info, self.jobs, self.tokens = rpc, info, jobs, tokens
         self.results, self.settings, self.stop = results, settings, stop
         self.failure: str | None = None
+        self.choices = True  # the agent answers score_choices (until it says otherwise)
 
-    def _request(self, job: _Job) -> p.ScoreRequest:
+    def _request(self, group: list[_Job]) -> p.ScoreRequest | p.ScoreChoicesRequest:
+        first = group[0]
+        if len(group) == 1:
+            if self.tokens is not None:
+                prompt, target = self.tokens[(first.sample.id, first.option)]
+                return p.ScoreRequest(prompt_tokens=prompt, target_tokens=target)
+            return p.ScoreRequest(
+                prompt=first.sample.prompt, target=first.sample.targets[first.option]
+            )
         if self.tokens is not None:
-            prompt, target = self.tokens[(job.sample.id, job.option)]
-            return p.ScoreRequest(prompt_tokens=prompt, target_tokens=target)
-        return p.ScoreRequest(prompt=job.sample.prompt, target=job.sample.targets[job.option])
+            prompt = self.tokens[(first.sample.id, first.option)][0]
+            targets = [self.tokens[(j.sample.id, j.option)][1] for j in group]
+            return p.ScoreChoicesRequest(prompt_tokens=prompt, targets_tokens=targets)
+        return p.ScoreChoicesRequest(
+            prompt=first.sample.prompt, targets=[j.sample.targets[j.option] for j in group]
+        )
+
+    def _groups(self, jobs: list[_Job]) -> deque[list[_Job]]:
+        """The jobs of each sample together (one by one without score_choices)."""
+        out: deque[list[_Job]] = deque()
+        for j in jobs:
+            if self.choices and out and out[-1][0].sample.id == j.sample.id:
+                out[-1].append(j)
+            else:
+                out.append([j])
+        return out
+
+    def _row(
+        self, job: _Job, tokens: list[int], logprobs: list[float], ms: float
+    ) -> dict[str, Any]:
+        return {
+            "sample_id": job.sample.id,
+            "expert": self.info.agent_id,
+            "option": job.option,
+            "tokenizer_hash": self.info.tokenizer_hash,
+            "tokens": tokens,
+            "logprobs": logprobs,
+            "compute_ms": ms,
+        }
 
     def run(self) -> None:
-        todo = deque(self.jobs)
-        flying: deque[tuple[_Job, Future[Any]]] = deque()
+        todo = self._groups(self.jobs)
+        flying: deque[tuple[list[_Job], Future[Any]]] = deque()
         failures = 0
         while (todo or flying) and not self.stop.is_set():
             while todo and len(flying) < self.settings.window:
-                job = todo.popleft()
-                flying.append((job, self.rpc.call_async(self.info.agent_id, self._request(job))))
-            job, fut = flying.popleft()
+                group = todo.popleft()
+                flying.append(
+                    (group, self.rpc.call_async(self.info.agent_id, self._request(group)))
+                )
+            group, fut = flying.popleft()
             try:
                 reply = self.rpc.wait(fut, self.settings.timeout_s)
+            except UnknownOperation as exc:
+                if len(group) == 1:  # not even score: a failure like any other
+                    self.failure = f"{exc.code}: {exc.message}"
+                    break
+                log.info("%s has no score_choices: one request per option", self.info.agent_id)
+                self.choices = False
+                todo.extend([j] for j in group)  # the same jobs, one by one
+                continue
             except Moe2Error as exc:
                 failures += 1
-                log.warning("expert %s failed on sample %s: %s", self.info.agent_id, job, exc)
+                log.warning("expert %s failed on sample %s: %s", self.info.agent_id, group, exc)
                 if failures >= self.settings.max_failures:
                     self.failure = f"{exc.code}: {exc.message}"
                     break
-                todo.append(job)  # retry later
+                todo.append(group)  # retry later
                 continue
             failures = 0
-            self.results.put(
-                {
-                    "sample_id": job.sample.id,
-                    "expert": self.info.agent_id,
-                    "option": job.option,
-                    "tokenizer_hash": self.info.tokenizer_hash,
-                    "tokens": reply.target_tokens,
-                    "logprobs": reply.logprobs,
-                    "compute_ms": reply.compute_ms,
-                }
-            )
+            if isinstance(reply, p.ScoreChoicesReply):
+                ms = reply.compute_ms / len(group)
+                for job, toks, lps in zip(group, reply.targets_tokens, reply.logprobs, strict=True):
+                    self.results.put(self._row(job, toks, lps, ms))
+            else:
+                self.results.put(
+                    self._row(group[0], reply.target_tokens, reply.logprobs, reply.compute_ms)
+                )
         self.results.put(None)  # this worker is done
 
 
@@ -220,7 +282,11 @@ def collect(
         stop.set()
         report.interrupted = True
         if batch:
-            report.stored += registry.add_scores(batch)
+            # The interrupt may have come inside add_scores, after its commit: store only
+            # what is not stored yet.
+            stored = {e: registry.scored(dataset, e) for e in {r["expert"] for r in batch}}
+            rest = [r for r in batch if (r["sample_id"], r["option"]) not in stored[r["expert"]]]
+            report.stored += len(batch) - len(rest) + registry.add_scores(rest)
     for w in workers:
         w.join(timeout=settings.timeout_s)
         if w.failure:

@@ -112,6 +112,11 @@ class Broker(abc.ABC):
             raise BrokerError(f"{self.name}: {exc}; log: {self.log_tail()}") from None
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def log_tail(self, n: int = 2000) -> str:
         path = Path(self._dir.name) / "broker.log"
         return path.read_text(errors="replace")[-n:] if path.exists() else ""

@@ -4,6 +4,8 @@
         answer = client.ask("qa", "the fox eats", max_tokens=16, on_delta=print)
         print(answer.text, answer.experts)
         answer = client.ask("qa", [ChatMessage(role="user", content="Name a prime.")])
+        picked = client.choose("qa", "The capital of France is", [" Paris", " Rome"])
+        print(picked.choice, picked.logprobs)
 
 Errors come back as the matching ``Moe2Error`` (``UnknownApp``, ``NoExperts``, ``Busy``...).
 
@@ -32,7 +34,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from moe2.shared import protocol as p
 from moe2.shared.errors import (
@@ -43,6 +47,8 @@ from moe2.shared.errors import (
     error_from_reply,
 )
 from moe2.shared.mqtt import BrokerConfig, Connection, response_properties
+
+AnswerT = TypeVar("AnswerT", bound=BaseModel)
 
 
 class PromptClient:
@@ -112,6 +118,28 @@ class PromptClient:
             stream=on_delta is not None,
             seed=seed,
         )
+        return self._exchange(app, req, p.PromptAnswer, on_delta, timeout)
+
+    def choose(
+        self, app: str, prompt: str, choices: Sequence[str], *, timeout: float = 120.0
+    ) -> p.ChoiceAnswer:
+        """A multiple-choice question: the index of the option the experts find most likely
+        after ``prompt`` (``answer.choice``), with every option's fused log-likelihood."""
+        req = p.PromptRequest(
+            id=uuid.uuid4().hex, prompt=prompt, reply_to=self.inbox, choices=list(choices)
+        )
+        return self._exchange(app, req, p.ChoiceAnswer, None, timeout)
+
+    def _exchange(
+        self,
+        app: str,
+        req: p.PromptRequest,
+        answer_type: type[AnswerT],
+        on_delta: Callable[[str], None] | None,
+        timeout: float,
+    ) -> AnswerT:
+        """Publish one prompt and wait for its one final answer (or error)."""
+        pid = req.id
         q: queue.Queue[dict[str, Any]] = queue.Queue()
         with self._lock:
             self._waiting[pid] = q
@@ -133,7 +161,7 @@ class PromptClient:
                         on_delta(str(obj["delta"]))
                     continue
                 try:
-                    return p.PromptAnswer.model_validate(obj)
+                    return answer_type.model_validate(obj)
                 except ValueError as exc:
                     raise BadMessage(f"malformed answer from the gateway: {exc}") from None
         finally:

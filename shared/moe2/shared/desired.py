@@ -179,6 +179,11 @@ class DesiredState:
                 self._await([results[i]], max(0.5, deadline - time.monotonic()))
         return results
 
+    def clear_assignment(self, app: str) -> None:
+        """Remove ``app``'s retained assignment: gateways go back to their local configuration
+        for it (none: they stop serving it) and keep its version floor."""
+        self._publish(p.topics.desired_app(app), b"")
+
     def _publish_assignment(
         self,
         app: str,

@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from moe2.agent.gateway.capacity import ExpertSlots
+from moe2.agent.gateway.choices import ChoiceScorer
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.gate import Gate, UniformGate, top_k
 from moe2.agent.gateway.gatestore import GateStore, onnx_loader
@@ -156,6 +157,9 @@ class Gateway:
         self.answered = 0
         self.errors = 0
         self.stats = AppStatsWindow(gateway_id, config.stats_window_s)
+        self.choices = ChoiceScorer(
+            gateway_id, self.rpc, self.fleet, self.router, self.gates, config, self.stats
+        )
         self._stop_stats = threading.Event()
         self._stats_thread = threading.Thread(target=self._publish_stats, name="app-stats")
         self._stats_thread.daemon = True
@@ -440,7 +444,11 @@ class Gateway:
     ) -> None:
         m = self.metrics
         try:
-            final: BaseModel = self._generate(app, req, targets, received)
+            final: BaseModel = (
+                self.choices.answer(app, req, received)
+                if req.choices is not None  # multiple choice: scored, not generated
+                else self._generate(app, req, targets, received)
+            )
             self.answered += 1
             m.prompts.labels(app).inc()
         except Moe2Error as exc:

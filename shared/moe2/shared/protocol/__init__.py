@@ -32,6 +32,7 @@ base64 little-endian float32 log-probabilities.
 
 from moe2.shared.protocol.agents import AgentInfo, AgentStatus, ComputeBackend, ComputeDevice
 from moe2.shared.protocol.base import (
+    MAX_CHOICES,
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
     MAX_TOP_K,
@@ -56,6 +57,7 @@ from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_dige
 from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
 from moe2.shared.protocol.prompts import (
     ChatMessage,
+    ChoiceAnswer,
     DroppedExpert,
     ExpertWeight,
     PromptAnswer,
@@ -80,6 +82,8 @@ from moe2.shared.protocol.rpc import (
     PingRequest,
     ProfileReply,
     ProfileRequest,
+    ScoreChoicesReply,
+    ScoreChoicesRequest,
     ScoreReply,
     ScoreRequest,
     StepRequest,
@@ -99,6 +103,7 @@ from moe2.shared.protocol.rpc import (
 from moe2.shared.protocol.topics import Topic, topics
 
 __all__ = [
+    "MAX_CHOICES",
     "MAX_TEXT_CHARS",
     "MAX_TOKENS_PER_REQUEST",
     "MAX_TOP_K",
@@ -116,6 +121,7 @@ __all__ = [
     "AssignmentAck",
     "BlobRef",
     "ChatMessage",
+    "ChoiceAnswer",
     "CloseReply",
     "CloseRequest",
     "ComputeBackend",
@@ -143,6 +149,8 @@ __all__ = [
     "PromptAnswer",
     "PromptError",
     "PromptRequest",
+    "ScoreChoicesReply",
+    "ScoreChoicesRequest",
     "ScoreReply",
     "ScoreRequest",
     "StepRequest",

@@ -14,8 +14,16 @@ template (so with experts of different families each sees it in its own format):
 
 and receives on ``reply_to`` (and on its MQTT 5 ResponseTopic with its CorrelationData, when
 given) optional chunks ``{"id", "index", "delta"}``, then exactly one final answer or exactly
-one error ``{"id", "error": {"code", "message"}}``. These payloads carry no schema version:
-the topic's ``v1`` is the version, so that any MQTT client can speak it.
+one error ``{"id", "error": {"code", "message"}}``.
+
+A prompt that carries ``"choices": ["Paris", "Rome", ...]`` is a multiple-choice question: the
+gateway scores every choice as the text that follows the prompt on the top-k experts of the
+application's subset, fuses the log-likelihoods with the one mixing rule, and answers one
+``ChoiceAnswer`` ``{"id", "choice": index, "logprobs": [...], "experts", "mixing", "steps",
+"latency_ms", "compute_ms", "app", "dropped", "gateway"}`` (no stream chunks).
+
+These payloads carry no schema version: the topic's ``v1`` is the version, so that any MQTT
+client can speak it.
 """
 
 from __future__ import annotations
@@ -35,7 +43,13 @@ from pydantic import (
 )
 
 from moe2.shared.errors import BadMessage, MessageTooLarge
-from moe2.shared.protocol.base import MAX_TEXT_CHARS, NAME_PATTERN, TOPIC_ROOT, describe_error
+from moe2.shared.protocol.base import (
+    MAX_CHOICES,
+    MAX_TEXT_CHARS,
+    NAME_PATTERN,
+    TOPIC_ROOT,
+    describe_error,
+)
 
 MAX_PROMPT_ID = 128
 MAX_MESSAGES = 256  # turns in one conversation
@@ -220,6 +234,11 @@ class PromptRequest(_Public):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)  # sampling seed
+    # A multiple-choice question: the options, scored as the text that follows the prompt
+    # (give them their leading space, e.g. " Paris"); the answer is a ChoiceAnswer.
+    choices: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] | None = Field(
+        default=None, min_length=2, max_length=MAX_CHOICES
+    )
 
     @field_validator("reply_to")
     @classmethod
@@ -234,6 +253,8 @@ class PromptRequest(_Public):
             MAX_TEXT_CHARS
         ):
             raise ValueError(f"the conversation exceeds {MAX_TEXT_CHARS} characters")
+        if self.choices is not None and self.prompt is None:
+            raise ValueError("'choices' go with a text 'prompt', not with 'messages'")
         return self
 
     @property
@@ -272,6 +293,22 @@ class PromptAnswer(_Public):
     fusion: Literal["token-id", "token-text"]  # same vocabulary, or aligned by text
     dropped: list[DroppedExpert] = Field(default_factory=list)
     gateway: str | None = None  # the gateway that answered
+
+
+class ChoiceAnswer(_Public):
+    """The answer to a prompt with ``choices``."""
+
+    id: str
+    choice: int  # index of the option with the highest fused log-likelihood
+    logprobs: list[float]  # (choices,) fused log-likelihood of each option, nats
+    experts: list[ExpertWeight]  # the experts whose scores were fused, with their weights
+    mixing: Literal["token", "sequence"]  # per token (one vocabulary) or per whole option
+    steps: list[int]  # (choices,) tokens of each option (across vocabularies the longest)
+    latency_ms: float  # from the gateway receiving the prompt to this answer
+    compute_ms: dict[str, float]  # model time each expert reported for its scores
+    app: str
+    dropped: list[DroppedExpert] = Field(default_factory=list)
+    gateway: str | None = None
 
 
 class PromptErrorBody(_Public):

@@ -20,6 +20,7 @@ from pydantic import (
 
 from moe2.shared.errors import BadMessage, UnknownOperation
 from moe2.shared.protocol.base import (
+    MAX_CHOICES,
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
     MAX_TOP_K,
@@ -138,6 +139,14 @@ class ScoreReply(_Reply):
     target_tokens: list[int]
     logprobs: list[float]  # (len(target_tokens),) log p(y_t | x, y_<t)
     compute_ms: float
+
+
+class ScoreChoicesReply(_Reply):
+    op: Literal["score_choices"] = "score_choices"
+    prompt_tokens: int = 0  # length of the prompt as the agent tokenized it
+    targets_tokens: list[list[int]]  # (targets,) the ids scored, per target
+    logprobs: list[list[float]]  # (targets, len(target)) log p(y_t | x, y_<t), nats
+    compute_ms: float  # model time for all of them
 
 
 class TokenizeReply(_Reply):
@@ -336,6 +345,31 @@ class ScoreRequest(_Request[ScoreReply]):
         return self
 
 
+class ScoreChoicesRequest(_Request[ScoreChoicesReply]):
+    """Teacher-forced log-probabilities of each of several targets after one prompt (the
+    options of a multiple-choice question): the prompt is evaluated once and kept, and each
+    target after it, so N options cost one prompt pass instead of N."""
+
+    op: Literal["score_choices"] = "score_choices"
+    prompt: Text | None = None
+    prompt_tokens: TokenList | None = None
+    targets: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_CHOICES
+    )
+    targets_tokens: list[Annotated[TokenList, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_CHOICES
+    )
+    add_bos: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_each(self) -> ScoreChoicesRequest:
+        if (self.prompt is None) == (self.prompt_tokens is None):
+            raise ValueError("give exactly one of 'prompt' or 'prompt_tokens'")
+        if (self.targets is None) == (self.targets_tokens is None):
+            raise ValueError("give exactly one of 'targets' or 'targets_tokens'")
+        return self
+
+
 class TokenizeRequest(_Request[TokenizeReply]):
     op: Literal["tokenize"] = "tokenize"
     text: Text
@@ -386,6 +420,7 @@ RpcRequest = Annotated[
     | StepRequest
     | CloseRequest
     | ScoreRequest
+    | ScoreChoicesRequest
     | TokenizeRequest
     | DetokenizeRequest
     | VocabRequest
@@ -398,6 +433,7 @@ OPERATIONS = (
     "step",
     "close",
     "score",
+    "score_choices",
     "tokenize",
     "detokenize",
     "vocab",
@@ -414,6 +450,7 @@ RpcReply = Annotated[
     DistributionReply
     | CloseReply
     | ScoreReply
+    | ScoreChoicesReply
     | TokenizeReply
     | DetokenizeReply
     | VocabReply
