@@ -157,6 +157,12 @@ class AgentConfig(BaseModel):
         description="concurrent sessions (each holds a KV cache); "
         "the least recently used is evicted beyond this",
     )
+    batching: bool = Field(
+        default=True,
+        description="one llama context holds every session (one unified KV cache) and "
+        "concurrent sessions' steps share one llama_decode per tick; off: a context per "
+        "session, requests one at a time",
+    )
     default_top_k: int = Field(
         default=40, ge=1, le=4096, description="top-k sent when a request does not say"
     )

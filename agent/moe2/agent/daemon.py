@@ -23,13 +23,14 @@ import paho.mqtt.client as mqtt
 
 from moe2.agent import __version__
 from moe2.agent.backend import ModelBackend
+from moe2.agent.batching import Scheduler
 from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.service import Gateway
 from moe2.agent.profiler import SelfProfiler, current_power_mode
 from moe2.agent.service import AgentService
 from moe2.shared import protocol as p
 from moe2.shared.devices import resolve_device_class
-from moe2.shared.errors import Busy, InternalError, Moe2Error, ProtocolError
+from moe2.shared.errors import Busy, ProtocolError
 from moe2.shared.files import sha256_file
 from moe2.shared.mqtt import Connection, reply_properties
 
@@ -50,6 +51,7 @@ class Agent:
         self.config = config
         self.backend = backend
         self.service = AgentService(config.id, backend, config.max_sessions, config.default_top_k)
+        self.scheduler = Scheduler(backend, self.service.start, self._done)
         self.profiler = self._build_profiler()  # ConfigError: unknown device class or mode
         self.service.profiler = self.profiler
         self.profile: p.AgentProfile | None = None  # the last one published
@@ -232,23 +234,30 @@ class Agent:
             self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), msg.qos)
 
     def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                reply: p.Message = self.service.handle(job.request)
-            except Moe2Error as exc:
-                reply = p.error_reply(exc.code, exc.message, job.request.op)
-            except Exception as exc:  # a bug must cost one request, not the agent
-                log.exception("request %s failed", job.request.op)
-                err = InternalError(f"{type(exc).__name__}: {exc}")
-                reply = p.error_reply(err.code, err.message, job.request.op)
-            if isinstance(job.request, p.ProfileRequest):
-                reply = self._after_profile(job, reply)
-            if job.response_topic is None:
-                continue
-            try:
-                self._reply(job.response_topic, job.correlation, reply, job.qos)
-            except Exception:
-                log.exception("could not publish the reply to %s", job.response_topic)
+        """The model thread: queued requests go to the scheduler, which evaluates every
+        active request's next chunk in one batch per tick (``batching.py``)."""
+        stopping = False
+        while not stopping or not self.scheduler.idle:
+            # Wait only when there is nothing to compute; otherwise take what has arrived.
+            block = self.scheduler.idle
+            while not stopping:
+                try:
+                    job = self._jobs.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if job is None:
+                    stopping = True
+                    break
+                self.scheduler.submit(job)
+            self.scheduler.tick()
+
+    def _done(self, job: _Job, reply: p.Message) -> None:
+        if isinstance(job.request, p.ProfileRequest):
+            reply = self._after_profile(job, reply)
+        if job.response_topic is None:
+            return
+        try:
+            self._reply(job.response_topic, job.correlation, reply, job.qos)
+        except Exception:
+            log.exception("could not publish the reply to %s", job.response_topic)

@@ -15,7 +15,7 @@ from collections.abc import Sequence as Seq
 import numpy as np
 
 from moe2.agent.backend import ModelBackend, Sequence
-from moe2.shared.errors import SessionEvicted, UnknownSession
+from moe2.shared.errors import Busy, SessionEvicted, UnknownSession
 
 _REMEMBER_EVICTED = 4096  # ids kept to tell "evicted" from "unknown"
 
@@ -28,6 +28,8 @@ class SessionManager:
         self._free: list[Sequence] = []
         self._evicted: OrderedDict[str, None] = OrderedDict()
         self.evictions = 0
+        # Sessions a request is working on (batched decoding): never evicted under it.
+        self.busy: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -44,6 +46,21 @@ class SessionManager:
         sid = f"s-{secrets.token_hex(8)}"
         self._live[sid] = seq
         return sid, seq, logprobs
+
+    def reserve(self) -> tuple[str, Sequence]:
+        """A new, empty session (the caller evaluates its prompt, or ``discard`` s it)."""
+        seq = self._acquire()
+        sid = f"s-{secrets.token_hex(8)}"
+        self._live[sid] = seq
+        return sid, seq
+
+    def discard(self, sid: str) -> None:
+        """Forget a session whose opening failed (no ``SessionEvicted`` for it later)."""
+        seq = self._live.pop(sid, None)
+        self.busy.discard(sid)
+        if seq is not None:
+            seq.truncate(0)
+            self._free.append(seq)
 
     def get(self, sid: str) -> Sequence:
         seq = self._live.get(sid)
@@ -76,7 +93,13 @@ class SessionManager:
             return self._free.pop()
         if len(self._live) < self.max_sessions:
             return self._backend.new_sequence()
-        sid, seq = self._live.popitem(last=False)
+        victim = next((sid for sid in self._live if sid not in self.busy), None)
+        if victim is None:
+            raise Busy(
+                f"all {self.max_sessions} sessions of this agent are in use by requests; "
+                "retry later"
+            )
+        sid, seq = victim, self._live.pop(victim)
         self._evicted[sid] = None
         while len(self._evicted) > _REMEMBER_EVICTED:
             self._evicted.popitem(last=False)

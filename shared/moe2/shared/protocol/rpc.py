@@ -114,6 +114,13 @@ def encode_full(logprobs: np.ndarray) -> FullDist:
 # --------------------------------------------------------------------------- RPC replies
 
 
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: str
+    message: str
+
+
 class _Reply(Message):
     ok: Literal[True] = True
     op: str
@@ -127,6 +134,34 @@ class DistributionReply(_Reply):
     compute_ms: float  # time spent in the model for this request
 
 
+class DistributionsReply(_Reply):
+    """Next-token distributions at several positions of one session (speculative fusion).
+
+    ``verify``: one distribution after each fed piece. ``draft``: ``dists[i]`` is the
+    distribution ``drafted[i]`` was drawn from (after the fed pieces and ``drafted[:i]``);
+    the last drafted token is not yet in the history (the next request feeds it or rewinds).
+    ``lengths[i]`` is the history length, in tokens, at ``dists[i]``: what ``rewind_to``
+    takes to come back to that position."""
+
+    op: Literal["draft", "verify"]
+    session: str
+    dists: list[Distribution]
+    lengths: list[int]
+    drafted: list[int] = Field(default_factory=list)
+    n_tokens: int  # history length after this request
+    compute_ms: float
+
+    @model_validator(mode="after")
+    def _aligned(self) -> DistributionsReply:
+        if len(self.lengths) != len(self.dists):
+            raise ValueError("lengths and dists must have the same length")
+        if self.op == "draft" and len(self.drafted) != len(self.dists):
+            raise ValueError("a draft has one distribution per drafted token")
+        if any(b < a for a, b in zip(self.lengths, self.lengths[1:])):
+            raise ValueError("lengths must not decrease")
+        return self
+
+
 class CloseReply(_Reply):
     op: Literal["close"] = "close"
     session: str
@@ -136,6 +171,28 @@ class ScoreReply(_Reply):
     op: Literal["score"] = "score"
     target_tokens: list[int]
     logprobs: list[float]  # (len(target_tokens),) log p(y_t | x, y_<t)
+    compute_ms: float
+
+
+class ScoreResult(BaseModel):
+    """One sample of a ``score_many``: its scores, or why it could not be scored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_tokens: list[int] = Field(default_factory=list)
+    logprobs: list[float] = Field(default_factory=list)  # (len(target_tokens),)
+    error: ErrorBody | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self) -> ScoreResult:
+        if len(self.target_tokens) != len(self.logprobs):
+            raise ValueError("target_tokens and logprobs must have the same length")
+        return self
+
+
+class ScoreManyReply(_Reply):
+    op: Literal["score_many"] = "score_many"
+    results: list[ScoreResult]  # in the order of the request's samples
     compute_ms: float
 
 
@@ -193,13 +250,6 @@ class ProfileReply(_Reply):
     op: Literal["profile"] = "profile"
     profile: AgentProfile
     published: bool  # whether it replaced the retained profile
-
-
-class ErrorBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    code: str
-    message: str
 
 
 class ErrorReply(Message):
@@ -304,6 +354,66 @@ class StepRequest(_Request[DistributionReply], _DistributionOptions):
         return data
 
 
+MAX_GAMMA = 256  # tokens one draft request may ask for
+
+# A piece fed to a session: a token id, or base64 bytes the agent tokenizes itself (how a
+# gateway feeds text chosen across vocabularies).
+FeedPiece = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=4, max_length=1024)]
+
+
+def _feed_bytes(piece: str) -> bytes:
+    try:
+        data = base64.b64decode(piece, validate=True)
+    except ValueError:
+        raise ValueError("a fed piece is a token id or base64 bytes") from None
+    if not data:
+        raise ValueError("a fed piece decodes to no bytes")
+    return data
+
+
+class _FeedRequest(_DistributionOptions):
+    session: str = Field(min_length=1, max_length=64)
+    # Roll the history back to its first `rewind_to` tokens first (a rejected draft).
+    rewind_to: int | None = Field(default=None, ge=1)
+    feed: Annotated[list[FeedPiece], Field(max_length=MAX_TOKENS_PER_REQUEST)]
+
+    @model_validator(mode="after")
+    def _valid_pieces(self) -> _FeedRequest:
+        for piece in self.feed:
+            if isinstance(piece, str):
+                _feed_bytes(piece)
+        return self
+
+    def pieces(self) -> list[int | bytes]:
+        """The fed pieces: token ids, or bytes to tokenize."""
+        return [x if isinstance(x, int) else _feed_bytes(x) for x in self.feed]
+
+    @staticmethod
+    def encode_pieces(pieces: list[int | bytes]) -> list[int | str]:
+        return [x if isinstance(x, int) else base64.b64encode(x).decode() for x in pieces]
+
+
+class DraftRequest(_Request[DistributionsReply], _FeedRequest):
+    """Feed pieces to a session, then draft up to ``gamma`` tokens from the model's own
+    distribution (greedy at temperature 0, else sampled from the distribution sent back,
+    sharpened and cut as ``moe2.agent.sampling`` does). Drafting stops early at an
+    end-of-generation token or a full context."""
+
+    op: Literal["draft"] = "draft"
+    feed: Annotated[list[FeedPiece], Field(min_length=1, max_length=MAX_TOKENS_PER_REQUEST)]
+    gamma: int = Field(ge=1, le=MAX_GAMMA)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=1 << 63)
+
+
+class VerifyRequest(_Request[DistributionsReply], _FeedRequest):
+    """Feed pieces to a session in one forward pass; one distribution after each piece."""
+
+    op: Literal["verify"] = "verify"
+    feed: Annotated[list[FeedPiece], Field(min_length=1, max_length=MAX_GAMMA + 1)]
+
+
 class CloseRequest(_Request[CloseReply]):
     op: Literal["close"] = "close"
     session: str = Field(min_length=1, max_length=64)
@@ -326,6 +436,37 @@ class ScoreRequest(_Request[ScoreReply]):
         if (self.target is None) == (self.target_tokens is None):
             raise ValueError("give exactly one of 'target' or 'target_tokens'")
         return self
+
+
+class ScoreSample(BaseModel):
+    """One (prompt, target) pair of a ``score_many`` request, as in ``score``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: Text | None = None
+    prompt_tokens: TokenList | None = None
+    target: Text | None = None
+    target_tokens: TokenList | None = None
+    add_bos: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_each(self) -> ScoreSample:
+        if (self.prompt is None) == (self.prompt_tokens is None):
+            raise ValueError("give exactly one of 'prompt' or 'prompt_tokens'")
+        if (self.target is None) == (self.target_tokens is None):
+            raise ValueError("give exactly one of 'target' or 'target_tokens'")
+        return self
+
+
+MAX_SCORE_SAMPLES = 256
+
+
+class ScoreManyRequest(_Request[ScoreManyReply]):
+    """Several teacher-forced scorings in one request (one round trip per batch); the
+    agent evaluates them together. A sample that fails has its own error in the reply."""
+
+    op: Literal["score_many"] = "score_many"
+    samples: list[ScoreSample] = Field(min_length=1, max_length=MAX_SCORE_SAMPLES)
 
 
 class TokenizeRequest(_Request[TokenizeReply]):
@@ -376,8 +517,11 @@ class ProfileRequest(_Request[ProfileReply]):
 RpcRequest = Annotated[
     OpenRequest
     | StepRequest
+    | DraftRequest
+    | VerifyRequest
     | CloseRequest
     | ScoreRequest
+    | ScoreManyRequest
     | TokenizeRequest
     | DetokenizeRequest
     | VocabRequest
@@ -388,8 +532,11 @@ RpcRequest = Annotated[
 OPERATIONS = (
     "open",
     "step",
+    "draft",
+    "verify",
     "close",
     "score",
+    "score_many",
     "tokenize",
     "detokenize",
     "vocab",
@@ -404,8 +551,10 @@ _request_adapter: TypeAdapter[Any] = TypeAdapter(RpcRequest)
 
 RpcReply = Annotated[
     DistributionReply
+    | DistributionsReply
     | CloseReply
     | ScoreReply
+    | ScoreManyReply
     | TokenizeReply
     | DetokenizeReply
     | VocabReply
