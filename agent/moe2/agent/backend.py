@@ -65,6 +65,9 @@ class Sequence(abc.ABC):
     def tokens(self) -> list[int]:
         """The history evaluated so far (a copy)."""
 
+    def __len__(self) -> int:
+        return len(self.tokens)
+
     @abc.abstractmethod
     def extend(self, tokens: Seq[int]) -> np.ndarray:
         """Evaluate ``tokens`` after the history; (n_vocab,) float32 next-token log-probs.

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from moe2.shared.errors import (
     RequestTimeout,
 )
 from moe2.shared.mqtt import RpcClient
+
+if TYPE_CHECKING:
+    from moe2.agent.gateway.speculative import Speculation, SpeculationStats
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class GenerationResult:
     dropped: list[p.DroppedExpert] = field(default_factory=list)
     picks: list[Any] = field(default_factory=list)  # chosen ids (by id) or bytes (by text)
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert, from its open
+    speculation: SpeculationStats | None = None  # when decoded speculatively
 
 
 class Generation:
@@ -102,6 +106,7 @@ class Generation:
         self._rng = np.random.default_rng(sampling.seed)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text: list[str] = []
+        self.speculation: Speculation | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -168,38 +173,18 @@ class Generation:
             n: self.rpc.call_async(n, p.OpenRequest(prompt=prompt, **opts)) for n in self.weights
         }
         picks: list[Any] = []
-        finish: FinishReason = "length"
         try:
             replies = self._gather(futures, 0)
             for name, r in replies.items():
                 self.sessions[name] = r.session
                 self.prompt_tokens[name] = r.n_tokens
-            for step in range(max_tokens):
-                live = {n: r.dist for n, r in replies.items() if n in self.weights}
-                if not live:
-                    raise NoExperts("no expert answered")
-                fused = self._fuse(live, step)
-                if self.on_step is not None:
-                    self.on_step(step, fused)
-                pick = fused.keys[
-                    choose(fused, self.sampling.temperature, self.sampling.top_p, self._rng)
-                ]
-                if pick is END or (self.by_id and pick in self.eos_any):
-                    finish = "stop"
-                    break
-                picks.append(pick)
-                self._emit(self._pieces[next(iter(self.weights))][pick] if self.by_id else pick)
-                if step + 1 == max_tokens:
-                    break
-                futures = {
-                    name: self.rpc.call_async(name, self._step_request(name, pick, live.get(name)))
-                    for name in self.weights
-                }
-                try:
-                    replies = self._gather(futures, step + 1)
-                except ContextOverflow:
-                    finish = "context"
-                    break
+            if self.config.decoding == "speculative" and max_tokens > 1:
+                from moe2.agent.gateway.speculative import Speculation
+
+                self.speculation = Speculation(self)
+                finish = self.speculation.run(replies, picks, max_tokens)
+            else:
+                finish = self._per_token(replies, picks, max_tokens)
         finally:
             for name, sid in self.sessions.items():
                 self.rpc.call_async(name, p.CloseRequest(session=sid))
@@ -217,7 +202,47 @@ class Generation:
             self.dropped,
             picks,
             {n: t for n, t in self.prompt_tokens.items() if n in self.weights},
+            self.speculation.stats if self.speculation is not None else None,
         )
+
+    def _per_token(
+        self, replies: dict[str, p.DistributionReply], picks: list[Any], max_tokens: int
+    ) -> FinishReason:
+        """The plain loop: one round trip to every expert per token."""
+        for step in range(max_tokens):
+            live = {n: r.dist for n, r in replies.items() if n in self.weights}
+            if not live:
+                raise NoExperts("no expert answered")
+            fused = self._fuse(live, step)
+            if self.on_step is not None:
+                self.on_step(step, fused)
+            pick = fused.keys[
+                choose(fused, self.sampling.temperature, self.sampling.top_p, self._rng)
+            ]
+            if not self.accept_pick(pick, picks):
+                return "stop"
+            if step + 1 == max_tokens:
+                break
+            futures = {
+                name: self.rpc.call_async(name, self._step_request(name, pick, live.get(name)))
+                for name in self.weights
+            }
+            try:
+                replies = self._gather(futures, step + 1)
+            except ContextOverflow:
+                return "context"
+        return "length"
+
+    def is_end(self, pick: Any) -> bool:
+        return pick is END or (self.by_id and pick in self.eos_any)
+
+    def accept_pick(self, pick: Any, picks: list[Any]) -> bool:
+        """Add a chosen token to the answer (and stream it); False when it ends it."""
+        if self.is_end(pick):
+            return False
+        picks.append(pick)
+        self._emit(self._pieces[next(iter(self.weights))][pick] if self.by_id else pick)
+        return True
 
     def _fuse(self, live: dict[str, Any], step: int) -> Fused:
         if self.by_id:
@@ -229,19 +254,26 @@ class Generation:
         return fuse_by_text(live, self.weights, self._pieces, self.eos)
 
     def _step_request(self, name: str, pick: Any, dist: Any) -> p.StepRequest:
+        piece = self.feed_piece(name, pick, dist)
         sid = self.sessions[name]
-        opts = self._options()
+        if isinstance(piece, int):
+            return p.StepRequest(session=sid, tokens=[piece], **self._options())
+        return p.StepRequest.with_bytes(sid, piece, **self._options())
+
+    def feed_piece(self, name: str, pick: Any, dist: Any) -> int | bytes:
+        """What to feed expert ``name`` for the chosen token ``pick``, given the expert's
+        distribution at the position it was chosen at: the id itself (one vocabulary);
+        across vocabularies the expert's own token for those bytes when it has one (the
+        first in its top-k, else any), else the bytes for it to tokenize."""
         if self.by_id:
-            return p.StepRequest(session=sid, tokens=[int(pick)], **opts)
-        # Across vocabularies: the expert's own token for those bytes when it has one (the
-        # candidate in its top-k first, else any), else the bytes for it to tokenize.
+            return int(pick)
         eos = self.eos[name]
         pieces = self._pieces[name]
         if isinstance(dist, p.TopKDist):
             for t in dist.ids:
                 if pieces[t] == pick and t not in eos:
-                    return p.StepRequest(session=sid, tokens=[t], **opts)
+                    return t
         own = self.vocabs[name].by_bytes.get(pick)
         if own is not None and own not in eos:
-            return p.StepRequest(session=sid, tokens=[own], **opts)
-        return p.StepRequest.with_bytes(sid, pick, **opts)
+            return own
+        return bytes(pick)
