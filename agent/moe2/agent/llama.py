@@ -63,8 +63,12 @@ class LlamaCppBackend(ModelBackend):
         # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled
         if config.flash_attn == "on":
             self._flash_attn = 1
-        elif config.flash_attn == "off" or config.n_gpu_layers == 0:
+        elif config.flash_attn == "off":
             self._flash_attn = 0
+        elif config.n_gpu_layers == 0:
+            # On the CPU, flash attention makes batched evaluation bit-identical to single
+            # steps (exact speculative fusion, sessions independent of each other).
+            self._flash_attn = 1 if config.batching else 0
         else:
             self._flash_attn = -1
         mparams = llama_cpp.llama_model_default_params()

@@ -23,16 +23,20 @@ step when that is cheaper, when the answer has one token left, or near a full co
 
 What is guaranteed. Given the experts' distributions, the decisions are per-token fusion's,
 position by position, so the answer is token-for-token the per-token answer (greedy) or has
-exactly its distribution (sampling). Two caveats, both about the distributions themselves:
-a verifier computes its positions in one batched forward pass, and llama.cpp's batched and
-single-token kernels may differ in the last bits of the logits (measured: ≤ 2e-6 in
-log-probability on the tiny experts), so a fused near-tie within that margin may break
-differently than per-token; across vocabularies, an expert is fed a drafted token's bytes
-the way per-token fusion would feed it (its top-k token with those bytes, else its lowest id,
-else the bytes to tokenize), which depends on its distribution one position earlier: the
-gateway feeds a guess in the batch, checks it against that rule afterwards, and accepts
-nothing past a position where the guess was wrong, so the history every expert sees is
-per-token fusion's.
+exactly its distribution (sampling). The distributions themselves: a verifier computes its
+positions in one batched forward pass. On the CPU the agent runs llama.cpp with flash
+attention, which computes each token's attention on its own, so on quantized models the
+batched pass gives bit-identical logits to single steps (checked on SmolLM2 and Gemma-3);
+F32/F16 weights take another matmul path in a batch, 1e-6 apart in log-probability (the
+tiny test experts), so only a fused tie within that could break differently. Without flash
+attention the attention itself differs by up to 0.1 in probability on SmolLM2 and greedy
+answers do diverge. On a GPU
+llama.cpp picks kernels by batch size, so the last bits may differ and a fused near-tie can
+break differently. Across vocabularies, an expert is fed a drafted token's bytes the way
+per-token fusion would feed it (its top-k token with those bytes, else its lowest id, else
+the bytes to tokenize), which depends on its distribution one position earlier: the gateway
+feeds a guess in the batch, checks it against that rule afterwards, and accepts nothing past
+a position where the guess was wrong, so the history every expert sees is per-token fusion's.
 
     spec = Speculation(generation)
     finish = spec.run(open_replies, picks, max_tokens)
