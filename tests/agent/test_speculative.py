@@ -75,7 +75,7 @@ def generate(
     weights: dict[str, float],
     prompt: str,
     max_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling | None = None,
     on_step: Any = None,
     on_delta: Any = None,
     **config: Any,
@@ -89,7 +89,7 @@ def generate(
         vocabs,
         weights,
         GatewayConfig(**config),
-        sampling,
+        sampling or Sampling(),
         on_step=on_step,
         on_delta=on_delta,
     )
@@ -176,7 +176,7 @@ def test_after_rejections_every_session_holds_exactly_the_accepted_prefix(
         for prompt in ("the cook", "def main", "the bird"):
             steps: list[tuple[int, Fused]] = []
             result = generate(
-                rpc, fleet, weights, prompt, 30, on_step=lambda i, f: steps.append((i, f))
+                rpc, fleet, weights, prompt, 30, on_step=lambda i, f, s=steps: s.append((i, f))
             )
             assert [i for i, _ in steps] == list(range(len(steps)))  # one fusion per token
             ids = animals_backend.tokenize(prompt, add_bos=True)
@@ -294,7 +294,9 @@ def test_an_expert_killed_mid_draft_is_dropped_and_the_answer_arrives(
         victim = start(fleet, tiny_models["animals"], uid("v"))
         killed = threading.Event()
 
-        def kill_after_first_token(delta: str, victim: str = victim) -> None:
+        def kill_after_first_token(
+            delta: str, victim: str = victim, killed: threading.Event = killed
+        ) -> None:
             if not killed.is_set():
                 os.kill(fleet.procs[victim].pid, signal.SIGKILL)
                 killed.set()
