@@ -44,6 +44,7 @@ class _Job:
     correlation: bytes | None
     received: float
     qos: int = 1  # replies travel with the QoS the request came with
+    codec: str = "json"  # replies travel in the codec the request came in
 
 
 class Agent:
@@ -96,6 +97,7 @@ class Agent:
             software_version=__version__,
             max_sessions=self.config.max_sessions,
             started_at=self.started_at,
+            codecs=list(p.CODECS),
         )
 
     def _build_profiler(self) -> SelfProfiler:
@@ -199,10 +201,15 @@ class Agent:
     # ------------------------------------------------------------------ requests
 
     def _reply(
-        self, topic: str, correlation: bytes | None, message: p.Message, qos: int = 1
+        self,
+        topic: str,
+        correlation: bytes | None,
+        message: p.Message,
+        qos: int = 1,
+        codec: str = "json",
     ) -> None:
         self.conn.publish(
-            topic, p.encode(message), qos=qos, properties=reply_properties(correlation)
+            topic, p.encode_rpc(message, codec), qos=qos, properties=reply_properties(correlation)
         )
 
     def _on_request(self, msg: mqtt.MQTTMessage) -> None:
@@ -215,6 +222,7 @@ class Agent:
             self.dropped_without_reply_topic += 1
             log.warning("request on %s without ResponseTopic dropped (MQTT 5 needed)", msg.topic)
             return
+        codec = p.payload_codec(msg.payload)
         try:
             request = p.decode_request(msg.payload, self.config.max_payload_bytes)
         except ProtocolError as exc:
@@ -223,15 +231,18 @@ class Agent:
                 corr,
                 p.error_reply(exc.code, exc.message, p.request_op(msg.payload)),
                 msg.qos,
+                codec,
             )
             return
         try:
-            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), msg.qos))
+            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), msg.qos, codec))
         except queue.Full:
             err = Busy(
                 f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later"
             )
-            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), msg.qos)
+            self._reply(
+                topic, corr, p.error_reply(err.code, err.message, request.op), msg.qos, codec
+            )
 
     def _work(self) -> None:
         """The model thread: queued requests go to the scheduler, which evaluates every
@@ -258,6 +269,6 @@ class Agent:
         if job.response_topic is None:
             return
         try:
-            self._reply(job.response_topic, job.correlation, reply, job.qos)
+            self._reply(job.response_topic, job.correlation, reply, job.qos, job.codec)
         except Exception:
             log.exception("could not publish the reply to %s", job.response_topic)

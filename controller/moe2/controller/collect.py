@@ -24,7 +24,7 @@ from typing import Any
 
 from moe2.controller.registry import Registry, SampleRow
 from moe2.shared import protocol as p
-from moe2.shared.errors import Moe2Error
+from moe2.shared.errors import Moe2Error, UnknownOperation
 from moe2.shared.mqtt import RpcClient
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class _Job:
 
 @dataclass
 class CollectSettings:
-    window: int = 8  # score requests in flight per expert (hides MQTT round trips)
+    window: int = 4  # score requests in flight per expert (hides MQTT round trips)
+    batch: int = 16  # samples per score_many request (one round trip per batch)
     commit_every: int = 64  # rows per registry transaction
     timeout_s: float = 60.0  # per request
     max_failures: int = 3  # consecutive errors before an expert is given up
@@ -94,7 +95,8 @@ def _tokenize_all(
 
 
 class _Worker(threading.Thread):
-    """Sends one expert's score requests, ``window`` at a time, into the results queue."""
+    """Sends one expert's samples, ``batch`` per ``score_many`` request and ``window``
+    requests at a time, and puts their scores into the results queue."""
 
     def __init__(
         self,
@@ -110,44 +112,81 @@ class _Worker(threading.Thread):
         self.rpc, self.info, self.jobs, self.tokens = rpc, info, jobs, tokens
         self.results, self.settings, self.stop = results, settings, stop
         self.failure: str | None = None
+        self.batch = max(1, settings.batch)
+        rpc.use_codec(info)
 
-    def _request(self, job: _Job) -> p.ScoreRequest:
+    def _sample(self, job: _Job) -> p.ScoreSample:
         if self.tokens is not None:
             prompt, target = self.tokens[(job.sample.id, job.option)]
-            return p.ScoreRequest(prompt_tokens=prompt, target_tokens=target)
-        return p.ScoreRequest(prompt=job.sample.prompt, target=job.sample.targets[job.option])
+            return p.ScoreSample(prompt_tokens=prompt, target_tokens=target)
+        return p.ScoreSample(prompt=job.sample.prompt, target=job.sample.targets[job.option])
+
+    def _request(self, jobs: list[_Job]) -> Future[Any]:
+        agent = self.info.agent_id
+        if self.batch > 1:
+            return self.rpc.call_async(
+                agent, p.ScoreManyRequest(samples=[self._sample(j) for j in jobs])
+            )
+        s = self._sample(jobs[0])
+        return self.rpc.call_async(agent, p.ScoreRequest(**s.model_dump(exclude_none=True)))
+
+    def _store(self, job: _Job, tokens: list[int], logprobs: list[float], ms: float) -> None:
+        self.results.put(
+            {
+                "sample_id": job.sample.id,
+                "expert": self.info.agent_id,
+                "option": job.option,
+                "tokenizer_hash": self.info.tokenizer_hash,
+                "tokens": tokens,
+                "logprobs": logprobs,
+                "compute_ms": ms,
+            }
+        )
 
     def run(self) -> None:
         todo = deque(self.jobs)
-        flying: deque[tuple[_Job, Future[Any]]] = deque()
+        flying: deque[tuple[list[_Job], Future[Any]]] = deque()
         failures = 0
         while (todo or flying) and not self.stop.is_set():
             while todo and len(flying) < self.settings.window:
-                job = todo.popleft()
-                flying.append((job, self.rpc.call_async(self.info.agent_id, self._request(job))))
-            job, fut = flying.popleft()
+                jobs = [todo.popleft() for _ in range(min(self.batch, len(todo)))]
+                flying.append((jobs, self._request(jobs)))
+            jobs, fut = flying.popleft()
             try:
                 reply = self.rpc.wait(fut, self.settings.timeout_s)
+            except UnknownOperation:
+                if self.batch == 1:
+                    self.failure = "the agent scores nothing (no score operation)"
+                    break
+                log.info("%s predates score_many: one sample per request", self.info.agent_id)
+                self.batch = 1  # an older agent: one request per sample
+                todo.extendleft(reversed(jobs))
+                continue
             except Moe2Error as exc:
                 failures += 1
-                log.warning("expert %s failed on sample %s: %s", self.info.agent_id, job, exc)
+                log.warning(
+                    "expert %s failed on %d samples: %s", self.info.agent_id, len(jobs), exc
+                )
                 if failures >= self.settings.max_failures:
                     self.failure = f"{exc.code}: {exc.message}"
                     break
-                todo.append(job)  # retry later
+                todo.extend(jobs)  # retry later
                 continue
             failures = 0
-            self.results.put(
-                {
-                    "sample_id": job.sample.id,
-                    "expert": self.info.agent_id,
-                    "option": job.option,
-                    "tokenizer_hash": self.info.tokenizer_hash,
-                    "tokens": reply.target_tokens,
-                    "logprobs": reply.logprobs,
-                    "compute_ms": reply.compute_ms,
-                }
-            )
+            if isinstance(reply, p.ScoreReply):
+                self._store(jobs[0], reply.target_tokens, reply.logprobs, reply.compute_ms)
+                continue
+            per = reply.compute_ms / max(1, len(jobs))
+            for job, res in zip(jobs, reply.results):
+                if res.error is None:
+                    self._store(job, res.target_tokens, res.logprobs, per)
+                    continue
+                # a sample the expert cannot score (too long for its context, say) will not
+                # score on a retry either: the expert fails the collection with its reason
+                log.warning("expert %s cannot score %s: %s", self.info.agent_id, job, res.error)
+                self.failure = f"{res.error.code}: {res.error.message}"
+            if self.failure is not None:
+                break
         self.results.put(None)  # this worker is done
 
 
@@ -252,7 +291,8 @@ def _cli() -> Any:
     @click.command("collect")
     @click.argument("dataset")
     @click.option("--experts", default=None, help="agent ids, comma-separated [default: online]")
-    @click.option("--window", type=int, default=8, show_default=True, help="requests in flight")
+    @click.option("--window", type=int, default=4, show_default=True, help="requests in flight")
+    @click.option("--batch", type=int, default=16, show_default=True, help="samples per request")
     @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True)
     @db_option
     @broker_options
@@ -261,6 +301,7 @@ def _cli() -> Any:
         dataset: str,
         experts: str | None,
         window: int,
+        batch: int,
         timeout_s: float,
         db_url: str | None,
         as_json: bool,
@@ -293,7 +334,7 @@ def _cli() -> Any:
                     f"collect {dataset}: {done}/{total} ({100 * done / total:.0f}%)", err=True
                 )
 
-        settings = CollectSettings(window=window, timeout_s=timeout_s)
+        settings = CollectSettings(window=window, batch=batch, timeout_s=timeout_s)
         with RpcClient(broker, timeout=timeout_s) as rpc:
             report = collect(reg, rpc, dataset, online, settings, stop=stop, on_progress=progress)
         reg.close()

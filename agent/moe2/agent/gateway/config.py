@@ -88,6 +88,11 @@ class GatewayConfig(BaseModel):
         description="most tokens drafted per round (the draft length adapts to the measured "
         "acceptance rate and round trip)",
     )
+    rpc_codec: Literal["bin1", "json"] = Field(
+        default="bin1",
+        description="payload codec of requests to experts that announce they read it "
+        "(distributions travel as raw float32); JSON otherwise",
+    )
     rpc_qos: int = Field(
         default=0,
         ge=0,

@@ -87,6 +87,8 @@ class Generation:
         self.vocabs = dict(vocabs)
         self.weights = renormalise(dict(weights))
         self.config = config
+        for name in self.weights:
+            rpc.use_codec(self.infos[name], config.rpc_codec)
         self.sampling = sampling
         self.deadline = deadline
         self.on_delta = on_delta

@@ -26,7 +26,8 @@ and travel to the request's MQTT 5 ResponseTopic with its CorrelationData.
 
 Distributions are compact: the top-k token ids with their natural-log probabilities and the
 probability mass left outside the top-k (``tail``), or on request the full distribution as
-base64 little-endian float32 log-probabilities.
+base64 little-endian float32 log-probabilities. RPC payloads may also travel in the binary
+``bin1`` codec (``codec.py``), negotiated per agent through ``AgentInfo.codecs``.
 """
 
 from moe2.shared.protocol.agents import AgentInfo, AgentStatus
@@ -42,6 +43,7 @@ from moe2.shared.protocol.base import (
     decode_message,
     encode,
 )
+from moe2.shared.protocol.codec import CODECS, encode_rpc, payload_codec
 from moe2.shared.protocol.desired import (
     MAX_VERSION,
     AppAssignment,
@@ -104,6 +106,7 @@ from moe2.shared.protocol.rpc import (
 from moe2.shared.protocol.topics import Topic, topics
 
 __all__ = [
+    "CODECS",
     "MAX_TEXT_CHARS",
     "MAX_TOKENS_PER_REQUEST",
     "MAX_TOP_K",
@@ -169,10 +172,12 @@ __all__ = [
     "decode_request",
     "encode",
     "encode_full",
+    "encode_rpc",
     "encode_topk",
     "encode_vocab",
     "error_reply",
     "gate_digest",
+    "payload_codec",
     "prompt_error",
     "request_op",
     "topics",

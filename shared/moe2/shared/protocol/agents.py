@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from moe2.shared.protocol.base import Message
 
 
@@ -27,6 +29,8 @@ class AgentInfo(Message):
     software_version: str
     max_sessions: int
     started_at: float  # unix seconds
+    # RPC payload codecs this agent reads (protocol/codec.py); older agents read JSON only.
+    codecs: list[str] = Field(default_factory=lambda: ["json"])
 
 
 class AgentStatus(Message):

@@ -13,12 +13,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     model_validator,
 )
 
-from moe2.shared.errors import BadMessage, UnknownOperation
+from moe2.shared.errors import BadMessage, MessageTooLarge, UnknownOperation
 from moe2.shared.protocol.base import (
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
@@ -70,9 +71,13 @@ class FullDist(BaseModel):
     kind: Literal["full"] = "full"
     n_vocab: int = Field(ge=1, le=1 << 22)
     logprobs_b64: str  # base64 of (n_vocab,) little-endian float32 natural-log probabilities
+    _raw: np.ndarray | None = PrivateAttr(default=None)  # the array it was built from
+    _array: np.ndarray | None = PrivateAttr(default=None)  # validated, read-only
 
-    def logprobs(self) -> np.ndarray:
-        """(n_vocab,) float32 log-probabilities; BadMessage unless finite and normalised."""
+    def raw(self) -> np.ndarray:
+        """The (n_vocab,) little-endian float32 values as they are, not validated."""
+        if self._raw is not None:
+            return self._raw
         try:
             raw = base64.b64decode(self.logprobs_b64, validate=True)
         except ValueError:
@@ -81,12 +86,21 @@ class FullDist(BaseModel):
             raise BadMessage(
                 f"full distribution has {len(raw) / 4:g} entries, expected {self.n_vocab}"
             )
-        arr = np.frombuffer(raw, dtype="<f4")
+        self._raw = np.frombuffer(raw, dtype="<f4")
+        return self._raw
+
+    def logprobs(self) -> np.ndarray:
+        """(n_vocab,) float32 log-probabilities (read-only); BadMessage unless finite and
+        normalised. Decoded and checked once."""
+        if self._array is not None:
+            return self._array
+        arr = self.raw()
         if not np.all(arr <= 1e-6) or np.isnan(arr).any():
             raise BadMessage("full distribution holds values that are not log-probabilities")
         mass = float(np.exp(arr.astype(np.float64)).sum())
         if abs(mass - 1.0) > NORMALISATION_TOLERANCE:
             raise BadMessage(f"full distribution sums to {mass:.4f}, expected 1")
+        self._array = arr
         return arr
 
 
@@ -107,8 +121,11 @@ def encode_topk(logprobs: np.ndarray, k: int, pieces: list[str] | None = None) -
 
 
 def encode_full(logprobs: np.ndarray) -> FullDist:
-    arr = np.ascontiguousarray(logprobs, dtype="<f4")
-    return FullDist(n_vocab=arr.shape[0], logprobs_b64=base64.b64encode(arr.tobytes()).decode())
+    arr = np.array(logprobs, dtype="<f4")  # a copy: the distribution keeps it
+    arr.setflags(write=False)
+    dist = FullDist(n_vocab=arr.shape[0], logprobs_b64=base64.b64encode(arr.tobytes()).decode())
+    dist._raw = arr
+    return dist
 
 
 # --------------------------------------------------------------------------- RPC replies
@@ -567,7 +584,19 @@ _error_adapter = TypeAdapter(ErrorReply)
 
 
 def decode_request(payload: bytes | bytearray, max_bytes: int) -> Any:
-    """Parse and validate an RPC request; raises a ProtocolError subclass on bad input."""
+    """Parse and validate an RPC request in any codec (``codec.py``); raises a
+    ProtocolError subclass on bad input."""
+    if payload[:1] == b"\xb1":
+        from moe2.shared.protocol.codec import decode_bin1
+
+        if len(payload) > max_bytes:
+            raise MessageTooLarge(
+                f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}"
+            )
+        kind, body = decode_bin1(payload)
+        if kind != 0:
+            raise BadMessage("a bin1 request must carry its JSON text (kind 0)")
+        payload = body
     obj = parse_envelope(payload, max_bytes)
     op = obj.get("op")
     if op not in OPERATIONS:
@@ -579,7 +608,14 @@ def decode_request(payload: bytes | bytearray, max_bytes: int) -> Any:
 
 
 def decode_reply(payload: bytes | bytearray, max_bytes: int = 1 << 30) -> Any:
-    """Parse an RPC reply: a reply model, or an ErrorReply."""
+    """Parse an RPC reply in any codec: a reply model, or an ErrorReply."""
+    if payload[:1] == b"\xb1":
+        from moe2.shared.protocol.codec import decode_bin1
+
+        kind, body = decode_bin1(payload)
+        if kind != 0:
+            return body
+        payload = body
     obj = parse_envelope(payload, max_bytes)
     try:
         if obj.get("ok") is False:
@@ -591,5 +627,5 @@ def decode_reply(payload: bytes | bytearray, max_bytes: int = 1 << 30) -> Any:
 
 def request_op(payload: bytes | bytearray) -> str | None:
     """Best-effort op name of a request that failed to decode (for the error reply)."""
-    m = re.search(rb'"op"\s*:\s*"([a-z_]{1,20})"', payload[:4096])
+    m = re.search(rb'"op"\s*:\s*"([a-z_]{1,20})"', bytes(payload[:4096]))
     return m.group(1).decode() if m else None
