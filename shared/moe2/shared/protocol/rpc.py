@@ -16,6 +16,7 @@ from pydantic import (
     PrivateAttr,
     TypeAdapter,
     ValidationError,
+    field_serializer,
     model_validator,
 )
 
@@ -70,9 +71,25 @@ class FullDist(BaseModel):
 
     kind: Literal["full"] = "full"
     n_vocab: int = Field(ge=1, le=1 << 22)
-    logprobs_b64: str  # base64 of (n_vocab,) little-endian float32 natural-log probabilities
+    # base64 of (n_vocab,) little-endian float32 natural-log probabilities; empty in a
+    # distribution built from an array (``from_array``), filled in when written as JSON
+    logprobs_b64: str
     _raw: np.ndarray | None = PrivateAttr(default=None)  # the array it was built from
     _array: np.ndarray | None = PrivateAttr(default=None)  # validated, read-only
+
+    @classmethod
+    def from_array(cls, arr: np.ndarray) -> FullDist:
+        """A distribution holding ``arr`` ((n,) little-endian float32, read-only) without
+        encoding it: base64 only if it is ever written as JSON."""
+        dist = cls(n_vocab=int(arr.shape[0]), logprobs_b64="")
+        dist._raw = arr
+        return dist
+
+    @field_serializer("logprobs_b64")
+    def _b64(self, value: str) -> str:
+        if not value and self._raw is not None:
+            return base64.b64encode(self._raw.tobytes()).decode()
+        return value
 
     def raw(self) -> np.ndarray:
         """The (n_vocab,) little-endian float32 values as they are, not validated."""
@@ -123,9 +140,9 @@ def encode_topk(logprobs: np.ndarray, k: int, pieces: list[str] | None = None) -
 def encode_full(logprobs: np.ndarray) -> FullDist:
     arr = np.array(logprobs, dtype="<f4")  # a copy: the distribution keeps it
     arr.setflags(write=False)
-    dist = FullDist(n_vocab=arr.shape[0], logprobs_b64=base64.b64encode(arr.tobytes()).decode())
-    dist._raw = arr
-    return dist
+    if not 1 <= arr.shape[0] <= 1 << 22:
+        raise ValueError(f"a full distribution has 1 to {1 << 22} entries, not {arr.shape[0]}")
+    return FullDist.from_array(arr)
 
 
 # --------------------------------------------------------------------------- RPC replies
