@@ -122,6 +122,8 @@ class LatencyProxy:
         if self._proc is not None:
             self._proc.terminate()
             self._proc.wait(10)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
             self._proc = None
 
     def __enter__(self) -> LatencyProxy:

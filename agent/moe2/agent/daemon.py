@@ -2,8 +2,9 @@
 
 The paho network thread only validates requests and queues them, so keepalives keep flowing
 (and a hung model still shows up as offline through the last will, not as a hung socket);
-the model thread runs one request at a time and always replies: a result, or an error with
-a code. Nothing a peer sends can stop either thread.
+the model thread hands them to the scheduler (``batching.py``), which evaluates every request
+in progress in one batch per tick, and always replies: a result, or an error with a code, in
+the codec the request came in. Nothing a peer sends can stop either thread.
 
 Self-profiling runs on the model thread too (first at start, then on ``profile`` requests),
 so no request is measured as its cost; the profile is published retained, and a failed

@@ -1,6 +1,10 @@
 """One fused generation (paper Algorithm 3): open a session on each chosen expert, then per
 token ask all of them at once, fuse, pick, and feed the pick back to every expert.
 
+By default the tokens after the first come from speculative rounds (``speculative.py``: the
+top expert drafts, the others verify, the same answer for fewer round trips); with
+``decoding = "per-token"`` every token is one round trip to every expert.
+
 Experts that fail, stay silent past the step timeout or send a distribution that does not fit
 their vocabulary are dropped and the others' weights renormalised; generation ends on an
 end-of-generation token, ``max_tokens``, a full context, or the prompt's deadline (an error).
