@@ -102,7 +102,7 @@ def test_greedy_speculative_fusion_equals_per_token_fusion_token_for_token(
     a = start(fleet, tiny_models["animals"], uid("a"))
     k = start(fleet, tiny_models["cooking"], uid("k"))
     c = start(fleet, tiny_models["code"], uid("c"))
-    tested = accepted = 0
+    tested = accepted = used = wasted = 0
     for weights in ({a: 1.0}, {a: 0.6, k: 0.4}, {a: 0.3, c: 0.3, k: 0.4}):
         for top_k in (False, True):  # full distributions (exact) and top-64 lists
             limit = {"full_vocab_limit": 0} if top_k else {}
@@ -140,8 +140,12 @@ def test_greedy_speculative_fusion_equals_per_token_fusion_token_for_token(
                 assert spec.speculation is not None
                 tested += spec.speculation.tested
                 accepted += spec.speculation.accepted
-    # Both paths ran: drafts accepted, and drafts rejected (sessions rewound).
+                used += spec.speculation.ahead_used
+                wasted += spec.speculation.ahead_wasted
+    # Every path ran: drafts accepted, drafts rejected (sessions rewound), drafts made ahead
+    # while the previous one was verified, used and thrown away.
     assert 0 < accepted < tested
+    assert used > 0 and wasted > 0
 
 
 def test_after_rejections_every_session_holds_exactly_the_accepted_prefix(

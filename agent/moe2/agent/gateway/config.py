@@ -88,6 +88,11 @@ class GatewayConfig(BaseModel):
         description="most tokens drafted per round (the draft length adapts to the measured "
         "acceptance rate and round trip)",
     )
+    speculative_pipeline: bool = Field(
+        default=True,
+        description="while the others verify a draft, the drafter already drafts on from its "
+        "last token (used when the whole draft is accepted; wasted drafting otherwise)",
+    )
     rpc_codec: Literal["bin1", "json"] = Field(
         default="bin1",
         description="payload codec of requests to experts that announce they read it "

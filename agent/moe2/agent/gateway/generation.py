@@ -43,7 +43,7 @@ from moe2.shared.errors import (
 from moe2.shared.mqtt import RpcClient
 
 if TYPE_CHECKING:
-    from moe2.agent.gateway.speculative import Speculation, SpeculationStats
+    from moe2.agent.gateway.speculative import GammaMemory, Speculation, SpeculationStats
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class Generation:
         deadline: float | None = None,  # time.monotonic() value
         on_delta: Callable[[str], None] | None = None,
         on_step: Callable[[int, Fused], None] | None = None,  # for tests and tracing
+        gamma_memory: GammaMemory | None = None,  # the gateway's, across prompts
     ) -> None:
         self.rpc = rpc
         self.infos = dict(infos)
@@ -113,6 +114,7 @@ class Generation:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text: list[str] = []
         self.speculation: Speculation | None = None
+        self.gamma_memory = gamma_memory
 
     # ------------------------------------------------------------------ helpers
 
@@ -187,7 +189,7 @@ class Generation:
             if self.config.decoding == "speculative" and max_tokens > 1:
                 from moe2.agent.gateway.speculative import Speculation
 
-                self.speculation = Speculation(self)
+                self.speculation = Speculation(self, self.gamma_memory)
                 finish = self.speculation.run(replies, picks, max_tokens)
             else:
                 finish = self._per_token(replies, picks, max_tokens)

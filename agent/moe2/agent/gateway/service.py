@@ -27,6 +27,7 @@ from moe2.agent.gateway.gatestore import GateStore
 from moe2.agent.gateway.generation import Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
 from moe2.agent.gateway.routing import AppRouter
+from moe2.agent.gateway.speculative import GammaMemory
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
 from moe2.shared import protocol as p
@@ -55,6 +56,7 @@ class Gateway:
             broker, f"gw-{gateway_id}", timeout=config.step_timeout_s, qos=config.rpc_qos
         )
         self.vocabs = VocabCache(self.rpc, config.open_timeout_s)
+        self.gamma_memory = GammaMemory()  # draft lengths learned across prompts
         self.gates: dict[str, Gate] = {}  # per application; uniform until one is pushed
         self.gate_store = GateStore(self.conn, gateway_id, self._use_gate)
         self.router = AppRouter(
@@ -273,6 +275,7 @@ class Gateway:
             Sampling(req.temperature, req.top_p, req.seed),
             deadline=received + self.config.deadline_s,
             on_delta=on_delta,
+            gamma_memory=self.gamma_memory,
         )
         result = gen.run(req.prompt, max_tokens)
         latency_s = time.monotonic() - received

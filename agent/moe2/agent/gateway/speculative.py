@@ -44,10 +44,12 @@ a position where the guess was wrong, so the history every expert sees is per-to
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -79,6 +81,8 @@ class SpeculationStats:
     tested: int = 0  # drafted tokens put to the acceptance test
     accepted: int = 0
     gamma_total: int = 0  # sum of γ over rounds
+    ahead_used: int = 0  # drafts made while the previous round was verified, then used
+    ahead_wasted: int = 0  # ... and thrown away (the previous draft was not all accepted)
 
     @property
     def acceptance(self) -> float:
@@ -87,6 +91,26 @@ class SpeculationStats:
     @property
     def mean_gamma(self) -> float:
         return self.gamma_total / self.rounds if self.rounds else 0.0
+
+
+class GammaMemory:
+    """What a gateway has learned about drafting, per set of experts, across prompts: the
+    draft length, acceptance and costs of the last answers start the next one (thread-safe:
+    prompts are generated concurrently; a controller is copied in and stored back)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[tuple[str, ...], GammaController] = {}
+
+    def start(self, experts: Iterable[str], start: int, max_gamma: int) -> GammaController:
+        key = tuple(sorted(experts))
+        with self._lock:
+            known = self._known.get(key)
+            return copy.copy(known) if known is not None else GammaController(start, max_gamma)
+
+    def remember(self, experts: Iterable[str], control: GammaController) -> None:
+        with self._lock:
+            self._known[tuple(sorted(experts))] = copy.copy(control)
 
 
 class GammaController:
@@ -121,15 +145,31 @@ class GammaController:
         return (1 - a**gamma) / (1 - a)
 
     def update(
-        self, tested: int, accepted: int, gamma: int, wall_ms: float, draft_ms: float
+        self,
+        tested: int,
+        accepted: int,
+        gamma: int,
+        wall_ms: float | None = None,
+        draft_ms: float = 0.0,
     ) -> None:
+        """Count a round's acceptances; with its timing (``wall_ms``: draft sent to the
+        last verification in) choose the next γ. A pipelined round's draft was made while
+        the previous round was verified, so it has no such timing."""
         d = self.decay
         self._accepted = d * self._accepted + accepted
         self._tested = d * self._tested + tested
+        if wall_ms is None:
+            if self.draft_ms is not None:
+                self._choose()
+            return
         per = draft_ms / max(1, gamma)
         fixed = max(0.0, wall_ms - draft_ms)
         self.draft_ms = per if self.draft_ms is None else d * self.draft_ms + (1 - d) * per
         self.fixed_ms = fixed if self.fixed_ms is None else d * self.fixed_ms + (1 - d) * fixed
+        self._choose()
+
+    def _choose(self) -> None:
+        assert self.fixed_ms is not None and self.draft_ms is not None
         best, best_rate = 1, 0.0
         for g in range(1, self.max_gamma + 1):
             rate = self.expected_tokens(g) / (self.fixed_ms + g * self.draft_ms + 1e-6)
@@ -160,17 +200,36 @@ class _Position:
         return self.length if self.held > self.length else None
 
 
+@dataclass
+class _Ahead:
+    """A draft asked for before the previous one was verified: the drafter continues from
+    its own last drafted token, which is then the next X if the whole draft is accepted."""
+
+    drafter: str
+    future: Future[p.DistributionsReply]
+    gamma: int
+    key: Any  # the X it assumes
+
+
 class _Unfeedable:
     """The key of a drafted control token without text: never a fusion candidate."""
 
 
 class Speculation:
-    def __init__(self, gen: Generation) -> None:
+    def __init__(self, gen: Generation, memory: GammaMemory | None = None) -> None:
         self.g = gen
         cfg = gen.config
-        self.control = GammaController(cfg.speculative_gamma, cfg.speculative_max_gamma)
+        self.memory = memory
+        self._experts = list(gen.weights)
+        self.control = (
+            memory.start(self._experts, cfg.speculative_gamma, cfg.speculative_max_gamma)
+            if memory is not None
+            else GammaController(cfg.speculative_gamma, cfg.speculative_max_gamma)
+        )
         self.stats = SpeculationStats()
         self.at: dict[str, _Position] = {}
+        self.ahead: _Ahead | None = None
+        self.pipeline = cfg.speculative_pipeline
 
     # ------------------------------------------------------------------ the loop
 
@@ -186,6 +245,14 @@ class Speculation:
         live = {n: pos.dist for n, pos in self.at.items() if n in g.weights}
         if not live:
             raise NoExperts("no expert answered")
+        try:
+            return self._run(live, picks, max_tokens)
+        finally:
+            if self.memory is not None and self.stats.rounds:
+                self.memory.remember(self._experts, self.control)
+
+    def _run(self, live: dict[str, Any], picks: list[Any], max_tokens: int) -> FinishReason:
+        g = self.g
         fused = g._fuse(live, 0)
         pick = self._choose(fused, 0)
         if not g.accept_pick(pick, picks):
@@ -193,7 +260,9 @@ class Speculation:
         while len(picks) < max_tokens:
             left = max_tokens - len(picks)
             gamma = min(self.control.gamma, left, self._room(pick))
-            if gamma < 2 or self.control.next_is_per_token():
+            if self.ahead is not None:  # drafted while the last round was verified
+                outcome = self._round(pick, picks, self.ahead.gamma, max_tokens)
+            elif gamma < 2 or self.control.next_is_per_token():
                 outcome = self._step(pick, picks)
             else:
                 outcome = self._round(pick, picks, gamma, max_tokens)
@@ -265,13 +334,24 @@ class Speculation:
     ) -> FinishReason | tuple[Any]:
         g = self.g
         t0 = time.perf_counter()
-        while True:  # a drafter that fails is dropped and the next one drafts
-            drafter = max(g.weights, key=lambda n: g.weights[n])
-            draft = self._draft(drafter, pick, gamma, len(picks))
+        ahead, self.ahead = self.ahead, None
+        draft: p.DistributionsReply | FinishReason | None = None
+        if ahead is not None and ahead.drafter in g.weights:
+            self.stats.ahead_used += 1
+            drafter = ahead.drafter
+            draft = self._take_draft(drafter, ahead.future, gamma, len(picks))
             if isinstance(draft, str):
                 return draft
-            if draft is not None:
-                break
+        while draft is None:  # a drafter that fails is dropped and the next one drafts
+            ahead = None
+            drafter = max(g.weights, key=lambda n: g.weights[n])
+            pos = self.at[drafter]
+            piece = g.feed_piece(drafter, pick, pos.dist)
+            fut = self._send_draft(drafter, piece, pos.rewind(), gamma)
+            draft = self._take_draft(drafter, fut, gamma, len(picks))
+            if isinstance(draft, str):
+                return draft
+        assert isinstance(draft, p.DistributionsReply)
         m = len(draft.drafted)
         keys = [self._key(drafter, t) for t in draft.drafted]
         # Every other expert: X, then its guess for each drafted key but the last.
@@ -297,6 +377,7 @@ class Speculation:
                 **self._options(),
             )
             futures[name] = g.rpc.call_async(name, req)
+        self._draft_ahead(drafter, draft, keys, len(picks), max_tokens)
         verified = self._collect(futures, fed, len(picks), gamma)
         if isinstance(verified, str):
             return verified
@@ -337,33 +418,72 @@ class Speculation:
                     dists, lengths, held = rows[n]
                     self.at[n] = _Position(lengths[i], held, dists[i])
             outcome = (chosen,)
+            if self.ahead is not None and not (i == m - 1 and chosen == self.ahead.key):
+                # The draft ahead assumed another X: wasted; the drafter's session holds
+                # it (or will), so the next request rewinds whatever it holds.
+                self.ahead = None
+                self.stats.ahead_wasted += 1
+                if drafter in self.at:
+                    self.at[drafter].held = 1 << 30
             break
+        if not isinstance(outcome, tuple):
+            self.ahead = None
         self.stats.rounds += 1
         self.stats.gamma_total += gamma
         self.stats.tested += tested
         self.stats.accepted += accepted
-        self.control.update(tested, accepted, m, wall_ms, draft.compute_ms)
+        if ahead is None:
+            self.control.update(tested, accepted, m, wall_ms, draft.compute_ms)
+        else:
+            self.control.update(tested, accepted, m)
         if outcome is None:
             raise NoExperts("no expert answered")
         return outcome
 
-    def _draft(
-        self, drafter: str, pick: Any, gamma: int, at: int
-    ) -> p.DistributionsReply | FinishReason | None:
-        """The drafter's reply; None when it failed and was dropped (another drafts)."""
+    def _draft_ahead(
+        self, drafter: str, draft: p.DistributionsReply, keys: list[Any], at: int, max_tokens: int
+    ) -> None:
+        """While the others verify this draft, ask the drafter to continue from its last
+        drafted token (worth it when drafts are mostly accepted: the next draft is then
+        ready when the verification is in, and drafting overlaps verifying)."""
         g = self.g
-        pos = self.at[drafter]
+        m = len(keys)
+        if not self.pipeline or self.control.alpha < 0.6 or not isinstance(keys[-1], bytes | int):
+            return
+        last = draft.drafted[-1]
+        if last in g.eos[drafter]:
+            return
+        if g.feed_piece(drafter, keys[-1], draft.dists[-1]) != last:
+            return  # per-token fusion would feed the drafter another token for those bytes
+        left = max_tokens - at - m  # tokens left if this whole draft is accepted
+        room = min(g.infos[n].n_ctx - self.at[n].length - m for n in g.weights if n in self.at)
+        gamma = min(self.control.gamma, left, room if g.by_id else 1 << 30)
+        if gamma < 2:
+            return
+        fut = self._send_draft(drafter, last, None, gamma)
+        self.ahead = _Ahead(drafter, fut, gamma, keys[-1])
+
+    def _send_draft(
+        self, drafter: str, piece: int | bytes, rewind_to: int | None, gamma: int
+    ) -> Future[p.DistributionsReply]:
+        g = self.g
         req = p.DraftRequest(
             session=g.sessions[drafter],
-            rewind_to=pos.rewind(),
-            feed=p.DraftRequest.encode_pieces([g.feed_piece(drafter, pick, pos.dist)]),
+            rewind_to=rewind_to,
+            feed=p.DraftRequest.encode_pieces([piece]),
             gamma=gamma,
             temperature=g.sampling.temperature,
             top_p=g.sampling.top_p,
             seed=int(g._rng.integers(1 << 62)),
             **self._options(),
         )
-        fut = g.rpc.call_async(drafter, req)
+        return g.rpc.call_async(drafter, req)
+
+    def _take_draft(
+        self, drafter: str, fut: Future[p.DistributionsReply], gamma: int, at: int
+    ) -> p.DistributionsReply | FinishReason | None:
+        """The drafter's reply; None when it failed and was dropped (another drafts)."""
+        g = self.g
         try:
             reply = self._wait(fut, gamma)
             if not 1 <= len(reply.drafted) <= gamma:
