@@ -251,6 +251,7 @@ def test_speculative_sampling_draws_exactly_from_the_fused_distribution(
         sampling=Sampling(temperature=temp, top_p=top_p),
         _rng=np.random.default_rng(1),
         by_id=True,
+        weights=weights,
     )
     spec = Speculation(gen)  # type: ignore[arg-type]
     draft_ids, q = draft_distribution(dists["a"], temp, top_p)
