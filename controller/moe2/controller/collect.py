@@ -67,7 +67,7 @@ class _Job:
 @dataclass
 class CollectSettings:
     window: int = 4  # score requests in flight per expert (hides MQTT round trips)
-    batch: int = 16  # samples per score_many request (one round trip per batch)
+    batch: int = 32  # samples per score_many request (one round trip per batch)
     commit_every: int = 64  # rows per registry transaction
     timeout_s: float = 60.0  # per request
     max_failures: int = 3  # consecutive errors before an expert is given up
@@ -292,7 +292,7 @@ def _cli() -> Any:
     @click.argument("dataset")
     @click.option("--experts", default=None, help="agent ids, comma-separated [default: online]")
     @click.option("--window", type=int, default=4, show_default=True, help="requests in flight")
-    @click.option("--batch", type=int, default=16, show_default=True, help="samples per request")
+    @click.option("--batch", type=int, default=32, show_default=True, help="samples per request")
     @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True)
     @db_option
     @broker_options
