@@ -2,8 +2,9 @@
 
 The paho network thread only validates requests and queues them, so keepalives keep flowing
 (and a hung model still shows up as offline through the last will, not as a hung socket);
-the model thread runs one request at a time and always replies: a result, or an error with
-a code. Nothing a peer sends can stop either thread.
+the model thread hands them to the scheduler (``batching.py``), which evaluates every request
+in progress in one batch per tick, and always replies: a result, or an error with a code, in
+the codec the request came in. Nothing a peer sends can stop either thread.
 
 Self-profiling runs on the model thread too (first at start, then on ``profile`` requests),
 so no request is measured as its cost, and serves the requests waiting for the model between
@@ -34,6 +35,7 @@ import paho.mqtt.client as mqtt
 
 from moe2.agent import __version__
 from moe2.agent.backend import ModelBackend
+from moe2.agent.batching import Scheduler
 from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.service import Gateway
 from moe2.agent.metrics import AgentMetrics, GatewayMetrics
@@ -42,7 +44,7 @@ from moe2.agent.profiler import SelfProfiler, current_power_mode
 from moe2.agent.service import AgentService
 from moe2.shared import protocol as p
 from moe2.shared.devices import resolve_device_class
-from moe2.shared.errors import Busy, InternalError, Moe2Error, ProtocolError
+from moe2.shared.errors import Busy, ProtocolError
 from moe2.shared.files import sha256_file
 from moe2.shared.mqtt import Connection, reply_properties, reply_qos
 
@@ -62,6 +64,7 @@ class _Job:
     correlation: bytes | None
     received: float
     qos: int = 1  # replies travel with the QoS the request came with
+    codec: str = "json"  # replies travel in the codec the request came in
 
 
 class Agent:
@@ -71,6 +74,7 @@ class Agent:
         self.service = AgentService(
             config.id, backend, config.max_sessions, config.default_top_k, config.session_idle_s
         )
+        self.scheduler = Scheduler(backend, self.service.start, self._done)
         self.profiler = self._build_profiler()  # ConfigError: unknown device class or mode
         self.service.profiler = self.profiler
         self.profile: p.AgentProfile | None = None  # the last one published
@@ -128,6 +132,7 @@ class Agent:
             software_version=__version__,
             max_sessions=self.config.max_sessions,
             started_at=self.started_at,
+            codecs=list(p.CODECS),
         )
 
     def _compute_backend(self) -> p.ComputeBackend | None:
@@ -287,10 +292,15 @@ class Agent:
     # ------------------------------------------------------------------ requests
 
     def _reply(
-        self, topic: str, correlation: bytes | None, message: p.Message, qos: int = 1
+        self,
+        topic: str,
+        correlation: bytes | None,
+        message: p.Message,
+        qos: int = 1,
+        codec: str = "json",
     ) -> None:
         self.conn.publish(
-            topic, p.encode(message), qos=qos, properties=reply_properties(correlation)
+            topic, p.encode_rpc(message, codec), qos=qos, properties=reply_properties(correlation)
         )
 
     def _on_request(self, msg: mqtt.MQTTMessage) -> None:
@@ -304,6 +314,7 @@ class Agent:
             self.dropped_without_reply_topic += 1
             log.warning("request on %s without ResponseTopic dropped (MQTT 5 needed)", msg.topic)
             return
+        codec = p.payload_codec(msg.payload)
         try:
             request = p.decode_request(msg.payload, self.config.max_payload_bytes)
         except ProtocolError as exc:
@@ -312,16 +323,17 @@ class Agent:
                 corr,
                 p.error_reply(exc.code, exc.message, p.request_op(msg.payload)),
                 qos,
+                codec,
             )
             return
         try:
-            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), qos))
+            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), qos, codec))
         except queue.Full:
             self.metrics.busy.inc()
             err = Busy(
                 f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later"
             )
-            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), qos)
+            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), qos, codec)
 
     def _count(self, op: str, reply: p.Message, seconds: float) -> None:
         m = self.metrics
@@ -335,15 +347,26 @@ class Agent:
             self._tokens_counted = evaluated
 
     def _work(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get(timeout=_RECLAIM_EVERY_S)
-            except queue.Empty:
-                self.service.sessions.reclaim_idle()
-                continue
-            if job is None:
-                return
-            self._run(job)
+        """The model thread: queued requests go to the scheduler, which evaluates every
+        active request's next chunk in one batch per tick (``batching.py``); when nothing
+        is asked for a while, sessions left idle are reclaimed."""
+        stopping = False
+        while not stopping or not self.scheduler.idle:
+            # Wait only when there is nothing to compute; otherwise take what has arrived.
+            block = self.scheduler.idle
+            while not stopping:
+                try:
+                    job = self._jobs.get(block=block, timeout=_RECLAIM_EVERY_S if block else None)
+                except queue.Empty:
+                    if block:
+                        self.service.sessions.reclaim_idle()
+                    break
+                block = False
+                if job is None:
+                    stopping = True
+                    break
+                self.scheduler.submit(job)
+            self.scheduler.tick()
 
     def _serve_waiting(self) -> None:
         """Between two profiling measurements: serve the requests waiting now (a profile
@@ -357,27 +380,17 @@ class Agent:
             if job is None or isinstance(job.request, p.ProfileRequest):
                 later.append(job)
             else:
-                self._run(job)
+                self.scheduler.run(job)
         for job in later:
             self._jobs.put(job)
 
-    def _run(self, job: _Job) -> None:
-        op = job.request.op
-        started = time.perf_counter()
-        try:
-            reply: p.Message = self.service.handle(job.request)
-        except Moe2Error as exc:
-            reply = p.error_reply(exc.code, exc.message, op)
-        except Exception as exc:  # a bug must cost one request, not the agent
-            log.exception("request %s failed", op)
-            err = InternalError(f"{type(exc).__name__}: {exc}")
-            reply = p.error_reply(err.code, err.message, op)
-        self._count(op, reply, time.perf_counter() - started)
+    def _done(self, job: _Job, reply: p.Message) -> None:
+        self._count(job.request.op, reply, time.monotonic() - job.received)
         if isinstance(job.request, p.ProfileRequest):
             reply = self._after_profile(job, reply)
         if job.response_topic is None:
             return
         try:
-            self._reply(job.response_topic, job.correlation, reply, job.qos)
+            self._reply(job.response_topic, job.correlation, reply, job.qos, job.codec)
         except Exception:
             log.exception("could not publish the reply to %s", job.response_topic)

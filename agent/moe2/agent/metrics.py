@@ -88,7 +88,9 @@ class GatewayMetrics:
             "moe2_gateway_prompts", "prompts answered (final answer sent)", ["app"], registry=r
         )
         self.errors = Counter(
-            "moe2_gateway_prompt_errors", "prompts answered with an error", ["app", "code"],
+            "moe2_gateway_prompt_errors",
+            "prompts answered with an error",
+            ["app", "code"],
             registry=r,
         )
         self.tokens = Counter(
@@ -110,7 +112,9 @@ class GatewayMetrics:
             registry=r,
         )
         self.dropped = Counter(
-            "moe2_gateway_dropped_experts", "experts dropped from an answer", ["app", "expert"],
+            "moe2_gateway_dropped_experts",
+            "experts dropped from an answer",
+            ["app", "expert"],
             registry=r,
         )
         self.in_flight = Gauge(

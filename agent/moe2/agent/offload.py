@@ -82,9 +82,7 @@ def parse_load_log(text: str) -> LoadLog:
         elif m := _BUFFER.search(line):
             buffers[m.group(1)] = buffers.get(m.group(1), 0.0) + float(m.group(2))
         elif m := _USING.search(line):
-            using.append(
-                BackendDevice(m.group(1), m.group(2), "gpu", int(m.group(3)) << 20, None)
-            )
+            using.append(BackendDevice(m.group(1), m.group(2), "gpu", int(m.group(3)) << 20, None))
     return LoadLog(offloaded, offloadable, assigned, buffers, using)
 
 
@@ -143,7 +141,7 @@ def check_offload(offload: Offload, *, required: bool) -> None:
     if not offload.supports_gpu_offload:
         why = (
             "this llama-cpp-python was built without GPU support (a CPU-only wheel, or no GPU "
-            "visible to it); reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" (ansible does on "
+            'visible to it); reinstall it with CMAKE_ARGS="-DGGML_CUDA=on" (ansible does on '
             "GPU hosts)"
         )
     else:

@@ -48,6 +48,8 @@ class SessionManager:
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self.reclaimed = 0  # sessions reclaimed after idling
+        # Sessions a request is working on (batched decoding): never reclaimed under it.
+        self.busy: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -72,6 +74,23 @@ class SessionManager:
         with self._lock:
             self._live[sid] = (seq, self._clock())
         return sid, seq, logprobs
+
+    def reserve(self) -> tuple[str, Sequence]:
+        """A new, empty session (the caller evaluates its prompt, or ``discard`` s it)."""
+        seq = self._acquire()
+        sid = f"s-{secrets.token_hex(8)}"
+        with self._lock:
+            self._live[sid] = (seq, self._clock())
+        return sid, seq
+
+    def discard(self, sid: str) -> None:
+        """Forget a session whose opening failed (no ``SessionEvicted`` for it later)."""
+        with self._lock:
+            entry = self._live.pop(sid, None)
+        self.busy.discard(sid)
+        if entry is not None:
+            entry[0].truncate(0)
+            self._free.append(entry[0])
 
     def get(self, sid: str) -> Sequence:
         with self._lock:
@@ -108,7 +127,11 @@ class SessionManager:
         """Close the sessions unused for ``idle_s``; returns how many."""
         now = self._clock()
         with self._lock:
-            stale = [sid for sid, (_, used) in self._live.items() if now - used >= self.idle_s]
+            stale = [
+                sid
+                for sid, (_, used) in self._live.items()
+                if now - used >= self.idle_s and sid not in self.busy
+            ]
             seqs = [self._live.pop(sid)[0] for sid in stale]
             for sid in stale:
                 self._expired[sid] = None

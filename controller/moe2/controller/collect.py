@@ -3,11 +3,11 @@ dataset, stored in the registry (DESIGN.md §2: collect p once, train the gate o
 
 Experts that share a tokenizer (same ``tokenizer_hash``) score the same token ids, tokenized
 once by one of them, so their per-token probabilities line up for token-level fusion; an
-expert with a vocabulary of its own scores the target text. The options of one sample go to
-an expert in one ``score_choices`` request (the prompt evaluated once, the options side by
-side: exactly how a gateway scores a multiple-choice prompt), or one ``score`` request each
-to an agent without that operation. Scores are committed in small batches: an interrupted run
-loses at most one uncommitted batch, and a new run skips every (sample, option, expert)
+expert with a vocabulary of its own scores the target text. Samples go to an expert
+``batch`` (sample, option) pairs per ``score_many`` request, which the agent evaluates
+together in one batch (one ``score`` request each to an agent without that operation).
+Scores are committed in small batches: an interrupted run loses at most one uncommitted
+batch, and a new run skips every (sample, option, expert)
 already stored, so nothing is redone or stored twice.
 
     report = collect(registry, rpc, "tiny", experts={"a": info_a, "b": info_b})
@@ -69,7 +69,8 @@ class _Job:
 
 @dataclass
 class CollectSettings:
-    window: int = 8  # score requests in flight per expert (hides MQTT round trips)
+    window: int = 4  # score requests in flight per expert (hides MQTT round trips)
+    batch: int = 32  # samples per score_many request (one round trip per batch)
     commit_every: int = 64  # rows per registry transaction
     timeout_s: float = 60.0  # per request
     max_failures: int = 3  # consecutive errors before an expert is given up
@@ -112,9 +113,8 @@ def _tokenize_all(
 
 
 class _Worker(threading.Thread):
-    """Sends one expert's score requests, ``window`` at a time, into the results queue: one
-    request per sample (all its options still to score), or per option for an agent that does
-    not know ``score_choices``."""
+    """Sends one expert's samples, ``batch`` per ``score_many`` request and ``window``
+    requests at a time, and puts their scores into the results queue."""
 
     def __init__(
         self,
@@ -130,86 +130,81 @@ class _Worker(threading.Thread):
         self.rpc, self.info, self.jobs, self.tokens = rpc, info, jobs, tokens
         self.results, self.settings, self.stop = results, settings, stop
         self.failure: str | None = None
-        self.choices = True  # the agent answers score_choices (until it says otherwise)
+        self.batch = max(1, settings.batch)
+        rpc.use_codec(info)
 
-    def _request(self, group: list[_Job]) -> p.ScoreRequest | p.ScoreChoicesRequest:
-        first = group[0]
-        if len(group) == 1:
-            if self.tokens is not None:
-                prompt, target = self.tokens[(first.sample.id, first.option)]
-                return p.ScoreRequest(prompt_tokens=prompt, target_tokens=target)
-            return p.ScoreRequest(
-                prompt=first.sample.prompt, target=first.sample.targets[first.option]
-            )
+    def _sample(self, job: _Job) -> p.ScoreSample:
         if self.tokens is not None:
-            prompt = self.tokens[(first.sample.id, first.option)][0]
-            targets = [self.tokens[(j.sample.id, j.option)][1] for j in group]
-            return p.ScoreChoicesRequest(prompt_tokens=prompt, targets_tokens=targets)
-        return p.ScoreChoicesRequest(
-            prompt=first.sample.prompt, targets=[j.sample.targets[j.option] for j in group]
+            prompt, target = self.tokens[(job.sample.id, job.option)]
+            return p.ScoreSample(prompt_tokens=prompt, target_tokens=target)
+        return p.ScoreSample(prompt=job.sample.prompt, target=job.sample.targets[job.option])
+
+    def _request(self, jobs: list[_Job]) -> Future[Any]:
+        agent = self.info.agent_id
+        if self.batch > 1:
+            return self.rpc.call_async(
+                agent, p.ScoreManyRequest(samples=[self._sample(j) for j in jobs])
+            )
+        s = self._sample(jobs[0])
+        return self.rpc.call_async(agent, p.ScoreRequest(**s.model_dump(exclude_none=True)))
+
+    def _store(self, job: _Job, tokens: list[int], logprobs: list[float], ms: float) -> None:
+        self.results.put(
+            {
+                "sample_id": job.sample.id,
+                "expert": self.info.agent_id,
+                "option": job.option,
+                "tokenizer_hash": self.info.tokenizer_hash,
+                "tokens": tokens,
+                "logprobs": logprobs,
+                "compute_ms": ms,
+            }
         )
 
-    def _groups(self, jobs: list[_Job]) -> deque[list[_Job]]:
-        """The jobs of each sample together (one by one without score_choices)."""
-        out: deque[list[_Job]] = deque()
-        for j in jobs:
-            if self.choices and out and out[-1][0].sample.id == j.sample.id:
-                out[-1].append(j)
-            else:
-                out.append([j])
-        return out
-
-    def _row(
-        self, job: _Job, tokens: list[int], logprobs: list[float], ms: float
-    ) -> dict[str, Any]:
-        return {
-            "sample_id": job.sample.id,
-            "expert": self.info.agent_id,
-            "option": job.option,
-            "tokenizer_hash": self.info.tokenizer_hash,
-            "tokens": tokens,
-            "logprobs": logprobs,
-            "compute_ms": ms,
-        }
-
     def run(self) -> None:
-        todo = self._groups(self.jobs)
+        todo = deque(self.jobs)
         flying: deque[tuple[list[_Job], Future[Any]]] = deque()
         failures = 0
         while (todo or flying) and not self.stop.is_set():
             while todo and len(flying) < self.settings.window:
-                group = todo.popleft()
-                flying.append(
-                    (group, self.rpc.call_async(self.info.agent_id, self._request(group)))
-                )
-            group, fut = flying.popleft()
+                jobs = [todo.popleft() for _ in range(min(self.batch, len(todo)))]
+                flying.append((jobs, self._request(jobs)))
+            jobs, fut = flying.popleft()
             try:
                 reply = self.rpc.wait(fut, self.settings.timeout_s)
-            except UnknownOperation as exc:
-                if len(group) == 1:  # not even score: a failure like any other
-                    self.failure = f"{exc.code}: {exc.message}"
+            except UnknownOperation:
+                if self.batch == 1:
+                    self.failure = "the agent scores nothing (no score operation)"
                     break
-                log.info("%s has no score_choices: one request per option", self.info.agent_id)
-                self.choices = False
-                todo.extend([j] for j in group)  # the same jobs, one by one
+                log.info("%s predates score_many: one sample per request", self.info.agent_id)
+                self.batch = 1  # an older agent: one request per sample
+                todo.extendleft(reversed(jobs))
                 continue
             except Moe2Error as exc:
                 failures += 1
-                log.warning("expert %s failed on sample %s: %s", self.info.agent_id, group, exc)
+                log.warning(
+                    "expert %s failed on %d samples: %s", self.info.agent_id, len(jobs), exc
+                )
                 if failures >= self.settings.max_failures:
                     self.failure = f"{exc.code}: {exc.message}"
                     break
-                todo.append(group)  # retry later
+                todo.extend(jobs)  # retry later
                 continue
             failures = 0
-            if isinstance(reply, p.ScoreChoicesReply):
-                ms = reply.compute_ms / len(group)
-                for job, toks, lps in zip(group, reply.targets_tokens, reply.logprobs, strict=True):
-                    self.results.put(self._row(job, toks, lps, ms))
-            else:
-                self.results.put(
-                    self._row(group[0], reply.target_tokens, reply.logprobs, reply.compute_ms)
-                )
+            if isinstance(reply, p.ScoreReply):
+                self._store(jobs[0], reply.target_tokens, reply.logprobs, reply.compute_ms)
+                continue
+            per = reply.compute_ms / max(1, len(jobs))
+            for job, res in zip(jobs, reply.results):
+                if res.error is None:
+                    self._store(job, res.target_tokens, res.logprobs, per)
+                    continue
+                # a sample the expert cannot score (too long for its context, say) will not
+                # score on a retry either: the expert fails the collection with its reason
+                log.warning("expert %s cannot score %s: %s", self.info.agent_id, job, res.error)
+                self.failure = f"{res.error.code}: {res.error.message}"
+            if self.failure is not None:
+                break
         self.results.put(None)  # this worker is done
 
 
@@ -318,7 +313,8 @@ def _cli() -> Any:
     @click.command("collect")
     @click.argument("dataset")
     @click.option("--experts", default=None, help="agent ids, comma-separated [default: online]")
-    @click.option("--window", type=int, default=8, show_default=True, help="requests in flight")
+    @click.option("--window", type=int, default=4, show_default=True, help="requests in flight")
+    @click.option("--batch", type=int, default=32, show_default=True, help="samples per request")
     @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True)
     @db_option
     @broker_options
@@ -327,6 +323,7 @@ def _cli() -> Any:
         dataset: str,
         experts: str | None,
         window: int,
+        batch: int,
         timeout_s: float,
         db_url: str | None,
         as_json: bool,
@@ -359,7 +356,7 @@ def _cli() -> Any:
                     f"collect {dataset}: {done}/{total} ({100 * done / total:.0f}%)", err=True
                 )
 
-        settings = CollectSettings(window=window, timeout_s=timeout_s)
+        settings = CollectSettings(window=window, batch=batch, timeout_s=timeout_s)
         with RpcClient(broker, timeout=timeout_s) as rpc:
             report = collect(reg, rpc, dataset, online, settings, stop=stop, on_progress=progress)
         reg.close()

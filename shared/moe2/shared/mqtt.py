@@ -2,6 +2,7 @@
 reconnect, and a typed RPC client (MQTT 5 ResponseTopic + CorrelationData).
 
     with RpcClient(BrokerConfig(port=1883)) as rpc:
+        rpc.use_codec(info)                                          # bin1 if it reads it
         reply = rpc.call("jetson-1", OpenRequest(prompt="Hello"))   # a DistributionReply
         print(reply.dist)
 
@@ -520,6 +521,7 @@ class RpcClient:
         self._pending: dict[bytes, tuple[str, type[_Reply] | None, Future[Any]]] = {}
         self._requests: dict[bytes, bytes] = {}  # correlation -> payload, to send again
         self._lock = threading.Lock()
+        self.codecs: dict[str, str] = {}  # agent -> payload codec of requests to it
         self.rejected_replies = 0  # from an agent that was not asked, or malformed
         self.resent = 0  # calls sent again after a reconnect
         self._connections = 0
@@ -599,8 +601,16 @@ class RpcClient:
         """Send an already encoded (possibly invalid) request; for tests and tools."""
         return self._send(agent_id, payload, None)
 
+    def use_codec(self, agent: protocol.AgentInfo, preferred: str = "bin1") -> str:
+        """Talk to ``agent`` in ``preferred`` when it announces it reads it, else JSON; the
+        agent answers in the codec it was asked in."""
+        codec = preferred if preferred in agent.codecs else "json"
+        self.codecs[agent.agent_id] = codec
+        return codec
+
     def call_async(self, agent_id: str, request: _Request[R]) -> Future[R]:
-        return self._send(agent_id, protocol.encode(request), type(request).reply_type())
+        payload = protocol.encode_rpc(request, self.codecs.get(agent_id, "json"))
+        return self._send(agent_id, payload, type(request).reply_type())
 
     def wait(self, fut: Future[R], timeout: float | None = None) -> R:
         """The reply of a call; raises the matching Moe2Error for error replies."""

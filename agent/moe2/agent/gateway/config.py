@@ -91,6 +91,32 @@ class GatewayConfig(BaseModel):
     link_probe_first_s: float = Field(
         default=30.0, ge=0, description="seconds after start of the first measurement"
     )
+    decoding: Literal["speculative", "per-token"] = Field(
+        default="speculative",
+        description="speculative: the highest-weighted expert drafts tokens and the others "
+        "verify them in one pass (two round trips per several tokens, the same output as "
+        "per-token fusion); per-token: one round trip to every expert per token",
+    )
+    speculative_gamma: int = Field(
+        default=4, ge=1, le=256, description="tokens drafted in the first speculative round"
+    )
+    speculative_max_gamma: int = Field(
+        default=32,
+        ge=1,
+        le=256,
+        description="most tokens drafted per round (the draft length adapts to the measured "
+        "acceptance rate and round trip)",
+    )
+    speculative_pipeline: bool = Field(
+        default=True,
+        description="while the others verify a draft, the drafter already drafts on from its "
+        "last token (used when the whole draft is accepted; wasted drafting otherwise)",
+    )
+    rpc_codec: Literal["bin1", "json"] = Field(
+        default="bin1",
+        description="payload codec of requests to experts that announce they read it "
+        "(distributions travel as raw float32); JSON otherwise",
+    )
     rpc_qos: int = Field(
         default=0,
         ge=0,
@@ -128,4 +154,6 @@ class GatewayConfig(BaseModel):
     def _default_within_limit(self) -> GatewayConfig:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens exceeds max_tokens_limit")
+        if self.speculative_gamma > self.speculative_max_gamma:
+            raise ValueError("speculative_gamma exceeds speculative_max_gamma")
         return self

@@ -1,6 +1,10 @@
 """One fused generation (paper Algorithm 3): open a session on each chosen expert, then per
 token ask all of them at once, fuse, pick, and feed the pick back to every expert.
 
+By default the tokens after the first come from speculative rounds (``speculative.py``: the
+top expert drafts, the others verify, the same answer for fewer round trips); with
+``decoding = "per-token"`` every token is one round trip to every expert.
+
 Experts that fail, stay silent past the step timeout, go offline (their last will: dropped at
 once, not at the timeout) or send a distribution that does not fit their vocabulary are
 dropped and the others' weights renormalised; an expert that is full (``busy``: its sessions
@@ -23,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -44,6 +48,9 @@ from moe2.shared.errors import (
 from moe2.shared.mqtt import RpcClient
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from moe2.agent.gateway.speculative import GammaMemory, Speculation, SpeculationStats
 
 # While waiting for a reply, how often to look whether its expert is still online, seconds.
 _ALIVE_CHECK_S = 0.2
@@ -73,6 +80,7 @@ class GenerationResult:
     picks: list[Any] = field(default_factory=list)  # chosen ids (by id) or bytes (by text)
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert, from its open
     step_seconds: list[float] = field(default_factory=list)  # each fused step, asked to fused
+    speculation: SpeculationStats | None = None  # when decoded speculatively
 
 
 class Generation:
@@ -90,12 +98,15 @@ class Generation:
         on_step: Callable[[int, Fused], None] | None = None,  # for tests and tracing
         alive: Callable[[str], bool] = lambda name: True,  # False: its last will came
         abandoned: Callable[[], bool] = lambda: False,  # True: the gateway gives up (stop)
+        gamma_memory: GammaMemory | None = None,  # the gateway's, across prompts
     ) -> None:
         self.rpc = rpc
         self.infos = dict(infos)
         self.vocabs = dict(vocabs)
         self.weights = renormalise(dict(weights))
         self.config = config
+        for name in self.weights:
+            rpc.use_codec(self.infos[name], config.rpc_codec)
         self.sampling = sampling
         self.deadline = deadline
         self.on_delta = on_delta
@@ -120,6 +131,8 @@ class Generation:
         self._rng = np.random.default_rng(sampling.seed)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text: list[str] = []
+        self.speculation: Speculation | None = None
+        self.gamma_memory = gamma_memory
 
     # ------------------------------------------------------------------ helpers
 
@@ -253,36 +266,18 @@ class Generation:
         asked = time.monotonic()
         try:
             replies = self._open(prompt, messages)
-            for step in range(max_tokens):
-                live = {n: r.dist for n, r in replies.items() if n in self.weights}
-                if not live:
-                    raise NoExperts("no expert answered")
-                fused = self._fuse(live, step)
-                steps.append(time.monotonic() - asked)
-                if self.on_step is not None:
-                    self.on_step(step, fused)
-                pick = fused.keys[
-                    choose(fused, self.sampling.temperature, self.sampling.top_p, self._rng)
-                ]
-                if pick is END or (self.by_id and pick in self.eos_any):
-                    finish = "stop"
-                    break
-                picks.append(pick)
-                self._emit(self._pieces[next(iter(self.weights))][pick] if self.by_id else pick)
-                if step + 1 == max_tokens:
-                    break
-                asked = time.monotonic()
-                futures = {
-                    name: self.rpc.call_async(name, self._step_request(name, pick, live.get(name)))
-                    for name in self.weights
-                }
-                try:
-                    replies = self._gather(futures, step + 1)
-                    for name, r in replies.items():
-                        self.history[name] = r.n_tokens
-                except ContextOverflow:
-                    finish = "context"
-                    break
+            if self.config.decoding == "speculative" and max_tokens > 1:
+                from moe2.agent.gateway.speculative import Speculation
+
+                self.speculation = Speculation(self, self.gamma_memory)
+                opened = time.monotonic()
+                finish = self.speculation.run(replies, picks, max_tokens)
+                # Rounds yield several tokens at once: each token's share of their time.
+                steps.append(opened - asked)
+                if len(picks) > 1:
+                    steps += [(time.monotonic() - opened) / (len(picks) - 1)] * (len(picks) - 1)
+            else:
+                finish = self._per_token(replies, picks, max_tokens, steps, asked)
         finally:
             for name, sid in self.sessions.items():
                 self.rpc.call_async(name, p.CloseRequest(session=sid))
@@ -301,7 +296,57 @@ class Generation:
             picks,
             {n: t for n, t in self.prompt_tokens.items() if n in self.weights},
             steps,
+            self.speculation.stats if self.speculation is not None else None,
         )
+
+    def _per_token(
+        self,
+        replies: dict[str, p.DistributionReply],
+        picks: list[Any],
+        max_tokens: int,
+        steps: list[float],
+        asked: float,  # time.monotonic() when the first distributions were asked for
+    ) -> FinishReason:
+        """The plain loop: one round trip to every expert per token; ``steps`` gets each
+        step's seconds, asked to fused."""
+        for step in range(max_tokens):
+            live = {n: r.dist for n, r in replies.items() if n in self.weights}
+            if not live:
+                raise NoExperts("no expert answered")
+            fused = self._fuse(live, step)
+            steps.append(time.monotonic() - asked)
+            if self.on_step is not None:
+                self.on_step(step, fused)
+            pick = fused.keys[
+                choose(fused, self.sampling.temperature, self.sampling.top_p, self._rng)
+            ]
+            if not self.accept_pick(pick, picks):
+                return "stop"
+            if step + 1 == max_tokens:
+                break
+            asked = time.monotonic()
+            futures = {
+                name: self.rpc.call_async(name, self._step_request(name, pick, live.get(name)))
+                for name in self.weights
+            }
+            try:
+                replies = self._gather(futures, step + 1)
+                for name, r in replies.items():
+                    self.history[name] = r.n_tokens
+            except ContextOverflow:
+                return "context"
+        return "length"
+
+    def is_end(self, pick: Any) -> bool:
+        return pick is END or (self.by_id and pick in self.eos_any)
+
+    def accept_pick(self, pick: Any, picks: list[Any]) -> bool:
+        """Add a chosen token to the answer (and stream it); False when it ends it."""
+        if self.is_end(pick):
+            return False
+        picks.append(pick)
+        self._emit(self._pieces[next(iter(self.weights))][pick] if self.by_id else pick)
+        return True
 
     def _fuse(self, live: dict[str, Any], step: int) -> Fused:
         if self.by_id:
@@ -313,22 +358,30 @@ class Generation:
         return fuse_by_text(live, self.weights, self._pieces, self.eos)
 
     def _step_request(self, name: str, pick: Any, dist: Any) -> p.StepRequest:
+        piece = self.feed_piece(name, pick, dist)
         sid = self.sessions[name]
         opts = {**self._options(), "rewind_to": self.history[name]}
+        if isinstance(piece, int):
+            return p.StepRequest(session=sid, tokens=[piece], **opts)
+        return p.StepRequest.with_bytes(sid, piece, **opts)
+
+    def feed_piece(self, name: str, pick: Any, dist: Any) -> int | bytes:
+        """What to feed expert ``name`` for the chosen token ``pick``, given the expert's
+        distribution at the position it was chosen at: the id itself (one vocabulary);
+        across vocabularies the expert's own token for those bytes when it has one (the
+        first in its top-k, else any), else the bytes for it to tokenize."""
         if self.by_id:
-            return p.StepRequest(session=sid, tokens=[int(pick)], **opts)
-        # Across vocabularies: the expert's own token for those bytes when it has one (the
-        # candidate in its top-k first, else any), else the bytes for it to tokenize.
+            return int(pick)
         eos = self.eos[name]
         pieces = self._pieces[name]
         if isinstance(dist, p.TopKDist):
             for t in dist.ids:
                 if pieces[t] == pick and t not in eos:
-                    return p.StepRequest(session=sid, tokens=[t], **opts)
+                    return t
         own = self.vocabs[name].by_bytes.get(pick)
         if own is not None and own not in eos:
-            return p.StepRequest(session=sid, tokens=[own], **opts)
-        return p.StepRequest.with_bytes(sid, pick, **opts)
+            return own
+        return bytes(pick)
 
 
 class ExpertOffline(Moe2Error):

@@ -47,6 +47,7 @@ from moe2.agent.gateway.gatestore import GateStore, onnx_loader
 from moe2.agent.gateway.generation import ExpertOffline, Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
 from moe2.agent.gateway.routing import AppRouter
+from moe2.agent.gateway.speculative import GammaMemory
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
 from moe2.agent.metrics import GatewayMetrics
@@ -102,6 +103,7 @@ class Gateway:
             broker, f"gw-{gateway_id}", timeout=config.step_timeout_s, qos=config.rpc_qos
         )
         self.vocabs = VocabCache(self.rpc, config.open_timeout_s)
+        self.gamma_memory = GammaMemory()  # draft lengths learned across prompts
         self.gates: dict[str, Gate] = {}  # per application; uniform until one is pushed
         verifier = Verifier.load(config.trusted_keys) if config.trusted_keys else None
         if verifier is None:
@@ -551,6 +553,7 @@ class Gateway:
             on_delta=on_delta,
             alive=self._expert_alive,
             abandoned=self._abandon.is_set,
+            gamma_memory=self.gamma_memory,
         )
         result = gen.run(req.prompt, max_tokens, req.messages)
         latency_s = time.monotonic() - received

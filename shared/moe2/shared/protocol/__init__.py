@@ -27,7 +27,8 @@ and travel to the request's MQTT 5 ResponseTopic with its CorrelationData.
 
 Distributions are compact: the top-k token ids with their natural-log probabilities and the
 probability mass left outside the top-k (``tail``), or on request the full distribution as
-base64 little-endian float32 log-probabilities.
+base64 little-endian float32 log-probabilities. RPC payloads may also travel in the binary
+``bin1`` codec (``codec.py``), negotiated per agent through ``AgentInfo.codecs``.
 """
 
 from moe2.shared.protocol.agents import AgentInfo, AgentStatus, ComputeBackend, ComputeDevice
@@ -44,6 +45,7 @@ from moe2.shared.protocol.base import (
     decode_message,
     encode,
 )
+from moe2.shared.protocol.codec import CODECS, encode_rpc, payload_codec
 from moe2.shared.protocol.desired import (
     MAX_VERSION,
     AppAssignment,
@@ -74,6 +76,8 @@ from moe2.shared.protocol.rpc import (
     DetokenizeReply,
     DetokenizeRequest,
     DistributionReply,
+    DistributionsReply,
+    DraftRequest,
     ErrorBody,
     ErrorReply,
     FullDist,
@@ -84,12 +88,17 @@ from moe2.shared.protocol.rpc import (
     ProfileRequest,
     ScoreChoicesReply,
     ScoreChoicesRequest,
+    ScoreManyReply,
+    ScoreManyRequest,
     ScoreReply,
     ScoreRequest,
+    ScoreResult,
+    ScoreSample,
     StepRequest,
     TokenizeReply,
     TokenizeRequest,
     TopKDist,
+    VerifyRequest,
     VocabReply,
     VocabRequest,
     decode_reply,
@@ -103,6 +112,7 @@ from moe2.shared.protocol.rpc import (
 from moe2.shared.protocol.topics import Topic, topics
 
 __all__ = [
+    "CODECS",
     "MAX_CHOICES",
     "MAX_TEXT_CHARS",
     "MAX_TOKENS_PER_REQUEST",
@@ -129,6 +139,8 @@ __all__ = [
     "DetokenizeReply",
     "DetokenizeRequest",
     "DistributionReply",
+    "DistributionsReply",
+    "DraftRequest",
     "DroppedExpert",
     "ErrorBody",
     "ErrorReply",
@@ -151,14 +163,19 @@ __all__ = [
     "PromptRequest",
     "ScoreChoicesReply",
     "ScoreChoicesRequest",
+    "ScoreManyReply",
+    "ScoreManyRequest",
     "ScoreReply",
     "ScoreRequest",
+    "ScoreResult",
+    "ScoreSample",
     "StepRequest",
     "StreamChunk",
     "TokenizeReply",
     "TokenizeRequest",
     "TopKDist",
     "Topic",
+    "VerifyRequest",
     "VocabReply",
     "VocabRequest",
     "check_name",
@@ -168,10 +185,12 @@ __all__ = [
     "decode_request",
     "encode",
     "encode_full",
+    "encode_rpc",
     "encode_topk",
     "encode_vocab",
     "error_reply",
     "gate_digest",
+    "payload_codec",
     "prompt_error",
     "request_op",
     "topics",

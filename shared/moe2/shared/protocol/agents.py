@@ -60,6 +60,8 @@ class AgentInfo(Message):
     software_version: str
     max_sessions: int = Field(ge=1, le=4096)  # sessions it holds at once (open beyond: busy)
     started_at: float  # unix seconds
+    # RPC payload codecs this agent reads (protocol/codec.py); older agents read JSON only.
+    codecs: list[str] = Field(default_factory=lambda: ["json"])
 
     @model_validator(mode="after")
     def _ids_in_vocabulary(self) -> AgentInfo:
