@@ -63,10 +63,13 @@ class AgentService:
         self._alone = Scheduler(backend, self.start, lambda job, reply: job.done(reply))
 
     def handle(self, req: Any) -> p.Message:
-        """The reply to one request, run alone (tools and tests; the daemon batches)."""
+        """The reply to one request, run alone (tools and tests; the daemon batches); an
+        error is raised as its ``Moe2Error``."""
         job = _Sync(req)
         self._alone.run(job)
         assert job.reply is not None
+        if isinstance(job.reply, p.ErrorReply):
+            raise error_from_reply(job.reply.error.code, job.reply.error.message)
         return job.reply
 
     def start(self, req: Any) -> Task | p.Message:
