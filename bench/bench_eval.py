@@ -268,7 +268,7 @@ def main() -> None:
                     else []
                 )
                 fleet.start(
-                    agent_id, model, "--n-threads", "1", "--device-class", device,
+                    agent_id, model, "--n-threads", "1", "--device-class", device, "--n-gpu-layers", "0",
                     *PROFILE, *flags, *role,
                 )  # fmt: skip
                 # One at a time: agents profiling together on one machine slow each other down

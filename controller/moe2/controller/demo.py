@@ -312,6 +312,10 @@ def _start_fleet(
             "1",
             "--device-class",
             e.device_class,
+            # The classes are declared for their power figures; the models run on this
+            # machine's CPU whatever GPU a class has.
+            "--n-gpu-layers",
+            "0",
             *profile,
             *role,
         )

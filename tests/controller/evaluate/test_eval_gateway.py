@@ -79,6 +79,8 @@ def live(
                 "2",
                 "--device-class",
                 PLACEMENT[d][0],
+                "--n-gpu-layers",
+                "0",
                 # Measured where the questions are (prompts of 4-10 tokens), three times each:
                 # the spread of the repeats is the tolerance the answers are held to.
                 "--profile-repeats",
