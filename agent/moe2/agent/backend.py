@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class AdapterMeta:
+    """A LoRA adapter applied on top of the model, as its file describes itself."""
+
+    name: str | None  # general.name
+    cluster: str | None  # moe2.expert.cluster
+    scale: float
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     architecture: str
@@ -38,6 +47,7 @@ class ModelInfo:
     eos_ids: tuple[int, ...]
     add_bos: bool
     chat_template: str | None
+    adapter: AdapterMeta | None = None
 
 
 class Sequence(abc.ABC):

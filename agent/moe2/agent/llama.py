@@ -13,12 +13,12 @@ import logging
 import os
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
 
-from moe2.agent.backend import ModelBackend, ModelInfo, Sequence, log_softmax
+from moe2.agent.backend import AdapterMeta, ModelBackend, ModelInfo, Sequence, log_softmax
 from moe2.shared.errors import ContextOverflow, InvalidToken, ModelError
 
 if TYPE_CHECKING:
@@ -70,13 +70,20 @@ class LlamaCppBackend(ModelBackend):
         if not model:
             raise ModelError(f"llama.cpp could not load {self._path} (not a supported GGUF?)")
         self._model = model
+        # A LoRA adapter (a domain expert of this base) goes on every context we create.
+        # llama.cpp frees it together with the model.
+        self._adapters: ctypes.Array[Any] | None = None  # (1,) llama_adapter_lora pointers
+        self._adapter_scales: ctypes.Array[ctypes.c_float] | None = None  # (1,)
+        adapter = None
+        if config.lora is not None:
+            adapter = self._load_adapter(config.lora, config.lora_scale)
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         self._n_ctx = min(config.n_ctx, n_ctx_train) if n_ctx_train > 0 else config.n_ctx
         self._n_batch = min(512, self._n_ctx)
         self._scratch: LlamaSequence | None = None
-        self.info = self._read_info()
+        self.info = self._read_info(adapter)
 
     # ------------------------------------------------------------------ metadata
 
@@ -85,7 +92,27 @@ class LlamaCppBackend(ModelBackend):
         n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
-    def _read_info(self) -> ModelInfo:
+    def _load_adapter(self, path: Path, scale: float) -> AdapterMeta:
+        handle = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+        if not handle:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+            raise ModelError(
+                f"llama.cpp could not apply the LoRA adapter {path} to {self._path} (not an "
+                "adapter GGUF, or made for another base model? the agent log has llama.cpp's "
+                "reason)"
+            )
+        self._adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
+        self._adapter_scales = (ctypes.c_float * 1)(scale)
+
+        def meta(key: str) -> str | None:
+            buf = ctypes.create_string_buffer(1024)
+            n = llama_cpp.llama_adapter_meta_val_str(handle, key.encode(), buf, len(buf))
+            return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+        return AdapterMeta(meta("general.name"), meta("moe2.expert.cluster"), scale)
+
+    def _read_info(self, adapter: AdapterMeta | None) -> ModelInfo:
         vocab = self._vocab
         texts = []
         for i in range(self._n_vocab):
@@ -110,6 +137,7 @@ class LlamaCppBackend(ModelBackend):
             eos_ids=tuple(eos),
             add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
             chat_template=tmpl.decode("utf-8", "replace") if tmpl else None,
+            adapter=adapter,
         )
 
     # ------------------------------------------------------------------ tokens
@@ -172,6 +200,11 @@ class LlamaCppBackend(ModelBackend):
         ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not ctx:
             raise ModelError("llama.cpp could not create a context (out of memory?)")
+        if self._adapters is not None:
+            rc = llama_cpp.llama_set_adapters_lora(ctx, self._adapters, 1, self._adapter_scales)
+            if rc != 0:
+                llama_cpp.llama_free(ctx)
+                raise ModelError(f"llama.cpp could not set the LoRA adapter ({rc})")
         return ctx
 
     def score(self, prompt: Seq[int], target: Seq[int]) -> np.ndarray:

@@ -24,3 +24,8 @@ COMMANDS += [db_cmd, sync_cmd, datasets_cmd, collect_cmd, train_cmd, export_cmd,
 from moe2.controller.evaluate.cli import eval_cmd  # noqa: E402
 
 COMMANDS += [eval_cmd]
+
+# Domain experts: clusters, LoRA fine-tuning, adapters (issue 11).
+from moe2.controller.experts.experts_cli import experts  # noqa: E402
+
+COMMANDS += [experts]

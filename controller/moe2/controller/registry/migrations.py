@@ -24,8 +24,14 @@ def _v2(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE datasets ADD COLUMN description VARCHAR"))
 
 
+def _v3(conn: Connection) -> None:
+    """Domain experts: clusterings, their members, LoRA expert adapters."""
+    for name in ("clusterings", "cluster_members", "expert_adapters"):
+        SQLModel.metadata.tables[name].create(conn, checkfirst=True)
+
+
 # version -> step that brings the schema from version-1 to version
-STEPS: dict[int, Callable[[Connection], None]] = {2: _v2}
+STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3}
 LATEST = max(STEPS)
 
 

@@ -28,7 +28,7 @@ probability mass left outside the top-k (``tail``), or on request the full distr
 base64 little-endian float32 log-probabilities.
 """
 
-from moe2.shared.protocol.agents import AgentInfo, AgentStatus
+from moe2.shared.protocol.agents import AdapterInfo, AgentInfo, AgentStatus
 from moe2.shared.protocol.base import (
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
@@ -102,6 +102,7 @@ __all__ = [
     "OPERATIONS",
     "SCHEMA_VERSION",
     "TOPIC_ROOT",
+    "AdapterInfo",
     "AgentInfo",
     "AgentProfile",
     "AgentStatus",

@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from moe2.shared.protocol.base import Message
+
+
+class AdapterInfo(BaseModel):
+    """A LoRA adapter the agent applies on top of its base model (a domain expert). The base
+    keeps its vocabulary, so experts of one base share ``tokenizer_hash`` and fuse by id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # label of the expert (configured, else the adapter file's general.name)
+    file: str  # file name of the adapter GGUF
+    sha256: str | None = None  # of the adapter file, when computed
+    scale: float = Field(default=1.0, gt=0)  # llama.cpp scale on top of alpha / rank
+    cluster: str | None = None  # the prompt cluster it was fine-tuned on, when known
 
 
 class AgentInfo(Message):
@@ -27,6 +42,9 @@ class AgentInfo(Message):
     software_version: str
     max_sessions: int
     started_at: float  # unix seconds
+    # Added with domain experts; absent (and so unchanged on the wire) without an adapter.
+    # An older peer rejects an info that has it: upgrade peers before serving adapters.
+    adapter: AdapterInfo | None = None
 
 
 class AgentStatus(Message):
