@@ -7,6 +7,13 @@ Nothing is downloaded: the tokenizer and config come from the file or folder.
 
     base = describe(Path("SmolLM2-135M-Instruct.Q4_1.gguf"))   # metadata only, fast
     model, tok = load(base)                                     # float32 torch module
+    tok.encode("Question: ...", bos=True)                       # token ids
+
+Token ids come from llama.cpp itself for a GGUF base (when the agent package is installed, as
+``moe2-edge-controller[experts]`` has it), so an expert is trained on exactly the ids an agent
+scores and generates: transformers' tokenizer rebuilt from a SentencePiece-style GGUF vocabulary
+(llama 2, mistral, gemma) splits a leading space differently from llama.cpp (" fish" is one
+token for it, two for llama.cpp). GPT-2-style vocabularies (SmolLM2, qwen2) agree.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from moe2.controller.experts.lora_gguf import SUPPORTED_ARCHITECTURES
 from moe2.shared.errors import ConfigError
@@ -119,7 +126,50 @@ def _describe_hf(path: Path) -> BaseModelRef:
     )
 
 
-def load(base: BaseModelRef, device: str = "cpu") -> tuple[Any, Any]:
+class Tokenizer(Protocol):
+    def encode(self, text: str, *, bos: bool) -> list[int]:
+        """Token ids of ``text``; ``bos``: as the start of a prompt (BOS where the model
+        wants one), else as a continuation (an answer scored after a prompt)."""
+        ...
+
+
+class LlamaCppTokenizer:
+    """The tokenizer agents use: llama.cpp's, on the GGUF's vocabulary."""
+
+    def __init__(self, path: Path) -> None:
+        from moe2.agent.config import AgentConfig
+        from moe2.agent.llama import LlamaCppBackend
+
+        self._backend = LlamaCppBackend(AgentConfig(model=path, n_threads=1, n_ctx=64))
+        self._add_bos = self._backend.info.add_bos
+
+    def encode(self, text: str, *, bos: bool) -> list[int]:
+        return self._backend.tokenize(text, add_bos=bos and self._add_bos)
+
+    def close(self) -> None:
+        self._backend.close()
+
+
+class HfTokenizer:
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+
+    def encode(self, text: str, *, bos: bool) -> list[int]:
+        return list(self._tok(text, add_special_tokens=bos)["input_ids"])
+
+
+def tokenizer(base: BaseModelRef, hf_tok: Any) -> Tokenizer:
+    """llama.cpp's tokenizer for a GGUF base when the agent package is there, else the
+    Hugging Face one."""
+    if base.kind == "gguf":
+        try:
+            return LlamaCppTokenizer(base.path)
+        except ImportError:
+            pass
+    return HfTokenizer(hf_tok)
+
+
+def load(base: BaseModelRef, device: str = "cpu") -> tuple[Any, Tokenizer]:
     """(model, tokenizer): a float32 causal LM on ``device`` and its tokenizer; offline."""
     # Only local files are read; make any hub access an error rather than a download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,4 +190,4 @@ def load(base: BaseModelRef, device: str = "cpu") -> tuple[Any, Any]:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(f"transformers could not load {base.path}: {exc}") from None
     model.to(device)
-    return model, tok
+    return model, tokenizer(base, tok)

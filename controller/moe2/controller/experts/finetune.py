@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from moe2.controller.experts.base import Tokenizer
 from moe2.controller.experts.lora_gguf import TARGET_MODULES, LoraPair
 from moe2.shared.errors import ConfigError
 
@@ -115,14 +116,16 @@ def answer_pairs(samples: Sequence[Any]) -> list[tuple[str, str]]:
     return [(s.prompt, s.targets[s.answer]) for s in samples]
 
 
-def tokenize(tok: Any, pairs: Sequence[tuple[str, str]], cfg: FinetuneConfig) -> list[Example]:
-    """(prompt, answer) texts -> examples. The prompt is tokenized with the model's special
-    tokens (BOS where the model wants one) and the answer on its own, exactly as an agent
-    scores a target after a prompt, so training and serving see the same token ids."""
+def tokenize(
+    tok: Tokenizer, pairs: Sequence[tuple[str, str]], cfg: FinetuneConfig
+) -> list[Example]:
+    """(prompt, answer) texts -> examples. The prompt is tokenized as a prompt (BOS where the
+    model wants one) and the answer on its own, exactly as an agent scores a target after a
+    prompt, so training and serving see the same token ids."""
     out = []
     for prompt, answer in pairs:
-        p = list(tok(prompt, add_special_tokens=True)["input_ids"])
-        a = list(tok(answer, add_special_tokens=False)["input_ids"])
+        p = tok.encode(prompt, bos=True)
+        a = tok.encode(answer, bos=False)
         if not a:
             continue
         a = a[: cfg.cutoff_len - 1]
