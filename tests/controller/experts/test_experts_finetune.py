@@ -79,6 +79,17 @@ def test_training_tokens_are_the_ones_the_agent_scores(tiny_models: dict[str, Pa
         llama.close()
 
 
+def test_epochs_see_every_example_once_in_length_sorted_batches() -> None:
+    lengths = np.random.default_rng(0).integers(5, 300, size=101)
+    examples = [ft.Example([0] * int(n), [0] * int(n)) for n in lengths]
+    batches = ft.epoch_batches(examples, 8, [0, 1])
+    assert sorted(j for b in batches for j in b) == list(range(101))
+    assert batches == ft.epoch_batches(examples, 8, [0, 1])  # what a resumed run reads
+    assert batches != ft.epoch_batches(examples, 8, [0, 2])
+    padded = sum(len(b) * max(int(lengths[j]) for j in b) for b in batches)
+    assert padded < 1.2 * lengths.sum()  # little padding
+
+
 def test_config_defaults_are_table_v_and_inputs_are_checked() -> None:
     cfg = ft.FinetuneConfig()
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.lr) == (256, 512, 0.05, 5e-5)

@@ -339,6 +339,8 @@ def _expert_dict(row: Any) -> dict[str, Any]:
         "split": row.split,
         "steps": metrics.get("steps"),
         "planned_steps": metrics.get("planned_steps"),
+        "stopped": metrics.get("stopped"),
+        "seconds": metrics.get("seconds"),
         "val_loss_base": metrics.get("val_loss_base"),
         "val_loss": metrics.get("val_loss"),
         "agent_flags": flags,
