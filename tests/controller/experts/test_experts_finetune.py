@@ -131,3 +131,9 @@ def test_finetune_command_writes_one_adapter_per_cluster(
     assert listed.exit_code == 0
     bad = run(main, [*args[:6], "--cluster", "5"], env=env)
     assert bad.exit_code == 1 and "clusters 0..1" in bad.output
+    merged = run(main, ["experts", "merge", experts[0]["name"], "--quantize", "Q8_0", "--db", db])
+    assert merged.exit_code == 0, merged.output
+    path = Path(merged.output.split(" (")[0])
+    assert path.name == f"{experts[0]['name']}-merged-Q8_0.gguf" and path.is_file()
+    listed = run(main, ["experts", "list", "--db", db, "--json"])
+    assert json.loads(listed.stdout)[0]["merged"] == str(path.resolve())

@@ -122,3 +122,38 @@ def test_llama_cpp_applies_the_adapter_exactly_as_transformers_trained_it(tmp_pa
     }  # written with the rows llama.cpp's converter would not have produced
     lg.write_adapter(wrong, unpermuted, meta, n_head=4, n_head_kv=4)
     assert np.abs(served(wrong) - want.numpy()).max() > 0.1
+
+
+def test_a_merged_and_quantised_expert_serves_what_base_plus_adapter_serves(
+    tmp_path: Path, tiny_adapters
+) -> None:
+    from moe2.controller.experts.merge import merge, quantize
+
+    base, adapter = tiny_adapters.base, tiny_adapters.adapters["cooking"]
+    merged = merge(base, adapter, tmp_path / "merged.gguf", name="cook-merged")
+    q8 = quantize(merged, tmp_path / "q8.gguf", "Q8_0", threads=1)
+    assert q8.stat().st_size < merged.stat().st_size / 2
+    ids = None
+    dists, hashes, names = [], set(), []
+    for model, lora in ((base, adapter), (merged, None), (q8, None), (base, None)):
+        b = LlamaCppBackend(AgentConfig(model=model, n_threads=1, lora=lora))
+        ids = ids or b.tokenize("season the soup with", add_bos=True)
+        seq = b.new_sequence()
+        dists.append(seq.extend(ids).astype(np.float64))
+        hashes.add(b.info.tokenizer_hash)
+        names.append(b.info.name)
+        seq.close()
+        b.close()
+    assert len(hashes) == 1 and names[1:3] == ["cook-merged", "cook-merged"]
+    served, flat, quant, plain = dists
+    assert np.abs(flat - served).max() < 1e-3  # the same model, in one file
+
+    def tv(a: np.ndarray, b: np.ndarray) -> float:  # total variation distance
+        return float(0.5 * np.abs(np.exp(a) - np.exp(b)).sum())
+
+    assert tv(quant, served) < 0.01 < 0.05 < tv(plain, served), (
+        tv(quant, served),
+        tv(plain, served),
+    )
+    with pytest.raises(ConfigError, match="unknown quantisation"):
+        quantize(merged, tmp_path / "x.gguf", "Q3_XS")

@@ -5,6 +5,7 @@ moe2ctl experts clusters mmlu-train-k4 --plot c.png # what each cluster holds
 moe2ctl experts finetune --base SmolLM2-135M-Instruct.Q4_1.gguf --rank 16 --alpha 32 \\
         --lr 3e-4 --accumulation 1 --max-steps 60   # one LoRA adapter GGUF per cluster
 moe2ctl experts list                                # adapters, and how to serve each
+moe2ctl experts merge smollm2-c0 --quantize Q4_1    # optional: one stand-alone GGUF
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import click
 
 from moe2.controller import datasets as ds
 from moe2.controller.experts.finetune import FinetuneConfig
+from moe2.controller.experts.merge import QUANT_TYPES
 from moe2.controller.options import emit, json_option
 from moe2.controller.registry import Registry
 from moe2.controller.registry.cli import db_option
+from moe2.controller.registry.schema import ExpertAdapterRow
 from moe2.shared.errors import ConfigError
 from moe2.shared.settings import collect_overrides, load_settings, settings_options
 
@@ -315,6 +318,63 @@ def finetune_cmd(
         reg.close()
     result = [_expert_dict(r) for r in rows]
     emit(result, as_json, _experts_text)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@experts.command("merge")
+@click.argument("name")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="merged GGUF [default: next to the adapter, NAME-merged[-TYPE].gguf]",
+)
+@click.option(
+    "--quantize",
+    "qtype",
+    type=click.Choice(QUANT_TYPES),
+    default=None,
+    help="quantise the merged model with llama.cpp [default: adapted tensors stay F32]",
+)
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0)
+@db_option
+@json_option
+def merge_cmd(
+    name: str, out: Path | None, qtype: str | None, scale: float, db_url: str | None, as_json: bool
+) -> None:
+    """Merge expert NAME's adapter into its base: one stand-alone GGUF for an agent."""
+    from moe2.controller.experts.merge import merge, quantize
+    from moe2.shared.files import sha256_file
+
+    reg = Registry.open(db_url)
+    try:
+        row = reg.expert(name)
+        adapter, base = Path(row.adapter_path), Path(row.base_path)
+        if not base.is_file():
+            raise ConfigError(f"expert {name}'s base {base} is not a GGUF file here")
+        if sha256_file(adapter) != row.adapter_sha256:
+            raise ConfigError(f"{adapter} changed since expert {name} was recorded")
+        suffix = f"-{qtype}" if qtype else ""
+        out = out or adapter.with_name(f"{name}-merged{suffix}.gguf")
+        if qtype is None:
+            merge(base, adapter, out, scale, name)
+        else:
+            tmp = out.with_name(out.name + ".f32")
+            try:
+                quantize(merge(base, adapter, tmp, scale, name), out, qtype)
+            finally:
+                tmp.unlink(missing_ok=True)
+        fields = row.model_dump() | {"merged_path": str(out.resolve())}
+        reg.add_expert(ExpertAdapterRow(**fields))
+    finally:
+        reg.close()
+    emit(
+        {"name": name, "merged": str(out), "bytes": out.stat().st_size, "quantization": qtype},
+        as_json,
+        lambda r: f"{r['merged']} ({r['bytes'] / 1e6:.1f} MB)",
+    )
 
 
 # --------------------------------------------------------------------------- list

@@ -32,6 +32,7 @@ from moe2.controller.experts.lora_gguf import TARGET_MODULES, LoraPair
 from moe2.shared.errors import ConfigError
 
 IGNORE = -100  # label of a token the loss skips (torch cross_entropy's ignore_index)
+CHECKPOINT_FORMAT = 2  # bump when batching or the loss change: old checkpoints must not resume
 
 
 class FinetuneConfig(BaseModel):
@@ -145,7 +146,9 @@ def examples_hash(examples: Sequence[Example]) -> str:
 
 
 def _batch(examples: Sequence[Example], pad_id: int, device: str) -> dict[str, Any]:
-    """Right-padded (batch, longest) tensors."""
+    """Left-padded (batch, longest) tensors with explicit positions. Left padding lines the
+    answers up at the end of every row, so the answer-only loss needs the logits of the last
+    few positions alone (the vocabulary projection dominates a small model's cost)."""
     import torch
 
     width = max(len(e.ids) for e in examples)
@@ -154,14 +157,44 @@ def _batch(examples: Sequence[Example], pad_id: int, device: str) -> dict[str, A
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
+        ids[i, width - n :] = torch.tensor(e.ids)
+        labels[i, width - n :] = torch.tensor(e.labels)
+        mask[i, width - n :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts from 0 at its first token
     return {
         "input_ids": ids.to(device),
         "labels": labels.to(device),
         "attention_mask": mask.to(device),
+        "position_ids": positions.to(device),
     }
+
+
+def batch_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+    """(summed NLL of the labelled tokens (a torch scalar), their count) of a ``_batch``.
+    Logits are computed only from the first position that predicts a labelled token on."""
+    import torch
+
+    labels = batch["labels"]  # (batch, width)
+    width = labels.shape[1]
+    labelled = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    if len(labelled) == 0:
+        return torch.zeros((), device=labels.device), 0
+    first = int(labelled[0])  # earliest position whose next token is labelled
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=width - first,  # positions first .. width-1
+    )
+    logits = out.logits[:, :-1]  # (batch, width-first-1, vocab) predicting first+1 .. width-1
+    target = labels[:, first + 1 :]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        target.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return nll, int((target != IGNORE).sum())
 
 
 def epoch_batches(
@@ -204,15 +237,11 @@ def mean_loss(model: Any, examples: Sequence[Example], batch_size: int = 8) -> f
     with torch.no_grad():
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
         for s in range(0, len(order), batch_size):
-            part = [examples[i] for i in order[s : s + batch_size]]
-            b = _batch(part, 0, device)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            lab = b["labels"][:, 1:]
-            lp = torch.log_softmax(logits[:, :-1].float(), -1)
-            picked = lp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            keep = lab != IGNORE
-            total += float(-(picked * keep).sum())
-            count += int(keep.sum())
+            nll, n = batch_nll(
+                model, _batch([examples[i] for i in order[s : s + batch_size]], 0, device)
+            )
+            total += float(nll)
+            count += n
     model.train(was_training)
     return total / max(count, 1)
 
@@ -275,7 +304,12 @@ def finetune(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     planned = cfg.planned_steps(len(examples))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=planned)
-    identity = {"config": cfg.fingerprint(), "data": examples_hash(examples), "planned": planned}
+    identity = {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.fingerprint(),
+        "data": examples_hash(examples),
+        "planned": planned,
+    }
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = workdir / "checkpoint.pt"
@@ -332,7 +366,8 @@ def finetune(
         total = 0.0
         for j in range(cfg.accumulation):
             b = _batch(micro_batch(step * cfg.accumulation + j), pad_id, device)
-            loss = peft_model(**b).loss / cfg.accumulation
+            nll, n = batch_nll(peft_model, b)
+            loss = nll / max(n, 1) / cfg.accumulation  # mean per labelled token, as HF does
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
