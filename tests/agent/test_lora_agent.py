@@ -76,7 +76,7 @@ def test_an_adapter_agent_announces_it_keeps_the_tokenizer_and_changes_distribut
     assert info_cook.model_sha256 == info_base.model_sha256  # the unchanged base file
 
     # Teacher-forced on cooking sentences it never saw: the expert is better on its cluster
-    # than the base it came from; at half the scale it lies in between.
+    # than the base it came from, at full and at half scale.
     def nll(agent_id: str) -> float:
         total = 0.0
         for sentence in corpus("cooking", 10, seed=99):
@@ -86,10 +86,11 @@ def test_an_adapter_agent_announces_it_keeps_the_tokenizer_and_changes_distribut
         return total
 
     loss = {a: nll(a) for a in (base, named, cook)}
-    assert loss[cook] < loss[named] < loss[base]
-    assert loss[base] - loss[cook] > 60, loss  # nats over the 10 sentences (measured: 133)
-    d_base, d_cook = (first_distribution(rpc, a, "bake the") for a in (base, cook))
+    assert loss[base] - loss[cook] > 60, loss  # nats over the 10 sentences (measured: 110)
+    assert loss[named] < loss[base], loss
+    d_base, d_half, d_cook = (first_distribution(rpc, a, "bake the") for a in (base, named, cook))
     assert np.abs(d_base - d_cook).max() > 1.0
+    assert min(np.abs(d_half - d_cook).max(), np.abs(d_half - d_base).max()) > 0.1  # the scale
 
 
 def test_old_peers_decode_info_without_an_adapter_unchanged() -> None:
