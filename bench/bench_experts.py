@@ -40,11 +40,12 @@ from moe2.agent.llama import LlamaCppBackend
 from moe2.controller import datasets as ds
 from moe2.controller.experts import packaged
 from moe2.controller.experts.cluster import assign
-from moe2.controller.gate.cli import data_dir, embeddings
+from moe2.controller.gate.cli import embeddings
 from moe2.controller.gate.config import TrainConfig
 from moe2.controller.gate.embedding import Encoder
 from moe2.controller.gate.train import TrainData, evaluate_weights, gate_values, train
 from moe2.controller.registry import Registry, SampleRow, ScoreTable
+from moe2.controller.settings import ControllerSettings
 
 
 def moe2ctl(*args: str) -> Any:
@@ -129,7 +130,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    out = args.out or data_dir() / "experts" / f"bench-smollm2-k{args.k}"
+    out = args.out or ControllerSettings.load().experts_dir / f"bench-smollm2-k{args.k}"
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'registry.db'}"
     os.environ["MOE2_DATA_DIR"] = str(out / "data")

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from moe2.agent.config import AgentConfig
+from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.fusion import Fused
-from moe2.agent.gateway.generation import Generation, GenerationSettings
+from moe2.agent.gateway.generation import Generation
+from moe2.agent.gateway.vocab import VocabCache
 from moe2.agent.llama import LlamaCppBackend
 from moe2.controller.experts.domains import corpus
 from moe2.controller.localfleet import LocalFleet
@@ -143,8 +145,9 @@ def test_two_adapter_experts_fuse_by_token_id_through_the_gateway(
     # Each fused step is the weighted mixture of the two adapters' own distributions.
     weights = {cook: 0.6, code: 0.4}
     steps: list[Fused] = []
+    vocabs = {n: VocabCache(rpc).get(n, fleet.info[n]) for n in weights}
     gen = Generation(
-        rpc, fleet.info, weights, GenerationSettings(), on_step=lambda i, f: steps.append(f)
+        rpc, fleet.info, vocabs, weights, GatewayConfig(), on_step=lambda i, f: steps.append(f)
     )
     result = gen.run("season the soup with", max_tokens=4)
     assert result.fusion == "token-id"

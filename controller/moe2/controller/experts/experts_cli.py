@@ -20,18 +20,11 @@ import click
 from moe2.controller import datasets as ds
 from moe2.controller.experts.finetune import FinetuneConfig
 from moe2.controller.experts.merge import QUANT_TYPES
-from moe2.controller.options import emit, json_option
+from moe2.controller.options import db_option, emit, json_option, open_registry, settings
 from moe2.controller.registry import Registry
-from moe2.controller.registry.cli import db_option
 from moe2.controller.registry.schema import ExpertAdapterRow
 from moe2.shared.errors import ConfigError
 from moe2.shared.settings import collect_overrides, load_settings, settings_options
-
-
-def experts_dir() -> Path:
-    from moe2.controller.gate.cli import data_dir
-
-    return data_dir() / "experts"
 
 
 @click.group("experts")
@@ -162,7 +155,7 @@ def cluster_cmd(
     from moe2.controller.gate.embedding import MODEL_NAME, Encoder
     from moe2.shared.protocol import check_name
 
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     try:
         if dataset is not None:
             if benchmarks or jsonl is not None:
@@ -196,7 +189,7 @@ def cluster_cmd(
             {r.id: int(c) for r, c in zip(rows, clusters.labels)},
             metrics,
         )
-        plot = plot or experts_dir() / name / "clusters.png"
+        plot = plot or settings().experts_dir / name / "clusters.png"
         _, info = _describe(reg, name, top, plot)
     finally:
         reg.close()
@@ -218,7 +211,7 @@ def clusters_cmd(
     name: str | None, plot: Path | None, top: int, db_url: str | None, as_json: bool
 ) -> None:
     """Stored clusterings; with NAME, what each of its clusters holds."""
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     try:
         if name is None and plot is None:
             rows = [
@@ -296,7 +289,7 @@ def finetune_cmd(
     from moe2.shared.protocol import check_name
 
     cfg = load_settings(FinetuneConfig, overrides=collect_overrides(flags))
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     try:
         rec = reg.clustering(clustering)
         wanted = list(clusters) or list(range(rec.k))
@@ -306,7 +299,7 @@ def finetune_cmd(
         prefix = prefix or f"{base_path.stem.split('.')[0].lower()}-{rec.name}"
         for c in wanted:
             check_name("expert name", f"{prefix}-c{c}")
-        out = out or experts_dir() / rec.name
+        out = out or settings().experts_dir / rec.name
         if restart:
             for c in wanted:
                 shutil.rmtree(out / f"{prefix}-c{c}", ignore_errors=True)
@@ -348,7 +341,7 @@ def merge_cmd(
     from moe2.controller.experts.merge import merge, quantize
     from moe2.shared.files import sha256_file
 
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     try:
         row = reg.expert(name)
         adapter, base = Path(row.adapter_path), Path(row.base_path)
@@ -427,7 +420,7 @@ def _experts_text(rows: list[dict[str, Any]]) -> str:
 @json_option
 def list_cmd(db_url: str | None, as_json: bool) -> None:
     """Fine-tuned experts: adapter files, base, cluster, and the agent flags that serve them."""
-    reg = Registry.open(db_url)
+    reg = open_registry(db_url)
     try:
         rows = [_expert_dict(r) for r in reg.experts()]
     finally:
