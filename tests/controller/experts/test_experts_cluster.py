@@ -35,6 +35,7 @@ def encoder() -> object:
     return Encoder.load()
 
 
+@pytest.mark.slow  # the sentence encoder on 120 real questions: ~10 s on 2 cores
 def test_same_subject_questions_cluster_together_far_better_than_chance(encoder) -> None:
     questions = [s for s in ds.from_benchmark("mmlu", split="heldout") if s.app in SUBJECTS]
     sample = random.Random(0).sample(questions, 120)
