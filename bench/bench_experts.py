@@ -23,10 +23,12 @@ resumes fine-tuning from its checkpoints and reuses cached embeddings.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -46,6 +48,7 @@ from moe2.controller.gate.embedding import Encoder
 from moe2.controller.gate.train import TrainData, evaluate_weights, gate_values, train
 from moe2.controller.registry import Registry, SampleRow, ScoreTable
 from moe2.controller.settings import ControllerSettings
+from moe2.shared.files import sha256_file
 
 
 def moe2ctl(*args: str) -> Any:
@@ -207,9 +210,18 @@ def main() -> None:
     names = ["base"] + [e["name"] for e in experts]
     adapters: list[Path | None] = [None] + [Path(e["adapter"]) for e in experts]
     logp: dict[str, list[list[np.ndarray]]] = {}
+    # Scores are kept per (model, adapter bytes, questions): a rerun scores only what changed.
+    key = hashlib.sha256(json.dumps([[s.prompt, s.targets] for s in samples]).encode())
     for n, a in zip(names, adapters):
+        digest = sha256_file(a)[:12] if a is not None else "base"
+        cache = out / "scores" / f"{n}-{digest}-{key.hexdigest()[:12]}.pkl"
+        if cache.exists():
+            logp[n] = pickle.loads(cache.read_bytes())
+            continue
         t1 = time.monotonic()
         logp[n] = scores_for(base, a, samples, args.threads)
+        cache.parent.mkdir(exist_ok=True)
+        cache.write_bytes(pickle.dumps(logp[n]))
         print(
             f"   scored {n}: {len(samples)} questions in {time.monotonic() - t1:.0f} s",
             file=sys.stderr,
@@ -217,6 +229,7 @@ def main() -> None:
     times["evaluate"] = time.monotonic() - t0
     # The shared-prompt scorer against the agent's own score path, on one question.
     check = LlamaCppBackend(AgentConfig(model=base, n_threads=args.threads, lora=adapters[1]))
+    tokenizer_hash = check.info.tokenizer_hash
     s0 = samples[0]
     direct = check.score(
         check.tokenize(s0.prompt, add_bos=check.info.add_bos),
@@ -260,6 +273,7 @@ def main() -> None:
             [np.stack([logp[n][i][o] for n in ex_names]) for o in range(len(samples[i].targets))]
             for i in range(len(samples))
         ],
+        tokenizers=[[frozenset({tokenizer_hash})] * len(ex_names) for _ in samples],
     )
     data = TrainData.build(table_scores, e_emb)
     n, e = len(samples), len(ex_names)
