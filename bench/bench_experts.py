@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -63,33 +62,21 @@ def moe2ctl(*args: str) -> Any:
 # --------------------------------------------------------------------------- scoring
 
 
-def score_options(backend: LlamaCppBackend, prompt: str, options: tuple[str, ...]) -> list[Any]:
-    """Per option, the log-probabilities of its tokens after the prompt (natural log), the
-    prompt evaluated once and its KV cache shared by the options. Same token ids as an agent's
-    ``score`` (prompt with BOS as the model wants, each option tokenized on its own)."""
-    prompt_ids = backend.tokenize(prompt, add_bos=backend.info.add_bos)
-    seq = backend.new_sequence()
-    try:
-        first = seq.extend(prompt_ids)
-        out = []
-        for option in options:
-            ids = backend.tokenize(option, add_bos=False)
-            lps = [float(first[ids[0]])]
-            for prev, nxt in itertools.pairwise(ids):
-                lps.append(float(seq.extend([prev])[nxt]))
-            seq.truncate(len(prompt_ids))
-            out.append(np.array(lps))
-        return out
-    finally:
-        seq.close()
-
-
 def scores_for(
     base: Path, adapter: Path | None, samples: list[SampleRow], threads: int
 ) -> list[list[np.ndarray]]:
+    """Per question, per option, the log-probabilities of its tokens after the prompt (natural
+    log): the agent's ``score_choices`` (prompt with BOS as the model wants, evaluated once;
+    each option tokenized on its own), on base + adapter as an agent serves them."""
     b = LlamaCppBackend(AgentConfig(model=base, n_threads=threads, n_ctx=1024, lora=adapter))
     try:
-        return [score_options(b, s.prompt, tuple(s.targets)) for s in samples]
+        return [
+            b.score_choices(
+                b.tokenize(s.prompt, add_bos=b.info.add_bos),
+                [b.tokenize(t, add_bos=False) for t in s.targets],
+            )
+            for s in samples
+        ]
     finally:
         b.close()
 
@@ -210,11 +197,12 @@ def main() -> None:
     names = ["base"] + [e["name"] for e in experts]
     adapters: list[Path | None] = [None] + [Path(e["adapter"]) for e in experts]
     logp: dict[str, list[list[np.ndarray]]] = {}
-    # Scores are kept per (model, adapter bytes, questions): a rerun scores only what changed.
+    # Scores are kept per (model, adapter bytes, questions, scorer): a rerun scores only what
+    # changed ("choices": the agent's score_choices).
     key = hashlib.sha256(json.dumps([[s.prompt, s.targets] for s in samples]).encode())
     for n, a in zip(names, adapters):
         digest = sha256_file(a)[:12] if a is not None else "base"
-        cache = out / "scores" / f"{n}-{digest}-{key.hexdigest()[:12]}.pkl"
+        cache = out / "scores" / f"{n}-{digest}-{key.hexdigest()[:12]}-choices.pkl"
         if cache.exists():
             logp[n] = pickle.loads(cache.read_bytes())
             continue
@@ -227,16 +215,15 @@ def main() -> None:
             file=sys.stderr,
         )
     times["evaluate"] = time.monotonic() - t0
-    # The shared-prompt scorer against the agent's own score path, on one question.
+    # score_choices (prompt once, options behind it) against score (each option on its own
+    # from an empty cache), on one question's options: llama.cpp is not batch-invariant.
     check = LlamaCppBackend(AgentConfig(model=base, n_threads=args.threads, lora=adapters[1]))
     tokenizer_hash = check.info.tokenizer_hash
     s0 = samples[0]
-    direct = check.score(
-        check.tokenize(s0.prompt, add_bos=check.info.add_bos),
-        check.tokenize(s0.targets[0], add_bos=False),
-    )
+    p0 = check.tokenize(s0.prompt, add_bos=check.info.add_bos)
+    direct = [check.score(p0, check.tokenize(t, add_bos=False)) for t in s0.targets]
     check.close()
-    scorer_diff = float(np.abs(direct - logp[names[1]][0][0]).max())
+    scorer_diff = max(float(np.abs(d - c).max()) for d, c in zip(direct, logp[names[1]][0]))
 
     sizes = [int((clusters == c).sum()) for c in range(rec.k)]
     print(
@@ -327,7 +314,7 @@ def main() -> None:
         f"evaluation {times['evaluate']:.0f} s, total {times['total']:.0f} s "
         f"({args.threads} threads)"
     )
-    print(f"shared-prompt scorer vs the agent's score path: max |diff| {scorer_diff:.2e} nats")
+    print(f"score_choices vs score, one question's options: max |diff| {scorer_diff:.2e} nats")
     print(f"adapters: {out / 'adapters'}  (moe2ctl experts list --db {db})")
     print(f"serve one: moe2-agent {' '.join(experts[0]['agent_flags'])} --id {experts[0]['name']}")
     results = {

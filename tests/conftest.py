@@ -182,3 +182,16 @@ def start_agent(broker_config: BrokerConfig, tmp_path: Path) -> Iterator[object]
 
 def dump(obj: object) -> str:
     return json.dumps(obj, indent=1, default=str)
+
+
+@pytest.fixture(scope="session")
+def secured_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The broker the ``moe2_broker`` role installs (passwords, ACL, TLS, size limit), run on
+    loopback (``tests/securebroker.py``); skipped where ansible or root is missing."""
+    import securebroker
+
+    try:
+        with securebroker.running(tmp_path_factory.mktemp("secured")) as sb:
+            yield sb
+    except securebroker.Unavailable as exc:
+        pytest.skip(str(exc))

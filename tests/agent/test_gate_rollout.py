@@ -140,3 +140,49 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
             assert versions == sorted(versions) and len(set(versions)) == 3
             assert [x.version for x in reg.assignments(app)][-3:] == versions
         reg.close()
+
+
+def test_a_gateway_with_a_fleet_key_loads_only_signed_gate_manifests(
+    broker_config: BrokerConfig, tmp_path: Path
+) -> None:
+    """Defect 6 (gates): with trusted fleet keys, a gate manifest must carry the key's
+    signature: an unsigned one is rejected with the reason and never loaded, a signed one
+    is loaded. (The assignment names the manifest by digest, and the manifest its blobs by
+    hash, so a signed manifest pins every byte of the gate.)"""
+    from moe2.agent.gateway.gate import UniformGate
+    from moe2.agent.gateway.gatestore import GateStore
+    from moe2.shared.protocol.gates import blob_ref
+    from moe2.shared.signing import Signer, Verifier
+
+    key = Signer.generate()
+    verifier = Verifier.load([key.save(tmp_path / "fleet.pem")])
+    gw = f"gs-{uuid.uuid4().hex[:6]}"
+    loaded: list[str] = []
+
+    def loader(manifest: p.GateManifest, files: dict[str, bytes]) -> Any:
+        loaded.append(manifest.version)
+        return UniformGate()
+
+    conn = Connection(broker_config, f"store-{uuid.uuid4().hex[:6]}")
+    store = GateStore(conn, gw, lambda app, gate: None, loader=loader, verifier=verifier)
+    files = {"embedding": b"e" * 100, "head": b"h" * 50, "tokenizer": b"t" * 20}
+    with conn:
+        for signed in (False, True):
+            version = f"g-{uuid.uuid4().hex[:6]}"
+            manifest = p.GateManifest(
+                version=version,
+                experts=["a", "b"],
+                files=[blob_ref(role, data) for role, data in files.items()],
+                embedding_model="test",
+                created_at=0.0,
+            )
+            with DesiredState(broker_config, signer=key if signed else None) as desired:
+                desired.publish_gate(manifest, files)
+            store.want("qa", p.GateRef(version=version, sha256=p.gate_digest(manifest)))
+            ack = wait_ack(broker_config, gw, version, 20)
+            if signed:
+                assert ack.state == "loaded" and loaded == [version], ack
+            else:
+                assert ack.state == "rejected" and "bad signature" in (ack.reason or ""), ack
+                assert loaded == []
+    store.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -139,9 +140,9 @@ def test_profile_on_request_runs_alone_and_replaces_the_retained_one(
     assert _retained_profile(broker_config, aid) is None
 
     asked = rpc.call_async(aid, p.ProfileRequest(prompt_lengths=[8, 40, 120], repeats=2))
-    ping = rpc.call_async(aid, p.PingRequest())  # queued behind the profile, never beside it
+    # served between two measurements (never beside one), not after the whole profile
+    ping = rpc.call_async(aid, p.PingRequest())
     assert rpc.wait(ping).agent_id == aid
-    assert asked.done()
     reply = rpc.wait(asked)
     assert isinstance(reply, p.ProfileReply) and reply.published
     prof = reply.profile
@@ -225,3 +226,33 @@ def test_fitted_prompt_curves_hold_at_short_prompts_and_bend_only_when_measured(
     # noise around a line is not mistaken for a bend: the quadratic must halve the misfit
     noisy = {n: (0.1 + 0.01 * n) * f for n, f in zip(lengths, [1.1, 0.9, 1.1, 0.9, 1.1])}
     assert len(fit_points(_points(noisy)).prompt_seconds.coef) == 2
+
+
+def test_a_long_profile_does_not_hold_requests_back(
+    start_agent: Any, broker_config: BrokerConfig, tiny_models: dict[str, Path]
+) -> None:
+    """Defect 7: an agent profiling itself (here ~10 s of measurements) serves the requests
+    that arrive meanwhile between two measurements, so each waits one measurement at most.
+    Before, a profile held the model for its whole duration while the agent showed online."""
+    agent = start_agent(tiny_models["animals"], f"prof-{uuid.uuid4().hex[:6]}")
+    aid = agent.agent_id
+    with RpcClient(broker_config, timeout=120) as rpc:
+        big = p.ProfileRequest(
+            prompt_lengths=[16, 400, 800, 1200, 1600],
+            repeats=20,
+            decode_tokens=64,
+            publish=False,
+        )
+        profiling = rpc.call_async(aid, big)
+        time.sleep(0.5)
+        waits = []
+        session = rpc.call(aid, p.OpenRequest(tokens=[1, 5], top_k=3)).session
+        while not profiling.done():
+            t0 = time.monotonic()
+            rpc.call(aid, p.StepRequest(session=session, tokens=[5], top_k=3), timeout=60)
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.2)
+        profile = rpc.wait(profiling).profile
+    assert profile.duration_s > 4, profile.duration_s  # long enough to mean something
+    assert len(waits) >= 5, waits
+    assert max(waits) < 1.5, f"a request waited {max(waits):.1f} s during the profile"

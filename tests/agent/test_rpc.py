@@ -17,7 +17,6 @@ from moe2.shared.errors import (
     Busy,
     ContextOverflow,
     Moe2Error,
-    SessionEvicted,
     UnknownSession,
 )
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient, response_properties
@@ -86,17 +85,22 @@ def test_text_prompt_pieces_score_and_tokenize(
     )
 
 
-def test_sessions_are_bounded_and_evicted_ones_say_so(rpc: RpcClient, animals_agent: Any) -> None:
+def test_sessions_are_bounded_and_a_full_agent_says_busy(
+    rpc: RpcClient, animals_agent: Any
+) -> None:
     aid = animals_agent.agent_id
     s1 = rpc.call(aid, p.OpenRequest(tokens=[1, 5])).session
     s2 = rpc.call(aid, p.OpenRequest(tokens=[1, 6])).session
-    s3 = rpc.call(aid, p.OpenRequest(tokens=[1, 7])).session  # max_sessions=2: s1 goes
-    with pytest.raises(SessionEvicted):
-        rpc.call(aid, p.StepRequest(session=s1, tokens=[5]))
+    with pytest.raises(Busy):  # max_sessions=2, both in use: refused, nothing evicted
+        rpc.call(aid, p.OpenRequest(tokens=[1, 7]))
     with pytest.raises(UnknownSession):
         rpc.call(aid, p.StepRequest(session="s-nonexistent", tokens=[5]))
-    for s in (s2, s3):
+    for s in (s1, s2):
         assert rpc.call(aid, p.StepRequest(session=s, tokens=[5])).n_tokens == 3
+    rpc.call(aid, p.CloseRequest(session=s1))
+    s3 = rpc.call(aid, p.OpenRequest(tokens=[1, 7])).session  # room again
+    for s in (s2, s3):
+        rpc.call(aid, p.CloseRequest(session=s))
 
 
 def test_context_overflow_is_an_error_reply(

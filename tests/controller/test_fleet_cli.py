@@ -12,42 +12,94 @@ from moe2.controller.cli import main
 from moe2.shared.broker import Broker, MosquittoBroker, start_broker
 from moe2.shared.costmodel import CostCurve, CostCurves
 from moe2.shared.mqtt import BrokerConfig, Connection
-from moe2.shared.protocol import AgentInfo, AgentProfile, AgentStatus, encode, topics
+from moe2.shared.protocol import (
+    AgentInfo,
+    AgentProfile,
+    AgentStatus,
+    ComputeBackend,
+    ComputeDevice,
+    encode,
+    topics,
+)
 from moe2.shared.protocol.profiles import MeterSource, ProfilePoint
 
 pytestmark = pytest.mark.skipif(not MosquittoBroker.available(), reason="needs mosquitto")
 
 
 def _line(a: float, b: float, unit: str) -> CostCurve:
-    return CostCurve(unit=unit, coef=[a, b], residual_std=0.001, rel_residual_std=0.02,
-                     n_points=12, min_tokens=16, max_tokens=1843)
+    return CostCurve(
+        unit=unit,
+        coef=[a, b],
+        residual_std=0.001,
+        rel_residual_std=0.02,
+        n_points=12,
+        min_tokens=16,
+        max_tokens=1843,
+    )
 
 
 CURVES = CostCurves(
-    prompt_seconds=_line(0.05, 0.002, "s"), token_seconds=_line(0.0095, 2e-6, "s"),
-    prompt_joules=_line(1.0, 0.04, "J"), token_joules=_line(0.2, 4e-5, "J"),
+    prompt_seconds=_line(0.05, 0.002, "s"),
+    token_seconds=_line(0.0095, 2e-6, "s"),
+    prompt_joules=_line(1.0, 0.04, "J"),
+    token_joules=_line(0.2, 4e-5, "J"),
 )
 
 
 def _info(agent: str, device: str) -> AgentInfo:
+    gpu = device != "cpu-generic"
+    backend = ComputeBackend(
+        name="CUDA" if gpu else "CPU",
+        gpu_layers=31 if gpu else 0,
+        n_layers=31,
+        requested_layers=31 if gpu else 0,
+        vram_bytes=(92 << 20) if gpu else 0,
+        supports_gpu_offload=gpu,
+        devices=[ComputeDevice(name="CUDA0", description="Orin", kind="gpu")] if gpu else [],
+    )
     return AgentInfo(
-        agent_id=agent, model="SmolLM2-135M-Instruct", model_file="smollm2.gguf",
-        architecture="llama", quantization="Q4_1", n_ctx=2048, n_vocab=49152,
-        tokenizer_hash="ab" * 32, eos_ids=[2], add_bos=False, device_class=device,
-        software_version="0.1.0", max_sessions=4, started_at=1.7e9,
+        agent_id=agent,
+        model="SmolLM2-135M-Instruct",
+        model_file="smollm2.gguf",
+        architecture="llama",
+        quantization="Q4_1",
+        n_ctx=2048,
+        n_vocab=49152,
+        tokenizer_hash="ab" * 32,
+        eos_ids=[2],
+        add_bos=False,
+        device_class=device,
+        software_version="0.1.0",
+        max_sessions=4,
+        started_at=1.7e9,
+        backend=backend,
     )
 
 
 def _profile(agent: str, source: MeterSource) -> AgentProfile:
-    point = ProfilePoint(prompt_tokens=16, decode_tokens=16, prompt_seconds=[0.08, 0.09],
-                         token_seconds=[0.01, 0.01], prompt_joules=[1.6, 1.7],
-                         token_joules=[0.2, 0.21])
+    point = ProfilePoint(
+        prompt_tokens=16,
+        decode_tokens=16,
+        prompt_seconds=[0.08, 0.09],
+        token_seconds=[0.01, 0.01],
+        prompt_joules=[1.6, 1.7],
+        token_joules=[0.2, 0.21],
+    )
     return AgentProfile(
-        agent_id=agent, model="SmolLM2-135M-Instruct", device_class="cpu-generic",
-        power_mode="default", meter_source=source, energy_measured=source != "modelled",
-        delay_measured=True, energy_scope="cpu-package" if source == "rapl" else "device-figures",
-        idle_watts=12.5 if source == "rapl" else None, n_ctx=2048, points=[point],
-        curves=CURVES, profiled_at=1.7e9, duration_s=42.0,
+        agent_id=agent,
+        model="SmolLM2-135M-Instruct",
+        device_class="cpu-generic",
+        power_mode="default",
+        meter_source=source,
+        energy_measured=source != "modelled",
+        delay_measured=True,
+        energy_scope="cpu-package" if source == "rapl" else "device-figures",
+        idle_watts=12.5 if source == "rapl" else None,
+        n_ctx=2048,
+        points=[point],
+        curves=CURVES,
+        profiled_at=1.7e9,
+        duration_s=42.0,
     )
 
 
@@ -60,12 +112,16 @@ def broker() -> Iterator[Broker]:
         with Connection(cfg, "fleet-test-publisher") as conn:
             retained = [
                 (topics.agent_info("cpu-1"), encode(_info("cpu-1", "cpu-generic"))),
-                (topics.agent_status("cpu-1"),
-                 encode(AgentStatus(agent_id="cpu-1", state="online", since=1.7e9))),
+                (
+                    topics.agent_status("cpu-1"),
+                    encode(AgentStatus(agent_id="cpu-1", state="online", since=1.7e9)),
+                ),
                 (topics.agent_profile("cpu-1"), encode(_profile("cpu-1", "rapl"))),
                 (topics.agent_info("orin-1"), encode(_info("orin-1", "orin-agx-64gb"))),
-                (topics.agent_status("orin-1"),
-                 encode(AgentStatus(agent_id="orin-1", state="offline"))),
+                (
+                    topics.agent_status("orin-1"),
+                    encode(AgentStatus(agent_id="orin-1", state="offline")),
+                ),
                 (topics.agent_profile("orin-1"), encode(_profile("orin-1", "modelled"))),
                 (topics.agent_info("broken-1"), b'{"v": 1, "agent_id": "broken-1"}'),
             ]
@@ -93,17 +149,35 @@ def test_agents_json_lists_state_model_device_and_meter(broker: Broker) -> None:
     assert rows["cpu-1"]["tokenizer_hash"] == "ab" * 32
     assert (rows["cpu-1"]["meter_source"], rows["cpu-1"]["energy_measured"]) == ("rapl", True)
     assert (rows["orin-1"]["meter_source"], rows["orin-1"]["energy_measured"]) == (
-        "modelled", False)
+        "modelled",
+        False,
+    )
     assert "broken-1" in err  # the bad retained message is reported, not hidden
+    assert rows["orin-1"]["backend"]["name"] == "CUDA"
+    assert rows["orin-1"]["backend"]["gpu_layers"] == 31
 
 
 def test_agents_table(broker: Broker) -> None:
     code, out, _ = _run(broker, "agents")
     assert code == 0
     header, *lines = out.splitlines()
-    assert header.split() == ["AGENT", "STATE", "MODEL", "QUANT", "CTX", "DEVICE", "TOKENIZER",
-                              "METER", "SERVES"]
+    assert header.split() == [
+        "AGENT",
+        "STATE",
+        "MODEL",
+        "QUANT",
+        "CTX",
+        "DEVICE",
+        "BACKEND",
+        "TOKENIZER",
+        "METER",
+        "SERVES",
+    ]
     assert any(line.split()[:2] == ["orin-1", "offline"] for line in lines)
+    # where each model runs: layers on the GPU of all, GiB of weights there
+    orin = next(line for line in lines if line.startswith("orin-1"))
+    cpu = next(line for line in lines if line.startswith("cpu-1"))
+    assert "CUDA 31/31 0.1G" in orin and " CPU " in cpu
 
 
 def test_profile_json_evaluates_the_curves(broker: Broker) -> None:
@@ -122,9 +196,9 @@ def test_profile_text_says_when_figures_are_modelled(broker: Broker) -> None:
     code, out, _ = _run(broker, "profile")
     assert code == 0
     assert "cpu-1" in out and "orin-1" in out
-    orin = out[out.index("orin-1:"):]
+    orin = out[out.index("orin-1:") :]
     assert "modelled (MODELLED, not measured" in orin
-    cpu = out[out.index("cpu-1:"):out.index("orin-1:")]
+    cpu = out[out.index("cpu-1:") : out.index("orin-1:")]
     assert "rapl (measured, scope cpu-package, idle 12.5 W)" in cpu
     assert "2048" in cpu  # default lengths stop at n_ctx
 
@@ -139,7 +213,8 @@ def test_profile_of_an_unknown_agent_fails(broker: Broker) -> None:
 def test_no_broker_is_a_clear_error() -> None:
     from moe2.shared.broker import free_port
 
-    result = CliRunner().invoke(main, ["agents", "--broker-port", str(free_port()),
-                                       "--broker-connect-timeout", "1"])
+    result = CliRunner().invoke(
+        main, ["agents", "--broker-port", str(free_port()), "--broker-connect-timeout", "1"]
+    )
     assert result.exit_code == 1
     assert "MQTT broker at 127.0.0.1" in result.stderr

@@ -102,9 +102,7 @@ def test_push_command_validates_and_reports(broker_config: BrokerConfig, tmp_pat
     assert bad.exit_code != 0 and "invalid application" in bad.output
 
 
-def test_push_with_no_gateway_online_exits_4_and_says_so(
-    broker: Any, tmp_path: Path
-) -> None:
+def test_push_with_no_gateway_online_exits_4_and_says_so(broker: Any, tmp_path: Path) -> None:
     # A broker of its own: no gateway of another test may answer.
     from moe2.shared.broker import start_broker
 
@@ -117,3 +115,53 @@ def test_push_with_no_gateway_online_exits_4_and_says_so(
     out = json.loads(run.output.splitlines()[0])
     assert out["pushed"][0]["version"] == 1 and out["pushed"][0]["accepted"] == []
     assert "no gateway accepted" in run.output
+
+
+def test_moe2ctl_signs_pushes_with_the_fleet_key_and_reverts(
+    fleet: LocalFleet,
+    broker_config: BrokerConfig,
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: Any,
+) -> None:
+    """Defect 6 through the CLI: ``moe2ctl keys generate`` makes the fleet key; ``push`` signs
+    with it (a gateway trusting the key accepts), ``push --revert`` sends the app back to
+    the gateway's local configuration as a signed version; without the key the same gateway
+    rejects the push, saying why."""
+    monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path / "data"))
+    runner = CliRunner()
+    made = runner.invoke(main, ["keys", "generate", "--json"])
+    assert made.exit_code == 0, made.output
+    keys = json.loads(made.output)
+    assert (Path(keys["private_key"]).stat().st_mode & 0o777) == 0o600
+    conf = tmp_path / "gw.toml"
+    conf.write_text(f'[gateway]\ntrusted_keys = ["{keys["public_key"]}"]\n')
+    app = uid("app")
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    c = start(fleet, tiny_models["code"], uid("c"))
+    gw = start(
+        fleet,
+        tiny_models["animals"],
+        uid("gw"),
+        "--config",
+        str(conf),
+        "--serve-app",
+        f"{app}={a}:1",
+    )
+    flags = ["--broker-host", broker_config.host, "--broker-port", str(broker_config.port)]
+    pushed = runner.invoke(main, ["push", "--app", app, "--subset", c, "--json", *flags])
+    assert pushed.exit_code == 0, pushed.output
+    out = json.loads(pushed.output)["pushed"][0]
+    assert out["signed"] and out["accepted"] == [gw], out
+    with PromptClient(broker_config) as client:
+        assert [e.id for e in client.ask(app, "the fox", max_tokens=2).experts] == [c]
+        reverted = runner.invoke(main, ["push", "--app", app, "--revert", "--json", *flags])
+        assert reverted.exit_code == 0, reverted.output
+        back = json.loads(reverted.output)["pushed"][0]
+        assert back["revert"] and back["signed"] and back["accepted"] == [gw], back
+        assert [e.id for e in client.ask(app, "the fox", max_tokens=2).experts] == [a]
+    monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path / "nokey"))  # no fleet key there
+    unsigned = runner.invoke(main, ["push", "--app", app, "--subset", c, "--json", *flags])
+    assert unsigned.exit_code == 4, unsigned.output  # published, accepted by nobody
+    body = json.loads(unsigned.output.splitlines()[0])["pushed"][0]
+    assert not body["signed"] and "bad signature" in body["rejected"][gw], body

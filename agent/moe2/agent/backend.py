@@ -8,6 +8,13 @@ everything already evaluated, so a step costs the same at history 10 and 1,000.
     seq = backend.new_sequence()
     logprobs = seq.extend(backend.tokenize("Hello", add_bos=True))   # (n_vocab,) float32
     logprobs = seq.extend([int(logprobs.argmax())])
+
+Several sequences' work can go through one call, which a backend may run as one forward pass
+(llama.cpp: one ``llama_decode`` over several sequence ids), so concurrent sessions share
+the cost of reading the weights:
+
+    out = backend.decode_batch([DecodePart(seq_a, [17], [0]), DecodePart(seq_b, [5, 9], [0, 1])])
+    out[1]   # [logprobs after 5, logprobs after 9], or the exception that part raised
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from moe2.agent.config import AgentConfig
+    from moe2.agent.offload import Offload
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,19 @@ class ModelInfo:
     eos_ids: tuple[int, ...]
     add_bos: bool
     chat_template: str | None
+    bos_text: str | None = None  # the BOS token's text, as a chat template writes it
+    eos_text: str | None = None  # the EOS token's text
     adapter: AdapterMeta | None = None
+
+
+@dataclass(frozen=True)
+class DecodePart:
+    """Tokens to append to one sequence, and which of them to return next-token
+    log-probabilities after."""
+
+    seq: Sequence
+    tokens: Seq[int]
+    rows: Seq[int]  # indices into ``tokens``, ascending
 
 
 class Sequence(abc.ABC):
@@ -58,11 +78,31 @@ class Sequence(abc.ABC):
     def tokens(self) -> list[int]:
         """The history evaluated so far (a copy)."""
 
+    def __len__(self) -> int:
+        return len(self.tokens)
+
     @abc.abstractmethod
     def extend(self, tokens: Seq[int]) -> np.ndarray:
         """Evaluate ``tokens`` after the history; (n_vocab,) float32 next-token log-probs.
 
         Raises ContextOverflow (history unchanged) or InvalidToken."""
+
+    def evaluate(self, tokens: Seq[int], rows: Seq[int]) -> list[np.ndarray]:
+        """Append ``tokens``; the next-token log-probs after each ``tokens[r]``, r in ``rows``
+        (ascending). On an error the history is unchanged."""
+        n0 = len(self.tokens)
+        out: list[np.ndarray] = []
+        start = 0
+        try:
+            for r in rows:
+                out.append(self.extend(tokens[start : r + 1]))
+                start = r + 1
+            if start < len(tokens):
+                self.extend(tokens[start:])
+        except Exception:
+            self.truncate(n0)
+            raise
+        return out
 
     @abc.abstractmethod
     def truncate(self, n: int) -> None:
@@ -75,6 +115,7 @@ class Sequence(abc.ABC):
 
 class ModelBackend(abc.ABC):
     info: ModelInfo
+    offload: Offload | None = None  # where the model runs; None: the backend cannot tell
 
     @abc.abstractmethod
     def tokenize(self, text: str | bytes, *, add_bos: bool, special: bool = False) -> list[int]:
@@ -94,9 +135,25 @@ class ModelBackend(abc.ABC):
     @abc.abstractmethod
     def new_sequence(self) -> Sequence: ...
 
+    def decode_batch(self, parts: Seq[DecodePart]) -> list[list[np.ndarray] | Exception]:
+        """Every part's wanted log-probs, or the exception that part raised (the others are
+        unaffected). This default runs the parts one after another."""
+        out: list[list[np.ndarray] | Exception] = []
+        for part in parts:
+            try:
+                out.append(part.seq.evaluate(part.tokens, part.rows))
+            except Exception as exc:  # handed to the part's owner, not lost
+                out.append(exc)
+        return out
+
     @abc.abstractmethod
     def score(self, prompt: Seq[int], target: Seq[int]) -> np.ndarray:
         """(len(target),) log p(target_t | prompt, target_<t), teacher forced, one pass."""
+
+    def score_choices(self, prompt: Seq[int], targets: Seq[Seq[int]]) -> list[np.ndarray]:
+        """``score`` of each target after the same prompt; a backend that can keep the
+        prompt's cache between targets overrides this to evaluate the prompt once."""
+        return [self.score(prompt, t) for t in targets]
 
     @abc.abstractmethod
     def close(self) -> None: ...

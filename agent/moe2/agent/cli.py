@@ -6,7 +6,6 @@ moe2-agent --config /etc/moe2/agent.toml
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from moe2.agent.backend import BACKENDS, open_backend
 from moe2.agent.config import AgentConfig, ProfileConfig
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.shared.errors import ConfigError, Moe2Error
+from moe2.shared.logs import LOG_FORMATS, setup_logging
 from moe2.shared.mqtt import BrokerConfig
 from moe2.shared.settings import collect_overrides, load_settings, settings_options
 
@@ -42,6 +42,13 @@ from moe2.shared.settings import collect_overrides, load_settings, settings_opti
     default="info",
     show_default=True,
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="text for people, json for log collectors (one object per line).",
+)
 @settings_options(AgentConfig)
 @settings_options(BrokerConfig, section="broker")
 @settings_options(ProfileConfig, section="profile")
@@ -59,13 +66,12 @@ def main(
     config_file: Path | None,
     backend: str,
     log_level: str,
+    log_format: str,
     serve_apps: tuple[str, ...],
     **flags: Any,
 ) -> None:
     """Serve a GGUF model's next-token distributions over MQTT."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(log_level, log_format)
     overrides = collect_overrides(flags)
     if serve_apps:
         gw = overrides.setdefault("gateway", {})

@@ -2,12 +2,23 @@
 
 The paho network thread only validates requests and queues them, so keepalives keep flowing
 (and a hung model still shows up as offline through the last will, not as a hung socket);
-the model thread runs one request at a time and always replies: a result, or an error with
-a code. Nothing a peer sends can stop either thread.
+the model thread hands them to the scheduler (``batching.py``), which evaluates every request
+in progress in one batch per tick, and always replies: a result, or an error with a code, in
+the codec the request came in. Nothing a peer sends can stop either thread.
 
 Self-profiling runs on the model thread too (first at start, then on ``profile`` requests),
-so no request is measured as its cost; the profile is published retained, and a failed
-profile is logged and answered as an error while the agent keeps serving.
+so no request is measured as its cost, and serves the requests waiting for the model between
+two measurements, so a profile delays them by one measurement at most; the profile is
+published retained, and a failed profile is logged and answered as an error while the agent
+keeps serving.
+
+Stopping (SIGTERM) drains: the gateway, if any, stops taking prompts and finishes those in
+flight; then the agent opens no new session (``cancelled``) but serves the sessions other
+gateways still step, for up to ``drain_s``; only then does it say offline and disconnect.
+
+An agent keeps its retained announcements true: when its info or status topic shows something
+else than it published (overwritten or cleared by someone with write access), it publishes
+them again.
 """
 
 from __future__ import annotations
@@ -18,22 +29,32 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import paho.mqtt.client as mqtt
 
 from moe2.agent import __version__
 from moe2.agent.backend import ModelBackend
+from moe2.agent.batching import Scheduler
 from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.service import Gateway
+from moe2.agent.metrics import AgentMetrics, GatewayMetrics
+from moe2.agent.metrics import serve as serve_metrics
 from moe2.agent.profiler import SelfProfiler, current_power_mode
 from moe2.agent.service import AgentService
 from moe2.shared import protocol as p
 from moe2.shared.devices import resolve_device_class
-from moe2.shared.errors import Busy, InternalError, Moe2Error, ProtocolError
+from moe2.shared.errors import Busy, ProtocolError
 from moe2.shared.files import sha256_file
-from moe2.shared.mqtt import Connection, reply_properties
+from moe2.shared.mqtt import Connection, reply_properties, reply_qos
 
 log = logging.getLogger(__name__)
+
+# A session stepped within this many seconds is in use (a generation steps every few seconds
+# at most: the gateways' step timeout); the drain on stop waits for those.
+_STEP_GAP_S = 5.0
+# How often an idle model thread reclaims sessions unused for session_idle_s.
+_RECLAIM_EVERY_S = 5.0
 
 
 @dataclass
@@ -43,13 +64,17 @@ class _Job:
     correlation: bytes | None
     received: float
     qos: int = 1  # replies travel with the QoS the request came with
+    codec: str = "json"  # replies travel in the codec the request came in
 
 
 class Agent:
     def __init__(self, config: AgentConfig, backend: ModelBackend) -> None:
         self.config = config
         self.backend = backend
-        self.service = AgentService(config.id, backend, config.max_sessions, config.default_top_k)
+        self.service = AgentService(
+            config.id, backend, config.max_sessions, config.default_top_k, config.session_idle_s
+        )
+        self.scheduler = Scheduler(backend, self.service.start, self._done)
         self.profiler = self._build_profiler()  # ConfigError: unknown device class or mode
         self.service.profiler = self.profiler
         self.profile: p.AgentProfile | None = None  # the last one published
@@ -63,12 +88,24 @@ class Agent:
         )
         self.conn.on_connected.append(self._announce)
         self.conn.subscribe(p.topics.agent_rpc(config.id), self._on_request, qos=1)
+        # What we announced last, to notice when someone overwrites or clears it.
+        self._announced: dict[str, bytes] = {}
+        self.conn.subscribe(p.topics.agent_info(config.id), self._on_own_announcement)
+        self.conn.subscribe(p.topics.agent_status(config.id), self._on_own_announcement)
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.queue_size)
         self._worker = threading.Thread(target=self._work, name="model", daemon=True)
         self._stopped = threading.Event()
+        self.metrics = AgentMetrics(config.id)
+        self.metrics.watch(self._jobs.qsize, lambda: len(self.service.sessions))
+        if backend.offload is not None:
+            self.metrics.set_offload(backend.offload)
+        self._metrics_server: WSGIServer | None = None
+        self._tokens_counted = 0
         self.gateway: Gateway | None = None
         if config.gateway.enabled:
-            self.gateway = Gateway(config.id, config.gateway, config.broker)
+            self.gateway = Gateway(
+                config.id, config.gateway, config.broker, GatewayMetrics(self.metrics.registry)
+            )
         self.dropped_without_reply_topic = 0
 
     def _build_info(self) -> p.AgentInfo:
@@ -90,11 +127,13 @@ class Agent:
             eos_ids=list(mi.eos_ids),
             add_bos=mi.add_bos,
             chat_template=mi.chat_template,
+            backend=self._compute_backend(),
             device_class=self.profiler.device.device_class,
             software_version=__version__,
             max_sessions=self.config.max_sessions,
             started_at=self.started_at,
             adapter=self._adapter_info(),
+            codecs=list(p.CODECS),
         )
 
     def _adapter_info(self) -> p.AdapterInfo | None:
@@ -107,6 +146,25 @@ class Agent:
             sha256=sha256_file(cfg.lora) if cfg.hash_model_file else None,
             scale=meta.scale,
             cluster=cfg.lora_cluster or meta.cluster,
+        )
+
+    def _compute_backend(self) -> p.ComputeBackend | None:
+        off = self.backend.offload
+        if off is None:
+            return None
+        return p.ComputeBackend(
+            name=off.backend,
+            gpu_layers=off.gpu_layers,
+            n_layers=off.n_layers,
+            requested_layers=off.requested_layers,
+            vram_bytes=off.vram_bytes,
+            supports_gpu_offload=off.supports_gpu_offload,
+            devices=[
+                p.ComputeDevice(
+                    name=d.name, description=d.description, kind=d.kind, memory_total=d.memory_total
+                )
+                for d in off.devices
+            ],
         )
 
     def _build_profiler(self) -> SelfProfiler:
@@ -122,6 +180,7 @@ class Agent:
             agent_id=self.config.id,
             meter=cfg.meter,
             cancelled=lambda: self._stopped.is_set(),  # stopping: abandon between measurements
+            between=self._serve_waiting,  # requests do not wait for a whole profile
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,6 +191,10 @@ class Agent:
         self._worker.start()
         if self.gateway is not None:  # ready before the agent says it is online
             self.gateway.start()
+        if self.config.metrics_port is not None:  # ConfigError: the port is taken
+            self._metrics_server = serve_metrics(
+                self.metrics.registry, self.config.metrics_host, self.config.metrics_port
+            )
         self.conn.start()
         adapter = self.info.adapter
         log.info(
@@ -147,7 +210,8 @@ class Agent:
             return
         self._stopped.set()
         if self.gateway is not None:
-            self.gateway.stop()
+            self.gateway.stop(drain_s=self.config.drain_s)
+        self._drain_sessions()
         offline = p.AgentStatus(agent_id=self.config.id, state="offline", since=time.time())
         try:
             info = self.conn.publish(
@@ -157,6 +221,9 @@ class Agent:
         except (RuntimeError, ValueError):
             pass  # not connected: the broker publishes the last will instead
         self.conn.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         self._jobs.put(None)
         self._worker.join(timeout=10)
         if self._worker.is_alive():  # never free the model under a running request
@@ -164,16 +231,44 @@ class Agent:
             return
         self.service.close()
 
+    def _drain_sessions(self) -> None:
+        """Open no new session; serve the ones in use until they close or ``drain_s``."""
+        self.service.accepting = False
+        deadline = time.monotonic() + self.config.drain_s
+        # In use: stepped recently. A generation steps every few seconds at most (the
+        # gateways' step timeout); a session quiet for longer was abandoned.
+        while time.monotonic() < deadline and self.service.sessions.in_use(_STEP_GAP_S) > 0:
+            time.sleep(0.05)
+        left = self.service.sessions.in_use(_STEP_GAP_S)
+        if left:
+            log.warning(
+                "stopping with %d sessions still in use after %.0f s", left, self.config.drain_s
+            )
+
     def wait(self) -> None:
         self._stopped.wait()
 
     def _announce(self) -> None:
+        if self._stopped.is_set():
+            return
         cid = self.config.id
-        self.conn.publish(p.topics.agent_info(cid), p.encode(self.info), retain=True)
-        online = p.AgentStatus(agent_id=cid, state="online", since=time.time())
-        self.conn.publish(p.topics.agent_status(cid), p.encode(online), retain=True)
+        info = p.encode(self.info)
+        online = p.encode(p.AgentStatus(agent_id=cid, state="online", since=time.time()))
+        self._announced = {p.topics.agent_info(cid): info, p.topics.agent_status(cid): online}
+        for topic, payload in self._announced.items():
+            self.conn.publish(topic, payload, retain=True)
         if self.profile is not None:  # again after a reconnect: the broker may have lost it
             self._publish_profile(self.profile)
+
+    def _on_own_announcement(self, msg: mqtt.MQTTMessage) -> None:
+        """Our info or status as the broker holds it: announce again when it is not ours."""
+        want = self._announced.get(msg.topic)
+        if want is None or bytes(msg.payload) == want or self._stopped.is_set():
+            return
+        if not self.conn.connected:  # our own last will, as the connection went down
+            return
+        log.warning("%s was changed by someone else; announcing again", msg.topic)
+        self.conn.publish(msg.topic, want, retain=True)
 
     def _publish_profile(self, profile: p.AgentProfile) -> None:
         self.profile = profile
@@ -216,10 +311,15 @@ class Agent:
     # ------------------------------------------------------------------ requests
 
     def _reply(
-        self, topic: str, correlation: bytes | None, message: p.Message, qos: int = 1
+        self,
+        topic: str,
+        correlation: bytes | None,
+        message: p.Message,
+        qos: int = 1,
+        codec: str = "json",
     ) -> None:
         self.conn.publish(
-            topic, p.encode(message), qos=qos, properties=reply_properties(correlation)
+            topic, p.encode_rpc(message, codec), qos=qos, properties=reply_properties(correlation)
         )
 
     def _on_request(self, msg: mqtt.MQTTMessage) -> None:
@@ -227,11 +327,13 @@ class Agent:
         topic = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
         corr = bytes(corr) if corr is not None else None
+        qos = reply_qos(msg)
         if not topic:
             # Nowhere to answer: count it, say so in the log, carry on.
             self.dropped_without_reply_topic += 1
             log.warning("request on %s without ResponseTopic dropped (MQTT 5 needed)", msg.topic)
             return
+        codec = p.payload_codec(msg.payload)
         try:
             request = p.decode_request(msg.payload, self.config.max_payload_bytes)
         except ProtocolError as exc:
@@ -239,35 +341,75 @@ class Agent:
                 topic,
                 corr,
                 p.error_reply(exc.code, exc.message, p.request_op(msg.payload)),
-                msg.qos,
+                qos,
+                codec,
             )
             return
         try:
-            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), msg.qos))
+            self._jobs.put_nowait(_Job(request, topic, corr, time.monotonic(), qos, codec))
         except queue.Full:
+            self.metrics.busy.inc()
             err = Busy(
                 f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later"
             )
-            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), msg.qos)
+            self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), qos, codec)
+
+    def _count(self, op: str, reply: p.Message, seconds: float) -> None:
+        m = self.metrics
+        m.requests.labels(op).inc()
+        m.request_seconds.labels(op).observe(seconds)
+        if isinstance(reply, p.ErrorReply):
+            m.errors.labels(op, reply.error.code).inc()
+        evaluated = self.service.tokens_evaluated
+        if evaluated > self._tokens_counted:
+            m.tokens.inc(evaluated - self._tokens_counted)
+            self._tokens_counted = evaluated
 
     def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
+        """The model thread: queued requests go to the scheduler, which evaluates every
+        active request's next chunk in one batch per tick (``batching.py``); when nothing
+        is asked for a while, sessions left idle are reclaimed."""
+        stopping = False
+        while not stopping or not self.scheduler.idle:
+            # Wait only when there is nothing to compute; otherwise take what has arrived.
+            block = self.scheduler.idle
+            while not stopping:
+                try:
+                    job = self._jobs.get(block=block, timeout=_RECLAIM_EVERY_S if block else None)
+                except queue.Empty:
+                    if block:
+                        self.service.sessions.reclaim_idle()
+                    break
+                block = False
+                if job is None:
+                    stopping = True
+                    break
+                self.scheduler.submit(job)
+            self.scheduler.tick()
+
+    def _serve_waiting(self) -> None:
+        """Between two profiling measurements: serve the requests waiting now (a profile
+        request waits for the running one to finish)."""
+        later: list[_Job | None] = []
+        for _ in range(self._jobs.qsize()):
             try:
-                reply: p.Message = self.service.handle(job.request)
-            except Moe2Error as exc:
-                reply = p.error_reply(exc.code, exc.message, job.request.op)
-            except Exception as exc:  # a bug must cost one request, not the agent
-                log.exception("request %s failed", job.request.op)
-                err = InternalError(f"{type(exc).__name__}: {exc}")
-                reply = p.error_reply(err.code, err.message, job.request.op)
-            if isinstance(job.request, p.ProfileRequest):
-                reply = self._after_profile(job, reply)
-            if job.response_topic is None:
-                continue
-            try:
-                self._reply(job.response_topic, job.correlation, reply, job.qos)
-            except Exception:
-                log.exception("could not publish the reply to %s", job.response_topic)
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None or isinstance(job.request, p.ProfileRequest):
+                later.append(job)
+            else:
+                self.scheduler.run(job)
+        for job in later:
+            self._jobs.put(job)
+
+    def _done(self, job: _Job, reply: p.Message) -> None:
+        self._count(job.request.op, reply, time.monotonic() - job.received)
+        if isinstance(job.request, p.ProfileRequest):
+            reply = self._after_profile(job, reply)
+        if job.response_topic is None:
+            return
+        try:
+            self._reply(job.response_topic, job.correlation, reply, job.qos, job.codec)
+        except Exception:
+            log.exception("could not publish the reply to %s", job.response_topic)

@@ -13,7 +13,9 @@ curves in the prompt length (``moe2.shared.costmodel``) and returned as the reta
 
 Run it while the backend serves nothing else: requests running beside it would be measured
 as its cost. The agent does so through ``SelfProfiler`` on its model thread, at start and on a
-``profile`` request.
+``profile`` request, and serves the requests that arrived meanwhile between two measurements
+(``between``): a profile never holds the model for longer than one measurement, so it delays
+serving by that at most instead of blocking it for the whole profile.
 """
 
 from __future__ import annotations
@@ -146,10 +148,13 @@ def profile_backend(
     sleep: Callable[[float], None] = time.sleep,
     now: Callable[[], float] = time.time,
     cancelled: Callable[[], bool] = lambda: False,
+    between: Callable[[], None] = lambda: None,
 ) -> AgentProfile:
     """Measure the backend with the meter and return its profile (meter already chosen).
 
-    ``cancelled`` is asked before each measurement; when it says so, ProfileCancelled."""
+    ``between`` runs before each measurement (the agent serves waiting requests there: its
+    time is in no measurement); then ``cancelled`` is asked and, when it says so,
+    ProfileCancelled."""
     info = backend.info
     lengths = settings.lengths_for(info.n_ctx)
     started = clock()
@@ -177,6 +182,7 @@ def profile_backend(
         prompt = prompt_tokens_for(backend, length)
         runs = []
         for _ in range(settings.repeats):
+            between()
             if cancelled():
                 raise ProfileCancelled("profiling cancelled: the agent is stopping")
             runs.append(
@@ -287,6 +293,7 @@ class SelfProfiler:
         agent_id: str,
         meter: str | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        between: Callable[[], None] = lambda: None,
     ) -> None:
         if power_mode is not None:
             device.mode(power_mode)  # ConfigError names the class's modes
@@ -297,6 +304,7 @@ class SelfProfiler:
         self.agent_id = agent_id
         self.meter = meter  # None: the first of the class's meters that works here
         self.cancelled = cancelled  # asked between measurements (the agent is stopping)
+        self.between = between  # run between measurements (serve waiting requests)
 
     def settings_with(self, overrides: Mapping[str, Any]) -> ProfilerSettings:
         """The agent's settings with ``overrides``; ConfigError when they do not fit its model."""
@@ -319,6 +327,7 @@ class SelfProfiler:
                 device_class=self.device.device_class,
                 power_mode=self.power_mode,
                 cancelled=self.cancelled,
+                between=self.between,
             )
         finally:
             meter.close()

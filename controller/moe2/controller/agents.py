@@ -72,6 +72,7 @@ def agent_rows(state: FleetState) -> list[dict[str, Any]]:
                 "meter_source": prof.meter_source if prof else None,
                 "energy_measured": prof.energy_measured if prof else None,
                 "gateway_apps": dict(gw.apps) if gw is not None and gw.state == "online" else None,
+                "backend": info.backend.model_dump() if info and info.backend else None,
             }
         )
     return rows
@@ -84,6 +85,17 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def backend_cell(backend: dict[str, Any] | None) -> str:
+    """ "CUDA 31/31 1.2G" (layers on the GPU of all, GiB of weights there), "CPU", or "-"."""
+    if backend is None:
+        return "-"
+    if not backend["gpu_layers"]:
+        asked = backend["requested_layers"]
+        return "CPU" if not asked else f"CPU (asked {asked} on GPU)"
+    gib = backend["vram_bytes"] / 2**30
+    return f"{backend['name']} {backend['gpu_layers']}/{backend['n_layers']} {gib:.1f}G"
+
+
 def _agents_text(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no agents have announced themselves on this broker"
@@ -92,7 +104,18 @@ def _agents_text(rows: list[dict[str, Any]]) -> str:
         return "-" if v is None else str(v)
 
     return _table(
-        ["AGENT", "STATE", "MODEL", "QUANT", "CTX", "DEVICE", "TOKENIZER", "METER", "SERVES"],
+        [
+            "AGENT",
+            "STATE",
+            "MODEL",
+            "QUANT",
+            "CTX",
+            "DEVICE",
+            "BACKEND",
+            "TOKENIZER",
+            "METER",
+            "SERVES",
+        ],
         [
             [
                 r["agent_id"],
@@ -101,6 +124,7 @@ def _agents_text(rows: list[dict[str, Any]]) -> str:
                 cell(r["quantization"]),
                 cell(r["n_ctx"]),
                 cell(r["device_class"]),
+                backend_cell(r["backend"]),
                 cell(r["tokenizer_hash"] and r["tokenizer_hash"][:12]),
                 cell(r["meter_source"]),
                 cell(

@@ -1,4 +1,8 @@
-"""``moe2ctl ask``: send a prompt as a mobile client would and stream the answer."""
+"""``moe2ctl ask``: send a prompt as a mobile client would and stream the answer.
+
+    moe2ctl ask --app qa "the fox eats"
+    moe2ctl ask --app qa --chat --system "Answer briefly." "Name a prime."   # chat template
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import click
 
 from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
 from moe2.shared.client import PromptClient
-from moe2.shared.protocol import NAME_PATTERN
+from moe2.shared.protocol import NAME_PATTERN, ChatMessage
 
 
 @click.command()
@@ -33,6 +37,13 @@ from moe2.shared.protocol import NAME_PATTERN
 )
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option(
+    "--chat",
+    is_flag=True,
+    help="Send PROMPT as a user message of a conversation: each expert renders it with its "
+    "model's chat template.",
+)
+@click.option("--system", default=None, help="With --chat: a system message first.")
+@click.option(
     "--timeout",
     type=click.FloatRange(min=0.1),
     default=120.0,
@@ -48,12 +59,21 @@ def ask(
     temperature: float,
     top_p: float,
     seed: int | None,
+    chat: bool,
+    system: str | None,
     timeout: float,
     as_json: bool,
     **kwargs: Any,
 ) -> None:
     """Ask the fleet: publish PROMPT for APP, stream the answer, print who answered."""
     broker = broker_from_flags(kwargs)
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
+    question: str | list[ChatMessage] = prompt
+    if chat:
+        question = [ChatMessage(role="user", content=prompt)]
+        if system is not None:
+            question.insert(0, ChatMessage(role="system", content=system))
 
     def on_delta(delta: str) -> None:
         sys.stdout.write(delta)
@@ -62,7 +82,7 @@ def ask(
     with PromptClient(broker) as client:
         answer = client.ask(
             app,
-            prompt,
+            question,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,

@@ -3,9 +3,12 @@ dataset, stored in the registry (DESIGN.md §2: collect p once, train the gate o
 
 Experts that share a tokenizer (same ``tokenizer_hash``) score the same token ids, tokenized
 once by one of them, so their per-token probabilities line up for token-level fusion; an
-expert with a vocabulary of its own scores the target text. Scores are committed in small
-batches: an interrupted run loses at most one uncommitted batch, and a new run skips every
-(sample, option, expert) already stored, so nothing is redone or stored twice.
+expert with a vocabulary of its own scores the target text. Samples go to an expert
+``batch`` (sample, option) pairs per ``score_many`` request, which the agent evaluates
+together in one batch (one ``score`` request each to an agent without that operation).
+Scores are committed in small batches: an interrupted run loses at most one uncommitted
+batch, and a new run skips every (sample, option, expert)
+already stored, so nothing is redone or stored twice.
 
     report = collect(registry, rpc, "tiny", experts={"a": info_a, "b": info_b})
 """
@@ -24,7 +27,7 @@ from typing import Any
 
 from moe2.controller.registry import Registry, SampleRow
 from moe2.shared import protocol as p
-from moe2.shared.errors import Moe2Error
+from moe2.shared.errors import Moe2Error, UnknownOperation
 from moe2.shared.mqtt import RpcClient
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,8 @@ class _Job:
 
 @dataclass
 class CollectSettings:
-    window: int = 8  # score requests in flight per expert (hides MQTT round trips)
+    window: int = 4  # score requests in flight per expert (hides MQTT round trips)
+    batch: int = 32  # samples per score_many request (one round trip per batch)
     commit_every: int = 64  # rows per registry transaction
     timeout_s: float = 60.0  # per request
     max_failures: int = 3  # consecutive errors before an expert is given up
@@ -77,24 +81,40 @@ def _tokenize_all(
     agent: p.AgentInfo,
     jobs: Sequence[_Job],
     timeout: float,
+    window: int = 64,
 ) -> dict[tuple[int, int], tuple[list[int], list[int]]]:
-    """(sample id, option) -> (prompt ids, target ids), tokenized by ``agent``."""
-    prompts: dict[int, Future[Any]] = {}
-    targets: dict[tuple[int, int], Future[Any]] = {}
+    """(sample id, option) -> (prompt ids, target ids), tokenized by ``agent``, ``window``
+    requests in flight (an agent refuses work beyond its queue: ``busy``)."""
+    wanted: list[tuple[str, Any, p.TokenizeRequest]] = []  # (kind, key, request)
+    seen: set[int] = set()
     for j in jobs:
-        if j.sample.id not in prompts:
-            prompts[j.sample.id] = rpc.call_async(
-                agent.agent_id, p.TokenizeRequest(text=j.sample.prompt, add_bos=agent.add_bos)
-            )
-        targets[(j.sample.id, j.option)] = rpc.call_async(
-            agent.agent_id, p.TokenizeRequest(text=j.sample.targets[j.option], add_bos=False)
+        if j.sample.id not in seen:
+            seen.add(j.sample.id)
+            req = p.TokenizeRequest(text=j.sample.prompt, add_bos=agent.add_bos)
+            wanted.append(("prompt", j.sample.id, req))
+        req = p.TokenizeRequest(text=j.sample.targets[j.option], add_bos=False)
+        wanted.append(("target", (j.sample.id, j.option), req))
+    got: dict[tuple[str, Any], list[int]] = {}
+    flying: deque[tuple[str, Any, Future[Any]]] = deque()
+    todo = deque(wanted)
+    while todo or flying:
+        while todo and len(flying) < window:
+            kind, key, req = todo.popleft()
+            flying.append((kind, key, rpc.call_async(agent.agent_id, req)))
+        kind, key, fut = flying.popleft()
+        got[(kind, key)] = rpc.wait(fut, timeout).tokens
+    return {
+        (j.sample.id, j.option): (
+            got[("prompt", j.sample.id)],
+            got[("target", (j.sample.id, j.option))],
         )
-    ptoks = {sid: rpc.wait(f, timeout).tokens for sid, f in prompts.items()}
-    return {key: (ptoks[key[0]], rpc.wait(f, timeout).tokens) for key, f in targets.items()}
+        for j in jobs
+    }
 
 
 class _Worker(threading.Thread):
-    """Sends one expert's score requests, ``window`` at a time, into the results queue."""
+    """Sends one expert's samples, ``batch`` per ``score_many`` request and ``window``
+    requests at a time, and puts their scores into the results queue."""
 
     def __init__(
         self,
@@ -110,44 +130,81 @@ class _Worker(threading.Thread):
         self.rpc, self.info, self.jobs, self.tokens = rpc, info, jobs, tokens
         self.results, self.settings, self.stop = results, settings, stop
         self.failure: str | None = None
+        self.batch = max(1, settings.batch)
+        rpc.use_codec(info)
 
-    def _request(self, job: _Job) -> p.ScoreRequest:
+    def _sample(self, job: _Job) -> p.ScoreSample:
         if self.tokens is not None:
             prompt, target = self.tokens[(job.sample.id, job.option)]
-            return p.ScoreRequest(prompt_tokens=prompt, target_tokens=target)
-        return p.ScoreRequest(prompt=job.sample.prompt, target=job.sample.targets[job.option])
+            return p.ScoreSample(prompt_tokens=prompt, target_tokens=target)
+        return p.ScoreSample(prompt=job.sample.prompt, target=job.sample.targets[job.option])
+
+    def _request(self, jobs: list[_Job]) -> Future[Any]:
+        agent = self.info.agent_id
+        if self.batch > 1:
+            return self.rpc.call_async(
+                agent, p.ScoreManyRequest(samples=[self._sample(j) for j in jobs])
+            )
+        s = self._sample(jobs[0])
+        return self.rpc.call_async(agent, p.ScoreRequest(**s.model_dump(exclude_none=True)))
+
+    def _store(self, job: _Job, tokens: list[int], logprobs: list[float], ms: float) -> None:
+        self.results.put(
+            {
+                "sample_id": job.sample.id,
+                "expert": self.info.agent_id,
+                "option": job.option,
+                "tokenizer_hash": self.info.tokenizer_hash,
+                "tokens": tokens,
+                "logprobs": logprobs,
+                "compute_ms": ms,
+            }
+        )
 
     def run(self) -> None:
         todo = deque(self.jobs)
-        flying: deque[tuple[_Job, Future[Any]]] = deque()
+        flying: deque[tuple[list[_Job], Future[Any]]] = deque()
         failures = 0
         while (todo or flying) and not self.stop.is_set():
             while todo and len(flying) < self.settings.window:
-                job = todo.popleft()
-                flying.append((job, self.rpc.call_async(self.info.agent_id, self._request(job))))
-            job, fut = flying.popleft()
+                jobs = [todo.popleft() for _ in range(min(self.batch, len(todo)))]
+                flying.append((jobs, self._request(jobs)))
+            jobs, fut = flying.popleft()
             try:
                 reply = self.rpc.wait(fut, self.settings.timeout_s)
+            except UnknownOperation:
+                if self.batch == 1:
+                    self.failure = "the agent scores nothing (no score operation)"
+                    break
+                log.info("%s predates score_many: one sample per request", self.info.agent_id)
+                self.batch = 1  # an older agent: one request per sample
+                todo.extendleft(reversed(jobs))
+                continue
             except Moe2Error as exc:
                 failures += 1
-                log.warning("expert %s failed on sample %s: %s", self.info.agent_id, job, exc)
+                log.warning(
+                    "expert %s failed on %d samples: %s", self.info.agent_id, len(jobs), exc
+                )
                 if failures >= self.settings.max_failures:
                     self.failure = f"{exc.code}: {exc.message}"
                     break
-                todo.append(job)  # retry later
+                todo.extend(jobs)  # retry later
                 continue
             failures = 0
-            self.results.put(
-                {
-                    "sample_id": job.sample.id,
-                    "expert": self.info.agent_id,
-                    "option": job.option,
-                    "tokenizer_hash": self.info.tokenizer_hash,
-                    "tokens": reply.target_tokens,
-                    "logprobs": reply.logprobs,
-                    "compute_ms": reply.compute_ms,
-                }
-            )
+            if isinstance(reply, p.ScoreReply):
+                self._store(jobs[0], reply.target_tokens, reply.logprobs, reply.compute_ms)
+                continue
+            per = reply.compute_ms / max(1, len(jobs))
+            for job, res in zip(jobs, reply.results):
+                if res.error is None:
+                    self._store(job, res.target_tokens, res.logprobs, per)
+                    continue
+                # a sample the expert cannot score (too long for its context, say) will not
+                # score on a retry either: the expert fails the collection with its reason
+                log.warning("expert %s cannot score %s: %s", self.info.agent_id, job, res.error)
+                self.failure = f"{res.error.code}: {res.error.message}"
+            if self.failure is not None:
+                break
         self.results.put(None)  # this worker is done
 
 
@@ -220,7 +277,11 @@ def collect(
         stop.set()
         report.interrupted = True
         if batch:
-            report.stored += registry.add_scores(batch)
+            # The interrupt may have come inside add_scores, after its commit: store only
+            # what is not stored yet.
+            stored = {e: registry.scored(dataset, e) for e in {r["expert"] for r in batch}}
+            rest = [r for r in batch if (r["sample_id"], r["option"]) not in stored[r["expert"]]]
+            report.stored += len(batch) - len(rest) + registry.add_scores(rest)
     for w in workers:
         w.join(timeout=settings.timeout_s)
         if w.failure:
@@ -252,7 +313,8 @@ def _cli() -> Any:
     @click.command("collect")
     @click.argument("dataset")
     @click.option("--experts", default=None, help="agent ids, comma-separated [default: online]")
-    @click.option("--window", type=int, default=8, show_default=True, help="requests in flight")
+    @click.option("--window", type=int, default=4, show_default=True, help="requests in flight")
+    @click.option("--batch", type=int, default=32, show_default=True, help="samples per request")
     @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True)
     @db_option
     @broker_options
@@ -261,6 +323,7 @@ def _cli() -> Any:
         dataset: str,
         experts: str | None,
         window: int,
+        batch: int,
         timeout_s: float,
         db_url: str | None,
         as_json: bool,
@@ -293,7 +356,7 @@ def _cli() -> Any:
                     f"collect {dataset}: {done}/{total} ({100 * done / total:.0f}%)", err=True
                 )
 
-        settings = CollectSettings(window=window, timeout_s=timeout_s)
+        settings = CollectSettings(window=window, batch=batch, timeout_s=timeout_s)
         with RpcClient(broker, timeout=timeout_s) as rpc:
             report = collect(reg, rpc, dataset, online, settings, stop=stop, on_progress=progress)
         reg.close()

@@ -25,6 +25,16 @@ from moe2.controller.evaluate.cli import eval_cmd  # noqa: E402
 
 COMMANDS += [eval_cmd]
 
+# The self-healing controller (issue 13).
+from moe2.controller.serve.cli import serve_cmd  # noqa: E402
+
+COMMANDS += [serve_cmd]
+
+# Hardening (issue 12): the fleet key that signs desired state.
+from moe2.controller.keys import keys_cmd  # noqa: E402
+
+COMMANDS += [keys_cmd]
+
 # Domain experts: clusters, LoRA fine-tuning, adapters (issue 11).
 from moe2.controller.experts.experts_cli import experts  # noqa: E402
 

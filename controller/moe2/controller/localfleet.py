@@ -39,8 +39,21 @@ class LocalFleet:
         self.stop_all()
         self._conn.stop()
 
-    def start(self, agent_id: str, model: Path, *flags: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, agent_id: str, model: Path, *flags: str, broker: BrokerConfig | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``moe2-agent``; ``broker``: its own login and TLS settings (default: the
+        fleet's broker as is). The password travels in the environment, not the command line."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        login = broker or self.broker
+        env = dict(os.environ)
+        extra: list[str] = []
+        if login.username:
+            extra += ["--broker-username", login.username]
+        if login.password:
+            env["MOE2_AGENT_BROKER__PASSWORD"] = login.password
+        if login.tls_ca:
+            extra += ["--broker-tls-ca", login.tls_ca]
         cmd = [
             sys.executable,
             "-m",
@@ -53,10 +66,11 @@ class LocalFleet:
             self.broker.host,
             "--broker-port",
             str(self.broker.port),
+            *extra,
             *flags,
         ]
-        with (self.workdir / f"{agent_id}.log").open("wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        with (self.workdir / f"{agent_id}.log").open("ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.procs[agent_id] = proc
         if "--serve-app" in flags or "--gateway-enabled" in flags:
             self.gateways.add(agent_id)
@@ -89,7 +103,8 @@ class LocalFleet:
         path = self.workdir / f"{agent_id}.log"
         return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
-    def stop(self, agent_id: str) -> None:
+    def stop(self, agent_id: str, timeout: float = 10.0) -> None:
+        """SIGTERM (the agent drains what is in flight), then SIGKILL after ``timeout``."""
         proc = self.procs.pop(agent_id, None)
         if proc is None or proc.poll() is not None:
             return
@@ -97,10 +112,18 @@ class LocalFleet:
             os.kill(proc.pid, signal.SIGCONT)
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+    def kill(self, agent_id: str, sig: int = signal.SIGKILL) -> None:
+        """Kill an agent as a crash or a power cut would (no goodbye: its last will says
+        offline), and forget its process."""
+        proc = self.procs.pop(agent_id)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+        proc.wait(10)
 
     def stop_all(self) -> None:
         for agent_id in list(self.procs):

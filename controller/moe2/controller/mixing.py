@@ -11,65 +11,55 @@ training, the optimizer and evaluation all take their arrays from ``mix`` below:
     ll = mixed.option_loglik(log_w)        # (samples, options) fused log-likelihood, nats
     loss = mixed.loss(log_w)               # eq. 13 on the correct options, mean over samples
 
-A "unit" is a token (per-token samples) or the whole target (per-sequence samples).
+A "unit" is a token (per-token samples) or the whole target (per-sequence samples). The
+arithmetic (the level, units, the log-space mixture) lives in ``moe2.shared.mixing``, shared
+with the gateway's multiple-choice answers; this module lays stored scores out for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from moe2.controller.registry.db import ScoreTable
 from moe2.shared.errors import ConfigError
+from moe2.shared.mixing import (
+    SEQUENCE,
+    TOKEN,
+    Level,
+    level_of,
+    logsumexp,
+    mixture_loglik,
+    steps,
+    units,
+)
+
+__all__ = [
+    "GATE_FLOOR",
+    "SEQUENCE",
+    "TOKEN",
+    "Level",
+    "Mixed",
+    "level_of",
+    "mix",
+    "mixture_loglik",
+    "normalise",
+    "steps",
+    "units",
+]
 
 # A gate value of exactly 0 would make an expert's weight 0 even alone (0/0 in a singleton):
 # floor it. Weights are renormalised over the experts mixed, so the floor only matters there.
 GATE_FLOOR = 1e-30
-
-Level = Literal["token", "sequence"]
-TOKEN: Level = "token"
-SEQUENCE: Level = "sequence"
 
 
 def normalise(gate: NDArray[np.float64]) -> NDArray[np.float64]:
     """(samples, experts) gate values floored at GATE_FLOOR and renormalised to sum to 1."""
     g = np.maximum(np.asarray(gate, dtype=np.float64), GATE_FLOOR)
     return np.asarray(g / g.sum(axis=1, keepdims=True))
-
-
-def level_of(tokenizers: Sequence[frozenset[str]]) -> Level:
-    """Per token iff every expert's scores of the sample carry one and the same tokenizer hash."""
-    hashes = frozenset().union(*tokenizers)
-    return TOKEN if len(hashes) == 1 else SEQUENCE
-
-
-def units(logp: NDArray[np.float64], level: Level, where: str) -> NDArray[np.float64]:
-    """(experts, units) log-probabilities (nats) of one target from its (experts, tokens) scores,
-    NaN-padded where an expert's tokenization is shorter."""
-    if level == TOKEN:
-        if np.isnan(logp).any():
-            raise ConfigError(
-                f"{where}: the experts share one tokenizer hash but stored different token "
-                "counts for the same target; delete and re-collect these scores"
-            )
-        return logp
-    return np.nansum(logp, axis=1, keepdims=True)
-
-
-def steps(logp: NDArray[np.float64]) -> int:
-    """Generation steps T of one target: its token count (across vocabularies the longest
-    tokenization, since the fused answer ends when the slowest expert's does)."""
-    return int(np.count_nonzero(~np.isnan(logp), axis=1).max())
-
-
-def mixture_loglik(log_w: NDArray[np.float64], logp: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Σ_u log Σ_n ω_n p_{n,u}: ``log_w`` and ``logp`` broadcast with experts on axis -2 and
-    units on axis -1 (e.g. log_w (experts, 1), logp (experts, units)) -> the leading axes."""
-    return np.asarray(_logsumexp(log_w + logp, axis=-2).sum(axis=-1))
 
 
 @dataclass
@@ -123,7 +113,7 @@ class Mixed:
     def option_loglik(self, log_w: NDArray[np.float64]) -> NDArray[np.float64]:
         """(samples, options) fused log-likelihood of every option under (samples, experts)
         log weights (rows of log ω: −inf for experts left out); −inf for padded options."""
-        mixed = _logsumexp(log_w[:, None, :, None] + self.logp, axis=2)  # (samples, options, units)
+        mixed = logsumexp(log_w[:, None, :, None] + self.logp, axis=2)  # (samples, options, units)
         ll = np.where(self.mask, mixed, 0.0).sum(-1)
         present = np.arange(self.logp.shape[1])[None, :] < self.n_options[:, None]
         return np.where(present, ll, -np.inf)
@@ -132,14 +122,6 @@ class Mixed:
         """Eq. 13 on the correct options, mean over samples (nats)."""
         ll = self.option_loglik(log_w)
         return float(-ll[np.arange(self.n_samples), self.answer].mean())
-
-
-def _logsumexp(z: NDArray[np.float64], axis: int) -> NDArray[np.float64]:
-    top = np.max(z, axis=axis, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        out = np.log(np.exp(z - top).sum(axis=axis, keepdims=True)) + top
-    return np.squeeze(out, axis=axis)
 
 
 def mix(table: ScoreTable, dataset: str = "") -> Mixed:
@@ -160,7 +142,13 @@ def mix(table: ScoreTable, dataset: str = "") -> Mixed:
         level: Level = TOKEN if per_token[i] else SEQUENCE
         for o, a in enumerate(per):
             where = f"{dataset or 'dataset'} sample {smp.idx} option {o}"
-            u = units(a, level, where)
+            try:
+                u = units(a, level, where)
+            except ConfigError:
+                raise ConfigError(
+                    f"{where}: the experts share one tokenizer hash but stored different token "
+                    "counts for the same target; delete and re-collect these scores"
+                ) from None
             logp[i, o, :, : u.shape[1]] = u
             mask[i, o, : u.shape[1]] = True
             step[i, o] = steps(a)

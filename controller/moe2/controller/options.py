@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from moe2.controller.settings import ControllerSettings
+from moe2.shared.desired import DesiredState
 from moe2.shared.mqtt import BrokerConfig
 from moe2.shared.settings import collect_overrides, load_settings, settings_options
+from moe2.shared.signing import Signer
 
 if TYPE_CHECKING:
     from moe2.controller.registry.db import Registry
@@ -77,6 +79,17 @@ def broker_from_flags(kwargs: dict[str, Any]) -> BrokerConfig:
     overrides = collect_overrides(flags).get("broker", {})
     base = settings().broker.model_dump(exclude_unset=True)
     return load_settings(BrokerConfig, overrides={**base, **overrides})
+
+
+def signing_key() -> Signer | None:
+    """The fleet key that signs desired state, when the settings name or find one."""
+    key = settings().signing_key_path
+    return Signer.load(key) if key is not None else None
+
+
+def desired_state(broker: BrokerConfig) -> DesiredState:
+    """The publisher of desired state, signing with the fleet key when there is one."""
+    return DesiredState(broker, signer=signing_key())
 
 
 def emit(obj: Any, as_json: bool, human: Callable[[Any], str] | None = None) -> None:

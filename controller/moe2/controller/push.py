@@ -3,6 +3,9 @@ every push (``push``, ``push-gate``, ``optimize --push``) shares.
 
     moe2ctl push --app qa --subset orin-1,rtx-1 --k 1
     moe2ctl push --app qa --subset orin-1 --gateway gw-1 --json
+    moe2ctl push --app qa --revert          # back to the gateways' local configuration
+
+With the fleet key (``signing_key``, ``moe2ctl keys generate``) every push is signed.
 
 Publishing goes through ``moe2.shared.desired`` (the one source of versions); the registry
 records each pushed assignment and every answer; the exit status is 4 when no gateway accepted.
@@ -19,6 +22,7 @@ from moe2.controller.options import (
     broker_from_flags,
     broker_options,
     db_option,
+    desired_state,
     emit,
     json_option,
     open_registry,
@@ -41,11 +45,16 @@ def record(reg: Registry, results: Sequence[PushResult]) -> None:
 
 def describe(r: PushResult) -> str:
     a = r.assignment
-    lines = [
-        f"app {a.app}: version {a.version}, subset {', '.join(a.subset)}, k={a.k}"
-        + (f", gate {a.gate.version}" if a.gate else ", uniform weights")
-        + (f", gateways {', '.join(a.gateways)}" if a.gateways else "")
-    ]
+    signed = "signed" if a.sig else "unsigned"
+    if a.revert:
+        lines = [f"app {a.app}: version {a.version}, back to local configuration ({signed})"]
+    else:
+        lines = [
+            f"app {a.app}: version {a.version}, subset {', '.join(a.subset)}, k={a.k}"
+            + (f", gate {a.gate.version}" if a.gate else ", uniform weights")
+            + (f", gateways {', '.join(a.gateways)}" if a.gateways else "")
+            + f" ({signed})"
+        ]
     lines.append(f"  accepted by: {', '.join(r.accepted) or 'none'}")
     for g, why in r.rejected.items():
         lines.append(f"  rejected by {g}: {why}")
@@ -81,7 +90,13 @@ def report(
 
 @click.command()
 @click.option("--app", required=True, help="Application to assign.")
-@click.option("--subset", required=True, help="Comma-separated expert (agent) ids.")
+@click.option("--subset", default=None, help="Comma-separated expert (agent) ids.")
+@click.option(
+    "--revert",
+    is_flag=True,
+    help="Instead of a subset: the gateways serve APP from their local configuration again "
+    "(a signed version of its own).",
+)
 @click.option(
     "--k",
     type=click.IntRange(min=1),
@@ -108,7 +123,8 @@ def report(
 @broker_options
 def push(
     app: str,
-    subset: str,
+    subset: str | None,
+    revert: bool,
     k: int,
     gateways: tuple[str, ...],
     wait_s: float,
@@ -118,9 +134,18 @@ def push(
 ) -> None:
     """Publish which experts serve APP (retained, versioned), wait for the gateways' answers
     and record them. Exit status 4 when no gateway accepted it."""
-    from moe2.shared.desired import DesiredState
-
     p.check_name("application", app)
+    if revert:
+        if subset is not None or gateways:
+            raise click.UsageError("--revert takes no --subset or --gateway")
+        broker = broker_from_flags(kwargs)
+        with desired_state(broker) as desired:
+            reverted = desired.revert(app, wait_s=wait_s)
+        _record(db_url, reverted)
+        report([reverted], as_json)
+        return
+    if subset is None:
+        raise click.UsageError("give --subset (or --revert)")
     members = [p.check_name("expert id", m.strip()) for m in subset.split(",") if m.strip()]
     if not members:
         raise click.BadParameter("name at least one expert", param_hint="--subset")
@@ -131,11 +156,15 @@ def push(
     for g in gateways:
         p.check_name("gateway id", g)
     broker = broker_from_flags(kwargs)
-    with DesiredState(broker) as desired:
+    with desired_state(broker) as desired:
         result = desired.push_assignment(app, members, k, gateways=gateways or None, wait_s=wait_s)
+    _record(db_url, result)
+    report([result], as_json)
+
+
+def _record(db_url: str | None, result: PushResult) -> None:
     reg = open_registry(db_url)
     try:
         record(reg, [result])
     finally:
         reg.close()
-    report([result], as_json)

@@ -12,7 +12,8 @@ passed down through the click context::
     [broker]
     host = "10.0.0.2"
 
-Environment: ``MOE2_DATA_DIR``, ``MOE2_DB_URL``, ``MOE2_MODELS_DIR``, ``MOE2_BROKER__HOST``...
+Environment: ``MOE2_DATA_DIR``, ``MOE2_DB_URL``, ``MOE2_MODELS_DIR``, ``MOE2_SIGNING_KEY``,
+``MOE2_BROKER__HOST``...
 """
 
 from __future__ import annotations
@@ -48,7 +49,20 @@ class ControllerSettings(BaseModel):
         default_factory=lambda: _xdg("XDG_CACHE_HOME", ".cache") / "moe2" / "models",
         description="fetched and built GGUF models",
     )
+    signing_key: Path | None = Field(
+        default=None,
+        description="the fleet's Ed25519 private key (PEM) that signs desired state "
+        "(moe2ctl keys generate); default: fleet-signing.pem in the data folder, when it exists",
+    )
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
+
+    @property
+    def signing_key_path(self) -> Path | None:
+        """The key that signs desired state, or None (published unsigned)."""
+        if self.signing_key is not None:
+            return self.signing_key
+        default = self.data_dir / "fleet-signing.pem"
+        return default if default.is_file() else None
 
     @property
     def registry_url(self) -> str:

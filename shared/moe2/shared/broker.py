@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ def render_mosquitto_conf(
     ]
     if persistence_dir:
         lines += ["persistence true", f"persistence_location {persistence_dir}/"]
+        if os.geteuid() == 0:  # else mosquitto drops to its own user, who cannot write there
+            lines.append("user root")
     else:
         lines.append("persistence false")
     return "\n".join(lines) + "\n"
@@ -73,10 +76,20 @@ class Broker(abc.ABC):
     name: str
     host = "127.0.0.1"
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, persistence: bool = False) -> None:
         self.port = port or free_port()
+        # Keep sessions and retained messages across a restart (as the fleet's broker does).
+        self.persistence = persistence
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix=f"moe2-{self.name}-")
+
+    # Flags a gateway on this broker needs (``moe2-agent ... *broker.gateway_flags``).
+    gateway_flags: tuple[str, ...] = ()
+
+    @property
+    def listeners(self) -> dict[str, int]:
+        """MQTT protocol version -> port ("5", "3.1.1")."""
+        return {"5": self.port, "3.1.1": self.port}
 
     @abc.abstractmethod
     def command(self, workdir: Path) -> list[str]:
@@ -84,7 +97,7 @@ class Broker(abc.ABC):
 
     def start(self, timeout: float = 15.0) -> Broker:
         workdir = Path(self._dir.name)
-        with (workdir / "broker.log").open("wb") as log:  # the child keeps its own handle
+        with (workdir / "broker.log").open("ab") as log:  # the child keeps its own handle
             self._proc = subprocess.Popen(
                 self.command(workdir),
                 stdout=log,
@@ -99,9 +112,20 @@ class Broker(abc.ABC):
             raise BrokerError(f"{self.name}: {exc}; log: {self.log_tail()}") from None
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def log_tail(self, n: int = 2000) -> str:
         path = Path(self._dir.name) / "broker.log"
         return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+    def restart(self, timeout: float = 15.0) -> Broker:
+        """Stop (as systemd does: SIGTERM, so a persistent broker saves its state) and start
+        again on the same port."""
+        self.stop()
+        return self.start(timeout)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -140,7 +164,8 @@ class MosquittoBroker(Broker):
         if exe is None:
             raise BrokerError("mosquitto is not installed (Debian: apt-get install mosquitto)")
         conf = workdir / "mosquitto.conf"
-        conf.write_text(render_mosquitto_conf(self.port))
+        persist = str(workdir) if self.persistence else None
+        conf.write_text(render_mosquitto_conf(self.port, persistence_dir=persist))
         return [exe, "-c", str(conf)]
 
 
@@ -152,45 +177,98 @@ def _mosquitto_path() -> str | None:
 
 
 class IotcoreBroker(Broker):
-    """rumqttd as bundled by the ``iotcore`` package (``moe2-edge-shared[embedded-broker]``)."""
+    """rumqttd as the ``iotcore`` package runs it (``moe2-edge-shared[embedded-broker]``):
+    ``python -m iotcore --config rumqttd.toml``, a child process, since rumqttd is compiled
+    into iotcore's extension module (there is no separate executable).
+
+    rumqttd serves MQTT 3.1.1 and MQTT 5 on separate listeners (a v5 listener refuses a
+    3.1.1 CONNECT): ``port`` is the MQTT 5 one (moe2's own clients need 5), ``port_v311``
+    the 3.1.1 one for clients such as ``mosquitto_pub``'s default and many phone libraries.
+    Both are bound to loopback and reported; pass them to pin them. Checked on iotcore 0.4.0:
+    shared subscriptions, subscription identifiers, retained messages and last wills work
+    as moe2 needs them (tests/shared/test_embedded_broker.py); a QoS 1 publish that reaches
+    no subscriber is acknowledged as a success (mosquitto says 0x10 "no matching
+    subscribers"), so a prompt for an application no gateway serves is answered
+    ``unknown_app`` by a gateway's catch-all rather than refused by the broker at once.
+
+    Slower than mosquitto: rumqttd delivers a QoS 0 publish at the subscription's QoS (1
+    for an agent's RPC topic) and forwards QoS 1 messages ~44 ms late. Agents therefore
+    answer at the QoS the requester names (``mqtt.REPLY_QOS``); measured with two tiny
+    experts fused by a gateway, a token still costs ~16 ms here against ~3.5 ms on mosquitto
+    (46 ms before that fix). Use it to try moe2 out; run mosquitto for a fleet.
+    """
 
     name = "iotcore"
+    # rumqttd 0.20 keeps sessions badly: when a client whose kept session holds a shared
+    # subscription disconnects, its router panics ("group must exists") and every client
+    # loses the broker; a resumed session's SUBSCRIBE gets no retained messages. Gateways keep
+    # no session on it (their prompts in flight are not redelivered after a crash there).
+    gateway_flags = ("--gateway-session-expiry-s", "0")
+
+    def __init__(
+        self, port: int | None = None, port_v311: int | None = None, *, persistence: bool = False
+    ) -> None:
+        if persistence:
+            raise BrokerError("the embedded iotcore broker keeps nothing across a restart")
+        super().__init__(port)
+        self.port_v311 = port_v311 or free_port()
+        if self.port_v311 == self.port:
+            raise BrokerError("the MQTT 3.1.1 and MQTT 5 listeners need two different ports")
 
     @staticmethod
     def available() -> bool:
-        return _rumqttd_path() is not None
+        return _iotcore_installed()
+
+    @property
+    def listeners(self) -> dict[str, int]:
+        return {"5": self.port, "3.1.1": self.port_v311}
 
     def command(self, workdir: Path) -> list[str]:
-        exe = _rumqttd_path()
-        if exe is None:
+        if not _iotcore_installed():
             raise BrokerError(
-                "no embedded broker: install mosquitto, or `pip install iotcore` for rumqttd"
+                "no embedded broker: install mosquitto (Debian: apt-get install mosquitto), or "
+                "pip install 'moe2-edge-shared[embedded-broker]' for iotcore's rumqttd"
             )
         conf = workdir / "rumqttd.toml"
-        conf.write_text(_render_rumqttd_conf(self.port))
-        return [exe, "--config", str(conf)]
+        conf.write_text(render_rumqttd_conf(self.port, self.port_v311, self.host))
+        # rumqttd reports every routed packet as an ERROR-level tracing span (iotcore's own
+        # child process mutes them the same way): keep the log to real failures.
+        return [sys.executable, "-m", "iotcore", "--config", str(conf), "--log-level", "CRITICAL"]
+
+    def start(self, timeout: float = 15.0) -> Broker:
+        super().start(timeout)
+        try:
+            wait_for_port(self.host, self.port_v311, timeout, self._proc)
+        except BrokerError as exc:
+            self.stop()
+            raise BrokerError(f"{self.name}: {exc}; log: {self.log_tail()}") from None
+        return self
 
 
-def _rumqttd_path() -> str | None:
-    try:
-        import iotcore  # noqa: F401  (only to find the bundled binary)
-    except ImportError:
-        return None
+def _iotcore_installed() -> bool:
     import importlib.util
 
-    spec = importlib.util.find_spec("iotcore")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        for cand in Path(root).rglob("rumqttd*"):
-            if cand.is_file() and os.access(cand, os.X_OK):
-                return str(cand)
-    return None
+    return importlib.util.find_spec("iotcore") is not None
 
 
-def _render_rumqttd_conf(port: int) -> str:
+def render_rumqttd_conf(port: int, port_v311: int, bind: str = "127.0.0.1") -> str:
     # rumqttd's default 20 KB payload limit is too small for full distributions.
-    return f"""id = 0
+    listeners = []
+    for section, name, p in (("v4.1", "v4-1", port_v311), ("v5.1", "v5-1", port)):
+        listeners.append(
+            f"""[{section}]
+name = "{name}"
+listen = "{bind}:{p}"
+next_connection_delay_ms = 1
+    [{section}.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 67108864
+    max_inflight_count = 100
+    dynamic_filters = true
+"""
+        )
+    return (
+        """id = 0
 
 [router]
 id = 0
@@ -199,40 +277,29 @@ max_outgoing_packet_count = 200
 max_segment_size = 104857600
 max_segment_count = 10
 
-[v4.1]
-name = "v4-1"
-listen = "127.0.0.1:{free_port()}"
-next_connection_delay_ms = 1
-    [v4.1.connections]
-    connection_timeout_ms = 60000
-    max_payload_size = 67108864
-    max_inflight_count = 100
-    dynamic_filters = true
-
-[v5.1]
-name = "v5-1"
-listen = "127.0.0.1:{port}"
-next_connection_delay_ms = 1
-    [v5.1.connections]
-    connection_timeout_ms = 60000
-    max_payload_size = 67108864
-    max_inflight_count = 100
-    dynamic_filters = true
 """
+        + "\n".join(listeners)
+    )
 
 
 BROKERS: dict[str, type[Broker]] = {"mosquitto": MosquittoBroker, "iotcore": IotcoreBroker}
 
 
-def start_broker(kind: str = "auto", port: int | None = None) -> Broker:
-    """Start a loopback broker: ``kind`` is "mosquitto", "iotcore" or "auto" (first available)."""
+def start_broker(
+    kind: str = "auto", port: int | None = None, *, persistence: bool = False
+) -> Broker:
+    """Start a loopback broker: ``kind`` is "mosquitto", "iotcore" or "auto" (first available).
+    ``port`` is the MQTT 5 port (mosquitto serves 3.1.1 on the same one; see
+    ``Broker.listeners``); ``persistence`` (mosquitto) keeps sessions and retained messages
+    across ``restart``."""
     if kind == "auto":
         for cls in BROKERS.values():
             if cls.available():  # type: ignore[attr-defined]
-                return cls(port).start()
+                return cls(port, persistence=persistence).start()
         raise BrokerError(
-            "no MQTT broker available: apt-get install mosquitto, or pip install iotcore"
+            "no MQTT broker available: apt-get install mosquitto, or "
+            "pip install 'moe2-edge-shared[embedded-broker]'"
         )
     if kind not in BROKERS:
         raise BrokerError(f"unknown broker kind {kind!r}; expected auto, {', '.join(BROKERS)}")
-    return BROKERS[kind](port).start()
+    return BROKERS[kind](port, persistence=persistence).start()

@@ -13,12 +13,15 @@ stale says which version it serves, and the push is repeated once above it.
 A gate travels as content-addressed, chunked, retained blobs and a manifest, published before
 the assignments that name it (``protocol/gates.py``); gateways acknowledge each gate version
 once they have verified and loaded it, or rejected it.
+
+With the controller's fleet key (``signer``), every assignment and manifest is signed; gateways
+that trust the key (``trusted_keys``) apply nothing else. ``revert`` sends an application back
+to the gateways' local configuration as a signed version of its own.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -30,6 +33,7 @@ from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection
 from moe2.shared.protocol.desired import STALE_VERSION
 from moe2.shared.protocol.gates import chunk
+from moe2.shared.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,8 @@ class PushResult:
             "k": a.k,
             "gate": a.gate.model_dump() if a.gate else None,
             "gateways": a.gateways,
+            "revert": a.revert,
+            "signed": a.sig is not None,
             "accepted": self.accepted,
             "rejected": self.rejected,
             "missing": self.missing,
@@ -86,30 +92,28 @@ class PushResult:
 class DesiredState:
     """A controller's connection for publishing desired state (see the module docstring)."""
 
-    def __init__(self, broker: BrokerConfig, *, wait_retained_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        *,
+        wait_retained_s: float = 3.0,
+        signer: Signer | None = None,
+    ) -> None:
+        self.signer = signer  # None: published unsigned (gateways with trusted keys refuse)
         client_id = f"moe2ctl-desired-{uuid.uuid4().hex[:8]}"
         self.conn = Connection(broker, client_id)
         self.view = FleetView(self.conn, ("gateway", "assignment_ack", "gate_ack", "desired_app"))
-        self._marker = p.topics.replies(client_id)
         self._wait_retained_s = wait_retained_s
-        self._synced = False
 
     def __enter__(self) -> DesiredState:
-        done = threading.Event()
-        self.conn.subscribe(self._marker, lambda _m: done.set())
-        self.conn.on_connected.append(self._mark_end_of_retained)
         self.conn.start()
-        # Everything retained arrives before our marker: versions and gateways are known.
-        self._synced = done.wait(self._wait_retained_s)
-        if not self._synced:
+        # Everything retained arrives before the view's marker: versions and gateways known.
+        if not self.view.synced.wait(self._wait_retained_s):
             log.warning("the broker did not return the retained state in time; versions may lag")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.conn.stop()
-
-    def _mark_end_of_retained(self) -> None:
-        self.conn.publish(self._marker, b"end-of-retained", qos=1)
 
     # ------------------------------------------------------------------ versions
 
@@ -137,9 +141,15 @@ class DesiredState:
         """Publish the next version of ``app``'s assignment and wait for the answers."""
         return self._push_many([(app, subset, k)], gate, gateways, wait_s)[0]
 
+    def revert(self, app: str, *, wait_s: float = 5.0) -> PushResult:
+        """Send ``app`` back to the gateways' local configuration (a signed version of its
+        own; clearing the retained message would not be signed, so gateways that trust a
+        fleet key ignore that)."""
+        return self._push_many([(app, [], 0)], None, None, wait_s)[0]
+
     def _push_many(
         self,
-        apps: Sequence[tuple[str, Sequence[str], int]],
+        apps: Sequence[tuple[str, Sequence[str], int]],  # k=0 with no subset: a revert
         gate: p.GateRef | None,
         gateways: Sequence[str] | None,
         wait_s: float,
@@ -169,6 +179,11 @@ class DesiredState:
                 self._await([results[i]], max(0.5, deadline - time.monotonic()))
         return results
 
+    def clear_assignment(self, app: str) -> None:
+        """Remove ``app``'s retained assignment: gateways go back to their local configuration
+        for it (none: they stop serving it) and keep its version floor."""
+        self._publish(p.topics.desired_app(app), b"")
+
     def _publish_assignment(
         self,
         app: str,
@@ -178,14 +193,18 @@ class DesiredState:
         gateways: Sequence[str] | None,
         version: int | None,
     ) -> PushResult:
+        revert = k == 0 and not subset
         assignment = p.AppAssignment(
             app=app,
             version=version or self.next_version(app),
             subset=list(subset),
-            k=k,
+            k=max(1, k),
             gate=gate,
-            gateways=list(gateways) if gateways else None,
+            gateways=list(gateways) if gateways and not revert else None,
+            revert=revert,
         )
+        if self.signer is not None:
+            assignment = self.signer.sign(assignment)
         result = PushResult(assignment, sorted(self.view.online_gateways()))
         self._publish(p.topics.desired_app(app), p.encode(assignment))
         return result
@@ -228,6 +247,8 @@ class DesiredState:
                 raise ConfigError(f"gate file {ref.role} has {len(data)} bytes, not {ref.size}")
             for i in range(ref.chunks):
                 self._publish(p.topics.blob_chunk(ref.sha256, i), chunk(data, ref, i))
+        if self.signer is not None:
+            manifest = self.signer.sign(manifest)
         self._publish(p.topics.gate_manifest(manifest.version), p.encode(manifest))
 
     def push_gate(

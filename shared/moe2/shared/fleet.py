@@ -17,6 +17,7 @@ only when its payload names X too, so an agent cannot speak for another one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -42,6 +43,7 @@ KINDS = (
     "profile",
     "links",
     "gateway",
+    "stats",
     "assignment_ack",
     "gate_ack",
     "desired_app",
@@ -52,6 +54,7 @@ _FILTERS = {
     "profile": p.topics.ALL_AGENT_PROFILES,
     "links": p.topics.ALL_GATEWAY_LINKS,
     "gateway": p.topics.ALL_GATEWAY_STATUS,
+    "stats": p.topics.ALL_GATEWAY_STATS,
     "assignment_ack": p.topics.ALL_ASSIGNMENT_ACKS,
     "gate_ack": p.topics.ALL_GATE_ACKS,
     "desired_app": p.topics.ALL_DESIRED_APPS,
@@ -62,6 +65,7 @@ _MODELS: dict[str, type[p.Message]] = {
     "profile": p.AgentProfile,
     "links": p.LinkReport,
     "gateway": p.GatewayStatus,
+    "stats": p.AppStats,
     "assignment_ack": p.AssignmentAck,
     "gate_ack": p.GateAck,
     "desired_app": p.AppAssignment,
@@ -73,6 +77,7 @@ _IDENTITY = {
     "profile": ("agent_id", "agent"),
     "links": ("gateway", "agent"),
     "gateway": ("gateway", "agent"),
+    "stats": ("gateway", "agent"),
     "assignment_ack": ("gateway", "agent"),
     "gate_ack": ("gateway", "agent"),
     "desired_app": ("app", "app"),
@@ -93,6 +98,7 @@ class FleetState:
     profile: dict[str, p.AgentProfile] = field(default_factory=dict)
     links: dict[str, p.LinkReport] = field(default_factory=dict)  # gateway -> report
     gateway: dict[str, p.GatewayStatus] = field(default_factory=dict)
+    stats: dict[str, p.AppStats] = field(default_factory=dict)  # gateway -> its answers' costs
     assignment_ack: dict[tuple[str, str], p.AssignmentAck] = field(default_factory=dict)
     gate_ack: dict[tuple[str, str], p.GateAck] = field(default_factory=dict)  # (gw, version)
     desired_app: dict[str, p.AppAssignment] = field(default_factory=dict)  # app -> assignment
@@ -139,10 +145,53 @@ class FleetView(FleetState):
         self.listeners: list[Listener] = []
         self.rejected = 0  # messages refused (malformed, or identity not matching the topic)
         self.kinds = tuple(kinds)
+        # Resync on every (re)connection: the broker resends what is retained, then our
+        # marker; whatever it did not resend is gone (a broker restarted without its state).
+        self.synced = threading.Event()  # the retained state of this connection has arrived
+        self.synced_at = 0.0  # time.monotonic() when it last did
+        self._fresh: set[tuple[str, Any]] | None = None  # (kind, key) seen since connecting
+        self._conn = conn
+        self._marker = _marker_topic(conn)
+        self.sync_listeners: list[Callable[[], None]] = []  # called each time synced is set
         for kind in self.kinds:
             if kind not in _FILTERS:
                 raise ValueError(f"unknown fleet state kind {kind!r}; expected one of {KINDS}")
-            conn.subscribe(_FILTERS[kind], self._on_message)
+            conn.subscribe(_FILTERS[kind], self._on_message, retained_state=True)
+        conn.subscribe(self._marker, self._on_marker)
+        conn.on_session_start.append(self._session_start)
+        conn.on_connected.append(self._subscribed)
+
+    # ------------------------------------------------------------------ resync
+
+    def _session_start(self) -> None:
+        with self._cond:
+            self.synced.clear()
+            self._fresh = set()
+
+    def _subscribed(self) -> None:
+        self._conn.publish(self._marker, b"end-of-retained", qos=1)
+
+    def _on_marker(self, msg: mqtt.MQTTMessage) -> None:
+        gone: list[tuple[str, Any]] = []
+        with self._cond:
+            fresh, self._fresh = self._fresh, None
+            if fresh is not None:
+                for kind in self.kinds:
+                    table: dict[Any, Any] = getattr(self, kind)
+                    for index in [i for i in table if (kind, i) not in fresh]:
+                        del table[index]
+                        gone.append((kind, index))
+            self.synced_at = time.monotonic()
+            self.synced.set()
+            self._cond.notify_all()
+        for kind, index in gone:
+            log.info("%s %s is no longer on the broker", kind, index)
+            self._notify(kind, index if isinstance(index, tuple) else (index,), None)
+        for hook in list(self.sync_listeners):
+            try:
+                hook()
+            except Exception:
+                log.exception("fleet sync listener failed")
 
     # ------------------------------------------------------------------ intake
 
@@ -162,6 +211,9 @@ class FleetView(FleetState):
             key = (str(topic.agent),)
         table: dict[Any, Any] = getattr(self, kind)
         index = key if len(key) > 1 else key[0]
+        with self._cond:
+            if self._fresh is not None:
+                self._fresh.add((kind, index))
         if not msg.payload:  # a cleared retained message
             with self._cond:
                 old = table.pop(index, None)
@@ -251,18 +303,22 @@ class FleetView(FleetState):
         The broker sends retained messages while it handles a SUBSCRIBE, so a marker
         published to our own inbox afterwards arrives after all of them; ``wait_s`` bounds
         the wait on a broker that orders things differently."""
-        client_id = f"moe2-view-{uuid.uuid4().hex[:12]}"
-        marker = p.topics.replies(client_id)
-        done = threading.Event()
-        conn = Connection(broker, client_id)
+        conn = Connection(broker, f"moe2-view-{uuid.uuid4().hex[:12]}")
         view = cls(conn, kinds)
-        conn.subscribe(marker, lambda _msg: done.set())
-        conn.on_connected.append(lambda: _publish_marker(conn, marker))
         with conn:
-            if not done.wait(wait_s):
+            if not view.synced.wait(wait_s):
                 log.warning("no end-of-retained marker within %.1f s; state may be partial", wait_s)
         return view.copy()
 
 
-def _publish_marker(conn: Connection, topic: str) -> None:
-    conn.publish(topic, b"end-of-retained", qos=1)
+def _marker_topic(conn: Connection) -> str:
+    """Our own topic for the end-of-retained marker, under the replies subtree of our login
+    (the one a broker with moe2's ACL lets us read and write)."""
+
+    def name(value: str) -> str:
+        try:
+            return p.check_name("client id", value)
+        except Moe2Error:  # not a topic name (too long...): a stable stand-in
+            return f"c-{hashlib.sha256(value.encode()).hexdigest()[:24]}"
+
+    return p.topics.sync_marker(name(conn.broker.owner(conn.client_id)), name(conn.client_id))

@@ -2,12 +2,20 @@
 reconnect, and a typed RPC client (MQTT 5 ResponseTopic + CorrelationData).
 
     with RpcClient(BrokerConfig(port=1883)) as rpc:
+        rpc.use_codec(info)                                          # bin1 if it reads it
         reply = rpc.call("jetson-1", OpenRequest(prompt="Hello"))   # a DistributionReply
         print(reply.dist)
 
-An agent answers on ``replies/<client>/rpc/<agent>``: the topic names the replier, and the
+An agent answers on ``replies/<owner>/rpc/<agent>``: the topic names the replier, and the
 client accepts a reply only on the topic of the agent it asked, with the unguessable
-correlation data it sent.
+correlation data it sent. ``<owner>`` is the broker login (the ACL lets a user read exactly
+``moe2/v1/replies/<user>/#``), or the client id on a broker without logins.
+
+A ``Connection`` with ``session_expiry_s > 0`` keeps its MQTT session across disconnects and
+restarts (clean_start false): QoS 1 messages published for it while it is away wait at the
+broker, and messages it had not acknowledged are sent again. Handlers subscribed with
+``manual_ack=True`` acknowledge a message themselves (``Connection.ack``) once they are done
+with it, so a message whose work died with the process is delivered again.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ import secrets
 import socket
 import ssl
 import threading
+import time
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -31,7 +41,13 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field
 
 from moe2.shared import protocol
-from moe2.shared.errors import BadMessage, BrokerError, RequestTimeout, error_from_reply
+from moe2.shared.errors import (
+    BadMessage,
+    BrokerError,
+    Moe2Error,
+    RequestTimeout,
+    error_from_reply,
+)
 from moe2.shared.protocol.rpc import _Reply, _Request
 
 R = TypeVar("R", bound=_Reply)
@@ -62,6 +78,10 @@ class BrokerConfig(BaseModel):
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="seconds to wait for CONNACK")
 
+    def owner(self, client_id: str) -> str:
+        """Whose ``moe2/v1/replies/<owner>/`` subtree a client reads: its login, else its id."""
+        return self.username if self.username else client_id
+
 
 def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # Nagle's algorithm turns a 0.4 ms loopback round trip into 40-90 ms.
@@ -78,13 +98,18 @@ class Connection:
         client_id: str,
         *,
         will: tuple[str, bytes, bool] | None = None,
+        session_expiry_s: int = 0,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
+        # 0: a clean session on every connect; > 0: the broker keeps our session (its
+        # subscriptions and the QoS 1 messages for us) this many seconds after we disconnect.
+        self.session_expiry_s = session_expiry_s
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
+            manual_ack=True,  # _on_message acknowledges, unless a handler does it itself
         )
         self._client.on_socket_open = _set_nodelay
         self._client.on_connect = self._on_connect
@@ -106,16 +131,25 @@ class Connection:
         if will is not None:
             topic, payload, retain = will
             self._client.will_set(topic, payload, qos=1, retain=retain)
-        # (filter, match, qos, handler, subscription id); handlers of one filter share its id
-        self._handlers: list[tuple[str, str, int, Handler, int]] = []
+        # (filter, match, qos, handler, subscription id, manual ack); handlers of one filter
+        # share its id
+        self._handlers: list[tuple[str, str, int, Handler, int, bool]] = []
         self._sub_ids: dict[str, int] = {}
-        self._next_sub_id = 1
+        # A message whose subscription identifiers name no current handler: one a persistent
+        # session kept from an earlier run of this client. None: acknowledge and drop it.
+        self.on_unhandled: Handler | None = None
+        self.session_present = False  # the broker resumed a stored session at the last CONNACK
+        self._sent: list[mqtt.MQTTMessageInfo] = []  # recent publishes, for flush()
+        self._sent_lock = threading.Lock()
+        self._gone = threading.Event()  # set by on_disconnect
         self._session_up = False  # CONNACK received: subscribe at once (under _lock)
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._pending_subacks: set[int] = set()
         self._connect_error: str | None = None
-        self.on_connected: list[Callable[[], None]] = []
+        self._retained_state: set[str] = set()  # filters to subscribe afresh on a resumed session
+        self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
+        self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
         # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
         self._puback = threading.Condition()
         self._puback_rc: OrderedDict[int, Any] = OrderedDict()
@@ -123,12 +157,17 @@ class Connection:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Connection:
+        props = None
+        if self.session_expiry_s > 0:
+            props = _properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s
         try:
             self._client.connect(
                 self.broker.host,
                 self.broker.port,
                 keepalive=self.broker.keepalive,
-                clean_start=True,
+                clean_start=self.session_expiry_s == 0,
+                properties=props,
             )
         except OSError as exc:
             raise BrokerError(
@@ -143,9 +182,40 @@ class Connection:
             )
         return self
 
-    def stop(self) -> None:
-        self._client.disconnect()
+    def stop(self, *, keep_session: bool = False, flush_s: float = 5.0) -> None:
+        """Send what is still queued (QoS 1: until the broker has it, for up to ``flush_s``),
+        then disconnect. A persistent session ends with it (the broker drops it at once)
+        unless ``keep_session``: what we have finished with needs no redelivery."""
+        self.flush(flush_s)
+        props = None
+        if self.session_expiry_s > 0 and not keep_session:
+            props = _properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+        self._gone.clear()
+        if self._client.disconnect(properties=props) == mqtt.MQTT_ERR_SUCCESS:
+            self._gone.wait(2.0)  # the DISCONNECT is written before the loop stops
         self._client.loop_stop()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every message published so far has left (QoS 0) or been acknowledged
+        (QoS 1) while connected; False if some had not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._sent_lock:
+            pending = [i for i in self._sent if not _settled(i)]
+            self._sent = pending
+        for info in pending:
+            while not _settled(info) and self.connected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(min(left, 0.1))
+        return all(_settled(i) for i in pending)
+
+    def ack(self, msg: mqtt.MQTTMessage) -> None:
+        """Acknowledge a message given to a ``manual_ack`` handler (QoS 0: nothing to do)."""
+        if msg.qos > 0:
+            self._client.ack(msg.mid, msg.qos)
 
     def __enter__(self) -> Connection:
         return self.start()
@@ -157,13 +227,29 @@ class Connection:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until connected and subscribed (after a broker restart, say)."""
+        return self._connected.wait(timeout)
+
     # ------------------------------------------------------------------ pub/sub
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: Handler,
+        qos: int = 1,
+        *,
+        manual_ack: bool = False,
+        retained_state: bool = False,
+    ) -> None:
         """Call ``handler`` for every message of ``topic_filter``. Each filter is its own
         SUBSCRIBE with an MQTT 5 subscription identifier, so a message is dispatched to the
         handlers of the subscription it was delivered for, even when filters overlap (a
-        shared subscription and a plain one, say)."""
+        shared subscription and a plain one, say). With ``manual_ack`` the handler owns the
+        acknowledgement of each message (``ack``); otherwise it is sent once handlers return.
+        ``retained_state``: the filter's retained messages must come again on every
+        reconnection, also when the broker resumed our session (rumqttd sends them only for a
+        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE)."""
         # A shared subscription "$share/<group>/<filter>" delivers messages whose topic
         # matches <filter>: the fallback dispatch (brokers without identifiers) uses that.
         match = topic_filter
@@ -173,9 +259,12 @@ class Connection:
             sub_id = self._sub_ids.get(topic_filter)
             new = sub_id is None
             if sub_id is None:
-                sub_id = self._sub_ids[topic_filter] = self._next_sub_id
-                self._next_sub_id += 1
-            self._handlers.append((topic_filter, match, qos, handler, sub_id))
+                sub_id = self._sub_ids[topic_filter] = _stable_sub_id(
+                    topic_filter, set(self._sub_ids.values())
+                )
+            self._handlers.append((topic_filter, match, qos, handler, sub_id, manual_ack))
+            if retained_state:
+                self._retained_state.add(topic_filter)
             if self._session_up and new:
                 self._client.subscribe(topic_filter, qos=qos, properties=_sub_props(sub_id))
 
@@ -184,6 +273,13 @@ class Connection:
             self._handlers = [h for h in self._handlers if h[0] != topic_filter]
             known = self._sub_ids.pop(topic_filter, None) is not None
             if self._session_up and known:
+                self._client.unsubscribe(topic_filter)
+
+    def unsubscribe_raw(self, topic_filter: str) -> None:
+        """Drop a subscription we have no handler for (one a persistent session kept from
+        an earlier run of this client)."""
+        with self._lock:
+            if topic_filter not in self._sub_ids and self._session_up:
                 self._client.unsubscribe(topic_filter)
 
     def publish(
@@ -195,7 +291,12 @@ class Connection:
         retain: bool = False,
         properties: Properties | None = None,
     ) -> mqtt.MQTTMessageInfo:
-        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        with self._sent_lock:  # for flush(): what stop() must not cut off
+            if len(self._sent) >= 256:
+                self._sent = [i for i in self._sent if not _settled(i)]
+            self._sent.append(info)
+        return info
 
     def publish_acked(
         self,
@@ -232,12 +333,27 @@ class Connection:
             self._connect_error = str(rc)
             log.error("MQTT connection refused: %s", rc)
             return
+        self.session_present = bool(getattr(flags, "session_present", False))
+        for hook in list(self.on_session_start):
+            try:
+                hook()
+            except Exception:
+                log.exception("on_session_start hook failed")
         with self._lock:
             self._session_up = True
-            subs = {f: (q, sid) for f, _, q, _, sid in self._handlers}
+            subs = {f: (q, sid) for f, _, q, _, sid, _ in self._handlers}
             if not subs:
                 self._pending_subacks = set()
             else:
+                if self.session_present:
+                    # A resumed session keeps its subscriptions, and rumqttd sends retained
+                    # messages only for a new one; it also ignores an UNSUBSCRIBE of a filter
+                    # this connection has not subscribed yet: subscribe, unsubscribe, then
+                    # subscribe below (mosquitto sends the retained messages twice: harmless).
+                    for f in sorted(self._retained_state & subs.keys()):
+                        q, sid = subs[f]
+                        client.subscribe(f, qos=q, properties=_sub_props(sid))
+                        client.unsubscribe(f)
                 # We count as connected only once the broker has acknowledged every
                 # subscription, so nothing published to us after start() returns is missed.
                 mids = (
@@ -276,6 +392,7 @@ class Connection:
         with self._lock:
             self._session_up = False
         self._connected.clear()
+        self._gone.set()
         if rc != 0:
             log.warning("MQTT connection lost (%s); reconnecting", rc)
 
@@ -292,18 +409,41 @@ class Connection:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
         with self._lock:
             if ids:
-                handlers = [h for _, _, _, h, sid in self._handlers if sid in ids]
+                chosen = [(h, m) for _, _, _, h, sid, m in self._handlers if sid in ids]
             else:
-                handlers = [
-                    h
-                    for _, match, _, h, _ in self._handlers
+                chosen = [
+                    (h, m)
+                    for _, match, _, h, _, m in self._handlers
                     if mqtt.topic_matches_sub(match, msg.topic)
                 ]
+        manual = any(m for _, m in chosen)
+        handlers = [h for h, _ in chosen]
+        if not handlers and self.on_unhandled is not None:
+            handlers, manual = [self.on_unhandled], True
         for handler in handlers:
             try:
                 handler(msg)
             except Exception:  # a bad message must never take the network loop down
                 log.exception("handler for %s failed", msg.topic)
+        if not manual:
+            self.ack(msg)
+
+
+def _settled(info: mqtt.MQTTMessageInfo) -> bool:
+    """Sent (QoS 0) or acknowledged (QoS 1), or failed for good: nothing more to wait for."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):  # failed: not connected, queue full...
+        return True
+
+
+def _stable_sub_id(topic_filter: str, taken: set[int]) -> int:
+    """A subscription identifier that depends on the filter alone, so a session the broker
+    kept from an earlier run of this client names the same filter with the same id."""
+    sub_id = zlib.crc32(topic_filter.encode()) % 268_435_455 + 1  # MQTT 5: 1 .. 2^28 - 1
+    while sub_id in taken:
+        sub_id = sub_id % 268_435_455 + 1
+    return sub_id
 
 
 def _properties(packet_type: int) -> Properties:
@@ -316,11 +456,31 @@ def _sub_props(sub_id: int) -> Properties:
     return props
 
 
-def response_properties(response_topic: str, correlation: bytes) -> Properties:
+# MQTT 5 user property naming the QoS a requester wants its reply at. The delivered QoS does
+# not say: rumqttd (the embedded broker) delivers a QoS 0 request at the subscription's QoS 1,
+# against MQTT's min(publish, subscription), and forwards QoS 1 messages ~44 ms late, so a
+# reply at the delivered QoS would cost a gateway ~44 ms per token there.
+REPLY_QOS = "moe2-reply-qos"
+
+
+def response_properties(
+    response_topic: str, correlation: bytes, reply_qos: int | None = None
+) -> Properties:
     props = _properties(PacketTypes.PUBLISH)
     props.ResponseTopic = response_topic
     props.CorrelationData = correlation
+    if reply_qos is not None:
+        props.UserProperty = [(REPLY_QOS, str(reply_qos))]
     return props
+
+
+def reply_qos(msg: mqtt.MQTTMessage) -> int:
+    """The QoS to answer a request at: the delivered one, or lower when the requester asks."""
+    pairs = getattr(msg.properties, "UserProperty", None) if msg.properties else None
+    for key, value in pairs or ():
+        if key == REPLY_QOS and value in ("0", "1"):
+            return min(int(value), msg.qos)
+    return min(msg.qos, 1)
 
 
 def reply_properties(correlation: bytes | None) -> Properties | None:
@@ -337,6 +497,11 @@ class RpcClient:
     ``call_async`` returns a Future of the request's reply type, so a gateway can ask k
     experts at once and wait for all; an error reply resolves it with the matching
     ``Moe2Error``.
+
+    After a reconnect (a broker restart, a network blip) every call still waiting is sent
+    again: a request or its reply may have been lost with the connection. Requests must bear
+    that (a step names the history length it extends: ``StepRequest.rewind_to``); a reply
+    that comes twice counts once.
     """
 
     def __init__(
@@ -348,18 +513,24 @@ class RpcClient:
         qos: int = 1,
     ) -> None:
         self.client_id = client_id or f"rpc-{uuid.uuid4().hex[:12]}"
+        self.owner = broker.owner(self.client_id)  # replies/<owner>/rpc/<agent>
         self.timeout = timeout
         self.qos = qos
         self._conn = Connection(broker, self.client_id)
         # correlation -> (the agent asked, the reply type expected, the future)
         self._pending: dict[bytes, tuple[str, type[_Reply] | None, Future[Any]]] = {}
+        self._requests: dict[bytes, bytes] = {}  # correlation -> payload, to send again
         self._lock = threading.Lock()
+        self.codecs: dict[str, str] = {}  # agent -> payload codec of requests to it
         self.rejected_replies = 0  # from an agent that was not asked, or malformed
+        self.resent = 0  # calls sent again after a reconnect
+        self._connections = 0
         self._conn.subscribe(
-            protocol.topics.rpc_replies(self.client_id),
+            protocol.topics.rpc_replies(self.owner),
             self._on_reply,
             qos=qos,
         )
+        self._conn.on_connected.append(self._resend)
 
     def start(self) -> RpcClient:
         self._conn.start()
@@ -370,7 +541,7 @@ class RpcClient:
         with self._lock:
             pending, self._pending = self._pending, {}
         for _agent, _rt, fut in pending.values():
-            if not fut.done():
+            with contextlib.suppress(InvalidStateError):  # answered meanwhile
                 fut.set_exception(RequestTimeout("RPC client closed before the reply came"))
 
     def __enter__(self) -> RpcClient:
@@ -388,23 +559,58 @@ class RpcClient:
         fut: Future[Any] = Future()
         with self._lock:
             self._pending[corr] = (agent_id, reply_type, fut)
+            self._requests[corr] = payload
         fut.add_done_callback(lambda _f: self._forget(corr))
+        self._publish(agent_id, payload, corr)
+        return fut
+
+    def _publish(self, agent_id: str, payload: bytes, corr: bytes) -> None:
         self._conn.publish(
             protocol.topics.agent_rpc(agent_id),
             payload,
             qos=self.qos,
             properties=response_properties(
-                protocol.topics.rpc_reply(self.client_id, agent_id), corr
+                protocol.topics.rpc_reply(self.owner, agent_id), corr, self.qos
             ),
         )
-        return fut
+
+    def _resend(self) -> None:
+        """On every connect after the first: send the calls still waiting again."""
+        self._connections += 1
+        if self._connections > 1:
+            self.resend()
+
+    def resend(self, agent_id: str | None = None) -> int:
+        """Send the calls still waiting (on ``agent_id``, or on every agent) again: after a
+        reconnect of ours, or when an agent is back online (its subscription was gone while
+        it was away, so what we sent meanwhile reached nobody)."""
+        with self._lock:
+            again = [
+                (a, self._requests[c], c)
+                for c, (a, _rt, _f) in self._pending.items()
+                if agent_id is None or a == agent_id
+            ]
+        for agent, payload, corr in again:
+            self._publish(agent, payload, corr)
+        self.resent += len(again)
+        if again:
+            log.info("sent %d waiting RPC calls again", len(again))
+        return len(again)
 
     def send_raw(self, agent_id: str, payload: bytes) -> Future[Any]:
         """Send an already encoded (possibly invalid) request; for tests and tools."""
         return self._send(agent_id, payload, None)
 
+    def use_codec(self, agent: protocol.AgentInfo, preferred: str = "bin1") -> str:
+        """Talk to ``agent`` in ``preferred`` when it announces it reads it, else JSON; the
+        agent answers in the codec it was asked in."""
+        codec = preferred if preferred in agent.codecs else "json"
+        self.codecs[agent.agent_id] = codec
+        return codec
+
     def call_async(self, agent_id: str, request: _Request[R]) -> Future[R]:
-        return self._send(agent_id, protocol.encode(request), type(request).reply_type())
+        payload = protocol.encode_rpc(request, self.codecs.get(agent_id, "json"))
+        return self._send(agent_id, payload, type(request).reply_type())
 
     def wait(self, fut: Future[R], timeout: float | None = None) -> R:
         """The reply of a call; raises the matching Moe2Error for error replies."""
@@ -418,9 +624,24 @@ class RpcClient:
     def call(self, agent_id: str, request: _Request[R], timeout: float | None = None) -> R:
         return self.wait(self.call_async(agent_id, request), timeout)
 
+    def fail_agent(self, agent_id: str, error: Exception) -> int:
+        """Fail every call waiting on ``agent_id`` with ``error`` (its last will said it is
+        offline: nobody will answer them). Returns how many were waiting."""
+        with self._lock:
+            waiting = [f for a, _rt, f in self._pending.values() if a == agent_id]
+        for fut in waiting:
+            with contextlib.suppress(InvalidStateError):  # answered meanwhile
+                fut.set_exception(error)
+        return len(waiting)
+
+    def pending(self, agent_id: str) -> int:
+        with self._lock:
+            return sum(1 for a, _rt, _f in self._pending.values() if a == agent_id)
+
     def _forget(self, corr: bytes) -> None:
         with self._lock:
             self._pending.pop(corr, None)
+            self._requests.pop(corr, None)
 
     def _on_reply(self, msg: mqtt.MQTTMessage) -> None:
         corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
@@ -434,16 +655,22 @@ class RpcClient:
         _agent, reply_type, fut = entry
         if fut.done():
             return
+        outcome: Any
         try:
             reply = protocol.decode_reply(msg.payload)
-        except BadMessage as exc:
-            fut.set_exception(exc)
-            return
-        if isinstance(reply, protocol.ErrorReply):
-            fut.set_exception(error_from_reply(reply.error.code, reply.error.message))
-        elif reply_type is not None and not isinstance(reply, reply_type):
-            fut.set_exception(
-                BadMessage(f"agent {replier} answered {reply.op!r} to a {reply_type.__name__}")
-            )
+        except Moe2Error as exc:  # malformed, another schema version, too large
+            outcome = exc
         else:
-            fut.set_result(reply)
+            if isinstance(reply, protocol.ErrorReply):
+                outcome = error_from_reply(reply.error.code, reply.error.message)
+            elif reply_type is not None and not isinstance(reply, reply_type):
+                outcome = BadMessage(
+                    f"agent {replier} answered {reply.op!r} to a {reply_type.__name__}"
+                )
+            else:
+                outcome = reply
+        with contextlib.suppress(InvalidStateError):  # failed meanwhile (agent offline)
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome)

@@ -97,16 +97,18 @@ def test_clusterings_are_stored_and_read_back(registry: Registry) -> None:
         registry.clustering("nope")
 
 
-def test_upgrade_from_schema_2_adds_the_expert_tables(db_url: str) -> None:
+def test_upgrade_from_schema_3_adds_the_expert_tables(db_url: str) -> None:
     reg = Registry.open(db_url)
-    with reg.engine.begin() as conn:  # what a version-2 registry looked like
+    with reg.engine.begin() as conn:  # what a version-3 registry (serve's tables) looked like
         for table in ("expert_adapters", "cluster_members", "clusterings"):
             conn.execute(sa.text(f"DROP TABLE {table}"))
-        conn.execute(sa.text("UPDATE schema_version SET version = 2"))
+        conn.execute(sa.text("UPDATE schema_version SET version = 3"))
     reg.close()
     reg = Registry.open(db_url)
-    assert migrations.current_version(reg.engine) == migrations.LATEST == 3
+    assert migrations.current_version(reg.engine) == migrations.LATEST == 4
     assert reg.clusterings() == [] and reg.experts() == []
+    tables = set(sa.inspect(reg.engine).get_table_names())
+    assert {"decisions", "leases", "clusterings", "expert_adapters"} <= tables
     reg.close()
 
 

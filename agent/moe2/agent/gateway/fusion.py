@@ -19,6 +19,7 @@ from typing import Final
 
 import numpy as np
 
+from moe2.agent.sampling import sampling_distribution
 from moe2.shared import protocol as p
 from moe2.shared.errors import BadMessage
 
@@ -111,15 +112,5 @@ def choose(fused: Fused, temperature: float, top_p: float, rng: np.random.Genera
     probs = fused.probs
     if temperature <= 0.0 or len(probs) == 1:
         return int(np.argmax(probs))
-    with np.errstate(divide="ignore"):
-        logits = np.log(np.maximum(probs, 1e-300)) / temperature
-    q = np.exp(logits - logits.max())
-    q /= q.sum()
-    order = np.argsort(-q, kind="stable")
-    if top_p < 1.0:
-        cum = np.cumsum(q[order])
-        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
-    else:
-        keep = order
-    qk = q[keep] / q[keep].sum()
+    keep, qk = sampling_distribution(probs, temperature, top_p)
     return int(keep[rng.choice(len(keep), p=qk)])

@@ -1,8 +1,9 @@
 """Receiving gates: follow each application's ``GateRef``, fetch the manifest and the
 content-addressed blobs it names (retained, chunked), verify every hash, load the gate with
 ONNX Runtime off the network thread, and only then hand it to the gateway. A gate that is
-half received, does not match its reference or fails to load is never used: the application
-keeps its previous gate meanwhile. Each outcome is acknowledged in a retained ``GateAck``.
+half received, does not match its reference, is not signed by a trusted fleet key (when the
+gateway has some) or fails to load is never used: the application keeps its previous gate
+meanwhile. Each outcome is acknowledged in a retained ``GateAck``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moe2.agent.gateway.gate import Gate
 from moe2.shared import protocol as p
 from moe2.shared.errors import Moe2Error
 from moe2.shared.mqtt import Connection
+from moe2.shared.signing import BadSignature, Verifier
+
+if TYPE_CHECKING:
+    from moe2.agent.gateway.onnxgate import ProviderChoice
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +38,20 @@ class _Blob:
         self.waiters: list[str] = []  # gate versions that need it
 
 
-def _load_onnx_gate(manifest: p.GateManifest, files: dict[str, bytes]) -> Gate:
-    from moe2.agent.gateway.onnxgate import OnnxGate
+def onnx_loader(
+    providers: ProviderChoice = "auto", engine_cache: Path | None = None
+) -> Callable[[p.GateManifest, dict[str, bytes]], Gate]:
+    """Loads gates with ONNX Runtime on these providers (``GatewayConfig.gate_providers``)."""
 
-    return OnnxGate(manifest, files)
+    def load(manifest: p.GateManifest, files: dict[str, bytes]) -> Gate:
+        from moe2.agent.gateway.onnxgate import OnnxGate
+
+        return OnnxGate(manifest, files, providers, engine_cache)
+
+    return load
+
+
+_load_onnx_gate = onnx_loader()
 
 
 class GateStore:
@@ -45,7 +61,9 @@ class GateStore:
         gateway_id: str,
         on_gate: OnGate,
         loader: Callable[[p.GateManifest, dict[str, bytes]], Gate] = _load_onnx_gate,
+        verifier: Verifier | None = None,
     ) -> None:
+        self.verifier = verifier  # None: unsigned manifests are accepted
         self.conn = conn
         self.gateway_id = gateway_id
         self.on_gate = on_gate
@@ -104,6 +122,12 @@ class GateStore:
                 return
         if not refs:
             return
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(manifest)
+            except BadSignature as exc:
+                self._ack(manifest.version, digest, "rejected", reason=f"bad signature: {exc}")
+                return
         if all(r.sha256 != digest for r in refs):
             self._ack(
                 manifest.version,

@@ -1,8 +1,14 @@
 """One fused generation (paper Algorithm 3): open a session on each chosen expert, then per
 token ask all of them at once, fuse, pick, and feed the pick back to every expert.
 
-Experts that fail, stay silent past the step timeout or send a distribution that does not fit
-their vocabulary are dropped and the others' weights renormalised; generation ends on an
+By default the tokens after the first come from speculative rounds (``speculative.py``: the
+top expert drafts, the others verify, the same answer for fewer round trips); with
+``decoding = "per-token"`` every token is one round trip to every expert.
+
+Experts that fail, stay silent past the step timeout, go offline (their last will: dropped at
+once, not at the timeout) or send a distribution that does not fit their vocabulary are
+dropped and the others' weights renormalised; an expert that is full (``busy``: its sessions
+are all in use by other gateways) is asked again until the open timeout. Generation ends on an
 end-of-generation token, ``max_tokens``, a full context, or the prompt's deadline (an error).
 Token texts come from the vocabulary tables the gateway holds (``vocab.py``), so the loop
 makes no request besides open, step and close; the answer is the bytes of the chosen tokens,
@@ -10,6 +16,7 @@ decoded as UTF-8 incrementally (a character split over byte tokens is emitted wh
 
     gen = Generation(rpc, infos, vocabs, {"a": 0.7, "b": 0.3}, config, Sampling())
     result = gen.run("the fox eats", max_tokens=16)
+    result = gen.run(None, 16, messages=[ChatMessage(role="user", content="Hi")])
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -30,6 +37,8 @@ from moe2.agent.gateway.gate import renormalise
 from moe2.agent.gateway.vocab import Vocab
 from moe2.shared import protocol as p
 from moe2.shared.errors import (
+    Busy,
+    Cancelled,
     ContextOverflow,
     DeadlineExceeded,
     Moe2Error,
@@ -39,6 +48,14 @@ from moe2.shared.errors import (
 from moe2.shared.mqtt import RpcClient
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from moe2.agent.gateway.speculative import GammaMemory, Speculation, SpeculationStats
+
+# While waiting for a reply, how often to look whether its expert is still online, seconds.
+_ALIVE_CHECK_S = 0.2
+# Retries of an open an expert refused as full: first wait, and the longest, seconds.
+_BUSY_RETRY_S = (0.05, 1.0)
 
 FinishReason = Literal["stop", "length", "context"]
 
@@ -61,6 +78,9 @@ class GenerationResult:
     fusion: Literal["token-id", "token-text"]
     dropped: list[p.DroppedExpert] = field(default_factory=list)
     picks: list[Any] = field(default_factory=list)  # chosen ids (by id) or bytes (by text)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert, from its open
+    step_seconds: list[float] = field(default_factory=list)  # each fused step, asked to fused
+    speculation: SpeculationStats | None = None  # when decoded speculatively
 
 
 class Generation:
@@ -76,23 +96,34 @@ class Generation:
         deadline: float | None = None,  # time.monotonic() value
         on_delta: Callable[[str], None] | None = None,
         on_step: Callable[[int, Fused], None] | None = None,  # for tests and tracing
+        alive: Callable[[str], bool] = lambda name: True,  # False: its last will came
+        abandoned: Callable[[], bool] = lambda: False,  # True: the gateway gives up (stop)
+        gamma_memory: GammaMemory | None = None,  # the gateway's, across prompts
     ) -> None:
         self.rpc = rpc
         self.infos = dict(infos)
         self.vocabs = dict(vocabs)
         self.weights = renormalise(dict(weights))
         self.config = config
+        for name in self.weights:
+            rpc.use_codec(self.infos[name], config.rpc_codec)
         self.sampling = sampling
         self.deadline = deadline
         self.on_delta = on_delta
         self.on_step = on_step
+        self.alive = alive
+        self.abandoned = abandoned
         self.dropped: list[p.DroppedExpert] = []
         self.sessions: dict[str, str] = {}
+        self.prompt_tokens: dict[str, int] = {}
+        # History length of each session after its last reply: a step names it (rewind_to),
+        # so a step sent again after a reconnect appends its token once, not twice.
+        self.history: dict[str, int] = {}
         hashes = {self.infos[n].tokenizer_hash for n in self.weights}
         self.by_id = len(hashes) == 1
         self.fusion: Literal["token-id", "token-text"] = "token-id" if self.by_id else "token-text"
         first = next(iter(self.weights))
-        self.n_vocab = self.infos[first].n_vocab
+        self.n_vocab = self.vocabs[first].n_vocab  # the table's, not what an info claims
         self.full = self.by_id and self.n_vocab <= config.full_vocab_limit
         self.eos = {n: list(self.infos[n].eos_ids) for n in self.weights}
         self.eos_any = {t for ids in self.eos.values() for t in ids}
@@ -100,6 +131,8 @@ class Generation:
         self._rng = np.random.default_rng(sampling.seed)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text: list[str] = []
+        self.speculation: Speculation | None = None
+        self.gamma_memory = gamma_memory
 
     # ------------------------------------------------------------------ helpers
 
@@ -118,12 +151,31 @@ class Generation:
                 raise ContextOverflow(
                     f"the prompt is longer than every expert's context: {reasons}"
                 )
+            if all(d.reason.startswith("busy") for d in self.dropped):
+                raise Busy(f"every expert chosen for this prompt is full: {reasons}")
             raise NoExperts(f"every expert chosen for this prompt failed: {reasons}")
 
+    def _wait(self, name: str, fut: Future[p.DistributionReply], until: float) -> Any:
+        """The reply, waiting until ``until`` at most, but failing at once when the expert
+        goes offline or the gateway abandons the prompt."""
+        while True:
+            if self.abandoned():
+                raise Cancelled("the gateway is stopping and abandoned this prompt")
+            if not self.alive(name):
+                raise ExpertOffline(f"expert {name} went offline")
+            left = until - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout("no reply in time")
+            try:
+                return fut.result(timeout=min(left, _ALIVE_CHECK_S))
+            except TimeoutError:
+                continue
+
     def _gather(
-        self, futures: dict[str, Future[p.DistributionReply]], at: int
+        self, futures: dict[str, Future[p.DistributionReply]], at: int, busy: set[str] | None = None
     ) -> dict[str, p.DistributionReply]:
-        """Replies of one step that fit their expert's vocabulary; drops the others."""
+        """Replies of one step that fit their expert's vocabulary; drops the others. With
+        ``busy`` (the open), experts that answered ``busy`` are put there, not dropped."""
         limit = self.config.open_timeout_s if at == 0 else self.config.step_timeout_s
         step_end = time.monotonic() + limit
         if self.deadline is not None:
@@ -131,8 +183,8 @@ class Generation:
         replies: dict[str, p.DistributionReply] = {}
         for name, fut in futures.items():
             try:
-                reply = self.rpc.wait(fut, max(0.0, step_end - time.monotonic()))
-                check_dist(reply.dist, self.infos[name].n_vocab)
+                reply = self._wait(name, fut, step_end)
+                check_dist(reply.dist, self.vocabs[name].n_vocab)
                 replies[name] = reply
             except ContextOverflow:
                 if at > 0:
@@ -144,8 +196,51 @@ class Generation:
                         "the prompt's deadline passed during generation"
                     ) from None
                 self._drop(name, f"no reply within {limit:g} s", at)
+            except ExpertOffline as exc:
+                self._drop(name, f"offline: {exc.message} (its last will said so)", at)
+            except Busy as exc:
+                if busy is None:
+                    self._drop(name, f"{exc.code}: {exc.message}", at)
+                else:
+                    busy.add(name)
+            except Cancelled as exc:  # the expert stops, or went offline while we waited
+                if self.abandoned():
+                    raise
+                self._drop(name, f"{exc.code}: {exc.message}", at)
             except Moe2Error as exc:
                 self._drop(name, f"{exc.code}: {exc.message}", at)
+        return replies
+
+    def _open(
+        self, prompt: str | None, messages: list[p.ChatMessage] | None = None
+    ) -> dict[str, p.DistributionReply]:
+        """Open a session on every chosen expert; an expert that is full is asked again
+        (backing off) until the open timeout, then dropped."""
+        opts = self._options()
+        request = p.OpenRequest(prompt=prompt, messages=messages, **opts)
+        until = time.monotonic() + self.config.open_timeout_s
+        if self.deadline is not None:
+            until = min(until, self.deadline)
+        replies: dict[str, p.DistributionReply] = {}
+        todo = list(self.weights)
+        pause = _BUSY_RETRY_S[0]
+        while todo:
+            busy: set[str] = set()
+            futures = {n: self.rpc.call_async(n, request) for n in todo}
+            for name, reply in self._gather(futures, 0, busy).items():
+                replies[name] = reply
+                self.sessions[name] = reply.session  # closed in run()'s finally
+                self.prompt_tokens[name] = reply.n_tokens
+                self.history[name] = reply.n_tokens
+            todo = sorted(busy)
+            if not todo:
+                break
+            if time.monotonic() + pause >= until:
+                for name in todo:
+                    self._drop(name, "busy: every session of the expert stayed in use", 0)
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, _BUSY_RETRY_S[1])
         return replies
 
     def _options(self) -> dict[str, Any]:
@@ -160,43 +255,29 @@ class Generation:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, prompt: str, max_tokens: int) -> GenerationResult:
-        opts = self._options()
-        futures = {
-            n: self.rpc.call_async(n, p.OpenRequest(prompt=prompt, **opts)) for n in self.weights
-        }
+    def run(
+        self, prompt: str | None, max_tokens: int, messages: list[p.ChatMessage] | None = None
+    ) -> GenerationResult:
+        """Generate from ``prompt``, or from ``messages``, which each expert renders with its
+        own chat template."""
         picks: list[Any] = []
+        steps: list[float] = []
         finish: FinishReason = "length"
+        asked = time.monotonic()
         try:
-            replies = self._gather(futures, 0)
-            for name, r in replies.items():
-                self.sessions[name] = r.session
-            for step in range(max_tokens):
-                live = {n: r.dist for n, r in replies.items() if n in self.weights}
-                if not live:
-                    raise NoExperts("no expert answered")
-                fused = self._fuse(live, step)
-                if self.on_step is not None:
-                    self.on_step(step, fused)
-                pick = fused.keys[
-                    choose(fused, self.sampling.temperature, self.sampling.top_p, self._rng)
-                ]
-                if pick is END or (self.by_id and pick in self.eos_any):
-                    finish = "stop"
-                    break
-                picks.append(pick)
-                self._emit(self._pieces[next(iter(self.weights))][pick] if self.by_id else pick)
-                if step + 1 == max_tokens:
-                    break
-                futures = {
-                    name: self.rpc.call_async(name, self._step_request(name, pick, live.get(name)))
-                    for name in self.weights
-                }
-                try:
-                    replies = self._gather(futures, step + 1)
-                except ContextOverflow:
-                    finish = "context"
-                    break
+            replies = self._open(prompt, messages)
+            if self.config.decoding == "speculative" and max_tokens > 1:
+                from moe2.agent.gateway.speculative import Speculation
+
+                self.speculation = Speculation(self, self.gamma_memory)
+                opened = time.monotonic()
+                finish = self.speculation.run(replies, picks, max_tokens)
+                # Rounds yield several tokens at once: each token's share of their time.
+                steps.append(opened - asked)
+                if len(picks) > 1:
+                    steps += [(time.monotonic() - opened) / (len(picks) - 1)] * (len(picks) - 1)
+            else:
+                finish = self._per_token(replies, picks, max_tokens, steps, asked)
         finally:
             for name, sid in self.sessions.items():
                 self.rpc.call_async(name, p.CloseRequest(session=sid))
@@ -213,7 +294,59 @@ class Generation:
             self.fusion,
             self.dropped,
             picks,
+            {n: t for n, t in self.prompt_tokens.items() if n in self.weights},
+            steps,
+            self.speculation.stats if self.speculation is not None else None,
         )
+
+    def _per_token(
+        self,
+        replies: dict[str, p.DistributionReply],
+        picks: list[Any],
+        max_tokens: int,
+        steps: list[float],
+        asked: float,  # time.monotonic() when the first distributions were asked for
+    ) -> FinishReason:
+        """The plain loop: one round trip to every expert per token; ``steps`` gets each
+        step's seconds, asked to fused."""
+        for step in range(max_tokens):
+            live = {n: r.dist for n, r in replies.items() if n in self.weights}
+            if not live:
+                raise NoExperts("no expert answered")
+            fused = self._fuse(live, step)
+            steps.append(time.monotonic() - asked)
+            if self.on_step is not None:
+                self.on_step(step, fused)
+            pick = fused.keys[
+                choose(fused, self.sampling.temperature, self.sampling.top_p, self._rng)
+            ]
+            if not self.accept_pick(pick, picks):
+                return "stop"
+            if step + 1 == max_tokens:
+                break
+            asked = time.monotonic()
+            futures = {
+                name: self.rpc.call_async(name, self._step_request(name, pick, live.get(name)))
+                for name in self.weights
+            }
+            try:
+                replies = self._gather(futures, step + 1)
+                for name, r in replies.items():
+                    self.history[name] = r.n_tokens
+            except ContextOverflow:
+                return "context"
+        return "length"
+
+    def is_end(self, pick: Any) -> bool:
+        return pick is END or (self.by_id and pick in self.eos_any)
+
+    def accept_pick(self, pick: Any, picks: list[Any]) -> bool:
+        """Add a chosen token to the answer (and stream it); False when it ends it."""
+        if self.is_end(pick):
+            return False
+        picks.append(pick)
+        self._emit(self._pieces[next(iter(self.weights))][pick] if self.by_id else pick)
+        return True
 
     def _fuse(self, live: dict[str, Any], step: int) -> Fused:
         if self.by_id:
@@ -225,19 +358,33 @@ class Generation:
         return fuse_by_text(live, self.weights, self._pieces, self.eos)
 
     def _step_request(self, name: str, pick: Any, dist: Any) -> p.StepRequest:
+        piece = self.feed_piece(name, pick, dist)
         sid = self.sessions[name]
-        opts = self._options()
+        opts = {**self._options(), "rewind_to": self.history[name]}
+        if isinstance(piece, int):
+            return p.StepRequest(session=sid, tokens=[piece], **opts)
+        return p.StepRequest.with_bytes(sid, piece, **opts)
+
+    def feed_piece(self, name: str, pick: Any, dist: Any) -> int | bytes:
+        """What to feed expert ``name`` for the chosen token ``pick``, given the expert's
+        distribution at the position it was chosen at: the id itself (one vocabulary);
+        across vocabularies the expert's own token for those bytes when it has one (the
+        first in its top-k, else any), else the bytes for it to tokenize."""
         if self.by_id:
-            return p.StepRequest(session=sid, tokens=[int(pick)], **opts)
-        # Across vocabularies: the expert's own token for those bytes when it has one (the
-        # candidate in its top-k first, else any), else the bytes for it to tokenize.
+            return int(pick)
         eos = self.eos[name]
         pieces = self._pieces[name]
         if isinstance(dist, p.TopKDist):
             for t in dist.ids:
                 if pieces[t] == pick and t not in eos:
-                    return p.StepRequest(session=sid, tokens=[t], **opts)
+                    return t
         own = self.vocabs[name].by_bytes.get(pick)
         if own is not None and own not in eos:
-            return p.StepRequest(session=sid, tokens=[own], **opts)
-        return p.StepRequest.with_bytes(sid, pick, **opts)
+            return own
+        return bytes(pick)
+
+
+class ExpertOffline(Moe2Error):
+    """The expert's last will came while we waited for it (a drop reason, never a reply)."""
+
+    code = "offline"

@@ -17,6 +17,10 @@ from moe2.shared.mqtt import Connection, RpcClient
 
 log = logging.getLogger(__name__)
 
+# An expert without a measured link (new, or its probe failed: busy profiling at start) is
+# probed this soon, not a whole interval later.
+RETRY_S = 10.0
+
 
 class LinkMonitor:
     def __init__(
@@ -47,8 +51,9 @@ class LinkMonitor:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
-    def probe_once(self) -> p.LinkReport:
-        for expert in sorted(set(self.experts())):
+    def probe_once(self, only: set[str] | None = None) -> p.LinkReport:
+        """Probe every expert (or ``only`` these) and publish the links known."""
+        for expert in sorted(set(self.experts()) if only is None else only):
             if self._stop.is_set():
                 break
             try:
@@ -67,10 +72,17 @@ class LinkMonitor:
     def _run(self) -> None:
         if self._stop.wait(self.first_after_s):
             return
+        last = -math.inf  # when every expert was last probed
         while not self._stop.is_set():
+            missing = set(self.experts()) - set(self.links)
+            due = time.monotonic() - last >= self.interval_s
             try:
-                self.probe_once()
+                if due:
+                    last = time.monotonic()
+                    self.probe_once()
+                elif missing:
+                    self.probe_once(missing)
             except Exception:  # probing is best effort; the gateway keeps serving
                 log.exception("link probing failed")
-            if self._stop.wait(self.interval_s):
+            if self._stop.wait(min(self.interval_s, RETRY_S)):
                 return

@@ -10,8 +10,14 @@ that gets it answers ``unknown_app`` when no online gateway announces that appli
 
 Versions only grow. A version above the current one is applied and acknowledged; the same
 version with the same content is acknowledged again; anything else is rejected with a reason
-and the version served (``current``). A cleared retained assignment returns the application to
-the local configuration but keeps the version floor.
+and the version served (``current``).
+
+With fleet keys configured (``trusted_keys``), an assignment is applied only when one of them
+signed it (``moe2.shared.signing``); anything else is rejected with the reason. Going back to
+the local configuration is then a signed ``revert`` assignment (a version like any other); a
+cleared retained message (nobody can sign an empty payload) changes nothing. Without fleet
+keys, both a revert and a cleared retained assignment return the application to the local
+configuration, and the version floor stays.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from moe2.shared import protocol as p
 from moe2.shared.errors import UnknownApp
 from moe2.shared.mqtt import Connection
 from moe2.shared.protocol.desired import STALE_VERSION
+from moe2.shared.signing import BadSignature, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +62,10 @@ class AppRouter:
         on_prompt: PromptHandler,
         on_unrouted: PromptHandler,
         on_gate: GateWanted,
+        verifier: Verifier | None = None,
     ) -> None:
         self.id = gateway_id
+        self.verifier = verifier  # None: unsigned desired state is applied
         self.config = config
         self.conn = conn
         self.on_prompt = on_prompt
@@ -65,6 +74,7 @@ class AppRouter:
         self._lock = threading.RLock()
         self._pushed: dict[str, p.AppAssignment] = {}  # app -> the accepted assignment
         self._floor: dict[str, int] = {}  # app -> highest version accepted (kept after a clear)
+        self._last: dict[str, p.AppAssignment] = {}  # app -> the message of that version
         self._acks: dict[str, p.AssignmentAck] = {}  # app -> the last acknowledgement sent
         self._subscribed: set[str] = set()
         self._catch_all = False  # subscribed to prompts of every application
@@ -109,14 +119,23 @@ class AppRouter:
             return
         app = key[0]
         if message is None:
+            if self.verifier is not None:
+                log.warning("%s: retained assignment cleared; ignored (not signed)", app)
+                return
             self._cleared(app)
         else:
             self._received(message)
 
     def _received(self, a: p.AppAssignment) -> None:
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(a)
+            except BadSignature as exc:
+                self._ack(a, accepted=False, reason=f"bad signature: {exc.message}")
+                return
         with self._lock:
             floor = self._floor.get(a.app, 0)
-            current = self._pushed.get(a.app)
+            current = self._last.get(a.app)
             if a.version < floor or (a.version == floor and current != a):
                 why = (
                     f"{STALE_VERSION}: {a.version} is below the version {floor} served"
@@ -125,7 +144,7 @@ class AppRouter:
                 )
                 self._ack(a, accepted=False, reason=why)
                 return
-            if a.k > len(a.subset):
+            if not a.revert and a.k > len(a.subset):
                 self._ack(
                     a, accepted=False, reason=f"k={a.k} exceeds the subset of {len(a.subset)}"
                 )
@@ -133,12 +152,23 @@ class AppRouter:
             if a.version == floor:  # the same message again (a reconnect): say so again
                 self._ack(a, accepted=True)
                 return
-            self._pushed[a.app] = a
             self._floor[a.app] = a.version
-            serving = a.serves(self.id)
+            self._last[a.app] = a
+            if a.revert:
+                self._pushed.pop(a.app, None)
+            else:
+                self._pushed[a.app] = a
+            serving = a.app in self.served()
             self._ack(a, accepted=True)
-        log.info("%s v%d: %s", a.app, a.version, "serving" if serving else "left to others")
-        self.on_gate(a.app, a.gate if serving else None)
+        log.info(
+            "%s v%d: %s",
+            a.app,
+            a.version,
+            "back to the local configuration"
+            if a.revert
+            else ("serving" if serving else "left to others"),
+        )
+        self.on_gate(a.app, a.gate if serving and not a.revert else None)
         self.sync_subscriptions()
 
     def _cleared(self, app: str) -> None:
@@ -159,6 +189,8 @@ class AppRouter:
             reason=reason,
             current=self._floor.get(a.app, 0),
         )
+        if accepted and a.revert:
+            ack = ack.model_copy(update={"serving": a.app in self.config.apps})
         if not accepted:
             log.warning("rejected %s v%d: %s", a.app, a.version, reason)
         self._acks[a.app] = ack
@@ -179,8 +211,10 @@ class AppRouter:
             self.conn.subscribe(unrouted, self.on_unrouted)
         elif self._stopping:
             self.conn.unsubscribe(unrouted)
-        for app in sorted(add):
-            self.conn.subscribe(p.topics.prompts_shared(self.config.group, app), self.on_prompt)
+        for app in sorted(add):  # the prompt handler acknowledges each prompt once answered
+            self.conn.subscribe(
+                p.topics.prompts_shared(self.config.group, app), self.on_prompt, manual_ack=True
+            )
         for app in sorted(drop):
             self.conn.unsubscribe(p.topics.prompts_shared(self.config.group, app))
         if (add or drop) and self.conn.connected:  # else _republish does it on connecting

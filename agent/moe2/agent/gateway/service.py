@@ -2,7 +2,24 @@
 
 Every prompt that names where to answer gets exactly one terminal message there: the final
 answer or an error. The network thread only validates and hands prompts to a bounded pool;
-beyond ``max_concurrent + max_pending`` prompts the client gets a ``busy`` error at once.
+beyond ``max_concurrent + max_pending`` prompts the client gets a ``busy`` error at once. A
+generation holds one session on each expert it asks, never more on an expert than it
+announced it holds (``capacity.py``); it waits in line for them, and gets ``busy`` when the
+wait would pass ``queue_s``.
+
+No accepted prompt is lost to a stop or a crash:
+
+- the prompt subscriptions live in a persistent MQTT session (``session_expiry_s``), and a
+  prompt is acknowledged to the broker only once its answer is sent: a gateway killed
+  mid-answer gets its unanswered prompts again when it restarts (with the prompts the broker
+  held for it meanwhile), as long as it is back within the session expiry;
+- ``stop`` drains: it unsubscribes (other gateways take the new prompts), finishes the
+  prompts in flight for up to ``drain_s``, answers any left ``cancelled``, then disconnects.
+
+Replies go only where the broker lets a gateway publish: the replies namespace inside
+``moe2/v1/`` (``check_reply_topic``), and outside it only when a probe at start shows the
+broker allows it (a broker without logins). A prompt whose ``reply_to`` the broker would
+refuse is answered ``bad_request`` on its MQTT 5 ResponseTopic, when it has a usable one.
 
 What it knows of the fleet comes from one ``FleetView`` (agents' info and status, the
 retained assignments); which prompts reach it and how each application is served, from its
@@ -12,57 +29,125 @@ retained assignments); which prompts reach it and how each application is served
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
+from moe2.agent.gateway.capacity import ExpertSlots
+from moe2.agent.gateway.choices import ChoiceScorer
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.gate import Gate, UniformGate, top_k
-from moe2.agent.gateway.gatestore import GateStore
-from moe2.agent.gateway.generation import Generation, Sampling
+from moe2.agent.gateway.gatestore import GateStore, onnx_loader
+from moe2.agent.gateway.generation import ExpertOffline, Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
 from moe2.agent.gateway.routing import AppRouter
+from moe2.agent.gateway.speculative import GammaMemory
+from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
+from moe2.agent.metrics import GatewayMetrics
 from moe2.shared import protocol as p
-from moe2.shared.errors import BadMessage, Busy, InternalError, Moe2Error, NoExperts, UnknownApp
+from moe2.shared.errors import (
+    BadMessage,
+    BrokerError,
+    Busy,
+    InternalError,
+    Moe2Error,
+    NoExperts,
+    UnknownApp,
+)
 from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient, reply_properties
-from moe2.shared.protocol.prompts import check_publish_topic
+from moe2.shared.protocol.prompts import addressable, check_reply_topic
+from moe2.shared.signing import Verifier
 
 log = logging.getLogger(__name__)
+
+# After our own (re)connection, an expert's "offline" may be its last will published by a
+# broker that restarted; it is back within a second or two. Seconds.
+_RECONNECT_GRACE_S = 5.0
+# How long an expert's "offline" stands before what waits on it fails (a broker shutting
+# down publishes every last will just before it drops us). Seconds.
+_OFFLINE_CONFIRM_S = 1.0
+_REMEMBER_ANSWERED = 10_000  # prompt messages remembered, to spot a second copy
 
 Targets = list[tuple[str, bytes | None]]  # (topic, MQTT 5 correlation data) to answer on
 
 
 class Gateway:
-    def __init__(self, gateway_id: str, config: GatewayConfig, broker: BrokerConfig) -> None:
+    def __init__(
+        self,
+        gateway_id: str,
+        config: GatewayConfig,
+        broker: BrokerConfig,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self.id = gateway_id
         self.config = config
+        self.metrics = metrics or GatewayMetrics(CollectorRegistry())
         offline = p.GatewayStatus(gateway=gateway_id, state="offline", group=config.group)
         self.conn = Connection(
             broker,
             f"moe2-gateway-{gateway_id}",
             will=(p.topics.gateway_status(gateway_id), p.encode(offline), True),
+            session_expiry_s=config.session_expiry_s,
         )
-        self.fleet = FleetView(self.conn, ("info", "status", "gateway", "desired_app"))
+        self.conn.on_unhandled = self._on_stale
+        self.fleet = FleetView(self.conn, ("info", "status", "profile", "gateway", "desired_app"))
         self.rpc = RpcClient(
             broker, f"gw-{gateway_id}", timeout=config.step_timeout_s, qos=config.rpc_qos
         )
         self.vocabs = VocabCache(self.rpc, config.open_timeout_s)
+        self.gamma_memory = GammaMemory()  # draft lengths learned across prompts
         self.gates: dict[str, Gate] = {}  # per application; uniform until one is pushed
-        self.gate_store = GateStore(self.conn, gateway_id, self._use_gate)
+        verifier = Verifier.load(config.trusted_keys) if config.trusted_keys else None
+        if verifier is None:
+            log.warning("no trusted fleet keys: desired state is applied without a signature")
+        self.gate_store = GateStore(
+            self.conn,
+            gateway_id,
+            self._use_gate,
+            onnx_loader(config.gate_providers, config.gate_engine_cache),
+            verifier=verifier,
+        )
         self.router = AppRouter(
-            gateway_id, config, self.conn, self._on_prompt, self._on_unrouted, self.gate_store.want
+            gateway_id,
+            config,
+            self.conn,
+            self._when_synced(self._on_prompt),
+            self._when_synced(self._on_unrouted),
+            self.gate_store.want,
+            verifier,
         )
         self.fleet.listeners.append(self.router.on_fleet_change)
         self.fleet.listeners.append(self._on_fleet_change)
         self._pool = ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prompt")
         self._slots = threading.BoundedSemaphore(config.max_concurrent + config.max_pending)
+        self.experts = ExpertSlots()  # sessions held on each expert
+        # Prompts accepted and not yet answered, by MQTT message id (a redelivery of one of
+        # them after a reconnect is the same prompt, not a new one).
+        self._inflight: dict[int, str] = {}
+        self._inflight_lock = threading.Condition()
+        # Prompts answered lately, by (message id, payload hash): a copy the broker sends
+        # again (our acknowledgement was lost with the connection) is acknowledged, not
+        # answered twice.
+        self._answered: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._connected_at = 0.0  # time.monotonic() of our last (re)connection
+        self._offline_pending: dict[str, float] = {}  # expert -> when its "offline" came
+        self._offline_lock = threading.Lock()
+        self.conn.on_connected.append(self._on_connected)
+        self._abandon = threading.Event()  # drain timed out: end generations with 'cancelled'
+        self.may_reply_outside = True  # the broker lets us publish outside moe2/ (probed)
+        # Prompts wait until the fleet's retained state is in (our marker came back): a
+        # restarted gateway gets the prompts its session kept before it knows any expert.
+        self._parked: list[tuple[Any, Any]] = []  # (handler, message)
+        self._sync_lock = threading.Lock()
+        self.fleet.sync_listeners.append(self._on_synced)
         self.links = LinkMonitor(
             gateway_id,
             self.conn,
@@ -73,21 +158,63 @@ class Gateway:
         )
         self.answered = 0
         self.errors = 0
+        self.stats = AppStatsWindow(gateway_id, config.stats_window_s)
+        self.choices = ChoiceScorer(
+            gateway_id, self.rpc, self.fleet, self.router, self.gates, config, self.stats
+        )
+        self._stop_stats = threading.Event()
+        self._stats_thread = threading.Thread(target=self._publish_stats, name="app-stats")
+        self._stats_thread.daemon = True
 
     def start(self) -> Gateway:
         self.rpc.start()
         self.router.sync_subscriptions()  # the local applications, subscribed on connecting
         self.conn.start()
+        self.may_reply_outside = self._probe_reply_outside()
         self.links.start()
+        self._stats_thread.start()
         return self
 
-    def stop(self) -> None:
+    def _publish_stats(self) -> None:
+        last: dict[str, p.AppFigures] | None = None
+        while not self._stop_stats.wait(self.config.stats_interval_s):
+            report = self.stats.report()
+            if report.apps == last:
+                continue  # nothing new: keep the broker quiet
+            last = report.apps
+            try:
+                self.conn.publish(p.topics.gateway_stats(self.id), p.encode(report), retain=True)
+            except Exception:  # best effort: the next round tries again
+                log.exception("could not publish the application figures")
+
+    def stop(self, drain_s: float = 30.0) -> None:
+        """Stop taking prompts, finish those in flight (for up to ``drain_s``; any left then
+        are answered ``cancelled``), then disconnect."""
+        self._stop_stats.set()
         self.links.stop()
         self.router.stop_intake()
+        if not self._drained(drain_s):
+            log.warning("prompts still running after %.0f s: answering them 'cancelled'", drain_s)
+            self._abandon.set()
+            self._drained(10.0)
+        self._pool.shutdown(wait=True, cancel_futures=False)
         self.conn.stop()
         self.gate_store.close()
-        self._pool.shutdown(wait=True, cancel_futures=False)
         self.rpc.close()
+
+    def _drained(self, timeout: float) -> bool:
+        with self._inflight_lock:
+            return self._inflight_lock.wait_for(lambda: not self._inflight, timeout)
+
+    def _probe_reply_outside(self) -> bool:
+        """Whether the broker lets this gateway publish outside moe2/ (a broker with logins
+        and moe2's ACL does not): one QoS 1 message that nobody reads, and its PUBACK."""
+        try:
+            self.conn.publish_acked(f"moe2-reply-check/{self.id}", b"", timeout=5)
+        except BrokerError as exc:
+            log.info("replies outside moe2/ are refused by the broker (%s)", exc.message)
+            return False
+        return True
 
     def _served_online_experts(self) -> list[str]:
         return sorted(e for e in self.router.experts() if self.fleet.online(e) is not None)
@@ -98,6 +225,57 @@ class Gateway:
             info = self.fleet.online(key[0])
             if info is not None:
                 self.vocabs.prefetch(key[0], info)
+        # Back online (after a broker restart, say): what we asked it while it was away
+        # reached nobody; ask again (requests bear it: steps name their history length).
+        if kind == "status" and message is not None and message.state == "online":
+            self.rpc.resend(key[0])
+        # An expert whose last will says offline answers nothing more: fail what waits on it
+        # about a second later rather than at the step timeout. Not at once: a broker that
+        # shuts down publishes every agent's last will before it drops us too, and just after
+        # we reconnect the agents are coming back; give them _RECONNECT_GRACE_S.
+        if kind == "status" and (message is None or message.state == "offline"):
+            with self._offline_lock:
+                if key[0] in self._offline_pending:
+                    return
+                self._offline_pending[key[0]] = time.monotonic()
+            self._check_offline_later(key[0], _OFFLINE_CONFIRM_S)
+
+    def _on_connected(self) -> None:
+        self._connected_at = time.monotonic()
+
+    def _check_offline_later(self, expert: str, delay: float) -> None:
+        timer = threading.Timer(delay, self._check_offline, (expert,))
+        timer.daemon = True
+        timer.start()
+
+    def _check_offline(self, expert: str) -> None:
+        with self._offline_lock:
+            since = self._offline_pending.get(expert)
+        if since is None:
+            return
+        now = time.monotonic()
+        if self.fleet.online(expert) is None:
+            if not self.conn.connected:  # our connection is down too: the broker, likely
+                self._check_offline_later(expert, _OFFLINE_CONFIRM_S)
+                return
+            back = self._connected_at + _RECONNECT_GRACE_S
+            if self._connected_at >= since - _OFFLINE_CONFIRM_S and now < back:
+                self._check_offline_later(expert, back - now)  # we reconnected meanwhile
+                return
+        with self._offline_lock:
+            self._offline_pending.pop(expert, None)
+        if self.fleet.online(expert) is not None:
+            return
+        n = self.rpc.fail_agent(expert, ExpertOffline(f"expert {expert} went offline"))
+        if n:
+            log.warning("expert %s went offline: %d requests to it failed", expert, n)
+
+    def _expert_alive(self, expert: str) -> bool:
+        """Online, or offline so recently that it is not certain (see _on_fleet_change)."""
+        if self.fleet.online(expert) is not None:
+            return True
+        with self._offline_lock:
+            return expert in self._offline_pending
 
     def _use_gate(self, app: str, gate: Gate | None) -> None:
         if gate is None:
@@ -112,29 +290,46 @@ class Gateway:
         for topic, corr in targets:
             self.conn.publish(topic, payload, qos=1, properties=reply_properties(corr))
 
+    def _deliverable(self, topic: str) -> str:
+        """``topic`` if this gateway may answer there, else ValueError saying why."""
+        check_reply_topic(topic)
+        if not self.may_reply_outside and not topic.startswith(f"{p.TOPIC_ROOT}/replies/"):
+            raise ValueError(
+                f"this broker does not let gateways publish to {topic!r}: reply on "
+                f"{p.TOPIC_ROOT}/replies/<your user>/..., the subtree your login may read"
+            )
+        return topic
+
     # ------------------------------------------------------------------ intake
 
-    def _targets(self, msg: Any) -> Targets:
-        """Where to answer: the MQTT 5 ResponseTopic (with its correlation data), if any."""
+    def _response_target(self, msg: Any) -> Targets:
+        """The MQTT 5 ResponseTopic (with its correlation data), when usable."""
         props = msg.properties
         rtopic = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
-        return [(rtopic, bytes(corr) if corr is not None else None)] if rtopic else []
+        if not rtopic:
+            return []
+        try:
+            return [(self._deliverable(rtopic), bytes(corr) if corr is not None else None)]
+        except ValueError as exc:
+            log.warning("ignoring ResponseTopic %r: %s", rtopic, exc)
+            return []
 
-    def _refuse(self, msg: Any, targets: Targets, error: Moe2Error) -> None:
+    def _refuse(self, msg: Any, error: Moe2Error) -> None:
         """Answer a prompt we will not serve, to whoever we can find (never parsing an
-        oversized payload to find them)."""
-        payload = msg.payload
-        raw = _loose_json(payload) if len(payload) <= self.config.max_prompt_bytes else {}
-        reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else None
-        pid = raw.get("id") if isinstance(raw.get("id"), str) else None
-        if reply_to and reply_to not in [t for t, _ in targets]:
-            with contextlib.suppress(ValueError):
-                targets.append((check_publish_topic(reply_to), None))
+        oversized payload, and never recursively, to find them)."""
+        targets = self._response_target(msg)
+        pid: str | None = None
+        if len(msg.payload) <= self.config.max_prompt_bytes:
+            pid, reply_to = addressable(msg.payload)
+            if reply_to and reply_to not in [t for t, _ in targets]:
+                with contextlib.suppress(ValueError):
+                    targets.append((self._deliverable(reply_to), None))
         if not targets:
             log.warning("unanswerable prompt on %s dropped: %s", msg.topic, error.message)
             return
         self.errors += 1
+        self.metrics.errors.labels(_app_of(msg), error.code).inc()
         self._send(targets, p.prompt_error(pid, error.code, error.message))
 
     def _on_unrouted(self, msg: Any) -> None:
@@ -148,67 +343,140 @@ class Gateway:
         served = sorted({a for g in self.fleet.online_gateways().values() for a in g.apps})
         self._refuse(
             msg,
-            self._targets(msg),
             UnknownApp(
                 f"no online gateway serves application {app!r}; served: "
                 f"{', '.join(served) if served else 'none'}"
             ),
         )
 
+    def _when_synced(self, handler: Any) -> Any:
+        def park_or_handle(msg: Any) -> None:
+            with self._sync_lock:
+                if not self.fleet.synced.is_set():
+                    self._parked.append((handler, msg))
+                    return
+            handler(msg)
+
+        return park_or_handle
+
+    def _on_synced(self) -> None:
+        """The fleet view has the broker's retained state (after each connection)."""
+        with self._sync_lock:
+            parked, self._parked = self._parked, []
+        if parked:
+            log.info("the fleet's state is in: taking %d prompts that waited for it", len(parked))
+        for handler, held in parked:
+            handler(held)
+
+    def _on_stale(self, msg: Any) -> None:
+        """A message for a subscription of an earlier run of this gateway, kept in its
+        persistent session (it served other applications then)."""
+        topic = p.topics.parse(msg.topic)
+        if topic is not None and topic.kind == "prompt" and topic.app is not None:
+            if topic.app in self.router.served():
+                self._when_synced(self._on_prompt)(msg)  # acknowledged once answered
+                return
+            self.conn.unsubscribe_raw(p.topics.prompts_shared(self.config.group, topic.app))
+            self._refuse(
+                msg,
+                UnknownApp(
+                    f"gateway {self.id} no longer serves application {topic.app!r} (the "
+                    "prompt waited for it while it was away); retry"
+                ),
+            )
+        self.conn.ack(msg)
+
     def _on_prompt(self, msg: Any) -> None:
+        """Intake of one prompt; it is acknowledged to the broker once answered."""
+        accepted = False
+        try:
+            accepted = self._intake(msg)
+        finally:
+            if not accepted:
+                self._done(msg)
+
+    def _done(self, msg: Any) -> None:
+        """The prompt of ``msg`` is answered: acknowledge it, remember it a while."""
+        self.conn.ack(msg)
+        with self._inflight_lock:
+            self._inflight.pop(msg.mid, None)
+            self._answered[(msg.mid, hash(bytes(msg.payload)))] = None
+            while len(self._answered) > _REMEMBER_ANSWERED:
+                self._answered.popitem(last=False)
+            self._inflight_lock.notify_all()
+
+    def _intake(self, msg: Any) -> bool:
         received = time.monotonic()
-        props = msg.properties
-        rtopic = getattr(props, "ResponseTopic", None) if props else None
-        corr = getattr(props, "CorrelationData", None) if props else None
-        targets: Targets = []
-        if rtopic:
-            targets.append((rtopic, bytes(corr) if corr is not None else None))
+        if msg.dup:
+            with self._inflight_lock:
+                if msg.mid in self._inflight:
+                    return True  # sent again after a reconnect; the first copy is running
+                if (msg.mid, hash(bytes(msg.payload))) in self._answered:
+                    log.info("prompt message %d came again; answered already", msg.mid)
+                    return False
+        targets = self._response_target(msg)
         topic = p.topics.parse(msg.topic)
         app = topic.app if topic is not None and topic.app is not None else ""
         try:
             req, _raw = p.decode_prompt(msg.payload, self.config.max_prompt_bytes)
-        except Moe2Error as exc:
-            # Say why to whoever we can find, but never parse an oversized payload for it.
-            raw = (
-                _loose_json(msg.payload) if len(msg.payload) <= self.config.max_prompt_bytes else {}
-            )
-            reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else None
-            pid = raw.get("id") if isinstance(raw.get("id"), str) else None
-            if reply_to and reply_to not in [t for t, _ in targets]:
-                with contextlib.suppress(ValueError):
-                    targets.append((check_publish_topic(reply_to), None))
-            if not targets:
-                log.warning("unanswerable prompt on %s dropped: %s", msg.topic, exc.message)
-                return
-            self.errors += 1
-            self._send(targets, p.prompt_error(pid, exc.code, exc.message))
-            return
-        if req.reply_to not in [t for t, _ in targets]:
-            targets.insert(0, (req.reply_to, None))
+            reply_to = self._deliverable(req.reply_to)
+        except (Moe2Error, ValueError) as exc:
+            error = exc if isinstance(exc, Moe2Error) else BadMessage(f"reply_to: {exc}")
+            self._refuse(msg, error)
+            return False
+        if reply_to not in [t for t, _ in targets]:
+            targets.insert(0, (reply_to, None))
         if not self._slots.acquire(blocking=False):
             self.errors += 1
+            self.metrics.errors.labels(app, Busy.code).inc()
             err = Busy(f"gateway {self.id} is saturated; retry later")
             self._send(targets, p.prompt_error(req.id, err.code, err.message))
-            return
-        self._pool.submit(self._answer, app, req, targets, received)
+            return False
+        with self._inflight_lock:
+            self._inflight[msg.mid] = req.id
+        log.debug("prompt %s accepted (message %d)", req.id, msg.mid)
+        self.metrics.in_flight.inc()
+        self._pool.submit(self._answer, msg, app, req, targets, received)
+        return True
 
     # ------------------------------------------------------------------ one prompt
 
-    def _answer(self, app: str, req: p.PromptRequest, targets: Targets, received: float) -> None:
+    def _answer(
+        self, msg: Any, app: str, req: p.PromptRequest, targets: Targets, received: float
+    ) -> None:
+        m = self.metrics
         try:
-            final: BaseModel = self._generate(app, req, targets, received)
+            final: BaseModel = (
+                self.choices.answer(app, req, received)
+                if req.choices is not None  # multiple choice: scored, not generated
+                else self._generate(app, req, targets, received)
+            )
             self.answered += 1
+            m.prompts.labels(app).inc()
         except Moe2Error as exc:
             final = p.prompt_error(req.id, exc.code, exc.message)
             self.errors += 1
+            self.stats.errored(app)
+            m.errors.labels(app, exc.code).inc()
         except Exception as exc:  # one prompt's bug must not cost the others their answer
             log.exception("prompt %s failed", req.id)
             err = InternalError(f"{type(exc).__name__}: {exc}")
             final = p.prompt_error(req.id, err.code, err.message)
             self.errors += 1
+            self.stats.errored(app)
+            m.errors.labels(app, err.code).inc()
         finally:
             self._slots.release()
-        self._send(targets, final)
+            m.in_flight.dec()
+        log.debug("prompt %s answered: %s", req.id, type(final).__name__)
+        try:
+            self._send(targets, final)
+        except Exception:
+            log.exception("could not send the answer to prompt %s", req.id)
+        finally:
+            # Answered: the broker may forget the prompt. Not before: had we died, it would
+            # have been delivered again when we came back.
+            self._done(msg)
 
     def _generate(
         self, app: str, req: p.PromptRequest, targets: Targets, received: float
@@ -221,20 +489,51 @@ class Gateway:
             )
         plan = self.router.plan(app)
         infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
+        grace = self._connected_at + _RECONNECT_GRACE_S - time.monotonic()
+        if not infos and grace > 0:  # just reconnected: the experts are likely coming back
+            self.fleet.wait(lambda s: any(s.online(n) for n in plan.subset), grace)
+            infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
         if not infos:
             raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
         online = [n for n in plan.subset if n in infos]
         gate = self.gates.get(app, UniformGate())
-        chosen = dict(top_k(gate.values(req.prompt, online), online, plan.k))
+        chosen = dict(top_k(gate.values(req.gate_text, online), online, plan.k))
         vocabs: dict[str, Vocab] = {}
         for name in list(chosen):
             try:
-                vocabs[name] = self.vocabs.get(name, infos[name])
+                vocab = self.vocabs.get(name, infos[name])
+                if vocab.n_vocab != infos[name].n_vocab:
+                    # An announcement that does not match the vocabulary its tokenizer has
+                    # (a forged or broken info): never fuse on it.
+                    raise BadMessage(
+                        f"announces n_vocab={infos[name].n_vocab}, its tokenizer has "
+                        f"{vocab.n_vocab} tokens"
+                    )
+                vocabs[name] = vocab
             except Moe2Error as exc:
                 log.warning("expert %s left out of %s: %s", name, req.id, exc.message)
                 del chosen[name]
         if not chosen:
             raise NoExperts(f"no vocabulary is known for the experts chosen for {app!r}")
+        capacity = {n: infos[n].max_sessions for n in chosen}
+        deadline = received + self.config.deadline_s
+        with self.experts.hold(capacity, min(deadline, received + self.config.queue_s)):
+            return self._fuse(
+                app, req, max_tokens, targets, received, deadline, infos, vocabs, chosen
+            )
+
+    def _fuse(
+        self,
+        app: str,
+        req: p.PromptRequest,
+        max_tokens: int,
+        targets: Targets,
+        received: float,
+        deadline: float,
+        infos: dict[str, p.AgentInfo],
+        vocabs: dict[str, Vocab],
+        chosen: dict[str, float],
+    ) -> p.PromptAnswer:
         index = 0
 
         def on_delta(delta: str) -> None:
@@ -250,17 +549,38 @@ class Gateway:
             chosen,
             self.config,
             Sampling(req.temperature, req.top_p, req.seed),
-            deadline=received + self.config.deadline_s,
+            deadline=deadline,
             on_delta=on_delta,
+            alive=self._expert_alive,
+            abandoned=self._abandon.is_set,
+            gamma_memory=self.gamma_memory,
         )
-        result = gen.run(req.prompt, max_tokens)
+        result = gen.run(req.prompt, max_tokens, req.messages)
+        latency_s = time.monotonic() - received
+        profiles = self.fleet.copy().profile
+        energy, measured = answer_energy(profiles, result.prompt_tokens, max(1, result.tokens))
+        self.stats.answered(
+            app,
+            latency_s=latency_s,
+            steps=max(1, result.tokens),
+            energy_j_per_step=energy,
+            energy_measured=measured,
+        )
+        m = self.metrics
+        m.tokens.labels(app).inc(result.tokens)
+        for seconds in result.step_seconds:
+            m.step_seconds.labels(app).observe(seconds)
+        for d in result.dropped:
+            m.dropped.labels(app, d.id).inc()
+        if result.tokens and latency_s > 0:
+            m.tokens_per_s.labels(app).observe(result.tokens / latency_s)
         return p.PromptAnswer(
             id=req.id,
             text=result.text,
             finish_reason=result.finish_reason,
             experts=[p.ExpertWeight(id=n, weight=w) for n, w in result.weights.items()],
             tokens=result.tokens,
-            latency_ms=(time.monotonic() - received) * 1e3,
+            latency_ms=latency_s * 1e3,
             app=app,
             fusion=result.fusion,
             dropped=result.dropped,
@@ -268,9 +588,6 @@ class Gateway:
         )
 
 
-def _loose_json(payload: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
+def _app_of(msg: Any) -> str:
+    topic = p.topics.parse(msg.topic)
+    return topic.app if topic is not None and topic.app is not None else ""

@@ -27,14 +27,17 @@ class Vocab:
     tokenizer_hash: str
     pieces: list[bytes]  # (n_vocab,) the bytes each token adds to the output; b"" for controls
     by_bytes: dict[bytes, int] = field(repr=False)  # bytes -> the lowest id spelling them
+    by_bytes_last: dict[bytes, int] = field(repr=False)  # bytes -> the highest id spelling them
 
     @classmethod
     def build(cls, tokenizer_hash: str, pieces: list[bytes]) -> Vocab:
         by_bytes: dict[bytes, int] = {}
+        last: dict[bytes, int] = {}
         for t, piece in enumerate(pieces):
             if piece:
                 by_bytes.setdefault(piece, t)
-        return cls(tokenizer_hash, pieces, by_bytes)
+                last[piece] = t
+        return cls(tokenizer_hash, pieces, by_bytes, last)
 
     @property
     def n_vocab(self) -> int:

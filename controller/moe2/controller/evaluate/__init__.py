@@ -4,7 +4,8 @@
     result = evaluate(selection, test, ScoreAnswerer(test), Grid((0.02,), (1.0, 2.0)))
     print(markdown(result)); plot(result, Path("eval.png"))
 
-``answerer`` (where answers come from: the seam), ``metrics`` (accuracy, voting, costs of
+``answerer`` (where answers come from: the seam), ``gateway`` (answers through a live
+gateway, with measured costs), ``metrics`` (accuracy, voting, costs of
 answers), ``run`` (the methods and the grid), ``report`` (markdown tables, JSON, PNG), ``cli``.
 """
 
@@ -16,8 +17,11 @@ from moe2.controller.evaluate.answerer import (
     Route,
     ScoreAnswerer,
 )
+from moe2.controller.evaluate.gateway import GateArtefact, GatewayAnswerer
 from moe2.controller.evaluate.report import markdown, plot
 from moe2.controller.evaluate.run import EvalSettings, Evaluation, Grid, evaluate
+
+ANSWERERS[GatewayAnswerer.name] = GatewayAnswerer
 
 __all__ = [
     "ANSWERERS",
@@ -25,6 +29,8 @@ __all__ = [
     "Answerer",
     "EvalSettings",
     "Evaluation",
+    "GateArtefact",
+    "GatewayAnswerer",
     "Grid",
     "Question",
     "Route",

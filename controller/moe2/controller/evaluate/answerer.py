@@ -7,9 +7,10 @@ answering multiple-choice questions with a subset of experts.
 
 ``ScoreAnswerer`` answers from the teacher-forced scores the registry stores: the option with
 the highest fused log-likelihood (the one mixing rule, ``moe2.controller.mixing``) under the
-gate's weights renormalised over the top-k of the route's subset. An answerer that asks the
-live gateway (the pushed subset and gate, generated text matched to an option, measured
-latency) plugs in beside it: implement ``answer`` and add the class to ``ANSWERERS``.
+gate's weights renormalised over the top-k of the route's subset. ``GatewayAnswerer``
+(``evaluate/gateway.py``) asks the live fleet the same questions through a gateway, with the
+route pushed as an application's subset and gate, and measures what each answer cost. Another
+answerer plugs in beside them: implement ``answer`` and add the class to ``ANSWERERS``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -58,7 +59,9 @@ class Answer:
     choice: int | None  # the option picked; None when the answer matched no option
     experts: tuple[str, ...]  # the experts whose outputs were fused into this answer
     delay_s: float | None = None  # measured seconds per step, when the answerer measures it
-    energy_j: float | None = None  # measured joules per step, when the answerer measures it
+    energy_j: float | None = None  # joules per step, when the answerer measures the time
+    energy_measured: bool = False  # energy_j from a real meter's figures (else modelled)
+    spread: float = 0.0  # relative spread the answering experts' profiles state for their costs
 
 
 class Answerer(ABC):
@@ -68,6 +71,13 @@ class Answerer(ABC):
     @abstractmethod
     def answer(self, questions: Sequence[Question], route: Route) -> list[Answer]:
         """One answer per question, in order, by the route's experts."""
+
+    def describe(self) -> dict[str, Any]:
+        """How the answers were given, for the report (e.g. the routes pushed)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 (optional hook: most answerers hold nothing)
+        """Release what answering set up (connections, pushed routes); nothing by default."""
 
 
 class ScoreAnswerer(Answerer):
@@ -103,4 +113,6 @@ class ScoreAnswerer(Answerer):
         ]
 
 
+# Every answerer by name; ``GatewayAnswerer`` (its own module: it needs the broker client) is
+# added by the package's __init__.
 ANSWERERS: dict[str, type[Answerer]] = {ScoreAnswerer.name: ScoreAnswerer}

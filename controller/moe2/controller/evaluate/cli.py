@@ -4,6 +4,7 @@
     moe2ctl eval --delay 0.02,0.05 --energy 1,2,3,5 --plot eval.png
     moe2ctl eval --jsonl mine.jsonl --json          # your own questions, scored if needed
     moe2ctl eval tiny-mc --gate uniform             # no gate: experts weighed equally
+    moe2ctl eval --answerer gateway --energy 1,2,none   # asked through a live gateway, measured
 
 Held out: evaluating the gate's own dataset uses its test split (which training and early
 stopping never saw); another dataset or a JSONL file is used whole, minus any prompt the gate
@@ -14,9 +15,11 @@ trained on. SMO chooses subsets on the gate's dataset without its test split. Ex
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,11 @@ import click
 
 from moe2.controller import datasets as ds
 from moe2.controller.evaluate.answerer import ANSWERERS, Answerer, ScoreAnswerer
+from moe2.controller.evaluate.gateway import GateArtefact, GatewayAnswerer, Progress, RouteRun
 from moe2.controller.evaluate.report import markdown, plot
 from moe2.controller.evaluate.run import EvalSettings, Grid, evaluate, work_units
 from moe2.controller.gate.weights import UNIFORM
+from moe2.controller.optimize.costs import load_profiles
 from moe2.controller.optimize.fromregistry import ScoredSet, scored_set
 from moe2.controller.optimize.solvers import SOLVERS
 from moe2.controller.options import (
@@ -39,7 +44,9 @@ from moe2.controller.options import (
 )
 from moe2.controller.registry import Registry
 from moe2.controller.splits import split
-from moe2.shared.errors import ConfigError, NoExperts
+from moe2.shared import protocol as p
+from moe2.shared.errors import BrokerError, ConfigError, NoExperts
+from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig
 
 # Without a gate there is no recorded split: hold out this share of the dataset, seeded.
@@ -119,12 +126,17 @@ def held_out_sets(
     gate_version: str | None,
     dataset: str | None,
     experts: list[str] | None,
+    links: Mapping[str, p.LinkFigures] | None = None,
 ) -> tuple[ScoredSet, ScoredSet, str, str]:
-    """(selection, test, test note, selection note) for the gate and the dataset asked for."""
+    """(selection, test, test note, selection note) for the gate and the dataset asked for;
+    ``links``: the gateways' measured links, added to every step's delay as ``optimize``
+    does."""
     if gate_version == UNIFORM:
         if dataset is None:
             raise ConfigError("with --gate uniform, name the dataset to evaluate on")
-        whole = scored_set(reg, dataset, gate_version=UNIFORM, online_only=False, experts=experts)
+        whole = scored_set(
+            reg, dataset, gate_version=UNIFORM, online_only=False, experts=experts, links=links
+        )
         parts = split(whole.mixed.sample_idx, 0.0, UNIFORM_TEST_FRACTION, seed=0)
         if parts.test.size == 0:
             raise ConfigError(f"{dataset!r} has too few scored samples to hold any out")
@@ -134,7 +146,12 @@ def held_out_sets(
     trained_on = json.loads(row.datasets_json)[0]
     gate_experts = experts or json.loads(row.experts_json)
     whole = scored_set(
-        reg, trained_on, gate_version=row.version, online_only=False, experts=gate_experts
+        reg,
+        trained_on,
+        gate_version=row.version,
+        online_only=False,
+        experts=gate_experts,
+        links=links,
     )
     held = whole.gate.held_out
     selection = whole.select(whole.positions(held, inside=False))
@@ -148,7 +165,7 @@ def held_out_sets(
         test = whole.select(whole.positions(held, inside=True))
         return selection, test, f"gate {row.version}'s test split of {trained_on}", sel_note
     other = scored_set(
-        reg, dataset, gate_version=row.version, online_only=False, experts=gate_experts
+        reg, dataset, gate_version=row.version, online_only=False, experts=gate_experts, links=links
     )
     seen = set(selection.mixed.prompts)
     keep = [i for i, text in enumerate(other.mixed.prompts) if text not in seen]
@@ -161,10 +178,72 @@ def held_out_sets(
     return selection, other.select(keep), note, sel_note
 
 
-def make_answerer(name: str, test: ScoredSet) -> Answerer:
+def measured_links(broker: BrokerConfig, *, required: bool) -> dict[str, p.LinkFigures]:
+    """The gateways' measured links to their experts (answers cross them: the costs include
+    them, as optimize's do); none when the broker cannot be reached and they are optional."""
+    try:
+        return FleetView.snapshot(broker, ("links",), 2.0).best_links()
+    except BrokerError as exc:
+        if required:
+            raise
+        click.echo(f"no measured links ({exc.message}): costs without transmission", err=True)
+        return {}
+
+
+def make_answerer(
+    name: str,
+    test: ScoredSet,
+    reg: Registry,
+    broker: BrokerConfig | None = None,
+    *,
+    gateways: tuple[str, ...] = (),
+    timeout_s: float = 120.0,
+    progress: Progress | None = None,
+) -> Answerer:
+    """The answerer called ``name``, for the questions of ``test`` (scored by its experts,
+    weighted by its gate)."""
     if name == ScoreAnswerer.name:
         return ScoreAnswerer(test)
+    if name == GatewayAnswerer.name:
+        if broker is None:
+            raise ConfigError("the gateway answerer needs a broker")
+        gate = None
+        if test.gate.version != UNIFORM:
+            row = reg.gate_version(test.gate.version)
+            gate = GateArtefact.load(Path(row.artefact_dir), row.version)
+        return GatewayAnswerer(
+            broker,
+            load_profiles(reg, test.experts),
+            gate=gate,
+            gateways=gateways or None,
+            timeout_s=timeout_s,
+            progress=progress,
+        )
     raise ConfigError(f"answerer {name!r} cannot be built here; expected one of {list(ANSWERERS)}")
+
+
+class RouteBars:
+    """A progress bar per route the gateway answerer asks (stderr)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._app: str | None = None
+
+    def __call__(self, run: RouteRun, done: int, total: int) -> None:
+        if run.app != self._app:
+            self.close()
+            label = f"{'+'.join(run.experts)} top-{run.k} ({run.weights})"
+            self._bar = click.progressbar(length=total, label=label[:60], file=sys.stderr)
+            self._bar.__enter__()
+            self._app = run.app
+        self._bar.update(1)
+        if done == total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+        self._bar, self._app = None, None
 
 
 @click.command("eval")
@@ -247,7 +326,23 @@ def make_answerer(name: str, test: ScoredSet) -> Answerer:
     default=ScoreAnswerer.name,
     show_default=True,
     help="Where answers come from: 'scores' picks the option of highest fused teacher-forced "
-    "log-likelihood from the registry's scores.",
+    "log-likelihood from the registry's scores; 'gateway' asks the live fleet through a "
+    "gateway (each route pushed as an application eval-<hash> with its subset and gate, every "
+    "question a multiple-choice prompt) and measures each answer's delay and energy.",
+)
+@click.option(
+    "--gateway",
+    "gateways",
+    multiple=True,
+    help="With --answerer gateway: the gateway(s) that serve the evaluation's routes "
+    "(repeatable) [default: every online gateway].",
+)
+@click.option(
+    "--answer-timeout",
+    type=click.FloatRange(min=1.0),
+    default=120.0,
+    show_default=True,
+    help="With --answerer gateway: seconds to wait for one answer.",
 )
 @click.option(
     "--plot",
@@ -281,6 +376,8 @@ def eval_cmd(
     gate_delay: float,
     solver: str,
     answerer: str,
+    gateways: tuple[str, ...],
+    answer_timeout: float,
     plot_path: Path | None,
     no_plot: bool,
     md_path: Path | None,
@@ -294,8 +391,9 @@ def eval_cmd(
     experts (M. V.) and MoE² over all of them; and per cell of the --delay × --energy grid,
     MoE² (SMO subset, gate, top-k fusion), SMO M. V. (the same subset, majority vote) and
     Rand. M. V. (random feasible subsets, majority vote). Next to every accuracy: the answers'
-    delay and energy per step against the cell's limits, from the experts' profiles (the
-    report says which figures are measured and which modelled)."""
+    delay and energy per step against the cell's limits, from the experts' profiles, or with
+    --answerer gateway measured on the answers (the report says which figures are measured and
+    which modelled, and what the profiles promised)."""
     if jsonl is not None and dataset is not None:
         raise click.UsageError("give DATASET or --jsonl FILE, not both")
     grid = Grid(
@@ -303,6 +401,7 @@ def eval_cmd(
     )
     settings = EvalSettings(k=k, seeds=seeds, gate_delay=gate_delay, solver=solver)
     chosen = experts.split(",") if experts else None
+    broker = broker_from_flags(kw)
     reg = open_registry(db_url)
     try:
         if jsonl is not None:
@@ -313,26 +412,53 @@ def eval_cmd(
                 wanted = json.loads(reg.gate_version(gate_version).experts_json)
             if wanted is None:
                 raise ConfigError("with --gate uniform and --jsonl, name the --experts")
-            ensure_scores(reg, dataset, wanted, broker_from_flags(kw))
-        selection, test, test_note, sel_note = held_out_sets(reg, gate_version, dataset, chosen)
-        with click.progressbar(
-            length=work_units(grid, settings), label="evaluating", file=sys.stderr
-        ) as bar:
-            result = evaluate(
-                selection,
-                test,
-                make_answerer(answerer, test),
-                grid,
-                settings,
-                progress=bar.update,
-                test_note=test_note,
-                selection_note=sel_note,
-            )
+            ensure_scores(reg, dataset, wanted, broker)
+        live = answerer == GatewayAnswerer.name
+        links = measured_links(broker, required=live)
+        selection, test, test_note, sel_note = held_out_sets(
+            reg, gate_version, dataset, chosen, links
+        )
+        bars = RouteBars()
+        answers = make_answerer(
+            answerer,
+            test,
+            reg,
+            broker,
+            gateways=gateways,
+            timeout_s=answer_timeout,
+            progress=bars,
+        )
+        try:
+            with click.progressbar(
+                length=work_units(grid, settings),
+                label="evaluating",
+                file=sys.stderr,
+                # the gateway answerer shows a bar per route instead
+                hidden=live,
+            ) as bar:
+                result = evaluate(
+                    selection,
+                    test,
+                    answers,
+                    grid,
+                    settings,
+                    progress=bar.update,
+                    test_note=test_note,
+                    selection_note=sel_note,
+                )
+        finally:
+            bars.close()
+            answers.close()
     finally:
         reg.close()
     report = markdown(result)
     out = result.to_json()
-    if not no_plot:
+    if not no_plot and plot_path is None and importlib.util.find_spec("matplotlib") is None:
+        # The default plot needs the eval extra; asked for by --plot, its absence is an error.
+        click.echo(
+            "no plot: matplotlib is missing (pip install 'moe2-edge-controller[eval]')", err=True
+        )
+    elif not no_plot:
         path = plot_path or Path(f"eval-{result.dataset}.png")
         out["plot"] = str(plot(result, path))
         click.echo(f"plot written to {path}", err=True)

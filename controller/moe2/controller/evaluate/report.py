@@ -9,13 +9,16 @@ A cell reads ``95.8 ± 2.9 (≈0.021 s, ≈1.52 J)``: accuracy in percent ± its
 binomial standard error on the held-out questions, with the standard deviation over seeds for
 random subsets), then what the answers cost per step (worst app's delay, energy; ≈ where the
 figures are modelled, ~ where partly modelled, nothing where measured), marked ``over`` where
-that breaks the cell's limit.
+that breaks the cell's limit. When the answers were measured (``--answerer gateway``), a row
+"MoE² promised" under each table gives what the profiles said the same answers would cost:
+the figures the optimiser held to the limits.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from moe2.controller.evaluate.metrics import AnswerCosts
 from moe2.controller.evaluate.run import (
     AVERAGE,
     LABELS,
@@ -28,6 +31,7 @@ from moe2.controller.evaluate.run import (
     Evaluation,
     MethodResult,
 )
+from moe2.controller.extras import require
 
 
 def percent(share: float) -> str:
@@ -38,22 +42,31 @@ def _limit(value: float | None, unit: str) -> str:
     return "none" if value is None else f"{value:g} {unit}"
 
 
-def source_mark(basis: str) -> str:
+def source_mark(source: str) -> str:
     """'≈' before figures modelled from device data, '~' where some experts' are measured and
     some modelled, nothing before measured ones."""
-    if "modelled" in basis:
+    if "modelled" in source:
         return "≈"
-    if "mixed" in basis:
+    if "mixed" in source:
         return "~"
     return ""
+
+
+def marks(c: AnswerCosts) -> tuple[str, str]:
+    """(delay mark, energy mark)."""
+    return source_mark(c.delay_source or c.basis), source_mark(c.energy_source or c.basis)
+
+
+def cost_text(c: AnswerCosts) -> str:
+    d, e = marks(c)
+    return f"{d}{c.worst_delay:.3g} s, {e}{c.energy:.3g} J"
 
 
 def _costs(m: MethodResult) -> str:
     if m.costs is None:
         return ""
     mark = ", over" if m.within_limits is False else ""
-    src = source_mark(m.costs.basis)
-    return f" ({src}{m.costs.worst_delay:.3g} s, {src}{m.costs.energy:.3g} J{mark})"
+    return f" ({cost_text(m.costs)}{mark})"
 
 
 def cell_text(m: MethodResult) -> str:
@@ -80,9 +93,7 @@ def markdown(result: Evaluation) -> str:
             if gate["datasets"]
             else ""
         ),
-        f"- costs per step, from profiles: {prov['cost_basis']} "
-        "(delay = worst app's mean, energy = mean; ≈ modelled, ~ partly modelled, no mark "
-        "measured; 'over' = above the cell's limit)",
+        _costs_line(result),
     ]
     for expert, src in prov["costs"].items():
         lines.append(
@@ -103,9 +114,9 @@ def markdown(result: Evaluation) -> str:
     order += [AVERAGE, VOTE_ALL, MOE2_ALL]
     for key in order:
         m = result.baselines[key]
-        src = "" if m.costs is None else source_mark(m.costs.basis)
-        delay = "" if m.costs is None else f"{src}{m.costs.worst_delay:.3g}"
-        energy = "" if m.costs is None else f"{src}{m.costs.energy:.3g}"
+        d, e = ("", "") if m.costs is None else marks(m.costs)
+        delay = "" if m.costs is None else f"{d}{m.costs.worst_delay:.3g}"
+        energy = "" if m.costs is None else f"{e}{m.costs.energy:.3g}"
         spread = "" if m.spread is None else percent(m.spread)
         lines.append(f"| {m.label} | {percent(m.accuracy)} | {spread} | {delay} | {energy} |")
     for delay_limit in result.grid.delays:
@@ -120,6 +131,14 @@ def markdown(result: Evaluation) -> str:
         for key in (MOE2, SMO_MV, RANDOM_MV):
             row = [cell_text(c.methods[key]) if c.feasible else "infeasible" for c in cells]
             lines.append(f"| {LABELS[key]} | " + " | ".join(row) + " |")
+        if any(c.feasible and c.methods[MOE2].promised is not None for c in cells):
+            row = [
+                f"({cost_text(pr)})"
+                if c.feasible and (pr := c.methods[MOE2].promised) is not None
+                else ""
+                for c in cells
+            ]
+            lines.append(f"| {PROMISED} | " + " | ".join(row) + " |")
         subsets = [
             f"{_limit(c.energy_limit, 'J')}: {{{', '.join(c.methods[MOE2].subsets[0])}}}"
             for c in cells
@@ -133,9 +152,30 @@ def markdown(result: Evaluation) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROMISED = "MoE² promised"
+
+
+def _costs_line(result: Evaluation) -> str:
+    prov = result.provenance
+    if result.answerer_measures:
+        return (
+            "- costs per step: measured on the answers (delay: the gateway's latency / T, T = "
+            "the correct option's tokens; energy: the answering experts' power from their "
+            f"profiles ({prov['cost_basis']}) × their measured model time); "
+            "'over' = above the cell's limit by more than the profiles' stated spread; "
+            "≈ modelled, ~ partly modelled, no mark measured"
+        )
+    return (
+        f"- costs per step, from profiles: {prov['cost_basis']} "
+        "(delay = worst app's mean, energy = mean; ≈ modelled, ~ partly modelled, no mark "
+        "measured; 'over' = above the cell's limit)"
+    )
+
+
 def plot(result: Evaluation, path: Path) -> Path:
     """Accuracy against the energy budget: one line per method and delay limit, with the best
     single expert and the vote of all experts as references."""
+    require("matplotlib", "eval", "moe2ctl eval --plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -77,6 +77,9 @@ class MethodResult:
     within_limits: bool | None  # the answers' costs meet the cell's limits (every seed)
     subsets: list[list[str]] = field(default_factory=list)
     seed_std: float | None = None  # standard deviation over seeds (random subsets)
+    # What the profiles say the same answers cost (what the optimiser held to the limits),
+    # beside measured ``costs``; None when ``costs`` already come from the profiles.
+    promised: AnswerCosts | None = None
 
     @property
     def spread(self) -> float | None:
@@ -92,6 +95,7 @@ class MethodResult:
             "stderr": self.stderr,
             "seed_std": self.seed_std,
             "costs": None if self.costs is None else self.costs.as_dict(),
+            "promised": None if self.promised is None else self.promised.as_dict(),
             "within_limits": self.within_limits,
             "subsets": self.subsets,
         }
@@ -129,11 +133,15 @@ class Evaluation:
     provenance: dict[str, Any]  # gate and cost sources
     example: dict[str, Any]  # one question as the experts saw it
     grid: Grid
+    answerer_measures: bool = False  # costs of answers measured (else from the profiles)
+    answerer_info: dict[str, Any] = field(default_factory=dict)  # how the answers were given
 
     def to_json(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,
             "answerer": self.answerer,
+            "answers_measured": self.answerer_measures,
+            "answerer_info": self.answerer_info,
             "k": self.settings.k,
             "seeds": self.settings.seeds,
             "gate_delay": self.settings.gate_delay,
@@ -169,14 +177,22 @@ class _Harness:
     def alone(self, expert: str) -> list[Answer]:
         return self.answers(Route((expert,), 1, "gate"))
 
+    def measured(self, answers: Sequence[Answer]) -> bool:
+        return self.answerer.measures_costs and all(a.delay_s is not None for a in answers)
+
     def costs(
         self, answers: Sequence[Answer], used: Sequence[Sequence[str]], gated: bool
     ) -> AnswerCosts:
+        """What the answers cost: measured when the answerer measured every one, else what
+        the profiles say (``promised``)."""
         apps = [q.app for q in self.questions]
-        if self.answerer.measures_costs and all(a.delay_s is not None for a in answers):
-            return measured_costs(
-                apps, [float(a.delay_s or 0.0) for a in answers], [a.energy_j for a in answers]
-            )
+        if self.measured(answers):
+            return measured_costs(apps, answers)
+        return self.promised(used, gated)
+
+    def promised(self, used: Sequence[Sequence[str]], gated: bool) -> AnswerCosts:
+        """The answers' costs from the experts' profiles, as the optimiser computes them."""
+        apps = [q.app for q in self.questions]
         experts = sorted({e for u in used for e in u})
         kind = summary({e: self.test.costs.sources[e] for e in experts})
         return answer_costs(
@@ -188,13 +204,33 @@ class _Harness:
         )
 
     def vote(self, subset: Sequence[str]) -> tuple[list[int], list[Answer]]:
+        alone = [self.alone(e) for e in subset]  # (voters, questions)
         votes = np.array(
-            [[-1 if a.choice is None else a.choice for a in self.alone(e)] for e in subset]
+            [[-1 if a.choice is None else a.choice for a in answers] for answers in alone]
         ).T  # (questions, voters)
         n_options = self.test.mixed.n_options
         picks = majority_vote(votes, n_options, [q.position for q in self.questions])
-        # every member of the subset answers every question
-        answers = [Answer(int(c), tuple(subset)) for c in picks]
+        # Every member of the subset answers every question, at once: the vote takes as long
+        # as its slowest voter and costs the energy of all of them.
+        answers = []
+        for i, c in enumerate(picks):
+            each = [a[i] for a in alone]
+            if self.measured(each):
+                energies = [a.energy_j for a in each]
+                answers.append(
+                    Answer(
+                        int(c),
+                        tuple(subset),
+                        delay_s=max(float(a.delay_s or 0.0) for a in each),
+                        energy_j=None
+                        if any(e is None for e in energies)
+                        else float(sum(e or 0.0 for e in energies)),
+                        energy_measured=all(a.energy_measured for a in each),
+                        spread=max(a.spread for a in each),
+                    )
+                )
+            else:
+                answers.append(Answer(int(c), tuple(subset)))
         return picks.tolist(), answers
 
     def method(
@@ -207,7 +243,8 @@ class _Harness:
         limits: tuple[float | None, float | None] = (None, None),
         subsets: Sequence[Sequence[str]] = (),
     ) -> MethodResult:
-        cost = self.costs(answers, [a.experts for a in answers], gated)
+        used = [a.experts for a in answers]
+        cost = self.costs(answers, used, gated)
         acc = accuracy(choices, self.gold)
         return MethodResult(
             label,
@@ -216,6 +253,7 @@ class _Harness:
             cost,
             cost.within(*limits),
             [list(s) for s in subsets],
+            promised=self.promised(used, gated) if self.measured(answers) else None,
         )
 
 
@@ -278,7 +316,8 @@ def evaluate(
             continue
         cell = Cell(delay_limit, energy_limit, True, objective=found.objective)
         subset = found.subset
-        moe = h.answers(Route(subset, settings.k, "gate"))
+        # a subset smaller than k fuses all of it: the same route as k = |S| (cached)
+        moe = h.answers(Route(subset, min(settings.k, len(subset)), "gate"))
         cell.methods[MOE2] = h.method(
             LABELS[MOE2], [a.choice for a in moe], moe, gated=True, limits=limits, subsets=[subset]
         )
@@ -326,6 +365,8 @@ def evaluate(
         },
         example={"prompt": m.prompts[0], "options": list(m.choices[0])} if m.n_samples else {},
         grid=grid,
+        answerer_measures=answerer.measures_costs,
+        answerer_info=answerer.describe(),
     )
 
 
@@ -337,15 +378,8 @@ def work_units(grid: Grid, settings: EvalSettings) -> int:
 def _pooled(label: str, runs: Sequence[MethodResult]) -> MethodResult:
     """Mean and standard deviation over the seeds' runs; costs averaged, limits met by all."""
     acc = [r.accuracy for r in runs]
-    costs = [r.costs for r in runs if r.costs is not None]
-    pooled = None
-    if costs:
-        apps = costs[0].delay_by_app
-        pooled = AnswerCosts(
-            {a: float(np.mean([c.delay_by_app[a] for c in costs])) for a in apps},
-            float(np.mean([c.energy for c in costs])),
-            costs[0].basis,
-        )
+    pooled = _mean_costs([r.costs for r in runs if r.costs is not None])
+    promised = _mean_costs([r.promised for r in runs if r.promised is not None])
     errors = [r.stderr or 0.0 for r in runs]
     return MethodResult(
         label,
@@ -355,6 +389,25 @@ def _pooled(label: str, runs: Sequence[MethodResult]) -> MethodResult:
         all(bool(r.within_limits) for r in runs),
         [s for r in runs for s in r.subsets],
         seed_std=float(np.std(acc)),
+        promised=promised,
+    )
+
+
+def _mean_costs(costs: Sequence[AnswerCosts]) -> AnswerCosts | None:
+    """The seeds' costs averaged (sources and basis of the first, the largest tolerance)."""
+    if not costs:
+        return None
+    first = costs[0]
+    apps = first.delay_by_app
+    worst = [c.worst_answer_delay for c in costs if c.worst_answer_delay is not None]
+    return AnswerCosts(
+        {a: float(np.mean([c.delay_by_app[a] for c in costs])) for a in apps},
+        float(np.mean([c.energy for c in costs])),
+        first.basis,
+        delay_source=first.delay_source,
+        energy_source=first.energy_source,
+        tolerance=max(c.tolerance for c in costs),
+        worst_answer_delay=max(worst) if worst else None,
     )
 
 

@@ -20,6 +20,7 @@ import click
 from moe2.controller import datasets as ds
 from moe2.controller.experts.finetune import FinetuneConfig
 from moe2.controller.experts.merge import QUANT_TYPES
+from moe2.controller.extras import require
 from moe2.controller.options import db_option, emit, json_option, open_registry, settings
 from moe2.controller.registry import Registry
 from moe2.controller.registry.schema import ExpertAdapterRow
@@ -78,6 +79,8 @@ def _describe(
 ) -> tuple[str, dict[str, Any]]:
     from moe2.controller.experts.cluster import composition, plot_composition
 
+    if plot is not None:
+        require("matplotlib", "experts", "a cluster plot")
     rec = reg.clustering(name)
     members = reg.cluster_members(rec.name)
     samples = [s for s in reg.samples(rec.dataset) if s.id in members]
@@ -150,6 +153,8 @@ def cluster_cmd(
     as_json: bool,
 ) -> None:
     """Embed a corpus's prompts with the gate's encoder and cluster them with K-means."""
+    for module in ("torch", "sklearn"):
+        require(module, "experts", "moe2ctl experts cluster")
     from moe2.controller.experts.cluster import agreement, kmeans
     from moe2.controller.gate.cli import embeddings
     from moe2.controller.gate.embedding import MODEL_NAME, Encoder
@@ -285,6 +290,8 @@ def finetune_cmd(
     **flags: Any,
 ) -> None:
     """LoRA-fine-tune the base on each cluster; write one adapter GGUF per cluster."""
+    for module in ("torch", "transformers", "peft", "llama_cpp"):
+        require(module, "experts", "moe2ctl experts finetune")
     from moe2.controller.experts.family import ExpertJob, train_experts
     from moe2.shared.protocol import check_name
 

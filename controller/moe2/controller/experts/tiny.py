@@ -113,10 +113,16 @@ def bigram_logprobs(vocab: Vocab, domain: str, spec: TinySpec, seed: int = 0) ->
 
 
 def write_expert(
-    path: Path, domain: str, spec: TinySpec = TinySpec(), seed: int = 0, vocab: Vocab | None = None
+    path: Path,
+    domain: str,
+    spec: TinySpec = TinySpec(),
+    seed: int = 0,
+    vocab: Vocab | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write one expert trained on ``domain``; ``vocab`` defaults to the shared one (only
-    experts with the same vocabulary can be fused by token id)."""
+    experts with the same vocabulary can be fused by token id). ``chat_template`` (Jinja, as
+    Hugging Face models carry it) is stored as ``tokenizer.chat_template``; none by default."""
     import gguf  # build-time only dependency
 
     vocab = vocab or shared_vocab()
@@ -162,6 +168,8 @@ def write_expert(
     writer.add_eos_token_id(EOS)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     f32 = np.float32
     writer.add_tensor("token_embd.weight", emb.astype(f32))  # (n_vocab, d)

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
+from moe2.controller.extras import require
 from moe2.controller.gate.config import TrainConfig
 from moe2.controller.options import (
     broker_from_flags,
     broker_options,
     db_option,
+    desired_state,
     emit,
     json_option,
     open_registry,
@@ -64,6 +66,7 @@ def train_gate(
 ) -> tuple[GateVersion, Any]:
     """Train and store a gate; its files go to ``gates_dir/<version>`` (default: the
     controller settings' gates folder)."""
+    require("torch", "train", "training a gate")
     import torch
 
     from moe2.controller.gate.embedding import Encoder
@@ -103,6 +106,7 @@ def train_gate(
 
 
 def load_head(row: GateVersion) -> GateHead:
+    require("torch", "train", "a gate without its ONNX export")
     import torch
 
     from moe2.controller.gate.model import GateHead
@@ -122,6 +126,7 @@ def export_gate(
     encoder: Encoder | None = None,
     gates_dir: Path | None = None,
 ) -> tuple[p.GateManifest, float]:
+    require("onnx", "train", "exporting a gate")
     from moe2.controller.gate import export as ex
     from moe2.controller.gate.embedding import Encoder
 
@@ -253,7 +258,6 @@ def push_gate_cmd(
     the gateways to load it. Exit status 4 when no gateway accepted an application."""
     from moe2.controller.gate import export as ex
     from moe2.controller.push import record, report
-    from moe2.shared.desired import DesiredState
 
     broker = broker_from_flags(kw)
     reg = open_registry(db_url)
@@ -265,7 +269,7 @@ def push_gate_cmd(
         manifest = p.GateManifest.model_validate_json((out_dir / "manifest.json").read_text())
         members = subset.split(",") if subset else list(manifest.experts)
         files = {role: path.read_bytes() for role, path in ex.gate_files(out_dir).items()}
-        with DesiredState(broker) as desired:
+        with desired_state(broker) as desired:
             results = desired.push_gate(
                 manifest,
                 files,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from moe2.controller.extras import require
 from moe2.controller.mixing import normalise
 from moe2.controller.registry import Registry
 from moe2.shared.errors import ConfigError
@@ -62,6 +63,8 @@ def gate_weights(
             f"{gate_experts}); train a new gate or pass --gate uniform"
         )
     out = Path(row.artefact_dir)
+    # A trained gate's values need the train extra (ONNX Runtime and the exporter's torch).
+    require("torch", "train", f"the values of gate {row.version}")
     if (out / "manifest.json").exists():
         from moe2.controller.gate.export import gate_files, onnx_values
 

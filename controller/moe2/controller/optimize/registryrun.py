@@ -11,11 +11,12 @@ from moe2.controller.optimize.fromregistry import problem_from_registry
 from moe2.controller.optimize.problem import Problem
 from moe2.controller.optimize.solution import Infeasible, Solution
 from moe2.controller.optimize.solvers import solve
+from moe2.controller.options import desired_state
 from moe2.controller.push import describe, record
 from moe2.controller.registry.db import Registry
 from moe2.controller.registry.sync import KINDS, store
 from moe2.shared import protocol as p
-from moe2.shared.desired import DesiredState, PushResult
+from moe2.shared.desired import PushResult
 from moe2.shared.errors import BrokerError, ConfigError
 from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig
@@ -79,7 +80,7 @@ def run_from_registry(
                 gate_ref = p.GateRef(version=gv.version, sha256=gv.sha256)
             apps = sorted(set(problem.app))
             k_used = min(k, len(result.subset))
-            with DesiredState(broker) as desired:
+            with desired_state(broker) as desired:
                 for app in apps:
                     pushed.append(
                         desired.push_assignment(

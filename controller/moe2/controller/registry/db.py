@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, insert, select
+from sqlalchemy import Engine, create_engine, delete, event, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
+from moe2.controller.extras import require
 from moe2.controller.registry import migrations
 from moe2.controller.registry.schema import (
     Agent,
@@ -25,10 +27,12 @@ from moe2.controller.registry.schema import (
     ClusteringRow,
     ClusterMember,
     Dataset,
+    Decision,
     EmbeddingCache,
     ExpertAdapterRow,
     GateAckRow,
     GateVersion,
+    Lease,
     OptimisationRun,
     Sample,
     Score,
@@ -38,6 +42,8 @@ from moe2.shared.errors import ConfigError
 
 
 def engine_for(url: str) -> Engine:
+    if url.startswith("postgresql"):
+        require("psycopg", "postgres", "a PostgreSQL registry")
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite"):
@@ -446,6 +452,55 @@ class Registry:
         with self.session() as s:
             q = select(AssignmentAckRow).where(col(AssignmentAckRow.app) == app)
             return list(s.execute(q).scalars())
+
+    # ------------------------------------------------------------------ serve
+
+    def add_decision(self, row: Decision) -> int:
+        with self.session() as s:
+            s.add(row)
+            s.commit()
+            return int(row.id)  # type: ignore[arg-type]
+
+    def decisions(self, app: str | None = None, since: float = 0.0) -> list[Decision]:
+        with self.session() as s:
+            q = select(Decision).where(col(Decision.at) >= since).order_by(col(Decision.id))
+            if app is not None:
+                q = q.where(col(Decision.app) == app)
+            return list(s.execute(q).scalars())
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl_s`` seconds; False while another holder's
+        lease runs. Atomic on SQLite and PostgreSQL: one conditional UPDATE, else one INSERT
+        that the primary key lets only one process win."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                update(Lease)
+                .where(
+                    col(Lease.name) == name,
+                    or_(col(Lease.holder) == holder, col(Lease.expires_at) < now),
+                )
+                .values(holder=holder, expires_at=now + ttl_s)
+            ).rowcount
+        if taken:
+            return True
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(Lease).values(name=name, holder=holder, expires_at=now + ttl_s))
+        except IntegrityError:
+            return False  # another holder has it
+        return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                delete(Lease).where(col(Lease.name) == name, col(Lease.holder) == holder)
+            )
+
+    def lease_holder(self, name: str) -> tuple[str, float] | None:
+        with self.session() as s:
+            row = s.get(Lease, name)
+            return None if row is None else (row.holder, row.expires_at)
 
     # ------------------------------------------------------------------ optimisation
 

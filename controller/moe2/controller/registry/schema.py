@@ -155,8 +155,35 @@ class EmbeddingCache(SQLModel, table=True):
     vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # (dim,) float32 LE
 
 
+class Decision(SQLModel, table=True):
+    """What ``moe2ctl serve`` decided and why (migration 3)."""
+
+    __tablename__ = "decisions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: float = Field(default_factory=_now, index=True)  # unix seconds
+    controller: str  # the serve process that held the lease
+    app: str | None = Field(default=None, index=True)
+    action: str  # pushed | unchanged | dry-run | infeasible | failed | scored
+    reason: str = Field(sa_column=Column(Text, nullable=False))  # what triggered it
+    subset_json: str | None = Field(default=None, sa_column=Column(Text))  # JSON list[str]
+    previous_json: str | None = Field(default=None, sa_column=Column(Text))
+    version: int | None = None  # the pushed assignment's version
+    detail_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+
+
+class Lease(SQLModel, table=True):
+    """A named lease: only its holder acts until it expires (migration 3)."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True)
+    holder: str
+    expires_at: float  # unix seconds
+
+
 class ClusteringRow(SQLModel, table=True):
-    """K-means over the sentence embeddings of a dataset's prompts (migration 3): the
+    """K-means over the sentence embeddings of a dataset's prompts (migration 4): the
     clusters domain experts are fine-tuned on."""
 
     __tablename__ = "clusterings"
@@ -174,7 +201,7 @@ class ClusteringRow(SQLModel, table=True):
 
 
 class ClusterMember(SQLModel, table=True):
-    """Which cluster each sample of the clustered dataset fell into (migration 3)."""
+    """Which cluster each sample of the clustered dataset fell into (migration 4)."""
 
     __tablename__ = "cluster_members"
 
@@ -184,7 +211,7 @@ class ClusterMember(SQLModel, table=True):
 
 
 class ExpertAdapterRow(SQLModel, table=True):
-    """A LoRA expert fine-tuned on one cluster, served as base GGUF + adapter (migration 3)."""
+    """A LoRA expert fine-tuned on one cluster, served as base GGUF + adapter (migration 4)."""
 
     __tablename__ = "expert_adapters"
 
@@ -217,6 +244,8 @@ TABLES = [
         AssignmentAckRow,
         GateAckRow,
         EmbeddingCache,
+        Decision,
+        Lease,
         ClusteringRow,
         ClusterMember,
         ExpertAdapterRow,

@@ -7,9 +7,11 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
     moe2/v1/agents/<agent>/profile   retained  AgentProfile    delay and energy cost curves
     moe2/v1/agents/<gw>/links        retained  LinkReport      gateway-to-expert round trip, rate
     moe2/v1/agents/<gw>/gateway      retained  GatewayStatus   apps a gateway serves (LWT offline)
+    moe2/v1/agents/<gw>/stats        retained  AppStats        measured cost of each app's answers
     moe2/v1/agents/<agent>/rpc                 RpcRequest      MQTT 5 request/response
-    moe2/v1/replies/<client>/rpc/<agent>       RpcReply        the agent's answer to <client>
-    moe2/v1/replies/<client>/answers           prompt answers  a PromptClient's inbox
+    moe2/v1/replies/<user>/rpc/<agent>         RpcReply        the agent's answer to <user>
+    moe2/v1/replies/<user>/answers/<client>    prompt answers  a PromptClient's inbox
+    moe2/v1/replies/<user>/...                 prompt answers  any other reply_to of <user>
     moe2/v1/prompts/<app>                      (prompt API, see DESIGN.md §3)
     moe2/v1/desired/apps/<app>       retained  AppAssignment   desired state (desired.py)
     moe2/v1/agents/<gw>/acks/<app>   retained  AssignmentAck   a gateway accepted/rejected it
@@ -25,11 +27,19 @@ and travel to the request's MQTT 5 ResponseTopic with its CorrelationData.
 
 Distributions are compact: the top-k token ids with their natural-log probabilities and the
 probability mass left outside the top-k (``tail``), or on request the full distribution as
-base64 little-endian float32 log-probabilities.
+base64 little-endian float32 log-probabilities. RPC payloads may also travel in the binary
+``bin1`` codec (``codec.py``), negotiated per agent through ``AgentInfo.codecs``.
 """
 
-from moe2.shared.protocol.agents import AdapterInfo, AgentInfo, AgentStatus
+from moe2.shared.protocol.agents import (
+    AdapterInfo,
+    AgentInfo,
+    AgentStatus,
+    ComputeBackend,
+    ComputeDevice,
+)
 from moe2.shared.protocol.base import (
+    MAX_CHOICES,
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
     MAX_TOP_K,
@@ -41,9 +51,12 @@ from moe2.shared.protocol.base import (
     decode_message,
     encode,
 )
+from moe2.shared.protocol.codec import CODECS, encode_rpc, payload_codec
 from moe2.shared.protocol.desired import (
     MAX_VERSION,
     AppAssignment,
+    AppFigures,
+    AppStats,
     AssignmentAck,
     GateRef,
     GatewayStatus,
@@ -51,6 +64,8 @@ from moe2.shared.protocol.desired import (
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
 from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
 from moe2.shared.protocol.prompts import (
+    ChatMessage,
+    ChoiceAnswer,
     DroppedExpert,
     ExpertWeight,
     PromptAnswer,
@@ -67,6 +82,8 @@ from moe2.shared.protocol.rpc import (
     DetokenizeReply,
     DetokenizeRequest,
     DistributionReply,
+    DistributionsReply,
+    DraftRequest,
     ErrorBody,
     ErrorReply,
     FullDist,
@@ -75,12 +92,19 @@ from moe2.shared.protocol.rpc import (
     PingRequest,
     ProfileReply,
     ProfileRequest,
+    ScoreChoicesReply,
+    ScoreChoicesRequest,
+    ScoreManyReply,
+    ScoreManyRequest,
     ScoreReply,
     ScoreRequest,
+    ScoreResult,
+    ScoreSample,
     StepRequest,
     TokenizeReply,
     TokenizeRequest,
     TopKDist,
+    VerifyRequest,
     VocabReply,
     VocabRequest,
     decode_reply,
@@ -94,6 +118,8 @@ from moe2.shared.protocol.rpc import (
 from moe2.shared.protocol.topics import Topic, topics
 
 __all__ = [
+    "CODECS",
+    "MAX_CHOICES",
     "MAX_TEXT_CHARS",
     "MAX_TOKENS_PER_REQUEST",
     "MAX_TOP_K",
@@ -107,13 +133,21 @@ __all__ = [
     "AgentProfile",
     "AgentStatus",
     "AppAssignment",
+    "AppFigures",
+    "AppStats",
     "AssignmentAck",
     "BlobRef",
+    "ChatMessage",
+    "ChoiceAnswer",
     "CloseReply",
     "CloseRequest",
+    "ComputeBackend",
+    "ComputeDevice",
     "DetokenizeReply",
     "DetokenizeRequest",
     "DistributionReply",
+    "DistributionsReply",
+    "DraftRequest",
     "DroppedExpert",
     "ErrorBody",
     "ErrorReply",
@@ -134,14 +168,21 @@ __all__ = [
     "PromptAnswer",
     "PromptError",
     "PromptRequest",
+    "ScoreChoicesReply",
+    "ScoreChoicesRequest",
+    "ScoreManyReply",
+    "ScoreManyRequest",
     "ScoreReply",
     "ScoreRequest",
+    "ScoreResult",
+    "ScoreSample",
     "StepRequest",
     "StreamChunk",
     "TokenizeReply",
     "TokenizeRequest",
     "TopKDist",
     "Topic",
+    "VerifyRequest",
     "VocabReply",
     "VocabRequest",
     "check_name",
@@ -151,10 +192,12 @@ __all__ = [
     "decode_request",
     "encode",
     "encode_full",
+    "encode_rpc",
     "encode_topk",
     "encode_vocab",
     "error_reply",
     "gate_digest",
+    "payload_codec",
     "prompt_error",
     "request_op",
     "topics",

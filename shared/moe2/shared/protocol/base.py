@@ -20,6 +20,7 @@ _NAME_RE = re.compile(NAME_PATTERN)
 MAX_TOP_K = 4096
 MAX_TOKENS_PER_REQUEST = 131072
 MAX_TEXT_CHARS = 1_000_000
+MAX_CHOICES = 64  # options of one multiple-choice prompt (and of one score_choices request)
 
 
 def check_name(kind: str, value: str) -> str:

@@ -8,13 +8,19 @@ Versions are per application and only grow: a gateway applies a version above th
 serves, acknowledges the same version again (a retained copy after a reconnect), and rejects
 an older one with a reason. The controller takes the next version from what the fleet shows
 (the retained assignment and every gateway's acknowledgement: ``moe2.shared.desired``).
+
+Only the controller writes desired state (the broker's ACL), and it signs it
+(``moe2.shared.signing``): a gateway that trusts a fleet key rejects what the key did not
+sign. An application goes back to the gateways' local configuration with a signed, versioned
+``revert`` assignment; clearing the retained message (an empty payload, which nobody can
+sign) leaves such a gateway as it is.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moe2.shared.protocol.base import NAME_PATTERN, Message
 
@@ -39,14 +45,23 @@ class AppAssignment(Message):
 
     app: Name
     version: int = Field(ge=1, le=MAX_VERSION)  # increases with every push
-    subset: list[Name] = Field(min_length=1, max_length=1024)
-    k: int = Field(ge=1, le=1024)  # experts per prompt: the top-k of the subset by gate value
+    subset: list[Name] = Field(default_factory=list, max_length=1024)
+    k: int = Field(default=1, ge=1, le=1024)  # experts per prompt: the top-k of the subset
     gate: GateRef | None = None  # None: uniform weights over the subset
     # Gateways that serve the app; None: every gateway. A gateway left out stops serving it.
     gateways: list[Name] | None = Field(default=None, min_length=1, max_length=1024)
+    # True: no assignment; gateways serve the app from their local configuration again.
+    revert: bool = False
+    sig: str | None = Field(default=None, max_length=200)  # base64 Ed25519 (signing.py)
+
+    @model_validator(mode="after")
+    def _subset_unless_revert(self) -> AppAssignment:
+        if not self.revert and not self.subset:
+            raise ValueError("an assignment names at least one expert (or is a revert)")
+        return self
 
     def serves(self, gateway: str) -> bool:
-        return self.gateways is None or gateway in self.gateways
+        return not self.revert and (self.gateways is None or gateway in self.gateways)
 
 
 class AssignmentAck(Message):
@@ -72,3 +87,29 @@ class GatewayStatus(Message):
     group: Name | None = None  # shared-subscription group
     apps: dict[Name, int] = Field(default_factory=dict)  # app -> assignment version (0: local)
     since: float | None = None  # unix seconds
+
+
+class AppFigures(BaseModel):
+    """What one application's answers really cost at one gateway, over a recent window."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    answers: int = Field(ge=0)  # final answers in the window
+    errors: int = Field(ge=0)  # error replies in the window
+    steps: int = Field(ge=0)  # generation steps (tokens) of those answers
+    delay_s_per_step: float | None = Field(default=None, ge=0)  # mean of latency / steps
+    delay_s_per_step_p95: float | None = Field(default=None, ge=0)
+    # Joules per step of the experts that answered, from their profiles' curves scaled by
+    # the answer's measured steps; measured only where every profile's meter measured.
+    energy_j_per_step: float | None = Field(default=None, ge=0)
+    energy_measured: bool = False
+
+
+class AppStats(Message):
+    """Retained on ``moe2/v1/agents/<gateway>/stats``: per application, the measured delay
+    and energy of the answers this gateway gave over the last ``window_s`` seconds."""
+
+    gateway: Name
+    window_s: float = Field(gt=0)
+    apps: dict[Name, AppFigures] = Field(default_factory=dict)
+    at: float  # unix seconds

@@ -54,6 +54,7 @@ class GateManifest(Message):
     max_length: int = Field(default=256, ge=8, le=8192)  # tokens fed to the embedding
     embedding_model: str  # e.g. "all-MiniLM-L6-v2"
     created_at: float  # unix seconds
+    sig: str | None = Field(default=None, max_length=200)  # base64 Ed25519 (signing.py)
 
     def file(self, role: str) -> BlobRef:
         for f in self.files:

@@ -92,6 +92,23 @@ class AgentProfile(Message):
             raise ValueError("delay_measured needs measured points")
         return self
 
+    def spread(self, unit: Literal["s", "J"]) -> float:
+        """The stated spread of the delay ("s") or energy ("J") figures, relative: the largest
+        disagreement between the repeats of one measurement ((max - min) / mean) or the curves'
+        relative residual around their points, whichever is larger. 0 for a profile with no
+        points (nothing measured, nothing to spread)."""
+        if not self.points:
+            return 0.0
+        c = self.curves
+        if unit == "s":
+            lists = [x for pt in self.points for x in (pt.prompt_seconds, pt.token_seconds)]
+            curves = (c.prompt_seconds, c.token_seconds)
+        else:
+            lists = [x for pt in self.points for x in (pt.prompt_joules, pt.token_joules)]
+            curves = (c.prompt_joules, c.token_joules)
+        repeats = max(ProfilePoint.spread(v) for v in lists)
+        return max(repeats, *(cv.rel_residual_std for cv in curves))
+
 
 class LinkFigures(BaseModel):
     """Transmission between a gateway and one expert (paper eqs. 5-6)."""

@@ -5,25 +5,60 @@ A client publishes to ``moe2/v1/prompts/<app>``::
     {"id": "42", "prompt": "the fox eats", "reply_to": "phone/7/answers",
      "max_tokens": 32, "temperature": 0.0, "stream": true}
 
+or a conversation instead of ``prompt``, which each expert renders with its own model's chat
+template (so with experts of different families each sees it in its own format)::
+
+    {"id": "43", "messages": [{"role": "system", "content": "Answer briefly."},
+                              {"role": "user", "content": "Name a prime."}],
+     "reply_to": "phone/7/answers"}
+
 and receives on ``reply_to`` (and on its MQTT 5 ResponseTopic with its CorrelationData, when
 given) optional chunks ``{"id", "index", "delta"}``, then exactly one final answer or exactly
-one error ``{"id", "error": {"code", "message"}}``. These payloads carry no schema version:
-the topic's ``v1`` is the version, so that any MQTT client can speak it.
+one error ``{"id", "error": {"code", "message"}}``.
+
+A prompt that carries ``"choices": ["Paris", "Rome", ...]`` is a multiple-choice question: the
+gateway scores every choice as the text that follows the prompt on the top-k experts of the
+application's subset, fuses the log-likelihoods with the one mixing rule, and answers one
+``ChoiceAnswer`` ``{"id", "choice": index, "logprobs": [...], "experts", "mixing", "steps",
+"latency_ms", "compute_ms", "app", "dropped", "gateway"}`` (no stream chunks).
+
+These payloads carry no schema version: the topic's ``v1`` is the version, so that any MQTT
+client can speak it.
 """
 
 from __future__ import annotations
 
 import re
+from json.decoder import scanstring  # type: ignore[attr-defined]  # public, untyped in typeshed
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from moe2.shared.errors import BadMessage, MessageTooLarge
-from moe2.shared.protocol.base import MAX_TEXT_CHARS, describe_error
+from moe2.shared.protocol.base import (
+    MAX_CHOICES,
+    MAX_TEXT_CHARS,
+    NAME_PATTERN,
+    TOPIC_ROOT,
+    describe_error,
+)
 
 MAX_PROMPT_ID = 128
+MAX_MESSAGES = 256  # turns in one conversation
 MAX_TOPIC = 512
 _TOPIC_OK = re.compile(r"^[^#+\x00]+$")
+_NAME_RE = re.compile(NAME_PATTERN)
+REPLIES_ROOT = f"{TOPIC_ROOT}/replies"
+_STRUCTURE = re.compile(r'"|,|[\[{]+|[\]}]+')  # runs of brackets at once
+_NESTED = re.compile(r'"|[\[{]+|[\]}]+')  # inside brackets, commas do not matter
 
 
 def check_publish_topic(topic: str) -> str:
@@ -35,24 +70,199 @@ def check_publish_topic(topic: str) -> str:
     return topic
 
 
+def check_reply_topic(topic: str) -> str:
+    """A topic a gateway may answer on (``reply_to`` or the MQTT 5 ResponseTopic).
+
+    Inside ``moe2/`` only the replies namespace ``moe2/v1/replies/<user>/...``, and not its
+    ``rpc`` subtree (RPC replies): a prompt must not make a gateway write into another
+    client's RPC inbox, an agent's topics or the desired state. Outside ``moe2/`` any topic,
+    where the broker lets gateways publish (a broker without logins; see
+    ``Gateway.may_reply_outside``)."""
+    check_publish_topic(topic)
+    if topic.split("/", 1)[0] != "moe2":
+        return topic
+    parts = topic.split("/")
+    ok = (
+        len(parts) >= 4
+        and f"{parts[0]}/{parts[1]}/{parts[2]}" == REPLIES_ROOT
+        and _NAME_RE.match(parts[3]) is not None
+        and (len(parts) == 4 or parts[4] != "rpc")
+        and all(parts[4:])
+    )
+    if not ok:
+        raise ValueError(
+            f"inside moe2/ a reply topic must be {REPLIES_ROOT}/<user>/... (not .../rpc/...), "
+            "the subtree the broker lets user <user> read"
+        )
+    return topic
+
+
+def addressable(payload: bytes | bytearray) -> tuple[str | None, str | None]:
+    """(id, reply_to) of a prompt that failed validation, when its top level has them as
+    strings: enough to address an error to the sender. Never recursive, whatever the nesting
+    (a deeply nested value is skipped over), and never returns a string that cannot be sent
+    back as UTF-8 (a lone surrogate)."""
+    fields = _top_level_strings(bytes(payload), ("id", "reply_to"))
+    pid = fields.get("id")
+    if pid is not None and not (0 < len(pid) <= MAX_PROMPT_ID):
+        pid = None
+    return pid, fields.get("reply_to")
+
+
+def _top_level_strings(data: bytes, wanted: tuple[str, ...]) -> dict[str, str]:
+    """The string values of ``wanted`` keys of a JSON object's top level (best effort: {}
+    when it is not an object). Nested values are skipped by counting brackets outside
+    strings, so no depth limit applies."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {}
+    out: dict[str, str] = {}
+    i, n = _skip_ws(text, 0), len(text)
+    if i >= n or text[i] != "{":
+        return {}
+    i += 1
+    while True:
+        i = _skip_ws(text, i)
+        if i < n and text[i] == "}":
+            return out
+        if i >= n or text[i] != '"':
+            return out
+        try:
+            key, i = scanstring(text, i + 1)
+        except ValueError:
+            return out
+        i = _skip_ws(text, i)
+        if i >= n or text[i] != ":":
+            return out
+        i = _skip_ws(text, i + 1)
+        if i < n and text[i] == '"':
+            try:
+                value, i = scanstring(text, i + 1)
+            except ValueError:
+                return out
+            if key in wanted and _utf8_safe(value):
+                out.setdefault(key, value)
+        else:
+            i = _skip_value(text, i)
+            if i < 0:
+                return out
+        i = _skip_ws(text, i)
+        if i < n and text[i] == ",":
+            i += 1
+            continue
+        return out
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _skip_value(text: str, i: int) -> int:
+    """Index just past the non-string JSON value at ``i`` (-1 when it does not end)."""
+    depth = 0
+    while True:
+        m = (_STRUCTURE if depth == 0 else _NESTED).search(text, i)
+        if m is None:
+            return -1
+        i, run = m.start(), m.group()
+        if run == '"':
+            try:
+                _, i = scanstring(text, i + 1)
+            except ValueError:
+                return -1
+            if depth == 0:
+                return i
+            continue
+        if run == ",":
+            if depth == 0:  # after a number, true, false or null
+                return i
+            i += 1
+        elif run[0] in "[{":
+            depth += len(run)
+            i = m.end()
+        else:  # a run of closing brackets
+            if depth == 0:
+                return i  # the end of the enclosing object: the value ended before it
+            if len(run) >= depth:
+                return i + depth
+            depth -= len(run)
+            i = m.end()
+
+
+def _utf8_safe(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        return False
+    return True
+
+
 class _Public(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ChatRole = Literal["system", "user", "assistant", "tool"]
+
+
+class ChatMessage(_Public):
+    """One turn of a conversation, as OpenAI's chat API and Hugging Face templates have it."""
+
+    role: ChatRole
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+Conversation = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+
+def conversation_text(messages: list[ChatMessage]) -> str:
+    """The text a gate weighs a conversation by: its last user turn (what the experts are
+    asked to answer now), else its last turn."""
+    users = [m for m in messages if m.role == "user"]
+    return (users or messages)[-1].content
+
+
 class PromptRequest(_Public):
     id: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_ID)]
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+    messages: Conversation | None = None  # instead of prompt
     reply_to: str
     max_tokens: int | None = Field(default=None, ge=1)  # the gateway caps it (error above)
     temperature: float = Field(default=0.0, ge=0.0, le=10.0)  # 0: greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)  # sampling seed
+    # A multiple-choice question: the options, scored as the text that follows the prompt
+    # (give them their leading space, e.g. " Paris"); the answer is a ChoiceAnswer.
+    choices: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] | None = Field(
+        default=None, min_length=2, max_length=MAX_CHOICES
+    )
 
     @field_validator("reply_to")
     @classmethod
     def _reply_topic(cls, v: str) -> str:
-        return check_publish_topic(v)
+        return check_reply_topic(v)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PromptRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (a conversation)")
+        if self.messages is not None and sum(len(m.content) for m in self.messages) > (
+            MAX_TEXT_CHARS
+        ):
+            raise ValueError(f"the conversation exceeds {MAX_TEXT_CHARS} characters")
+        if self.choices is not None and self.prompt is None:
+            raise ValueError("'choices' go with a text 'prompt', not with 'messages'")
+        return self
+
+    @property
+    def gate_text(self) -> str:
+        """What the gate weighs the experts by."""
+        if self.messages is not None:
+            return conversation_text(self.messages)
+        return self.prompt or ""
 
 
 class StreamChunk(_Public):
@@ -83,6 +293,22 @@ class PromptAnswer(_Public):
     fusion: Literal["token-id", "token-text"]  # same vocabulary, or aligned by text
     dropped: list[DroppedExpert] = Field(default_factory=list)
     gateway: str | None = None  # the gateway that answered
+
+
+class ChoiceAnswer(_Public):
+    """The answer to a prompt with ``choices``."""
+
+    id: str
+    choice: int  # index of the option with the highest fused log-likelihood
+    logprobs: list[float]  # (choices,) fused log-likelihood of each option, nats
+    experts: list[ExpertWeight]  # the experts whose scores were fused, with their weights
+    mixing: Literal["token", "sequence"]  # per token (one vocabulary) or per whole option
+    steps: list[int]  # (choices,) tokens of each option (across vocabularies the longest)
+    latency_ms: float  # from the gateway receiving the prompt to this answer
+    compute_ms: dict[str, float]  # model time each expert reported for its scores
+    app: str
+    dropped: list[DroppedExpert] = Field(default_factory=list)
+    gateway: str | None = None
 
 
 class PromptErrorBody(_Public):

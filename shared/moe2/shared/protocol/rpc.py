@@ -13,13 +13,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
+    field_serializer,
     model_validator,
 )
 
-from moe2.shared.errors import BadMessage, UnknownOperation
+from moe2.shared.errors import BadMessage, MessageTooLarge, UnknownOperation
 from moe2.shared.protocol.base import (
+    MAX_CHOICES,
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
     MAX_TOP_K,
@@ -28,6 +31,7 @@ from moe2.shared.protocol.base import (
     parse_envelope,
 )
 from moe2.shared.protocol.profiles import AgentProfile
+from moe2.shared.protocol.prompts import Conversation
 
 # --------------------------------------------------------------------------- distributions
 
@@ -69,10 +73,30 @@ class FullDist(BaseModel):
 
     kind: Literal["full"] = "full"
     n_vocab: int = Field(ge=1, le=1 << 22)
-    logprobs_b64: str  # base64 of (n_vocab,) little-endian float32 natural-log probabilities
+    # base64 of (n_vocab,) little-endian float32 natural-log probabilities; empty in a
+    # distribution built from an array (``from_array``), filled in when written as JSON
+    logprobs_b64: str
+    _raw: np.ndarray | None = PrivateAttr(default=None)  # the array it was built from
+    _array: np.ndarray | None = PrivateAttr(default=None)  # validated, read-only
 
-    def logprobs(self) -> np.ndarray:
-        """(n_vocab,) float32 log-probabilities; BadMessage unless finite and normalised."""
+    @classmethod
+    def from_array(cls, arr: np.ndarray) -> FullDist:
+        """A distribution holding ``arr`` ((n,) little-endian float32, read-only) without
+        encoding it: base64 only if it is ever written as JSON."""
+        dist = cls(n_vocab=int(arr.shape[0]), logprobs_b64="")
+        dist._raw = arr
+        return dist
+
+    @field_serializer("logprobs_b64")
+    def _b64(self, value: str) -> str:
+        if not value and self._raw is not None:
+            return base64.b64encode(self._raw.tobytes()).decode()
+        return value
+
+    def raw(self) -> np.ndarray:
+        """The (n_vocab,) little-endian float32 values as they are, not validated."""
+        if self._raw is not None:
+            return self._raw
         try:
             raw = base64.b64decode(self.logprobs_b64, validate=True)
         except ValueError:
@@ -81,12 +105,21 @@ class FullDist(BaseModel):
             raise BadMessage(
                 f"full distribution has {len(raw) / 4:g} entries, expected {self.n_vocab}"
             )
-        arr = np.frombuffer(raw, dtype="<f4")
+        self._raw = np.frombuffer(raw, dtype="<f4")
+        return self._raw
+
+    def logprobs(self) -> np.ndarray:
+        """(n_vocab,) float32 log-probabilities (read-only); BadMessage unless finite and
+        normalised. Decoded and checked once."""
+        if self._array is not None:
+            return self._array
+        arr = self.raw()
         if not np.all(arr <= 1e-6) or np.isnan(arr).any():
             raise BadMessage("full distribution holds values that are not log-probabilities")
         mass = float(np.exp(arr.astype(np.float64)).sum())
         if abs(mass - 1.0) > NORMALISATION_TOLERANCE:
             raise BadMessage(f"full distribution sums to {mass:.4f}, expected 1")
+        self._array = arr
         return arr
 
 
@@ -107,11 +140,21 @@ def encode_topk(logprobs: np.ndarray, k: int, pieces: list[str] | None = None) -
 
 
 def encode_full(logprobs: np.ndarray) -> FullDist:
-    arr = np.ascontiguousarray(logprobs, dtype="<f4")
-    return FullDist(n_vocab=arr.shape[0], logprobs_b64=base64.b64encode(arr.tobytes()).decode())
+    arr = np.array(logprobs, dtype="<f4")  # a copy: the distribution keeps it
+    arr.setflags(write=False)
+    if not 1 <= arr.shape[0] <= 1 << 22:
+        raise ValueError(f"a full distribution has 1 to {1 << 22} entries, not {arr.shape[0]}")
+    return FullDist.from_array(arr)
 
 
 # --------------------------------------------------------------------------- RPC replies
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: str
+    message: str
 
 
 class _Reply(Message):
@@ -127,6 +170,34 @@ class DistributionReply(_Reply):
     compute_ms: float  # time spent in the model for this request
 
 
+class DistributionsReply(_Reply):
+    """Next-token distributions at several positions of one session (speculative fusion).
+
+    ``verify``: one distribution after each fed piece. ``draft``: ``dists[i]`` is the
+    distribution ``drafted[i]`` was drawn from (after the fed pieces and ``drafted[:i]``);
+    the last drafted token is not yet in the history (the next request feeds it or rewinds).
+    ``lengths[i]`` is the history length, in tokens, at ``dists[i]``: what ``rewind_to``
+    takes to come back to that position."""
+
+    op: Literal["draft", "verify"]
+    session: str
+    dists: list[Distribution]
+    lengths: list[int]
+    drafted: list[int] = Field(default_factory=list)
+    n_tokens: int  # history length after this request
+    compute_ms: float
+
+    @model_validator(mode="after")
+    def _aligned(self) -> DistributionsReply:
+        if len(self.lengths) != len(self.dists):
+            raise ValueError("lengths and dists must have the same length")
+        if self.op == "draft" and len(self.drafted) != len(self.dists):
+            raise ValueError("a draft has one distribution per drafted token")
+        if any(b < a for a, b in zip(self.lengths, self.lengths[1:])):
+            raise ValueError("lengths must not decrease")
+        return self
+
+
 class CloseReply(_Reply):
     op: Literal["close"] = "close"
     session: str
@@ -136,6 +207,36 @@ class ScoreReply(_Reply):
     op: Literal["score"] = "score"
     target_tokens: list[int]
     logprobs: list[float]  # (len(target_tokens),) log p(y_t | x, y_<t)
+    compute_ms: float
+
+
+class ScoreChoicesReply(_Reply):
+    op: Literal["score_choices"] = "score_choices"
+    prompt_tokens: int = 0  # length of the prompt as the agent tokenized it
+    targets_tokens: list[list[int]]  # (targets,) the ids scored, per target
+    logprobs: list[list[float]]  # (targets, len(target)) log p(y_t | x, y_<t), nats
+    compute_ms: float  # model time for all of them
+
+
+class ScoreResult(BaseModel):
+    """One sample of a ``score_many``: its scores, or why it could not be scored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_tokens: list[int] = Field(default_factory=list)
+    logprobs: list[float] = Field(default_factory=list)  # (len(target_tokens),)
+    error: ErrorBody | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self) -> ScoreResult:
+        if len(self.target_tokens) != len(self.logprobs):
+            raise ValueError("target_tokens and logprobs must have the same length")
+        return self
+
+
+class ScoreManyReply(_Reply):
+    op: Literal["score_many"] = "score_many"
+    results: list[ScoreResult]  # in the order of the request's samples
     compute_ms: float
 
 
@@ -195,13 +296,6 @@ class ProfileReply(_Reply):
     published: bool  # whether it replaced the retained profile
 
 
-class ErrorBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    code: str
-    message: str
-
-
 class ErrorReply(Message):
     ok: Literal[False] = False
     op: str | None = None
@@ -244,17 +338,23 @@ class _DistributionOptions(BaseModel):
 
 
 class OpenRequest(_Request[DistributionReply], _DistributionOptions):
-    """Open a session on a prompt; the reply carries the next-token distribution."""
+    """Open a session on a prompt; the reply carries the next-token distribution.
+
+    ``messages`` is a conversation the agent renders with its own model's chat template
+    (special tokens as themselves; ``add_bos`` does not apply)."""
 
     op: Literal["open"] = "open"
     prompt: Text | None = None
     tokens: TokenList | None = None
+    messages: Conversation | None = None
     add_bos: bool | None = None  # None: as the model expects
 
     @model_validator(mode="after")
     def _one_prompt(self) -> OpenRequest:
-        if (self.prompt is None) == (self.tokens is None):
-            raise ValueError("give exactly one of 'prompt' (text) or 'tokens' (ids)")
+        if sum(x is not None for x in (self.prompt, self.tokens, self.messages)) != 1:
+            raise ValueError(
+                "give exactly one of 'prompt' (text), 'tokens' (ids) or 'messages' (a conversation)"
+            )
         if self.tokens is not None and len(self.tokens) == 0:
             raise ValueError("'tokens' must not be empty")
         return self
@@ -304,6 +404,66 @@ class StepRequest(_Request[DistributionReply], _DistributionOptions):
         return data
 
 
+MAX_GAMMA = 256  # tokens one draft request may ask for
+
+# A piece fed to a session: a token id, or base64 bytes the agent tokenizes itself (how a
+# gateway feeds text chosen across vocabularies).
+FeedPiece = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=4, max_length=1024)]
+
+
+def _feed_bytes(piece: str) -> bytes:
+    try:
+        data = base64.b64decode(piece, validate=True)
+    except ValueError:
+        raise ValueError("a fed piece is a token id or base64 bytes") from None
+    if not data:
+        raise ValueError("a fed piece decodes to no bytes")
+    return data
+
+
+class _FeedRequest(_DistributionOptions):
+    session: str = Field(min_length=1, max_length=64)
+    # Roll the history back to its first `rewind_to` tokens first (a rejected draft).
+    rewind_to: int | None = Field(default=None, ge=1)
+    feed: Annotated[list[FeedPiece], Field(max_length=MAX_TOKENS_PER_REQUEST)]
+
+    @model_validator(mode="after")
+    def _valid_pieces(self) -> _FeedRequest:
+        for piece in self.feed:
+            if isinstance(piece, str):
+                _feed_bytes(piece)
+        return self
+
+    def pieces(self) -> list[int | bytes]:
+        """The fed pieces: token ids, or bytes to tokenize."""
+        return [x if isinstance(x, int) else _feed_bytes(x) for x in self.feed]
+
+    @staticmethod
+    def encode_pieces(pieces: list[int | bytes]) -> list[int | str]:
+        return [x if isinstance(x, int) else base64.b64encode(x).decode() for x in pieces]
+
+
+class DraftRequest(_Request[DistributionsReply], _FeedRequest):
+    """Feed pieces to a session, then draft up to ``gamma`` tokens from the model's own
+    distribution (greedy at temperature 0, else sampled from the distribution sent back,
+    sharpened and cut as ``moe2.agent.sampling`` does). Drafting stops early at an
+    end-of-generation token or a full context."""
+
+    op: Literal["draft"] = "draft"
+    feed: Annotated[list[FeedPiece], Field(min_length=1, max_length=MAX_TOKENS_PER_REQUEST)]
+    gamma: int = Field(ge=1, le=MAX_GAMMA)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=1 << 63)
+
+
+class VerifyRequest(_Request[DistributionsReply], _FeedRequest):
+    """Feed pieces to a session in one forward pass; one distribution after each piece."""
+
+    op: Literal["verify"] = "verify"
+    feed: Annotated[list[FeedPiece], Field(min_length=1, max_length=MAX_GAMMA + 1)]
+
+
 class CloseRequest(_Request[CloseReply]):
     op: Literal["close"] = "close"
     session: str = Field(min_length=1, max_length=64)
@@ -326,6 +486,62 @@ class ScoreRequest(_Request[ScoreReply]):
         if (self.target is None) == (self.target_tokens is None):
             raise ValueError("give exactly one of 'target' or 'target_tokens'")
         return self
+
+
+class ScoreChoicesRequest(_Request[ScoreChoicesReply]):
+    """Teacher-forced log-probabilities of each of several targets after one prompt (the
+    options of a multiple-choice question): the prompt is evaluated once and kept, and each
+    target after it, so N options cost one prompt pass instead of N."""
+
+    op: Literal["score_choices"] = "score_choices"
+    prompt: Text | None = None
+    prompt_tokens: TokenList | None = None
+    targets: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_CHOICES
+    )
+    targets_tokens: list[Annotated[TokenList, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_CHOICES
+    )
+    add_bos: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_each(self) -> ScoreChoicesRequest:
+        if (self.prompt is None) == (self.prompt_tokens is None):
+            raise ValueError("give exactly one of 'prompt' or 'prompt_tokens'")
+        if (self.targets is None) == (self.targets_tokens is None):
+            raise ValueError("give exactly one of 'targets' or 'targets_tokens'")
+        return self
+
+
+class ScoreSample(BaseModel):
+    """One (prompt, target) pair of a ``score_many`` request, as in ``score``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: Text | None = None
+    prompt_tokens: TokenList | None = None
+    target: Text | None = None
+    target_tokens: TokenList | None = None
+    add_bos: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_each(self) -> ScoreSample:
+        if (self.prompt is None) == (self.prompt_tokens is None):
+            raise ValueError("give exactly one of 'prompt' or 'prompt_tokens'")
+        if (self.target is None) == (self.target_tokens is None):
+            raise ValueError("give exactly one of 'target' or 'target_tokens'")
+        return self
+
+
+MAX_SCORE_SAMPLES = 256
+
+
+class ScoreManyRequest(_Request[ScoreManyReply]):
+    """Several teacher-forced scorings in one request (one round trip per batch); the
+    agent evaluates them together. A sample that fails has its own error in the reply."""
+
+    op: Literal["score_many"] = "score_many"
+    samples: list[ScoreSample] = Field(min_length=1, max_length=MAX_SCORE_SAMPLES)
 
 
 class TokenizeRequest(_Request[TokenizeReply]):
@@ -376,8 +592,12 @@ class ProfileRequest(_Request[ProfileReply]):
 RpcRequest = Annotated[
     OpenRequest
     | StepRequest
+    | DraftRequest
+    | VerifyRequest
     | CloseRequest
     | ScoreRequest
+    | ScoreChoicesRequest
+    | ScoreManyRequest
     | TokenizeRequest
     | DetokenizeRequest
     | VocabRequest
@@ -388,8 +608,12 @@ RpcRequest = Annotated[
 OPERATIONS = (
     "open",
     "step",
+    "draft",
+    "verify",
     "close",
     "score",
+    "score_choices",
+    "score_many",
     "tokenize",
     "detokenize",
     "vocab",
@@ -404,8 +628,11 @@ _request_adapter: TypeAdapter[Any] = TypeAdapter(RpcRequest)
 
 RpcReply = Annotated[
     DistributionReply
+    | DistributionsReply
     | CloseReply
     | ScoreReply
+    | ScoreChoicesReply
+    | ScoreManyReply
     | TokenizeReply
     | DetokenizeReply
     | VocabReply
@@ -418,7 +645,19 @@ _error_adapter = TypeAdapter(ErrorReply)
 
 
 def decode_request(payload: bytes | bytearray, max_bytes: int) -> Any:
-    """Parse and validate an RPC request; raises a ProtocolError subclass on bad input."""
+    """Parse and validate an RPC request in any codec (``codec.py``); raises a
+    ProtocolError subclass on bad input."""
+    if payload[:1] == b"\xb1":
+        from moe2.shared.protocol.codec import decode_bin1
+
+        if len(payload) > max_bytes:
+            raise MessageTooLarge(
+                f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}"
+            )
+        kind, body = decode_bin1(payload)
+        if kind != 0:
+            raise BadMessage("a bin1 request must carry its JSON text (kind 0)")
+        payload = body
     obj = parse_envelope(payload, max_bytes)
     op = obj.get("op")
     if op not in OPERATIONS:
@@ -430,7 +669,14 @@ def decode_request(payload: bytes | bytearray, max_bytes: int) -> Any:
 
 
 def decode_reply(payload: bytes | bytearray, max_bytes: int = 1 << 30) -> Any:
-    """Parse an RPC reply: a reply model, or an ErrorReply."""
+    """Parse an RPC reply in any codec: a reply model, or an ErrorReply."""
+    if payload[:1] == b"\xb1":
+        from moe2.shared.protocol.codec import decode_bin1
+
+        kind, body = decode_bin1(payload)
+        if kind != 0:
+            return body
+        payload = body
     obj = parse_envelope(payload, max_bytes)
     try:
         if obj.get("ok") is False:
@@ -442,5 +688,5 @@ def decode_reply(payload: bytes | bytearray, max_bytes: int = 1 << 30) -> Any:
 
 def request_op(payload: bytes | bytearray) -> str | None:
     """Best-effort op name of a request that failed to decode (for the error reply)."""
-    m = re.search(rb'"op"\s*:\s*"([a-z_]{1,20})"', payload[:4096])
+    m = re.search(rb'"op"\s*:\s*"([a-z_]{1,20})"', bytes(payload[:4096]))
     return m.group(1).decode() if m else None

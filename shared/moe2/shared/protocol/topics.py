@@ -14,6 +14,7 @@ TopicKind = Literal[
     "profile",  # agents/<agent>/profile      retained AgentProfile
     "links",  # agents/<gateway>/links        retained LinkReport
     "gateway",  # agents/<gateway>/gateway    retained GatewayStatus (LWT offline)
+    "stats",  # agents/<gateway>/stats        retained AppStats (measured per-app costs)
     "rpc",  # agents/<agent>/rpc              RPC requests
     "assignment_ack",  # agents/<gateway>/acks/<app>      retained AssignmentAck
     "gate_ack",  # agents/<gateway>/gates/<version>       retained GateAck
@@ -21,7 +22,7 @@ TopicKind = Literal[
     "gate_manifest",  # gates/<version>                   retained GateManifest
     "blob_chunk",  # blobs/<sha256>/<index>               retained raw bytes
     "prompt",  # prompts/<app>                            the public prompt API
-    "reply",  # replies/<client>/...                      answers and RPC replies
+    "reply",  # replies/<owner>/...                       answers and RPC replies
 ]
 
 _AGENT_LEAVES = {
@@ -30,6 +31,7 @@ _AGENT_LEAVES = {
     "profile": "profile",
     "links": "links",
     "gateway": "gateway",
+    "stats": "stats",
     "rpc": "rpc",
 }
 
@@ -44,8 +46,8 @@ class Topic:
     version: str | None = None  # gate version
     sha256: str | None = None
     index: int | None = None  # blob chunk index
-    client: str | None = None  # replies/<client>/...
-    rest: tuple[str, ...] = ()  # replies/<client>/<rest...>
+    client: str | None = None  # replies/<owner>/...: the user (or client) it is addressed to
+    rest: tuple[str, ...] = ()  # replies/<owner>/<rest...>
 
 
 def parse(topic: str) -> Topic | None:
@@ -109,6 +111,11 @@ class topics:
         return f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/gateway"
 
     @staticmethod
+    def gateway_stats(gateway: str) -> str:
+        """Retained AppStats: what each application's answers cost at this gateway."""
+        return f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/stats"
+
+    @staticmethod
     def gateway_links(gateway: str) -> str:
         """Retained LinkReport: round trip and payload rate from a gateway to each expert."""
         return f"{TOPIC_ROOT}/agents/{check_name('agent id', gateway)}/links"
@@ -119,34 +126,51 @@ class topics:
     ALL_AGENT_PROFILES = f"{TOPIC_ROOT}/agents/+/profile"
     ALL_GATEWAY_LINKS = f"{TOPIC_ROOT}/agents/+/links"
     ALL_GATEWAY_STATUS = f"{TOPIC_ROOT}/agents/+/gateway"
+    ALL_GATEWAY_STATS = f"{TOPIC_ROOT}/agents/+/stats"
 
     # ------------------------------------------------------------------ replies
-    # Everything addressed to one client lives under replies/<client>/: the broker's ACL
-    # lets user <client> read exactly that subtree.
+    # Everything addressed to one client lives under replies/<owner>/, where <owner> is the
+    # client's broker login (or its client id on a broker without logins): the broker's ACL
+    # lets user <owner> read exactly that subtree. replies/<owner>/rpc/... is kept for RPC
+    # replies; prompt answers may go anywhere else below replies/<owner>/.
+
+    REPLIES_ROOT = f"{TOPIC_ROOT}/replies"
 
     @staticmethod
-    def replies(client_id: str) -> str:
-        """The subtree of everything addressed to ``client_id`` (subscribe to ``.../#``)."""
-        return f"{TOPIC_ROOT}/replies/{check_name('client id', client_id)}"
+    def replies(owner: str) -> str:
+        """The subtree of everything addressed to ``owner`` (subscribe to ``.../#``)."""
+        return f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}"
 
     @staticmethod
-    def rpc_reply(client_id: str, agent_id: str) -> str:
-        """Where ``agent_id`` answers the RPC requests of ``client_id``: the topic names the
+    def rpc_reply(owner: str, agent_id: str) -> str:
+        """Where ``agent_id`` answers the RPC requests of ``owner``: the topic names the
         replier, so a reply is accepted only from the agent that was asked."""
         return (
-            f"{TOPIC_ROOT}/replies/{check_name('client id', client_id)}/rpc/"
+            f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/rpc/"
             f"{check_name('agent id', agent_id)}"
         )
 
     @staticmethod
-    def rpc_replies(client_id: str) -> str:
+    def rpc_replies(owner: str) -> str:
         """The filter an RPC client subscribes to: replies from every agent."""
-        return f"{TOPIC_ROOT}/replies/{check_name('client id', client_id)}/rpc/+"
+        return f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/rpc/+"
 
     @staticmethod
-    def client_answers(client_id: str) -> str:
-        """Inbox of a prompt client (``PromptClient``, ``moe2ctl ask``)."""
-        return f"{TOPIC_ROOT}/replies/{check_name('client id', client_id)}/answers"
+    def sync_marker(owner: str, client_id: str) -> str:
+        """A client's own end-of-retained marker: published after subscribing, it arrives
+        after every retained message of those subscriptions."""
+        return (
+            f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/sync/"
+            f"{check_name('client id', client_id)}"
+        )
+
+    @staticmethod
+    def client_answers(owner: str, client_id: str) -> str:
+        """Inbox of one prompt client (``PromptClient``, ``moe2ctl ask``) of user ``owner``."""
+        return (
+            f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/answers/"
+            f"{check_name('client id', client_id)}"
+        )
 
     # ------------------------------------------------------------------ prompts
 

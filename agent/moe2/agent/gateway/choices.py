@@ -1,0 +1,207 @@
+"""Multiple-choice prompts: answered by scoring, not by generating.
+
+A prompt that carries ``choices`` is routed like any other (the application's subset, the
+gate's top-k of its online members), then every chosen expert scores every choice as the text
+that follows the prompt, teacher forced, in one ``score_choices`` request (the prompt is
+evaluated once per expert; an agent without that operation gets one ``score`` request per
+choice). The experts' log-probabilities are fused with the one mixing rule
+(``moe2.shared.mixing``: per token when the chosen experts share a tokenizer hash, per whole
+option otherwise), exactly as the controller fuses stored scores, and the answer is the option
+of highest fused log-likelihood::
+
+    scorer = ChoiceScorer("gw-1", rpc, fleet, router, gates, config, stats)
+    answer = scorer.answer("qa", request, received=time.monotonic())
+    answer.choice, answer.logprobs, answer.mixing
+
+Experts that fail or stay silent are dropped and the others' weights renormalised, as in
+generation; when every one fails the prompt gets one error. Each answer is counted in the
+application's figures (``stats.py``) as a generation of the chosen option would be: its
+latency over the option's steps, the experts' energy from their profiles at the prompt's
+length.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+from moe2.agent.gateway.config import GatewayConfig
+from moe2.agent.gateway.gate import Gate, UniformGate, renormalise, top_k
+from moe2.agent.gateway.routing import AppRouter
+from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
+from moe2.shared import mixing
+from moe2.shared import protocol as p
+from moe2.shared.errors import (
+    BadMessage,
+    ContextOverflow,
+    DeadlineExceeded,
+    InternalError,
+    Moe2Error,
+    NoExperts,
+    RequestTimeout,
+    UnknownOperation,
+)
+from moe2.shared.fleet import FleetView
+from moe2.shared.mqtt import RpcClient
+
+log = logging.getLogger(__name__)
+
+
+class ChoiceScorer:
+    def __init__(
+        self,
+        gateway_id: str,
+        rpc: RpcClient,
+        fleet: FleetView,
+        router: AppRouter,
+        gates: Mapping[str, Gate],  # the gateway's gates per application (updated in place)
+        config: GatewayConfig,
+        stats: AppStatsWindow | None = None,
+    ) -> None:
+        self.id = gateway_id
+        self.rpc = rpc
+        self.fleet = fleet
+        self.router = router
+        self.gates = gates
+        self.config = config
+        self.stats = stats
+
+    def answer(self, app: str, req: p.PromptRequest, received: float) -> p.ChoiceAnswer:
+        choices = list(req.choices or [])
+        if len(choices) < 2:
+            raise BadMessage("a multiple-choice prompt needs two or more choices")
+        if req.prompt is None:
+            raise BadMessage("'choices' go with a text 'prompt', not with 'messages'")
+        prompt = req.prompt
+        plan = self.router.plan(app)
+        infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
+        if not infos:
+            raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
+        online = [n for n in plan.subset if n in infos]
+        gate = self.gates.get(app, UniformGate())
+        chosen = dict(top_k(gate.values(prompt, online), online, plan.k))
+        deadline = received + self.config.deadline_s
+        futures = {
+            n: self.rpc.call_async(n, p.ScoreChoicesRequest(prompt=prompt, targets=choices))
+            for n in chosen
+        }
+        replies, dropped = self._gather(futures, prompt, choices, deadline)
+        weights = renormalise({n: chosen[n] for n in chosen if n in replies})
+        names = list(weights)
+        level = mixing.level_of([frozenset({infos[n].tokenizer_hash}) for n in names])
+        if level == mixing.TOKEN:
+            _check_same_tokens(replies, names)
+        log_w = np.log(np.array([weights[n] for n in names]))[:, None]  # (experts, 1)
+        fused: list[float] = []
+        steps: list[int] = []
+        for o in range(len(choices)):
+            logp = mixing.padded([replies[n].logprobs[o] for n in names])  # (experts, tokens)
+            u = mixing.units(logp, level, f"prompt {req.id} choice {o}")
+            fused.append(float(mixing.mixture_loglik(log_w, u)))
+            steps.append(mixing.steps(logp))
+        choice = int(np.argmax(fused))
+        latency_s = time.monotonic() - received
+        if self.stats is not None:
+            energy, measured = answer_energy(
+                self.fleet.copy().profile,
+                {n: replies[n].prompt_tokens for n in names},
+                steps[choice],
+            )
+            self.stats.answered(
+                app,
+                latency_s=latency_s,
+                steps=steps[choice],
+                energy_j_per_step=energy,
+                energy_measured=measured,
+            )
+        return p.ChoiceAnswer(
+            id=req.id,
+            choice=choice,
+            logprobs=fused,
+            experts=[p.ExpertWeight(id=n, weight=w) for n, w in weights.items()],
+            mixing=level,
+            steps=steps,
+            latency_ms=latency_s * 1e3,
+            compute_ms={n: replies[n].compute_ms for n in names},
+            app=app,
+            dropped=dropped,
+            gateway=self.id,
+        )
+
+    def _gather(
+        self,
+        futures: dict[str, Future[p.ScoreChoicesReply]],
+        prompt: str,
+        choices: list[str],
+        deadline: float,
+    ) -> tuple[dict[str, p.ScoreChoicesReply], list[p.DroppedExpert]]:
+        """Every expert's reply that fits the question; the others dropped, with why."""
+        end = min(deadline, time.monotonic() + self.config.open_timeout_s)
+        replies: dict[str, p.ScoreChoicesReply] = {}
+        dropped: list[p.DroppedExpert] = []
+        for name, fut in futures.items():
+            try:
+                try:
+                    reply = self.rpc.wait(fut, max(0.0, end - time.monotonic()))
+                except UnknownOperation:  # an agent older than score_choices
+                    reply = self._one_by_one(name, prompt, choices, end)
+                _check_reply(reply, len(choices))
+                replies[name] = reply
+            except RequestTimeout:
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded("the prompt's deadline passed while scoring") from None
+                dropped.append(_dropped(name, f"no reply within {self.config.open_timeout_s:g} s"))
+            except Moe2Error as exc:
+                dropped.append(_dropped(name, f"{exc.code}: {exc.message}"))
+        for d in dropped:
+            log.warning("expert %s left out of a multiple-choice answer: %s", d.id, d.reason)
+        if not replies:
+            reasons = "; ".join(f"{d.id}: {d.reason}" for d in dropped)
+            if all(d.reason.startswith(ContextOverflow.code) for d in dropped):
+                raise ContextOverflow(f"the prompt and its choices exceed every context: {reasons}")
+            raise NoExperts(f"every expert chosen for this prompt failed: {reasons}")
+        return replies, dropped
+
+    def _one_by_one(
+        self, name: str, prompt: str, choices: list[str], end: float
+    ) -> p.ScoreChoicesReply:
+        futures = [
+            self.rpc.call_async(name, p.ScoreRequest(prompt=prompt, target=c)) for c in choices
+        ]
+        got = [self.rpc.wait(f, max(0.0, end - time.monotonic())) for f in futures]
+        return p.ScoreChoicesReply(
+            targets_tokens=[g.target_tokens for g in got],
+            prompt_tokens=0,  # a score reply does not say (only the stats use it)
+            logprobs=[g.logprobs for g in got],
+            compute_ms=sum(g.compute_ms for g in got),
+        )
+
+
+def _dropped(name: str, reason: str) -> p.DroppedExpert:
+    return p.DroppedExpert(id=name, reason=reason, at_token=0)
+
+
+def _check_reply(reply: p.ScoreChoicesReply, n_choices: int) -> None:
+    """BadMessage unless the reply holds one finite log-probability per scored token."""
+    if len(reply.logprobs) != n_choices or len(reply.targets_tokens) != n_choices:
+        raise BadMessage(f"scores of {len(reply.logprobs)} choices, expected {n_choices}")
+    for lp, toks in zip(reply.logprobs, reply.targets_tokens):
+        if not lp or len(lp) != len(toks):
+            raise BadMessage("a choice's scores do not match its tokens")
+        if not all(np.isfinite(x) and x <= 1e-6 for x in lp):
+            raise BadMessage("scores must be finite natural-log probabilities (<= 0)")
+
+
+def _check_same_tokens(replies: Mapping[str, p.ScoreChoicesReply], names: Sequence[str]) -> None:
+    """Experts of one vocabulary must have scored the same ids, or per-token mixing is wrong."""
+    first = replies[names[0]].targets_tokens
+    for n in names[1:]:
+        if replies[n].targets_tokens != first:
+            raise InternalError(
+                f"experts {names[0]} and {n} share a tokenizer hash but tokenized the choices "
+                "differently"
+            )
