@@ -139,3 +139,28 @@ def test_cluster_command_stores_shows_and_plots(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "already exists" in again.output
     bad = runner.invoke(main, ["experts", "cluster", "--dataset", "nope", "--db", db])
     assert bad.exit_code == 1 and "no dataset 'nope'" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing"),
+    [
+        (["experts", "cluster", "--jsonl", "FILE"], "sklearn"),
+        (["experts", "finetune", "--base", "FILE"], "peft"),
+    ],
+)
+def test_a_missing_extra_is_named(
+    argv: list[str], missing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a)
+    )
+    (tmp_path / "file").write_text("")  # never read: the check comes first
+    argv = [str(tmp_path / "file") if a == "FILE" else a for a in argv]
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    res = CliRunner().invoke(main, [*argv, "--db", db], env={"MOE2_DATA_DIR": str(tmp_path)})
+    assert res.exit_code == 1, res.output
+    assert f"needs {missing}" in res.stderr
+    assert "pip install 'moe2-edge-controller[experts]'" in res.stderr
