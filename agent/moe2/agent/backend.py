@@ -33,6 +33,15 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class AdapterMeta:
+    """A LoRA adapter applied on top of the model, as its file describes itself."""
+
+    name: str | None  # general.name
+    cluster: str | None  # moe2.expert.cluster
+    scale: float
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     architecture: str
@@ -48,6 +57,7 @@ class ModelInfo:
     chat_template: str | None
     bos_text: str | None = None  # the BOS token's text, as a chat template writes it
     eos_text: str | None = None  # the EOS token's text
+    adapter: AdapterMeta | None = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ A file (``moe2-agent --config /etc/moe2/agent.toml``)::
 
     id = "orin-1"
     model = "/var/lib/moe2/models/smollm2-135m-instruct-q4_1.gguf"
+    lora = "/var/lib/moe2/experts/smollm2-c2.gguf"     # optional: serve a domain expert
     device_class = "orin-agx-64gb"
     n_ctx = 2048
     max_sessions = 16
@@ -132,6 +133,23 @@ class AgentConfig(BaseModel):
         description="agent id, unique in the fleet (default: host name)",
     )
     model: Path = Field(description="GGUF model file to serve")
+    lora: Path | None = Field(
+        default=None,
+        description="LoRA adapter GGUF applied on top of the model (a domain expert of it)",
+    )
+    lora_scale: float = Field(
+        default=1.0, gt=0, le=16, description="scale of the adapter (on top of alpha / rank)"
+    )
+    lora_name: str | None = Field(
+        default=None,
+        max_length=128,
+        description="expert label announced for the adapter (default: its general.name)",
+    )
+    lora_cluster: str | None = Field(
+        default=None,
+        max_length=128,
+        description="prompt cluster the adapter was trained on (default: from its metadata)",
+    )
     device_class: str = Field(
         default="cpu-generic",
         description="device class from firmware-configs/ (cost model figures), "
@@ -234,4 +252,11 @@ class AgentConfig(BaseModel):
     def _model_exists(cls, v: Path) -> Path:
         if not v.is_file():
             raise ValueError(f"model file {v} does not exist")
+        return v
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"LoRA adapter file {v} does not exist")
         return v

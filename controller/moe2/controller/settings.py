@@ -5,7 +5,7 @@ Filled from (lowest first) defaults, a TOML file (``moe2ctl --config FILE``, els
 environment variables and command-line flags; validated once when ``moe2ctl`` starts and
 passed down through the click context::
 
-    data_dir = "/var/lib/moe2/controller"        # registry, gates, problem files
+    data_dir = "/var/lib/moe2/controller"        # registry, gates, problem files, experts
     db_url = "postgresql://moe2@db/moe2"         # default: SQLite in data_dir
     models_dir = "/var/lib/moe2/models"
 
@@ -74,6 +74,11 @@ class ControllerSettings(BaseModel):
     @property
     def gates_dir(self) -> Path:
         return self.data_dir / "gates"
+
+    @property
+    def experts_dir(self) -> Path:
+        """Clustering plots, LoRA adapters and their checkpoints (``moe2ctl experts``)."""
+        return self.data_dir / "experts"
 
     @property
     def problems_dir(self) -> Path:

@@ -106,6 +106,13 @@ def datasets_cmd() -> None:
     default=None,
     help="with --benchmark: a seeded random subset of this many samples",
 )
+@click.option(
+    "--split",
+    type=click.Choice(ds.SPLITS),
+    default="test",
+    show_default=True,
+    help="with --benchmark: 'heldout' never overlaps the 'train' split experts are fine-tuned on",
+)
 @db_option
 @json_option
 def datasets_add(
@@ -119,6 +126,7 @@ def datasets_add(
     option_format: str,
     benchmark: str | None,
     limit: int | None,
+    split: str,
     db_url: str | None,
     as_json: bool,
 ) -> None:
@@ -126,8 +134,10 @@ def datasets_add(
     if sum(x is not None for x in (tiny, jsonl, benchmark)) != 1:
         raise ConfigError("give exactly one of --tiny DOMAINS, --jsonl FILE or --benchmark NAME")
     if benchmark is not None:
-        samples = ds.from_benchmark(benchmark, limit, seed=seed)
+        samples = ds.from_benchmark(benchmark, limit, seed=seed, split=split)
         source = f"benchmark:{benchmark}:limit={limit}:seed={seed}"
+        if split != "test":  # sources of datasets added before splits existed stay the same
+            source += f":split={split}"
     elif tiny is not None:
         samples = ds.tiny_domains(tiny.split(","), per_domain, seed=seed, choices=choices)
         source = f"tiny:{tiny}:n={per_domain}:seed={seed}:choices={choices}"

@@ -24,9 +24,12 @@ from moe2.controller.registry.schema import (
     Agent,
     Assignment,
     AssignmentAckRow,
+    ClusteringRow,
+    ClusterMember,
     Dataset,
     Decision,
     EmbeddingCache,
+    ExpertAdapterRow,
     GateAckRow,
     GateVersion,
     Lease,
@@ -83,6 +86,21 @@ class ScoreTable:
     samples: list[SampleRow]
     logp: list[list[np.ndarray]]
     tokenizers: list[list[frozenset[str]]]
+
+
+@dataclass(frozen=True)
+class ClusteringRecord:
+    """A stored clustering with its centroids decoded."""
+
+    id: int
+    name: str
+    dataset: str
+    encoder: str
+    k: int
+    seed: int
+    centroids: np.ndarray  # (k, dim) float32
+    metrics: dict[str, Any]
+    created_at: float
 
 
 class Registry:
@@ -496,3 +514,111 @@ class Registry:
             s.add(row)
             s.commit()
             return int(row.id)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ clusterings, experts
+
+    def add_clustering(
+        self,
+        name: str,
+        dataset: str,
+        encoder: str,
+        seed: int,
+        centroids: np.ndarray,
+        members: dict[int, int],
+        metrics: dict[str, Any],
+    ) -> ClusteringRecord:
+        """Store a clustering of ``dataset``: ``centroids`` (k, dim), ``members`` {sample id:
+        cluster}. Names are unique: storing one twice is refused."""
+        ds = self.dataset(dataset)
+        cents = np.ascontiguousarray(centroids, dtype="<f4")
+        with self.session() as s:
+            q = select(ClusteringRow).where(ClusteringRow.name == name)  # type: ignore[arg-type]
+            if s.execute(q).scalars().first() is not None:
+                raise ConfigError(f"clustering {name!r} already exists; pick another --name")
+            row = ClusteringRow(
+                name=name,
+                dataset_id=int(ds.id),  # type: ignore[arg-type]
+                encoder=encoder,
+                k=int(cents.shape[0]),
+                seed=seed,
+                dim=int(cents.shape[1]),
+                centroids=cents.tobytes(),
+                metrics_json=json.dumps(metrics),
+            )
+            s.add(row)
+            s.flush()
+            rows = [
+                {"clustering_id": row.id, "sample_id": sid, "cluster": int(c)}
+                for sid, c in members.items()
+            ]
+            if rows:
+                s.execute(insert(ClusterMember.__table__), rows)  # type: ignore[attr-defined]
+            s.commit()
+            return self._clustering_record(row, ds.name)
+
+    def _clustering_record(self, row: ClusteringRow, dataset: str) -> ClusteringRecord:
+        cents = np.frombuffer(row.centroids, dtype="<f4").reshape(row.k, row.dim).copy()
+        return ClusteringRecord(
+            int(row.id),  # type: ignore[arg-type]
+            row.name,
+            dataset,
+            row.encoder,
+            row.k,
+            row.seed,
+            cents,
+            json.loads(row.metrics_json),
+            row.created_at,
+        )
+
+    def clusterings(self) -> list[ClusteringRecord]:
+        with self.session() as s:
+            rows = list(s.execute(select(ClusteringRow)).scalars())
+            names = {d.id: d.name for d in s.execute(select(Dataset)).scalars()}
+        rows.sort(key=lambda r: (r.created_at, r.id or 0))
+        return [self._clustering_record(r, names[r.dataset_id]) for r in rows]
+
+    def clustering(self, name: str | None = None) -> ClusteringRecord:
+        """The clustering called ``name``, or the latest one."""
+        known = self.clusterings()
+        if not known:
+            raise ConfigError("no clustering in the registry yet: run `moe2ctl experts cluster`")
+        if name is None:
+            return known[-1]
+        for c in known:
+            if c.name == name:
+                return c
+        raise ConfigError(
+            f"no clustering {name!r} in the registry; known: {', '.join(c.name for c in known)}"
+        )
+
+    def cluster_members(self, clustering: str) -> dict[int, int]:
+        """{sample id: cluster} of a stored clustering."""
+        cid = self.clustering(clustering).id
+        with self.session() as s:
+            q = select(ClusterMember).where(ClusterMember.clustering_id == cid)  # type: ignore[arg-type]
+            return {m.sample_id: m.cluster for m in s.execute(q).scalars()}
+
+    def add_expert(self, row: ExpertAdapterRow) -> None:
+        """Store an expert adapter; one with the same name is replaced (a re-run)."""
+        with self.session() as s:
+            old = s.get(ExpertAdapterRow, row.name)
+            if old is not None:
+                s.delete(old)
+                s.flush()
+            s.add(row)
+            s.commit()
+
+    def experts(self) -> list[ExpertAdapterRow]:
+        with self.session() as s:
+            q = select(ExpertAdapterRow).order_by(ExpertAdapterRow.name)
+            return list(s.execute(q).scalars())
+
+    def expert(self, name: str) -> ExpertAdapterRow:
+        with self.session() as s:
+            row = s.get(ExpertAdapterRow, name)
+        if row is None:
+            names = [e.name for e in self.experts()]
+            raise ConfigError(
+                f"no expert {name!r} in the registry; known: {', '.join(names) or 'none'}"
+            )
+        return row

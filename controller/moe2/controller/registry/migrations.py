@@ -30,8 +30,14 @@ def _v3(conn: Connection) -> None:
         SQLModel.metadata.tables[str(model.__tablename__)].create(conn, checkfirst=True)
 
 
+def _v4(conn: Connection) -> None:
+    """Domain experts: clusterings, their members, LoRA expert adapters."""
+    for name in ("clusterings", "cluster_members", "expert_adapters"):
+        SQLModel.metadata.tables[name].create(conn, checkfirst=True)
+
+
 # version -> step that brings the schema from version-1 to version
-STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3}
+STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4}
 LATEST = max(STEPS)
 
 

@@ -182,6 +182,54 @@ class Lease(SQLModel, table=True):
     expires_at: float  # unix seconds
 
 
+class ClusteringRow(SQLModel, table=True):
+    """K-means over the sentence embeddings of a dataset's prompts (migration 4): the
+    clusters domain experts are fine-tuned on."""
+
+    __tablename__ = "clusterings"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    dataset_id: int = Field(foreign_key="datasets.id", index=True)
+    encoder: str  # embedding model, e.g. all-MiniLM-L6-v2
+    k: int
+    seed: int
+    dim: int
+    centroids: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # (k, dim) <f4
+    metrics_json: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: float = Field(default_factory=_now)
+
+
+class ClusterMember(SQLModel, table=True):
+    """Which cluster each sample of the clustered dataset fell into (migration 4)."""
+
+    __tablename__ = "cluster_members"
+
+    clustering_id: int = Field(foreign_key="clusterings.id", primary_key=True)
+    sample_id: int = Field(foreign_key="samples.id", primary_key=True)
+    cluster: int = Field(index=True)
+
+
+class ExpertAdapterRow(SQLModel, table=True):
+    """A LoRA expert fine-tuned on one cluster, served as base GGUF + adapter (migration 4)."""
+
+    __tablename__ = "expert_adapters"
+
+    name: str = Field(primary_key=True)
+    clustering_id: int | None = Field(default=None, foreign_key="clusterings.id")
+    cluster: int | None = None
+    base_path: str  # the base model it was trained on (GGUF file or HF folder)
+    base_sha256: str | None = None  # of a GGUF base
+    architecture: str
+    adapter_path: str  # the LoRA GGUF
+    adapter_sha256: str
+    merged_path: str | None = None  # optional merged (quantised) GGUF
+    split: str  # the data it was fine-tuned on, e.g. "benchmark:mmlu:split=train"
+    config_json: str = Field(sa_column=Column(Text, nullable=False))
+    metrics_json: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: float = Field(default_factory=_now)
+
+
 TABLES = [
     SQLModel.metadata.tables[str(m.__tablename__)]
     for m in (
@@ -198,5 +246,8 @@ TABLES = [
         EmbeddingCache,
         Decision,
         Lease,
+        ClusteringRow,
+        ClusterMember,
+        ExpertAdapterRow,
     )
 ]

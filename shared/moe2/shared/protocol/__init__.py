@@ -31,7 +31,13 @@ base64 little-endian float32 log-probabilities. RPC payloads may also travel in 
 ``bin1`` codec (``codec.py``), negotiated per agent through ``AgentInfo.codecs``.
 """
 
-from moe2.shared.protocol.agents import AgentInfo, AgentStatus, ComputeBackend, ComputeDevice
+from moe2.shared.protocol.agents import (
+    AdapterInfo,
+    AgentInfo,
+    AgentStatus,
+    ComputeBackend,
+    ComputeDevice,
+)
 from moe2.shared.protocol.base import (
     MAX_CHOICES,
     MAX_TEXT_CHARS,
@@ -122,6 +128,7 @@ __all__ = [
     "OPERATIONS",
     "SCHEMA_VERSION",
     "TOPIC_ROOT",
+    "AdapterInfo",
     "AgentInfo",
     "AgentProfile",
     "AgentStatus",

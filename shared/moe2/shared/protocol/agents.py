@@ -37,6 +37,19 @@ class ComputeBackend(BaseModel):
     devices: list[ComputeDevice] = Field(default_factory=list)
 
 
+class AdapterInfo(BaseModel):
+    """A LoRA adapter the agent applies on top of its base model (a domain expert). The base
+    keeps its vocabulary, so experts of one base share ``tokenizer_hash`` and fuse by id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # label of the expert (configured, else the adapter file's general.name)
+    file: str  # file name of the adapter GGUF
+    sha256: str | None = None  # of the adapter file, when computed
+    scale: float = Field(default=1.0, gt=0)  # llama.cpp scale on top of alpha / rank
+    cluster: str | None = None  # the prompt cluster it was fine-tuned on, when known
+
+
 class AgentInfo(Message):
     """Retained on ``agents/<id>/info``: what this agent serves. A gateway trusts none of it
     blindly: ``n_vocab`` and ``tokenizer_hash`` must match the vocabulary the agent serves
@@ -60,6 +73,9 @@ class AgentInfo(Message):
     software_version: str
     max_sessions: int = Field(ge=1, le=4096)  # sessions it holds at once (open beyond: busy)
     started_at: float  # unix seconds
+    # Added with domain experts; absent (and so unchanged on the wire) without an adapter.
+    # An older peer rejects an info that has it: upgrade peers before serving adapters.
+    adapter: AdapterInfo | None = None
     # RPC payload codecs this agent reads (protocol/codec.py); older agents read JSON only.
     codecs: list[str] = Field(default_factory=lambda: ["json"])
 
