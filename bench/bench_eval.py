@@ -268,8 +268,8 @@ def main() -> None:
                     else []
                 )
                 fleet.start(
-                    agent_id, model, "--n-threads", "1", "--device-class", device, "--n-gpu-layers", "0",
-                    *PROFILE, *flags, *role,
+                    agent_id, model, "--n-threads", "1", "--device-class", device,
+                    "--n-gpu-layers", "0", *PROFILE, *flags, *role,
                 )  # fmt: skip
                 # One at a time: agents profiling together on one machine slow each other down
                 # and their profiles would promise too much delay.

@@ -7,7 +7,6 @@ scheduler (``batching.py``) runs batched with every other session's work.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -349,24 +348,47 @@ class AgentService:
             self._vocab_reply = p.encode_vocab(self.backend.info.tokenizer_hash, pieces)
         return self._vocab_reply
 
-    def _score_choices(self, req: p.ScoreChoicesRequest) -> p.ScoreChoicesReply:
+    def _score_choices(self, req: p.ScoreChoicesRequest) -> ScoreMany:
+        """The options of one question, each scored after the same prompt, side by side in
+        the same ticks (each on a sequence of its own, batched with whatever else runs)."""
         prompt = self._prompt_tokens(req.prompt, req.prompt_tokens, req.add_bos)
         if req.targets_tokens is not None:
-            targets = req.targets_tokens
+            targets = [list(t) for t in req.targets_tokens]
         else:
             targets = [self.backend.tokenize(t, add_bos=False) for t in req.targets or []]
             empty = [i for i, t in enumerate(targets) if not t]
             if empty:
                 raise BadMessage(f"target(s) {empty} tokenize to nothing")
-        t0 = time.perf_counter()
-        logprobs = self.backend.score_choices(prompt, targets)
-        ms = (time.perf_counter() - t0) * 1e3
-        return p.ScoreChoicesReply(
-            prompt_tokens=len(prompt),
-            targets_tokens=[list(t) for t in targets],
-            logprobs=[lp.tolist() for lp in logprobs],
-            compute_ms=ms,
+        if not prompt:
+            raise BadMessage("scoring needs a non-empty prompt")
+        self._check_tokens([*prompt, *(t for target in targets for t in target)])
+        longest = max(len(t) for t in targets)
+        if len(prompt) + longest > self.backend.info.n_ctx:
+            raise ContextOverflow(
+                f"prompt ({len(prompt)}) + longest target ({longest}) tokens exceed the context "
+                f"of {self.backend.info.n_ctx}"
+            )
+
+        def reply(results: list[p.ScoreResult]) -> p.ScoreChoicesReply:
+            for r in results:
+                if r.error is not None:
+                    raise error_from_reply(r.error.code, r.error.message)
+            return p.ScoreChoicesReply(
+                prompt_tokens=len(prompt),
+                targets_tokens=[r.target_tokens for r in results],
+                logprobs=[r.logprobs for r in results],
+                compute_ms=task.compute_s * 1e3,
+            )
+
+        pairs: list[Pair | Moe2Error] = [(list(prompt), t) for t in targets]
+        task = ScoreMany(
+            self.backend,
+            pairs,
+            reply,
+            parallel=self.score_parallel,
+            chunk=self._score_chunk(),
         )
+        return task
 
     def _profile(self, req: p.ProfileRequest) -> p.ProfileReply:
         """Measure this agent now; the daemon publishes the profile when ``req.publish``."""
