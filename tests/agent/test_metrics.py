@@ -73,7 +73,12 @@ def test_metrics_move_with_traffic(
     assert total(after, "moe2_gateway_prompts_in_flight") == 0
     # The gateway's agent is one of the experts: its model thread served open and step.
     assert total(after, "moe2_agent_requests_total", op="open") >= 2
-    assert total(after, "moe2_agent_requests_total", op="step") >= tokens - 2
+    # Tokens after the first come from steps (per-token decoding) or from verifications and
+    # drafts (speculative, the default): at least one such request per answer.
+    decode = sum(
+        total(after, "moe2_agent_requests_total", op=op) for op in ("step", "verify", "draft")
+    )
+    assert decode >= len(answers)
     assert total(after, "moe2_agent_tokens_evaluated_total") > total(
         before, "moe2_agent_tokens_evaluated_total"
     )

@@ -256,9 +256,14 @@ def _pipeline(
     with steps.step("prompts", f"prompts from a client through app {APP!r}"):
         _prompts(cfg, fleet_kind, reg, dataset)
 
-    title = "evaluation: MoE² against its baselines, every answer through the gateway"
+    # On the embedded broker, rumqttd 0.20 keeps dropping the gateway's connection after the
+    # optimiser's push (cause not found yet; README, troubleshooting): there the evaluation
+    # answers from the stored scores.
+    answerer = "scores" if broker.name == "iotcore" else "gateway"
+    how = "every answer through the gateway" if answerer == "gateway" else "from stored scores"
+    title = f"evaluation: MoE² against its baselines, {how}"
     with steps.step("evaluation", title):
-        report.facts["evaluation"] = _evaluate(stack, reg, cfg, k, gate["version"])
+        report.facts["evaluation"] = _evaluate(stack, reg, cfg, k, gate["version"], answerer)
     report.facts["costs"] = (
         "delay measured on this machine; energy modelled from each declared device "
         "class's power figures (≈)"
@@ -514,7 +519,12 @@ def _prompts(broker: BrokerConfig, fleet_kind: str, reg: Any, dataset: str) -> N
 
 
 def _evaluate(
-    stack: contextlib.ExitStack, reg: Any, broker: BrokerConfig, k: int, gate: str
+    stack: contextlib.ExitStack,
+    reg: Any,
+    broker: BrokerConfig,
+    k: int,
+    gate: str,
+    answerer_kind: str = "gateway",
 ) -> dict[str, Any]:
     from moe2.controller.evaluate.cli import RouteBars, held_out_sets, make_answerer, measured_links
     from moe2.controller.evaluate.report import markdown
@@ -528,7 +538,9 @@ def _evaluate(
     )
     grid = Grid((None,), (*energies, None))
     bars = RouteBars()
-    answerer = make_answerer("gateway", test, reg, broker, progress=bars)
+    answerer = make_answerer(answerer_kind, test, reg, broker, progress=bars)
+    if answerer_kind != "gateway":
+        say("on the embedded broker: answers from the stored scores, not through the gateway")
     stack.callback(answerer.close)
     say(f"{test.mixed.n_samples} held-out questions; E_max grid {energies} J/step and none")
     result = evaluate(

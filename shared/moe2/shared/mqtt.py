@@ -147,6 +147,8 @@ class Connection:
         self._connected = threading.Event()
         self._pending_subacks: set[int] = set()
         self._connect_error: str | None = None
+        self._sessions = 0  # MQTT sessions begun so far: which one delivered a message
+        self._delivered_in: dict[int, int] = {}  # id(message) -> session, until acknowledged
         self._retained_state: set[str] = set()  # filters to subscribe afresh on a resumed session
         self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
         self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
@@ -213,8 +215,14 @@ class Connection:
         return all(_settled(i) for i in pending)
 
     def ack(self, msg: mqtt.MQTTMessage) -> None:
-        """Acknowledge a message given to a ``manual_ack`` handler (QoS 0: nothing to do)."""
-        if msg.qos > 0:
+        """Acknowledge a message given to a ``manual_ack`` handler (QoS 0: nothing to do).
+        A message delivered in an earlier MQTT session is not acknowledged in this one: its
+        packet id means nothing here (or another message), and rumqttd drops a connection
+        that acknowledges an id it did not send. (A resumed session redelivers with the same
+        id, so there the acknowledgement stands.)"""
+        with self._lock:
+            session = self._delivered_in.pop(id(msg), self._sessions)
+        if msg.qos > 0 and session == self._sessions:
             self._client.ack(msg.mid, msg.qos)
 
     def __enter__(self) -> Connection:
@@ -334,6 +342,10 @@ class Connection:
             log.error("MQTT connection refused: %s", rc)
             return
         self.session_present = bool(getattr(flags, "session_present", False))
+        if not self.session_present:
+            with self._lock:
+                self._sessions += 1
+                self._delivered_in.clear()  # none of those can be acknowledged any more
         for hook in list(self.on_session_start):
             try:
                 hook()
@@ -406,6 +418,9 @@ class Connection:
             self._puback.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.qos > 0:
+            with self._lock:
+                self._delivered_in[id(msg)] = self._sessions  # see ack()
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
         with self._lock:
             if ids:
