@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 
 import numpy as np
 
 from moe2.agent.gateway.config import GatewayConfig
-from moe2.agent.gateway.gate import Gate, UniformGate, renormalise, top_k
-from moe2.agent.gateway.routing import AppRouter
+from moe2.agent.gateway.gate import renormalise
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.shared import mixing
 from moe2.shared import protocol as p
@@ -50,6 +49,10 @@ from moe2.shared.mqtt import RpcClient
 
 log = logging.getLogger(__name__)
 
+# (application, prompt) -> the online experts of its subset, and the gate's top-k of them
+# with their weights (the gateway's own choice, as for a generated answer).
+Choose = Callable[[str, str], tuple[dict[str, p.AgentInfo], dict[str, float]]]
+
 
 class ChoiceScorer:
     def __init__(
@@ -57,16 +60,14 @@ class ChoiceScorer:
         gateway_id: str,
         rpc: RpcClient,
         fleet: FleetView,
-        router: AppRouter,
-        gates: Mapping[str, Gate],  # the gateway's gates per application (updated in place)
+        choose: Choose,  # (app, prompt) -> online experts, the gate's top-k with weights
         config: GatewayConfig,
         stats: AppStatsWindow | None = None,
     ) -> None:
         self.id = gateway_id
         self.rpc = rpc
         self.fleet = fleet
-        self.router = router
-        self.gates = gates
+        self.choose = choose
         self.config = config
         self.stats = stats
 
@@ -77,13 +78,7 @@ class ChoiceScorer:
         if req.prompt is None:
             raise BadMessage("'choices' go with a text 'prompt', not with 'messages'")
         prompt = req.prompt
-        plan = self.router.plan(app)
-        infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
-        if not infos:
-            raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
-        online = [n for n in plan.subset if n in infos]
-        gate = self.gates.get(app, UniformGate())
-        chosen = dict(top_k(gate.values(prompt, online), online, plan.k))
+        infos, chosen = self.choose(app, prompt)
         deadline = received + self.config.deadline_s
         futures = {
             n: self.rpc.call_async(n, p.ScoreChoicesRequest(prompt=prompt, targets=choices))

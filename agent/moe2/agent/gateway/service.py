@@ -160,7 +160,7 @@ class Gateway:
         self.errors = 0
         self.stats = AppStatsWindow(gateway_id, config.stats_window_s)
         self.choices = ChoiceScorer(
-            gateway_id, self.rpc, self.fleet, self.router, self.gates, config, self.stats
+            gateway_id, self.rpc, self.fleet, self._choose, config, self.stats
         )
         self._stop_stats = threading.Event()
         self._stats_thread = threading.Thread(target=self._publish_stats, name="app-stats")
@@ -478,15 +478,9 @@ class Gateway:
             # have been delivered again when we came back.
             self._done(msg)
 
-    def _generate(
-        self, app: str, req: p.PromptRequest, targets: Targets, received: float
-    ) -> p.PromptAnswer:
-        max_tokens = req.max_tokens or self.config.default_max_tokens
-        if max_tokens > self.config.max_tokens_limit:
-            raise BadMessage(
-                f"max_tokens {max_tokens} exceeds this gateway's limit of "
-                f"{self.config.max_tokens_limit}"
-            )
+    def _choose(self, app: str, text: str) -> tuple[dict[str, p.AgentInfo], dict[str, float]]:
+        """The online experts of ``app``'s subset (waited for a moment just after a
+        reconnect), and the gate's top-k of them for ``text`` with their weights."""
         plan = self.router.plan(app)
         infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
         grace = self._connected_at + _RECONNECT_GRACE_S - time.monotonic()
@@ -497,7 +491,18 @@ class Gateway:
             raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
         online = [n for n in plan.subset if n in infos]
         gate = self.gates.get(app, UniformGate())
-        chosen = dict(top_k(gate.values(req.gate_text, online), online, plan.k))
+        return infos, dict(top_k(gate.values(text, online), online, plan.k))
+
+    def _generate(
+        self, app: str, req: p.PromptRequest, targets: Targets, received: float
+    ) -> p.PromptAnswer:
+        max_tokens = req.max_tokens or self.config.default_max_tokens
+        if max_tokens > self.config.max_tokens_limit:
+            raise BadMessage(
+                f"max_tokens {max_tokens} exceeds this gateway's limit of "
+                f"{self.config.max_tokens_limit}"
+            )
+        infos, chosen = self._choose(app, req.gate_text)
         vocabs: dict[str, Vocab] = {}
         for name in list(chosen):
             try:
