@@ -159,7 +159,6 @@ class AppRouter:
             else:
                 self._pushed[a.app] = a
             serving = a.app in self.served()
-            self._ack(a, accepted=True)
         log.info(
             "%s v%d: %s",
             a.app,
@@ -170,6 +169,10 @@ class AppRouter:
         )
         self.on_gate(a.app, a.gate if serving and not a.revert else None)
         self.sync_subscriptions()
+        # Acknowledged once the subscriptions changed (sent before the ack on this connection):
+        # whoever sees the ack finds the prompts routed as it says.
+        with self._lock:
+            self._ack(a, accepted=True)
 
     def _cleared(self, app: str) -> None:
         with self._lock:
