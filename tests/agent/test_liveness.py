@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-# keepalive 2 s in the fixtures: the broker gives up after 1.5 x keepalive = 3 s.
-OFFLINE_WITHIN = 8.0
+# keepalive 2 s in the fixtures: the broker gives up after 1.5 x keepalive = 3 s, but
+# mosquitto 2.0.11 checks keepalives coarsely: a frozen client's will came 3.0-5.4 s after
+# SIGSTOP over 42 tries here, once 8.1 s (CI failed at 8.0 once).
+OFFLINE_WITHIN = 15.0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])

@@ -116,3 +116,25 @@ def test_a_prompt_for_an_app_nobody_serves_gets_unknown_app(
         done.clear()
         assert not done.wait(1.0)  # exactly one
     assert got[0]["error"]["code"] == "unknown_app" and got[0]["id"] == "r1"
+
+
+def test_a_crashed_gateway_does_not_swallow_prompts_for_unserved_apps(
+    fleet: LocalFleet, broker_config: BrokerConfig, tiny_models: dict[str, Path]
+) -> None:
+    """A SIGKILLed gateway's MQTT session outlives it (``session_expiry_s``), and mosquitto
+    hands a shared subscription's messages to offline sessions too: were the catch-all in that
+    session, every other ``unknown_app`` prompt would wait there unanswered."""
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    start(fleet, tiny_models["code"], uid("g1"), "--serve-app", f"{uid('x')}={a}:1")
+    g2 = start(fleet, tiny_models["code"], uid("g2"), "--serve-app", f"{uid('y')}={a}:1")
+    fleet.kill(g2)
+    outcomes = Counter()
+    with PromptClient(broker_config) as client:
+        for _ in range(6):
+            try:
+                client.ask(uid("nowhere"), "hello", timeout=10)
+            except UnknownApp:
+                outcomes["unknown_app"] += 1
+            except Exception as exc:
+                outcomes[type(exc).__name__] += 1
+    assert outcomes == Counter({"unknown_app": 6})

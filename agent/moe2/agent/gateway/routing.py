@@ -63,11 +63,16 @@ class AppRouter:
         on_unrouted: PromptHandler,
         on_gate: GateWanted,
         verifier: Verifier | None = None,
+        catch_all_conn: Connection | None = None,
     ) -> None:
         self.id = gateway_id
         self.verifier = verifier  # None: unsigned desired state is applied
         self.config = config
         self.conn = conn
+        # The catch-all lives on a connection without a kept session: a crashed gateway's
+        # kept session would still get its turn of the group's prompts (mosquitto hands
+        # shared-subscription messages to offline sessions too) and answer none of them.
+        self.catch_all_conn = catch_all_conn or conn
         self.on_prompt = on_prompt
         self.on_unrouted = on_unrouted
         self.on_gate = on_gate
@@ -211,9 +216,9 @@ class AppRouter:
             first = not self._catch_all and not self._stopping
             self._catch_all = not self._stopping
         if first:
-            self.conn.subscribe(unrouted, self.on_unrouted)
+            self.catch_all_conn.subscribe(unrouted, self.on_unrouted)
         elif self._stopping:
-            self.conn.unsubscribe(unrouted)
+            self.catch_all_conn.unsubscribe(unrouted)
         for app in sorted(add):  # the prompt handler acknowledges each prompt once answered
             self.conn.subscribe(
                 p.topics.prompts_shared(self.config.group, app), self.on_prompt, manual_ack=True

@@ -98,6 +98,8 @@ class Gateway:
             session_expiry_s=config.session_expiry_s,
         )
         self.conn.on_unhandled = self._on_stale
+        # Prompts for applications nobody serves: answered at once, so no kept session.
+        self.unrouted_conn = Connection(broker, f"moe2-gateway-{gateway_id}-unrouted")
         self.fleet = FleetView(self.conn, ("info", "status", "profile", "gateway", "desired_app"))
         self.rpc = RpcClient(
             broker, f"gw-{gateway_id}", timeout=config.step_timeout_s, qos=config.rpc_qos
@@ -123,6 +125,7 @@ class Gateway:
             self._when_synced(self._on_unrouted),
             self.gate_store.want,
             verifier,
+            catch_all_conn=self.unrouted_conn,
         )
         self.fleet.listeners.append(self.router.on_fleet_change)
         self.fleet.listeners.append(self._on_fleet_change)
@@ -170,6 +173,7 @@ class Gateway:
         self.rpc.start()
         self.router.sync_subscriptions()  # the local applications, subscribed on connecting
         self.conn.start()
+        self.unrouted_conn.start()
         self.may_reply_outside = self._probe_reply_outside()
         self.links.start()
         self._stats_thread.start()
@@ -198,6 +202,7 @@ class Gateway:
             self._abandon.set()
             self._drained(10.0)
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self.unrouted_conn.stop()
         self.conn.stop()
         self.gate_store.close()
         self.rpc.close()
