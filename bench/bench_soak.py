@@ -5,7 +5,8 @@ with persistence as the broker role installs it), through scheduled faults:
     an expert SIGKILLed (restarted 2 s later, as systemd would)
     an expert frozen (SIGSTOP) for 10 s
     a gateway SIGTERMed (drains; restarted 2 s later)
-    the other gateway SIGKILLed (restarted 2 s later; its MQTT session kept the prompts)
+    the other gateway SIGKILLed as by a power cut (back after 30 s: the live gateway adopts
+    the prompts its kept MQTT session holds meanwhile)
     the broker restarted (SIGTERM, persistence on)
 
 Each client publishes a prompt at QoS 1 (again while the broker says nobody is subscribed,
@@ -174,8 +175,8 @@ def schedule(
     def at(frac: float) -> None:
         time.sleep(max(0.0, t0 + frac * duration - time.monotonic()))
 
-    def restart(name: str, model: Path, gateway: bool) -> None:
-        time.sleep(2.0)  # systemd: RestartSec=2s
+    def restart(name: str, model: Path, gateway: bool, after: float = 2.0) -> None:
+        time.sleep(after)  # systemd: RestartSec=2s
         start_agent(fleet, name, model, gateway)
 
     faults: list[tuple[str, float]] = []
@@ -195,10 +196,10 @@ def schedule(
     fleet.procs["g1"].wait(120)
     restart("g1", models["code"], True)
     at(0.62)
-    faults.append(("gateway g2 SIGKILL (restarted after 2 s)", time.monotonic()))
+    faults.append(("gateway g2 SIGKILL (power cut: back after 30 s)", time.monotonic()))
     fleet.procs["g2"].kill()
     fleet.procs["g2"].wait()
-    restart("g2", models["code"], True)
+    restart("g2", models["code"], True, after=30.0)
     at(0.80)
     faults.append(("broker restart (SIGTERM, persistence on)", time.monotonic()))
     broker.restart()

@@ -181,6 +181,41 @@ def test_prompts_of_a_killed_gateway_are_answered_when_it_restarts(
         assert summary == {"answered": 10, "errors": {}, "lost": [], "duplicated": []}
 
 
+def test_prompts_of_a_gateway_that_never_comes_back_are_adopted_by_a_live_one(
+    fleet: LocalFleet, broker_config: BrokerConfig, tiny_models: dict[str, Path]
+) -> None:
+    """A gateway SIGKILLed for good leaves its session at the broker for ``session_expiry_s``
+    (60 s), holding the prompts it had not answered; mosquitto also keeps handing it its turn
+    of the group's new prompts (half of them, with two gateways). The live gateway of the group
+    takes the lost session over once the will is ``adopt_after_s`` old and publishes those
+    prompts again: every one is answered, once, long before the session would expire. Before,
+    half the prompts after the crash and the ones it held waited unanswered for a minute and
+    were then dropped with the session."""
+    app = uid("zoo")
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    flags = ("--serve-app", f"{app}={a}:1", "--gateway-adopt-after-s", "1")
+    g1 = start(fleet, tiny_models["code"], uid("g1"), *flags)
+    g2 = start(fleet, tiny_models["code"], uid("g2"), *flags)
+    with PromptInbox(broker_config) as inbox:
+        assert inbox.wait_all(inbox.send(app, 2, max_tokens=2), 60)
+        os.kill(fleet.procs[a].pid, signal.SIGSTOP)
+        held = inbox.send(app, 6, max_tokens=4)  # split between the two gateways
+        time.sleep(0.8)
+        t0 = time.monotonic()
+        fleet.kill(g2)
+        os.kill(fleet.procs[a].pid, signal.SIGCONT)
+        after = inbox.send(app, 6, max_tokens=4)  # some go to g2's session until it is ended
+        assert inbox.wait_all(held + after, 40), inbox.summary(held + after)
+        took = time.monotonic() - t0
+        time.sleep(0.5)
+        summary = inbox.summary(held + after)
+        gateways = {m.get("gateway") for pid in held + after for m in inbox.terminal(pid)}
+    assert summary == {"answered": 12, "errors": {}, "lost": [], "duplicated": []}
+    assert gateways == {g1}  # g2 answered none of them: it was killed before the expert woke
+    assert took < 40  # the session would have kept them 60 s
+    assert "publishing them again for live gateways" in fleet.log_tail(g1, 100_000)
+
+
 @pytest.fixture
 def own_broker() -> Iterator[Broker]:
     broker = start_broker("mosquitto", persistence=True)

@@ -99,7 +99,10 @@ class Connection:
         *,
         will: tuple[str, bytes, bool] | None = None,
         session_expiry_s: int = 0,
+        reconnect: bool = True,
     ) -> None:
+        """``reconnect=False``: a connection lost stays lost (one that borrows another
+        client's session must not take it back from its owner)."""
         self.broker = broker
         self.client_id = client_id
         # 0: a clean session on every connect; > 0: the broker keeps our session (its
@@ -110,6 +113,7 @@ class Connection:
             client_id=client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,  # _on_message acknowledges, unless a handler does it itself
+            reconnect_on_failure=reconnect,
         )
         self._client.on_socket_open = _set_nodelay
         self._client.on_connect = self._on_connect

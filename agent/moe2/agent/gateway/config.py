@@ -73,6 +73,15 @@ class GatewayConfig(BaseModel):
         "prompts it held unanswered, and those routed to it meanwhile, are delivered when it "
         "is back within this (0: a clean session, such prompts are lost)",
     )
+    adopt_after_s: float | None = Field(
+        default=3.0,
+        ge=0,
+        le=3600,
+        description="when a gateway of our group vanished (its last will) and is not back "
+        "after this, one live gateway takes over its kept session and publishes the prompts "
+        "waiting there again for live gateways (null: never; nothing to adopt when "
+        "session_expiry_s is 0)",
+    )
     top_k: int = Field(
         default=64, ge=1, le=4096, description="candidates per expert and step (top-k fusion)"
     )

@@ -12,7 +12,9 @@ No accepted prompt is lost to a stop or a crash:
 - the prompt subscriptions live in a persistent MQTT session (``session_expiry_s``), and a
   prompt is acknowledged to the broker only once its answer is sent: a gateway killed
   mid-answer gets its unanswered prompts again when it restarts (with the prompts the broker
-  held for it meanwhile), as long as it is back within the session expiry;
+  held for it meanwhile), as long as it is back within the session expiry; one that is not
+  back within ``adopt_after_s`` has its session taken over by a live gateway of its group,
+  which hands the prompts waiting there to live gateways (``adopt.py``);
 - ``stop`` drains: it unsubscribes (other gateways take the new prompts), finishes the
   prompts in flight for up to ``drain_s``, answers any left ``cancelled``, then disconnects.
 
@@ -39,6 +41,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
+from moe2.agent.gateway.adopt import SessionAdopter
 from moe2.agent.gateway.capacity import ExpertSlots
 from moe2.agent.gateway.choices import ChoiceScorer
 from moe2.agent.gateway.config import GatewayConfig
@@ -90,7 +93,9 @@ class Gateway:
         self.id = gateway_id
         self.config = config
         self.metrics = metrics or GatewayMetrics(CollectorRegistry())
-        offline = p.GatewayStatus(gateway=gateway_id, state="offline", group=config.group)
+        offline = p.GatewayStatus(
+            gateway=gateway_id, state="offline", group=config.group, lost=True
+        )
         self.conn = Connection(
             broker,
             f"moe2-gateway-{gateway_id}",
@@ -129,6 +134,18 @@ class Gateway:
         )
         self.fleet.listeners.append(self.router.on_fleet_change)
         self.fleet.listeners.append(self._on_fleet_change)
+        self.adopter: SessionAdopter | None = None
+        if config.adopt_after_s is not None and config.session_expiry_s > 0:
+            self.adopter = SessionAdopter(
+                gateway_id,
+                config.group,
+                broker,
+                self.conn,
+                self.fleet,
+                self._refuse,
+                config.adopt_after_s,
+            )
+            self.fleet.listeners.append(self.adopter.on_fleet_change)
         self._pool = ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prompt")
         self._slots = threading.BoundedSemaphore(config.max_concurrent + config.max_pending)
         self.experts = ExpertSlots()  # sessions held on each expert
@@ -195,6 +212,8 @@ class Gateway:
         """Stop taking prompts, finish those in flight (for up to ``drain_s``; any left then
         are answered ``cancelled``), then disconnect."""
         self._stop_stats.set()
+        if self.adopter is not None:
+            self.adopter.stop()
         self.links.stop()
         self.router.stop_intake()
         if not self._drained(drain_s):

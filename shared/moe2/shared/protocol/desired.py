@@ -87,6 +87,9 @@ class GatewayStatus(Message):
     group: Name | None = None  # shared-subscription group
     apps: dict[Name, int] = Field(default_factory=dict)  # app -> assignment version (0: local)
     since: float | None = None  # unix seconds
+    # Set in the last will only: the broker published this, the gateway vanished without
+    # draining (its kept MQTT session may hold prompts: see agent/gateway/adopt.py).
+    lost: bool = False
 
 
 class AppFigures(BaseModel):
