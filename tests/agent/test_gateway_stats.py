@@ -44,6 +44,13 @@ def test_a_gateway_publishes_each_apps_measured_delay(
             "0.3",
         )
         fleet.wait_online([a, gw], 60)
+        # An answer's energy comes from its expert's profile: unknown (None, rightly) until
+        # the start-up profile is in. Wait for it (CI once asked before it was).
+        deadline = time.monotonic() + 60
+        while a not in FleetView.snapshot(broker_config, ("profile",), 2).profile:
+            assert time.monotonic() < deadline, "no start-up profile"
+            time.sleep(0.3)
+        time.sleep(0.5)  # the gateway's own view has it too
         with PromptClient(broker_config) as client:
             answers = [client.ask(app, "the fox eats", max_tokens=4) for _ in range(5)]
 
