@@ -97,8 +97,17 @@ def say(text: str) -> None:
     click.echo(f"      {text}")
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the demo the way Ctrl-C does
+class _Stop:
+    """Ctrl-C and SIGTERM stop the demo alike; remembered, because an interrupt can surface
+    as another error from the code it hit (sqlite answers a write it cut short with
+    OperationalError, not KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = True
+        raise KeyboardInterrupt
 
 
 @click.command()
@@ -173,7 +182,9 @@ def demo(
     prompts from a client, and MoE² against its baselines through the gateway."""
     report = Report(fleet)
     stack = contextlib.ExitStack()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop = _Stop()
+    previous = signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     interrupted = False
     t0 = time.monotonic()
     try:
@@ -183,6 +194,10 @@ def demo(
         _pipeline(stack, report, fleet, broker_kind, domains, device_classes, questions, k, workdir)
     except KeyboardInterrupt:
         interrupted = True
+    except Exception:
+        if not stop.signalled:
+            raise
+        interrupted = True  # what the interrupt hit failed with an error of its own
     finally:
         # Stop everything we started, and let nothing interrupt that.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
