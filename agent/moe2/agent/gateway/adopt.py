@@ -76,8 +76,6 @@ class SessionAdopter:
         self._lock = threading.Lock()
         self._timers: dict[str, threading.Timer] = {}
         self._stopping = False
-        self.adopted = 0  # prompts published again for live gateways
-        self.sessions = 0  # lost sessions taken over
 
     def on_fleet_change(self, kind: str, key: tuple[str, ...], message: Any) -> None:
         """A FleetView listener: a gateway of our group vanished; adopt its session later."""
@@ -151,7 +149,6 @@ class SessionAdopter:
         try:
             if not borrowed.session_present:
                 return []  # expired already, or ended
-            self.sessions += 1
             give_up = time.monotonic() + _HOLD_MAX_S
             with arrived:
                 seen = -1
@@ -191,8 +188,6 @@ class SessionAdopter:
                     f"application {app!r}"
                 ),
             )
-            return
-        self.adopted += 1
 
 
 def _is_prompt(topic: str) -> bool:
