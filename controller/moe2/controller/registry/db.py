@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, delete, event, insert, or_, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -58,6 +58,14 @@ def engine_for(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+# Keys per IN (...) clause: well below SQLite's 32,766 bound parameters and PostgreSQL's 65,535.
+_IN_CHUNK = 500
+
+
+def _chunks(keys: list[str]) -> list[list[str]]:
+    return [keys[i : i + _IN_CHUNK] for i in range(0, len(keys), _IN_CHUNK)] or [[]]
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,54 @@ class Registry:
             row.profile_json = profile.model_dump_json()
             s.add(row)
             s.commit()
+
+    def store_agents(
+        self,
+        infos: Iterable[p.AgentInfo] = (),
+        states: Mapping[str, str] | None = None,
+        profiles: Iterable[p.AgentProfile] = (),
+    ) -> int:
+        """Write many agents' info, state (agent -> "online"/"offline") and profile in one
+        transaction; the number of agent rows that changed (a row already holding what is
+        given is not written, and keeps its ``last_seen``)."""
+        by_id: dict[str, dict[str, Any]] = {}
+        for info in infos:
+            by_id.setdefault(info.agent_id, {}).update(
+                model=info.model,
+                model_sha256=info.model_sha256,
+                architecture=info.architecture,
+                tokenizer_hash=info.tokenizer_hash,
+                n_vocab=info.n_vocab,
+                device_class=info.device_class,
+                info_json=info.model_dump_json(),
+            )
+        for agent_id, state in (states or {}).items():
+            by_id.setdefault(agent_id, {})["state"] = state
+        for prof in profiles:
+            by_id.setdefault(prof.agent_id, {})["profile_json"] = prof.model_dump_json()
+        if not by_id:
+            return 0
+        now = time.time()
+        changed = 0
+        with self.session() as s:
+            ids = sorted(by_id)
+            rows: dict[str, Agent] = {}
+            for i in range(0, len(ids), _IN_CHUNK):
+                q = select(Agent).where(col(Agent.id).in_(ids[i : i + _IN_CHUNK]))
+                rows.update((r.id, r) for r in s.execute(q).scalars())
+            for agent_id in ids:
+                row = rows.get(agent_id)
+                if row is None:
+                    row = Agent(id=agent_id)
+                    s.add(row)
+                fields = by_id[agent_id]
+                if any(getattr(row, k) != v for k, v in fields.items()) or agent_id not in rows:
+                    for k, v in fields.items():
+                        setattr(row, k, v)
+                    row.last_seen = now
+                    changed += 1
+            s.commit()
+        return changed
 
     def agents(self) -> list[Agent]:
         with self.session() as s:
@@ -269,17 +325,41 @@ class Registry:
         return len(batch)
 
     def score_count(self, dataset: str) -> dict[str, int]:
+        """Expert -> number of targets of ``dataset`` it scored (counted by the database)."""
+        out: dict[str, int] = {}
+        for (expert, _app), n in self.score_counts_by_app(dataset).items():
+            out[expert] = out.get(expert, 0) + n
+        return out
+
+    def score_counts_by_app(
+        self, dataset: str, experts: Sequence[str] | None = None
+    ) -> dict[tuple[str, str], int]:
+        """(expert, application) -> targets of that application's samples the expert scored
+        (of ``experts``, default every one); compare with ``targets_by_app``."""
         ds = self.dataset(dataset)
+        out: dict[tuple[str, str], int] = {}
+        chunks = [None] if experts is None else _chunks(list(experts))
         with self.session() as s:
-            q = (
-                select(col(Score.expert), col(Score.sample_id), col(Score.option))
-                .join(Sample, col(Sample.id) == col(Score.sample_id))
-                .where(col(Sample.dataset_id) == ds.id)
-            )
-            out: dict[str, int] = {}
-            for expert, _, _ in s.execute(q):
-                out[expert] = out.get(expert, 0) + 1
-            return out
+            for part in chunks:
+                q = (
+                    select(col(Score.expert), col(Sample.app), func.count())
+                    .join(Sample, col(Sample.id) == col(Score.sample_id))
+                    .where(col(Sample.dataset_id) == ds.id)
+                    .group_by(col(Score.expert), col(Sample.app))
+                )
+                if part is not None:
+                    q = q.where(col(Score.expert).in_(part))
+                for expert, app, n in s.execute(q):
+                    out[(str(expert), str(app))] = int(n)
+        return out
+
+    def targets_by_app(self, dataset: str) -> dict[str, tuple[int, int]]:
+        """Application -> (samples, targets) of ``dataset``."""
+        out: dict[str, tuple[int, int]] = {}
+        for smp in self.samples(dataset):
+            n, t = out.get(smp.app, (0, 0))
+            out[smp.app] = (n + 1, t + len(smp.targets))
+        return out
 
     def score_table(self, dataset: str, experts: Sequence[str] | None = None) -> ScoreTable:
         """Arrays of the scores of ``experts`` (default: every expert that scored every
@@ -300,9 +380,13 @@ class Registry:
             )
             got: dict[tuple[int, str, int], list[float]] = {}
             hashes: dict[tuple[int, str, int], str] = {}
-            for sid, e, o, lp, h in s.execute(q):
-                got[(int(sid), e, int(o))] = json.loads(lp)
-                hashes[(int(sid), e, int(o))] = str(h)
+            # Only the experts asked for: a fleet's registry holds thousands of others.
+            parts = [None] if experts is None else _chunks(list(experts))
+            for part in parts:
+                found = s.execute(q if part is None else q.where(col(Score.expert).in_(part)))
+                for sid, e, o, lp, h in found:
+                    got[(int(sid), e, int(o))] = json.loads(lp)
+                    hashes[(int(sid), e, int(o))] = str(h)
         needed = sum(len(smp.targets) for smp in samples)
         if experts is None:
             counts: dict[str, int] = {}
@@ -404,6 +488,43 @@ class Registry:
             s.add(row)
             s.commit()
 
+    def record_acks(
+        self, acks: Iterable[p.AssignmentAck] = (), gate_acks: Iterable[p.GateAck] = ()
+    ) -> int:
+        """Record many gateways' answers in one transaction; the number of rows written (an
+        answer already recorded as it is is not written again)."""
+        acks, gate_acks = list(acks), list(gate_acks)
+        if not acks and not gate_acks:
+            return 0
+        now = time.time()
+        written = 0
+        with self.session() as s:
+            for ack in acks:
+                key = (ack.gateway, ack.app, ack.version)
+                row = s.get(AssignmentAckRow, key)
+                if row is not None and (row.accepted, row.reason) == (ack.accepted, ack.reason):
+                    continue
+                row = row or AssignmentAckRow(
+                    gateway=ack.gateway, app=ack.app, version=ack.version, accepted=ack.accepted
+                )
+                row.accepted, row.reason, row.received_at = ack.accepted, ack.reason, now
+                s.add(row)
+                written += 1
+            for gack in gate_acks:
+                grow = s.get(GateAckRow, (gack.gateway, gack.version))
+                same = (gack.sha256, gack.state, gack.reason)
+                if grow is not None and (grow.sha256, grow.state, grow.reason) == same:
+                    continue
+                grow = grow or GateAckRow(
+                    gateway=gack.gateway, version=gack.version, sha256=gack.sha256, state=gack.state
+                )
+                grow.sha256, grow.state, grow.reason = same
+                grow.received_at = now
+                s.add(grow)
+                written += 1
+            s.commit()
+        return written
+
     def gate_acks(self, version: str) -> list[GateAckRow]:
         with self.session() as s:
             q = select(GateAckRow).where(col(GateAckRow.version) == version)
@@ -493,9 +614,7 @@ class Registry:
 
     def release_lease(self, name: str, holder: str) -> None:
         with self.engine.begin() as conn:
-            conn.execute(
-                delete(Lease).where(col(Lease.name) == name, col(Lease.holder) == holder)
-            )
+            conn.execute(delete(Lease).where(col(Lease.name) == name, col(Lease.holder) == holder))
 
     def lease_holder(self, name: str) -> tuple[str, float] | None:
         with self.session() as s:
