@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -458,6 +459,15 @@ class SimAgent:
         )
 
 
+def make_agents(spec: FleetSpec) -> dict[str, SimAgent]:
+    """The fleet's agents: device class, size and vocabulary drawn from the spec's seed."""
+    rng = random.Random(spec.seed)
+    return {
+        a: SimAgent(a, rng.choice(DEVICES), rng.choice(SIZES_B), rng.randrange(FAMILIES))
+        for a in spec.agent_ids()
+    }
+
+
 @dataclass
 class SimGateway:
     gateway: str
@@ -480,11 +490,7 @@ class SimFleet:
     def __init__(self, broker: BrokerConfig, spec: FleetSpec) -> None:
         self.broker = broker
         self.spec = spec
-        rng = random.Random(spec.seed)
-        self.agents = {
-            a: SimAgent(a, rng.choice(DEVICES), rng.choice(SIZES_B), rng.randrange(FAMILIES))
-            for a in spec.agent_ids()
-        }
+        self.agents = make_agents(spec)
         self.candidates = spec.candidate_sets()
         self.gateways = {
             g: SimGateway(g, {app: 0 for app in spec.app_names()}) for g in spec.gateway_ids()
@@ -644,6 +650,62 @@ class SimFleet:
             out += [p.topics.gateway_status(g), p.topics.gateway_links(g)]
             out += [p.topics.assignment_ack(g, app) for app in self.spec.app_names()]
         return out
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def populate_registry(
+    url: str, spec: FleetSpec, samples_per_app: int = 8, dataset: str = "fleet"
+) -> dict[str, list[str]]:
+    """A registry as a fleet's would be after collection: a dataset of ``samples_per_app``
+    two-option questions per application, and every candidate's scores on its applications'
+    samples (a skill per expert and application decides how likely the right option is).
+    Returns the candidate sets."""
+    from moe2.controller.datasets import Sample
+    from moe2.controller.registry import Registry
+
+    rng = random.Random(spec.seed + 1)
+    candidates = spec.candidate_sets()
+    agents = make_agents(spec)  # the same devices and vocabularies as SimFleet's
+    samples = [
+        Sample(app, f"question {i} of {app}: which word comes next?", (" yes", " no"), i % 2)
+        for app in spec.app_names()
+        for i in range(samples_per_app)
+    ]
+    reg = Registry.open(url)
+    try:
+        reg.add_dataset(dataset, "multiple-choice", "fleetsim", samples)
+        rows_by_app: dict[str, list[Any]] = {}
+        for smp in reg.samples(dataset):
+            rows_by_app.setdefault(smp.app, []).append(smp)
+        batch: list[dict[str, Any]] = []
+        for app, experts in candidates.items():
+            for e in experts:
+                skill = rng.gauss(0.0, 1.0)
+                h = family_hash(agents[e].family)
+                for smp in rows_by_app[app]:
+                    for o in range(len(smp.targets)):
+                        good = o == smp.answer
+                        logit = (skill if good else -skill) + rng.gauss(0.0, 0.7)
+                        lp = -math.log1p(math.exp(-logit))  # log sigmoid
+                        batch.append(
+                            {
+                                "sample_id": smp.id,
+                                "expert": e,
+                                "option": o,
+                                "tokenizer_hash": h,
+                                "tokens": [5 + o],
+                                "logprobs": [lp],
+                            }
+                        )
+                if len(batch) > 20000:
+                    reg.add_scores(batch)
+                    batch = []
+        reg.add_scores(batch)
+    finally:
+        reg.close()
+    return candidates
 
 
 # --------------------------------------------------------------------------- phones
