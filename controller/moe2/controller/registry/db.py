@@ -207,9 +207,16 @@ class Registry:
             s.commit()
         return changed
 
-    def agents(self) -> list[Agent]:
+    def agents(self, ids: Sequence[str] | None = None) -> list[Agent]:
+        """Every agent row, or those of ``ids`` (a fleet's registry holds thousands)."""
         with self.session() as s:
-            return list(s.execute(select(Agent).order_by(col(Agent.id))).scalars())
+            if ids is None:
+                return list(s.execute(select(Agent).order_by(col(Agent.id))).scalars())
+            out: list[Agent] = []
+            for part in _chunks(sorted(set(ids))):
+                q = select(Agent).where(col(Agent.id).in_(part)).order_by(col(Agent.id))
+                out += s.execute(q).scalars()
+            return sorted(out, key=lambda a: a.id)
 
     def agent_info(self, agent_id: str) -> p.AgentInfo | None:
         with self.session() as s:
@@ -361,10 +368,19 @@ class Registry:
             out[smp.app] = (n + 1, t + len(smp.targets))
         return out
 
-    def score_table(self, dataset: str, experts: Sequence[str] | None = None) -> ScoreTable:
+    def score_table(
+        self,
+        dataset: str,
+        experts: Sequence[str] | None = None,
+        apps: Sequence[str] | None = None,
+    ) -> ScoreTable:
         """Arrays of the scores of ``experts`` (default: every expert that scored every
-        target of the dataset); samples missing a score of one of them are left out."""
+        target of the dataset) on the samples of ``apps`` (default: every sample); samples
+        missing a score of one of them are left out."""
         samples = self.samples(dataset)
+        if apps is not None:
+            wanted = set(apps)
+            samples = [smp for smp in samples if smp.app in wanted]
         ds = self.dataset(dataset)
         with self.session() as s:
             q = (
@@ -378,6 +394,8 @@ class Registry:
                 .join(Sample, col(Sample.id) == col(Score.sample_id))
                 .where(col(Sample.dataset_id) == ds.id)
             )
+            if apps is not None:
+                q = q.where(col(Sample.app).in_(list(apps)))
             got: dict[tuple[int, str, int], list[float]] = {}
             hashes: dict[tuple[int, str, int], str] = {}
             # Only the experts asked for: a fleet's registry holds thousands of others.

@@ -458,6 +458,7 @@ class Reconciler:
             links=links,
             online_only=False,
             experts=sorted(candidates),
+            apps=[app],
         )
         rows = [i for i, a in enumerate(data.mixed.apps) if a == app]
         if not rows:
