@@ -1,7 +1,7 @@
 """``moe2ctl ask``: send a prompt as a mobile client would and stream the answer.
 
-moe2ctl ask --app qa "the fox eats"
-moe2ctl ask --app qa --chat --system "Answer briefly." "Name a prime."   # chat template
+    moe2ctl ask --app qa "the fox eats"
+    moe2ctl ask --app qa --chat --system "Answer briefly." "Name a prime."   # chat template
 """
 
 from __future__ import annotations
