@@ -931,6 +931,9 @@ class SimFleetProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def _fleet_main(port: int, spec: FleetSpec) -> None:
