@@ -346,15 +346,17 @@ def prompts(args: argparse.Namespace, tmp: Path, models: dict[str, Path]) -> dic
                             "--no-profile-on-start", "--gateway-enabled",
                             "--gateway-link-probe-interval-s", "0")  # fmt: skip
             fleet.wait_online(gateways, 180)
-            subset = gateways[: min(2, len(gateways))]
+            # One application per agent, that agent its one expert (k = 1): the phones' load
+            # spreads over every model, and each gateway answers every application.
+            apps = {f"load-{i}": [gw] for i, gw in enumerate(gateways)}
             with DesiredState(cfg) as desired:
-                r = desired.push_assignment("load", subset, 1, wait_s=30)
-            if sorted(r.accepted) != sorted(gateways):
-                raise RuntimeError(f"not every gateway took the app: {r.summary()}")
-            report = run_phones(cfg, args.clients, "load", args.load_seconds,
+                for app, subset in apps.items():
+                    r = desired.push_assignment(app, subset, 1, wait_s=30)
+                    if sorted(r.accepted) != sorted(gateways):
+                        raise RuntimeError(f"not every gateway took {app}: {r.summary()}")
+            report = run_phones(cfg, args.clients, sorted(apps), args.load_seconds,
                                 think_s=args.think_s, max_tokens=4)  # fmt: skip
             report["gateways"] = len(gateways)
-            report["subset"] = subset
             return report
     finally:
         broker.close()
@@ -382,7 +384,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--gateways", type=int, default=4)
     ap.add_argument("--load-seconds", type=float, default=60.0)
-    ap.add_argument("--think-s", type=float, default=10.0)
+    ap.add_argument(
+        "--think-s",
+        type=float,
+        default=5.0,
+        help="mean s between an answer and "
+        "the next question of a phone (1,000 phones at 5 s offer ~200/s)",
+    )
     ap.add_argument("--skip", nargs="*", default=[], choices=["control", "optimiser", "prompts"])
     args = ap.parse_args()
     started = time.perf_counter()
@@ -414,12 +422,15 @@ def main() -> None:
             print("## Prompts", flush=True)
             report = prompts(args, tmp, models)
             print(f"{report['connected']} phones connected through {report['gateways']} "
-                  f"gateways (subset {report['subset']}, k=1, 4 tokens), think time "
+                  f"gateways ({report['gateways']} applications, one expert each, 4 tokens), "
+                  "think time "
                   f"{args.think_s:g} s, {report['seconds']:.0f} s: "
+                  f"offered {report['sent'] / report['seconds']:.1f}/s, "
                   f"**{report['answered_per_s']} prompts/s answered**, {report['answered']} "
                   f"answered of {report['sent']} sent, errors {report['errors']}, "
                   f"{report['unanswered']} unanswered, p50 {report['p50_s']} s, "
-                  f"p99 {report['p99_s']} s")  # fmt: skip
+                  f"p99 {report['p99_s']} s; answers by gateway {report['by_gateway']}, "
+                  f"by expert {report['by_expert']}")  # fmt: skip
             print(flush=True)
     print(f"(load average {load:.1f} at the start; {time.perf_counter() - started:.0f} s in all)")
 

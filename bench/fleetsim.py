@@ -720,6 +720,8 @@ class LoadReport:
     errors: dict[str, int]
     unanswered: int  # sent, and neither an answer nor an error by the end
     latencies_s: list[float]
+    gateways: dict[str, int] = field(default_factory=dict)  # answers per gateway
+    experts: dict[str, int] = field(default_factory=dict)  # answers per expert that answered
 
     @property
     def per_s(self) -> float:
@@ -740,6 +742,8 @@ class LoadReport:
             "unanswered": self.unanswered,
             "p50_s": round(statistics.median(self.latencies_s), 3) if self.latencies_s else None,
             "p99_s": round(self.percentile(0.99), 3) if self.latencies_s else None,
+            "by_gateway": dict(sorted(self.gateways.items())),
+            "by_expert": dict(sorted(self.experts.items())),
         }
 
 
@@ -756,6 +760,8 @@ class PromptLoad:
         self._sent_at: dict[str, tuple[str, float]] = {}  # prompt id -> (phone, perf_counter)
         self._answered: list[float] = []
         self._errors: dict[str, int] = {}
+        self._gateways: dict[str, int] = {}
+        self._experts: dict[str, int] = {}
         self._due: dict[str, float] = {}  # idle phone -> when it asks next (perf_counter)
         self._sent = 0
         self._think_s = 5.0
@@ -796,11 +802,15 @@ class PromptLoad:
                 self._errors[code] = self._errors.get(code, 0) + 1
             else:
                 self._answered.append(now - sent)
+                gw = str(data.get("gateway"))
+                self._gateways[gw] = self._gateways.get(gw, 0) + 1
+                for e in data.get("experts", []):
+                    self._experts[e["id"]] = self._experts.get(e["id"], 0) + 1
             self._due[phone] = now + self._rng.expovariate(1.0 / self._think_s)
 
     def run(
         self,
-        app: str,
+        apps: Sequence[str],
         seconds: float,
         *,
         think_s: float = 5.0,
@@ -808,8 +818,8 @@ class PromptLoad:
         drain_s: float = 60.0,
         seed: int = 0,
     ) -> LoadReport:
-        """Ask for ``seconds`` (the first question of each phone at a random time within
-        ``think_s``); then wait up to ``drain_s`` for the last answers."""
+        """Ask ``apps`` for ``seconds`` (the first question of each phone at a random time
+        within ``think_s``); then wait up to ``drain_s`` for the last answers."""
         self._think_s = think_s
         self._rng = random.Random(seed)
         start = time.perf_counter()
@@ -823,7 +833,7 @@ class PromptLoad:
                 for ph in ready:
                     del self._due[ph]
             if ready:
-                self.pool.call(lambda ready=ready: self._ask(ready, app, max_tokens))
+                self.pool.call(lambda ready=ready: self._ask(ready, apps, max_tokens))
             time.sleep(0.01)
         elapsed = time.perf_counter() - start
         deadline = time.monotonic() + drain_s
@@ -841,11 +851,15 @@ class PromptLoad:
                 errors=dict(self._errors),
                 unanswered=len(self._sent_at),
                 latencies_s=list(self._answered),
+                gateways=dict(self._gateways),
+                experts=dict(self._experts),
             )
 
-    def _ask(self, phones: list[str], app: str, max_tokens: int) -> None:
-        """Publish one prompt from each of ``phones`` (on the pool's thread)."""
+    def _ask(self, phones: list[str], apps: Sequence[str], max_tokens: int) -> None:
+        """Publish one prompt from each of ``phones`` (on the pool's thread): phone i asks
+        application i mod len(apps)."""
         for ph in phones:
+            app = apps[int(ph.rsplit("-", 1)[1]) % len(apps)]
             pid = uuid.uuid4().hex[:12]
             req = p.PromptRequest(
                 id=pid,
@@ -990,7 +1004,7 @@ def _fleet_main(port: int, spec: FleetSpec) -> None:
 def run_phones(
     broker: BrokerConfig,
     clients: int,
-    app: str,
+    apps: Sequence[str],
     seconds: float,
     *,
     think_s: float,
@@ -1006,8 +1020,8 @@ def run_phones(
         str(broker.port),
         "--clients",
         str(clients),
-        "--app",
-        app,
+        "--apps",
+        ",".join(apps),
         "--seconds",
         str(seconds),
         "--think-s",
@@ -1040,7 +1054,7 @@ def main() -> None:
     ph = sub.add_parser("phones")
     ph.add_argument("--port", type=int, required=True)
     ph.add_argument("--clients", type=int, default=1000)
-    ph.add_argument("--app", required=True)
+    ph.add_argument("--apps", required=True, help="comma-separated applications")
     ph.add_argument("--seconds", type=float, default=30.0)
     ph.add_argument("--think-s", type=float, default=5.0)
     ph.add_argument("--max-tokens", type=int, default=4)
@@ -1055,7 +1069,8 @@ def main() -> None:
     cfg = BrokerConfig(port=args.port)
     with PromptLoad(cfg, args.clients) as load:
         connected = load.connect()
-        report = load.run(args.app, args.seconds, think_s=args.think_s, max_tokens=args.max_tokens)
+        apps = args.apps.split(",")
+        report = load.run(apps, args.seconds, think_s=args.think_s, max_tokens=args.max_tokens)
     print(json.dumps(report.as_dict() | {"connected": connected}), flush=True)
 
 
