@@ -17,9 +17,9 @@ agents, the optimiser at fleet-sized candidate sets, and prompts from a thousand
    proven optimal or its gap, against greedy removal and random; brute force where C ≤ 16.
    Then ``--decomp-apps`` applications sharing one budget: one subset for every application
    (the paper's form) against a subset per application (``optimize.decompose``).
-3. Prompts. ``--clients`` phones (one MQTT connection each, one prompt at a time, a think
-   time between answers) through ``--gateways`` real gateways; answered prompts per second,
-   errors by code, latency.
+3. Prompts. ``--clients`` phones (``phones.py``: one MQTT connection each, one prompt at a
+   time, a think time between answers) through ``--gateways`` real gateways, one application
+   per gateway agent as its one expert; answered prompts per second, errors by code, latency.
 
     .venv/bin/python bench/bench_scale.py                         # the full run (see below)
     .venv/bin/python bench/bench_scale.py --sizes 100 --apps 10 --candidates 16 32 \\
@@ -47,8 +47,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fleetsim
-from fleetsim import FleetSpec, SimFleetProcess, populate_registry, run_phones
+from fleetsim import FleetSpec, SimFleetProcess, populate_registry
+from lightmqtt import rss_mb as _rss
+from phones import run_phones
 
 from moe2.controller.experts.tiny import build_experts
 from moe2.controller.localfleet import LocalFleet
@@ -66,7 +67,7 @@ DATASET = "fleet"
 
 def rss_mb(pid: int | None) -> float:
     try:
-        return fleetsim._rss_mb(pid) if pid else float("nan")
+        return _rss(pid) if pid else float("nan")
     except OSError:
         return float("nan")
 

@@ -12,7 +12,7 @@ the simulated ones where answers are needed.
         fleet.join_all()                     # every agent online, retained state published
         fleet.crash("sim-00042")             # TCP cut: the broker publishes its last will
         fleet.join("sim-00042")              # back, announcing itself again
-    with PromptLoad(cfg, clients=1000) as load: load.run("qa", seconds=30)
+    with SimFleetProcess(cfg, spec) as sim: sim.command("crash", "sim-00042")  # own process
 
 Bounded: every loop has a deadline, every connection is closed at exit, loopback only.
 """
@@ -28,25 +28,22 @@ import json
 import logging
 import math
 import os
-import queue
 import random
-import selectors
-import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+
+from lightmqtt import LightClient, LightPool, rss_mb
 
 from moe2.agent.profiler import ProfilerSettings, estimate_profile
 from moe2.shared import protocol as p
@@ -57,264 +54,6 @@ from moe2.shared.protocol.desired import STALE_VERSION
 from moe2.shared.protocol.profiles import ProfilePoint
 
 log = logging.getLogger("fleetsim")
-
-OnMessage = Callable[["LightClient", mqtt.MQTTMessage], None]
-
-
-# --------------------------------------------------------------------------- light clients
-
-
-class LightClient:
-    """One MQTT 5 connection of the pool. Use it from the pool's thread only (``pool.call``)."""
-
-    def __init__(self, pool: LightPool, client_id: str, on_message: OnMessage | None) -> None:
-        self.pool = pool
-        self.client_id = client_id
-        self.connected = threading.Event()
-        self.closed = False
-        self.on_message = on_message
-        self.mqtt = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-        )
-        self.mqtt.max_queued_messages_set(0)
-        self.mqtt.on_connect = self._on_connect
-        self.mqtt.on_message = self._on_message
-        self.mqtt.on_socket_open = pool._socket_open
-        self.mqtt.on_socket_close = pool._socket_close
-        self.mqtt.on_socket_register_write = pool._register_write
-        self.mqtt.on_socket_unregister_write = pool._unregister_write
-        self.subscriptions: list[str] = []
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if rc.is_failure:
-            log.warning("%s refused: %s", self.client_id, rc)
-            return
-        for f in self.subscriptions:
-            client.subscribe(f, qos=1)
-        self.connected.set()
-
-    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if self.on_message is not None:
-            try:
-                self.on_message(self, msg)
-            except Exception:
-                log.exception("simulated client %s failed on %s", self.client_id, msg.topic)
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
-        self.mqtt.publish(topic, payload, qos=qos, retain=retain)
-
-
-class LightPool:
-    """Many MQTT clients in one thread (epoll): simulated agents, gateways and phones.
-
-    Paho's external-loop API: sockets are registered with a selector, read when readable,
-    written when paho asks, and ``loop_misc`` (keepalive) runs round-robin over the clients.
-    """
-
-    def __init__(self, broker: BrokerConfig, *, keepalive: int = 30) -> None:
-        self.broker = broker
-        self.keepalive = keepalive
-        self.clients: dict[str, LightClient] = {}
-        self._by_sock: dict[int, LightClient] = {}
-        self._writers: set[LightClient] = set()
-        self._sel = selectors.DefaultSelector()
-        self._todo: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="light-pool", daemon=True)
-        self._misc_at = 0
-        self._misc_t = time.monotonic()
-        self._opening: LightClient | None = None
-
-    def __enter__(self) -> LightPool:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ the loop
-
-    def call(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-        """Run ``fn`` on the pool's thread and return what it returns."""
-        done: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
-
-        def job() -> None:
-            try:
-                done.put((True, fn()))
-            except BaseException as exc:  # handed back to the caller
-                done.put((False, exc))
-
-        self._todo.put(job)
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-        ok, value = done.get(timeout=timeout)
-        if not ok:
-            raise value
-        return value
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            while True:
-                try:
-                    job = self._todo.get_nowait()
-                except queue.Empty:
-                    break
-                job()
-            for c in list(self._writers):
-                if c.mqtt.loop_write() != mqtt.MQTT_ERR_SUCCESS:
-                    self._writers.discard(c)
-            for key, _ in self._sel.select(timeout=0.02):
-                if key.data is None:
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
-                    continue
-                client: LightClient = key.data
-                if client.mqtt.loop_read() != mqtt.MQTT_ERR_SUCCESS and not client.closed:
-                    self._drop(client)
-            self._misc()
-
-    def _misc(self) -> None:
-        # Keepalive pings: every client once per sweep (a quarter of the keepalive), a slice
-        # of them per turn in proportion to the time passed.
-        now = time.monotonic()
-        due = (now - self._misc_t) / (self.keepalive / 4)
-        if due * len(self.clients) < 1:
-            return
-        self._misc_t = now
-        clients = list(self.clients.values())
-        n = min(len(clients), max(1, round(due * len(clients))))
-        start = self._misc_at % len(clients)
-        for c in (clients[start:] + clients[:start])[:n]:
-            c.mqtt.loop_misc()
-        self._misc_at = start + n
-
-    def _socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
-        owner = self._opening
-        assert owner is not None and owner.mqtt is client
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sel.register(sock, selectors.EVENT_READ, owner)
-        self._by_sock[sock.fileno()] = owner
-
-    def _socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(sock)
-
-    def _register_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        owner = self._by_sock.get(sock.fileno())
-        if owner is not None:
-            self._writers.add(owner)
-
-    def _unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        owner = self._by_sock.get(sock.fileno())
-        if owner is not None:
-            self._writers.discard(owner)
-
-    def _drop(self, client: LightClient) -> None:
-        client.closed = True
-        self.clients.pop(client.client_id, None)
-        self._writers.discard(client)
-        sock = client.mqtt.socket()
-        if sock is not None:
-            self._by_sock.pop(sock.fileno(), None)
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(sock)
-
-    # ------------------------------------------------------------------ clients
-
-    def open(
-        self,
-        client_id: str,
-        *,
-        will: tuple[str, bytes] | None = None,
-        subscriptions: Sequence[str] = (),
-        on_message: OnMessage | None = None,
-        keepalive: int | None = None,
-    ) -> LightClient:
-        """Connect a client (on the pool's thread; returns before its CONNACK: ``connected``
-        says when it is in)."""
-
-        def do() -> LightClient:
-            c = LightClient(self, client_id, on_message)
-            c.subscriptions = list(subscriptions)
-            if will is not None:
-                c.mqtt.will_set(will[0], will[1], qos=1, retain=True)
-            self._opening = c
-            try:
-                c.mqtt.connect(
-                    self.broker.host, self.broker.port, keepalive=keepalive or self.keepalive
-                )
-            finally:
-                self._opening = None
-            self.clients[client_id] = c
-            return c
-
-        return self.call(do)  # type: ignore[no-any-return]
-
-    def wait_connected(self, clients: Iterable[LightClient], timeout: float) -> int:
-        """How many of ``clients`` are connected once all are, or ``timeout`` passed."""
-        deadline = time.monotonic() + timeout
-        pending = list(clients)
-        for c in pending:
-            c.connected.wait(max(0.0, deadline - time.monotonic()))
-        return sum(c.connected.is_set() for c in pending)
-
-    def crash(self, client_id: str) -> None:
-        """Cut the connection as a power cut would: no DISCONNECT, the broker's last will."""
-
-        def do() -> None:
-            c = self.clients.get(client_id)
-            if c is None:
-                return
-            sock = c.mqtt.socket()
-            self._drop(c)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-
-        self.call(do)
-
-    def disconnect(self, client_id: str) -> None:
-        """A clean goodbye (no last will)."""
-
-        def do() -> None:
-            c = self.clients.get(client_id)
-            if c is not None:
-                c.mqtt.disconnect()
-                c.mqtt.loop_write()
-                self._drop(c)
-
-        self.call(do)
-
-    def publish(
-        self, client_id: str, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1
-    ) -> None:
-        self.call(lambda: self.clients[client_id].publish(topic, payload, retain=retain, qos=qos))
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            with contextlib.suppress(Exception):
-                self.call(self._disconnect_all, timeout=30)
-            self._stop.set()
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"x")
-            self._thread.join(10)
-        self._sel.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _disconnect_all(self) -> None:
-        for c in list(self.clients.values()):
-            with contextlib.suppress(Exception):
-                c.mqtt.disconnect()
-                c.mqtt.loop_write()
-            self._drop(c)
 
 
 # --------------------------------------------------------------------------- the fleet
@@ -708,175 +447,6 @@ def populate_registry(
     return candidates
 
 
-# --------------------------------------------------------------------------- phones
-
-
-@dataclass
-class LoadReport:
-    clients: int
-    seconds: float
-    sent: int
-    answered: int
-    errors: dict[str, int]
-    unanswered: int  # sent, and neither an answer nor an error by the end
-    latencies_s: list[float]
-    gateways: dict[str, int] = field(default_factory=dict)  # answers per gateway
-    experts: dict[str, int] = field(default_factory=dict)  # answers per expert that answered
-
-    @property
-    def per_s(self) -> float:
-        return self.answered / self.seconds if self.seconds > 0 else 0.0
-
-    def percentile(self, q: float) -> float:
-        xs = sorted(self.latencies_s)
-        return xs[min(len(xs) - 1, int(q * (len(xs) - 1)))] if xs else float("nan")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "clients": self.clients,
-            "seconds": round(self.seconds, 2),
-            "sent": self.sent,
-            "answered": self.answered,
-            "answered_per_s": round(self.per_s, 2),
-            "errors": self.errors,
-            "unanswered": self.unanswered,
-            "p50_s": round(statistics.median(self.latencies_s), 3) if self.latencies_s else None,
-            "p99_s": round(self.percentile(0.99), 3) if self.latencies_s else None,
-            "by_gateway": dict(sorted(self.gateways.items())),
-            "by_expert": dict(sorted(self.experts.items())),
-        }
-
-
-class PromptLoad:
-    """``clients`` phones, each its own MQTT connection, each asking one prompt at a time
-    with a think time (exponential, mean ``think_s``) between an answer and the next
-    question; answers come to each phone's own inbox."""
-
-    def __init__(self, broker: BrokerConfig, clients: int, *, prefix: str = "phone") -> None:
-        self.pool = LightPool(broker, keepalive=60)
-        self.n = clients
-        self.prefix = prefix
-        self._lock = threading.Lock()
-        self._sent_at: dict[str, tuple[str, float]] = {}  # prompt id -> (phone, perf_counter)
-        self._answered: list[float] = []
-        self._errors: dict[str, int] = {}
-        self._gateways: dict[str, int] = {}
-        self._experts: dict[str, int] = {}
-        self._due: dict[str, float] = {}  # idle phone -> when it asks next (perf_counter)
-        self._sent = 0
-        self._think_s = 5.0
-        self._rng = random.Random(0)
-
-    def __enter__(self) -> PromptLoad:
-        self.pool.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.pool.close()
-
-    def connect(self, timeout: float = 120.0) -> int:
-        phones = []
-        for i in range(self.n):
-            cid = f"{self.prefix}-{i:05d}"
-            phones.append(
-                self.pool.open(
-                    cid,
-                    subscriptions=[p.topics.client_answers(cid, cid)],
-                    on_message=self._on_reply,
-                )
-            )
-        return self.pool.wait_connected(phones, timeout)
-
-    def _on_reply(self, client: LightClient, msg: mqtt.MQTTMessage) -> None:
-        data = json.loads(msg.payload)
-        if "index" in data:  # a stream chunk
-            return
-        with self._lock:
-            entry = self._sent_at.pop(str(data.get("id")), None)
-            if entry is None:
-                return
-            phone, sent = entry
-            now = time.perf_counter()
-            if "error" in data:
-                code = str(data["error"].get("code", "?"))
-                self._errors[code] = self._errors.get(code, 0) + 1
-            else:
-                self._answered.append(now - sent)
-                gw = str(data.get("gateway"))
-                self._gateways[gw] = self._gateways.get(gw, 0) + 1
-                for e in data.get("experts", []):
-                    self._experts[e["id"]] = self._experts.get(e["id"], 0) + 1
-            self._due[phone] = now + self._rng.expovariate(1.0 / self._think_s)
-
-    def run(
-        self,
-        apps: Sequence[str],
-        seconds: float,
-        *,
-        think_s: float = 5.0,
-        max_tokens: int = 4,
-        drain_s: float = 60.0,
-        seed: int = 0,
-    ) -> LoadReport:
-        """Ask ``apps`` for ``seconds`` (the first question of each phone at a random time
-        within ``think_s``); then wait up to ``drain_s`` for the last answers."""
-        self._think_s = think_s
-        self._rng = random.Random(seed)
-        start = time.perf_counter()
-        with self._lock:
-            for ph in sorted(self.pool.clients):
-                self._due[ph] = start + self._rng.uniform(0, think_s)
-        end = start + seconds
-        while (now := time.perf_counter()) < end:
-            with self._lock:
-                ready = [ph for ph, t in self._due.items() if t <= now]
-                for ph in ready:
-                    del self._due[ph]
-            if ready:
-                self.pool.call(lambda ready=ready: self._ask(ready, apps, max_tokens))
-            time.sleep(0.01)
-        elapsed = time.perf_counter() - start
-        deadline = time.monotonic() + drain_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._sent_at:
-                    break
-            time.sleep(0.1)
-        with self._lock:
-            return LoadReport(
-                clients=len(self.pool.clients),
-                seconds=elapsed,
-                sent=self._sent,
-                answered=len(self._answered),
-                errors=dict(self._errors),
-                unanswered=len(self._sent_at),
-                latencies_s=list(self._answered),
-                gateways=dict(self._gateways),
-                experts=dict(self._experts),
-            )
-
-    def _ask(self, phones: list[str], apps: Sequence[str], max_tokens: int) -> None:
-        """Publish one prompt from each of ``phones`` (on the pool's thread): phone i asks
-        application i mod len(apps)."""
-        for ph in phones:
-            app = apps[int(ph.rsplit("-", 1)[1]) % len(apps)]
-            pid = uuid.uuid4().hex[:12]
-            req = p.PromptRequest(
-                id=pid,
-                prompt="the fox eats",
-                reply_to=p.topics.client_answers(ph, ph),
-                max_tokens=max_tokens,
-            )
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.MessageExpiryInterval = 120
-            with self._lock:
-                self._sent_at[pid] = (ph, time.perf_counter())
-                self._sent += 1
-            self.pool.clients[ph].mqtt.publish(
-                p.topics.prompts(app), p.encode(req), qos=1, properties=props
-            )
-
-
 # --------------------------------------------------------------------------- processes
 # The simulation runs in a process of its own: thousands of sockets there (paho's own
 # clients select() on fds below 1024 only) and none of its CPU counted to the measured one.
@@ -900,7 +470,6 @@ class SimFleetProcess:
         args = [
             sys.executable,
             str(Path(__file__).resolve()),
-            "fleet",
             "--port",
             str(self.broker.port),
             "--spec",
@@ -994,84 +563,23 @@ def _fleet_main(port: int, spec: FleetSpec) -> None:
                         "ok": True,
                         "online": len(fleet.online),
                         "acked": {g.gateway: g.acked for g in fleet.gateways.values()},
-                        "rss_mb": _rss_mb(os.getpid()),
+                        "rss_mb": rss_mb(os.getpid()),
                     }
                 )
             except Exception as exc:
                 say({"ok": False, "error": repr(exc)})
 
 
-def run_phones(
-    broker: BrokerConfig,
-    clients: int,
-    apps: Sequence[str],
-    seconds: float,
-    *,
-    think_s: float,
-    max_tokens: int,
-    timeout: float = 900.0,
-) -> dict[str, Any]:
-    """``PromptLoad`` in a child process; its report as a dict."""
-    args = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "phones",
-        "--port",
-        str(broker.port),
-        "--clients",
-        str(clients),
-        "--apps",
-        ",".join(apps),
-        "--seconds",
-        str(seconds),
-        "--think-s",
-        str(think_s),
-        "--max-tokens",
-        str(max_tokens),
-    ]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    if run.returncode != 0:
-        raise RuntimeError(f"phones failed ({run.returncode}): {run.stderr[-2000:]}")
-    out: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
-    return out
-
-
-def _rss_mb(pid: int) -> float:
-    """Resident memory of a process, MB (Linux /proc)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description="the simulated fleet, as a child process")
-    sub = ap.add_subparsers(dest="what", required=True)
-    f = sub.add_parser("fleet")
-    f.add_argument("--port", type=int, required=True)
-    f.add_argument("--spec", default="{}", help="FleetSpec as JSON")
-    ph = sub.add_parser("phones")
-    ph.add_argument("--port", type=int, required=True)
-    ph.add_argument("--clients", type=int, default=1000)
-    ph.add_argument("--apps", required=True, help="comma-separated applications")
-    ph.add_argument("--seconds", type=float, default=30.0)
-    ph.add_argument("--think-s", type=float, default=5.0)
-    ph.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--spec", default="{}", help="FleetSpec as JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if args.what == "fleet":
-        raw = json.loads(args.spec)
-        if "candidates" in raw:
-            raw["candidates"] = tuple(raw["candidates"])
-        _fleet_main(args.port, FleetSpec(**raw))
-        return
-    cfg = BrokerConfig(port=args.port)
-    with PromptLoad(cfg, args.clients) as load:
-        connected = load.connect()
-        apps = args.apps.split(",")
-        report = load.run(apps, args.seconds, think_s=args.think_s, max_tokens=args.max_tokens)
-    print(json.dumps(report.as_dict() | {"connected": connected}), flush=True)
+    raw = json.loads(args.spec)
+    if "candidates" in raw:
+        raw["candidates"] = tuple(raw["candidates"])
+    _fleet_main(args.port, FleetSpec(**raw))
 
 
 if __name__ == "__main__":
