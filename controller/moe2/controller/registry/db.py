@@ -14,7 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -185,27 +196,39 @@ class Registry:
             by_id.setdefault(prof.agent_id, {})["profile_json"] = prof.model_dump_json()
         if not by_id:
             return 0
+        # Core statements, not ORM objects: a fleet's first sync writes thousands of rows.
+        table = Agent.__table__  # type: ignore[attr-defined]
+        columns = [c.name for c in table.columns]
+        blank = Agent(id="")  # a new row's defaults, once
+        defaults = {c: getattr(blank, c) for c in columns}
         now = time.time()
-        changed = 0
-        with self.session() as s:
-            ids = sorted(by_id)
-            rows: dict[str, Agent] = {}
-            for i in range(0, len(ids), _IN_CHUNK):
-                q = select(Agent).where(col(Agent.id).in_(ids[i : i + _IN_CHUNK]))
-                rows.update((r.id, r) for r in s.execute(q).scalars())
+        ids = sorted(by_id)
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        with self.engine.begin() as conn:
+            found: dict[str, dict[str, Any]] = {}
+            for part in _chunks(ids):
+                q = select(table).where(table.c.id.in_(part))
+                found.update((r.id, dict(r._mapping)) for r in conn.execute(q))
             for agent_id in ids:
-                row = rows.get(agent_id)
-                if row is None:
-                    row = Agent(id=agent_id)
-                    s.add(row)
                 fields = by_id[agent_id]
-                if any(getattr(row, k) != v for k, v in fields.items()) or agent_id not in rows:
-                    for k, v in fields.items():
-                        setattr(row, k, v)
-                    row.last_seen = now
-                    changed += 1
-            s.commit()
-        return changed
+                old = found.get(agent_id)
+                if old is None:
+                    inserts.append(defaults | fields | {"id": agent_id, "last_seen": now})
+                elif any(old[k] != v for k, v in fields.items()):
+                    updates.append(
+                        {f"new_{k}": v for k, v in (old | fields | {"last_seen": now}).items()}
+                    )
+            if inserts:
+                conn.execute(insert(table), inserts)
+            if updates:
+                stmt = (
+                    update(table)
+                    .where(table.c.id == bindparam("new_id"))
+                    .values({c: bindparam(f"new_{c}") for c in columns if c != "id"})
+                )
+                conn.execute(stmt, updates)
+        return len(inserts) + len(updates)
 
     def agents(self, ids: Sequence[str] | None = None) -> list[Agent]:
         """Every agent row, or those of ``ids`` (a fleet's registry holds thousands)."""
