@@ -246,6 +246,8 @@ def _serve(
                           f"{len({d.app for d in after if d.app})} app(s) re-optimised "
                           f"(it served {len(served)}), {len(acked)} pushed+acked, "
                           f"{'without it' if ok else 'STILL WITH IT'}; debounce 0.5"))  # fmt: skip
+        if args.churn_s > 0:
+            cells.append(_churn(n, args, url, sim, proc.pid))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -268,7 +270,9 @@ def growth(cells: list[Cell]) -> list[str]:
             continue
         lo, hi = by_n[min(by_n)], by_n[max(by_n)]
         factor = hi.n / lo.n
-        pairs = (("time", lo.seconds, hi.seconds, "s"), ("memory", lo.mb, hi.mb, "MB"))
+        pairs = [("time", lo.seconds, hi.seconds, "s")]
+        if lo.seconds is None:  # a process's memory; a command's is mostly its imports
+            pairs = [("memory", lo.mb, hi.mb, "MB")]
         for what, a, b, unit in pairs:
             if a is None or b is None or a <= 0:
                 continue
@@ -300,6 +304,29 @@ Where the limit is now, and why (the reading of the runs on two shared cores):
   that a change costs the applications it concerns, one solve each, independent of N.
 - The optimiser proves optimality at a few dozen candidates in seconds; at 128-256 it stops at
   its time limit with the gap it proves (never pushed beyond --max-gap)."""
+
+
+def _churn(n: int, args: argparse.Namespace, url: str, sim: SimFleetProcess, pid: int) -> Cell:
+    """Agents crash and come back at random for a while; serve follows. Seconds: from the
+    end of the churn to serve's last decision (it settles); the note counts its work."""
+    t0 = time.time()
+    events = sim.command("churn", str(args.churn_per_s), str(args.churn_s))["events"]
+    ended = time.time()
+    last, quiet_since = 0, time.monotonic()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < 10:
+        count = len(_decisions(url, t0))
+        if count != last:
+            last, quiet_since = count, time.monotonic()
+        time.sleep(0.5)
+    rows = _decisions(url, t0)
+    actions: dict[str, int] = {}
+    for d in rows:
+        actions[d.action] = actions.get(d.action, 0) + 1
+    settled = max((d.at for d in rows), default=ended) - ended
+    return Cell(n, f"serve: churn, {events} crashes/rejoins in {args.churn_s:g} s", settled,
+                rss_mb(pid), f"{len(rows)} app decisions {actions}, "
+                f"{len({d.app for d in rows if d.app})} apps touched")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- 2. optimiser
@@ -420,6 +447,8 @@ def main() -> None:
     ap.add_argument("--delay-limit", type=float, default=0.2, help="s per step, every app")
     ap.add_argument("--serve-time-limit", type=float, default=60.0)
     ap.add_argument("--serve-max-gap", type=float, default=0.01)
+    ap.add_argument("--churn-per-s", type=float, default=1.0, help="crashes/rejoins a second")
+    ap.add_argument("--churn-s", type=float, default=30.0, help="0: no churn")
     ap.add_argument("--candidates", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--opt-instances", type=int, default=3)
     ap.add_argument("--opt-samples", type=int, default=100)
