@@ -167,6 +167,7 @@ class FleetView(FleetState):
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
+        self._session = 0  # connections so far: a marker counts for its own connection only
         for kind in self.kinds:
             if kind not in _FILTERS:
                 raise ValueError(f"unknown fleet state kind {kind!r}; expected one of {KINDS}")
@@ -179,6 +180,7 @@ class FleetView(FleetState):
 
     def _session_start(self) -> None:
         self.synced.clear()  # at once: whoever checks sees the resync under way
+        self._session += 1
         self._enqueue("session", None)
 
     def _begin_resync(self) -> None:
@@ -192,7 +194,7 @@ class FleetView(FleetState):
         self._enqueue("message", msg)
 
     def _arrive_marker(self, msg: mqtt.MQTTMessage) -> None:
-        self._enqueue("marker", msg)
+        self._enqueue("marker", (self._session, msg))
 
     def _enqueue(self, what: str, msg: Any) -> None:
         """On the network thread: queue, and make sure a worker runs."""
@@ -219,19 +221,13 @@ class FleetView(FleetState):
                 if what == "message":
                     self._on_message(msg)
                 elif what == "marker":
-                    self._on_marker(msg)
-                elif what == "session":
-                    self._begin_resync()
+                    session, marker = msg
+                    if session == self._session:  # not a marker of a connection since lost
+                        self._on_marker(marker)
                 else:
-                    msg.set()
+                    self._begin_resync()
             except Exception:  # one bad message must not stop the view
                 log.exception("fleet view failed on %s", getattr(msg, "topic", what))
-
-    def settled(self, timeout: float) -> bool:
-        """Wait until everything received so far is applied (for tests and one-shot reads)."""
-        done = threading.Event()
-        self._enqueue("call", done)
-        return done.wait(timeout)
 
     def _subscribed(self) -> None:
         self._conn.publish(self._marker, b"end-of-retained", qos=1)

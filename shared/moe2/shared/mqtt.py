@@ -165,6 +165,7 @@ class Connection:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Connection:
+        self._connack.clear()
         props = None
         if self.session_expiry_s > 0:
             props = _properties(PacketTypes.CONNECT)
