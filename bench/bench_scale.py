@@ -323,7 +323,7 @@ def _churn(n: int, args: argparse.Namespace, url: str, sim: SimFleetProcess, pid
     actions: dict[str, int] = {}
     for d in rows:
         actions[d.action] = actions.get(d.action, 0) + 1
-    settled = max((d.at for d in rows), default=ended) - ended
+    settled = max(d.at for d in rows) - ended if rows else None  # None: nothing to do
     return Cell(n, f"serve: churn, {events} crashes/rejoins in {args.churn_s:g} s", settled,
                 rss_mb(pid), f"{len(rows)} app decisions {actions}, "
                 f"{len({d.app for d in rows if d.app})} apps touched")  # fmt: skip
