@@ -26,8 +26,8 @@ agents, the optimiser at fleet-sized candidate sets, and prompts from a thousand
         --clients 50 --load-seconds 10                            # a smoke run, ~3 minutes
 
 Everything runs on loopback and is stopped at the end; the simulator clears its retained
-messages. The full run takes about 40 minutes on two cores (5,000 simulated agents take
-~1 minute to join; SMO at 256 candidates runs to its time limit).
+messages. The full run took 18 minutes on two shared cores (control plane 9, optimiser 5,
+phones 3; SMO at 128-256 candidates runs to its 30 s time limit either way).
 """
 
 from __future__ import annotations
