@@ -26,7 +26,7 @@ from moe2.controller.localfleet import LocalFleet
 from moe2.shared import protocol as p
 from moe2.shared.broker import free_port, wait_for_port
 from moe2.shared.client import PromptClient
-from moe2.shared.errors import NoExperts
+from moe2.shared.errors import NoExperts, RequestTimeout
 from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection
 
@@ -189,8 +189,8 @@ def topology(ansible: Any, tmp_path: Path, tiny_models: dict[str, Path]) -> Iter
             fs.start("site-gw", tiny_models["code"], *common, "--serve-app", "near=site-gw:1")
             fc.wait_online(["core-gw"], 120)
             fs.wait_online(["site-gw"], 120)
-            _ready(core.cfg, "far")  # each gateway has fetched its expert's vocabulary
-            _ready(site.cfg, "near")
+            _ready(core.cfg, "far", fc)  # each gateway has fetched its expert's vocabulary
+            _ready(site.cfg, "near", fs)
             topo = Topology(core, site, proxy, fc, fs)
             yield topo
     finally:
@@ -199,18 +199,20 @@ def topology(ansible: Any, tmp_path: Path, tiny_models: dict[str, Path]) -> Iter
         core.stop()
 
 
-def _ready(cfg: BrokerConfig, app: str, timeout: float = 120.0) -> None:
+def _ready(cfg: BrokerConfig, app: str, fleet: LocalFleet, timeout: float = 240.0) -> None:
     """Ask ``app`` on its own broker until a gateway answers it (it learns its experts'
-    vocabularies after it starts: until then it answers ``no_experts``)."""
+    vocabularies after it starts: until then it answers ``no_experts``; on a loaded machine
+    the first answer can take longer than a prompt's timeout)."""
     deadline = time.monotonic() + timeout
     with PromptClient(cfg) as client:
         while True:
             try:
-                client.ask(app, "the fox", max_tokens=1, timeout=30)
+                client.ask(app, "the fox", max_tokens=1, timeout=60)
                 return
-            except NoExperts:
+            except (NoExperts, RequestTimeout) as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    logs = {a: fleet.log_tail(a, 3000) for a in fleet.procs}
+                    raise AssertionError(f"{app} never answered ({exc.message}): {logs}") from None
                 time.sleep(1.0)
 
 
