@@ -76,4 +76,8 @@ def test_topics_are_parsed_in_one_place() -> None:
     assert t is not None and (t.kind, t.client, t.rest) == ("reply", "c1", ("rpc", "orin-1"))
     assert p.topics.parse("moe2/v1/agents/a+b/info") is None  # not a name we could build
     assert p.topics.parse("other/v1/agents/a/info") is None
-    assert p.topics.parse("moe2/v1/prompts/qa/extra") is None
+    assert p.topics.parse("moe2/v1/prompts/qa/phone-7/extra") is None
+    t = p.topics.parse(p.topics.prompts("qa", "phone-7"))  # the publisher's login, bound by ACL
+    assert t is not None and (t.kind, t.app, t.client) == ("prompt", "qa", "phone-7")
+    assert p.topics.prompt_owner("moe2/v1/prompts/-bad-/phone-7/x") == "phone-7"
+    assert p.topics.prompt_owner(p.topics.prompts("qa")) is None

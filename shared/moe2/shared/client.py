@@ -12,7 +12,9 @@ Errors come back as the matching ``Moe2Error`` (``UnknownApp``, ``NoExperts``, `
 Delivery and deadlines, as a phone app should handle them too:
 
 - The inbox is ``moe2/v1/replies/<user>/answers/<client id>``: on a broker with logins a
-  client reads only ``moe2/v1/replies/<user>/#``.
+  client reads only ``moe2/v1/replies/<user>/#``, and publishes its prompts to
+  ``moe2/v1/prompts/<app>/<user>`` (the only prompt topic its login may write: it tells the
+  gateway whose inbox the answer may go to).
 - The client keeps its MQTT session (``session_expiry_s``): answers published while its
   connection blips wait at the broker and arrive when it reconnects.
 - The prompt carries an MQTT 5 message expiry of ``timeout``: a prompt that no gateway took
@@ -61,6 +63,7 @@ class PromptClient:
         wait_for_gateway_s: float = 5.0,
     ) -> None:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
+        self.user = broker.username  # None: a broker without logins
         self.inbox = p.topics.client_answers(broker.owner(self.client_id), self.client_id)
         self.wait_for_gateway_s = wait_for_gateway_s
         self._conn = Connection(broker, self.client_id, session_expiry_s=session_expiry_s)
@@ -181,7 +184,8 @@ class PromptClient:
             if not self._conn.wait_connected(max(0.0, deadline - time.monotonic())):
                 raise RequestTimeout(f"not connected to the broker within {timeout:.0f} s")
             try:
-                if self._conn.publish_acked(p.topics.prompts(app), payload, properties=props):
+                topic = p.topics.prompts(app, self.user)
+                if self._conn.publish_acked(topic, payload, properties=props):
                     return
             except BrokerError:
                 if self._conn.connected:

@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from moe2.shared import protocol
@@ -154,6 +155,7 @@ class Connection:
         self._sessions = 0  # MQTT sessions begun so far: which one delivered a message
         self._delivered_in: dict[int, int] = {}  # id(message) -> session, until acknowledged
         self._retained_state: set[str] = set()  # filters to subscribe afresh on a resumed session
+        self._as_published: set[str] = set()  # filters whose messages keep their retain flag
         self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
         self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
         # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
@@ -253,6 +255,7 @@ class Connection:
         *,
         manual_ack: bool = False,
         retained_state: bool = False,
+        retain_as_published: bool = False,
     ) -> None:
         """Call ``handler`` for every message of ``topic_filter``. Each filter is its own
         SUBSCRIBE with an MQTT 5 subscription identifier, so a message is dispatched to the
@@ -261,7 +264,9 @@ class Connection:
         acknowledgement of each message (``ack``); otherwise it is sent once handlers return.
         ``retained_state``: the filter's retained messages must come again on every
         reconnection, also when the broker resumed our session (rumqttd sends them only for a
-        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE)."""
+        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE).
+        ``retain_as_published`` (MQTT 5): a message published retained arrives with its
+        retain flag set even when it is delivered live, so the handler can tell."""
         # A shared subscription "$share/<group>/<filter>" delivers messages whose topic
         # matches <filter>: the fallback dispatch (brokers without identifiers) uses that.
         match = topic_filter
@@ -277,8 +282,17 @@ class Connection:
             self._handlers.append((topic_filter, match, qos, handler, sub_id, manual_ack))
             if retained_state:
                 self._retained_state.add(topic_filter)
+            if retain_as_published:
+                self._as_published.add(topic_filter)
             if self._session_up and new:
-                self._client.subscribe(topic_filter, qos=qos, properties=_sub_props(sub_id))
+                self._client.subscribe(
+                    topic_filter,
+                    options=self._options(topic_filter, qos),
+                    properties=_sub_props(sub_id),
+                )
+
+    def _options(self, topic_filter: str, qos: int) -> SubscribeOptions:
+        return SubscribeOptions(qos=qos, retainAsPublished=topic_filter in self._as_published)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -368,12 +382,12 @@ class Connection:
                     # subscribe below (mosquitto sends the retained messages twice: harmless).
                     for f in sorted(self._retained_state & subs.keys()):
                         q, sid = subs[f]
-                        client.subscribe(f, qos=q, properties=_sub_props(sid))
+                        client.subscribe(f, options=self._options(f, q), properties=_sub_props(sid))
                         client.unsubscribe(f)
                 # We count as connected only once the broker has acknowledged every
                 # subscription, so nothing published to us after start() returns is missed.
                 mids = (
-                    client.subscribe(f, qos=q, properties=_sub_props(sid))[1]
+                    client.subscribe(f, options=self._options(f, q), properties=_sub_props(sid))[1]
                     for f, (q, sid) in subs.items()
                 )
                 self._pending_subacks = {m for m in mids if m is not None}

@@ -3,10 +3,11 @@
 An application is served from the gateway's local configuration (``--serve-app``) until the
 controller pushes an assignment for it; a pushed assignment then decides, and may leave this
 gateway out (``AppAssignment.gateways``). For every application it serves, the gateway holds
-one shared subscription ``$share/<group>/moe2/v1/prompts/<app>``, so a prompt only ever
-reaches a gateway that serves its application; a prompt for an application nobody serves
-reaches every gateway's catch-all subscription (a shared group of its own), and the one gateway
-that gets it answers ``unknown_app`` when no online gateway announces that application.
+the shared subscriptions ``$share/<group>/moe2/v1/prompts/<app>`` and ``.../<app>/+`` (a
+prompt that names its publisher), so a prompt only ever reaches a gateway that serves its
+application; a prompt for an application nobody serves reaches every gateway's catch-all
+subscription (a shared group of its own), and the one gateway that gets it answers
+``unknown_app`` when no online gateway announces that application.
 
 Versions only grow. A version above the current one is applied and acknowledged; the same
 version with the same content is acknowledged again; anything else is rejected with a reason
@@ -215,16 +216,20 @@ class AppRouter:
             self._subscribed = wanted
             first = not self._catch_all and not self._stopping
             self._catch_all = not self._stopping
+        # Retain as published: a prompt published retained keeps its flag, so it is refused
+        # (and cleared) as it arrives, not served (service.py).
         if first:
-            self.catch_all_conn.subscribe(unrouted, self.on_unrouted)
+            self.catch_all_conn.subscribe(unrouted, self.on_unrouted, retain_as_published=True)
         elif self._stopping:
             self.catch_all_conn.unsubscribe(unrouted)
         for app in sorted(add):  # the prompt handler acknowledges each prompt once answered
-            self.conn.subscribe(
-                p.topics.prompts_shared(self.config.group, app), self.on_prompt, manual_ack=True
-            )
+            for shared in p.topics.prompts_shared(self.config.group, app):
+                self.conn.subscribe(
+                    shared, self.on_prompt, manual_ack=True, retain_as_published=True
+                )
         for app in sorted(drop):
-            self.conn.unsubscribe(p.topics.prompts_shared(self.config.group, app))
+            for shared in p.topics.prompts_shared(self.config.group, app):
+                self.conn.unsubscribe(shared)
         if (add or drop) and self.conn.connected:  # else _republish does it on connecting
             self.publish_status()
 

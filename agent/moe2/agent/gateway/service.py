@@ -23,6 +23,14 @@ Replies go only where the broker lets a gateway publish: the replies namespace i
 broker allows it (a broker without logins). A prompt whose ``reply_to`` the broker would
 refuse is answered ``bad_request`` on its MQTT 5 ResponseTopic, when it has a usable one.
 
+A prompt published on ``prompts/<app>/<owner>`` (what a client with a broker login does: the
+broker's ACL lets it publish only there) is answered only inside ``replies/<owner>/``: a
+``reply_to`` or ResponseTopic that names another user's inbox is refused, and an error that
+has no usable address goes to ``replies/<owner>/errors``. So no client can make a gateway
+write into another user's inbox. A prompt the broker kept retained is never served: the
+gateway that sees it clears it and answers ``bad_request`` (mosquitto hands retained messages
+to shared subscriptions too, so it would otherwise be served again at every subscription).
+
 What it knows of the fleet comes from one ``FleetView`` (agents' info and status, the
 retained assignments); which prompts reach it and how each application is served, from its
 ``AppRouter``; token texts, from its ``VocabCache``.
@@ -314,9 +322,10 @@ class Gateway:
         for topic, corr in targets:
             self.conn.publish(topic, payload, qos=1, properties=reply_properties(corr))
 
-    def _deliverable(self, topic: str) -> str:
-        """``topic`` if this gateway may answer there, else ValueError saying why."""
-        check_reply_topic(topic)
+    def _deliverable(self, topic: str, owner: str | None) -> str:
+        """``topic`` if this gateway may answer there a prompt of ``owner`` (the login its
+        topic names; None: not named), else ValueError saying why."""
+        check_reply_topic(topic, owner)
         if not self.may_reply_outside and not topic.startswith(f"{p.TOPIC_ROOT}/replies/"):
             raise ValueError(
                 f"this broker does not let gateways publish to {topic!r}: reply on "
@@ -326,7 +335,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ intake
 
-    def _response_target(self, msg: Any) -> Targets:
+    def _response_target(self, msg: Any, owner: str | None) -> Targets:
         """The MQTT 5 ResponseTopic (with its correlation data), when usable."""
         props = msg.properties
         rtopic = getattr(props, "ResponseTopic", None) if props else None
@@ -334,21 +343,29 @@ class Gateway:
         if not rtopic:
             return []
         try:
-            return [(self._deliverable(rtopic), bytes(corr) if corr is not None else None)]
+            return [(self._deliverable(rtopic, owner), bytes(corr) if corr is not None else None)]
         except ValueError as exc:
             log.warning("ignoring ResponseTopic %r: %s", rtopic, exc)
             return []
 
     def _refuse(self, msg: Any, error: Moe2Error) -> None:
         """Answer a prompt we will not serve, to whoever we can find (never parsing an
-        oversized payload, and never recursively, to find them)."""
-        targets = self._response_target(msg)
+        oversized payload, and never recursively, to find them); within the replies of the
+        user its topic names, else nowhere."""
+        try:
+            owner = p.topics.prompt_owner(msg.topic)
+        except BadMessage:
+            log.warning("prompt on %s names no valid user: dropped (%s)", msg.topic, error.message)
+            return
+        targets = self._response_target(msg, owner)
         pid: str | None = None
         if len(msg.payload) <= self.config.max_prompt_bytes:
             pid, reply_to = addressable(msg.payload)
             if reply_to and reply_to not in [t for t, _ in targets]:
                 with contextlib.suppress(ValueError):
-                    targets.append((self._deliverable(reply_to), None))
+                    targets.append((self._deliverable(reply_to, owner), None))
+        if not targets and owner is not None:
+            targets = [(p.topics.prompt_errors(owner), None)]
         if not targets:
             log.warning("unanswerable prompt on %s dropped: %s", msg.topic, error.message)
             return
@@ -357,13 +374,31 @@ class Gateway:
         self._send(targets, p.prompt_error(pid, error.code, error.message))
 
     def _on_unrouted(self, msg: Any) -> None:
-        """The catch-all: answer ``unknown_app`` when no online gateway serves the app."""
+        """The catch-all: answer ``unknown_app`` when no online gateway serves the app, and
+        ``bad_request`` when the topic names no valid application (no gateway's
+        subscription to an application matches it)."""
+        if msg.retain and not msg.payload:
+            return  # a retained prompt cleared
         topic = p.topics.parse(msg.topic)
-        app = topic.app if topic is not None else None
-        if app is None or app in self.router.served():
+        if topic is None or topic.kind != "prompt" or topic.app is None:
+            if self._refuse_retained(msg):
+                return
+            self._refuse(
+                msg,
+                BadMessage(
+                    f"{msg.topic!r} is not a prompt topic: publish to {p.TOPIC_ROOT}/prompts/<app> "
+                    f"or {p.TOPIC_ROOT}/prompts/<app>/<your user>, each a name of 1-64 letters, "
+                    "digits, '_', '.', '-' starting with a letter or digit"
+                ),
+            )
+            return
+        app = topic.app
+        if app in self.router.served():
             return
         if any(app in g.apps for g in self.fleet.online_gateways().values()):
             return  # a gateway that serves it has its own copy
+        if self._refuse_retained(msg):
+            return
         served = sorted({a for g in self.fleet.online_gateways().values() for a in g.apps})
         self._refuse(
             msg,
@@ -372,6 +407,27 @@ class Gateway:
                 f"{', '.join(served) if served else 'none'}"
             ),
         )
+
+    def _refuse_retained(self, msg: Any) -> bool:
+        """A prompt the broker keeps retained (its retain flag set: our subscriptions keep
+        it as published): clear it and answer ``bad_request``, so it is never served, now or
+        at a later subscription. False when ``msg`` was not retained."""
+        if not msg.retain:
+            return False
+        if msg.payload:
+            log.warning("clearing a retained prompt on %s", msg.topic)
+            try:
+                self.conn.publish(msg.topic, b"", qos=1, retain=True)
+            except (RuntimeError, ValueError):  # not connected: seen again at the next subscribe
+                log.warning("could not clear the retained prompt on %s", msg.topic)
+            self._refuse(
+                msg,
+                BadMessage(
+                    "prompts must not be published retained (the broker would hand the prompt "
+                    "to every gateway that subscribes later); it was cleared and not served"
+                ),
+            )
+        return True
 
     def _when_synced(self, handler: Any) -> Any:
         def park_or_handle(msg: Any) -> None:
@@ -400,7 +456,8 @@ class Gateway:
             if topic.app in self.router.served():
                 self._when_synced(self._on_prompt)(msg)  # acknowledged once answered
                 return
-            self.conn.unsubscribe_raw(p.topics.prompts_shared(self.config.group, topic.app))
+            for shared in p.topics.prompts_shared(self.config.group, topic.app):
+                self.conn.unsubscribe_raw(shared)
             self._refuse(
                 msg,
                 UnknownApp(
@@ -438,12 +495,16 @@ class Gateway:
                 if (msg.mid, hash(bytes(msg.payload))) in self._answered:
                     log.info("prompt message %d came again; answered already", msg.mid)
                     return False
-        targets = self._response_target(msg)
+        if self._refuse_retained(msg):
+            return False
         topic = p.topics.parse(msg.topic)
-        app = topic.app if topic is not None and topic.app is not None else ""
+        if topic is None or topic.kind != "prompt" or topic.app is None:
+            return False  # an invalid owner level: the catch-all answers it
+        app, owner = topic.app, topic.client
+        targets = self._response_target(msg, owner)
         try:
             req, _raw = p.decode_prompt(msg.payload, self.config.max_prompt_bytes)
-            reply_to = self._deliverable(req.reply_to)
+            reply_to = self._deliverable(req.reply_to, owner)
         except (Moe2Error, ValueError) as exc:
             error = exc if isinstance(exc, Moe2Error) else BadMessage(f"reply_to: {exc}")
             self._refuse(msg, error)
