@@ -49,6 +49,7 @@ from moe2.shared.errors import (
     RequestTimeout,
     error_from_reply,
 )
+from moe2.shared.logins import bound_client_id
 from moe2.shared.protocol.rpc import _Reply, _Request
 
 R = TypeVar("R", bound=_Reply)
@@ -83,6 +84,11 @@ class BrokerConfig(BaseModel):
         """Whose ``moe2/v1/replies/<owner>/`` subtree a client reads: its login, else its id."""
         return self.username if self.username else client_id
 
+    def client_id(self, name: str) -> str:
+        """The MQTT client id of this login's connection ``name``: one no other login can
+        take over (``moe2.shared.logins``)."""
+        return bound_client_id(self.username, self.password, name)
+
 
 def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # Nagle's algorithm turns a 0.4 ms loopback round trip into 40-90 ms.
@@ -101,17 +107,20 @@ class Connection:
         will: tuple[str, bytes, bool] | None = None,
         session_expiry_s: int = 0,
         reconnect: bool = True,
+        exact_client_id: bool = False,
     ) -> None:
-        """``reconnect=False``: a connection lost stays lost (one that borrows another
+        """``client_id`` is bound to the login (``BrokerConfig.client_id``) unless
+        ``exact_client_id`` (another login's id, known on purpose: adopting a session).
+        ``reconnect=False``: a connection lost stays lost (one that borrows another
         client's session must not take it back from its owner)."""
         self.broker = broker
-        self.client_id = client_id
+        self.client_id = client_id if exact_client_id else broker.client_id(client_id)
         # 0: a clean session on every connect; > 0: the broker keeps our session (its
         # subscriptions and the QoS 1 messages for us) this many seconds after we disconnect.
         self.session_expiry_s = session_expiry_s
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,  # _on_message acknowledges, unless a handler does it itself
             reconnect_on_failure=reconnect,

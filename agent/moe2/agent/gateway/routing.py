@@ -244,6 +244,7 @@ class AppRouter:
             group=self.config.group,
             apps=self.served() if state == "online" else {},
             since=time.time(),
+            session=self.conn.client_id,
         )
 
     def _republish(self) -> None:

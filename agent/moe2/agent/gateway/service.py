@@ -49,7 +49,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from moe2.agent.gateway.adopt import SessionAdopter
+from moe2.agent.gateway.adopt import SessionAdopter, session_name
 from moe2.agent.gateway.capacity import ExpertSlots
 from moe2.agent.gateway.choices import ChoiceScorer
 from moe2.agent.gateway.config import GatewayConfig
@@ -101,12 +101,15 @@ class Gateway:
         self.id = gateway_id
         self.config = config
         self.metrics = metrics or GatewayMetrics(CollectorRegistry())
+        # Our kept session's client id (bound to our login), named in our status and last
+        # will so that a live gateway can adopt the session should we vanish.
+        session = broker.client_id(session_name(gateway_id))
         offline = p.GatewayStatus(
-            gateway=gateway_id, state="offline", group=config.group, lost=True
+            gateway=gateway_id, state="offline", group=config.group, lost=True, session=session
         )
         self.conn = Connection(
             broker,
-            f"moe2-gateway-{gateway_id}",
+            session,
             will=(p.topics.gateway_status(gateway_id), p.encode(offline), True),
             session_expiry_s=config.session_expiry_s,
         )

@@ -90,6 +90,10 @@ class GatewayStatus(Message):
     # Set in the last will only: the broker published this, the gateway vanished without
     # draining (its kept MQTT session may hold prompts: see agent/gateway/adopt.py).
     lost: bool = False
+    # The MQTT client id of its kept session, bound to its login (moe2.shared.logins): what
+    # a live gateway connects under to adopt that session. Only gateway and controller
+    # logins may read this topic.
+    session: str | None = Field(default=None, max_length=1024)
 
 
 class AppFigures(BaseModel):
