@@ -34,7 +34,7 @@ from moe2.agent.gateway.config import GatewayConfig
 from moe2.shared import protocol as p
 from moe2.shared.errors import UnknownApp
 from moe2.shared.mqtt import Connection
-from moe2.shared.protocol.desired import STALE_VERSION
+from moe2.shared.protocol.desired import STALE_VERSION, describe_version
 from moe2.shared.signing import BadSignature, Verifier
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class AppRouter:
         self.on_gate = on_gate
         self._lock = threading.RLock()
         self._pushed: dict[str, p.AppAssignment] = {}  # app -> the accepted assignment
-        self._floor: dict[str, int] = {}  # app -> highest version accepted (kept after a clear)
+        # app -> highest (epoch, version) accepted (kept after a clear)
+        self._floor: dict[str, tuple[int, int]] = {}
         self._last: dict[str, p.AppAssignment] = {}  # app -> the message of that version
         self._acks: dict[str, p.AssignmentAck] = {}  # app -> the last acknowledgement sent
         self._subscribed: set[str] = set()
@@ -140,13 +141,15 @@ class AppRouter:
                 self._ack(a, accepted=False, reason=f"bad signature: {exc.message}")
                 return
         with self._lock:
-            floor = self._floor.get(a.app, 0)
+            floor = self._floor.get(a.app, (0, 0))
             current = self._last.get(a.app)
-            if a.version < floor or (a.version == floor and current != a):
+            if a.key < floor or (a.key == floor and current != a):
+                version = describe_version(a.key)
                 why = (
-                    f"{STALE_VERSION}: {a.version} is below the version {floor} served"
-                    if a.version < floor
-                    else f"{STALE_VERSION}: version {a.version} already names another assignment"
+                    f"{STALE_VERSION}: {version} is below the version "
+                    f"{describe_version(floor)} served"
+                    if a.key < floor
+                    else f"{STALE_VERSION}: {version} already names another assignment"
                 )
                 self._ack(a, accepted=False, reason=why)
                 return
@@ -155,10 +158,17 @@ class AppRouter:
                     a, accepted=False, reason=f"k={a.k} exceeds the subset of {len(a.subset)}"
                 )
                 return
-            if a.version == floor:  # the same message again (a reconnect): say so again
+            if a.key == floor:  # the same message again (a reconnect): say so again
                 self._ack(a, accepted=True)
                 return
-            self._floor[a.app] = a.version
+            if a.key[0] > floor[0] and floor != (0, 0):
+                log.warning(
+                    "%s: a new epoch of versions, %s (was %s)",
+                    a.app,
+                    describe_version(a.key),
+                    describe_version(floor),
+                )
+            self._floor[a.app] = a.key
             self._last[a.app] = a
             if a.revert:
                 self._pushed.pop(a.app, None)
@@ -166,9 +176,9 @@ class AppRouter:
                 self._pushed[a.app] = a
             serving = a.app in self.served()
         log.info(
-            "%s v%d: %s",
+            "%s %s: %s",
             a.app,
-            a.version,
+            describe_version(a.key),
             "back to the local configuration"
             if a.revert
             else ("serving" if serving else "left to others"),
@@ -193,10 +203,12 @@ class AppRouter:
             gateway=self.id,
             app=a.app,
             version=a.version,
+            epoch=a.epoch,
             accepted=accepted,
             serving=accepted and a.serves(self.id),
             reason=reason,
-            current=self._floor.get(a.app, 0),
+            current=self._floor.get(a.app, (0, 0))[1],
+            proof=self._last.get(a.app),
         )
         if accepted and a.revert:
             ack = ack.model_copy(update={"serving": a.app in self.config.apps})

@@ -60,6 +60,7 @@ from moe2.shared.protocol.desired import (
     AssignmentAck,
     GateRef,
     GatewayStatus,
+    describe_version,
 )
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
 from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
@@ -190,6 +191,7 @@ __all__ = [
     "decode_prompt",
     "decode_reply",
     "decode_request",
+    "describe_version",
     "encode",
     "encode_full",
     "encode_rpc",
