@@ -285,9 +285,10 @@ class DesiredState:
             done = True
             for r in results:
                 a = r.assignment
+                ours = p.assignment_digest(a)
                 for g in r.expected:
                     ack = self.view.assignment_ack.get((g, a.app))
-                    if ack is not None and ack.version == a.version:
+                    if ack is not None and ack.version == a.version and ack.answers in (None, ours):
                         r.acks[g] = ack
                     if a.gate is not None:
                         gack = self.view.gate_ack.get((g, a.gate.version))

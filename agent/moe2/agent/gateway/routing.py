@@ -204,6 +204,7 @@ class AppRouter:
             app=a.app,
             version=a.version,
             epoch=a.epoch,
+            answers=p.assignment_digest(a),
             accepted=accepted,
             serving=accepted and a.serves(self.id),
             reason=reason,

@@ -60,6 +60,7 @@ from moe2.shared.protocol.desired import (
     AssignmentAck,
     GateRef,
     GatewayStatus,
+    assignment_digest,
     describe_version,
 )
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
@@ -186,6 +187,7 @@ __all__ = [
     "VerifyRequest",
     "VocabReply",
     "VocabRequest",
+    "assignment_digest",
     "check_name",
     "decode_message",
     "decode_prompt",

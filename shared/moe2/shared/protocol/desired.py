@@ -22,6 +22,7 @@ sign) leaves such a gateway as it is.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,6 +36,13 @@ STALE_VERSION = "stale version"
 
 # Versions stay exact in every JSON implementation (2^53) and cannot be pinned out of reach.
 MAX_VERSION = (1 << 53) - 1
+
+
+def assignment_digest(a: AppAssignment) -> str:
+    """Names one assignment message exactly (its content and signature): which one an
+    acknowledgement answers, when a version number was sent twice (a forged or rejected
+    message, then the controller's)."""
+    return hashlib.sha256(a.model_dump_json(exclude_none=True).encode()).hexdigest()[:32]
 
 
 def describe_version(key: tuple[int, int]) -> str:
@@ -90,6 +98,7 @@ class AssignmentAck(Message):
     app: Name
     version: int = Field(ge=1, le=MAX_VERSION)
     epoch: int | None = Field(default=None, ge=1, le=MAX_VERSION)  # of ``version``
+    answers: str | None = Field(default=None, max_length=64)  # assignment_digest of it
     accepted: bool
     serving: bool = True  # False: accepted, but the assignment leaves this gateway out
     reason: str | None = Field(default=None, max_length=1000)  # why it was rejected
