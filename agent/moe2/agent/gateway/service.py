@@ -461,13 +461,14 @@ class Gateway:
                 return
             for shared in p.topics.prompts_shared(self.config.group, topic.app):
                 self.conn.unsubscribe_raw(shared)
-            self._refuse(
-                msg,
-                UnknownApp(
-                    f"gateway {self.id} no longer serves application {topic.app!r} (the "
-                    "prompt waited for it while it was away); retry"
-                ),
-            )
+            if not self._refuse_retained(msg):
+                self._refuse(
+                    msg,
+                    UnknownApp(
+                        f"gateway {self.id} no longer serves application {topic.app!r} (the "
+                        "prompt waited for it while it was away); retry"
+                    ),
+                )
         self.conn.ack(msg)
 
     def _on_prompt(self, msg: Any) -> None:
