@@ -192,7 +192,12 @@ def fit_curve(
 
 
 class CostCurves(BaseModel):
-    """The four curves a profile publishes, all in the prompt length L."""
+    """The curves a profile publishes, all in a token count L.
+
+    ``score_*`` price L tokens evaluated with a distribution read after every one (teacher-
+    forced scoring: a multiple-choice answer's options after its prompt); the distributions
+    cost on top of a prompt pass (the output layer and its softmax per row). Profiles from
+    agents that predate them leave them out."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -200,6 +205,8 @@ class CostCurves(BaseModel):
     token_seconds: CostCurve  # one generated token after a prompt of L, seconds per token
     prompt_joules: CostCurve  # joules for the whole prompt
     token_joules: CostCurve  # joules per generated token
+    score_seconds: CostCurve | None = None  # L tokens scored in one pass, seconds
+    score_joules: CostCurve | None = None  # L tokens scored in one pass, joules
 
 
 def step_costs(
