@@ -37,7 +37,11 @@ class ServePolicy(BaseModel):
         "(experts the gate does not know are left out, with the reason recorded)",
     )
     solver: str = Field(default="smo", description="subset optimiser")
-    gate_delay: float = Field(default=0.004, ge=0, description="seconds the gate adds")
+    gate_delay: float | None = Field(
+        default=None,
+        ge=0,
+        description="seconds the gate adds per prompt [default: what the gateways measured]",
+    )
     # How eagerly to react.
     tick_s: float = Field(default=0.5, gt=0, le=60, description="seconds between looks")
     debounce_s: float = Field(
