@@ -19,6 +19,7 @@ from moe2.agent.batching import Scheduler
 from moe2.agent.config import AgentConfig
 from moe2.agent.llama import LlamaCppBackend
 from moe2.agent.service import AgentService
+from moe2.agent.tasks import ScoreMany
 from moe2.shared import protocol as p
 
 PROMPTS = ["the fox eats", "a young owl sleeps near the", "the cat", "the bird sings in the"]
@@ -237,6 +238,26 @@ def test_score_many_shares_each_prompt_among_its_samples(
         want = animals_backend.score(prompts[s.prompt], r.target_tokens)
         np.testing.assert_allclose(r.logprobs, want, atol=1e-5)
     assert sched.decoded_tokens == evaluated
+
+
+def test_without_sharing_every_sample_evaluates_its_prompt(
+    service: AgentService, animals_backend: LlamaCppBackend
+) -> None:
+    # what collection cost before prompts were shared (bench/bench_promise.py compares)
+    prompt = animals_backend.tokenize(QUESTION, add_bos=True)
+    targets = [animals_backend.tokenize(o, add_bos=False) for o in OPTIONS]
+    def reply(results: list[p.ScoreResult]) -> p.ScoreManyReply:
+        return p.ScoreManyReply(results=results, compute_ms=0.0)
+
+    task = ScoreMany(animals_backend, [(prompt, t) for t in targets], reply, share=False)
+    job = Job(p.PingRequest())  # (any request: the task is given)
+    sched = Scheduler(animals_backend, lambda _req: task, lambda j, r: j.done(r))
+    sched.run(job)
+    assert sched.decoded_tokens == sum(len(prompt) + len(t) - 1 for t in targets)
+    (done,) = job.replies
+    assert isinstance(done, p.ScoreManyReply)
+    for r, t in zip(done.results, targets, strict=True):
+        np.testing.assert_allclose(r.logprobs, animals_backend.score(prompt, t), atol=1e-5)
 
 
 def test_without_a_shared_cache_the_options_still_score_right(tiny_models: dict[str, Path]) -> None:

@@ -130,8 +130,10 @@ class ScoreMany(Task):
     (the options of one question, in ``score_choices`` or in a ``score_many`` batch) evaluate
     that prompt once: its last row scores every target's first token, and each target's other
     tokens are evaluated on a sequence that shares the prompt's KV cells. So a 4-option
-    question costs L + Σ_o (len_o - 1) tokens, not 4 L + Σ_o len_o. Up to ``parallel``
-    sequences (at least one group's worth) run in the same ticks."""
+    question costs L + Σ_o (len_o - 1) tokens, not 4 L + Σ_o len_o. A pair alone with its
+    prompt is one pass over both. Up to ``parallel`` sequences (at least one group's worth)
+    run in the same ticks. ``share=False`` scores every pair alone (what it cost before; for
+    comparison)."""
 
     def __init__(
         self,
@@ -141,6 +143,7 @@ class ScoreMany(Task):
         *,
         parallel: int = 4,
         chunk: int = 512,
+        share: bool = True,
     ) -> None:
         self.results: list[p.ScoreResult | None] = [None] * len(samples)
         self._pairs: dict[int, Pair] = {}
@@ -150,9 +153,11 @@ class ScoreMany(Task):
                 self.results[i] = _failed(s)
             else:
                 self._pairs[i] = s
-                by_prompt.setdefault(tuple(s[0]), []).append(i)
+                key = tuple(s[0]) if share else (i, *s[0])
+                by_prompt.setdefault(key, []).append(i)
         self._todo: list[_Group] = []  # in the order of each prompt's first sample
-        for prompt, members in by_prompt.items():
+        for members in by_prompt.values():
+            prompt = self._pairs[members[0]][0]
             for k in range(0, len(members), MAX_BRANCHES):
                 self._todo.append(_Group(list(prompt), members[k : k + MAX_BRANCHES]))
         self._todo.reverse()  # pop() takes groups in order
@@ -189,7 +194,15 @@ class ScoreMany(Task):
             g = self._todo.pop()
             take = min(len(g.members), len(self._free))
             g.seqs = [self._free.pop() for _ in range(take)]
-            g.first = Evaluate(g.seqs[0], g.prompt, [len(g.prompt) - 1])
+            if len(g.members) == 1:  # alone: the prompt and its target in one pass
+                (i,) = g.members
+                target = self._pairs[i][1]
+                first = len(g.prompt) - 1  # the row after token first + t predicts target[t]
+                tokens = [*g.prompt, *target[:-1]]
+                ev = Evaluate(g.seqs[0], tokens, range(first, first + len(target)))
+                g.branches.append((i, ev))
+            else:
+                g.first = Evaluate(g.seqs[0], g.prompt, [len(g.prompt) - 1])
             self._running.append(g)
 
     def _branch(self, g: _Group) -> None:
