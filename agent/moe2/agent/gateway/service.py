@@ -622,6 +622,7 @@ class Gateway:
             dropped=result.dropped,
             gateway=self.id,
             gate_ms=gate_s * 1e3,
+            compute_ms=result.compute_ms,
         )
 
 

@@ -207,6 +207,27 @@ def fleet_figures(broker: BrokerConfig, *, required: bool) -> FleetState | None:
         return None
 
 
+def eval_gate_delay(
+    state: FleetState | None,
+    version: str,
+    given: float | None,
+    broker: BrokerConfig,
+    *,
+    live: bool,
+) -> GateDelay | Callable[[], GateDelay]:
+    """τ_gate for an evaluation's promise: what the gateways announced for the gate; when
+    none did yet and the answers go through a gateway, what they announce once the evaluation
+    has pushed it (with its first gated route); from stored scores alone, 0, said so."""
+    gate = gate_delay_of(state, version, given, required=False)
+    if not live or gate.curve is not None or given is not None or version == UNIFORM:
+        return gate
+
+    def once_pushed() -> GateDelay:
+        return gate_delay_of(FleetView.snapshot(broker, ("gateway", "gate_ack"), 2.0), version)
+
+    return once_pushed
+
+
 def measured_links(broker: BrokerConfig, *, required: bool) -> dict[str, p.LinkFigures]:
     state = fleet_figures(broker, required=required)
     return {} if state is None else state.best_links()
@@ -519,19 +540,7 @@ def eval_cmd(
         selection, test, test_note, sel_note = held_out_sets(
             reg, gate_version, dataset, chosen, links
         )
-        version = selection.gate.version
-        gate: GateDelay | Callable[[], GateDelay] = gate_delay_of(
-            state, version, gate_delay, required=False
-        )
-        if live and isinstance(gate, GateDelay) and gate.curve is None and gate_delay is None:
-            # The answerer pushes the gate with the first gated route: its gateways announce
-            # what it takes once they load it.
-            def gate_later() -> GateDelay:
-                return gate_delay_of(
-                    FleetView.snapshot(broker, ("gateway", "gate_ack"), 2.0), version
-                )
-
-            gate = gate_later
+        gate = eval_gate_delay(state, selection.gate.version, gate_delay, broker, live=live)
         settings = EvalSettings(k=k, seeds=seeds, gate=gate, solver=solver)
         adapters = are_adapters(reg, test.experts)
         base_name, base_note = (

@@ -13,7 +13,7 @@ From a TOML file (``moe2ctl serve --policy FILE``), flags overriding it::
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,7 +29,12 @@ class ServePolicy(BaseModel):
     apps: dict[AppName, Annotated[float, Field(gt=0)]] = Field(
         min_length=1, description="delay limit of each application, seconds per answer step"
     )
-    energy: float | None = Field(default=None, gt=0, description="fleet energy limit, J/step")
+    energy: float | None = Field(
+        default=None, gt=0, description="fleet energy limit, J per step (or per prompt)"
+    )
+    energy_per: Literal["step", "prompt"] = Field(
+        default="step", description="the unit of the energy limit: per step (eq. 11) or prompt"
+    )
     k: int = Field(default=2, ge=1, description="experts fused per prompt")
     gate: str | None = Field(
         default=None,

@@ -352,7 +352,9 @@ class Reconciler:
             # a new gate), the promise goes without it; the announcement is a change that
             # the next look sees.
             delay = gate_delay_of(state, data.gate.version, self.policy.gate_delay, required=False)
-            problem = data.problem(limits, self.policy.energy, gate_delay=delay)
+            problem = data.problem(
+                limits, self.policy.energy, gate_delay=delay, energy_per=self.policy.energy_per
+            )
             result = solve(problem, solver=self.policy.solver)
         except Moe2Error as exc:
             self._decide(None, "failed", f"{reason}: {exc.message}")

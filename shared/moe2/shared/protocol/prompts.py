@@ -294,6 +294,7 @@ class PromptAnswer(_Public):
     dropped: list[DroppedExpert] = Field(default_factory=list)
     gateway: str | None = None  # the gateway that answered
     gate_ms: float | None = None  # the gate's part of latency_ms (once per prompt)
+    compute_ms: dict[str, float] = Field(default_factory=dict)  # model time each reported
 
 
 class ChoiceAnswer(_Public):
