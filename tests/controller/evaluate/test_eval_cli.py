@@ -223,6 +223,9 @@ def test_provenance_of_optimize_names_the_gate_and_the_cost_sources(
         "datasets": ["tiny-mc"],
         "source": "torch",
     }
+    # no gateway has run this gate: the promise goes without its delay, and says so
+    assert out["provenance"]["gate_delay"]["seconds"] == 0.0
+    assert "not measured" in out["provenance"]["gate_delay"]["source"]
     costs = out["provenance"]["costs"]
     assert set(costs) == set(fleet["ids"].values())
     for d, expert in fleet["ids"].items():

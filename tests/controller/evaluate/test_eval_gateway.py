@@ -297,16 +297,21 @@ def test_eval_through_a_gateway_that_trusts_only_the_fleet_key(
         reg = Registry.open(url)
         reg.add_dataset("keyed", ds.CHOICE, "tiny", ds.tiny_domains(tuple(ids), 10, 2, choices=2))
         sync_once(reg, broker_config)
+        online = {e: i for e, i in online_experts(reg).items() if e in ids.values()}
         with RpcClient(broker_config, timeout=60) as rpc:
-            assert collect(reg, rpc, "keyed", online_experts(reg)).complete
+            assert collect(reg, rpc, "keyed", online).complete
         reg.close()
-        args = ["keyed", "--gate", "uniform", "--answerer", "gateway", "--no-plot", "--json"]
+        args = [
+            "keyed", "--gate", "uniform", "--answerer", "gateway", "--no-plot", "--json",
+            "--experts", ",".join(ids.values()), "--gateway", ids["animals"],
+        ]  # fmt: skip
         flags = ["--db", url, "--broker-port", str(broker_config.port)]
         run = CliRunner().invoke(main, ["eval", *args, *flags])
         assert run.exit_code == 0, run.output
         data = json.loads(run.output.strip().splitlines()[-1])
         routes = data["answerer_info"]["routes"]
-        assert routes and all(r["gateways"] and not r["errors"] for r in routes), routes
+        assert routes and all(r["gateways"] == [ids["animals"]] for r in routes), routes
+        assert not any(r["errors"] for r in routes), routes
         monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path / "nokey"))  # no fleet key there
         unsigned = CliRunner().invoke(main, ["eval", *args, *flags, "--answer-timeout", "5"])
         assert unsigned.exit_code == 4 and "bad signature" in unsigned.output, unsigned.output

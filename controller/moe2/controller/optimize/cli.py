@@ -54,6 +54,7 @@ def provenance(problem: Problem) -> dict[str, Any]:
     return {
         "dataset": meta.get("dataset", NOT_RECORDED),
         "gate": gate,
+        "gate_delay": meta.get("gate_delay", NOT_RECORDED),
         "costs": meta.get("costs", NOT_RECORDED),
     }
 

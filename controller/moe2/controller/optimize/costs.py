@@ -47,7 +47,18 @@ from moe2.shared.answercost import (
 from moe2.shared.costmodel import CostCurves
 from moe2.shared.errors import ConfigError
 
-__all__ = ["GENERATED", "SCORED", "CostSource", "Costs", "load_profiles", "profile_costs"]
+__all__ = [
+    "GENERATED",
+    "MEASURED",
+    "MODELLED",
+    "SCORED",
+    "CostSource",
+    "Costs",
+    "load_profiles",
+    "profile_costs",
+    "summary",
+    "works_of",
+]
 
 MEASURED = "measured"
 MODELLED = "modelled"

@@ -57,7 +57,9 @@ def run_from_registry(
                 raise
             say(f"broker unreachable ({exc.message}); using the registry's stored state")
         version = reg.gate_version(gate_version).version if gate_version != UNIFORM else UNIFORM
-        delay = gate_delay_of(state, version, gate_delay)
+        # A push promises what the gateways will do: it needs the gate's measured delay; an
+        # inspection goes without it, saying so.
+        delay = gate_delay_of(state, version, gate_delay, required=push)
         say(f"gate delay: {delay.source}")
         problem = problem_from_registry(
             reg,
