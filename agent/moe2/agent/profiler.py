@@ -85,6 +85,11 @@ def prompt_tokens_for(backend: ModelBackend, length: int) -> list[int]:
     return (prefix + body)[:length]
 
 
+# Distributions one scoring pass may return at once, in floats (as the agent's scoring ticks:
+# ``batching.MAX_LOGIT_FLOATS``): a long profile prompt is scored in chunks of that many rows.
+SCORE_LOGIT_FLOATS = 16 << 20
+
+
 def _measure(
     backend: ModelBackend,
     meter: Meter,
@@ -92,8 +97,13 @@ def _measure(
     decode_tokens: int,
     max_runs_per_window: int,
     clock: Callable[[], float],
+    between: Callable[[], None] = lambda: None,
 ) -> _Run:
+    """One run at one prompt length: the prompt, the same tokens scored, then decoding, each
+    in a meter window of its own; ``between`` runs between two windows (the agent serves
+    waiting requests there), so a request waits one window at most."""
     room = backend.info.n_ctx - len(prompt)
+    chunk = max(1, SCORE_LOGIT_FLOATS // max(1, backend.info.n_vocab))
     seq = backend.new_sequence()
     try:
         # Prompt: repeat the evaluation inside one meter window until it is long enough to
@@ -110,17 +120,20 @@ def _measure(
             if clock() - window_start >= meter.min_window_s or len(times) >= max_runs_per_window:
                 break
         prompt_reading = meter.stop()
+        between()
 
         # Scoring: the same tokens with a distribution after every one (teacher-forced
-        # scores, a multiple-choice answer's options), in a window of its own likewise.
-        rows = list(range(len(prompt)))
+        # scores, a multiple-choice answer's options), in chunks that bound the rows held at
+        # once, as the agent scores; in a window of its own likewise.
         score_times: list[float] = []
         meter.start()
         window_start = clock()
         while True:
             seq.truncate(0)
             t0 = clock()
-            seq.evaluate(prompt, rows)
+            for pos in range(0, len(prompt), chunk):
+                part = prompt[pos : pos + chunk]
+                seq.evaluate(part, range(len(part)))
             score_times.append(clock() - t0)
             if (
                 clock() - window_start >= meter.min_window_s
@@ -128,7 +141,8 @@ def _measure(
             ):
                 break
         score_reading = meter.stop()
-        seq.truncate(len(prompt))  # the prompt's history again, for decoding
+        between()
+        seq.truncate(len(prompt))  # (the prompt's history, as the prompt pass left it)
 
         # Decode greedily; past decode_tokens only while the window is still too short.
         n = 0
@@ -214,6 +228,7 @@ def profile_backend(
                     settings.decode_tokens,
                     settings.max_runs_per_window,
                     clock,
+                    between,
                 )
             )
         all_runs += runs
