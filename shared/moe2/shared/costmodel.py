@@ -14,6 +14,7 @@ Two ways to know a cost:
   that delay and energy depend mainly on it)::
 
       prompt seconds    = a + b L (+ e L^2)    per-token seconds = c + d L    (joules likewise)
+      scored seconds    = L tokens with a distribution read after each (teacher-forced scoring)
 
   fitted to relative errors; the prompt curves bend (L^2, attention over the whole prompt)
   only where the measurements show it (``moe2.agent.profiler.fit_points``).
