@@ -335,7 +335,8 @@ def run_fleet(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
             online = {a: i for a, i in online_experts(reg).items() if a in ids}
             t0 = time.monotonic()
             with RpcClient(cfg, timeout=600) as rpc:
-                rep = collect(reg, rpc, dataset, online, stop=threading.Event())
+                settings = CollectSettings(timeout_s=600)  # (a loaded machine: be patient)
+                rep = collect(reg, rpc, dataset, online, settings, stop=threading.Event())
             if not rep.complete:
                 raise SystemExit(f"collect failed: {rep.as_dict()}")
             out["collect_over_mqtt_s"] = time.monotonic() - t0
