@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from moe2.agent.gateway.gate import PROBE_TEXTS
 from moe2.agent.gateway.onnxgate import OnnxGate
 from moe2.controller import datasets as ds
 from moe2.controller.cli import main as moe2ctl
@@ -25,6 +27,7 @@ from moe2.controller.registry.sync import online_experts, sync_once
 from moe2.shared import protocol as p
 from moe2.shared.client import PromptClient
 from moe2.shared.desired import DesiredState
+from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient
 
 FAST = TrainConfig(
@@ -73,6 +76,8 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
             f"{app}={a},{c}:2",
             "--serve-app",
             f"{other}={a},{c}:2",
+            "--gateway-stats-interval-s",
+            "0.5",
         )
         fleet.wait_online([a, c, gw], 60)
 
@@ -109,6 +114,23 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
                 got = weights(client, app, prompt)
                 assert got == pytest.approx(want, abs=1e-6)  # the pushed gate's values
                 assert got[home] > 0.6  # routed to the expert of the prompt's domain
+
+            # What the gate takes here: timed at load, then on the prompts it gates (re-
+            # announced), the figure the controller promises as τ_gate.
+            latency = acks[gw].latency
+            assert latency is not None and latency.unit == "s" and acks[gw].latency_prompts == 0
+            assert latency.n_points >= len(PROBE_TEXTS) and latency.at(16) > 0
+            answer = client.ask(app, cooking, max_tokens=2)
+            assert answer.gate_ms is not None and 0 < answer.gate_ms < answer.latency_ms
+            deadline = time.monotonic() + 20
+            while True:
+                state = FleetView.snapshot(broker_config, ("gateway", "gate_ack"), 2.0)
+                found = state.gate_latency(row.version)
+                if found is not None and found[1] > 0:
+                    break
+                assert time.monotonic() < deadline, found
+                time.sleep(0.3)
+            assert found[0].n_points >= len(PROBE_TEXTS) + found[1]
 
             # A reference that does not match the manifest: rejected, never used.
             bad = p.GateManifest(**(manifest.model_dump() | {"version": f"bad-{tag}"}))

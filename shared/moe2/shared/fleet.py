@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import paho.mqtt.client as mqtt
 
 from moe2.shared import protocol as p
+from moe2.shared.costmodel import CostCurve
 from moe2.shared.errors import Moe2Error
 from moe2.shared.mqtt import BrokerConfig, Connection
 
@@ -148,6 +149,25 @@ class FleetState:
     def latest_version(self, app: str) -> int:
         """The version number of ``version_floor`` (within its epoch)."""
         return self.version_floor(app)[1]
+
+    def gate_latency(self, version: str) -> tuple[CostCurve, int] | None:
+        """(seconds the gate ``version`` takes on a prompt, as a curve in its tokens; how many
+        gated prompts it was fitted on): the online gateway's figure with the most prompts
+        behind it (every gateway's when none announces its status); None: not announced."""
+        online = self.online_gateways()
+        acks = [
+            a
+            for (gw, v), a in self.gate_ack.items()
+            if v == version
+            and a.state == "loaded"
+            and a.latency is not None
+            and (gw in online or not self.gateway)
+        ]
+        if not acks:
+            return None
+        best = max(acks, key=lambda a: (a.latency_prompts, a.gateway))
+        assert best.latency is not None
+        return best.latency, best.latency_prompts
 
     def best_links(self) -> dict[str, p.LinkFigures]:
         """Expert -> the most recent link figures any gateway measured to it."""

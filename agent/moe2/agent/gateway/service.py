@@ -53,7 +53,7 @@ from moe2.agent.gateway.adopt import SessionAdopter, session_name
 from moe2.agent.gateway.capacity import ExpertSlots
 from moe2.agent.gateway.choices import ChoiceScorer
 from moe2.agent.gateway.config import GatewayConfig
-from moe2.agent.gateway.gate import Gate, UniformGate, top_k
+from moe2.agent.gateway.gate import Gate, UniformGate, timed_values, top_k
 from moe2.agent.gateway.gatestore import GateStore, onnx_loader
 from moe2.agent.gateway.generation import ExpertOffline, Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
@@ -63,6 +63,7 @@ from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
 from moe2.agent.metrics import GatewayMetrics
 from moe2.shared import protocol as p
+from moe2.shared.answercost import GENERATED, Work
 from moe2.shared.errors import (
     BadMessage,
     BrokerError,
@@ -210,6 +211,10 @@ class Gateway:
     def _publish_stats(self) -> None:
         last: dict[str, p.AppFigures] | None = None
         while not self._stop_stats.wait(self.config.stats_interval_s):
+            try:
+                self.gate_store.announce()  # the gates' latency, when it moved
+            except Exception:  # best effort, as the figures below
+                log.exception("could not announce the gates' latency")
             report = self.stats.report()
             if report.apps == last:
                 continue  # nothing new: keep the broker quiet
@@ -567,9 +572,12 @@ class Gateway:
             # have been delivered again when we came back.
             self._done(msg)
 
-    def _choose(self, app: str, text: str) -> tuple[dict[str, p.AgentInfo], dict[str, float]]:
+    def _choose(
+        self, app: str, text: str
+    ) -> tuple[dict[str, p.AgentInfo], dict[str, float], float]:
         """The online experts of ``app``'s subset (waited for a moment just after a
-        reconnect), and the gate's top-k of them for ``text`` with their weights."""
+        reconnect), the gate's top-k of them for ``text`` with their weights, and the
+        seconds the gate took."""
         plan = self.router.plan(app)
         infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
         grace = self._connected_at + _RECONNECT_GRACE_S - time.monotonic()
@@ -580,7 +588,10 @@ class Gateway:
             raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
         online = [n for n in plan.subset if n in infos]
         gate = self.gates.get(app, UniformGate())
-        return infos, dict(top_k(gate.values(text, online), online, plan.k))
+        values, gate_s = timed_values(gate, text, online)
+        if not isinstance(gate, UniformGate):
+            self.gate_store.record(gate, gate.tokens(text), gate_s)
+        return infos, dict(top_k(values, online, plan.k)), gate_s
 
     def _generate(
         self, app: str, req: p.PromptRequest, targets: Targets, received: float
@@ -591,7 +602,7 @@ class Gateway:
                 f"max_tokens {max_tokens} exceeds this gateway's limit of "
                 f"{self.config.max_tokens_limit}"
             )
-        infos, chosen = self._choose(app, req.gate_text)
+        infos, chosen, gate_s = self._choose(app, req.gate_text)
         vocabs: dict[str, Vocab] = {}
         for name in list(chosen):
             try:
@@ -613,7 +624,7 @@ class Gateway:
         deadline = received + self.config.deadline_s
         with self.experts.hold(capacity, min(deadline, received + self.config.queue_s)):
             return self._fuse(
-                app, req, max_tokens, targets, received, deadline, infos, vocabs, chosen
+                app, req, max_tokens, targets, received, deadline, infos, vocabs, chosen, gate_s
             )
 
     def _fuse(
@@ -627,6 +638,7 @@ class Gateway:
         infos: dict[str, p.AgentInfo],
         vocabs: dict[str, Vocab],
         chosen: dict[str, float],
+        gate_s: float,
     ) -> p.PromptAnswer:
         index = 0
 
@@ -651,15 +663,10 @@ class Gateway:
         )
         result = gen.run(req.prompt, max_tokens, req.messages)
         latency_s = time.monotonic() - received
-        profiles = self.fleet.copy().profile
-        energy, measured = answer_energy(profiles, result.prompt_tokens, max(1, result.tokens))
-        self.stats.answered(
-            app,
-            latency_s=latency_s,
-            steps=max(1, result.tokens),
-            energy_j_per_step=energy,
-            energy_measured=measured,
-        )
+        steps = max(1, result.tokens)
+        works = {n: Work(length) for n, length in result.prompt_tokens.items() if length > 0}
+        energy = answer_energy(self.fleet.copy().profile, works, steps, GENERATED)
+        self.stats.answered(app, latency_s=latency_s, gate_s=gate_s, steps=steps, energy=energy)
         m = self.metrics
         m.tokens.labels(app).inc(result.tokens)
         for seconds in result.step_seconds:
@@ -679,6 +686,8 @@ class Gateway:
             fusion=result.fusion,
             dropped=result.dropped,
             gateway=self.id,
+            gate_ms=gate_s * 1e3,
+            compute_ms=result.compute_ms,
         )
 
 

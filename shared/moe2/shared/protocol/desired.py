@@ -133,13 +133,17 @@ class AppFigures(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     answers: int = Field(ge=0)  # final answers in the window
-    errors: int = Field(ge=0)  # error replies in the window
+    errors: int = Field(ge=0)  # error replies in the window (in no figure below)
     steps: int = Field(ge=0)  # generation steps (tokens) of those answers
-    delay_s_per_step: float | None = Field(default=None, ge=0)  # mean of latency / steps
+    # Eq. 8 measured: (latency - gate) / steps + gate, mean over the answers (and its p95)
+    delay_s_per_step: float | None = Field(default=None, ge=0)
     delay_s_per_step_p95: float | None = Field(default=None, ge=0)
-    # Joules per step of the experts that answered, from their profiles' curves scaled by
-    # the answer's measured steps; measured only where every profile's meter measured.
+    gate_s: float | None = Field(default=None, ge=0)  # the gate's seconds per prompt, mean
+    # Joules of the experts that answered, by the cost model (moe2.shared.answercost) on the
+    # tokens each really evaluated: per step (eq. 11) and per prompt, means over the answers;
+    # measured only where every profile's meter measured.
     energy_j_per_step: float | None = Field(default=None, ge=0)
+    energy_j_per_prompt: float | None = Field(default=None, ge=0)
     energy_measured: bool = False
 
 

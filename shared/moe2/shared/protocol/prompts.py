@@ -314,6 +314,8 @@ class PromptAnswer(_Public):
     fusion: Literal["token-id", "token-text"]  # same vocabulary, or aligned by text
     dropped: list[DroppedExpert] = Field(default_factory=list)
     gateway: str | None = None  # the gateway that answered
+    gate_ms: float | None = None  # the gate's part of latency_ms (once per prompt)
+    compute_ms: dict[str, float] = Field(default_factory=dict)  # model time each reported
 
 
 class ChoiceAnswer(_Public):
@@ -330,6 +332,8 @@ class ChoiceAnswer(_Public):
     app: str
     dropped: list[DroppedExpert] = Field(default_factory=list)
     gateway: str | None = None
+    gate_ms: float | None = None  # the gate's part of latency_ms
+    prompt_tokens: dict[str, int] = Field(default_factory=dict)  # the prompt, in each's tokens
 
 
 class PromptErrorBody(_Public):
