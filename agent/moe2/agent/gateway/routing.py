@@ -239,6 +239,8 @@ class AppRouter:
             group=self.config.group,
             apps=self.served() if state == "online" else {},
             since=time.time(),
+            max_concurrent=self.config.max_concurrent,
+            max_pending=self.config.max_pending,
         )
 
     def _republish(self) -> None:

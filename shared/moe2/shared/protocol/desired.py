@@ -90,6 +90,17 @@ class GatewayStatus(Message):
     # Set in the last will only: the broker published this, the gateway vanished without
     # draining (its kept MQTT session may hold prompts: see agent/gateway/adopt.py).
     lost: bool = False
+    # Prompts it generates at once, and more it lets wait before answering 'busy': a
+    # front (moe2-http) keeps its requests in flight within their sum. None: not announced.
+    max_concurrent: int | None = Field(default=None, ge=1)
+    max_pending: int | None = Field(default=None, ge=0)
+
+    @property
+    def capacity(self) -> int | None:
+        """Prompts it takes at once (running and waiting), when announced."""
+        if self.max_concurrent is None:
+            return None
+        return self.max_concurrent + (self.max_pending or 0)
 
 
 class AppFigures(BaseModel):

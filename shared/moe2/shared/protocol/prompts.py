@@ -22,6 +22,12 @@ application's subset, fuses the log-likelihoods with the one mixing rule, and an
 ``ChoiceAnswer`` ``{"id", "choice": index, "logprobs": [...], "experts", "mixing", "steps",
 "latency_ms", "compute_ms", "app", "dropped", "gateway"}`` (no stream chunks).
 
+A client that no longer wants an answer (its user went away) publishes a ``PromptCancel``
+``{"id", "reply_to"}`` (both as the prompt gave them) to ``moe2/v1/cancel/<app>``: every
+gateway sees it, the one holding the prompt stops its generation (freeing the experts'
+sessions) and answers the prompt ``cancelled``; a cancel that comes before its prompt is
+remembered for a minute.
+
 These payloads carry no schema version: the topic's ``v1`` is the version, so that any MQTT
 client can speak it.
 """
@@ -265,6 +271,20 @@ class PromptRequest(_Public):
         return self.prompt or ""
 
 
+class PromptCancel(_Public):
+    """Published on ``moe2/v1/cancel/<app>``: stop answering prompt ``id``. ``reply_to`` must
+    be the prompt's own, so a cancel names the prompt of one client, not any prompt that
+    happens to share an id."""
+
+    id: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_ID)]
+    reply_to: str
+
+    @field_validator("reply_to")
+    @classmethod
+    def _reply_topic(cls, v: str) -> str:
+        return check_reply_topic(v)
+
+
 class StreamChunk(_Public):
     id: str
     index: int  # 0, 1, 2... in order
@@ -343,3 +363,16 @@ def decode_prompt(
         return PromptRequest.model_validate(raw), raw
     except ValidationError as exc:
         raise BadMessage(f"invalid prompt: {describe_error(exc)}") from None
+
+
+MAX_CANCEL_BYTES = 4096
+
+
+def decode_cancel(payload: bytes | bytearray) -> PromptCancel:
+    """A ``PromptCancel``; raises BadMessage/MessageTooLarge."""
+    if len(payload) > MAX_CANCEL_BYTES:
+        raise MessageTooLarge(f"cancel message of {len(payload)} bytes exceeds {MAX_CANCEL_BYTES}")
+    try:
+        return PromptCancel.model_validate_json(payload)
+    except ValidationError as exc:
+        raise BadMessage(f"invalid cancel: {describe_error(exc)}") from None

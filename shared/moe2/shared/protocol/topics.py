@@ -22,6 +22,7 @@ TopicKind = Literal[
     "gate_manifest",  # gates/<version>                   retained GateManifest
     "blob_chunk",  # blobs/<sha256>/<index>               retained raw bytes
     "prompt",  # prompts/<app>                            the public prompt API
+    "cancel",  # cancel/<app>                             PromptCancel of a prompt to <app>
     "reply",  # replies/<owner>/...                       answers and RPC replies
 ]
 
@@ -80,6 +81,8 @@ def parse(topic: str) -> Topic | None:
             return Topic("blob_chunk", sha256=check_name("blob hash", tail[0]), index=int(tail[1]))
         if head == "prompts" and len(tail) == 1:
             return Topic("prompt", app=check_name("application", tail[0]))
+        if head == "cancel" and len(tail) == 1:
+            return Topic("cancel", app=check_name("application", tail[0]))
         if head == "replies" and len(tail) >= 1:
             return Topic("reply", client=check_name("client id", tail[0]), rest=tuple(tail[1:]))
     except BadMessage:
@@ -192,6 +195,14 @@ class topics:
         """Every gateway's catch-all (a group of its own): one gateway of the fleet sees each
         prompt and answers ``unknown_app`` when no online gateway serves its application."""
         return f"$share/{check_name('gateway group', group)}.unrouted/{TOPIC_ROOT}/prompts/+"
+
+    @staticmethod
+    def cancel(app: str) -> str:
+        """Where a client cancels a prompt it sent to ``app`` (``PromptCancel``); every
+        gateway reads it (no shared subscription: the one holding the prompt acts)."""
+        return f"{TOPIC_ROOT}/cancel/{check_name('application', app)}"
+
+    ALL_CANCELS = f"{TOPIC_ROOT}/cancel/+"
 
     # ------------------------------------------------------------------ desired state
 
