@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from prompting import PromptInbox
 
 from moe2.shared import protocol as p
 from moe2.shared.broker import free_port
 from moe2.shared.mqtt import BrokerConfig
-from prompting import PromptInbox
 
 
 def scrape(port: int) -> dict[str, float]:

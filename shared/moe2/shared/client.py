@@ -45,7 +45,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -217,7 +217,7 @@ class PromptClient:
 
     async def stream(
         self, app: str, req: p.PromptRequest, *, timeout: float = 120.0
-    ) -> AsyncIterator[p.StreamChunk | p.PromptAnswer]:
+    ) -> AsyncGenerator[p.StreamChunk | p.PromptAnswer, None]:
         """The chunks of ``req`` (made by ``request``), then its one final answer; an error
         reply raises its ``Moe2Error``. Leaving early cancels the prompt at the gateway."""
         if req.reply_to != self.inbox:
