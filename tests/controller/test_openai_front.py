@@ -630,3 +630,76 @@ def test_broker_down_is_a_fast_503_and_health_says_so(tmp_path: Path) -> None:
             c.close()
         finally:
             stop(proc)
+
+
+# ---------------------------------------------------------------------- the fleet page
+
+ARTEFACTS = Path(
+    os.environ.get("MOE2_TEST_ARTEFACTS", Path(__file__).parents[2] / "test-artefacts")
+)
+
+
+def test_fleet_page_in_headless_chromium(front: Front, registry_url: str, tmp_path: Path) -> None:
+    """The operator's page: the fleet's agents (with their cost curves drawn), its
+    applications against the limits of the last serve decision, and that decision's
+    reason, rendered by a real browser that logs in with an API key."""
+    import browser
+
+    from moe2.controller.registry import Registry
+    from moe2.controller.registry.schema import Decision
+
+    if (why := browser.missing()) is not None:
+        pytest.fail(why)
+    reason = f"expert {front.gateway} came back ({uuid.uuid4().hex[:6]})"
+    reg = Registry.open(registry_url)
+    try:
+        reg.add_decision(
+            Decision(
+                controller="test",
+                app=front.app,
+                action="pushed",
+                reason=reason,
+                subset_json=json.dumps(sorted(front.experts)),
+                version=1,
+                detail_json=json.dumps({"limits": {front.app: 0.5}, "energy_limit": 3.0}),
+            )
+        )
+    finally:
+        reg.close()
+    client(front).chat.completions.create(model=front.app, messages=CONVERSATION, max_tokens=4)
+
+    def measured() -> bool:  # the gateway's stats of real answers are in
+        rows = http(f"{front.base}/fleet.json", key=KEY)[1]["apps"]
+        return any(r["app"] == front.app and r["answers"] > 0 for r in rows)
+
+    assert eventually(measured, 30)
+    summary = http(f"{front.base}/fleet.json", key=KEY)[1]
+    app = next(r for r in summary["apps"] if r["app"] == front.app)
+    assert app["delay_limit"] == 0.5 and app["energy_limit"] == 3.0
+    assert app["gateways"] == {front.gateway: 0} and app["delay_s_per_step"] > 0
+    assert summary["decisions"][0]["reason"] == reason
+    assert http(f"{front.base}/fleet")[0] == 401  # behind the keys
+
+    host = front.base.removeprefix("http://")
+    with browser.Browser(tmp_path / "chromium") as b:
+        b.open(f"http://operator:{KEY}@{host}/fleet")  # HTTP Basic, the key as password
+        assert b.run("return document.title") == "moe2 fleet"
+        agents = b.run(
+            "return [...document.querySelectorAll('tr[data-agent]')].map(r => r.dataset.agent)"
+        )
+        assert set(front.experts) <= set(agents)
+        states = b.run(
+            "return Object.fromEntries([...document.querySelectorAll('tr[data-agent]')]"
+            ".map(r => [r.dataset.agent, r.cells[1].textContent]))"
+        )
+        assert all(states[a] == "online" for a in front.experts)
+        selector = f'tr[data-agent="{front.gateway}"] svg polyline'
+        curves = b.run(f"return document.querySelectorAll('{selector}').length")
+        assert curves == 4  # delay and energy: the prompt and per-token curves
+        row = b.run(f"return document.querySelector('tr[data-app=\"{front.app}\"]').innerText")
+        assert front.gateway in row and "0.5 s" in row  # served by, the delay limit
+        assert reason in b.run(
+            "return document.getElementById('decisions').nextElementSibling.innerText"
+        )
+        shot = b.screenshot(ARTEFACTS / "fleet-page.png")
+        assert shot.stat().st_size > 10_000

@@ -49,41 +49,44 @@ def when(ts: float) -> str:
 
 
 def plot(curves: list[Curve], unit: str) -> str:
-    """An inline SVG of the prompt and per-token curves of one unit (s or J)."""
+    """An inline SVG of the prompt and per-token curves of one unit (s or J) against the
+    prompt length, each scaled to its own maximum (a prompt costs hundreds of tokens'
+    steps: on one scale the per-token curve would be a flat line)."""
     mine = [c for c in curves if c.unit == unit and c.points]
     if not mine:
         return '<span class="muted">no profile</span>'
     xs = [x for c in mine for x, _ in c.points]
-    ys = [y for c in mine for _, y in c.points]
     x0, x1 = min(xs), max(xs)
-    y1 = max(ys) or 1.0
     pad = 4
 
     def sx(x: float) -> float:
         return pad + (x - x0) / max(1, x1 - x0) * (_PLOT_W - 2 * pad)
 
-    def sy(y: float) -> float:
-        return _PLOT_H - 14 - y / y1 * (_PLOT_H - 22)
-
-    lines = []
-    for c in mine:
+    parts, legend = [], []
+    for i, c in enumerate(mine):
+        top = max(y for _, y in c.points) or 1.0
         colour = _COLOURS["prompt" if c.name.startswith("prompt") else "token"]
-        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in c.points)
-        lines.append(
+        pts = " ".join(
+            f"{sx(x):.1f},{_PLOT_H - 14 - y / top * (_PLOT_H - 40):.1f}" for x, y in c.points
+        )
+        label = "prompt" if c.name.startswith("prompt") else "per token"
+        parts.append(
             f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}">'
-            f"<title>{e(c.name)}</title></polyline>"
+            f"<title>{e(c.name)}: up to {e(fmt(top, ' ' + unit))}</title></polyline>"
+        )
+        legend.append(
+            f'<text x="{pad}" y="{10 + 10 * i}" style="fill: {colour}">{label} up to '
+            f"{e(fmt(top, ' ' + unit))}</text>"
         )
     return (
         f'<svg class="plot" role="img" aria-label="{e(unit)} curves" width="{_PLOT_W}" '
         f'height="{_PLOT_H}" viewBox="0 0 {_PLOT_W} {_PLOT_H}">'
         f'<rect width="{_PLOT_W}" height="{_PLOT_H}" fill="#fafafa" stroke="#ddd"/>'
-        + "".join(lines)
+        + "".join(parts)
+        + "".join(legend)
         + f'<text x="{pad}" y="{_PLOT_H - 3}">L={x0}</text>'
-        f'<text x="{_PLOT_W - pad}" y="{_PLOT_H - 3}" text-anchor="end">L={x1}</text>'
-        f'<text x="{pad}" y="10">max {e(fmt(y1, " " + unit))}</text>'
-        f'<text x="{_PLOT_W - pad}" y="10" text-anchor="end" fill="{_COLOURS["prompt"]}">prompt'
-        f'</text><text x="{_PLOT_W - pad}" y="20" text-anchor="end" '
-        f'fill="{_COLOURS["token"]}">per token</text></svg>'
+        f'<text x="{_PLOT_W - pad}" y="{_PLOT_H - 3}" text-anchor="end">L={x1} tokens</text>'
+        "</svg>"
     )
 
 
@@ -93,7 +96,9 @@ def _agent_row(a: AgentRow) -> str:
     gateway = "-" if a.serves is None else (serves or "(no app)")
     if a.serves is not None and a.capacity is not None:
         gateway += f' <span class="muted">({a.capacity} at once)</span>'
-    meter = "-" if a.meter is None else f"{a.meter}" + ("" if a.energy_measured else " (modelled)")
+    meter = a.meter or "-"
+    if a.meter not in (None, "modelled") and not a.energy_measured:
+        meter += " (modelled)"
     model = e(a.model) + (f" + {e(a.adapter)}" if a.adapter else "")
     return (
         f'<tr data-agent="{e(a.agent)}"><td>{e(a.agent)}</td><td class="{state}">{state}</td>'
