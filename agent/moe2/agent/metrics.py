@@ -126,6 +126,14 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "moe2_gateway_prompts_in_flight", "prompts being generated or waiting", registry=r
         )
+        self.max_concurrent = Gauge(
+            "moe2_gateway_max_concurrent",
+            "prompts this gateway generates at once (more wait, up to max_pending, then busy)",
+            registry=r,
+        )
+        self.max_pending = Gauge(
+            "moe2_gateway_max_pending", "prompts it lets wait beyond those", registry=r
+        )
         self.cancelled = Counter(
             "moe2_gateway_prompts_cancelled",
             "prompts their client cancelled while this gateway held them",

@@ -110,6 +110,8 @@ class Gateway:
         self.id = gateway_id
         self.config = config
         self.metrics = metrics or GatewayMetrics(CollectorRegistry())
+        self.metrics.max_concurrent.set(config.max_concurrent)
+        self.metrics.max_pending.set(config.max_pending)
         offline = p.GatewayStatus(
             gateway=gateway_id, state="offline", group=config.group, lost=True
         )
