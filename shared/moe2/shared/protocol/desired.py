@@ -92,6 +92,8 @@ class GatewayStatus(Message):
     lost: bool = False
     # Prompts it generates at once, and more it lets wait before answering 'busy': a
     # front (moe2-http) keeps its requests in flight within their sum. None: not announced.
+    # An older peer rejects a status that has them: upgrade gateways and their readers
+    # (moe2ctl, moe2-http, the other gateways) together.
     max_concurrent: int | None = Field(default=None, ge=1)
     max_pending: int | None = Field(default=None, ge=0)
 
