@@ -341,7 +341,10 @@ def test_installed_agent_works_through_the_installed_broker(fleet: Fleet) -> Non
                 from moe2.shared.settings import load_settings
 
                 port = load_settings(HttpSettings, file=fleet.root / "etc/moe2/http.toml").port
-                wait_for_port("127.0.0.1", port, 30, http)  # type: ignore[arg-type]
+                try:
+                    wait_for_port("127.0.0.1", port, 30, http)  # type: ignore[arg-type]
+                except BrokerError:
+                    pytest.fail(f"moe2-http did not start:\n{http.communicate(timeout=10)[0]}")
                 base = f"http://127.0.0.1:{port}"
                 assert _get(f"{base}/health")[0] == 200
                 assert _get(f"{base}/ready")[0] == 503
