@@ -69,6 +69,7 @@ def test_cancel_stops_the_generation_and_frees_the_sessions(
         with inbox.cond:
             assert inbox.cond.wait_for(lambda: len(inbox.by_id[pid]) >= 2, 30)
         assert "delta" in inbox.by_id[pid][0]  # streaming: the generation is under way
+        cancelled_at = time.monotonic()
         cancel(inbox, app, pid)
         assert inbox.wait_all([pid], 30)
         [terminal] = inbox.terminal(pid)
@@ -79,6 +80,7 @@ def test_cancel_stops_the_generation_and_frees_the_sessions(
         # Both experts' sessions are closed (the gateway closes them as it stops).
         assert eventually(lambda: scrape(port_b)["moe2_agent_sessions"] == 0)
         assert eventually(lambda: scrape(port_a)["moe2_agent_sessions"] == 0)
+        print(f"sessions free {time.monotonic() - cancelled_at:.2f} s after the cancel")
         figures = scrape(port_b)
         assert figures["moe2_gateway_prompts_cancelled_total"] == 1
         assert figures["moe2_gateway_prompts_in_flight"] == 0
