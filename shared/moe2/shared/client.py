@@ -262,8 +262,9 @@ class PromptClient:
     def cancel(self, app: str, req: p.PromptRequest) -> None:
         """Ask the gateway holding ``req`` to stop (best effort: QoS 1, not waited for)."""
         cancel = p.PromptCancel(id=req.id, reply_to=req.reply_to)
+        topic = p.topics.cancel(app, self._conn.broker.username)  # the login, where there is one
         try:
-            self._conn.publish(p.topics.cancel(app), cancel.model_dump_json().encode(), qos=1)
+            self._conn.publish(topic, cancel.model_dump_json().encode(), qos=1)
         except Exception as exc:  # never raise from a finally
             log.warning("could not cancel prompt %s: %s", req.id, exc)
 

@@ -23,7 +23,8 @@ application's subset, fuses the log-likelihoods with the one mixing rule, and an
 "latency_ms", "compute_ms", "app", "dropped", "gateway"}`` (no stream chunks).
 
 A client that no longer wants an answer (its user went away) publishes a ``PromptCancel``
-``{"id", "reply_to"}`` (both as the prompt gave them) to ``moe2/v1/cancel/<app>``: every
+``{"id", "reply_to"}`` (both as the prompt gave them) to ``moe2/v1/cancel/<app>`` (or
+``moe2/v1/cancel/<app>/<its login>`` on a broker with logins, where the ACL binds it): every
 gateway sees it, the one holding the prompt stops its generation (freeing the experts'
 sessions) and answers the prompt ``cancelled``; a cancel that comes before its prompt is
 remembered for a minute.
