@@ -1,6 +1,6 @@
-"""Cancelling a prompt (``PromptCancel`` on ``moe2/v1/cancel/<app>``), as any MQTT client
-would: the gateway stops the generation, closes the experts' sessions and answers the prompt
-``cancelled``, exactly once. Real gateway, real tiny experts, real mosquitto."""
+"""Cancelling a prompt (``PromptCancel`` on ``moe2/v1/cancel/<app>[/<owner>]``), as any MQTT
+client would: the gateway stops the generation, closes the experts' sessions and answers the
+prompt ``cancelled``, exactly once. Real gateway, real tiny experts, real mosquitto."""
 
 from __future__ import annotations
 
@@ -114,6 +114,29 @@ def test_a_cancel_may_come_first_and_names_one_client(
         cancel(inbox, app, mine, reply_to="moe2/v1/replies/someone-else/answers/x")
         assert inbox.wait_all([mine], 30)
         assert "text" in inbox.terminal(mine)[0]
+        # A prompt published under an owner level (prompts/<app>/<owner>, as a client with
+        # a login does) is cancelled only on cancel/<app>/<owner>: not on another owner's
+        # cancel topic nor the bare one, though they name its id and reply_to.
+        owner, reply_to = inbox.client_id, inbox.topic  # the inbox lies in replies/<owner>/
+        owned = {"id": f"{owner}-owned", "prompt": "the fox eats", "reply_to": reply_to}
+        body = json.dumps({"id": owned["id"], "reply_to": reply_to}).encode()
+        for other in (p.topics.cancel(app), p.topics.cancel(app, "someone-else")):
+            inbox.conn.publish(other, body, qos=1)
+        time.sleep(0.3)  # the cancels reach the gateway first
+        prompt = json.dumps({**owned, "max_tokens": 4}).encode()
+        inbox.conn.publish(p.topics.prompts(app, owner), prompt, qos=1)
+        assert inbox.wait_all([owned["id"]], 30)
+        assert "text" in inbox.terminal(owned["id"])[0], inbox.terminal(owned["id"])
+        again = {**owned, "id": f"{owner}-owned-2"}
+        inbox.conn.publish(
+            p.topics.cancel(app, owner),
+            json.dumps({"id": again["id"], "reply_to": reply_to}).encode(),
+            qos=1,
+        )
+        time.sleep(0.3)
+        inbox.conn.publish(p.topics.prompts(app, owner), json.dumps(again).encode(), qos=1)
+        assert inbox.wait_all([again["id"]], 30)
+        assert inbox.terminal(again["id"])[0]["error"]["code"] == "cancelled"
         # Malformed cancels are ignored, and the gateway lives on.
         inbox.conn.publish(p.topics.cancel(app), b"{not json", qos=1)
         inbox.conn.publish(p.topics.cancel(app), b'{"id": "x", "reply_to": "a/#"}', qos=1)

@@ -191,8 +191,14 @@ def test_first_apply_installs_broker_agent_and_controller(fleet: Fleet) -> None:
     assert AGENT_PASSWORD not in passwd and CONTROLLER_PASSWORD not in passwd
     assert passwd.startswith(f"{AGENT_ID}:$7$")  # hashed by mosquitto_passwd
     acl = (root / "etc/mosquitto/moe2/acl").read_text()
-    assert f"user {AGENT_ID}\ntopic write moe2/v1/agents/{AGENT_ID}/#\n" in acl
+    assert f"user {AGENT_ID}\ntopic write moe2/v1/agents/{AGENT_ID}/info\n" in acl
     assert f"topic read moe2/v1/agents/{AGENT_ID}/rpc\n" in acl
+    assert f"topic write moe2/v1/agents/{AGENT_ID}/#\n" not in acl  # no gateway topics
+    # shared subscriptions: the dynamic-security plugin, which knows every user
+    dynsec = root / "etc/mosquitto/moe2/dynamic-security.json"
+    assert f"plugin_opt_config_file {dynsec}" in conf
+    users = {c["username"]: c["roles"] for c in json.loads(dynsec.read_text())["clients"]}
+    assert users[AGENT_ID] == [{"rolename": "moe2-agent"}]
 
 
 def test_second_apply_changes_nothing(fleet: Fleet) -> None:

@@ -4,6 +4,7 @@ every push (``push``, ``push-gate``, ``optimize --push``) shares.
     moe2ctl push --app qa --subset orin-1,rtx-1 --k 1
     moe2ctl push --app qa --subset orin-1 --gateway gw-1 --json
     moe2ctl push --app qa --revert          # back to the gateways' local configuration
+    moe2ctl push --app qa --subset orin-1 --force-version 1   # versions start again at 1
 
 With the fleet key (``signing_key``, ``moe2ctl keys generate``) every push is signed.
 
@@ -48,11 +49,12 @@ def record(reg: Registry, results: Sequence[PushResult]) -> None:
 def describe(r: PushResult) -> str:
     a = r.assignment
     signed = "signed" if a.sig else "unsigned"
+    version = p.describe_version(a.key)
     if a.revert:
-        lines = [f"app {a.app}: version {a.version}, back to local configuration ({signed})"]
+        lines = [f"app {a.app}: version {version}, back to local configuration ({signed})"]
     else:
         lines = [
-            f"app {a.app}: version {a.version}, subset {', '.join(a.subset)}, k={a.k}"
+            f"app {a.app}: version {version}, subset {', '.join(a.subset)}, k={a.k}"
             + (f", gate {a.gate.version}" if a.gate else ", uniform weights")
             + (f", gateways {', '.join(a.gateways)}" if a.gateways else "")
             + f" ({signed})"
@@ -128,6 +130,14 @@ def report(
     help="Gateway that serves the app (repeatable) [default: every gateway].",
 )
 @click.option(
+    "--force-version",
+    type=click.IntRange(min=1, max=p.MAX_VERSION),
+    default=None,
+    help="Start APP's versions again at this number, in a new epoch that every gateway "
+    "accepts whatever version it serves: the way out when APP's version reached the largest "
+    "allowed. Signed like any push.",
+)
+@click.option(
     "--wait",
     "wait_s",
     type=click.FloatRange(min=0),
@@ -144,6 +154,7 @@ def push(
     revert: bool,
     k: int,
     gateways: tuple[str, ...],
+    force_version: int | None,
     wait_s: float,
     db_url: str | None,
     as_json: bool,
@@ -157,7 +168,7 @@ def push(
             raise click.UsageError("--revert takes no --subset or --gateway")
         broker = broker_from_flags(kwargs)
         with desired_state(broker) as desired:
-            reverted = desired.revert(app, wait_s=wait_s)
+            reverted = desired.revert(app, wait_s=wait_s, force_version=force_version)
         _record(db_url, reverted)
         report([reverted], as_json)
         return
@@ -176,7 +187,12 @@ def push(
     with desired_state(broker) as desired:
         try:
             result = desired.push_assignment(
-                app, members, k, gateways=gateways or None, wait_s=wait_s
+                app,
+                members,
+                k,
+                gateways=gateways or None,
+                wait_s=wait_s,
+                force_version=force_version,
             )
         except ConfigError as exc:  # refused before publishing: a bad argument
             raise click.UsageError(exc.message) from None

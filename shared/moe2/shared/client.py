@@ -12,7 +12,9 @@ Errors come back as the matching ``Moe2Error`` (``UnknownApp``, ``NoExperts``, `
 Delivery and deadlines, as a phone app should handle them too:
 
 - The inbox is ``moe2/v1/replies/<user>/answers/<client id>``: on a broker with logins a
-  client reads only ``moe2/v1/replies/<user>/#``.
+  client reads only ``moe2/v1/replies/<user>/#``, and publishes its prompts to
+  ``moe2/v1/prompts/<app>/<user>`` (the only prompt topic its login may write: it tells the
+  gateway whose inbox the answer may go to).
 - The client keeps its MQTT session (``session_expiry_s``): answers published while its
   connection blips wait at the broker and arrive when it reconnects.
 - The prompt carries an MQTT 5 message expiry of ``timeout``: a prompt that no gateway took
@@ -92,6 +94,7 @@ class PromptClient:
         wait_for_gateway_s: float = 5.0,
     ) -> None:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
+        self.user = broker.username  # None: a broker without logins
         self.inbox = p.topics.client_answers(broker.owner(self.client_id), self.client_id)
         self.wait_for_gateway_s = wait_for_gateway_s
         self._conn = Connection(broker, self.client_id, session_expiry_s=session_expiry_s)
@@ -262,7 +265,7 @@ class PromptClient:
     def cancel(self, app: str, req: p.PromptRequest) -> None:
         """Ask the gateway holding ``req`` to stop (best effort: QoS 1, not waited for)."""
         cancel = p.PromptCancel(id=req.id, reply_to=req.reply_to)
-        topic = p.topics.cancel(app, self._conn.broker.username)  # the login, where there is one
+        topic = p.topics.cancel(app, self.user)  # the prompt's owner level: the gateway matches it
         try:
             self._conn.publish(topic, cancel.model_dump_json().encode(), qos=1)
         except Exception as exc:  # never raise from a finally
@@ -279,7 +282,8 @@ class PromptClient:
         while True:
             if not self._conn.connected:
                 raise BrokerError("not connected to the MQTT broker")
-            fut = self._conn.publish_future(p.topics.prompts(app), payload, properties=props)
+            topic = p.topics.prompts(app, self.user)  # the login, where there is one, as _publish
+            fut = self._conn.publish_future(topic, payload, properties=props)
             wait = min(_PUBACK_S, max(0.0, deadline - loop.time()))
             try:
                 delivered = await asyncio.wait_for(asyncio.wrap_future(fut), wait)
@@ -306,7 +310,8 @@ class PromptClient:
             if not self._conn.wait_connected(max(0.0, deadline - time.monotonic())):
                 raise RequestTimeout(f"not connected to the broker within {timeout:.0f} s")
             try:
-                if self._conn.publish_acked(p.topics.prompts(app), payload, properties=props):
+                topic = p.topics.prompts(app, self.user)
+                if self._conn.publish_acked(topic, payload, properties=props):
                     return
             except BrokerError:
                 if self._conn.connected:

@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from moe2.shared import protocol
@@ -48,6 +49,7 @@ from moe2.shared.errors import (
     RequestTimeout,
     error_from_reply,
 )
+from moe2.shared.logins import bound_client_id
 from moe2.shared.protocol.rpc import _Reply, _Request
 
 R = TypeVar("R", bound=_Reply)
@@ -82,6 +84,11 @@ class BrokerConfig(BaseModel):
         """Whose ``moe2/v1/replies/<owner>/`` subtree a client reads: its login, else its id."""
         return self.username if self.username else client_id
 
+    def client_id(self, name: str) -> str:
+        """The MQTT client id of this login's connection ``name``: one no other login can
+        take over (``moe2.shared.logins``)."""
+        return bound_client_id(self.username, self.password, name)
+
 
 def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # Nagle's algorithm turns a 0.4 ms loopback round trip into 40-90 ms.
@@ -100,17 +107,20 @@ class Connection:
         will: tuple[str, bytes, bool] | None = None,
         session_expiry_s: int = 0,
         reconnect: bool = True,
+        exact_client_id: bool = False,
     ) -> None:
-        """``reconnect=False``: a connection lost stays lost (one that borrows another
+        """``client_id`` is bound to the login (``BrokerConfig.client_id``) unless
+        ``exact_client_id`` (another login's id, known on purpose: adopting a session).
+        ``reconnect=False``: a connection lost stays lost (one that borrows another
         client's session must not take it back from its owner)."""
         self.broker = broker
-        self.client_id = client_id
+        self.client_id = client_id if exact_client_id else broker.client_id(client_id)
         # 0: a clean session on every connect; > 0: the broker keeps our session (its
         # subscriptions and the QoS 1 messages for us) this many seconds after we disconnect.
         self.session_expiry_s = session_expiry_s
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,  # _on_message acknowledges, unless a handler does it itself
             reconnect_on_failure=reconnect,
@@ -154,6 +164,7 @@ class Connection:
         self._sessions = 0  # MQTT sessions begun so far: which one delivered a message
         self._delivered_in: dict[int, int] = {}  # id(message) -> session, until acknowledged
         self._retained_state: set[str] = set()  # filters to subscribe afresh on a resumed session
+        self._as_published: set[str] = set()  # filters whose messages keep their retain flag
         self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
         self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
         # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
@@ -254,6 +265,7 @@ class Connection:
         *,
         manual_ack: bool = False,
         retained_state: bool = False,
+        retain_as_published: bool = False,
     ) -> None:
         """Call ``handler`` for every message of ``topic_filter``. Each filter is its own
         SUBSCRIBE with an MQTT 5 subscription identifier, so a message is dispatched to the
@@ -262,7 +274,9 @@ class Connection:
         acknowledgement of each message (``ack``); otherwise it is sent once handlers return.
         ``retained_state``: the filter's retained messages must come again on every
         reconnection, also when the broker resumed our session (rumqttd sends them only for a
-        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE)."""
+        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE).
+        ``retain_as_published`` (MQTT 5): a message published retained arrives with its
+        retain flag set even when it is delivered live, so the handler can tell."""
         # A shared subscription "$share/<group>/<filter>" delivers messages whose topic
         # matches <filter>: the fallback dispatch (brokers without identifiers) uses that.
         match = topic_filter
@@ -278,8 +292,17 @@ class Connection:
             self._handlers.append((topic_filter, match, qos, handler, sub_id, manual_ack))
             if retained_state:
                 self._retained_state.add(topic_filter)
+            if retain_as_published:
+                self._as_published.add(topic_filter)
             if self._session_up and new:
-                self._client.subscribe(topic_filter, qos=qos, properties=_sub_props(sub_id))
+                self._client.subscribe(
+                    topic_filter,
+                    options=self._options(topic_filter, qos),
+                    properties=_sub_props(sub_id),
+                )
+
+    def _options(self, topic_filter: str, qos: int) -> SubscribeOptions:
+        return SubscribeOptions(qos=qos, retainAsPublished=topic_filter in self._as_published)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -396,12 +419,12 @@ class Connection:
                     # subscribe below (mosquitto sends the retained messages twice: harmless).
                     for f in sorted(self._retained_state & subs.keys()):
                         q, sid = subs[f]
-                        client.subscribe(f, qos=q, properties=_sub_props(sid))
+                        client.subscribe(f, options=self._options(f, q), properties=_sub_props(sid))
                         client.unsubscribe(f)
                 # We count as connected only once the broker has acknowledged every
                 # subscription, so nothing published to us after start() returns is missed.
                 mids = (
-                    client.subscribe(f, qos=q, properties=_sub_props(sid))[1]
+                    client.subscribe(f, options=self._options(f, q), properties=_sub_props(sid))[1]
                     for f, (q, sid) in subs.items()
                 )
                 self._pending_subacks = {m for m in mids if m is not None}

@@ -19,10 +19,13 @@ No accepted prompt is lost to a stop or a crash:
   prompts in flight for up to ``drain_s``, answers any left ``cancelled``, then disconnects.
 
 A client that gives up on a prompt publishes a ``PromptCancel`` (``moe2/v1/cancel/<app>``,
+or ``moe2/v1/cancel/<app>/<owner>`` for a prompt it published on ``prompts/<app>/<owner>``;
 read by every gateway): the gateway holding the prompt ends its generation at the next
 reply it waits for (within ``_ALIVE_CHECK_S``-sized polls of the generation), closes the
 experts' sessions and answers ``cancelled``; a prompt still waiting for a slot is answered
 at once. A cancel that arrives before its prompt is remembered for ``_CANCEL_MEMORY_S``.
+A cancel stops only a prompt of its own application and owner level (``PromptKey``): the
+broker's ACL lets a login write only ``cancel/+/<itself>``, so no user cancels another's.
 
 Metric labels name only what the fleet defines: an application this gateway does not serve
 is counted under ``_unknown`` (clients choose topic names; Prometheus series must not grow
@@ -32,6 +35,14 @@ Replies go only where the broker lets a gateway publish: the replies namespace i
 ``moe2/v1/`` (``check_reply_topic``), and outside it only when a probe at start shows the
 broker allows it (a broker without logins). A prompt whose ``reply_to`` the broker would
 refuse is answered ``bad_request`` on its MQTT 5 ResponseTopic, when it has a usable one.
+
+A prompt published on ``prompts/<app>/<owner>`` (what a client with a broker login does: the
+broker's ACL lets it publish only there) is answered only inside ``replies/<owner>/``: a
+``reply_to`` or ResponseTopic that names another user's inbox is refused, and an error that
+has no usable address goes to ``replies/<owner>/errors``. So no client can make a gateway
+write into another user's inbox. A prompt the broker kept retained is never served: the
+gateway that sees it clears it and answers ``bad_request`` (mosquitto hands retained messages
+to shared subscriptions too, so it would otherwise be served again at every subscription).
 
 What it knows of the fleet comes from one ``FleetView`` (agents' info and status, the
 retained assignments); which prompts reach it and how each application is served, from its
@@ -51,7 +62,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from moe2.agent.gateway.adopt import SessionAdopter
+from moe2.agent.gateway.adopt import SessionAdopter, session_name
 from moe2.agent.gateway.capacity import ExpertSlots
 from moe2.agent.gateway.choices import ChoiceScorer
 from moe2.agent.gateway.config import GatewayConfig
@@ -94,7 +105,9 @@ _REMEMBER_ANSWERED = 10_000  # prompt messages remembered, to spot a second copy
 _CANCEL_MEMORY_S = 60.0
 _REMEMBER_CANCELS = 10_000
 
-PromptKey = tuple[str, str]  # (prompt id, reply_to): what a PromptCancel names
+# (app, owner, prompt id, reply_to): the topic's application and owner level (None: no
+# owner level), shared by a prompt and its cancel, and what the PromptCancel names.
+PromptKey = tuple[str, str | None, str, str]
 
 Targets = list[tuple[str, bytes | None]]  # (topic, MQTT 5 correlation data) to answer on
 
@@ -112,12 +125,15 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics(CollectorRegistry())
         self.metrics.max_concurrent.set(config.max_concurrent)
         self.metrics.max_pending.set(config.max_pending)
+        # Our kept session's client id (bound to our login), named in our status and last
+        # will so that a live gateway can adopt the session should we vanish.
+        session = broker.client_id(session_name(gateway_id))
         offline = p.GatewayStatus(
-            gateway=gateway_id, state="offline", group=config.group, lost=True
+            gateway=gateway_id, state="offline", group=config.group, lost=True, session=session
         )
         self.conn = Connection(
             broker,
-            f"moe2-gateway-{gateway_id}",
+            session,
             will=(p.topics.gateway_status(gateway_id), p.encode(offline), True),
             session_expiry_s=config.session_expiry_s,
         )
@@ -338,9 +354,10 @@ class Gateway:
         for topic, corr in targets:
             self.conn.publish(topic, payload, qos=1, properties=reply_properties(corr))
 
-    def _deliverable(self, topic: str) -> str:
-        """``topic`` if this gateway may answer there, else ValueError saying why."""
-        check_reply_topic(topic)
+    def _deliverable(self, topic: str, owner: str | None) -> str:
+        """``topic`` if this gateway may answer there a prompt of ``owner`` (the login its
+        topic names; None: not named), else ValueError saying why."""
+        check_reply_topic(topic, owner)
         if not self.may_reply_outside and not topic.startswith(f"{p.TOPIC_ROOT}/replies/"):
             raise ValueError(
                 f"this broker does not let gateways publish to {topic!r}: reply on "
@@ -350,7 +367,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ intake
 
-    def _response_target(self, msg: Any) -> Targets:
+    def _response_target(self, msg: Any, owner: str | None) -> Targets:
         """The MQTT 5 ResponseTopic (with its correlation data), when usable."""
         props = msg.properties
         rtopic = getattr(props, "ResponseTopic", None) if props else None
@@ -358,21 +375,29 @@ class Gateway:
         if not rtopic:
             return []
         try:
-            return [(self._deliverable(rtopic), bytes(corr) if corr is not None else None)]
+            return [(self._deliverable(rtopic, owner), bytes(corr) if corr is not None else None)]
         except ValueError as exc:
             log.warning("ignoring ResponseTopic %r: %s", rtopic, exc)
             return []
 
     def _refuse(self, msg: Any, error: Moe2Error) -> None:
         """Answer a prompt we will not serve, to whoever we can find (never parsing an
-        oversized payload, and never recursively, to find them)."""
-        targets = self._response_target(msg)
+        oversized payload, and never recursively, to find them); within the replies of the
+        user its topic names, else nowhere."""
+        try:
+            owner = p.topics.prompt_owner(msg.topic)
+        except BadMessage:
+            log.warning("prompt on %s names no valid user: dropped (%s)", msg.topic, error.message)
+            return
+        targets = self._response_target(msg, owner)
         pid: str | None = None
         if len(msg.payload) <= self.config.max_prompt_bytes:
             pid, reply_to = addressable(msg.payload)
             if reply_to and reply_to not in [t for t, _ in targets]:
                 with contextlib.suppress(ValueError):
-                    targets.append((self._deliverable(reply_to), None))
+                    targets.append((self._deliverable(reply_to, owner), None))
+        if not targets and owner is not None:
+            targets = [(p.topics.prompt_errors(owner), None)]
         if not targets:
             log.warning("unanswerable prompt on %s dropped: %s", msg.topic, error.message)
             return
@@ -388,12 +413,16 @@ class Gateway:
 
     def _on_cancel(self, msg: Any) -> None:
         """A client's ``PromptCancel``: stop the prompt it names, if it is ours."""
+        topic = p.topics.parse(msg.topic)
+        if topic is None or topic.kind != "cancel" or topic.app is None:
+            log.debug("ignoring a cancel on %s: not a cancel topic", msg.topic)
+            return
         try:
             cancel = p.decode_cancel(msg.payload)
         except Moe2Error as exc:
             log.debug("ignoring a cancel on %s: %s", msg.topic, exc.message)
             return
-        key = (cancel.id, cancel.reply_to)
+        key = (topic.app, topic.client, cancel.id, cancel.reply_to)
         now = time.monotonic()
         with self._cancel_lock:
             event = self._cancel_events.get(key)
@@ -427,13 +456,31 @@ class Gateway:
             self._cancel_events.pop(key, None)
 
     def _on_unrouted(self, msg: Any) -> None:
-        """The catch-all: answer ``unknown_app`` when no online gateway serves the app."""
+        """The catch-all: answer ``unknown_app`` when no online gateway serves the app, and
+        ``bad_request`` when the topic names no valid application (no gateway's
+        subscription to an application matches it)."""
+        if msg.retain and not msg.payload:
+            return  # a retained prompt cleared
         topic = p.topics.parse(msg.topic)
-        app = topic.app if topic is not None else None
-        if app is None or app in self.router.served():
+        if topic is None or topic.kind != "prompt" or topic.app is None:
+            if self._refuse_retained(msg):
+                return
+            self._refuse(
+                msg,
+                BadMessage(
+                    f"{msg.topic!r} is not a prompt topic: publish to {p.TOPIC_ROOT}/prompts/<app> "
+                    f"or {p.TOPIC_ROOT}/prompts/<app>/<your user>, each a name of 1-64 letters, "
+                    "digits, '_', '.', '-' starting with a letter or digit"
+                ),
+            )
+            return
+        app = topic.app
+        if app in self.router.served():
             return
         if any(app in g.apps for g in self.fleet.online_gateways().values()):
             return  # a gateway that serves it has its own copy
+        if self._refuse_retained(msg):
+            return
         served = sorted({a for g in self.fleet.online_gateways().values() for a in g.apps})
         self._refuse(
             msg,
@@ -442,6 +489,27 @@ class Gateway:
                 f"{', '.join(served) if served else 'none'}"
             ),
         )
+
+    def _refuse_retained(self, msg: Any) -> bool:
+        """A prompt the broker keeps retained (its retain flag set: our subscriptions keep
+        it as published): clear it and answer ``bad_request``, so it is never served, now or
+        at a later subscription. False when ``msg`` was not retained."""
+        if not msg.retain:
+            return False
+        if msg.payload:
+            log.warning("clearing a retained prompt on %s", msg.topic)
+            try:
+                self.conn.publish(msg.topic, b"", qos=1, retain=True)
+            except (RuntimeError, ValueError):  # not connected: seen again at the next subscribe
+                log.warning("could not clear the retained prompt on %s", msg.topic)
+            self._refuse(
+                msg,
+                BadMessage(
+                    "prompts must not be published retained (the broker would hand the prompt "
+                    "to every gateway that subscribes later); it was cleared and not served"
+                ),
+            )
+        return True
 
     def _when_synced(self, handler: Any) -> Any:
         def park_or_handle(msg: Any) -> None:
@@ -470,14 +538,16 @@ class Gateway:
             if topic.app in self.router.served():
                 self._when_synced(self._on_prompt)(msg)  # acknowledged once answered
                 return
-            self.conn.unsubscribe_raw(p.topics.prompts_shared(self.config.group, topic.app))
-            self._refuse(
-                msg,
-                UnknownApp(
-                    f"gateway {self.id} no longer serves application {topic.app!r} (the "
-                    "prompt waited for it while it was away); retry"
-                ),
-            )
+            for shared in p.topics.prompts_shared(self.config.group, topic.app):
+                self.conn.unsubscribe_raw(shared)
+            if not self._refuse_retained(msg):
+                self._refuse(
+                    msg,
+                    UnknownApp(
+                        f"gateway {self.id} no longer serves application {topic.app!r} (the "
+                        "prompt waited for it while it was away); retry"
+                    ),
+                )
         self.conn.ack(msg)
 
     def _on_prompt(self, msg: Any) -> None:
@@ -508,19 +578,23 @@ class Gateway:
                 if (msg.mid, hash(bytes(msg.payload))) in self._answered:
                     log.info("prompt message %d came again; answered already", msg.mid)
                     return False
-        targets = self._response_target(msg)
+        if self._refuse_retained(msg):
+            return False
         topic = p.topics.parse(msg.topic)
-        app = topic.app if topic is not None and topic.app is not None else ""
+        if topic is None or topic.kind != "prompt" or topic.app is None:
+            return False  # an invalid owner level: the catch-all answers it
+        app, owner = topic.app, topic.client
+        targets = self._response_target(msg, owner)
         try:
             req, _raw = p.decode_prompt(msg.payload, self.config.max_prompt_bytes)
-            reply_to = self._deliverable(req.reply_to)
+            reply_to = self._deliverable(req.reply_to, owner)
         except (Moe2Error, ValueError) as exc:
             error = exc if isinstance(exc, Moe2Error) else BadMessage(f"reply_to: {exc}")
             self._refuse(msg, error)
             return False
         if reply_to not in [t for t, _ in targets]:
             targets.insert(0, (reply_to, None))
-        key = (req.id, req.reply_to)
+        key = (app, owner, req.id, req.reply_to)
         cancelled = self._track(key)
         if cancelled is None:
             self.errors += 1
@@ -539,7 +613,7 @@ class Gateway:
             self._inflight[msg.mid] = req.id
         log.debug("prompt %s accepted (message %d)", req.id, msg.mid)
         self.metrics.in_flight.inc()
-        self._pool.submit(self._answer, msg, app, req, targets, received, cancelled)
+        self._pool.submit(self._answer, msg, app, req, targets, received, cancelled, key)
         return True
 
     # ------------------------------------------------------------------ one prompt
@@ -552,6 +626,7 @@ class Gateway:
         targets: Targets,
         received: float,
         cancelled: threading.Event,
+        key: PromptKey,
     ) -> None:
         m = self.metrics
         label = self._app_label(app)
@@ -581,7 +656,7 @@ class Gateway:
             self.stats.errored(app)
             m.errors.labels(label, err.code).inc()
         finally:
-            self._untrack((req.id, req.reply_to))
+            self._untrack(key)
             self._slots.release()
             m.in_flight.dec()
         log.debug("prompt %s answered: %s", req.id, type(final).__name__)

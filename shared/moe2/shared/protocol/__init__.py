@@ -61,6 +61,8 @@ from moe2.shared.protocol.desired import (
     AssignmentAck,
     GateRef,
     GatewayStatus,
+    assignment_digest,
+    describe_version,
 )
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
 from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
@@ -189,12 +191,14 @@ __all__ = [
     "VerifyRequest",
     "VocabReply",
     "VocabRequest",
+    "assignment_digest",
     "check_name",
     "decode_cancel",
     "decode_message",
     "decode_prompt",
     "decode_reply",
     "decode_request",
+    "describe_version",
     "encode",
     "encode_full",
     "encode_rpc",
