@@ -670,9 +670,13 @@ def test_fleet_page_in_headless_chromium(front: Front, registry_url: str, tmp_pa
         reg.close()
     client(front).chat.completions.create(model=front.app, messages=CONVERSATION, max_tokens=4)
 
-    def measured() -> bool:  # the gateway's stats of real answers are in
+    def measured() -> bool:  # the gateway's stats of real answers are in, and the decision
+        # (the front reads the registry at most every 5 s: an earlier test's read may stand)
         rows = http(f"{front.base}/fleet.json", key=KEY)[1]["apps"]
-        return any(r["app"] == front.app and r["answers"] > 0 for r in rows)
+        return any(
+            r["app"] == front.app and r["answers"] > 0 and r["delay_limit"] is not None
+            for r in rows
+        )
 
     assert eventually(measured, 30)
     summary = http(f"{front.base}/fleet.json", key=KEY)[1]

@@ -186,16 +186,17 @@ def push(
     broker = broker_from_flags(kwargs)
     with desired_state(broker) as desired:
         try:
-            result = desired.push_assignment(
-                app,
-                members,
-                k,
-                gateways=gateways or None,
-                wait_s=wait_s,
-                force_version=force_version,
-            )
-        except ConfigError as exc:  # refused before publishing: a bad argument
+            desired.check([(app, members, k)], None)
+        except ConfigError as exc:  # an assignment no gateway could serve: a bad argument
             raise click.UsageError(exc.message) from None
+        result = desired.push_assignment(  # its ConfigError (versions run out): exit 1
+            app,
+            members,
+            k,
+            gateways=gateways or None,
+            wait_s=wait_s,
+            force_version=force_version,
+        )
     _record(db_url, result)
     report([result], as_json)
 

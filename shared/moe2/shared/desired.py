@@ -213,7 +213,7 @@ class DesiredState:
         force_version: int | None = None,
     ) -> list[PushResult]:
         deadline = time.monotonic() + wait_s
-        self._check(apps, None)
+        self.check(apps, None)
         results = [
             self._publish_assignment(a, s, k, gate, gateways, self.next_key(a, force_version))
             for a, s, k in apps
@@ -237,7 +237,7 @@ class DesiredState:
                 self._await([results[i]], max(0.5, deadline - time.monotonic()))
         return results
 
-    def _check(
+    def check(
         self, apps: Sequence[tuple[str, Sequence[str], int]], gate_experts: Sequence[str] | None
     ) -> None:
         """Refuse, before anything is published, an assignment no gateway could serve: an
@@ -356,6 +356,6 @@ class DesiredState:
         """Publish a gate, then one assignment per application naming it; wait for the
         gateways to accept the assignments and load (or reject) the gate."""
         ref = p.GateRef(version=manifest.version, sha256=p.gate_digest(manifest))
-        self._check(apps, manifest.experts)
+        self.check(apps, manifest.experts)
         self.publish_gate(manifest, files)
         return self._push_many(apps, ref, gateways, wait_s)
