@@ -12,7 +12,7 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
     moe2/v1/replies/<user>/rpc/<agent>         RpcReply        the agent's answer to <user>
     moe2/v1/replies/<user>/answers/<client>    prompt answers  a PromptClient's inbox
     moe2/v1/replies/<user>/...                 prompt answers  any other reply_to of <user>
-    moe2/v1/prompts/<app>                      (the public prompt API, prompts.py)
+    moe2/v1/prompts/<app>[/<user>]             (the public prompt API, prompts.py)
     moe2/v1/cancel/<app>[/<user>]              PromptCancel    stop answering a prompt
     moe2/v1/desired/apps/<app>       retained  AppAssignment   desired state (desired.py)
     moe2/v1/agents/<gw>/acks/<app>   retained  AssignmentAck   a gateway accepted/rejected it

@@ -294,9 +294,10 @@ class PromptRequest(_Public):
 
 
 class PromptCancel(_Public):
-    """Published on ``moe2/v1/cancel/<app>``: stop answering prompt ``id``. ``reply_to`` must
-    be the prompt's own, so a cancel names the prompt of one client, not any prompt that
-    happens to share an id."""
+    """Published on ``moe2/v1/cancel/<app>[/<user>]``: stop answering prompt ``id``.
+    ``reply_to`` must be the prompt's own, so a cancel names the prompt of one client, not any
+    prompt that happens to share an id; the topic's ``<app>`` and ``<user>`` must be those of
+    the prompt's topic, so a user cancels only its own prompts."""
 
     id: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_ID)]
     reply_to: str
