@@ -90,6 +90,10 @@ def test_a_prompt_with_a_key_given_twice_is_refused_and_addresses_nobody() -> No
         p.decode_prompt(nested, 1 << 20)
     req, _ = p.decode_prompt(b'{"id": "3", "prompt": "x", "reply_to": "a/b"}', 1 << 20)
     assert req.reply_to == "a/b"
+    # A cancel likewise names one prompt, read one way.
+    with pytest.raises(BadMessage, match="invalid cancel: the key 'id' is given twice"):
+        p.decode_cancel(b'{"id": "1", "id": "2", "reply_to": "a/b"}')
+    assert p.decode_cancel(b'{"id": "1", "reply_to": "a/b"}').id == "1"
 
 
 def test_a_reply_topic_of_a_named_publisher_stays_in_its_replies() -> None:

@@ -170,6 +170,7 @@ class Connection:
         # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
         self._puback = threading.Condition()
         self._puback_rc: OrderedDict[int, Any] = OrderedDict()
+        self._puback_futures: dict[int, Future[Any]] = {}  # publish_future's, by message id
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -359,6 +360,33 @@ class Connection:
             raise BrokerError(f"the broker refused the message on {topic}: {rc}")
         return True
 
+    def publish_future(
+        self, topic: str, payload: bytes | str, *, properties: Properties | None = None
+    ) -> Future[bool]:
+        """``publish_acked`` without blocking, for event loops: a future that becomes True
+        at the broker's PUBACK, False when it says no subscriber matched, or BrokerError when
+        it refuses the message. The caller bounds the wait (``asyncio.wait_for`` on
+        ``asyncio.wrap_future``) and cancels the future when it gives up."""
+        fut: Future[bool] = Future()
+        info = self._client.publish(topic, payload, qos=1, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            fut.set_exception(
+                BrokerError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+            )
+            return fut
+        with self._puback:
+            if info.mid in self._puback_rc:  # the PUBACK came already
+                _settle(fut, topic, self._puback_rc.pop(info.mid))
+            else:
+                self._puback_futures[info.mid] = fut
+                fut.add_done_callback(lambda _f: self._forget_puback(info.mid, fut))
+        return fut
+
+    def _forget_puback(self, mid: int, fut: Future[Any]) -> None:
+        with self._puback:
+            if self._puback_futures.get(mid) is fut:
+                del self._puback_futures[mid]
+
     # ------------------------------------------------------------------ callbacks
 
     def _on_connect(
@@ -439,6 +467,10 @@ class Connection:
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
     ) -> None:
         with self._puback:
+            fut = self._puback_futures.pop(mid, None)
+            if fut is not None:
+                _settle(fut, "", rc)
+                return
             self._puback_rc[mid] = rc
             while len(self._puback_rc) > 10_000:
                 self._puback_rc.popitem(last=False)
@@ -469,6 +501,20 @@ class Connection:
                 log.exception("handler for %s failed", msg.topic)
         if not manual:
             self.ack(msg)
+
+
+def _settle(fut: Future[bool], topic: str, rc: Any) -> None:
+    """Resolve a ``publish_future`` from its PUBACK reason code (as ``publish_acked`` reads it)."""
+    if fut.done():
+        return
+    with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+        if rc is not None and getattr(rc, "value", 0) == 0x10:  # no matching subscribers
+            fut.set_result(False)
+        elif rc is not None and getattr(rc, "is_failure", False):
+            where = f" on {topic}" if topic else ""
+            fut.set_exception(BrokerError(f"the broker refused the message{where}: {rc}"))
+        else:
+            fut.set_result(True)
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:

@@ -258,6 +258,8 @@ class AppRouter:
             apps=self.served() if state == "online" else {},
             since=time.time(),
             session=self.conn.client_id,
+            max_concurrent=self.config.max_concurrent,
+            max_pending=self.config.max_pending,
         )
 
     def _republish(self) -> None:

@@ -393,7 +393,12 @@ class Reconciler:
         subset = list(result.subset)
         k = min(self.policy.k, len(subset))
         gate = self._gate_ref
-        detail = {"delay": result.delay, "energy": result.energy, "limits": dict(limits)}
+        detail = {
+            "delay": result.delay,
+            "energy": result.energy,
+            "limits": dict(limits),
+            "energy_limit": self.policy.energy,
+        }
         for app in sorted(self.policy.apps):
             current = state.desired_app.get(app)
             previous = list(current.subset) if current else None
