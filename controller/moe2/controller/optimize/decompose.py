@@ -116,6 +116,7 @@ def split_by_app(problem: Problem) -> list[AppPart]:
             gate_delay=problem.gate_delay,
             delay_limits=limits,
             energy_limit=None,
+            energy_per=problem.energy_per,  # the shared budget's unit
             epsilon=problem.epsilon,
             meta=dict(problem.meta) | {"app": app},
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -99,12 +99,15 @@ class ScoreTable:
     ``tokenizers[i]`` holds the tokenizer hashes stored with sample ``i``'s scores, per expert
     (a set: one hash unless the expert changed vocabulary between options); the one mixing
     rule (``moe2.controller.mixing``) decides per token or per sequence from them.
+    ``prompt_tokens[i]`` is (experts,) the prompt's length in each expert's tokens, -1 where
+    the scores predate it.
     """
 
     experts: list[str]
     samples: list[SampleRow]
     logp: list[list[np.ndarray]]
     tokenizers: list[list[frozenset[str]]]
+    prompt_tokens: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,7 @@ class Registry:
                 "tokens_json": json.dumps(list(r["tokens"])),
                 "logprobs_json": json.dumps([float(x) for x in r["logprobs"]]),
                 "compute_ms": float(r.get("compute_ms", 0.0)),
+                "prompt_tokens": r.get("prompt_tokens"),
                 "created_at": time.time(),
             }
             for r in rows
@@ -413,6 +417,7 @@ class Registry:
                     col(Score.option),
                     col(Score.logprobs_json),
                     col(Score.tokenizer_hash),
+                    col(Score.prompt_tokens),
                 )
                 .join(Sample, col(Sample.id) == col(Score.sample_id))
                 .where(col(Sample.dataset_id) == ds.id)
@@ -421,13 +426,16 @@ class Registry:
                 q = q.where(col(Sample.app).in_(list(apps)))
             got: dict[tuple[int, str, int], list[float]] = {}
             hashes: dict[tuple[int, str, int], str] = {}
+            lengths: dict[tuple[int, str], int] = {}  # (sample id, expert) -> prompt tokens
             # Only the experts asked for: a fleet's registry holds thousands of others.
             parts = [None] if experts is None else _chunks(list(experts))
             for part in parts:
                 found = s.execute(q if part is None else q.where(col(Score.expert).in_(part)))
-                for sid, e, o, lp, h in found:
+                for sid, e, o, lp, h, n in found:
                     got[(int(sid), e, int(o))] = json.loads(lp)
                     hashes[(int(sid), e, int(o))] = str(h)
+                    if n is not None:
+                        lengths[(int(sid), e)] = int(n)
         needed = sum(len(smp.targets) for smp in samples)
         if experts is None:
             counts: dict[str, int] = {}
@@ -438,6 +446,7 @@ class Registry:
         kept: list[SampleRow] = []
         logp: list[list[np.ndarray]] = []
         tokenizers: list[list[frozenset[str]]] = []
+        prompt_tokens: list[np.ndarray] = []
         for smp in samples:
             per_option: list[np.ndarray] = []
             for o in range(len(smp.targets)):
@@ -456,7 +465,36 @@ class Registry:
                 tokenizers.append(
                     [frozenset(hashes[(smp.id, e, o)] for o in options) for e in experts]
                 )
-        return ScoreTable(experts, kept, logp, tokenizers)
+                prompt_tokens.append(
+                    np.array([lengths.get((smp.id, e), -1) for e in experts], dtype=np.int64)
+                )
+        return ScoreTable(experts, kept, logp, tokenizers, prompt_tokens)
+
+    def without_prompt_tokens(self, dataset: str, expert: str) -> set[int]:
+        """Ids of the samples whose scores by ``expert`` lack the prompt's length."""
+        ds = self.dataset(dataset)
+        with self.session() as s:
+            q = (
+                select(col(Score.sample_id))
+                .join(Sample, col(Sample.id) == col(Score.sample_id))
+                .where(
+                    col(Sample.dataset_id) == ds.id,
+                    col(Score.expert) == expert,
+                    col(Score.prompt_tokens).is_(None),
+                )
+            )
+            return {int(a) for (a,) in s.execute(q)}
+
+    def set_prompt_tokens(self, expert: str, lengths: Mapping[int, int]) -> None:
+        """Store the prompt lengths (sample id -> tokens) of ``expert``'s scores."""
+        with self.session() as s:
+            for sid, n in lengths.items():
+                s.execute(
+                    update(Score)
+                    .where(col(Score.sample_id) == sid, col(Score.expert) == expert)
+                    .values(prompt_tokens=int(n))
+                )
+            s.commit()
 
     # ------------------------------------------------------------------ embeddings
 

@@ -40,8 +40,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe2.controller.gate.weights import UNIFORM
 from moe2.controller.optimize.decompose import AppPart, ByApp, allowed, solve_by_app
-from moe2.controller.optimize.fromregistry import scored_set
+from moe2.controller.optimize.fromregistry import gate_delay_of, scored_set
 from moe2.controller.push import record
 from moe2.controller.registry.db import Registry
 from moe2.controller.registry.schema import Decision
@@ -212,6 +213,9 @@ class Reconciler:
         self.app_energy: dict[str, float] = {}  # app -> weight x energy of its current subset
         self.retry: set[str] = set()  # apps whose push failed: optimised again next time
         self.out_of_gate: set[str] = set()
+        # app -> the gate version its last promise went without a measured delay of (no
+        # gateway had announced running it yet): the announcement re-optimises it
+        self.gate_unmeasured: dict[str, str] = {}
         self._scoring: dict[str, Future[Any]] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="score")
         self._gate_experts: set[str] | None = None
@@ -272,6 +276,10 @@ class Reconciler:
         )
         for app in sorted(self.retry):
             look.add(f"{app}: its last push failed", [app])
+        announced = sorted(a for a, v in self.gate_unmeasured.items() if state.gate_latency(v))
+        for app in announced:
+            version = self.gate_unmeasured.pop(app)
+            look.add(f"{app}: a gateway announced gate {version}'s measured delay", [app])
         if not look.apps:
             self.pending_since = None
             return
@@ -420,7 +428,7 @@ class Reconciler:
         for app in apps:
             reason = "; ".join(look.apps[app])
             try:
-                parts.append(self._part(app, cands[app], limits[app], links))
+                parts.append(self._part(state, app, cands[app], limits[app], links))
             except Moe2Error as exc:
                 self._decide(app, "failed", f"{reason}: {exc.message}")
         if not parts:
@@ -446,9 +454,16 @@ class Reconciler:
         self._apply(state, look, result, limits)
 
     def _part(
-        self, app: str, candidates: set[str], limit: float, links: Mapping[str, p.LinkFigures]
+        self,
+        state: FleetState,
+        app: str,
+        candidates: set[str],
+        limit: float,
+        links: Mapping[str, p.LinkFigures],
     ) -> AppPart:
-        """App's problem: its samples, scored by its eligible candidates."""
+        """App's problem: its samples, scored by its eligible candidates, its costs by the one
+        cost function on their prompts' token counts, the gate's delay as the gateways
+        measured it."""
         if not candidates:
             raise Moe2Error(f"no eligible candidate for {app} (online, profiled, scored on it)")
         data = scored_set(
@@ -463,7 +478,17 @@ class Reconciler:
         rows = [i for i, a in enumerate(data.mixed.apps) if a == app]
         if not rows:
             raise Moe2Error(f"no sample of {app} is scored by all of its candidates")
-        problem = data.select(rows).problem({app: limit}, None, gate_delay=self.policy.gate_delay)
+        # Until a gateway has run the gate and announced its delay (the first push of a new
+        # gate), the promise goes without it; the announcement is a change the next look sees.
+        version = data.gate.version
+        delay = gate_delay_of(state, version, self.policy.gate_delay, required=False)
+        if delay.curve is None and self.policy.gate_delay is None and version != UNIFORM:
+            self.gate_unmeasured[app] = version
+        else:
+            self.gate_unmeasured.pop(app, None)
+        problem = data.select(rows).problem(
+            {app: limit}, None, gate_delay=delay, energy_per=self.policy.energy_per
+        )
         return AppPart(app, self.weights[app], problem)
 
     def _set_basis(
@@ -518,6 +543,7 @@ class Reconciler:
                     "energy": sol.energy,
                     "limits": {app: limits[app]},
                     "energy_limit": self.policy.energy,
+                    "energy_per": self.policy.energy_per,
                     "gap": gap,
                     "optimal": gap == 0.0,
                     "coupled": result.coupled,
