@@ -145,5 +145,5 @@ def test_optimize_from_the_registry_writes_a_replayable_problem_and_pushes(
                 *flags,
             ],
         )
-        assert infeasible.exit_code == EXIT_INFEASIBLE
+        assert infeasible.exit_code == EXIT_INFEASIBLE, infeasible.output
         assert "animals" in json.loads(infeasible.output.strip().splitlines()[-1])["reason"]

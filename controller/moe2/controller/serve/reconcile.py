@@ -465,7 +465,7 @@ class Reconciler:
         cost function on their prompts' token counts, the gate's delay as the gateways
         measured it."""
         if not candidates:
-            raise Moe2Error(f"no eligible candidate for {app} (online, profiled, scored on it)")
+            raise Moe2Error(f"no eligible expert for {app} (online, profiled and scored on it)")
         data = scored_set(
             self.reg,
             self.policy.dataset,
