@@ -212,6 +212,7 @@ class SimGateway:
     gateway: str
     apps: dict[str, int]  # app -> assignment version served (0: local configuration)
     acked: int = 0  # assignments acknowledged
+    served: dict[str, p.AppAssignment] = field(default_factory=dict)  # app -> as received
 
     def status(self, state: str = "online") -> p.GatewayStatus:
         return p.GatewayStatus(
@@ -354,13 +355,17 @@ class SimFleet:
             gateway=gw.gateway,
             app=a.app,
             version=a.version,
+            epoch=a.epoch,
+            answers=p.assignment_digest(a),  # the exact assignment it answers
             accepted=ok,
             serving=ok and a.serves(gw.gateway),
             reason=None if ok else f"{STALE_VERSION}: {a.version} is below {current}",
             current=max(current, a.version) if ok else current,
+            proof=a if ok else gw.served.get(a.app),  # what it serves, as received (signed)
         )
         if ok:
             gw.apps[a.app] = a.version
+            gw.served[a.app] = a
         gw.acked += 1
         client.publish(p.topics.assignment_ack(gw.gateway, a.app), p.encode(ack), retain=True)
         if ok and a.version != current:
@@ -424,6 +429,9 @@ def populate_registry(
                 skill = rng.gauss(0.0, 1.0)
                 h = family_hash(agents[e].family)
                 for smp in rows_by_app[app]:
+                    # the prompt's length in this family's tokens, as collect stores it (the
+                    # cost function prices each expert's real token counts)
+                    n_prompt = len(smp.prompt.split()) + 2 + agents[e].family % 3
                     for o in range(len(smp.targets)):
                         good = o == smp.answer
                         logit = (skill if good else -skill) + rng.gauss(0.0, 0.7)
@@ -436,6 +444,7 @@ def populate_registry(
                                 "tokenizer_hash": h,
                                 "tokens": [5 + o],
                                 "logprobs": [lp],
+                                "prompt_tokens": n_prompt,
                             }
                         )
                 if len(batch) > 20000:
