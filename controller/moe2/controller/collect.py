@@ -1,9 +1,11 @@
 """Score collection: every online expert's teacher-forced target log-probabilities over a
 dataset, stored in the registry (DESIGN.md §2: collect p once, train the gate offline).
 
-Experts that share a tokenizer (same ``tokenizer_hash``) score the same token ids, tokenized
-once by one of them, so their per-token probabilities line up for token-level fusion; an
-expert with a vocabulary of its own scores the target text. Samples go to an expert
+Every vocabulary (``tokenizer_hash``) tokenizes the dataset once, by one of its experts, and
+its experts score those ids: experts of one vocabulary score the same ids, so their per-token
+probabilities line up for token-level fusion, and each score is stored with the prompt's real
+length in its expert's tokens, which the cost model needs. Scores stored before prompt
+lengths were get them filled in by the next run. Samples go to an expert
 ``batch`` (sample, option) pairs per ``score_many`` request, which the agent evaluates
 together in one batch (one ``score`` request each to an agent without that operation).
 Scores are committed in small batches: an interrupted run loses at most one uncommitted
@@ -149,6 +151,7 @@ class _Worker(threading.Thread):
         return self.rpc.call_async(agent, p.ScoreRequest(**s.model_dump(exclude_none=True)))
 
     def _store(self, job: _Job, tokens: list[int], logprobs: list[float], ms: float) -> None:
+        prompt = self.tokens[(job.sample.id, job.option)][0] if self.tokens is not None else None
         self.results.put(
             {
                 "sample_id": job.sample.id,
@@ -158,6 +161,7 @@ class _Worker(threading.Thread):
                 "tokens": tokens,
                 "logprobs": logprobs,
                 "compute_ms": ms,
+                "prompt_tokens": None if prompt is None else len(prompt),
             }
         )
 
@@ -235,10 +239,16 @@ def collect(
         groups.setdefault(info.tokenizer_hash, []).append(name)
     results: queue.Queue[Any] = queue.Queue()
     workers: list[_Worker] = []
+    by_id = {s.id: s for s in samples}
     for members in groups.values():
         pending = {(j.sample.id, j.option): j for m in members for j in todo[m]}
+        # Stored scores without the prompt's length (collected before it was stored): the
+        # vocabulary's tokenization gives it.
+        lengthless = {m: registry.without_prompt_tokens(dataset, m) for m in members}
+        for sid in set().union(*lengthless.values()):
+            pending.setdefault((sid, 0), _Job(by_id[sid], 0))
         tokens = None
-        if len(members) > 1 and pending:
+        if pending:
             # One tokenization for all experts of this vocabulary; the first that answers.
             for m in members:
                 try:
@@ -250,6 +260,9 @@ def collect(
                     report.failed.setdefault(m, f"tokenize: {exc.code}: {exc.message}")
             if tokens is None:
                 continue
+            for m, sids in lengthless.items():
+                if sids:
+                    registry.set_prompt_tokens(m, {i: len(tokens[(i, 0)][0]) for i in sids})
         for m in members:
             if todo[m] and m not in report.failed:
                 workers.append(_Worker(rpc, experts[m], todo[m], tokens, results, settings, stop))

@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from moe2.shared import protocol
@@ -48,6 +49,7 @@ from moe2.shared.errors import (
     RequestTimeout,
     error_from_reply,
 )
+from moe2.shared.logins import bound_client_id
 from moe2.shared.protocol.rpc import _Reply, _Request
 
 R = TypeVar("R", bound=_Reply)
@@ -82,6 +84,11 @@ class BrokerConfig(BaseModel):
         """Whose ``moe2/v1/replies/<owner>/`` subtree a client reads: its login, else its id."""
         return self.username if self.username else client_id
 
+    def client_id(self, name: str) -> str:
+        """The MQTT client id of this login's connection ``name``: one no other login can
+        take over (``moe2.shared.logins``)."""
+        return bound_client_id(self.username, self.password, name)
+
 
 def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # Nagle's algorithm turns a 0.4 ms loopback round trip into 40-90 ms.
@@ -100,17 +107,20 @@ class Connection:
         will: tuple[str, bytes, bool] | None = None,
         session_expiry_s: int = 0,
         reconnect: bool = True,
+        exact_client_id: bool = False,
     ) -> None:
-        """``reconnect=False``: a connection lost stays lost (one that borrows another
+        """``client_id`` is bound to the login (``BrokerConfig.client_id``) unless
+        ``exact_client_id`` (another login's id, known on purpose: adopting a session).
+        ``reconnect=False``: a connection lost stays lost (one that borrows another
         client's session must not take it back from its owner)."""
         self.broker = broker
-        self.client_id = client_id
+        self.client_id = client_id if exact_client_id else broker.client_id(client_id)
         # 0: a clean session on every connect; > 0: the broker keeps our session (its
         # subscriptions and the QoS 1 messages for us) this many seconds after we disconnect.
         self.session_expiry_s = session_expiry_s
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,  # _on_message acknowledges, unless a handler does it itself
             reconnect_on_failure=reconnect,
@@ -149,20 +159,25 @@ class Connection:
         self._session_up = False  # CONNACK received: subscribe at once (under _lock)
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._connack = threading.Event()  # a CONNACK that accepted us came (this start)
+        self._arrived = 0  # messages received so far
         self._pending_subacks: set[int] = set()
         self._connect_error: str | None = None
         self._sessions = 0  # MQTT sessions begun so far: which one delivered a message
         self._delivered_in: dict[int, int] = {}  # id(message) -> session, until acknowledged
         self._retained_state: set[str] = set()  # filters to subscribe afresh on a resumed session
+        self._as_published: set[str] = set()  # filters whose messages keep their retain flag
         self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
         self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
         # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
         self._puback = threading.Condition()
         self._puback_rc: OrderedDict[int, Any] = OrderedDict()
+        self._puback_futures: dict[int, Future[Any]] = {}  # publish_future's, by message id
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Connection:
+        self._connack.clear()
         props = None
         if self.session_expiry_s > 0:
             props = _properties(PacketTypes.CONNECT)
@@ -180,12 +195,23 @@ class Connection:
                 f"cannot reach the MQTT broker at {self.broker.host}:{self.broker.port}: {exc}"
             ) from None
         self._client.loop_start()
-        if not self._connected.wait(self.broker.connect_timeout):
+        if not self._connack.wait(self.broker.connect_timeout) or self._connect_error:
             self._client.loop_stop()
             reason = self._connect_error or "no CONNACK"
             raise BrokerError(
                 f"MQTT broker at {self.broker.host}:{self.broker.port} did not accept us: {reason}"
             )
+        # Each subscription is acknowledged after the retained messages of the ones before
+        # it, which takes a while on a large fleet: wait as long as messages keep coming.
+        seen = self._arrived
+        while not self._connected.wait(self.broker.connect_timeout):
+            if self._arrived == seen:
+                self._client.loop_stop()
+                raise BrokerError(
+                    f"MQTT broker at {self.broker.host}:{self.broker.port} did not acknowledge "
+                    f"our subscriptions within {self.broker.connect_timeout:g} s"
+                )
+            seen = self._arrived
         return self
 
     def stop(self, *, keep_session: bool = False, flush_s: float = 5.0) -> None:
@@ -253,6 +279,7 @@ class Connection:
         *,
         manual_ack: bool = False,
         retained_state: bool = False,
+        retain_as_published: bool = False,
     ) -> None:
         """Call ``handler`` for every message of ``topic_filter``. Each filter is its own
         SUBSCRIBE with an MQTT 5 subscription identifier, so a message is dispatched to the
@@ -261,7 +288,9 @@ class Connection:
         acknowledgement of each message (``ack``); otherwise it is sent once handlers return.
         ``retained_state``: the filter's retained messages must come again on every
         reconnection, also when the broker resumed our session (rumqttd sends them only for a
-        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE)."""
+        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE).
+        ``retain_as_published`` (MQTT 5): a message published retained arrives with its
+        retain flag set even when it is delivered live, so the handler can tell."""
         # A shared subscription "$share/<group>/<filter>" delivers messages whose topic
         # matches <filter>: the fallback dispatch (brokers without identifiers) uses that.
         match = topic_filter
@@ -277,8 +306,17 @@ class Connection:
             self._handlers.append((topic_filter, match, qos, handler, sub_id, manual_ack))
             if retained_state:
                 self._retained_state.add(topic_filter)
+            if retain_as_published:
+                self._as_published.add(topic_filter)
             if self._session_up and new:
-                self._client.subscribe(topic_filter, qos=qos, properties=_sub_props(sub_id))
+                self._client.subscribe(
+                    topic_filter,
+                    options=self._options(topic_filter, qos),
+                    properties=_sub_props(sub_id),
+                )
+
+    def _options(self, topic_filter: str, qos: int) -> SubscribeOptions:
+        return SubscribeOptions(qos=qos, retainAsPublished=topic_filter in self._as_published)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -336,6 +374,33 @@ class Connection:
             raise BrokerError(f"the broker refused the message on {topic}: {rc}")
         return True
 
+    def publish_future(
+        self, topic: str, payload: bytes | str, *, properties: Properties | None = None
+    ) -> Future[bool]:
+        """``publish_acked`` without blocking, for event loops: a future that becomes True
+        at the broker's PUBACK, False when it says no subscriber matched, or BrokerError when
+        it refuses the message. The caller bounds the wait (``asyncio.wait_for`` on
+        ``asyncio.wrap_future``) and cancels the future when it gives up."""
+        fut: Future[bool] = Future()
+        info = self._client.publish(topic, payload, qos=1, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            fut.set_exception(
+                BrokerError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+            )
+            return fut
+        with self._puback:
+            if info.mid in self._puback_rc:  # the PUBACK came already
+                _settle(fut, topic, self._puback_rc.pop(info.mid))
+            else:
+                self._puback_futures[info.mid] = fut
+                fut.add_done_callback(lambda _f: self._forget_puback(info.mid, fut))
+        return fut
+
+    def _forget_puback(self, mid: int, fut: Future[Any]) -> None:
+        with self._puback:
+            if self._puback_futures.get(mid) is fut:
+                del self._puback_futures[mid]
+
     # ------------------------------------------------------------------ callbacks
 
     def _on_connect(
@@ -343,8 +408,11 @@ class Connection:
     ) -> None:
         if rc.is_failure:
             self._connect_error = str(rc)
+            self._connack.set()
             log.error("MQTT connection refused: %s", rc)
             return
+        self._connect_error = None
+        self._connack.set()
         self.session_present = bool(getattr(flags, "session_present", False))
         if not self.session_present:
             with self._lock:
@@ -368,12 +436,12 @@ class Connection:
                     # subscribe below (mosquitto sends the retained messages twice: harmless).
                     for f in sorted(self._retained_state & subs.keys()):
                         q, sid = subs[f]
-                        client.subscribe(f, qos=q, properties=_sub_props(sid))
+                        client.subscribe(f, options=self._options(f, q), properties=_sub_props(sid))
                         client.unsubscribe(f)
                 # We count as connected only once the broker has acknowledged every
                 # subscription, so nothing published to us after start() returns is missed.
                 mids = (
-                    client.subscribe(f, qos=q, properties=_sub_props(sid))[1]
+                    client.subscribe(f, options=self._options(f, q), properties=_sub_props(sid))[1]
                     for f, (q, sid) in subs.items()
                 )
                 self._pending_subacks = {m for m in mids if m is not None}
@@ -416,12 +484,17 @@ class Connection:
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
     ) -> None:
         with self._puback:
+            fut = self._puback_futures.pop(mid, None)
+            if fut is not None:
+                _settle(fut, "", rc)
+                return
             self._puback_rc[mid] = rc
             while len(self._puback_rc) > 10_000:
                 self._puback_rc.popitem(last=False)
             self._puback.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._arrived += 1
         if msg.qos > 0:
             with self._lock:
                 self._delivered_in[id(msg)] = self._sessions  # see ack()
@@ -446,6 +519,20 @@ class Connection:
                 log.exception("handler for %s failed", msg.topic)
         if not manual:
             self.ack(msg)
+
+
+def _settle(fut: Future[bool], topic: str, rc: Any) -> None:
+    """Resolve a ``publish_future`` from its PUBACK reason code (as ``publish_acked`` reads it)."""
+    if fut.done():
+        return
+    with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+        if rc is not None and getattr(rc, "value", 0) == 0x10:  # no matching subscribers
+            fut.set_result(False)
+        elif rc is not None and getattr(rc, "is_failure", False):
+            where = f" on {topic}" if topic else ""
+            fut.set_exception(BrokerError(f"the broker refused the message{where}: {rc}"))
+        else:
+            fut.set_result(True)
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:
