@@ -1,4 +1,4 @@
-"""The public prompt API (DESIGN.md §3).
+"""The public prompt API (docs/protocol.md, "The prompt API").
 
 A client publishes to ``moe2/v1/prompts/<app>``::
 
