@@ -23,6 +23,7 @@ TopicKind = Literal[
     "blob_chunk",  # blobs/<sha256>/<index>               retained raw bytes
     "prompt",  # prompts/<app>                            the public prompt API
     "reply",  # replies/<owner>/...                       answers and RPC replies
+    "requester",  # requesters/<owner>/<client>           retained RequesterStatus (LWT gone)
 ]
 
 _AGENT_LEAVES = {
@@ -80,6 +81,12 @@ def parse(topic: str) -> Topic | None:
             return Topic("blob_chunk", sha256=check_name("blob hash", tail[0]), index=int(tail[1]))
         if head == "prompts" and len(tail) == 1:
             return Topic("prompt", app=check_name("application", tail[0]))
+        if head == "requesters" and len(tail) == 2:
+            return Topic(
+                "requester",
+                client=check_name("client id", tail[0]),
+                rest=(check_name("client id", tail[1]),),
+            )
         if head == "replies" and len(tail) >= 1:
             return Topic("reply", client=check_name("client id", tail[0]), rest=tuple(tail[1:]))
     except BadMessage:
@@ -171,6 +178,19 @@ class topics:
             f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/answers/"
             f"{check_name('client id', client_id)}"
         )
+
+    # ------------------------------------------------------------------ requesters
+
+    @staticmethod
+    def requester(owner: str, client_id: str) -> str:
+        """Retained RequesterStatus of one RPC client of user ``owner`` (its last will says
+        ``gone``): agents drop the work and free the sessions of a requester that is gone."""
+        return (
+            f"{TOPIC_ROOT}/requesters/{check_name('client id', owner)}/"
+            f"{check_name('client id', client_id)}"
+        )
+
+    ALL_REQUESTERS = f"{TOPIC_ROOT}/requesters/+/+"
 
     # ------------------------------------------------------------------ prompts
 
