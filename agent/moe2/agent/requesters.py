@@ -1,0 +1,129 @@
+"""Who is still waiting: the agent's view of its requesters (RPC clients), from their
+retained ``RequesterStatus`` on ``requesters/<owner>/<client>``.
+
+A requester that is gone (its last will, or its clean close, says ``gone``) waits for nothing
+any more: the agent drops its queued and running work and frees its sessions. A broker that
+restarts publishes the last will of every client it drops, live ones included, so ``gone``
+stands only once confirmed: ``confirm_s`` later while our own connection stayed up, or, when
+we reconnected meanwhile, ``grace_s`` after our reconnection without the requester saying
+``online`` again. A requester that says ``online`` again after having been online (it
+reconnected) may have lost track of sessions with its connection: ``on_resync`` says so.
+
+    watch = Requesters(conn, on_gone=lambda key: ..., on_resync=lambda key: ...)
+    watch.is_gone("gw-orin-1/gw-orin-1")     # keys are "<owner>/<client id>"
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+from moe2.shared import protocol as p
+from moe2.shared.errors import Moe2Error
+from moe2.shared.mqtt import Connection
+
+log = logging.getLogger(__name__)
+
+_REMEMBER = 4096  # requesters remembered (online or gone), oldest forgotten first
+
+
+class Requesters:
+    def __init__(
+        self,
+        conn: Connection,
+        on_gone: Callable[[str], None],
+        on_resync: Callable[[str], None],
+        *,
+        confirm_s: float = 1.0,
+        grace_s: float = 10.0,
+    ) -> None:
+        self._conn = conn
+        self._on_gone = on_gone
+        self._on_resync = on_resync
+        self.confirm_s = confirm_s
+        self.grace_s = grace_s
+        self._lock = threading.Lock()
+        self._online: OrderedDict[str, float] = OrderedDict()  # key -> its "online" since
+        self._gone: OrderedDict[str, None] = OrderedDict()  # confirmed gone
+        self._pending: dict[str, float] = {}  # key -> when its "gone" came (monotonic)
+        self._connected_at = 0.0  # monotonic time of our last (re)connection
+        self.confirmed = 0  # requesters found gone
+        conn.on_connected.append(self._on_connected)
+        conn.subscribe(p.topics.ALL_REQUESTERS, self._on_status, retained_state=True)
+
+    def is_gone(self, key: str | None) -> bool:
+        if key is None:
+            return False
+        with self._lock:
+            return key in self._gone
+
+    def _on_connected(self) -> None:
+        self._connected_at = time.monotonic()
+
+    def _on_status(self, msg: mqtt.MQTTMessage) -> None:
+        topic = p.topics.parse(msg.topic)
+        if topic is None or topic.kind != "requester" or not msg.payload:
+            return
+        key = f"{topic.client}/{topic.rest[0]}"
+        try:
+            status = p.decode_message(p.RequesterStatus, msg.payload, 4096)
+        except Moe2Error as exc:
+            log.warning("ignoring requester status on %s: %s", msg.topic, exc.message)
+            return
+        resync = False
+        with self._lock:
+            known = self._online.get(key)
+            if status.state == "online":
+                self._pending.pop(key, None)
+                self._gone.pop(key, None)
+                resync = known is not None and status.since > known
+                self._online[key] = max(status.since, known or 0.0)
+                self._online.move_to_end(key)
+                while len(self._online) > _REMEMBER:
+                    self._online.popitem(last=False)
+                start_timer = False
+            else:
+                # A "gone" older than the connection we know of is an earlier run's.
+                stale = known is not None and status.since < known
+                start_timer = not stale and key not in self._gone and key not in self._pending
+                if start_timer:
+                    self._pending[key] = time.monotonic()
+        if resync:
+            log.info("requester %s reconnected: its sessions it no longer uses will go", key)
+            self._on_resync(key)
+        if status.state == "gone" and start_timer:
+            self._check_later(key, self.confirm_s)
+
+    def _check_later(self, key: str, delay: float) -> None:
+        timer = threading.Timer(delay, self._check, (key,))
+        timer.daemon = True
+        timer.start()
+
+    def _check(self, key: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            since = self._pending.get(key)
+        if since is None:
+            return  # back online meanwhile
+        if not self._conn.connected:  # our connection is down too: the broker, likely
+            self._check_later(key, self.confirm_s)
+            return
+        back = self._connected_at + self.grace_s
+        if self._connected_at >= since - self.confirm_s and now < back:
+            self._check_later(key, back - now)  # we reconnected meanwhile: give it time
+            return
+        with self._lock:
+            if self._pending.pop(key, None) is None:
+                return
+            self._gone[key] = None
+            while len(self._gone) > _REMEMBER:
+                self._gone.popitem(last=False)
+            self._online.pop(key, None)
+            self.confirmed += 1
+        log.info("requester %s is gone: dropping its work and freeing its sessions", key)
+        self._on_gone(key)
