@@ -62,7 +62,7 @@ def test_collect_resumes_after_interruption_without_loss_or_duplicates(
         if done >= 20:
             stop.set()  # what SIGTERM / Ctrl-C do in `moe2ctl collect`
 
-    settings = CollectSettings(window=2, commit_every=8)
+    settings = CollectSettings(window=2, batch=4, commit_every=8)  # small: interrupted mid-way
     with RpcClient(broker_config, timeout=30) as rpc:
         first = collect(registry, rpc, "mqtt", online, settings, stop=stop, on_progress=interrupt)
     assert first.interrupted and 20 <= first.stored < total and not first.failed

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import click
 
 from moe2.controller import datasets as ds
+from moe2.controller.collect import CollectSettings, collect_options, collect_settings
 from moe2.controller.evaluate.answerer import ANSWERERS, Answerer, ScoreAnswerer
 from moe2.controller.evaluate.gateway import GateArtefact, GatewayAnswerer, Progress, RouteRun
 from moe2.controller.evaluate.report import markdown, plot
@@ -89,13 +91,20 @@ def import_jsonl(reg: Registry, path: Path, prompt_format: str, option_format: s
     return name
 
 
-def ensure_scores(reg: Registry, dataset: str, experts: list[str], broker: BrokerConfig) -> None:
-    """Collect the scores ``experts`` lack on ``dataset`` from the fleet (they must be online)."""
+def ensure_scores(
+    reg: Registry,
+    dataset: str,
+    experts: list[str],
+    broker: BrokerConfig,
+    settings: CollectSettings | None = None,
+) -> None:
+    """Collect the scores ``experts`` lack on ``dataset`` from the fleet (they must be online),
+    as ``moe2ctl collect`` would with ``settings``."""
     needed = sum(len(s.targets) for s in reg.samples(dataset))
     missing = [e for e in experts if len(reg.scored(dataset, e)) < needed]
     if not missing:
         return
-    from moe2.controller.collect import CollectSettings, collect
+    from moe2.controller.collect import collect
     from moe2.controller.registry.sync import online_experts, sync_once
     from moe2.shared.mqtt import RpcClient
 
@@ -108,17 +117,27 @@ def ensure_scores(reg: Registry, dataset: str, experts: list[str], broker: Broke
             f"online to score it (online: {', '.join(sorted(online)) or 'none'})"
         )
     click.echo(f"scoring {dataset} with {', '.join(missing)}", err=True)
-    with RpcClient(broker, timeout=60.0) as rpc:
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.monotonic() - last[0] > 2.0 or done == total:
+            last[0] = time.monotonic()
+            click.echo(f"scoring {dataset}: {done}/{total} ({100 * done / total:.0f}%)", err=True)
+
+    with RpcClient(broker) as rpc:
         report = collect(
             reg,
             rpc,
             dataset,
             {e: online[e] for e in missing},
-            CollectSettings(),
+            settings,
             stop=threading.Event(),
+            on_progress=progress,
         )
+    if report.interrupted:
+        raise KeyboardInterrupt
     if report.failed or not report.complete:
-        raise NoExperts(f"scoring {dataset} did not complete: {report.as_dict()}")
+        raise NoExperts(f"scoring {dataset} did not complete:\n{report.what_is_missing()}")
 
 
 def held_out_sets(
@@ -359,6 +378,7 @@ class RouteBars:
     default=None,
     help="Also write the markdown report to this file.",
 )
+@collect_options
 @db_option
 @broker_options
 @json_option
@@ -400,6 +420,7 @@ def eval_cmd(
         parse_limits(delays, "--delay", "seconds"), parse_limits(energies, "--energy", "joules")
     )
     settings = EvalSettings(k=k, seeds=seeds, gate_delay=gate_delay, solver=solver)
+    scoring = collect_settings(kw)
     chosen = experts.split(",") if experts else None
     broker = broker_from_flags(kw)
     reg = open_registry(db_url)
@@ -412,7 +433,7 @@ def eval_cmd(
                 wanted = json.loads(reg.gate_version(gate_version).experts_json)
             if wanted is None:
                 raise ConfigError("with --gate uniform and --jsonl, name the --experts")
-            ensure_scores(reg, dataset, wanted, broker)
+            ensure_scores(reg, dataset, wanted, broker, scoring)
         live = answerer == GatewayAnswerer.name
         links = measured_links(broker, required=live)
         selection, test, test_note, sel_note = held_out_sets(

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from moe2.controller.collect import CollectSettings, collect_options
 from moe2.controller.options import (
     broker_from_flags,
     broker_options,
@@ -61,6 +62,7 @@ def _apps(specs: tuple[str, ...]) -> dict[str, float]:
     help="An application and its delay limit per answer step; repeatable.",
 )
 @settings_options(ServePolicy)
+@collect_options
 @click.option("--dry-run", is_flag=True, help="Decide and record, but push nothing.")
 @click.option("--holder", default=None, help="This process's name in the lease [default: random].")
 @click.option(
@@ -90,7 +92,10 @@ def serve_cmd(
     from moe2.controller.serve.reconcile import Reconciler
 
     broker = broker_from_flags(kw)
+    scoring = {k: kw.pop(k) for k in list(kw) if k in CollectSettings.model_fields}
     overrides = collect_overrides(kw)
+    if any(v is not None for v in scoring.values()):
+        overrides["scoring"] = collect_overrides(scoring)
     if app_limits:
         overrides["apps"] = _apps(app_limits)
     try:
