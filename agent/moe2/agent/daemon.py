@@ -458,12 +458,10 @@ class Agent:
         with self._queued_lock:
             queued = list(self._queued.values())
         ahead = sum(min(x, n) for x in self.scheduler.needs) + sum(min(x, n) for x in queued)
-        if not ahead:
-            return None  # alone: a deadline too short for the work itself is the timeout's
-        wait_s = ahead * spt
+        wait_s, alone_s = ahead * spt, n * spt
         left = job.deadline - time.monotonic()
-        if wait_s + n * spt <= left:
-            return None
+        if wait_s + alone_s <= left or alone_s > left:
+            return None  # it fits; or not even alone: the deadline, not the load, is short
         return "busy", Busy(
             f"agent {self.config.id} has about {wait_s:.1f} s of work queued ahead of this "
             f"request (~{n} tokens), which has {left:.1f} s left; retry later",

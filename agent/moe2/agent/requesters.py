@@ -87,10 +87,8 @@ class Requesters:
                 while len(self._online) > _REMEMBER:
                     self._online.popitem(last=False)
                 start_timer = False
-            else:
-                # A "gone" older than the connection we know of is an earlier run's.
-                stale = known is not None and status.since < known
-                start_timer = not stale and key not in self._gone and key not in self._pending
+            else:  # its last will (whose "since" is when the client was made) or its close
+                start_timer = key not in self._gone and key not in self._pending
                 if start_timer:
                     self._pending[key] = time.monotonic()
         if resync:

@@ -324,7 +324,9 @@ class RequesterStatus(Message):
 
     client_id: str = Field(pattern=NAME_PATTERN)
     state: Literal["online", "gone"]
-    since: float  # unix seconds: when it connected (online) or went (gone)
+    # unix seconds: when it connected (online); when it went, or for its last will when the
+    # client was made (gone)
+    since: float
 
 
 # --------------------------------------------------------------------------- RPC requests
