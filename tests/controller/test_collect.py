@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from slowexpert import claim_faster, long_questions, start_profiled
 
 from moe2.agent.config import AgentConfig
 from moe2.agent.llama import LlamaCppBackend
@@ -135,57 +135,15 @@ def test_collect_reports_an_expert_that_is_gone(
     assert registry.score_count("gone") == {experts["cooking"]: 4}
 
 
-def claim_faster(broker_config: BrokerConfig, agent_id: str, factor: float) -> None:
-    """Replace ``agent_id``'s retained profile by one that claims it ``factor`` times faster
-    than it measured itself: an expert that is slower than its profile (a busy box, say)."""
-    from moe2.shared.fleet import FleetView
-    from moe2.shared.mqtt import Connection
-
-    state = FleetView.snapshot(broker_config, ("profile",), 3.0)
-    prof = state.profile[agent_id]
-    curves = prof.curves
-    faster = {
-        name: getattr(curves, name).model_copy(
-            update={"coef": [c / factor for c in getattr(curves, name).coef]}
-        )
-        for name in ("prompt_seconds", "token_seconds")
-    }
-    claimed = prof.model_copy(update={"curves": curves.model_copy(update=faster)})
-    with Connection(broker_config, f"claim-{uuid.uuid4().hex[:6]}") as conn:
-        conn.publish(p.topics.agent_profile(agent_id), p.encode(claimed), retain=True)
-        assert conn.flush(5)
-
-
-def long_questions(n: int, seed: int) -> list[ds.Sample]:
-    """Questions of ~500 tokens each: a few seconds of model time per few hundred."""
-    out = []
-    for s in ds.tiny_domains(DOMAINS, n // 2, seed=seed, choices=2):
-        out.append(ds.Sample(s.app, (s.prompt + " ") * max(1, 2000 // len(s.prompt)), s.targets, 0))
-    return out
-
-
-SLOW_PROFILE = (
-    "--profile-points", "2", "--profile-repeats", "1", "--profile-decode-tokens", "4",
-    "--profile-max-prompt-fraction", "0.3", "--profile-idle-seconds", "0",
-)  # fmt: skip
-
-
 def test_collect_from_an_expert_ten_times_slower_than_its_profile_completes_in_smaller_batches(
     broker_config: BrokerConfig, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     """Its profile makes the first requests ten times too big for their timeouts: they time
     out, the expert drops them (nobody waits any more), and they are retried in halves at the
     pace the expert showed, until the collection is complete. Default settings."""
-    from moe2.shared.fleet import FleetView
-
     agent_id = f"slow-{uuid.uuid4().hex[:6]}"
     with LocalFleet(broker_config, tmp_path / "fleet") as fleet:
-        fleet.start(agent_id, tiny_models["animals"], "--n-threads", "1", *SLOW_PROFILE)
-        fleet.wait_online([agent_id], 60)
-        end = time.monotonic() + 120  # it profiles itself once online
-        while agent_id not in FleetView.snapshot(broker_config, ("profile",)).profile:
-            assert time.monotonic() < end, fleet.log_tail(agent_id)
-            time.sleep(0.5)
+        start_profiled(fleet, agent_id, tiny_models["animals"])
         claim_faster(broker_config, agent_id, 10.0)
         samples = long_questions(240, seed=5)
         registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
