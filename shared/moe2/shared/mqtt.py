@@ -39,6 +39,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field
 
 from moe2.shared import protocol
@@ -56,6 +57,8 @@ R = TypeVar("R", bound=_Reply)
 log = logging.getLogger(__name__)
 
 Handler = Callable[[mqtt.MQTTMessage], None]
+
+_REMEMBER_PUBACKS = 4096  # PUBACK results kept for publish_acked (message ids wrap at 65535)
 
 
 class BrokerConfig(BaseModel):
@@ -164,9 +167,11 @@ class Connection:
         self._retained_state: set[str] = set()  # filters to subscribe afresh on a resumed session
         self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
         self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
-        # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
+        # PUBACK reason code values of recent QoS 1 publishes, by message id (bounded; the
+        # values, not paho's ReasonCode objects: each of those carries a copy of the table
+        # of every code's name, ~1 KB, which made 10,000 of them 35 MB of a gateway's RSS).
         self._puback = threading.Condition()
-        self._puback_rc: OrderedDict[int, Any] = OrderedDict()
+        self._puback_rc: OrderedDict[int, int] = OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -338,10 +343,11 @@ class Connection:
             rc = self._puback_rc.pop(info.mid, None)
         if not got:
             raise BrokerError(f"the broker did not acknowledge a message within {timeout:g} s")
-        if rc is not None and getattr(rc, "value", 0) == 0x10:  # no matching subscribers
+        if rc == 0x10:  # no matching subscribers
             return False
-        if rc is not None and getattr(rc, "is_failure", False):
-            raise BrokerError(f"the broker refused the message on {topic}: {rc}")
+        if rc is not None and rc >= 0x80:  # MQTT 5: reason codes from 0x80 are failures
+            name = ReasonCode(PacketTypes.PUBACK, identifier=rc)
+            raise BrokerError(f"the broker refused the message on {topic}: {name}")
         return True
 
     # ------------------------------------------------------------------ callbacks
@@ -424,8 +430,8 @@ class Connection:
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
     ) -> None:
         with self._puback:
-            self._puback_rc[mid] = rc
-            while len(self._puback_rc) > 10_000:
+            self._puback_rc[mid] = int(getattr(rc, "value", rc))
+            while len(self._puback_rc) > _REMEMBER_PUBACKS:
                 self._puback_rc.popitem(last=False)
             self._puback.notify_all()
 
