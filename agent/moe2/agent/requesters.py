@@ -6,8 +6,10 @@ any more: the agent drops its queued and running work and frees its sessions. A 
 restarts publishes the last will of every client it drops, live ones included, so ``gone``
 stands only once confirmed: ``confirm_s`` later while our own connection stayed up, or, when
 we reconnected meanwhile, ``grace_s`` after our reconnection without the requester saying
-``online`` again. A requester that says ``online`` again after having been online (it
-reconnected) may have lost track of sessions with its connection: ``on_resync`` says so.
+``online`` again. ``confirm_s`` (6 s) outlasts a client's reconnection (paho backs off 1 to 5
+s), so a requester whose connection blips keeps its work and sessions. A requester that says
+``online`` again after having been online (it reconnected) may have lost track of sessions
+with its connection: ``on_resync`` says so.
 
     watch = Requesters(conn, on_gone=lambda key: ..., on_resync=lambda key: ...)
     watch.is_gone("gw-orin-1/gw-orin-1")     # keys are "<owner>/<client id>"
@@ -39,7 +41,7 @@ class Requesters:
         on_gone: Callable[[str], None],
         on_resync: Callable[[str], None],
         *,
-        confirm_s: float = 1.0,
+        confirm_s: float = 6.0,
         grace_s: float = 10.0,
     ) -> None:
         self._conn = conn
