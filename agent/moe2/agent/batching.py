@@ -17,7 +17,9 @@ Nothing is computed for nobody: with a ``drop`` hook (the daemon's: the request'
 passed, its requester is gone, the agent stops), a job is answered with the hook's error
 instead of being started, and a task in progress is stopped at its next tick (its session
 rolled back). ``compute_s`` counts the model time of every tick, ``wasted_s`` the share of it
-spent on tasks nobody got the answer of (stopped, or finished after their deadline).
+spent on tasks nobody got the answer of (stopped, or finished after their deadline), and
+``late_s`` the share spent in ticks begun after a task's deadline had passed: nothing, with a
+drop hook, beyond the tick in flight when the deadline passes.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ class Scheduler:
         self.decoded_tokens = 0
         self.compute_s = 0.0  # model time of every tick
         self.wasted_s = 0.0  # of which spent on tasks whose answer nobody got
+        self.late_s = 0.0  # of which in ticks begun after the task's deadline
         # Seconds per token evaluated, recent ticks weighted by their tokens (None: no tick
         # yet): what the daemon's backpressure expects work to take.
         self.seconds_per_token: float | None = None
@@ -262,13 +265,14 @@ class Scheduler:
         if not self._active:
             return
         tokens, rows = self.n_batch, self.max_rows
-        plan: list[tuple[Task, int, int]] = []  # (task, first part, part count)
+        plan: list[tuple[Task, int, int, bool]] = []  # (task, first part, part count, late)
         parts: list[DecodePart] = []
-        for _job, task, _key in sorted(self._active, key=lambda a: a[1].need()):
+        for job, task, _key in sorted(self._active, key=lambda a: a[1].need()):
             if tokens <= 0 or task.done:
                 continue
             got = task.parts(tokens, rows)
-            plan.append((task, len(parts), len(got)))
+            late = self._late is not None and self._late(job)
+            plan.append((task, len(parts), len(got), late))
             parts += got
             tokens -= sum(len(x.tokens) for x in got)
             rows -= sum(len(x.rows) for x in got)
@@ -286,11 +290,13 @@ class Scheduler:
         self.compute_s += spent
         if n_tokens:
             self._measure(spent, n_tokens)
-        for task, first, count in plan:
+        for task, first, count, late in plan:
             task.compute_s += spent
             if n_tokens:
-                share = sum(len(x.tokens) for x in parts[first : first + count])
-                task.cost_s += spent * share / n_tokens
+                share = spent * sum(len(x.tokens) for x in parts[first : first + count]) / n_tokens
+                task.cost_s += share
+                if late:  # a tick begun after its deadline: what the drop hook prevents
+                    self.late_s += share
             if count:
                 try:
                     task.take(results[first : first + count])

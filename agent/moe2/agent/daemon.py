@@ -138,7 +138,8 @@ class Agent:
         self._queued: dict[int, int] = {}
         self._inflight: set[tuple[str, bytes]] = set()
         self._queued_lock = threading.Lock()
-        self._compute_counted = (0.0, 0.0)  # (compute_s, wasted_s) already in the metrics
+        # (compute_s, wasted_s, late_s) of the scheduler already in the metrics
+        self._compute_counted = (0.0, 0.0, 0.0)
         if backend.offload is not None:
             self.metrics.set_offload(backend.offload)
         self._metrics_server: WSGIServer | None = None
@@ -574,13 +575,14 @@ class Agent:
         self.service.sessions.reclaim_idle()
 
     def _count_compute(self) -> None:
-        compute, wasted = self.scheduler.compute_s, self.scheduler.wasted_s
-        counted_c, counted_w = self._compute_counted
-        if compute > counted_c:
-            self.metrics.compute_seconds.inc(compute - counted_c)
-        if wasted > counted_w:
-            self.metrics.wasted_seconds.inc(wasted - counted_w)
-        self._compute_counted = (compute, wasted)
+        s, m = self.scheduler, self.metrics
+        now = (s.compute_s, s.wasted_s, s.late_s)
+        for counter, value, counted in zip(
+            (m.compute_seconds, m.wasted_seconds, m.late_seconds), now, self._compute_counted
+        ):
+            if value > counted:
+                counter.inc(value - counted)
+        self._compute_counted = now
 
     def _serve_waiting(self) -> None:
         """Between two profiling measurements: serve the requests waiting now (a profile

@@ -74,6 +74,12 @@ class AgentMetrics:
         self.compute_seconds = Counter(
             "moe2_agent_compute_seconds", "model time of every batched tick, seconds", registry=r
         )
+        self.late_seconds = Counter(
+            "moe2_agent_late_compute_seconds",
+            "model time spent on requests in ticks begun after their deadline had passed "
+            "(nobody waited for them any more), seconds",
+            registry=r,
+        )
         self.wasted_seconds = Counter(
             "moe2_agent_wasted_compute_seconds",
             "model time spent on requests whose answer nobody got (stopped after their "
