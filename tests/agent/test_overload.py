@@ -21,9 +21,10 @@ import pytest
 from prompting import PromptInbox
 from test_metrics import scrape, total
 
+from moe2.controller.localfleet import LocalFleet
 from moe2.shared import protocol as p
-from moe2.shared.broker import free_port
-from moe2.shared.errors import Busy, Cancelled, RequestTimeout
+from moe2.shared.broker import free_port, start_broker
+from moe2.shared.errors import Busy, Cancelled, Moe2Error, RequestTimeout
 from moe2.shared.mqtt import BrokerConfig, RpcClient
 
 # Samples of a long score_many: 500 tokens each (a few seconds of model time in all).
@@ -232,6 +233,42 @@ def test_a_killed_gateways_sessions_on_its_experts_are_freed_within_seconds(
         gateway.proc.kill()
         gateway.proc.wait(10)
         wait_until(lambda: sessions() == 0, 15, "the dead gateway's sessions freed")
+
+
+def test_sessions_a_requester_lost_track_of_in_a_broker_restart_are_freed_within_seconds(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """A broker restart: the requester reconnects and goes on with the session it uses; the
+    one it lost track of (an open whose reply the restart lost, a close that never came) is
+    freed 10 s after the reconnection, not after the expert's idle time (300 s here)."""
+    with start_broker("mosquitto") as own:
+        cfg = BrokerConfig(host=own.host, port=own.port, keepalive=2)
+        expert = f"e-{uuid.uuid4().hex[:6]}"
+        with LocalFleet(cfg, tmp_path / "fleet") as fleet:
+            fleet.start(expert, tiny_models["animals"], "--n-threads", "1",
+                        "--no-profile-on-start", "--broker-keepalive", "2",
+                        "--max-sessions", "2", "--session-idle-s", "300")  # fmt: skip
+            fleet.wait_online([expert], 60)
+            with RpcClient(cfg, timeout=5) as rpc:
+                kept = rpc.call(expert, p.OpenRequest(prompt="the fox"))
+                rpc.call(expert, p.OpenRequest(prompt="the cat"))  # never used again
+                own.restart()
+
+                def ping() -> int:
+                    try:
+                        return rpc.call(expert, p.PingRequest()).active_sessions
+                    except Moe2Error:  # the broker or the expert is still coming back
+                        return -1
+
+                wait_until(lambda: ping() == 2, 30, "the expert back, holding both sessions")
+                end = time.monotonic() + 30
+                while ping() != 1:  # the requester keeps using one of them meanwhile
+                    assert time.monotonic() < end, "the lost session was not freed"
+                    step = p.StepRequest(session=kept.session, tokens=[5], rewind_to=kept.n_tokens)
+                    assert rpc.call(expert, step).n_tokens == kept.n_tokens + 1
+                    time.sleep(1.0)
+                step = p.StepRequest(session=kept.session, tokens=[5], rewind_to=kept.n_tokens)
+                assert rpc.call(expert, step).n_tokens == kept.n_tokens + 1
 
 
 def test_a_request_sent_again_while_it_runs_is_answered_once(

@@ -259,12 +259,12 @@ class _Pace:
         self.cap = max(1, batch // 2)
         self.smallest = min(self.smallest, self.cap)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, tokens_per_sample: float) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "timeouts": self.timeouts,
             "busy": self.busy,
-            "batch_now": self.cap if self.spt is None else self.batch(1.0),
+            "batch_now": self.batch(tokens_per_sample),
             "smallest_batch": self.smallest,
             "seconds_per_token": round(self.spt, 6) if self.spt is not None else None,
         }
@@ -557,7 +557,7 @@ def collect(
             report.failed[w.info.agent_id] = w.failure
         if w.unscorable:
             report.unscorable[w.info.agent_id] = w.unscorable
-        report.pace[w.info.agent_id] = w.pace.summary()
+        report.pace[w.info.agent_id] = w.pace.summary(w.mean_tokens)
     report.interrupted = report.interrupted or stop.is_set()
     report.seconds = time.monotonic() - t0
     needed = len(all_jobs)
