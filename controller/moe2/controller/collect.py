@@ -11,8 +11,8 @@ option, expert) already stored, so nothing is redone or stored twice.
 
 Bulk work sized to the expert. Each expert is asked at its own pace (``_Pace``): requests of
 about ``request_s`` seconds of its model time, sized from its measured throughput (its
-profile to begin with, then what its replies take), each with a timeout from the work in
-flight to it; every request carries that deadline, so the agent drops one nobody waits for
+profile to begin with, a quarter of that size at first, then what its replies take), each
+with a timeout from the work in flight to it; every request carries that deadline, so the agent drops one nobody waits for
 any more and no batch queues behind abandoned work. A batch that times out is split in two
 and retried (the throughput it showed slows the pace), down to single samples; ``busy``
 (the agent's backpressure) waits the time the agent asked for. A collection finishes
@@ -221,12 +221,22 @@ def _tokenize_all(
 class _Pace:
     """How fast one expert scores, as this collection sees it (seconds per token of work
     in flight: its throughput, shared with whatever else it serves), and from that how many
-    samples to send per request and how long to wait for each."""
+    samples to send per request and how long to wait for each.
 
-    def __init__(self, settings: CollectSettings, seconds_per_token: float | None) -> None:
+    It starts slow: the first requests are a quarter of ``request_s`` by the profile (which
+    was measured on a quiet box), and the batch doubles with each reply up to ``request_s``
+    at the pace the replies show, so an expert slower than its profile costs a small request
+    that times out, not a big one."""
+
+    def __init__(
+        self, settings: CollectSettings, seconds_per_token: float | None, tokens_per_sample: float
+    ) -> None:
         self.settings = settings
         self.spt = seconds_per_token  # None: not known yet (no profile, no reply)
         self.cap = settings.batch or p.MAX_SCORE_SAMPLES  # halved after a timeout
+        if settings.batch is None and self.spt is not None:
+            quarter = settings.request_s / 4 / (self.spt * tokens_per_sample)
+            self.cap = max(1, min(self.cap, int(quarter)))
         self.timeouts = 0
         self.busy = 0
         self.requests = 0
@@ -309,7 +319,8 @@ class _Worker(threading.Thread):
         self.unscorable: list[tuple[int, int, str]] = []
         self.one_by_one = False  # an agent without score_many
         self.mean_tokens = sum(self._tokens(j) for j in jobs) / max(1, len(jobs))
-        self.pace = _Pace(settings, profile_seconds_per_token(profile, self.mean_tokens))
+        spt = profile_seconds_per_token(profile, self.mean_tokens)
+        self.pace = _Pace(settings, spt, self.mean_tokens)
         rpc.use_codec(info)
 
     def _tokens(self, job: _Job) -> int:
