@@ -12,13 +12,14 @@ option, expert) already stored, so nothing is redone or stored twice.
 Bulk work sized to the expert. Each expert is asked at its own pace (``_Pace``): requests of
 about ``request_s`` seconds of its model time, sized from its measured throughput (its
 profile to begin with, a quarter of that size at first, then what its replies take), each
-with a timeout from the work in flight to it; every request carries that deadline, so the agent drops one nobody waits for
-any more and no batch queues behind abandoned work. A batch that times out is split in two
-and retried (the throughput it showed slows the pace), down to single samples; ``busy``
-(the agent's backpressure) waits the time the agent asked for. A collection finishes
-complete, or says exactly what is missing per expert and why (and ``moe2ctl collect`` exits
-non-zero). The same settings (``CollectSettings``, flags ``collect_options``) drive
-``collect``, ``eval``'s own scoring and ``serve``'s scoring of new agents.
+with a timeout from the work in flight to it; every request carries that deadline, so the
+agent drops one nobody waits for any more and no batch queues behind abandoned work. A batch
+that times out is split in two and retried (the throughput it showed slows the pace), down
+to single samples; ``busy`` (the agent's backpressure) waits the time the agent asked for.
+A collection finishes complete, or says exactly what is missing per expert and why (and
+``moe2ctl collect`` exits non-zero). The same settings (``CollectSettings``, flags
+``collect_options``) drive ``collect``, ``eval``'s own scoring and ``serve``'s scoring of
+new agents.
 
     report = collect(registry, rpc, "tiny", experts={"a": info_a, "b": info_b})
 """
@@ -380,6 +381,9 @@ class _Worker(threading.Thread):
             while (todo or again) and len(flying) < self.settings.window and now >= busy_until:
                 if again:
                     jobs = again.popleft()
+                    if self.one_by_one and len(jobs) > 1:  # one sample per request now
+                        again.appendleft(jobs[1:])
+                        jobs = jobs[:1]
                 else:
                     n = 1 if self.one_by_one else self.pace.batch(self.mean_tokens)
                     jobs = [todo.popleft() for _ in range(min(n, len(todo)))]
