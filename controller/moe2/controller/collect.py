@@ -431,14 +431,14 @@ class _Worker(threading.Thread):
                     continue
                 failures += 1
                 log.warning(
-                    "expert %s: one sample timed out after %.1f s (%d in a row)",
+                    "expert %s: one sample timed out after %.3g s (%d in a row)",
                     self.info.agent_id,
                     waited,
                     failures,
                 )
                 if failures >= self.settings.max_failures:
                     self.failure = (
-                        f"timeout: a single sample did not score within {waited:.0f} s, "
+                        f"timeout: a single sample did not score within {waited:.3g} s, "
                         f"{failures} times in a row"
                     )
                     break
