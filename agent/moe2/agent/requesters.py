@@ -32,6 +32,7 @@ from moe2.shared.mqtt import Connection
 log = logging.getLogger(__name__)
 
 _REMEMBER = 4096  # requesters remembered (online or gone), oldest forgotten first
+_CHECK_EVERY_S = 0.5  # how often pending "gone"s are looked at
 
 
 class Requesters:
@@ -55,6 +56,8 @@ class Requesters:
         self._pending: dict[str, float] = {}  # key -> when its "gone" came (monotonic)
         self._connected_at = 0.0  # monotonic time of our last (re)connection
         self.confirmed = 0  # requesters found gone
+        self._wake = threading.Event()
+        threading.Thread(target=self._watch, name="requesters", daemon=True).start()
         conn.on_connected.append(self._on_connected)
         conn.subscribe(p.topics.ALL_REQUESTERS, self._on_status, retained_state=True)
 
@@ -97,29 +100,34 @@ class Requesters:
             log.info("requester %s reconnected: its sessions it no longer uses will go", key)
             self._on_resync(key)
         if status.state == "gone" and start_timer:
-            self._check_later(key, self.confirm_s)
+            self._wake.set()
 
-    def _check_later(self, key: str, delay: float) -> None:
-        timer = threading.Timer(delay, self._check, (key,))
-        timer.daemon = True
-        timer.start()
+    def _watch(self) -> None:
+        """One thread confirms every pending "gone" when its time comes (a retained "gone"
+        of each client that came and went in the last minute arrives at every connection:
+        no thread each)."""
+        while True:
+            self._wake.wait(_CHECK_EVERY_S)
+            self._wake.clear()
+            with self._lock:
+                pending = list(self._pending.items())
+            for key, since in pending:
+                if self._due(since):
+                    self._confirm(key)
 
-    def _check(self, key: str) -> None:
+    def _due(self, since: float) -> bool:
         now = time.monotonic()
-        with self._lock:
-            since = self._pending.get(key)
-        if since is None:
-            return  # back online meanwhile
-        if not self._conn.connected:  # our connection is down too: the broker, likely
-            self._check_later(key, self.confirm_s)
-            return
-        back = self._connected_at + self.grace_s
-        if self._connected_at >= since - self.confirm_s and now < back:
-            self._check_later(key, back - now)  # we reconnected meanwhile: give it time
-            return
+        if now < since + self.confirm_s or not self._conn.connected:
+            return False  # too early; or our connection is down too (the broker, likely)
+        # We reconnected meanwhile: give it time to say it is back.
+        return (
+            self._connected_at < since - self.confirm_s or now >= self._connected_at + self.grace_s
+        )
+
+    def _confirm(self, key: str) -> None:
         with self._lock:
             if self._pending.pop(key, None) is None:
-                return
+                return  # back online meanwhile
             self._gone[key] = None
             while len(self._gone) > _REMEMBER:
                 self._gone.popitem(last=False)

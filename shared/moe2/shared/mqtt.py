@@ -556,7 +556,7 @@ def reply_properties(correlation: bytes | None) -> Properties | None:
 
 # How long the broker keeps a ``gone`` RequesterStatus (the last will's, or a clean close's)
 # before forgetting it, seconds: long enough for agents that were away to see it.
-_GONE_EXPIRY_S = 300
+_GONE_EXPIRY_S = 60
 # Calls whose deadline passed this long ago are failed (a call nobody waits on, such as a
 # close, would otherwise stay pending forever when its reply is lost), seconds.
 _EXPIRED_GRACE_S = 1.0

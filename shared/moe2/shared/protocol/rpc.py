@@ -320,7 +320,7 @@ class RequesterStatus(Message):
     """Retained on ``requesters/<owner>/<client>``: whether an RPC client is connected.
     ``RpcClient`` publishes ``online`` at every connection and ``gone`` when it closes; its
     last will says ``gone`` when it dies. Both ``gone`` messages expire at the broker after
-    a few minutes, so clients that come and go leave nothing behind."""
+    a minute, so clients that come and go leave nothing behind."""
 
     client_id: str = Field(pattern=NAME_PATTERN)
     state: Literal["online", "gone"]
