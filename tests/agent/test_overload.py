@@ -27,14 +27,19 @@ from moe2.shared.broker import free_port, start_broker
 from moe2.shared.errors import Busy, Cancelled, Moe2Error, RequestTimeout
 from moe2.shared.mqtt import BrokerConfig, RpcClient
 
-# Samples of a long score_many: 500 tokens each (a few seconds of model time in all).
-LONG_SAMPLE = p.ScoreSample(
-    prompt_tokens=[1] + [100 + i % 50 for i in range(497)], target_tokens=[5, 6]
-)
+
+def long_sample(n: int) -> p.ScoreSample:
+    """A sample of a long score_many: 500 tokens, a prompt of its own (samples that share a
+    prompt evaluate it once)."""
+    return p.ScoreSample(
+        prompt_tokens=[1, 200 + n % 256] + [100 + i % 50 for i in range(496)],
+        target_tokens=[5, 6],
+    )
 
 
 def long_work(samples: int) -> p.ScoreManyRequest:
-    return p.ScoreManyRequest(samples=[LONG_SAMPLE] * samples)
+    """A few seconds of model time in all."""
+    return p.ScoreManyRequest(samples=[long_sample(n) for n in range(samples)])
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:

@@ -157,3 +157,31 @@ def test_collect_from_an_expert_ten_times_slower_than_its_profile_completes_in_s
     assert pace["timeouts"] >= 1 and pace["smallest_batch"] < p.MAX_SCORE_SAMPLES, pace
     assert registry.score_count("slow") == {agent_id: 2 * len(samples)}
     registry.close()
+
+
+def test_every_score_is_stored_with_the_prompts_real_length_and_old_ones_get_it(
+    registry: Registry,
+    experts: dict[str, str],
+    broker_config: BrokerConfig,
+    tiny_models: dict[str, Path],
+) -> None:
+    samples = ds.tiny_domains(DOMAINS, 4, seed=6, choices=3)
+    registry.add_dataset("lengths", "multiple-choice", "tiny", samples)
+    sync_once(registry, broker_config)
+    online = {k: v for k, v in online_experts(registry).items() if k in experts.values()}
+    with RpcClient(broker_config, timeout=30) as rpc:
+        assert not collect(registry, rpc, "lengths", online).failed
+    direct = LlamaCppBackend(AgentConfig(model=tiny_models["cooking"], n_threads=1))
+    want = [len(direct.tokenize(s.prompt, add_bos=direct.info.add_bos)) for s in samples]
+    direct.close()
+    table = registry.score_table("lengths", [experts["animals"], experts["cooking"]])
+    assert [row.tolist() for row in table.prompt_tokens] == [[n, n] for n in want]
+    # scores stored before lengths were (an older moe2ctl): the next collect fills them in
+    with registry.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE scores SET prompt_tokens = NULL"))
+    assert registry.score_table("lengths").prompt_tokens[0].tolist() == [-1, -1]
+    with RpcClient(broker_config, timeout=30) as rpc:
+        again = collect(registry, rpc, "lengths", online)
+    assert again.stored == 0 and not again.failed
+    table = registry.score_table("lengths", [experts["animals"], experts["cooking"]])
+    assert [row.tolist() for row in table.prompt_tokens] == [[n, n] for n in want]

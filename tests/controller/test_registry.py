@@ -165,3 +165,26 @@ def test_packaged_benchmarks_load_with_their_labels(registry: Registry) -> None:
     sub = ds.from_benchmark("mmlu", limit=30, seed=1)
     row = registry.add_dataset("mmlu30", ds.kind_of(sub), "benchmark:mmlu", sub)
     assert row.n_samples == 30 and row.kind == "multiple-choice"
+
+
+def test_scores_keep_the_prompts_length_and_migration_5_adds_it(db_url: str) -> None:
+    reg = Registry.open(db_url)
+    reg.add_dataset("len", "free-answer", "tiny", ds.tiny_domains(["code"], 2))
+    rows = reg.samples("len")
+    reg.add_scores(
+        {"sample_id": r.id, "expert": "a", "option": 0, "tokenizer_hash": "h", "tokens": [5],
+         "logprobs": [-1.0], "prompt_tokens": 7 if r.idx == 0 else None}
+        for r in rows
+    )  # fmt: skip
+    assert [t.tolist() for t in reg.score_table("len").prompt_tokens] == [[7], [-1]]
+    assert reg.without_prompt_tokens("len", "a") == {rows[1].id}
+    reg.set_prompt_tokens("a", {rows[1].id: 9})
+    assert [t.tolist() for t in reg.score_table("len").prompt_tokens] == [[7], [9]]
+    with reg.engine.begin() as conn:  # a version-4 registry: no prompt_tokens yet
+        conn.execute(sa.text("ALTER TABLE scores DROP COLUMN prompt_tokens"))
+        conn.execute(sa.text("UPDATE schema_version SET version = 4"))
+    reg.close()
+    reg = Registry.open(db_url)
+    assert migrations.current_version(reg.engine) == migrations.LATEST
+    assert [t.tolist() for t in reg.score_table("len").prompt_tokens] == [[-1], [-1]]
+    reg.close()

@@ -446,7 +446,14 @@ def work_tokens(req: Any) -> int | None:
     if isinstance(req, p.ScoreRequest | p.ScoreSample):
         return text(req.prompt, req.prompt_tokens) + text(req.target, req.target_tokens)
     if isinstance(req, p.ScoreManyRequest):
-        return sum(work_tokens(s) or 0 for s in req.samples)
+        # Samples that share a prompt evaluate it once (``tasks.ScoreMany``).
+        prompts: dict[tuple[int, ...] | str, int] = {}
+        targets = 0
+        for s in req.samples:
+            key = tuple(s.prompt_tokens) if s.prompt_tokens is not None else s.prompt or ""
+            prompts[key] = text(s.prompt, s.prompt_tokens)
+            targets += text(s.target, s.target_tokens)
+        return sum(prompts.values()) + targets
     if isinstance(req, p.ScoreChoicesRequest):
         if req.targets_tokens is not None:
             options = sum(len(t) for t in req.targets_tokens)

@@ -1,13 +1,15 @@
 """Score collection: every online expert's teacher-forced target log-probabilities over a
 dataset, stored in the registry (collect p once, train the gate offline).
 
-Experts that share a tokenizer (same ``tokenizer_hash``) score the same token ids, tokenized
-once by one of them, so their per-token probabilities line up for token-level fusion; an
-expert with a vocabulary of its own scores the target text. Samples go to an expert in
-``score_many`` requests, which the agent evaluates together in one batch (one ``score``
-request each to an agent without that operation). Scores are committed in small batches: an
-interrupted run loses at most one uncommitted batch, and a new run skips every (sample,
-option, expert) already stored, so nothing is redone or stored twice.
+Every vocabulary (``tokenizer_hash``) tokenizes the dataset once, by one of its experts, and
+its experts score those ids: experts of one vocabulary score the same ids, so their per-token
+probabilities line up for token-level fusion, and each score is stored with the prompt's real
+length in its expert's tokens, which the cost model needs. Scores stored before prompt
+lengths were get them filled in by the next run. Samples go to an expert in ``score_many``
+requests, which the agent evaluates together in one batch (one ``score`` request each to an
+agent without that operation). Scores are committed in small batches: an interrupted run
+loses at most one uncommitted batch, and a new run skips every (sample, option, expert)
+already stored, so nothing is redone or stored twice.
 
 Bulk work sized to the expert. Each expert is asked at its own pace (``_Pace``): requests of
 about ``request_s`` seconds of its model time, sized from its measured throughput (its
@@ -348,6 +350,7 @@ class _Worker(threading.Thread):
         return self.rpc.call_async(agent, one, timeout=timeout)
 
     def _store(self, job: _Job, tokens: list[int], logprobs: list[float], ms: float) -> None:
+        prompt = self.tokens[(job.sample.id, job.option)][0] if self.tokens is not None else None
         self.results.put(
             {
                 "sample_id": job.sample.id,
@@ -357,6 +360,7 @@ class _Worker(threading.Thread):
                 "tokens": tokens,
                 "logprobs": logprobs,
                 "compute_ms": ms,
+                "prompt_tokens": None if prompt is None else len(prompt),
             }
         )
 
@@ -516,10 +520,16 @@ def collect(
     results: queue.Queue[Any] = queue.Queue()
     workers: list[_Worker] = []
     timeout = settings.timeout_s or _FIRST_TIMEOUT_S
+    by_id = {s.id: s for s in samples}
     for members in groups.values():
         pending = {(j.sample.id, j.option): j for m in members for j in todo[m]}
+        # Stored scores without the prompt's length (collected before it was stored): the
+        # vocabulary's tokenization gives it.
+        lengthless = {m: registry.without_prompt_tokens(dataset, m) for m in members}
+        for sid in set().union(*lengthless.values()):
+            pending.setdefault((sid, 0), _Job(by_id[sid], 0))
         tokens = None
-        if len(members) > 1 and pending:
+        if pending:
             # One tokenization for all experts of this vocabulary; the first that answers.
             for m in members:
                 try:
@@ -529,6 +539,9 @@ def collect(
                     report.failed.setdefault(m, f"tokenize: {exc.code}: {exc.message}")
             if tokens is None:
                 continue
+            for m, sids in lengthless.items():
+                if sids:
+                    registry.set_prompt_tokens(m, {i: len(tokens[(i, 0)][0]) for i in sids})
         for m in members:
             if todo[m] and m not in report.failed:
                 workers.append(

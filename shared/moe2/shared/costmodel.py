@@ -14,6 +14,7 @@ Two ways to know a cost:
   that delay and energy depend mainly on it)::
 
       prompt seconds    = a + b L (+ e L^2)    per-token seconds = c + d L    (joules likewise)
+      scored seconds    = L tokens with a distribution read after each (teacher-forced scoring)
 
   fitted to relative errors; the prompt curves bend (L^2, attention over the whole prompt)
   only where the measurements show it (``moe2.agent.profiler.fit_points``).
@@ -192,7 +193,12 @@ def fit_curve(
 
 
 class CostCurves(BaseModel):
-    """The four curves a profile publishes, all in the prompt length L."""
+    """The curves a profile publishes, all in a token count L.
+
+    ``score_*`` price L tokens evaluated with a distribution read after every one (teacher-
+    forced scoring: a multiple-choice answer's options after its prompt); the distributions
+    cost on top of a prompt pass (the output layer and its softmax per row). Profiles from
+    agents that predate them leave them out."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -200,6 +206,8 @@ class CostCurves(BaseModel):
     token_seconds: CostCurve  # one generated token after a prompt of L, seconds per token
     prompt_joules: CostCurve  # joules for the whole prompt
     token_joules: CostCurve  # joules per generated token
+    score_seconds: CostCurve | None = None  # L tokens scored in one pass, seconds
+    score_joules: CostCurve | None = None  # L tokens scored in one pass, joules
 
 
 def step_costs(

@@ -21,7 +21,7 @@ callers never parse message text.
     ├── UnknownApp                  no assignment for this application          (unknown_app)
     ├── NoExperts                   no chosen expert online / all failed        (no_experts)
     ├── DeadlineExceeded            the prompt's deadline passed                (deadline)
-    ├── Cancelled                   the peer is stopping and abandoned the work   (cancelled)
+    ├── Cancelled                   abandoned: the peer stops, or the client cancelled (cancelled)
     ├── InternalError               a bug in the peer; the request failed, the peer lives (internal)
     ├── RemoteError                 an error reply with a code this version does not know
     ├── RequestTimeout              no reply within the deadline                (timeout)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import paho.mqtt.client as mqtt
 
 from moe2.shared import protocol as p
+from moe2.shared.costmodel import CostCurve
 from moe2.shared.errors import Moe2Error
 from moe2.shared.mqtt import BrokerConfig, Connection
 
@@ -116,14 +117,57 @@ class FleetState:
     def online_gateways(self) -> dict[str, p.GatewayStatus]:
         return {g: s for g, s in sorted(self.gateway.items()) if s.state == "online"}
 
+    def version_floor(
+        self, app: str, proven: Callable[[p.AppAssignment], bool] | None = None
+    ) -> tuple[int, int]:
+        """(epoch, version) of the highest assignment of ``app`` the fleet shows: the retained
+        one and what each gateway serves (a gateway may hold a version whose retained copy
+        was cleared). (0, 0) when none.
+
+        A gateway counts only when it announces itself as one (``gateway``): the broker's
+        ACL lets only gateway logins write a gateway status and acknowledgements, so an
+        expert's acknowledgement is no evidence. What a gateway serves is its ``current``
+        version, never the version it was sent (a rejected forgery says nothing), and with
+        ``proven`` (the controller's check of its own signature) only assignments it
+        accepts count: the retained one, and each gateway's ``proof``. Then no login without
+        the signing key can move the next version, let alone to the end of the range."""
+        keys: list[tuple[int, int]] = []
+        retained = self.desired_app.get(app)
+        if retained is not None and (proven is None or proven(retained)):
+            keys.append(retained.key)
+        for (gw, a_app), ack in self.assignment_ack.items():
+            if a_app != app or gw not in self.gateway:
+                continue
+            proof = ack.proof
+            if proof is not None and proof.app == app and proof.version == ack.current:
+                if proven is None or proven(proof):
+                    keys.append(proof.key)
+            elif proven is None and ack.current:
+                keys.append((ack.epoch or 0, ack.current) if ack.accepted else (0, ack.current))
+        return max(keys, default=(0, 0))
+
     def latest_version(self, app: str) -> int:
-        """The highest assignment version the fleet shows for ``app``: the retained one and
-        every gateway's acknowledgement (a gateway may hold a version whose retained copy was
-        cleared). 0 when none."""
-        versions = [a.version for (_, a_app), a in self.assignment_ack.items() if a_app == app]
-        if app in self.desired_app:
-            versions.append(self.desired_app[app].version)
-        return max(versions, default=0)
+        """The version number of ``version_floor`` (within its epoch)."""
+        return self.version_floor(app)[1]
+
+    def gate_latency(self, version: str) -> tuple[CostCurve, int] | None:
+        """(seconds the gate ``version`` takes on a prompt, as a curve in its tokens; how many
+        gated prompts it was fitted on): the online gateway's figure with the most prompts
+        behind it (every gateway's when none announces its status); None: not announced."""
+        online = self.online_gateways()
+        acks = [
+            a
+            for (gw, v), a in self.gate_ack.items()
+            if v == version
+            and a.state == "loaded"
+            and a.latency is not None
+            and (gw in online or not self.gateway)
+        ]
+        if not acks:
+            return None
+        best = max(acks, key=lambda a: (a.latency_prompts, a.gateway))
+        assert best.latency is not None
+        return best.latency, best.latency_prompts
 
     def best_links(self) -> dict[str, p.LinkFigures]:
         """Expert -> the most recent link figures any gateway measured to it."""
@@ -270,9 +314,11 @@ class FleetView(FleetState):
         with self._cond:
             return super().online_gateways()
 
-    def latest_version(self, app: str) -> int:
+    def version_floor(
+        self, app: str, proven: Callable[[p.AppAssignment], bool] | None = None
+    ) -> tuple[int, int]:
         with self._cond:
-            return super().latest_version(app)
+            return super().version_floor(app, proven)
 
     def copy(self) -> FleetState:
         """A consistent snapshot as plain data."""

@@ -40,6 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from moe2.shared import protocol
@@ -50,6 +51,7 @@ from moe2.shared.errors import (
     RequestTimeout,
     error_from_reply,
 )
+from moe2.shared.logins import bound_client_id
 from moe2.shared.protocol.rpc import _Reply, _Request
 
 R = TypeVar("R", bound=_Reply)
@@ -86,6 +88,11 @@ class BrokerConfig(BaseModel):
         """Whose ``moe2/v1/replies/<owner>/`` subtree a client reads: its login, else its id."""
         return self.username if self.username else client_id
 
+    def client_id(self, name: str) -> str:
+        """The MQTT client id of this login's connection ``name``: one no other login can
+        take over (``moe2.shared.logins``)."""
+        return bound_client_id(self.username, self.password, name)
+
 
 def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # Nagle's algorithm turns a 0.4 ms loopback round trip into 40-90 ms.
@@ -105,19 +112,22 @@ class Connection:
         session_expiry_s: int = 0,
         reconnect: bool = True,
         will_expiry_s: int | None = None,
+        exact_client_id: bool = False,
     ) -> None:
-        """``reconnect=False``: a connection lost stays lost (one that borrows another
+        """``client_id`` is bound to the login (``BrokerConfig.client_id``) unless
+        ``exact_client_id`` (another login's id, known on purpose: adopting a session).
+        ``reconnect=False``: a connection lost stays lost (one that borrows another
         client's session must not take it back from its owner). ``will_expiry_s``: the
         broker forgets the last will (a retained one too) this many seconds after it
         published it."""
         self.broker = broker
-        self.client_id = client_id
+        self.client_id = client_id if exact_client_id else broker.client_id(client_id)
         # 0: a clean session on every connect; > 0: the broker keeps our session (its
         # subscriptions and the QoS 1 messages for us) this many seconds after we disconnect.
         self.session_expiry_s = session_expiry_s
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,  # _on_message acknowledges, unless a handler does it itself
             reconnect_on_failure=reconnect,
@@ -165,6 +175,7 @@ class Connection:
         self._sessions = 0  # MQTT sessions begun so far: which one delivered a message
         self._delivered_in: dict[int, int] = {}  # id(message) -> session, until acknowledged
         self._retained_state: set[str] = set()  # filters to subscribe afresh on a resumed session
+        self._as_published: set[str] = set()  # filters whose messages keep their retain flag
         self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
         self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
         # PUBACK reason code values of recent QoS 1 publishes, by message id (bounded; the
@@ -172,6 +183,7 @@ class Connection:
         # of every code's name, ~1 KB, which made 10,000 of them 35 MB of a gateway's RSS).
         self._puback = threading.Condition()
         self._puback_rc: OrderedDict[int, int] = OrderedDict()
+        self._puback_futures: dict[int, Future[Any]] = {}  # publish_future's, by message id
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -266,6 +278,7 @@ class Connection:
         *,
         manual_ack: bool = False,
         retained_state: bool = False,
+        retain_as_published: bool = False,
     ) -> None:
         """Call ``handler`` for every message of ``topic_filter``. Each filter is its own
         SUBSCRIBE with an MQTT 5 subscription identifier, so a message is dispatched to the
@@ -274,7 +287,9 @@ class Connection:
         acknowledgement of each message (``ack``); otherwise it is sent once handlers return.
         ``retained_state``: the filter's retained messages must come again on every
         reconnection, also when the broker resumed our session (rumqttd sends them only for a
-        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE)."""
+        new subscription, so we unsubscribe first; mosquitto sends them on every SUBSCRIBE).
+        ``retain_as_published`` (MQTT 5): a message published retained arrives with its
+        retain flag set even when it is delivered live, so the handler can tell."""
         # A shared subscription "$share/<group>/<filter>" delivers messages whose topic
         # matches <filter>: the fallback dispatch (brokers without identifiers) uses that.
         match = topic_filter
@@ -290,8 +305,17 @@ class Connection:
             self._handlers.append((topic_filter, match, qos, handler, sub_id, manual_ack))
             if retained_state:
                 self._retained_state.add(topic_filter)
+            if retain_as_published:
+                self._as_published.add(topic_filter)
             if self._session_up and new:
-                self._client.subscribe(topic_filter, qos=qos, properties=_sub_props(sub_id))
+                self._client.subscribe(
+                    topic_filter,
+                    options=self._options(topic_filter, qos),
+                    properties=_sub_props(sub_id),
+                )
+
+    def _options(self, topic_filter: str, qos: int) -> SubscribeOptions:
+        return SubscribeOptions(qos=qos, retainAsPublished=topic_filter in self._as_published)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -350,6 +374,33 @@ class Connection:
             raise BrokerError(f"the broker refused the message on {topic}: {name}")
         return True
 
+    def publish_future(
+        self, topic: str, payload: bytes | str, *, properties: Properties | None = None
+    ) -> Future[bool]:
+        """``publish_acked`` without blocking, for event loops: a future that becomes True
+        at the broker's PUBACK, False when it says no subscriber matched, or BrokerError when
+        it refuses the message. The caller bounds the wait (``asyncio.wait_for`` on
+        ``asyncio.wrap_future``) and cancels the future when it gives up."""
+        fut: Future[bool] = Future()
+        info = self._client.publish(topic, payload, qos=1, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            fut.set_exception(
+                BrokerError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+            )
+            return fut
+        with self._puback:
+            if info.mid in self._puback_rc:  # the PUBACK came already
+                _settle(fut, topic, self._puback_rc.pop(info.mid))
+            else:
+                self._puback_futures[info.mid] = fut
+                fut.add_done_callback(lambda _f: self._forget_puback(info.mid, fut))
+        return fut
+
+    def _forget_puback(self, mid: int, fut: Future[Any]) -> None:
+        with self._puback:
+            if self._puback_futures.get(mid) is fut:
+                del self._puback_futures[mid]
+
     # ------------------------------------------------------------------ callbacks
 
     def _on_connect(
@@ -382,12 +433,12 @@ class Connection:
                     # subscribe below (mosquitto sends the retained messages twice: harmless).
                     for f in sorted(self._retained_state & subs.keys()):
                         q, sid = subs[f]
-                        client.subscribe(f, qos=q, properties=_sub_props(sid))
+                        client.subscribe(f, options=self._options(f, q), properties=_sub_props(sid))
                         client.unsubscribe(f)
                 # We count as connected only once the broker has acknowledged every
                 # subscription, so nothing published to us after start() returns is missed.
                 mids = (
-                    client.subscribe(f, qos=q, properties=_sub_props(sid))[1]
+                    client.subscribe(f, options=self._options(f, q), properties=_sub_props(sid))[1]
                     for f, (q, sid) in subs.items()
                 )
                 self._pending_subacks = {m for m in mids if m is not None}
@@ -430,7 +481,12 @@ class Connection:
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
     ) -> None:
         with self._puback:
-            self._puback_rc[mid] = int(getattr(rc, "value", rc))
+            code = int(getattr(rc, "value", rc))
+            fut = self._puback_futures.pop(mid, None)
+            if fut is not None:
+                _settle(fut, "", code)
+                return
+            self._puback_rc[mid] = code
             while len(self._puback_rc) > _REMEMBER_PUBACKS:
                 self._puback_rc.popitem(last=False)
             self._puback.notify_all()
@@ -460,6 +516,22 @@ class Connection:
                 log.exception("handler for %s failed", msg.topic)
         if not manual:
             self.ack(msg)
+
+
+def _settle(fut: Future[bool], topic: str, rc: int) -> None:
+    """Resolve a ``publish_future`` from its PUBACK reason code value (as ``publish_acked``
+    reads it)."""
+    if fut.done():
+        return
+    with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+        if rc == 0x10:  # no matching subscribers
+            fut.set_result(False)
+        elif rc >= 0x80:  # MQTT 5: reason codes from 0x80 are failures
+            where = f" on {topic}" if topic else ""
+            name = ReasonCode(PacketTypes.PUBACK, identifier=rc)
+            fut.set_exception(BrokerError(f"the broker refused the message{where}: {name}"))
+        else:
+            fut.set_result(True)
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:
@@ -526,13 +598,16 @@ def response_properties(
 
 
 def requester_of(msg: mqtt.MQTTMessage) -> str | None:
-    """The requester a request names: ``<owner>/<client id>``, or None when it does not say."""
+    """The requester a request names: ``<owner>/<client id>``, or None when it does not say.
+    The owner is the ``replies/<owner>/`` level of its ResponseTopic: the login that reads the
+    answer, and the only one the broker lets publish on ``requesters/<owner>/`` (so only
+    that login's ``gone`` drops the request)."""
     props = msg.properties
     pairs = getattr(props, "UserProperty", None) if props else None
     client = next((v for k, v in pairs or () if k == REQUESTER), None)
     topic = getattr(props, "ResponseTopic", None) if props else None
     parsed = protocol.topics.parse(topic) if topic else None
-    if client is None or parsed is None or parsed.client is None:
+    if client is None or parsed is None or parsed.kind != "reply" or parsed.client is None:
         return None
     return f"{parsed.client}/{client}"
 

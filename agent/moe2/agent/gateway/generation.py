@@ -81,6 +81,7 @@ class GenerationResult:
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert, from its open
     step_seconds: list[float] = field(default_factory=list)  # each fused step, asked to fused
     speculation: SpeculationStats | None = None  # when decoded speculatively
+    compute_ms: dict[str, float] = field(default_factory=dict)  # model time each expert reported
 
 
 class Generation:
@@ -116,6 +117,7 @@ class Generation:
         self.dropped: list[p.DroppedExpert] = []
         self.sessions: dict[str, str] = {}
         self.prompt_tokens: dict[str, int] = {}
+        self.compute_ms: dict[str, float] = {}  # model time each expert reported (costs)
         # History length of each session after its last reply: a step names it (rewind_to),
         # so a step sent again after a reconnect appends its token once, not twice.
         self.history: dict[str, int] = {}
@@ -185,6 +187,7 @@ class Generation:
         for name, fut in futures.items():
             try:
                 reply = self._wait(name, fut, step_end)
+                self.spent(name, reply.compute_ms)
                 check_dist(reply.dist, self.vocabs[name].n_vocab)
                 replies[name] = reply
             except ContextOverflow:
@@ -212,6 +215,10 @@ class Generation:
             except Moe2Error as exc:
                 self._drop(name, f"{exc.code}: {exc.message}", at)
         return replies
+
+    def spent(self, name: str, ms: float) -> None:
+        """``name`` reported ``ms`` of model time for this answer (what its energy is of)."""
+        self.compute_ms[name] = self.compute_ms.get(name, 0.0) + ms
 
     def _open(
         self, prompt: str | None, messages: list[p.ChatMessage] | None = None
@@ -302,6 +309,7 @@ class Generation:
             {n: t for n, t in self.prompt_tokens.items() if n in self.weights},
             steps,
             self.speculation.stats if self.speculation is not None else None,
+            dict(self.compute_ms),
         )
 
     def _per_token(

@@ -487,6 +487,7 @@ class Speculation:
         g = self.g
         try:
             reply = self._wait(fut, gamma)
+            g.spent(drafter, reply.compute_ms)
             if not 1 <= len(reply.drafted) <= gamma:
                 raise BadMessage(f"drafted {len(reply.drafted)} tokens, asked for {gamma}")
             n_vocab = g.infos[drafter].n_vocab
@@ -514,6 +515,7 @@ class Speculation:
         for name, fut in futures.items():
             try:
                 reply = self._wait(fut, gamma)
+                g.spent(name, reply.compute_ms)
                 if len(reply.dists) != len(fed[name]):
                     raise BadMessage(
                         f"{len(reply.dists)} distributions for {len(fed[name])} fed pieces"

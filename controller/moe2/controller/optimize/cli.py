@@ -54,6 +54,7 @@ def provenance(problem: Problem) -> dict[str, Any]:
     return {
         "dataset": meta.get("dataset", NOT_RECORDED),
         "gate": gate,
+        "gate_delay": meta.get("gate_delay", NOT_RECORDED),
         "costs": meta.get("costs", NOT_RECORDED),
     }
 
@@ -72,6 +73,9 @@ def _provenance_lines(problem: Problem) -> list[str]:
     else:
         shown = gate
     lines = [f"gate        {shown}", f"dataset     {where['dataset']}"]
+    delay = problem.meta.get("gate_delay")
+    if isinstance(delay, dict):
+        lines.append(f"gate delay  {delay.get('seconds', 0.0):.4g} s ({delay.get('source')})")
     costs = where["costs"]
     if isinstance(costs, dict):
         lines.append(f"costs       {summary(costs)} figures:")
@@ -103,8 +107,10 @@ def render(result: Solution | Infeasible, problem: Problem) -> str:
         shown = "-" if limit is None else f"{limit:.4g} s"
         lines.append(f"{'delay ' + repr(app):<24} {value:>10.4g} s {shown:>12}")
     e_lim = problem.energy_limit
-    shown = "-" if e_lim is None else f"{e_lim:.4g} J"
-    lines.append(f"{'energy':<24} {result.energy:>10.4g} J {shown:>12}")
+    unit = "J" if problem.energy_per == "step" else "J/prompt"
+    shown = "-" if e_lim is None else f"{e_lim:.4g} {unit}"
+    label = "energy per step" if problem.energy_per == "step" else "energy per prompt"
+    lines.append(f"{label:<24} {result.energy:>10.4g} {unit} {shown:>12}")
     stats = result.stats
     parts = [f"solver {stats.get('solver')}"]
     for key, label in (
@@ -214,7 +220,16 @@ A sample's delay under S is (max_S prompt_delay + (T-1) max_S decode_delay) / T.
     type=click.FloatRange(min=0.0, min_open=True),
     default=None,
     help="Registry path: energy budget, joules per step of an answer (eq. 11: the chosen "
-    "experts' energy, mean over the steps), averaged over the prompts.",
+    "experts' energy, mean over the steps), averaged over the prompts; per prompt with "
+    "--energy-per prompt.",
+)
+@click.option(
+    "--energy-per",
+    type=click.Choice(["step", "prompt"]),
+    default="step",
+    show_default=True,
+    help="Registry path: the unit of --energy: joules per step (eq. 11) or per prompt (the "
+    "whole answer, as the paper's Tables II-IV state it).",
 )
 @click.option(
     "--k",
@@ -233,9 +248,9 @@ A sample's delay under S is (max_S prompt_delay + (T-1) max_S decode_delay) / T.
 @click.option(
     "--gate-delay",
     type=click.FloatRange(min=0.0),
-    default=0.004,
-    show_default=True,
-    help="Seconds the gate adds to every prompt.",
+    default=None,
+    help="Seconds the gate adds to every prompt [default: what the gateways measured running "
+    "the gate and announced; 0 with --gate uniform].",
 )
 @click.option("--push", is_flag=True, help="Publish the chosen subset to the gateways.")
 @db_option
@@ -249,9 +264,10 @@ def optimize(
     dataset: str | None,
     app_limits: tuple[str, ...],
     energy: float | None,
+    energy_per: str,
     k: int,
     gate_version: str | None,
-    gate_delay: float,
+    gate_delay: float | None,
     push: bool,
     db_url: str | None,
     as_json: bool,
@@ -266,8 +282,10 @@ def optimize(
             "give the problem: --problem FILE, or --dataset NAME (with --app/--energy limits)"
         )
     if problem_path is not None:
-        if dataset or app_limits or energy is not None or push:
-            raise click.UsageError("--problem is offline: drop --dataset/--app/--energy/--push")
+        if dataset or app_limits or energy is not None or push or gate_delay is not None:
+            raise click.UsageError(
+                "--problem is offline: drop --dataset/--app/--energy/--gate-delay/--push"
+            )
         try:
             problem = Problem.from_file(problem_path)
         except ConfigError as exc:
@@ -286,6 +304,7 @@ def optimize(
         dataset or "",
         limits,
         energy,
+        energy_per="prompt" if energy_per == "prompt" else "step",
         k=k,
         gate_version=gate_version,
         gate_delay=gate_delay,

@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from moe2.controller.optimize.fromregistry import problem_from_registry
-from moe2.controller.optimize.problem import Problem
+from moe2.controller.gate.weights import UNIFORM
+from moe2.controller.optimize.fromregistry import gate_delay_of, problem_from_registry
+from moe2.controller.optimize.problem import EnergyPer, Problem
 from moe2.controller.optimize.solution import Infeasible, Solution
 from moe2.controller.optimize.solvers import solve
 from moe2.controller.options import desired_state
@@ -18,7 +19,7 @@ from moe2.controller.registry.sync import KINDS, store
 from moe2.shared import protocol as p
 from moe2.shared.desired import PushResult
 from moe2.shared.errors import BrokerError, ConfigError
-from moe2.shared.fleet import FleetView
+from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig
 
 
@@ -30,9 +31,10 @@ def run_from_registry(
     delay_limits: Mapping[str, float],
     energy_limit: float | None,
     *,
+    energy_per: EnergyPer = "step",
     k: int,
     gate_version: str | None,
-    gate_delay: float,
+    gate_delay: float | None,
     solver: str,
     epsilon: float | None,
     time_limit: float | None,
@@ -44,8 +46,9 @@ def run_from_registry(
     pushed: list[PushResult] = []
     try:
         links: dict[str, p.LinkFigures] = {}
+        state: FleetState | None = None
         try:
-            state = FleetView.snapshot(broker, (*KINDS, "links"), 2.0)
+            state = FleetView.snapshot(broker, (*KINDS, "links", "gateway", "gate_ack"), 2.0)
             counts = store(reg, state)
             links = state.best_links()
             say(f"synced the fleet's state: {counts}; links measured to {len(links)} expert(s)")
@@ -53,15 +56,21 @@ def run_from_registry(
             if push:
                 raise
             say(f"broker unreachable ({exc.message}); using the registry's stored state")
+        version = reg.gate_version(gate_version).version if gate_version != UNIFORM else UNIFORM
+        # A push promises what the gateways will do: it needs the gate's measured delay; an
+        # inspection goes without it, saying so.
+        delay = gate_delay_of(state, version, gate_delay, required=push)
+        say(f"gate delay: {delay.source}")
         problem = problem_from_registry(
             reg,
             dataset,
             delay_limits,
             energy_limit,
             gate_version=gate_version,
-            gate_delay=gate_delay,
+            gate_delay=delay,
             links=links,
             epsilon=epsilon or 0.0,
+            energy_per=energy_per,
         )
         path = problems_dir / f"problem-{time.strftime('%Y%m%d-%H%M%S')}-{dataset}.json"
         problem.to_file(path)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,12 +80,15 @@ class ScoreTable:
     ``tokenizers[i]`` holds the tokenizer hashes stored with sample ``i``'s scores, per expert
     (a set: one hash unless the expert changed vocabulary between options); the one mixing
     rule (``moe2.controller.mixing``) decides per token or per sequence from them.
+    ``prompt_tokens[i]`` is (experts,) the prompt's length in each expert's tokens, -1 where
+    the scores predate it.
     """
 
     experts: list[str]
     samples: list[SampleRow]
     logp: list[list[np.ndarray]]
     tokenizers: list[list[frozenset[str]]]
+    prompt_tokens: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ class Registry:
                 "tokens_json": json.dumps(list(r["tokens"])),
                 "logprobs_json": json.dumps([float(x) for x in r["logprobs"]]),
                 "compute_ms": float(r.get("compute_ms", 0.0)),
+                "prompt_tokens": r.get("prompt_tokens"),
                 "created_at": time.time(),
             }
             for r in rows
@@ -294,15 +298,19 @@ class Registry:
                     col(Score.option),
                     col(Score.logprobs_json),
                     col(Score.tokenizer_hash),
+                    col(Score.prompt_tokens),
                 )
                 .join(Sample, col(Sample.id) == col(Score.sample_id))
                 .where(col(Sample.dataset_id) == ds.id)
             )
             got: dict[tuple[int, str, int], list[float]] = {}
             hashes: dict[tuple[int, str, int], str] = {}
-            for sid, e, o, lp, h in s.execute(q):
+            lengths: dict[tuple[int, str], int] = {}  # (sample id, expert) -> prompt tokens
+            for sid, e, o, lp, h, n in s.execute(q):
                 got[(int(sid), e, int(o))] = json.loads(lp)
                 hashes[(int(sid), e, int(o))] = str(h)
+                if n is not None:
+                    lengths[(int(sid), e)] = int(n)
         needed = sum(len(smp.targets) for smp in samples)
         if experts is None:
             counts: dict[str, int] = {}
@@ -313,6 +321,7 @@ class Registry:
         kept: list[SampleRow] = []
         logp: list[list[np.ndarray]] = []
         tokenizers: list[list[frozenset[str]]] = []
+        prompt_tokens: list[np.ndarray] = []
         for smp in samples:
             per_option: list[np.ndarray] = []
             for o in range(len(smp.targets)):
@@ -331,7 +340,36 @@ class Registry:
                 tokenizers.append(
                     [frozenset(hashes[(smp.id, e, o)] for o in options) for e in experts]
                 )
-        return ScoreTable(experts, kept, logp, tokenizers)
+                prompt_tokens.append(
+                    np.array([lengths.get((smp.id, e), -1) for e in experts], dtype=np.int64)
+                )
+        return ScoreTable(experts, kept, logp, tokenizers, prompt_tokens)
+
+    def without_prompt_tokens(self, dataset: str, expert: str) -> set[int]:
+        """Ids of the samples whose scores by ``expert`` lack the prompt's length."""
+        ds = self.dataset(dataset)
+        with self.session() as s:
+            q = (
+                select(col(Score.sample_id))
+                .join(Sample, col(Sample.id) == col(Score.sample_id))
+                .where(
+                    col(Sample.dataset_id) == ds.id,
+                    col(Score.expert) == expert,
+                    col(Score.prompt_tokens).is_(None),
+                )
+            )
+            return {int(a) for (a,) in s.execute(q)}
+
+    def set_prompt_tokens(self, expert: str, lengths: Mapping[int, int]) -> None:
+        """Store the prompt lengths (sample id -> tokens) of ``expert``'s scores."""
+        with self.session() as s:
+            for sid, n in lengths.items():
+                s.execute(
+                    update(Score)
+                    .where(col(Score.sample_id) == sid, col(Score.expert) == expert)
+                    .values(prompt_tokens=int(n))
+                )
+            s.commit()
 
     # ------------------------------------------------------------------ embeddings
 
@@ -493,9 +531,7 @@ class Registry:
 
     def release_lease(self, name: str, holder: str) -> None:
         with self.engine.begin() as conn:
-            conn.execute(
-                delete(Lease).where(col(Lease.name) == name, col(Lease.holder) == holder)
-            )
+            conn.execute(delete(Lease).where(col(Lease.name) == name, col(Lease.holder) == holder))
 
     def lease_holder(self, name: str) -> tuple[str, float] | None:
         with self.session() as s:

@@ -15,7 +15,7 @@ From a TOML file (``moe2ctl serve --policy FILE``), flags overriding it::
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,7 +32,12 @@ class ServePolicy(BaseModel):
     apps: dict[AppName, Annotated[float, Field(gt=0)]] = Field(
         min_length=1, description="delay limit of each application, seconds per answer step"
     )
-    energy: float | None = Field(default=None, gt=0, description="fleet energy limit, J/step")
+    energy: float | None = Field(
+        default=None, gt=0, description="fleet energy limit, J per step (or per prompt)"
+    )
+    energy_per: Literal["step", "prompt"] = Field(
+        default="step", description="the unit of the energy limit: per step (eq. 11) or prompt"
+    )
     k: int = Field(default=2, ge=1, description="experts fused per prompt")
     gate: str | None = Field(
         default=None,
@@ -40,7 +45,11 @@ class ServePolicy(BaseModel):
         "(experts the gate does not know are left out, with the reason recorded)",
     )
     solver: str = Field(default="smo", description="subset optimiser")
-    gate_delay: float = Field(default=0.004, ge=0, description="seconds the gate adds")
+    gate_delay: float | None = Field(
+        default=None,
+        ge=0,
+        description="seconds the gate adds per prompt [default: what the gateways measured]",
+    )
     # How eagerly to react.
     tick_s: float = Field(default=0.5, gt=0, le=60, description="seconds between looks")
     debounce_s: float = Field(

@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe2.controller.optimize.fromregistry import scored_set
+from moe2.controller.optimize.fromregistry import gate_delay_of, scored_set
 from moe2.controller.optimize.solution import Solution
 from moe2.controller.optimize.solvers import solve
 from moe2.controller.push import record
@@ -344,7 +344,13 @@ class Reconciler:
                 experts=sorted(look.eligible),
             )
             limits = {a: lim / self.factors.get(a, 1.0) for a, lim in self.policy.apps.items()}
-            problem = data.problem(limits, self.policy.energy, gate_delay=self.policy.gate_delay)
+            # Until a gateway has run the gate and announced its delay (the first push of
+            # a new gate), the promise goes without it; the announcement is a change that
+            # the next look sees.
+            delay = gate_delay_of(state, data.gate.version, self.policy.gate_delay, required=False)
+            problem = data.problem(
+                limits, self.policy.energy, gate_delay=delay, energy_per=self.policy.energy_per
+            )
             result = solve(problem, solver=self.policy.solver)
         except Moe2Error as exc:
             self._decide(None, "failed", f"{reason}: {exc.message}")
@@ -383,7 +389,12 @@ class Reconciler:
         subset = list(result.subset)
         k = min(self.policy.k, len(subset))
         gate = self._gate_ref
-        detail = {"delay": result.delay, "energy": result.energy, "limits": dict(limits)}
+        detail = {
+            "delay": result.delay,
+            "energy": result.energy,
+            "limits": dict(limits),
+            "energy_limit": self.policy.energy,
+        }
         for app in sorted(self.policy.apps):
             current = state.desired_app.get(app)
             previous = list(current.subset) if current else None
