@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe2.controller.localfleet import LocalFleet
 from moe2.shared.broker import free_port, wait_for_port
 from moe2.shared.client import PromptClient
+from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig
 from moe2.shared.protocol import ChatMessage
 
@@ -699,9 +700,17 @@ def test_fleet_page_in_headless_chromium(front: Front, registry_url: str, tmp_pa
             ".map(r => [r.dataset.agent, r.cells[1].textContent]))"
         )
         assert all(states[a] == "online" for a in front.experts)
-        selector = f'tr[data-agent="{front.gateway}"] svg polyline'
-        curves = b.run(f"return document.querySelectorAll('{selector}').length")
-        assert curves == 4  # delay and energy: the prompt and per-token curves
+        # every curve the gateway's profile has (prompt, per token and, since profiles
+        # measure a scoring pass, scoring; delay and energy), each drawn and named
+        profile = FleetView.snapshot(front.broker, ("profile",)).profile[front.gateway]
+        has = {n for n, c in profile.curves if c is not None}
+        assert {"prompt_seconds", "token_seconds", "prompt_joules", "token_joules"} <= has
+        selector = f'tr[data-agent="{front.gateway}"] svg polyline title'
+        titles = b.run(
+            f"return [...document.querySelectorAll('{selector}')]"
+            ".map(t => t.textContent.split(':')[0])"
+        )
+        assert sorted(titles) == sorted(has), titles
         row = b.run(f"return document.querySelector('tr[data-app=\"{front.app}\"]').innerText")
         assert front.gateway in row and "0.5 s" in row  # served by, the delay limit
         assert reason in b.run(

@@ -38,7 +38,7 @@ def test_serve_writes_json_logs_and_counts_its_decisions(
         "--gate",
         "uniform",
         "--app",
-        "qa=0.05",
+        "animals=0.05",  # serve refuses an application the dataset has no samples of
         "--dry-run",
         "--settle-s",
         "0.5",

@@ -26,6 +26,7 @@ callers never parse message text.
     ├── RemoteError                 an error reply with a code this version does not know
     ├── RequestTimeout              no reply within the deadline                (timeout)
     ├── NotAcknowledged             desired state that no gateway acknowledged  (not_acked)
+    ├── NotProven                   a subset not proven near enough the optimum  (not_proven)
     └── BrokerError                 cannot start or reach the MQTT broker       (broker)
 """
 
@@ -120,6 +121,13 @@ class InternalError(Moe2Error):
 
 class NotAcknowledged(Moe2Error):
     code = "not_acked"
+
+
+class NotProven(Moe2Error):
+    """An optimisation whose answer is not proven within the accepted gap of the optimum
+    (a time limit, a heuristic solver): its subsets are not pushed."""
+
+    code = "not_proven"
 
 
 class RequestTimeout(Moe2Error):

@@ -170,6 +170,8 @@ class Connection:
         self._session_up = False  # CONNACK received: subscribe at once (under _lock)
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._connack = threading.Event()  # a CONNACK that accepted us came (this start)
+        self._arrived = 0  # messages received so far
         self._pending_subacks: set[int] = set()
         self._connect_error: str | None = None
         self._sessions = 0  # MQTT sessions begun so far: which one delivered a message
@@ -188,6 +190,7 @@ class Connection:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Connection:
+        self._connack.clear()
         props = None
         if self.session_expiry_s > 0:
             props = _properties(PacketTypes.CONNECT)
@@ -205,12 +208,23 @@ class Connection:
                 f"cannot reach the MQTT broker at {self.broker.host}:{self.broker.port}: {exc}"
             ) from None
         self._client.loop_start()
-        if not self._connected.wait(self.broker.connect_timeout):
+        if not self._connack.wait(self.broker.connect_timeout) or self._connect_error:
             self._client.loop_stop()
             reason = self._connect_error or "no CONNACK"
             raise BrokerError(
                 f"MQTT broker at {self.broker.host}:{self.broker.port} did not accept us: {reason}"
             )
+        # Each subscription is acknowledged after the retained messages of the ones before
+        # it, which takes a while on a large fleet: wait as long as messages keep coming.
+        seen = self._arrived
+        while not self._connected.wait(self.broker.connect_timeout):
+            if self._arrived == seen:
+                self._client.loop_stop()
+                raise BrokerError(
+                    f"MQTT broker at {self.broker.host}:{self.broker.port} did not acknowledge "
+                    f"our subscriptions within {self.broker.connect_timeout:g} s"
+                )
+            seen = self._arrived
         return self
 
     def stop(self, *, keep_session: bool = False, flush_s: float = 5.0) -> None:
@@ -408,8 +422,11 @@ class Connection:
     ) -> None:
         if rc.is_failure:
             self._connect_error = str(rc)
+            self._connack.set()
             log.error("MQTT connection refused: %s", rc)
             return
+        self._connect_error = None
+        self._connack.set()
         self.session_present = bool(getattr(flags, "session_present", False))
         if not self.session_present:
             with self._lock:
@@ -492,6 +509,7 @@ class Connection:
             self._puback.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._arrived += 1
         if msg.qos > 0:
             with self._lock:
                 self._delivered_in[id(msg)] = self._sessions  # see ack()

@@ -15,8 +15,14 @@ import time
 from moe2.controller.openai.summary import AgentRow, AppRow, Curve, DecisionRow, FleetSummary
 
 REFRESH_S = 10
-_PLOT_W, _PLOT_H = 220, 70
-_COLOURS = {"prompt": "#1f77b4", "token": "#d62728"}
+_PLOT_W, _PLOT_H = 220, 80
+# Each kind of curve (CostCurves: prompt_*, token_*, score_*): its colour, label and dashes
+# (the scoring pass is dashed: scaled to its own maximum, it can lie on the prompt's line).
+_KINDS = {
+    "prompt": ("#1f77b4", "prompt", ""),
+    "token": ("#d62728", "per token", ""),
+    "score": ("#2ca02c", "scoring", "4 3"),
+}
 
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -49,9 +55,10 @@ def when(ts: float) -> str:
 
 
 def plot(curves: list[Curve], unit: str) -> str:
-    """An inline SVG of the prompt and per-token curves of one unit (s or J) against the
-    prompt length, each scaled to its own maximum (a prompt costs hundreds of tokens'
-    steps: on one scale the per-token curve would be a flat line)."""
+    """An inline SVG of every curve of one unit (s or J) the profile has against the prompt
+    length: the prompt pass, a generated token, and (profiles since the scoring pass is
+    measured) a scoring pass, each labelled and scaled to its own maximum (a prompt costs
+    hundreds of tokens' steps: on one scale the per-token curve would be a flat line)."""
     mine = [c for c in curves if c.unit == unit and c.points]
     if not mine:
         return '<span class="muted">no profile</span>'
@@ -62,20 +69,23 @@ def plot(curves: list[Curve], unit: str) -> str:
     def sx(x: float) -> float:
         return pad + (x - x0) / max(1, x1 - x0) * (_PLOT_W - 2 * pad)
 
+    below = 14  # the L axis labels
+    above = 6 + 10 * len(mine)  # the legend: a line per curve
     parts, legend = [], []
     for i, c in enumerate(mine):
         top = max(y for _, y in c.points) or 1.0
-        colour = _COLOURS["prompt" if c.name.startswith("prompt") else "token"]
+        colour, label, dashes = _KINDS.get(c.name.split("_")[0], ("#555", c.name, ""))
+        dashed = f' stroke-dasharray="{dashes}"' if dashes else ""
         pts = " ".join(
-            f"{sx(x):.1f},{_PLOT_H - 14 - y / top * (_PLOT_H - 40):.1f}" for x, y in c.points
+            f"{sx(x):.1f},{_PLOT_H - below - y / top * (_PLOT_H - below - above):.1f}"
+            for x, y in c.points
         )
-        label = "prompt" if c.name.startswith("prompt") else "per token"
         parts.append(
-            f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}">'
+            f'<polyline fill="none" stroke="{colour}" stroke-width="1.5"{dashed} points="{pts}">'
             f"<title>{e(c.name)}: up to {e(fmt(top, ' ' + unit))}</title></polyline>"
         )
         legend.append(
-            f'<text x="{pad}" y="{10 + 10 * i}" style="fill: {colour}">{label} up to '
+            f'<text x="{pad}" y="{10 + 10 * i}" style="fill: {colour}">{e(label)} up to '
             f"{e(fmt(top, ' ' + unit))}</text>"
         )
     return (

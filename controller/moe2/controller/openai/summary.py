@@ -35,7 +35,7 @@ _DECISIONS_SINCE_S = 30 * 86400.0  # decisions older than this are not looked at
 
 @dataclass(frozen=True)
 class Curve:
-    name: str  # prompt_seconds, token_seconds, prompt_joules, token_joules
+    name: str  # a field of CostCurves: prompt_seconds, token_seconds, score_seconds, ..._joules
     unit: str  # s or J
     points: list[tuple[int, float]]  # (prompt tokens, value)
 
@@ -120,9 +120,12 @@ class FleetSummary:
 
 
 def curves_of(profile: p.AgentProfile) -> list[Curve]:
+    """Every curve the profile has (an older agent's has no scoring pass), sampled."""
     out = []
     for name in type(profile.curves).model_fields:
-        curve: CostCurve = getattr(profile.curves, name)
+        curve: CostCurve | None = getattr(profile.curves, name)
+        if curve is None:
+            continue
         lo, hi = max(1, curve.min_tokens), max(curve.max_tokens, curve.min_tokens + 1)
         xs = sorted({round(lo + (hi - lo) * i / (CURVE_SAMPLES - 1)) for i in range(CURVE_SAMPLES)})
         out.append(Curve(name, curve.unit, [(x, curve.at(x)) for x in xs]))
@@ -262,7 +265,9 @@ class RegistryReader:
             if isinstance(limits, dict) and isinstance(limits.get(row.app), int | float):
                 delay[row.app] = float(limits[row.app])
             e = detail.get("energy_limit") if isinstance(detail, dict) else None
-            if isinstance(e, int | float):
+            # The page compares joules per step: a limit per prompt (energy_per) is not one.
+            per_step = isinstance(detail, dict) and detail.get("energy_per", "step") == "step"
+            if isinstance(e, int | float) and per_step:
                 energy[row.app] = float(e)
         decisions = [
             DecisionRow(
