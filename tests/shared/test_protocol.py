@@ -108,6 +108,18 @@ def test_a_reply_topic_of_a_named_publisher_stays_in_its_replies() -> None:
     assert check_reply_topic("moe2/v1/replies/victim/answers")  # no owner named: any user
 
 
+def test_a_reply_topic_the_broker_would_refuse_is_refused_before_publishing() -> None:
+    """mosquitto drops a connection that publishes to a topic with a control character or a
+    non-character (and a kept session resends it on every reconnect): such a reply_to is an
+    error to the prompt's sender, never a PUBLISH."""
+    from moe2.shared.protocol.prompts import check_reply_topic
+
+    for bad in ("fuzz/\bQ", "a/\x7fb", "a/\x85", "a/\ufdd0", "a/\uffff", "a/\U0001fffe", "a/+"):
+        with pytest.raises(ValueError, match="must be a topic to publish to"):
+            check_reply_topic(bad)
+    assert check_reply_topic("fuzz/\u00e9t\u00e9/\U0001f600")  # other UTF-8 is fine
+
+
 def test_versions_order_by_epoch_and_acknowledgements_name_what_they_answer() -> None:
     a = p.AppAssignment(app="qa", version=p.MAX_VERSION, subset=["e"])
     reset = p.AppAssignment(app="qa", version=1, epoch=1, subset=["e"])

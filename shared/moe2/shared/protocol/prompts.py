@@ -62,7 +62,12 @@ from moe2.shared.protocol.base import (
 MAX_PROMPT_ID = 128
 MAX_MESSAGES = 256  # turns in one conversation
 MAX_TOPIC = 512
-_TOPIC_OK = re.compile(r"^[^#+\x00]+$")
+# What a broker accepts in a topic name: no wildcards, and none of the code points MQTT
+# forbids or lets a server refuse (controls U+0000-001F and U+007F-009F, surrogates,
+# non-characters). mosquitto answers a PUBLISH to such a topic by dropping the connection as
+# malformed, and a kept session sends the same PUBLISH again on every reconnect: one prompt
+# with such a reply_to would cut its gateway off the broker for good.
+_TOPIC_OK = re.compile("^[^#+\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef]+$")
 _NAME_RE = re.compile(NAME_PATTERN)
 REPLIES_ROOT = f"{TOPIC_ROOT}/replies"
 _STRUCTURE = re.compile(r'"|,|[\[{]+|[\]}]+')  # runs of brackets at once
@@ -70,10 +75,16 @@ _NESTED = re.compile(r'"|[\[{]+|[\]}]+')  # inside brackets, commas do not matte
 
 
 def check_publish_topic(topic: str) -> str:
-    if not topic or len(topic) > MAX_TOPIC or not _TOPIC_OK.match(topic) or topic.startswith("$"):
+    if (
+        not topic
+        or len(topic) > MAX_TOPIC
+        or not _TOPIC_OK.match(topic)
+        or topic.startswith("$")
+        or any(ord(c) & 0xFFFE == 0xFFFE for c in topic)  # U+xFFFE, U+xFFFF: non-characters
+    ):
         raise ValueError(
-            "must be a topic to publish to: 1-512 characters, no '+', '#', NUL, not starting "
-            "with '$'"
+            "must be a topic to publish to: 1-512 characters, no '+', '#', control characters "
+            "or non-characters, not starting with '$'"
         )
     return topic
 
