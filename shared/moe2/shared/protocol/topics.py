@@ -24,6 +24,7 @@ TopicKind = Literal[
     "prompt",  # prompts/<app>[/<owner>]                  the public prompt API
     "cancel",  # cancel/<app>[/<owner>]                   PromptCancel of a prompt to <app>
     "reply",  # replies/<owner>/...                       answers and RPC replies
+    "requester",  # requesters/<owner>/<client>           retained RequesterStatus (LWT gone)
 ]
 
 _AGENT_LEAVES = {
@@ -48,9 +49,10 @@ class Topic:
     sha256: str | None = None
     index: int | None = None  # blob chunk index
     # replies/<owner>/...: the user (or client) it is addressed to; prompts/<app>/<owner>: the
-    # login that published it (the broker's ACL lets user <owner> publish only there)
+    # login that published it (the broker's ACL lets user <owner> publish only there);
+    # requesters/<owner>/<client>: the requester's login, likewise
     client: str | None = None
-    rest: tuple[str, ...] = ()  # replies/<owner>/<rest...>
+    rest: tuple[str, ...] = ()  # replies/<owner>/<rest...>; requesters/<owner>/<client>
 
 
 def parse(topic: str) -> Topic | None:
@@ -87,11 +89,29 @@ def parse(topic: str) -> Topic | None:
         if head == "cancel" and len(tail) in (1, 2):
             owner = check_name("client id", tail[1]) if len(tail) == 2 else None
             return Topic("cancel", app=check_name("application", tail[0]), client=owner)
+        if head == "requesters" and len(tail) == 2:
+            return Topic(
+                "requester",
+                client=check_name("client id", tail[0]),
+                rest=(check_name("client id", tail[1]),),
+            )
         if head == "replies" and len(tail) >= 1:
             return Topic("reply", client=check_name("client id", tail[0]), rest=tuple(tail[1:]))
     except BadMessage:
         return None
     return None
+
+
+def reply_owner(topic: str) -> str | None:
+    """The user whose replies a prompt's answer may go to on ``topic``: ``<user>`` of
+    ``moe2/v1/replies/<user>[/...]`` outside its ``rpc`` subtree (RPC replies) and with no
+    empty level. None for any other topic (outside ``moe2/``, or another moe2 topic)."""
+    parsed = parse(topic)
+    if parsed is None or parsed.kind != "reply":
+        return None
+    if (parsed.rest and parsed.rest[0] == "rpc") or not all(parsed.rest):
+        return None
+    return parsed.client
 
 
 def prompt_owner(topic: str) -> str | None:
@@ -190,12 +210,27 @@ class topics:
             f"{check_name('client id', client_id)}"
         )
 
+    # ------------------------------------------------------------------ requesters
+
+    @staticmethod
+    def requester(owner: str, client_id: str) -> str:
+        """Retained RequesterStatus of one RPC client of user ``owner`` (its last will says
+        ``gone``): agents drop the work and free the sessions of a requester that is gone."""
+        return (
+            f"{TOPIC_ROOT}/requesters/{check_name('client id', owner)}/"
+            f"{check_name('client id', client_id)}"
+        )
+
+    ALL_REQUESTERS = f"{TOPIC_ROOT}/requesters/+/+"
+
     # ------------------------------------------------------------------ prompts
     # A client publishes to prompts/<app>, or, on a broker with logins, to
     # prompts/<app>/<its user>: the broker's ACL lets user <owner> publish only there, so the
     # topic says who asked, and a gateway answers such a prompt only inside
     # replies/<owner>/ (where that user reads). On a broker with moe2's ACL nobody but the
     # controller and the gateways may publish to prompts/<app> itself.
+
+    PROMPTS_ROOT = f"{TOPIC_ROOT}/prompts"
 
     @staticmethod
     def prompts(app: str, owner: str | None = None) -> str:
@@ -219,6 +254,13 @@ class topics:
         prompt, and answers ``unknown_app`` when no online gateway serves its application, or
         ``bad_request`` when its topic names no valid application (or publisher)."""
         return f"$share/{check_name('gateway group', group)}.unrouted/{TOPIC_ROOT}/prompts/#"
+
+    @staticmethod
+    def reply_probe(gateway: str) -> str:
+        """A topic outside ``moe2/`` that a gateway publishes one empty message to at start,
+        to learn from the broker's PUBACK whether it may answer prompts outside ``moe2/``
+        (a broker without logins lets it; moe2's ACL does not). Nobody subscribes to it."""
+        return f"moe2-reply-check/{check_name('agent id', gateway)}"
 
     @staticmethod
     def prompt_errors(owner: str) -> str:
@@ -280,3 +322,4 @@ class topics:
 
     parse = staticmethod(parse)
     prompt_owner = staticmethod(prompt_owner)
+    reply_owner = staticmethod(reply_owner)
