@@ -32,7 +32,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -510,6 +510,28 @@ def reply_properties(correlation: bytes | None) -> Properties | None:
     return props
 
 
+class RpcTransport(Protocol):
+    """What ``RpcClient`` needs of a connection: a ``Connection``, or in tests a transport
+    that answers without a broker (``moe2.shared.mocktransport.MockTransport``)."""
+
+    on_connected: list[Callable[[], None]]
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None: ...
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        properties: Properties | None = None,
+    ) -> object: ...
+
+
 class RpcClient:
     """Typed request/response over MQTT 5 to agents' ``rpc`` topics; thread-safe.
 
@@ -530,12 +552,15 @@ class RpcClient:
         *,
         timeout: float = 30.0,
         qos: int = 1,
+        transport: RpcTransport | None = None,  # default: a Connection to ``broker``
     ) -> None:
         self.client_id = client_id or f"rpc-{uuid.uuid4().hex[:12]}"
         self.owner = broker.owner(self.client_id)  # replies/<owner>/rpc/<agent>
         self.timeout = timeout
         self.qos = qos
-        self._conn = Connection(broker, self.client_id)
+        self._conn: RpcTransport = (
+            transport if transport is not None else Connection(broker, self.client_id)
+        )
         # correlation -> (the agent asked, the reply type expected, the future)
         self._pending: dict[bytes, tuple[str, type[_Reply] | None, Future[Any]]] = {}
         self._requests: dict[bytes, bytes] = {}  # correlation -> payload, to send again
@@ -570,7 +595,7 @@ class RpcClient:
         self.close()
 
     @property
-    def connection(self) -> Connection:
+    def connection(self) -> RpcTransport:
         return self._conn
 
     def _send(self, agent_id: str, payload: bytes, reply_type: type[_Reply] | None) -> Future[Any]:
