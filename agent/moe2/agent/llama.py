@@ -94,14 +94,18 @@ class LlamaCppBackend(ModelBackend):
         # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled
         if config.flash_attn == "on":
             self._flash_attn = 1
-        elif config.flash_attn == "off":
-            self._flash_attn = 0
-        elif requested == 0:
-            # On the CPU, flash attention makes batched evaluation bit-identical to single
-            # steps (exact speculative fusion, sessions independent of each other).
-            self._flash_attn = 1 if config.batching else 0
+        elif config.flash_attn == "off" or requested == 0:
+            self._flash_attn = 0  # on the CPU: see the setting's description
         else:
             self._flash_attn = -1
+        # The KV cache in float32 on the CPU without flash attention: the attention's
+        # products (the cache times one or several query rows) then run ggml's float32
+        # vec_dot for every batch size, where in f16 the rows of a batch are converted to
+        # f16 and go through llamafile's sgemm from two rows on, one row through vec_dot.
+        kv = config.kv_cache_type
+        if kv == "auto":
+            kv = "f32" if requested == 0 and self._flash_attn == 0 else "f16"
+        self._kv_type = llama_cpp.GGML_TYPE_F32 if kv == "f32" else llama_cpp.GGML_TYPE_F16
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = requested if requested >= 0 else 1 << 30
         _CAPTURE.start()
@@ -421,6 +425,8 @@ class _Context:
         cparams.n_threads = backend._n_threads
         cparams.n_threads_batch = backend._n_threads
         cparams.flash_attn_type = backend._flash_attn
+        cparams.type_k = backend._kv_type
+        cparams.type_v = backend._kv_type
         ctx = llama_cpp.llama_init_from_model(backend._model, cparams)
         if not ctx:
             raise ModelError("llama.cpp could not create a context (out of memory?)")
