@@ -1,7 +1,8 @@
 """Speculative fused decoding on real agents (real llama.cpp) behind a real mosquitto: the
 per-token tokens, sessions rewound to the accepted prefix, experts dropped mid-draft or
 stalled without costing their partners the answer, seeded answers that do not depend on
-load, requests sent again after a broker restart applied once."""
+load, requests sent again after a broker restart applied once, token log-probabilities
+through a gateway."""
 
 from __future__ import annotations
 
@@ -271,6 +272,32 @@ def test_a_seeded_prompt_repeated_by_eight_concurrent_clients_gives_one_text(
         other = client.ask("zoo", "the fox eats", max_tokens=24, temperature=1.2, seed=8)
     assert len(texts) == 8 and set(texts) == {alone.text}, texts
     assert other.text != alone.text  # the seed matters: sampled, not greedy
+
+
+def test_a_prompt_asking_for_logprobs_gets_them_streamed_and_in_its_answer(
+    fleet: LocalFleet, broker_config: BrokerConfig, tiny_models: dict[str, Path]
+) -> None:
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    k = start(fleet, tiny_models["cooking"], uid("k"))
+    start(fleet, tiny_models["code"], uid("gw"), "--serve-app", f"zoo={a},{k}:2")
+    chunks: list[p.StreamChunk] = []
+    with PromptClient(broker_config) as client:
+        plain = client.ask("zoo", "the fox eats", max_tokens=8)
+        answer = client.ask(
+            "zoo", "the fox eats", max_tokens=8, logprobs=True, top_logprobs=2,
+            on_chunk=chunks.append,
+        )  # fmt: skip
+    assert plain.logprobs is None  # not asked: not sent
+    assert answer.text == plain.text and answer.logprobs is not None
+    assert len(answer.logprobs) == answer.tokens
+    assert [x for c in chunks for x in c.logprobs or []] == answer.logprobs
+    assert "".join(c.delta for c in chunks) == answer.text
+    for entry in answer.logprobs:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob == entry.top_logprobs[0].logprob  # greedy: the most probable
+        assert bytes(entry.bytes or []).decode() == entry.token
+    assert "".join(e.token for e in answer.logprobs) == answer.text
 
 
 @pytest.fixture

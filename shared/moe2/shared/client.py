@@ -102,9 +102,14 @@ class PromptClient:
         seed: int | None = None,
         on_delta: Callable[[str], None] | None = None,
         timeout: float = 120.0,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        on_chunk: Callable[[p.StreamChunk], None] | None = None,
     ) -> p.PromptAnswer:
         """The answer to ``prompt``: a text, or a conversation that each expert renders with
-        its own chat template."""
+        its own chat template. With ``logprobs`` every token's fused log-probability (and
+        ``top_logprobs`` alternatives) comes in ``answer.logprobs``, and streamed, in each
+        chunk ``on_chunk`` gets."""
         pid = uuid.uuid4().hex
         text, messages = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         req = p.PromptRequest(
@@ -115,10 +120,12 @@ class PromptClient:
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
-            stream=on_delta is not None,
+            stream=on_delta is not None or on_chunk is not None,
             seed=seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
-        return self._exchange(app, req, p.PromptAnswer, on_delta, timeout)
+        return self._exchange(app, req, p.PromptAnswer, on_delta, timeout, on_chunk)
 
     def choose(
         self, app: str, prompt: str, choices: Sequence[str], *, timeout: float = 120.0
@@ -137,6 +144,7 @@ class PromptClient:
         answer_type: type[AnswerT],
         on_delta: Callable[[str], None] | None,
         timeout: float,
+        on_chunk: Callable[[p.StreamChunk], None] | None = None,
     ) -> AnswerT:
         """Publish one prompt and wait for its one final answer (or error)."""
         pid = req.id
@@ -159,6 +167,11 @@ class PromptClient:
                 if "delta" in obj:
                     if on_delta is not None:
                         on_delta(str(obj["delta"]))
+                    if on_chunk is not None:
+                        try:
+                            on_chunk(p.StreamChunk.model_validate(obj))
+                        except ValueError as exc:
+                            raise BadMessage(f"malformed chunk from the gateway: {exc}") from None
                     continue
                 try:
                     return answer_type.model_validate(obj)
