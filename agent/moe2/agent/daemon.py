@@ -370,12 +370,20 @@ class Agent:
         active request's next chunk in one batch per tick (``batching.py``); when nothing
         is asked for a while, sessions left idle are reclaimed."""
         stopping = False
+        max_wait = self.config.batch_wait_ms / 1e3
         while not stopping or not self.scheduler.idle:
-            # Wait only when there is nothing to compute; otherwise take what has arrived.
-            block = self.scheduler.idle
+            # Wait only when there is nothing to compute; otherwise take what has arrived
+            # (and, once idle, what the last tick's other sessions send within a moment).
+            idle = block = self.scheduler.idle
+            taken, until = 0, 0.0
             while not stopping:
+                timeout = _RECLAIM_EVERY_S if block else None
+                if until:
+                    timeout = until - time.monotonic()
+                    if timeout <= 0:
+                        break
                 try:
-                    job = self._jobs.get(block=block, timeout=_RECLAIM_EVERY_S if block else None)
+                    job = self._jobs.get(block=block or bool(until), timeout=timeout)
                 except queue.Empty:
                     if block:
                         self.service.sessions.reclaim_idle()
@@ -385,6 +393,10 @@ class Agent:
                     stopping = True
                     break
                 self.scheduler.submit(job)
+                taken += 1
+                if idle:
+                    window = self.scheduler.gather_window(taken, max_wait)
+                    until = (until or time.monotonic() + window) if window else 0.0
             self.scheduler.tick()
 
     def _serve_waiting(self) -> None:

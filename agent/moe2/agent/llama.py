@@ -94,18 +94,14 @@ class LlamaCppBackend(ModelBackend):
         # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled
         if config.flash_attn == "on":
             self._flash_attn = 1
-        elif config.flash_attn == "off" or requested == 0:
-            self._flash_attn = 0  # on the CPU: see the setting's description
+        elif config.flash_attn == "off":
+            self._flash_attn = 0
+        elif requested == 0:
+            # On the CPU, flash attention makes batched evaluation bit-identical to single
+            # steps (exact speculative fusion, sessions independent of each other).
+            self._flash_attn = 1 if config.batching else 0
         else:
             self._flash_attn = -1
-        # The KV cache in float32 on the CPU without flash attention: the attention's
-        # products (the cache times one or several query rows) then run ggml's float32
-        # vec_dot for every batch size, where in f16 the rows of a batch are converted to
-        # f16 and go through llamafile's sgemm from two rows on, one row through vec_dot.
-        kv = config.kv_cache_type
-        if kv == "auto":
-            kv = "f32" if requested == 0 and self._flash_attn == 0 else "f16"
-        self._kv_type = llama_cpp.GGML_TYPE_F32 if kv == "f32" else llama_cpp.GGML_TYPE_F16
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = requested if requested >= 0 else 1 << 30
         _CAPTURE.start()
@@ -407,11 +403,17 @@ class _Context:
     """One llama context: ``n_slots`` sequence ids sharing one unified KV cache of
     ``n_cells`` cells, evaluated together by one ``llama_decode`` per batch.
 
-    Unified, not a KV stream per sequence: measured on 2 CPU cores, 8 sequences x 1 token
-    cost 0.33 ms in one decode against 0.12 ms for one (tiny expert), while per-sequence
-    streams cost 6 ms (llama.cpp splits them into equal sub-batches). The price: a token's
-    attention spans the cells of every live sequence (masked), so many long sessions at once
-    slow each other's steps.
+    Why unified, with flash attention on the CPU (measured on 2 loaded CPU cores, one run,
+    SmolLM2-135M Q4_1, one thread): these are the only settings found under which a token's
+    logits are the same bit for bit alone, in a batch of its session's tokens, next to other
+    sessions and after a rewind, which exact speculative fusion needs. Without flash
+    attention a unified cache makes every step attend over every live session's cells,
+    masked (a 10-token session's step 2x next to seven 200-token ones) and differs from a
+    single step by up to 0.8 in a logit; a KV stream per sequence in float32 is bit-identical
+    until a session that was stepped token by token is rewound and verified in a batch (up
+    to 1.3 in a logit). The price of flash attention is long histories: a step at 1,000
+    tokens costs 1.9-2.2x one at 10 (1.3-1.45x for those others). Eight sequences x one
+    token cost about the same in one decode with streams as unified.
     """
 
     def __init__(self, backend: LlamaCppBackend, n_slots: int, n_cells: int) -> None:
@@ -425,8 +427,6 @@ class _Context:
         cparams.n_threads = backend._n_threads
         cparams.n_threads_batch = backend._n_threads
         cparams.flash_attn_type = backend._flash_attn
-        cparams.type_k = backend._kv_type
-        cparams.type_v = backend._kv_type
         ctx = llama_cpp.llama_init_from_model(backend._model, cparams)
         if not ctx:
             raise ModelError("llama.cpp could not create a context (out of memory?)")

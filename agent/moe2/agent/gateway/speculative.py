@@ -21,9 +21,10 @@ What is guaranteed. The decisions are per-token fusion's, position by position, 
 distributions the experts return: greedy and seeded sampled answers are token for token the
 per-token answers when the distributions agree, and sampled answers have exactly per-token
 fusion's distribution. A verifier computes its positions in one batched forward pass; on
-the CPU the agent keeps the attention in float32 (``kv_cache_type``), whose matrix products
-take the same kernel whatever the batch, so on quantized models the batched logits are
-bit-identical to single steps (checked on SmolLM2-135M Q4_1); weights in F32/F16 (the tiny
+the CPU the agent runs llama.cpp with flash attention (``moe2.agent.llama``), which keeps
+each token's attention its own, so on quantized models the batched logits are bit-identical
+to single steps (checked on SmolLM2-135M Q4_1 in batches, next to other sessions and after
+rewinds); weights in F32/F16 (the tiny
 test experts) take another float32 matmul kernel in a batch (llamafile's sgemm, from two
 tokens on) than for one token, which sums in another order: the logits then differ by the
 rounding of float32 sums (a few 1e-7 relative), so a greedy near-tie within that can break
