@@ -106,6 +106,16 @@ def local(
         svc.close()
 
 
+@pytest.fixture(autouse=True)
+def no_session_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Sessions a test left open (an expert frozen with its close unanswered) are closed
+    after it, so the agents shared by the module are never full."""
+    yield
+    if "local" in request.fixturenames:
+        for svc in request.getfixturevalue("local").services.values():
+            svc.sessions.close_all()
+
+
 def run(
     rpc: RpcClient,
     local: Local,
