@@ -432,13 +432,18 @@ def test_the_cost_model_takes_long_drafts_over_a_slow_link_and_trees_when_expert
     for _ in range(10):
         slow.round_done("linear", (1, 1), (15, 15), 16, 16, wall_ms=40 + 160 + 12, draft_ms=160)
         slow.round_done("tree", (1, 1), (15, 15), 16, 16, wall_ms=40 + 160 + 20, draft_ms=160)
+    slow.step_done(30.0)  # a step was measured lately
     plan, gamma = slow.plan(["step", "linear", "tree"], 32)
     assert plan == "linear" and gamma >= 16
+    for _ in range(3):  # speculating, a step now and then keeps its cost measured
+        slow.round_done("linear", (1, 1), (15, 15), 16, 16, wall_ms=40 + 160 + 12, draft_ms=160)
+    assert slow.plan(["step", "linear", "tree"], 32)[0] == "step"
     parting = CostModel(4, 32)
     parting.step_done(30.0)  # 20 ms round trip, a 10 ms step, drafts at 2 ms a token
     for _ in range(10):  # one drafter is right half the time; one of two nearly always
         parting.round_done("linear", (1, 2), (1, 2), 4, 2, wall_ms=40 + 8 + 12, draft_ms=8)
         parting.round_done("tree", (19, 20), (3, 4), 4, 3, wall_ms=40 + 8 + 12, draft_ms=8)
+    parting.step_done(30.0)
     assert parting.plan(["step", "linear", "tree"], 32)[0] == "tree"
 
 
