@@ -315,6 +315,7 @@ def test_a_stalled_expert_is_dropped_and_the_partner_answers(local: Local, decod
     assert [(d.id, d.code, d.at_token) for d in result.dropped] == [("k", "timeout", 1)]
     assert result.weights == {"a": pytest.approx(1.0)}
     assert result.text and result.tokens >= 2
+    assert result.compute_ms["a"] > 0  # model time the partner reported, for the costs
 
 
 def test_dropping_is_decided_by_error_codes(local: Local) -> None:

@@ -10,7 +10,7 @@ those distributions, not in what they choose, so their answers are the same toke
 given the same distributions (speculative ones get them from batched evaluations, which
 agree with single steps up to the rounding of float32 sums; see ``speculative.py``).
 
-    frontier = Frontier(pool, align, Picker(sampling), Answer(align, on_chunk), 64, on_step)
+    frontier = Frontier(pool, align, Picker(sampling, align), Answer(align, on_chunk), 64)
     finish = frontier.start(opened)                 # the first token, from the open replies
     finish = finish or PerTokenDecoder().decode(frontier)
 """

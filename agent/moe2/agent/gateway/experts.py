@@ -90,6 +90,7 @@ class ExpertPool:
         self.dropped: list[p.DroppedExpert] = []
         self.sessions: dict[str, str] = {}
         self.prompt_tokens: dict[str, int] = {}  # per expert, from its open
+        self.compute_ms: dict[str, float] = {}  # model time each expert reported (costs)
         for name in self.weights:
             rpc.use_codec(self.infos[name], config.rpc_codec)
 
@@ -147,6 +148,10 @@ class ExpertPool:
                     continue
                 try:
                     reply = fut.result()
+                    if isinstance(reply, p.DistributionReply | p.DistributionsReply):
+                        # model time spent for this answer, whatever comes of the reply
+                        spent = self.compute_ms.get(name, 0.0) + reply.compute_ms
+                        self.compute_ms[name] = spent
                     if check is not None:
                         check(name, tag, reply)
                 except ContextOverflow as exc:

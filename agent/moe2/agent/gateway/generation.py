@@ -81,6 +81,7 @@ class GenerationResult:
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert, from its open
     step_seconds: list[float] = field(default_factory=list)  # from the token before, each
     speculation: DecodingStats | None = None  # the decoder's counts
+    compute_ms: dict[str, float] = field(default_factory=dict)  # model time each expert reported
     logprobs: list[p.TokenLogprob] | None = None  # when asked for
 
 
@@ -172,5 +173,6 @@ class Generation:
             {n: t for n, t in self.pool.prompt_tokens.items() if n in self.pool.weights},
             [b - a for a, b in itertools.pairwise(stamps)],
             decoder.stats,
+            dict(self.pool.compute_ms),
             self.answer.logprobs,
         )
