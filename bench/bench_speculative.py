@@ -50,7 +50,7 @@ from latency_proxy import LatencyProxy
 from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.generation import Generation
-from moe2.agent.gateway.speculative import DecoderMemory
+from moe2.agent.gateway.plans import DecoderMemory
 from moe2.agent.gateway.vocab import VocabCache
 from moe2.agent.llama import LlamaCppBackend
 from moe2.controller import datasets as ds

@@ -22,11 +22,7 @@ from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.decoding import Picker
 from moe2.agent.gateway.fusion import Fused, TokenKey, alignment, fuse_by_id
 from moe2.agent.gateway.generation import GREEDY, Generation, GenerationResult, Sampling
-from moe2.agent.gateway.speculative import (
-    GIVE_UP_TOKENS,
-    CostModel,
-    DecoderMemory,
-)
+from moe2.agent.gateway.plans import GIVE_UP_TOKENS, CostModel, DecoderMemory
 from moe2.agent.gateway.vocab import Vocab
 from moe2.agent.llama import LlamaCppBackend
 from moe2.agent.sampling import sampling_distribution

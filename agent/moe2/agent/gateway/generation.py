@@ -39,13 +39,8 @@ from moe2.agent.gateway.decoding import (
 )
 from moe2.agent.gateway.experts import ExpertPool, Rpc
 from moe2.agent.gateway.fusion import Fused, TokenKey, alignment
-from moe2.agent.gateway.speculative import (
-    AdaptiveDecoder,
-    CostModel,
-    DecoderMemory,
-    SpeculativeDecoder,
-    TreeDecoder,
-)
+from moe2.agent.gateway.plans import CostModel, DecoderMemory
+from moe2.agent.gateway.speculative import AdaptiveDecoder, SpeculativeDecoder, TreeDecoder
 from moe2.agent.gateway.vocab import Vocab
 from moe2.shared import protocol as p
 from moe2.shared.errors import ExpertOffline

@@ -49,8 +49,8 @@ from moe2.agent.gateway.gate import Gate, UniformGate, top_k
 from moe2.agent.gateway.gatestore import GateStore, onnx_loader
 from moe2.agent.gateway.generation import Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
+from moe2.agent.gateway.plans import DecoderMemory
 from moe2.agent.gateway.routing import AppRouter
-from moe2.agent.gateway.speculative import DecoderMemory
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
 from moe2.agent.metrics import GatewayMetrics
