@@ -38,13 +38,21 @@ import numpy as np
 from moe2.controller import datasets as ds
 from moe2.controller.collect import collect
 from moe2.controller.evaluate.answerer import Question, Route, ScoreAnswerer
-from moe2.controller.evaluate.cli import RouteBars, held_out_sets, make_answerer, measured_links
+from moe2.controller.evaluate.cli import (
+    RouteBars,
+    eval_gate_delay,
+    fleet_figures,
+    held_out_sets,
+    make_answerer,
+    measured_links,
+)
 from moe2.controller.evaluate.report import markdown
 from moe2.controller.evaluate.run import EvalSettings, Evaluation, Grid, evaluate
 from moe2.controller.experts.packaged import fetch
 from moe2.controller.gate.cli import export_gate, train_gate
 from moe2.controller.gate.config import TrainConfig
 from moe2.controller.localfleet import LocalFleet
+from moe2.controller.optimize.fromregistry import GateDelay
 from moe2.controller.registry import Registry
 from moe2.controller.registry.sync import online_experts, sync_once
 from moe2.shared.broker import start_broker
@@ -133,6 +141,7 @@ def grid_from_costs(costs: Any, gate_delay: float) -> Grid:
     that admit the cheapest expert, the two cheapest, ... (per step, as eval states them)."""
     t = costs.steps.astype(float)
     per_expert = (costs.prompt_delay + (t[:, None] - 1) * costs.decode_delay) / t[:, None]
+    # (the gate's delay: the gateway's measured figure; 0 before it has run the gate)
     delay = np.sort(per_expert.mean(axis=0)) + gate_delay  # each expert alone, + the gate
     delays: list[float | None] = [None]
     if len(delay) > 1:
@@ -154,9 +163,14 @@ def one_eval(
     k: int,
     seeds: int,
 ) -> tuple[Evaluation, Grid, float]:
-    links = measured_links(broker, required=True)
-    selection, test, note, sel_note = held_out_sets(reg, gate, dataset, None, links)
-    grid = grid or grid_from_costs(selection.costs, 0.004)
+    state = fleet_figures(broker, required=True)
+    assert state is not None
+    selection, test, note, sel_note = held_out_sets(reg, gate, dataset, None, state.best_links())
+    delay = eval_gate_delay(state, gate, None, broker, live=answerer_name == "gateway")
+    grid = grid or grid_from_costs(
+        selection.costs,
+        float(selection.gate_seconds(delay).mean()) if isinstance(delay, GateDelay) else 0.0,
+    )
     bars = RouteBars()
     answerer = make_answerer(answerer_name, test, reg, broker, progress=bars, timeout_s=600)
     t0 = time.monotonic()
@@ -166,7 +180,7 @@ def one_eval(
             test,
             answerer,
             grid,
-            EvalSettings(k=k, seeds=seeds),
+            EvalSettings(k=k, seeds=seeds, gate=delay),
             test_note=note,
             selection_note=sel_note,
         )
@@ -216,7 +230,7 @@ def side_by_side(scores: Evaluation, gateway: Evaluation) -> str:
     for cs, cg in zip(s["cells"], g["cells"], strict=True):
         if cg["feasible"]:
             where = f"{cg['delay_limit']}, {cg['energy_limit']}"
-            for key in ("moe2", "smo_mv"):
+            for key in ("moe2", "smo_mv", "smo_plurality"):
                 lines.append(
                     row(cg["methods"][key]["label"], where, cs["methods"][key], cg["methods"][key])
                 )
@@ -342,7 +356,7 @@ def main() -> None:
     print(markdown(live))
     print(side_by_side(scores, live))
     s = scores.to_json()
-    singles = {k.split(":", 1)[1]: v for k, v in s["baselines"].items() if k.startswith("single:")}
+    singles = {k.split(":", 1)[1]: v for k, v in s["baselines"].items() if k.startswith("alone:")}
     print("## Reading aids\n")
     print(
         "best single expert: "

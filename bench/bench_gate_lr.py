@@ -50,6 +50,7 @@ def tiny_data(tmp: Path, per_domain: int) -> TrainData:
                         "tokenizer_hash": b.info.tokenizer_hash,
                         "tokens": ids,
                         "logprobs": b.score(prompt, ids),
+                        "prompt_tokens": len(prompt),
                     }
                 )
     reg.add_scores(rows)

@@ -23,6 +23,7 @@ class PromptInbox:
     def __init__(self, cfg: BrokerConfig, *, session_expiry_s: int = 0) -> None:
         self.client_id = f"inbox-{uuid.uuid4().hex[:8]}"
         self.topic = p.topics.client_answers(cfg.owner(self.client_id), self.client_id)
+        self.user = cfg.username  # on a broker with logins: prompts/<app>/<user>
         self.by_id: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.cond = threading.Condition()
         self.conn = Connection(cfg, self.client_id, session_expiry_s=session_expiry_s)
@@ -49,7 +50,8 @@ class PromptInbox:
             self._n += 1
             pid = f"{self.client_id}-{self._n}"
             body = {"id": pid, "prompt": prompt, "reply_to": self.topic, **fields}
-            self.conn.publish(p.topics.prompts(app), json.dumps(body).encode(), qos=1)
+            topic = p.topics.prompts(app, self.user)
+            self.conn.publish(topic, json.dumps(body).encode(), qos=1)
             ids.append(pid)
         return ids
 

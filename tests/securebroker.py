@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from moe2.shared.broker import free_port, wait_for_port
+from moe2.shared.errors import BrokerError
 from moe2.shared.mqtt import BrokerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE_DIR = REPO / "ansible"
-POOLS = {"agent": 32, "gateway": 10, "client": 10, "controller": 10}
-PREFIX = {"agent": "sa", "gateway": "sg", "client": "sc", "controller": "moe2ctl"}
+POOLS = {"agent": 32, "gateway": 16, "client": 24, "controller": 10, "http": 4}
+PREFIX = {"agent": "sa", "gateway": "sg", "client": "sc", "controller": "moe2ctl", "http": "sh"}
 
 
 class Unavailable(Exception):
@@ -202,7 +203,16 @@ class SecuredBroker:
 
 @contextmanager
 def running(tmp: Path) -> Iterator[SecuredBroker]:
-    sb = SecuredBroker.install(tmp).start()
+    # The port is picked before the role is applied (about a minute); on a shared machine
+    # another process may take it meanwhile: apply again on another one.
+    for attempt in range(3):
+        sb = SecuredBroker.install(tmp / f"try{attempt}")
+        try:
+            sb.start()
+            break
+        except BrokerError:
+            if "Address already in use" not in sb.log_tail() or attempt == 2:
+                raise
     try:
         yield sb
     finally:

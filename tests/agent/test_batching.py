@@ -19,6 +19,7 @@ from moe2.agent.batching import Scheduler
 from moe2.agent.config import AgentConfig
 from moe2.agent.llama import LlamaCppBackend
 from moe2.agent.service import AgentService
+from moe2.agent.tasks import ScoreMany
 from moe2.shared import protocol as p
 
 PROMPTS = ["the fox eats", "a young owl sleeps near the", "the cat", "the bird sings in the"]
@@ -191,6 +192,94 @@ def test_score_many_equals_scoring_each_sample_alone_and_keeps_errors_per_sample
             animals_backend.tokenize(s.prompt, add_bos=True), r.target_tokens
         )
         np.testing.assert_allclose(r.logprobs, direct, atol=1e-5)
+
+
+QUESTION = "a young owl sleeps near the"
+OPTIONS = [" old mill", " river", " cat eats the fish", " sea"]
+
+
+def test_a_four_option_question_evaluates_its_prompt_once(
+    service: AgentService, animals_backend: LlamaCppBackend
+) -> None:
+    job = Job(p.ScoreChoicesRequest(prompt=QUESTION, targets=OPTIONS))
+    sched = run_together(service, [job])
+    (reply,) = job.replies
+    assert isinstance(reply, p.ScoreChoicesReply), reply
+    prompt = animals_backend.tokenize(QUESTION, add_bos=True)
+    targets = [animals_backend.tokenize(o, add_bos=False) for o in OPTIONS]
+    assert reply.prompt_tokens == len(prompt) and reply.targets_tokens == targets
+    # the prompt once, then each option's tokens but its last (read from the row before it)
+    assert sched.decoded_tokens == len(prompt) + sum(len(t) - 1 for t in targets)
+    assert sched.ticks == 2  # the prompt, then every option side by side
+    for got, target in zip(reply.logprobs, targets, strict=True):
+        np.testing.assert_allclose(got, animals_backend.score(prompt, target), atol=1e-5)
+
+
+def test_score_many_shares_each_prompt_among_its_samples(
+    service: AgentService, animals_backend: LlamaCppBackend
+) -> None:
+    other = "the cat"
+    samples = [
+        *(p.ScoreSample(prompt=QUESTION, target=o) for o in OPTIONS),
+        p.ScoreSample(prompt=other, target=" sleeps in the forest ."),
+        p.ScoreSample(prompt=QUESTION, target=" owl"),  # the same prompt, further down
+        p.ScoreSample(prompt=other, target=" hunts"),
+    ]
+    job = Job(p.ScoreManyRequest(samples=samples))
+    sched = run_together(service, [job])
+    (reply,) = job.replies
+    assert isinstance(reply, p.ScoreManyReply), reply
+    prompts = {text: animals_backend.tokenize(text, add_bos=True) for text in (QUESTION, other)}
+    evaluated = sum(len(x) for x in prompts.values())
+    for s, r in zip(samples, reply.results, strict=True):
+        assert r.error is None and r.target_tokens is not None
+        assert s.prompt is not None
+        evaluated += len(r.target_tokens) - 1
+        want = animals_backend.score(prompts[s.prompt], r.target_tokens)
+        np.testing.assert_allclose(r.logprobs, want, atol=1e-5)
+    assert sched.decoded_tokens == evaluated
+
+
+def test_without_sharing_every_sample_evaluates_its_prompt(
+    service: AgentService, animals_backend: LlamaCppBackend
+) -> None:
+    # what collection cost before prompts were shared (bench/bench_promise.py compares)
+    prompt = animals_backend.tokenize(QUESTION, add_bos=True)
+    targets = [animals_backend.tokenize(o, add_bos=False) for o in OPTIONS]
+    def reply(results: list[p.ScoreResult]) -> p.ScoreManyReply:
+        return p.ScoreManyReply(results=results, compute_ms=0.0)
+
+    task = ScoreMany(animals_backend, [(prompt, t) for t in targets], reply, share=False)
+    job = Job(p.PingRequest())  # (any request: the task is given)
+    sched = Scheduler(animals_backend, lambda _req: task, lambda j, r: j.done(r))
+    sched.run(job)
+    assert sched.decoded_tokens == sum(len(prompt) + len(t) - 1 for t in targets)
+    (done,) = job.replies
+    assert isinstance(done, p.ScoreManyReply)
+    for r, t in zip(done.results, targets, strict=True):
+        np.testing.assert_allclose(r.logprobs, animals_backend.score(prompt, t), atol=1e-5)
+
+
+def test_without_a_shared_cache_the_options_still_score_right(tiny_models: dict[str, Path]) -> None:
+    # batching off: a context (a KV cache) per sequence, so nothing can be shared between
+    # them: each option evaluates the prompt again, with the same result
+    backend = LlamaCppBackend(
+        AgentConfig(model=tiny_models["animals"], n_threads=1, n_ctx=128, batching=False)
+    )
+    svc = AgentService("t", backend, max_sessions=2)
+    try:
+        job = Job(p.ScoreChoicesRequest(prompt=QUESTION, targets=OPTIONS))
+        sched = run_together(svc, [job])
+        (reply,) = job.replies
+        assert isinstance(reply, p.ScoreChoicesReply), reply
+        prompt = backend.tokenize(QUESTION, add_bos=True)
+        targets = [backend.tokenize(o, add_bos=False) for o in OPTIONS]
+        again = sum(len(prompt) for t in targets[:-1] if len(t) > 1)
+        assert sched.decoded_tokens == len(prompt) + again + sum(len(t) - 1 for t in targets)
+        for got, target in zip(reply.logprobs, targets, strict=True):
+            np.testing.assert_allclose(got, backend.score(prompt, target), atol=1e-5)
+    finally:
+        svc.close()
 
 
 def test_a_batch_over_the_kv_cache_fails_only_its_parts(tiny_models: dict[str, Path]) -> None:

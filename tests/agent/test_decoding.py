@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from moe2.agent.sampling import sampling_distribution
 from moe2.agent.service import AgentService
 from moe2.controller.experts.tiny import all_words, build_vocab, write_expert
 from moe2.shared import protocol as p
-from moe2.shared.errors import Busy, ContextOverflow, NoExperts
+from moe2.shared.errors import Busy, Cancelled, ContextOverflow, NoExperts
 from moe2.shared.mocktransport import MockTransport
 from moe2.shared.mqtt import BrokerConfig, RpcClient
 
@@ -340,6 +341,86 @@ def test_dropping_is_decided_by_error_codes(local: Local) -> None:
         run(rpc, local, weights, "the fox eats", 4, open_timeout_s=0.3)
 
 
+def test_a_busy_expert_is_asked_again_when_it_said(local: Local) -> None:
+    """An open answered ``busy`` with a retry-after is asked again after that time, not
+    sooner: with a retry-after beyond the open timeout the expert is dropped after one ask
+    (backing off alone would have asked again within 50 ms)."""
+
+    def refusing_once(after: float | None) -> Callable[[str, p.Message], p.Message | None]:
+        refused: list[str] = []
+
+        def handle(agent: str, request: p.Message) -> p.Message | None:
+            if agent == "k" and isinstance(request, p.OpenRequest) and not refused:
+                refused.append(agent)
+                raise Busy("every session in use", retry_after_s=after)
+            return local.handle(agent, request)
+
+        return handle
+
+    for after, opens in ((None, 2), (0.2, 2), (60.0, 1)):
+        transport = MockTransport(refusing_once(after))
+        with local.rpc(transport) as rpc:
+            result = run(rpc, local, {"a": 0.5, "k": 0.5}, "the fox eats", 3, open_timeout_s=5)
+        asked = [r for n, r in transport.requests if n == "k" and isinstance(r, p.OpenRequest)]
+        assert len(asked) == opens, after
+        assert [d.code for d in result.dropped] == ([] if opens == 2 else ["busy"])
+
+
+def test_every_request_carries_the_time_it_is_waited_for(local: Local) -> None:
+    """The agents are told when nobody waits for a request any more: never past the
+    prompt's deadline, nor past the open or round timeout."""
+    for decoding in ("per-token", "speculative"):
+        transport = MockTransport(local.handle)
+        with local.rpc(transport) as rpc:
+            gen = Generation(
+                rpc, local.infos, local.vocabs, {"a": 0.5, "k": 0.5},
+                GatewayConfig(decoding=decoding, step_timeout_s=2.0),
+                GREEDY, deadline=time.monotonic() + 20.0,
+            )  # fmt: skip
+            gen.run("the fox eats", 8)
+        for _, r in transport.requests:
+            if isinstance(r, p.CloseRequest):
+                continue  # a close goes on after the deadline
+            assert r.timeout_ms is not None and 0 < r.timeout_ms <= 20_000, r
+            if isinstance(r, p.StepRequest):
+                assert r.timeout_ms <= 2_000
+
+
+def test_an_open_answered_after_the_prompt_was_abandoned_is_closed(local: Local) -> None:
+    """The prompt is cancelled while one expert's open is still on its way: that session is
+    closed as soon as its open is answered, not left to the agent's idle reclaim."""
+    transport = MockTransport(local.handle)
+    cancelled = threading.Event()
+
+    def handle(agent: str, request: p.Message) -> p.Message | None:
+        reply = local.handle(agent, request)
+        if agent == "a" and isinstance(request, p.OpenRequest):
+            cancelled.set()  # the client cancels once a's session is open
+        return reply
+
+    transport.handler = handle
+    transport.freeze("k")  # its open waits
+    with local.rpc(transport) as rpc:
+        gen = Generation(
+            rpc, local.infos, local.vocabs, {"a": 0.5, "k": 0.5}, GatewayConfig(), GREEDY,
+            abandoned=cancelled.is_set,
+        )  # fmt: skip
+        with pytest.raises(Cancelled):
+            gen.run("the fox eats", 8)
+        transport.thaw("k")
+        for _ in range(200):  # bounded: 10 s
+            closes = [n for n, r in transport.requests if isinstance(r, p.CloseRequest)]
+            if sorted(closes) == ["a", "k"]:
+                break
+            time.sleep(0.05)
+        assert sorted(closes) == ["a", "k"]
+        for _ in range(200):
+            if len(local.services["k"].sessions) == 0:
+                break
+            time.sleep(0.05)
+        assert len(local.services["a"].sessions) == len(local.services["k"].sessions) == 0
+
+
 @pytest.mark.parametrize("decoding", ["per-token", "speculative", "tree", "auto"])
 def test_every_request_sent_twice_applies_once(local: Local, decoding: str) -> None:
     """As after a reconnect, every request is sent a second time right after the first (the
@@ -353,8 +434,8 @@ def test_every_request_sent_twice_applies_once(local: Local, decoding: str) -> N
     with local.rpc(transport) as rpc:
         send = rpc.call_async
 
-        def twice(agent: str, request: Any) -> Any:
-            fut = send(agent, request)
+        def twice(agent: str, request: Any, **when: Any) -> Any:
+            fut = send(agent, request, **when)
             rpc.resend(agent)  # every call still waiting on this agent, again
             return fut
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from moe2.agent.gateway.gate import PROBE_TEXTS
 from moe2.agent.gateway.onnxgate import OnnxGate
 from moe2.controller import datasets as ds
 from moe2.controller.cli import main as moe2ctl
@@ -20,11 +22,14 @@ from moe2.controller.gate.cli import export_gate, train_gate
 from moe2.controller.gate.config import TrainConfig
 from moe2.controller.gate.export import gate_files
 from moe2.controller.localfleet import LocalFleet
+from moe2.controller.push import report
 from moe2.controller.registry import Registry
 from moe2.controller.registry.sync import online_experts, sync_once
 from moe2.shared import protocol as p
 from moe2.shared.client import PromptClient
 from moe2.shared.desired import DesiredState
+from moe2.shared.errors import ConfigError, NotAcknowledged
+from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient
 
 FAST = TrainConfig(
@@ -73,6 +78,8 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
             f"{app}={a},{c}:2",
             "--serve-app",
             f"{other}={a},{c}:2",
+            "--gateway-stats-interval-s",
+            "0.5",
         )
         fleet.wait_online([a, c, gw], 60)
 
@@ -110,6 +117,23 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
                 assert got == pytest.approx(want, abs=1e-6)  # the pushed gate's values
                 assert got[home] > 0.6  # routed to the expert of the prompt's domain
 
+            # What the gate takes here: timed at load, then on the prompts it gates (re-
+            # announced), the figure the controller promises as τ_gate.
+            latency = acks[gw].latency
+            assert latency is not None and latency.unit == "s" and acks[gw].latency_prompts == 0
+            assert latency.n_points >= len(PROBE_TEXTS) and latency.at(16) > 0
+            answer = client.ask(app, cooking, max_tokens=2)
+            assert answer.gate_ms is not None and 0 < answer.gate_ms < answer.latency_ms
+            deadline = time.monotonic() + 20
+            while True:
+                state = FleetView.snapshot(broker_config, ("gateway", "gate_ack"), 2.0)
+                found = state.gate_latency(row.version)
+                if found is not None and found[1] > 0:
+                    break
+                assert time.monotonic() < deadline, found
+                time.sleep(0.3)
+            assert found[0].n_points >= len(PROBE_TEXTS) + found[1]
+
             # A reference that does not match the manifest: rejected, never used.
             bad = p.GateManifest(**(manifest.model_dump() | {"version": f"bad-{tag}"}))
             with DesiredState(broker_config) as desired:
@@ -118,6 +142,29 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
                 desired.push_assignment(other, [a, c], 2, gate=wrong, wait_s=0)
             ack = wait_ack(broker_config, gw, bad.version, 30)
             assert ack.state == "rejected" and "does not match" in (ack.reason or "")
+            # Accepted, but the only gateway rejected its gate (files that are no gate): the
+            # push is not a success (push-gate exits 4).
+            from moe2.shared.protocol.gates import blob_ref
+
+            junk = {role: f"not a gate file: {role} {tag}".encode() for role in blobs}
+            broken = p.GateManifest(
+                **(
+                    manifest.model_dump()
+                    | {
+                        "version": f"junk-{tag}",
+                        "files": [blob_ref(r, d).model_dump() for r, d in junk.items()],
+                    }
+                )
+            )
+            with DesiredState(broker_config) as desired:
+                (again,) = desired.push_gate(broken, junk, [(other, [a, c], 2)], wait_s=30)
+            assert again.accepted == [gw] and again.gate_acks[gw].state == "rejected"
+            with pytest.raises(NotAcknowledged, match="loaded gate"):
+                report([again], as_json=True)
+            assert weights(client, other, cooking) == pytest.approx({a: 0.5, c: 0.5})
+            # An expert the gate was not trained on is refused before anything is published.
+            with DesiredState(broker_config) as desired, pytest.raises(ConfigError, match=gw):
+                desired.push_gate(manifest, blobs, [(other, [a, gw], 2)], wait_s=1)
             assert weights(client, other, cooking) == pytest.approx({a: 0.5, c: 0.5})
             assert weights(client, app, cooking)[c] > 0.6  # the good gate still serves
 

@@ -108,7 +108,7 @@ def test_the_broker_refuses_an_oversized_prompt_before_anyone_parses_it(
     client, gw = sb.take("client"), sb.take("gateway")
     got: list[int] = []
     with Connection(sb.config(gw), f"gw-{uuid.uuid4().hex[:6]}") as gconn:
-        gconn.subscribe("moe2/v1/prompts/+", lambda m: got.append(len(m.payload)))
+        gconn.subscribe("moe2/v1/prompts/#", lambda m: got.append(len(m.payload)))
         time.sleep(0.3)
         # keepalive 60: sending 20 MB over TLS on a busy machine outlasts the default 2 s.
         # QoS 0: at QoS 1 mosquitto answers with reason 0x95, which paho takes for a
@@ -116,25 +116,32 @@ def test_the_broker_refuses_an_oversized_prompt_before_anyone_parses_it(
         # client only hurts itself; the gateway never sees the message either way).
         slow = sb.config(client).model_copy(update={"keepalive": 60})
         with Connection(slow, f"c-{uuid.uuid4().hex[:6]}") as conn:
-            conn.publish(p.topics.prompts("qa"), b"x" * 20_000_000, qos=0).wait_for_publish(60)
-            assert conn.publish_acked(p.topics.prompts("qa"), b"{}")  # small ones pass
+            mine = p.topics.prompts("qa", client)
+            conn.publish(mine, b"x" * 20_000_000, qos=0).wait_for_publish(60)
+            assert conn.publish_acked(mine, b"{}")  # small ones pass
         time.sleep(0.5)
     assert got == [2]  # the small prompt only
     assert got == [2]
 
 
 def test_the_acl_binds_every_role_to_what_it_may_write(secured_broker: Any) -> None:
-    """Defects 3 and 6: an agent user writes only its own topics and its own RPC replies (it
-    cannot mark another agent offline, answer for another or write desired state); a gateway
-    user cannot write desired state or gates (before, the gateway role had moe2/v1/#); a
-    client reads only its own replies."""
+    """Defects 3 and 6 of issue 12, and issue 20: an agent user writes only its own info,
+    status and profile and its own RPC replies (it cannot mark another agent offline, answer
+    for another, write desired state, acknowledge an assignment or announce itself a
+    gateway); a gateway user cannot write desired state or gates; a client asks and cancels
+    only under its own name (prompts/<app>/<user>, cancel/<app>/<user>) and reads only its
+    own replies; moe2-http's login (role http) as a client, plus its fleet view's marker,
+    and nothing of the fleet's. Each write rule of
+    ``moe2_broker_acl_roles`` is used here as allowed, and its neighbours as refused (the
+    read rules are what the agents, gateways and clients of the other tests live on)."""
     sb = secured_broker
-    agent, other, gw, client, stranger = (
+    agent, other, gw, client, stranger, front = (
         sb.take("agent"),
         sb.take("agent"),
         sb.take("gateway"),
         sb.take("client"),
         sb.take("client"),
+        sb.take("http"),
     )
     denied = {
         agent: [
@@ -143,25 +150,66 @@ def test_the_acl_binds_every_role_to_what_it_may_write(secured_broker: Any) -> N
             p.topics.rpc_reply(gw, other),
             p.topics.desired_app("qa"),
             p.topics.prompts("qa"),
+            p.topics.prompts("qa", agent),
+            p.topics.gateway_status(agent),
+            p.topics.assignment_ack(agent, "qa"),
+            p.topics.gate_ack(agent, "g1"),
+            p.topics.gateway_links(agent),
+            p.topics.gateway_stats(agent),
+            p.topics.agent_rpc(other),
         ],
         gw: [
             p.topics.desired_app("qa"),
             p.topics.gate_manifest("g1"),
             p.topics.blob_chunk("a" * 64, 0),
             p.topics.agent_info(other),
+            p.topics.gateway_status(other),
             "phone/7/answers",
         ],
-        client: [p.topics.agent_rpc(other), p.topics.replies(stranger) + "/answers"],
+        client: [
+            p.topics.agent_rpc(other),
+            p.topics.replies(stranger) + "/answers",
+            p.topics.prompts("qa"),  # the publisher's name is not in the topic
+            p.topics.prompts("qa", stranger),  # another's
+            p.topics.prompts("qa", client) + "/x",
+            p.topics.cancel("qa"),
+            p.topics.cancel("qa", stranger),
+        ],
+        front: [
+            p.topics.prompts("qa"),
+            p.topics.prompts("qa", client),
+            p.topics.cancel("qa"),
+            p.topics.cancel("qa", client),
+            p.topics.replies(client) + "/answers",
+            p.topics.replies(front) + "/answers",  # only its marker in its own replies
+            p.topics.desired_app("qa"),
+            p.topics.gateway_status(gw),
+            p.topics.agent_status(other),
+            p.topics.agent_rpc(other),
+        ],
     }
     allowed = {
-        agent: [p.topics.agent_status(agent), p.topics.rpc_reply(gw, agent)],
-        # a gateway publishes again the prompts a crashed one left behind (adopt.py)
+        agent: [
+            p.topics.agent_status(agent),
+            p.topics.agent_info(agent),
+            p.topics.agent_profile(agent),
+            p.topics.rpc_reply(gw, agent),
+        ],
         gw: [
             p.topics.agent_rpc(other),
             p.topics.replies(client) + "/answers",
+            # a gateway publishes again the prompts a crashed one left behind (adopt.py)
             p.topics.prompts("qa"),
+            p.topics.prompts("qa", client),
+            p.topics.gateway_status(gw),
+            p.topics.assignment_ack(gw, "qa"),
         ],
-        client: [p.topics.prompts("qa")],
+        client: [p.topics.prompts("qa", client), p.topics.cancel("qa", client)],
+        front: [
+            p.topics.prompts("qa", front),
+            p.topics.cancel("qa", front),
+            p.topics.sync_marker(front, "moe2-http-x"),
+        ],
     }
     for user, topics in denied.items():
         with Connection(sb.config(user), f"t-{uuid.uuid4().hex[:6]}") as conn:
@@ -170,6 +218,19 @@ def test_the_acl_binds_every_role_to_what_it_may_write(secured_broker: Any) -> N
                     conn.publish_acked(topic, b"{}", retain=False)
             for topic in allowed[user]:
                 conn.publish_acked(topic, b"{}")  # no subscriber is fine; no refusal
+    # moe2-http's fleet view gets in sync (its marker comes back) and reads what admission
+    # needs: the gateways' status and announced capacity.
+    status = p.GatewayStatus(gateway=gw, state="online", apps={"qa": 0}, max_concurrent=2)
+    with Connection(sb.config(gw), f"g-{uuid.uuid4().hex[:6]}") as gconn:
+        gconn.publish_acked(p.topics.gateway_status(gw), p.encode(status), retain=True)
+        try:
+            hconn = Connection(sb.config(front), f"h-{uuid.uuid4().hex[:6]}")
+            view = FleetView(hconn, ("info", "status", "gateway", "desired_app"))
+            with hconn:
+                assert view.synced.wait(30), "moe2-http's fleet view never got its marker"
+                assert view.copy().gateway[gw].capacity == 2
+        finally:
+            gconn.publish_acked(p.topics.gateway_status(gw), b"", retain=True)
     # A client subscribing to another's replies gets nothing of them.
     seen: list[str] = []
     with Connection(sb.config(stranger), f"s-{uuid.uuid4().hex[:6]}") as spy:
@@ -252,8 +313,9 @@ def test_phones_get_answers_on_the_secured_broker(
     reader.start()
     assert subscribed.wait(30), lines
     body = {"id": "p1", "prompt": "the fox eats", "reply_to": reply_to, "max_tokens": 8}
+    asked = f"moe2/v1/prompts/zoo/{phone}"  # on a fleet's broker a phone asks under its name
     subprocess.run(
-        ["mosquitto_pub", *sb.cli_args(phone), "-t", "moe2/v1/prompts/zoo", "-m", json.dumps(body)],
+        ["mosquitto_pub", *sb.cli_args(phone), "-t", asked, "-m", json.dumps(body)],
         check=True,
         timeout=30,
     )
@@ -302,7 +364,7 @@ def test_phones_get_answers_on_the_secured_broker(
         time.sleep(0.3)
         bad = {"id": "p2", "prompt": "the fox", "reply_to": "phone/7/answers"}
         conn.publish_acked(
-            p.topics.prompts("zoo"),
+            p.topics.prompts("zoo", phone),
             json.dumps(bad).encode(),
             properties=response_properties(f"moe2/v1/replies/{phone}/r", b"c2"),
         )

@@ -68,6 +68,13 @@ def test_the_demo_runs_the_pipeline_and_moe2_beats_its_baselines(tmp_path: Path)
     ev = facts["evaluation"]
     assert ev["moe2_all"] > ev["best_single"] and ev["moe2_all"] > ev["vote_all"]
     assert all(c["feasible"] for c in ev["cells"])
+    # the summary says whether every cell kept its limits, as the cells do, and how close the
+    # measured costs came to the promise (kept or not is a timing: the bench reports it)
+    broken = [c for c in ev["cells"] if c["over"]]
+    said = "no 'over' cell" if not broken else f"limits broken in {len(broken)} of"
+    assert said in out
+    assert "MoE² measured / promised: delay" in out
+    assert all(c["delay_ratio"] > 0 and c["energy_ratio"] > 0 for c in ev["cells"])
     assert facts["optimise"]["accepted_by"] and facts["gate"]["loaded_by"]
     assert "energy modelled" in facts["costs"]
     # everything it started is stopped
@@ -117,6 +124,48 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     assert "interrupted: every process the demo started has been stopped" in text
     for pid in pids:
         assert _gone(pid), (pid, text[-2000:])
+
+
+@pytest.mark.timeout(900)
+def test_a_demo_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path) -> None:
+    """SIGKILL runs none of the demo's cleanup: its broker and agents must go by themselves
+    (each child asked the kernel for a signal when its parent dies)."""
+    (tmp_path / "none.toml").write_text("")
+    proc = subprocess.Popen(
+        _demo(tmp_path),
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reached = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "scores: every expert" in line:
+                reached.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert reached.wait(600), "".join(lines)[-3000:]
+        pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(lines))]
+        assert len(pids) == 5, "".join(lines)  # the broker and four agents
+        assert all(not _gone(pid, 0.1) for pid in pids)  # running
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    for pid in pids:
+        assert _gone(pid, 20.0), (pid, "".join(lines)[-2000:])
 
 
 @pytest.mark.parametrize("flag", ["--fleet", "--device-class"])

@@ -5,6 +5,7 @@ in gate training, the optimizer and evaluation."""
 from __future__ import annotations
 
 import math
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,21 @@ from tinyfleet import register_experts
 
 from moe2.agent.backend import ModelInfo
 from moe2.controller import datasets as ds
+from moe2.controller.collect import collect
 from moe2.controller.evaluate.answerer import Question, Route, ScoreAnswerer
+from moe2.controller.experts.domains import all_words
+from moe2.controller.experts.tiny import build_vocab, write_expert
 from moe2.controller.gate.train import TrainData
+from moe2.controller.localfleet import LocalFleet
 from moe2.controller.mixing import SEQUENCE, TOKEN, level_of, mix, mixture_loglik
 from moe2.controller.optimize.fromregistry import scored_set
 from moe2.controller.optimize.objective import Evaluator
 from moe2.controller.registry import Registry
+from moe2.controller.registry.sync import online_experts, sync_once
+from moe2.shared import mixing as shared_mixing
+from moe2.shared.client import PromptClient
 from moe2.shared.errors import ConfigError
+from moe2.shared.mqtt import BrokerConfig, RpcClient
 
 LLAMA, QWEN = "hash-llama", "hash-qwen"
 
@@ -69,6 +78,7 @@ def reg(tmp_path: Path) -> Registry:
                         "tokenizer_hash": hashes[e],
                         "tokens": [5, 6],
                         "logprobs": logp[e][i][o],
+                        "prompt_tokens": 3,
                     }
                 )
     r.add_scores(rows)
@@ -129,3 +139,71 @@ def test_training_the_optimizer_and_evaluation_mix_alike(reg: Registry) -> None:
         got = answerer.answer(qs, Route(tuple(experts), n, "uniform"))
         want = reference.option_loglik(log_w).argmax(1)
         assert [a.choice for a in got] == want.tolist()
+
+
+def test_the_level_is_decided_over_the_experts_mixed_as_the_gateway_decides_it(
+    reg: Registry,
+) -> None:
+    """a and b share a vocabulary, c has another: all three mix per sequence, but a and b
+    alone mix per token, in the controller as in the gateway (the one function)."""
+    whole = mix(reg.score_table("mix", ["a", "b", "c"]), "mix")
+    assert not whole.per_token.any()
+    half = math.log(0.5)
+    log_w = np.array([[half, half, -math.inf]] * 2)  # a and b, equal weights; c left out
+    got = whole.option_loglik(log_w)
+    pair = mix(reg.score_table("mix", ["a", "b"]), "mix").option_loglik(np.full((2, 2), half))
+    np.testing.assert_allclose(got, pair)
+    # what the gateway computes from the same scores (choices.py: the chosen experts' hashes)
+    table = reg.score_table("mix", ["a", "b"])
+    level = shared_mixing.level_of([frozenset({LLAMA}), frozenset({LLAMA})])
+    assert level == TOKEN
+    for i in range(2):
+        for o in range(2):
+            u = shared_mixing.units(table.logp[i][o], level, "q")
+            want = shared_mixing.mixture_loglik(np.full((2, 1), half), u)
+            assert got[i, o] == pytest.approx(float(want))
+    # with c in, per sequence: the product of each expert's token probabilities is mixed
+    every = whole.option_loglik(np.full((2, 3), math.log(1 / 3)))
+    seq = np.log(np.exp(whole.raw[0, 0].sum(axis=1)).mean())  # type: ignore[union-attr]
+    assert every[0, 0] == pytest.approx(seq)
+
+
+def test_a_mixed_family_fleet_answers_alike_in_the_controller_and_the_gateway(
+    broker_config: BrokerConfig,
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """Three live experts: animals and cooking on one vocabulary, a cooking expert on another.
+    The gateway serves animals + cooking: it mixes their scores per token; the controller, on
+    the scores stored for all three, must fuse that subset per token too and pick the same
+    option with the same log-likelihoods (it used to mix per sequence: all three's level)."""
+    words = (*all_words(), "aardvark", "abacus")
+    other = write_expert(tmp_path / "tiny-cooking-other.gguf", "cooking", vocab=build_vocab(words))
+    a, k, o = (f"{x}-{uuid.uuid4().hex[:6]}" for x in ("ani", "coo", "oth"))
+    reg = Registry.open(f"sqlite:///{tmp_path / 'live.db'}")
+    samples = ds.tiny_domains(("animals", "cooking"), 6, seed=7, choices=3)
+    reg.add_dataset("fam", ds.CHOICE, "tiny", samples)
+    with LocalFleet(broker_config, tmp_path / "fleet") as fleet:
+        common = ("--n-threads", "1", "--no-profile-on-start")
+        fleet.start(a, tiny_models["animals"], *common)
+        fleet.start(k, tiny_models["cooking"], *common)
+        fleet.start(o, other, *common, "--serve-app", f"fam={a},{k}:2")
+        fleet.wait_online([a, k, o], 60)
+        sync_once(reg, broker_config)
+        online = {e: i for e, i in online_experts(reg).items() if e in (a, k, o)}
+        with RpcClient(broker_config, timeout=30) as rpc:
+            assert collect(reg, rpc, "fam", online).complete
+        with PromptClient(broker_config) as client:
+            answers = [client.choose("fam", s.prompt, list(s.targets), timeout=30) for s in samples]
+    whole = mix(reg.score_table("fam", [a, k, o]), "fam")
+    reg.close()
+    assert not whole.per_token.any()  # the three together: per sequence
+    half = math.log(0.5)
+    log_w = np.array([[half, half, -math.inf]] * len(samples))
+    ll = whole.option_loglik(log_w)
+    for i, answer in enumerate(answers):
+        assert answer.mixing == "token"
+        assert {e.id for e in answer.experts} == {a, k}
+        # batched scoring on F32 tiny experts sums in another order: up to ~1e-3 apart
+        np.testing.assert_allclose(answer.logprobs, ll[i, : len(answer.logprobs)], atol=2e-3)
+        assert answer.choice == int(np.argmax(ll[i]))

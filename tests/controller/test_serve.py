@@ -308,7 +308,8 @@ def _slower(prof: p.AgentProfile, factor: float) -> p.AgentProfile:
         return curve.model_copy(update={"coef": [c * factor for c in curve.coef]})
 
     c = prof.curves
-    curves = c.model_copy(
-        update={"prompt_seconds": scale(c.prompt_seconds), "token_seconds": scale(c.token_seconds)}
-    )
+    slow = {"prompt_seconds": scale(c.prompt_seconds), "token_seconds": scale(c.token_seconds)}
+    if c.score_seconds is not None:  # a multiple-choice answer's options are scored
+        slow["score_seconds"] = scale(c.score_seconds)
+    curves = c.model_copy(update=slow)
     return prof.model_copy(update={"curves": curves, "profiled_at": time.time()})

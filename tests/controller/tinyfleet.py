@@ -43,6 +43,7 @@ def score_directly(reg: Registry, dataset: str, backends: Mapping[str, LlamaCppB
                         "tokenizer_hash": b.info.tokenizer_hash,
                         "tokens": ids,
                         "logprobs": b.score(prompt, ids),
+                        "prompt_tokens": len(prompt),
                     }
                 )
     reg.add_scores(rows)

@@ -108,6 +108,12 @@ class Sequence(abc.ABC):
     def truncate(self, n: int) -> None:
         """Forget everything after the first ``n`` tokens."""
 
+    def share(self, source: Sequence, n: int) -> bool:
+        """Make this empty sequence's history the first ``n`` tokens of ``source`` without
+        evaluating them again, when the backend can copy one sequence's KV cache to another
+        (llama.cpp: sequences of one context). False when it cannot: evaluate them instead."""
+        return False
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the KV cache."""

@@ -560,6 +560,21 @@ class LlamaSequence(Sequence):
             raise ModelError("extend needs at least one token")
         return self.evaluate(tokens, [len(tokens) - 1])[0]
 
+    def share(self, source: Sequence, n: int) -> bool:
+        # One context's sequences share its KV cells: copying tags the source's first n cells
+        # with this sequence's id too (no tensor copy); later tokens of either are their own.
+        if (
+            not isinstance(source, LlamaSequence)
+            or self._ctx is None
+            or source._ctx is not self._ctx
+            or self._tokens
+            or not 0 < n <= len(source._tokens)
+        ):
+            return False
+        llama_cpp.llama_memory_seq_cp(self._ctx.mem, source.seq_id, self.seq_id, 0, n)
+        self._tokens = source._tokens[:n]
+        return True
+
     def truncate(self, n: int) -> None:
         if n < len(self._tokens) and self._ctx is not None:
             llama_cpp.llama_memory_seq_rm(self._ctx.mem, self.seq_id, n, -1)

@@ -64,8 +64,10 @@ class ProfileCancelled(Cancelled):
 class _Run:
     prompt_s: float  # whole prompt, seconds
     token_s: float  # per generated token, seconds
+    score_s: float  # the prompt's tokens scored (a distribution after each), seconds
     prompt_j: float  # whole prompt, joules
     token_j: float  # per generated token, joules
+    score_j: float  # the prompt's tokens scored, joules
     tokens: int  # tokens generated
     source: MeterSource  # what the meter's readings said produced the joules
     scope: str
@@ -83,6 +85,11 @@ def prompt_tokens_for(backend: ModelBackend, length: int) -> list[int]:
     return (prefix + body)[:length]
 
 
+# Distributions one scoring pass may return at once, in floats (as the agent's scoring ticks:
+# ``batching.MAX_LOGIT_FLOATS``): a long profile prompt is scored in chunks of that many rows.
+SCORE_LOGIT_FLOATS = 16 << 20
+
+
 def _measure(
     backend: ModelBackend,
     meter: Meter,
@@ -90,8 +97,13 @@ def _measure(
     decode_tokens: int,
     max_runs_per_window: int,
     clock: Callable[[], float],
+    between: Callable[[], None] = lambda: None,
 ) -> _Run:
+    """One run at one prompt length: the prompt, the same tokens scored, then decoding, each
+    in a meter window of its own; ``between`` runs between two windows (the agent serves
+    waiting requests there), so a request waits one window at most."""
     room = backend.info.n_ctx - len(prompt)
+    chunk = max(1, SCORE_LOGIT_FLOATS // max(1, backend.info.n_vocab))
     seq = backend.new_sequence()
     try:
         # Prompt: repeat the evaluation inside one meter window until it is long enough to
@@ -108,6 +120,29 @@ def _measure(
             if clock() - window_start >= meter.min_window_s or len(times) >= max_runs_per_window:
                 break
         prompt_reading = meter.stop()
+        between()
+
+        # Scoring: the same tokens with a distribution after every one (teacher-forced
+        # scores, a multiple-choice answer's options), in chunks that bound the rows held at
+        # once, as the agent scores; in a window of its own likewise.
+        score_times: list[float] = []
+        meter.start()
+        window_start = clock()
+        while True:
+            seq.truncate(0)
+            t0 = clock()
+            for pos in range(0, len(prompt), chunk):
+                part = prompt[pos : pos + chunk]
+                seq.evaluate(part, range(len(part)))
+            score_times.append(clock() - t0)
+            if (
+                clock() - window_start >= meter.min_window_s
+                or len(score_times) >= max_runs_per_window
+            ):
+                break
+        score_reading = meter.stop()
+        between()
+        seq.truncate(len(prompt))  # (the prompt's history, as the prompt pass left it)
 
         # Decode greedily; past decode_tokens only while the window is still too short.
         n = 0
@@ -120,16 +155,16 @@ def _measure(
         decode_reading = meter.stop()
     finally:
         seq.close()
-    if prompt_reading.source != decode_reading.source:
-        raise MeterError(
-            f"the meter changed its source from {prompt_reading.source} to "
-            f"{decode_reading.source} while profiling"
-        )
+    sources = {r.source for r in (prompt_reading, score_reading, decode_reading)}
+    if len(sources) != 1:
+        raise MeterError(f"the meter changed its source while profiling: {sorted(sources)}")
     return _Run(
         prompt_s=statistics.fmean(times),
         token_s=decode_s / n,
+        score_s=statistics.fmean(score_times),
         prompt_j=prompt_reading.joules / len(times),
         token_j=decode_reading.joules / n,
+        score_j=score_reading.joules / len(score_times),
         tokens=n,
         source=prompt_reading.source,
         scope=prompt_reading.scope,
@@ -193,6 +228,7 @@ def profile_backend(
                     settings.decode_tokens,
                     settings.max_runs_per_window,
                     clock,
+                    between,
                 )
             )
         all_runs += runs
@@ -204,6 +240,8 @@ def profile_backend(
                 token_seconds=[r.token_s for r in runs],
                 prompt_joules=[r.prompt_j for r in runs],
                 token_joules=[r.token_j for r in runs],
+                score_seconds=[r.score_s for r in runs],
+                score_joules=[r.score_j for r in runs],
             )
         )
 
@@ -243,6 +281,7 @@ def fit_points(points: Sequence[ProfilePoint]) -> CostCurves:
     attention over the prompt grows as L^2, which shows on long prompts."""
 
     def fit(attr: str, unit: str, may_bend: bool) -> CostCurve:
+        # (a point without scores, from an older agent, leaves the score curves out)
         xs = [p.prompt_tokens for p in points for _ in getattr(p, attr)]
         ys = [v for p in points for v in getattr(p, attr)]
         line = fit_curve(xs, ys, unit=unit, relative=True)
@@ -251,11 +290,14 @@ def fit_points(points: Sequence[ProfilePoint]) -> CostCurves:
         bent = fit_curve(xs, ys, unit=unit, degree=2, relative=True)
         return bent if bent.rel_residual_std <= line.rel_residual_std / 2 else line
 
+    scored = all(p.score_seconds is not None and p.score_joules is not None for p in points)
     return CostCurves(
         prompt_seconds=fit("prompt_seconds", "s", may_bend=True),
         token_seconds=fit("token_seconds", "s", may_bend=False),
         prompt_joules=fit("prompt_joules", "J", may_bend=True),
         token_joules=fit("token_joules", "J", may_bend=False),
+        score_seconds=fit("score_seconds", "s", may_bend=True) if scored else None,
+        score_joules=fit("score_joules", "J", may_bend=True) if scored else None,
     )
 
 
@@ -358,11 +400,16 @@ def estimate_profile(
     lengths = settings.lengths_for(n_ctx)
     prompt = [estimate_prompt(model, figures, n) for n in lengths]
     token = [estimate_decode_token(model, figures, n + 1) for n in lengths]
+    prompt_s = fit_curve(lengths, [c.seconds for c in prompt], unit="s")
+    prompt_j = fit_curve(lengths, [c.joules for c in prompt], unit="J")
     curves = CostCurves(
-        prompt_seconds=fit_curve(lengths, [c.seconds for c in prompt], unit="s"),
+        prompt_seconds=prompt_s,
         token_seconds=fit_curve(lengths, [c.seconds for c in token], unit="s"),
-        prompt_joules=fit_curve(lengths, [c.joules for c in prompt], unit="J"),
+        prompt_joules=prompt_j,
         token_joules=fit_curve(lengths, [c.joules for c in token], unit="J"),
+        # eq. 4 has no term for the distributions scoring reads: a scored token as a prompt's
+        score_seconds=prompt_s,
+        score_joules=prompt_j,
     )
     return AgentProfile(
         agent_id=agent_id,
@@ -388,9 +435,12 @@ def stability(profiles: Sequence[AgentProfile], lengths: Sequence[int]) -> dict[
         raise ValueError("stability needs at least two profiles")
     out: dict[str, float] = {}
     for name in CostCurves.model_fields:
+        curves = [getattr(p.curves, name) for p in profiles]
+        if any(c is None for c in curves):  # a profile without score curves
+            continue
         worst = 1.0
         for n in lengths:
-            values = [getattr(p.curves, name).at(n) for p in profiles]
+            values = [c.at(n) for c in curves]
             lo, hi = min(values), max(values)
             worst = max(worst, hi / lo if lo > 0 else math.inf)
         out[name] = worst

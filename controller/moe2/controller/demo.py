@@ -180,6 +180,7 @@ def demo(
 ) -> None:
     """The whole pipeline on this machine: broker, fleet, profiles, scores, gate, subsets,
     prompts from a client, and MoE² against its baselines through the gateway."""
+    _check_installed()
     report = Report(fleet)
     stack = contextlib.ExitStack()
     stop = _Stop()
@@ -215,6 +216,16 @@ def demo(
     _summary(report)
     if as_json:
         click.echo(json.dumps({"fleet": report.fleet, "steps": report.steps, **report.facts}))
+
+
+def _check_installed() -> None:
+    """Before anything starts: the demo runs agents (moe2-edge-agent, whose gateway loads
+    the ONNX gate) and trains a gate (torch): the 'demo' extra brings both."""
+    from moe2.controller.extras import require
+
+    require("moe2.agent", "demo", "the demo (it runs moe2-agent processes)")
+    require("onnxruntime", "demo", "the demo (its gateway runs the trained gate)")
+    require("torch", "demo", "the demo (it trains a gate)")
 
 
 def _pipeline(
@@ -436,7 +447,7 @@ def _gate(reg: Any, broker: BrokerConfig, dataset: str, experts: list[str], k: i
     from moe2.controller.gate.cli import export_gate, train_gate
     from moe2.controller.gate.config import TrainConfig
     from moe2.controller.gate.export import gate_files
-    from moe2.shared.desired import DesiredState
+    from moe2.controller.options import desired_state
 
     say("training (sentence embeddings, then the gate head) ...")
     row, result = train_gate(reg, dataset, None, TrainConfig())
@@ -455,12 +466,16 @@ def _gate(reg: Any, broker: BrokerConfig, dataset: str, experts: list[str], k: i
     manifest, diff = export_gate(reg, row.version, [s.prompt for s in reg.samples(dataset)][-16:])
     say(f"ONNX export checked against torch: max difference {diff:.1e}")
     files = {role: path.read_bytes() for role, path in gate_files(Path(row.artefact_dir)).items()}
-    with DesiredState(broker) as desired:
+    with desired_state(broker) as desired:
         (pushed,) = desired.push_gate(manifest, files, [(APP, experts, min(k, len(experts)))])
     loaded = sorted(g for g, a in pushed.gate_acks.items() if a.state == "loaded")
     say(f"pushed to app {APP!r} v{pushed.assignment.version}: gate loaded by {', '.join(loaded)}")
     if not loaded:
         raise Moe2Error(f"no gateway loaded the gate: {pushed.summary()}")
+    latency = [a.latency for a in pushed.gate_acks.values() if a.latency is not None]
+    if latency:
+        at = [f"{1e3 * c.at(n):.1f}" for n in (8, 64) for c in latency[:1]]
+        say(f"the gateway runs it in {at[0]} ms on an 8-token prompt, {at[1]} ms on 64 (τ_gate)")
     return {"version": row.version, "test_accuracy": acc(test["gate"]), "loaded_by": loaded}
 
 
@@ -490,7 +505,7 @@ def _optimise(
         budget,
         k=k,
         gate_version=gate,
-        gate_delay=0.004,
+        gate_delay=None,  # what the gateway measured running the gate
         solver="smo",
         epsilon=None,
         time_limit=None,
@@ -541,17 +556,20 @@ def _evaluate(
     gate: str,
     answerer_kind: str = "gateway",
 ) -> dict[str, Any]:
-    from moe2.controller.evaluate.cli import RouteBars, held_out_sets, make_answerer, measured_links
+    from moe2.controller.evaluate.cli import RouteBars, fleet_figures, held_out_sets, make_answerer
     from moe2.controller.evaluate.report import markdown
     from moe2.controller.evaluate.run import EvalSettings, Grid, evaluate
+    from moe2.controller.optimize.fromregistry import gate_delay_of
 
-    links = measured_links(broker, required=True)
-    selection, test, test_note, sel_note = held_out_sets(reg, gate, None, None, links)
+    state = fleet_figures(broker, required=True)
+    assert state is not None
+    selection, test, test_note, sel_note = held_out_sets(reg, gate, None, None, state.best_links())
     per_expert = np.sort(selection.costs.energy.mean(axis=0))
     energies = sorted(
         {round(float(per_expert[: n + 1].sum()) * 1.05, 4) for n in range(len(per_expert) - 1)}
     )
     grid = Grid((None,), (*energies, None))
+    gate_delay = gate_delay_of(state, gate)
     bars = RouteBars()
     answerer = make_answerer(answerer_kind, test, reg, broker, progress=bars)
     if answerer_kind != "gateway":
@@ -563,7 +581,7 @@ def _evaluate(
         test,
         answerer,
         grid,
-        EvalSettings(k=k, seeds=3),
+        EvalSettings(k=k, seeds=3, gate=gate_delay),
         test_note=test_note,
         selection_note=sel_note,
     )
@@ -573,7 +591,7 @@ def _evaluate(
     out = result.to_json()
     base = out["baselines"]
     best = max(
-        (m for key, m in base.items() if key.startswith("single:")), key=lambda m: m["accuracy"]
+        (m for key, m in base.items() if key.startswith("alone:")), key=lambda m: m["accuracy"]
     )
     return {
         "questions": out["test"]["questions"],
@@ -581,16 +599,59 @@ def _evaluate(
         "best_single": best["accuracy"],
         "best_single_label": best["label"],
         "vote_all": base["vote_all"]["accuracy"],
-        "cells": [
-            {
-                "energy_limit": c["energy_limit"],
-                "feasible": c["feasible"],
-                "moe2": c["methods"]["moe2"]["accuracy"] if c["feasible"] else None,
-                "within_limits": c["methods"]["moe2"]["within_limits"] if c["feasible"] else None,
-            }
-            for c in out["cells"]
-        ],
+        "measured": out["answers_measured"],
+        "cells": [_cell_summary(c) for c in out["cells"]],
     }
+
+
+def _cell_summary(cell: dict[str, Any]) -> dict[str, Any]:
+    """A cell's MoE² accuracy, whether every method kept the limits, and MoE²'s measured
+    costs against their promise (ratios)."""
+    if not cell["feasible"]:
+        return {"energy_limit": cell["energy_limit"], "feasible": False}
+    methods = cell["methods"]
+    moe = methods["moe2"]
+    out: dict[str, Any] = {
+        "energy_limit": cell["energy_limit"],
+        "feasible": True,
+        "moe2": moe["accuracy"],
+        "within_limits": moe["within_limits"],
+        "over": sorted(k for k, m in methods.items() if m["within_limits"] is False),
+    }
+    if moe["promised"] is not None and moe["costs"] is not None:
+        got, promised = moe["costs"], moe["promised"]
+        out["delay_ratio"] = got["delay"] / promised["delay"] if promised["delay"] else None
+        out["energy_ratio"] = got["energy"] / promised["energy"] if promised["energy"] else None
+    return out
+
+
+def _limits_line(ev: dict[str, Any]) -> str:
+    """Whether the answers kept their cells' limits, and how close measured came to promised."""
+    cells = [c for c in ev["cells"] if c["feasible"]]
+    broken = [c for c in cells if c["over"]]
+    what = "measured answer costs" if ev.get("measured") else "promised answer costs"
+    if broken:
+        where = "; ".join(
+            f"E_max {c['energy_limit'] if c['energy_limit'] is not None else 'none'}: "
+            + ", ".join(c["over"])
+            for c in broken
+        )
+        line = f"limits broken in {len(broken)} of {len(cells)} cell(s) ({where}): see 'over'"
+    else:
+        line = f"no 'over' cell: the {what} kept every cell's limits (within the profiles' spread)"
+    ratios = [
+        (c["delay_ratio"], c["energy_ratio"])
+        for c in cells
+        if c.get("delay_ratio") is not None and c.get("energy_ratio") is not None
+    ]
+    if ratios:
+        d = [r[0] for r in ratios]
+        e = [r[1] for r in ratios]
+        line += (
+            f"; MoE² measured / promised: delay {min(d):.2f}-{max(d):.2f}, "
+            f"energy {min(e):.2f}-{max(e):.2f}"
+        )
+    return line
 
 
 def _summary(report: Report) -> None:
@@ -609,11 +670,6 @@ def _summary(report: Report) -> None:
             f"best single expert {100 * ev['best_single']:.1f}% ({ev['best_single_label']}) and "
             f"the majority vote {100 * ev['vote_all']:.1f}%"
         )
-        broken = [c for c in ev["cells"] if c["within_limits"] is False]
-        click.echo(
-            "  every measured answer cost kept its cell's limits (within the profiles' spread)"
-            if not broken
-            else f"  limits broken in {len(broken)} cell(s): see 'over' in the table"
-        )
+        click.echo(f"  {_limits_line(ev)}")
     click.echo(f"  costs: {f.get('costs', '')}")
     click.echo("  every process the demo started has been stopped")

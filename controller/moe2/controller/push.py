@@ -4,11 +4,14 @@ every push (``push``, ``push-gate``, ``optimize --push``) shares.
     moe2ctl push --app qa --subset orin-1,rtx-1 --k 1
     moe2ctl push --app qa --subset orin-1 --gateway gw-1 --json
     moe2ctl push --app qa --revert          # back to the gateways' local configuration
+    moe2ctl push --app qa --subset orin-1 --force-version 1   # versions start again at 1
 
 With the fleet key (``signing_key``, ``moe2ctl keys generate``) every push is signed.
 
-Publishing goes through ``moe2.shared.desired`` (the one source of versions); the registry
-records each pushed assignment and every answer; the exit status is 4 when no gateway accepted.
+Publishing goes through ``moe2.shared.desired`` (the one source of versions), which refuses
+before publishing anything an expert no agent announced and a k outside 1..|subset| (exit
+status 2 here); the registry records each pushed assignment and every answer; the exit status
+is 4 when no gateway accepted it, or, for a gate, when no gateway that accepted it loaded it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from moe2.controller.options import (
 from moe2.controller.registry.db import Registry
 from moe2.shared import protocol as p
 from moe2.shared.desired import PushResult
-from moe2.shared.errors import NotAcknowledged
+from moe2.shared.errors import ConfigError, NotAcknowledged
 
 
 def record(reg: Registry, results: Sequence[PushResult]) -> None:
@@ -46,11 +49,12 @@ def record(reg: Registry, results: Sequence[PushResult]) -> None:
 def describe(r: PushResult) -> str:
     a = r.assignment
     signed = "signed" if a.sig else "unsigned"
+    version = p.describe_version(a.key)
     if a.revert:
-        lines = [f"app {a.app}: version {a.version}, back to local configuration ({signed})"]
+        lines = [f"app {a.app}: version {version}, back to local configuration ({signed})"]
     else:
         lines = [
-            f"app {a.app}: version {a.version}, subset {', '.join(a.subset)}, k={a.k}"
+            f"app {a.app}: version {version}, subset {', '.join(a.subset)}, k={a.k}"
             + (f", gate {a.gate.version}" if a.gate else ", uniform weights")
             + (f", gateways {', '.join(a.gateways)}" if a.gateways else "")
             + f" ({signed})"
@@ -77,7 +81,8 @@ def describe(r: PushResult) -> str:
 def report(
     results: Sequence[PushResult], as_json: bool, extra: dict[str, Any] | None = None
 ) -> None:
-    """Print the outcome; NotAcknowledged (exit 4) when an application has no acceptance."""
+    """Print the outcome; NotAcknowledged (exit 4) when an application has no acceptance, or
+    its gate no gateway that accepted the assignment loaded."""
     out = {"pushed": [r.summary() for r in results], **(extra or {})}
     emit(out, as_json, lambda _o: "\n".join(describe(r) for r in results))
     unacked = [r.assignment.app for r in results if not r.accepted]
@@ -85,6 +90,20 @@ def report(
         raise NotAcknowledged(
             f"no gateway accepted the assignment of {', '.join(unacked)} (it stays retained; "
             "gateways that start later apply it)"
+        )
+    unloaded = [
+        r.assignment.app
+        for r in results
+        if r.assignment.gate is not None
+        and any(a.serving for a in r.acks.values() if a.accepted)
+        and not any(x.state == "loaded" for x in r.gate_acks.values())
+    ]
+    if unloaded:
+        gate = results[0].assignment.gate
+        raise NotAcknowledged(
+            f"no gateway serving {', '.join(unloaded)} loaded gate "
+            f"{gate.version if gate else '?'} within the wait (the reasons are above; it "
+            "stays retained)"
         )
 
 
@@ -111,6 +130,14 @@ def report(
     help="Gateway that serves the app (repeatable) [default: every gateway].",
 )
 @click.option(
+    "--force-version",
+    type=click.IntRange(min=1, max=p.MAX_VERSION),
+    default=None,
+    help="Start APP's versions again at this number, in a new epoch that every gateway "
+    "accepts whatever version it serves: the way out when APP's version reached the largest "
+    "allowed. Signed like any push.",
+)
+@click.option(
     "--wait",
     "wait_s",
     type=click.FloatRange(min=0),
@@ -127,6 +154,7 @@ def push(
     revert: bool,
     k: int,
     gateways: tuple[str, ...],
+    force_version: int | None,
     wait_s: float,
     db_url: str | None,
     as_json: bool,
@@ -140,7 +168,7 @@ def push(
             raise click.UsageError("--revert takes no --subset or --gateway")
         broker = broker_from_flags(kwargs)
         with desired_state(broker) as desired:
-            reverted = desired.revert(app, wait_s=wait_s)
+            reverted = desired.revert(app, wait_s=wait_s, force_version=force_version)
         _record(db_url, reverted)
         report([reverted], as_json)
         return
@@ -157,7 +185,18 @@ def push(
         p.check_name("gateway id", g)
     broker = broker_from_flags(kwargs)
     with desired_state(broker) as desired:
-        result = desired.push_assignment(app, members, k, gateways=gateways or None, wait_s=wait_s)
+        try:
+            desired.check([(app, members, k)], None)
+        except ConfigError as exc:  # an assignment no gateway could serve: a bad argument
+            raise click.UsageError(exc.message) from None
+        result = desired.push_assignment(  # its ConfigError (versions run out): exit 1
+            app,
+            members,
+            k,
+            gateways=gateways or None,
+            wait_s=wait_s,
+            force_version=force_version,
+        )
     _record(db_url, result)
     report([result], as_json)
 

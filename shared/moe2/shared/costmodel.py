@@ -14,6 +14,7 @@ Two ways to know a cost:
   that delay and energy depend mainly on it)::
 
       prompt seconds    = a + b L (+ e L^2)    per-token seconds = c + d L    (joules likewise)
+      scored seconds    = L tokens with a distribution read after each (teacher-forced scoring)
 
   fitted to relative errors; the prompt curves bend (L^2, attention over the whole prompt)
   only where the measurements show it (``moe2.agent.profiler.fit_points``).
@@ -134,11 +135,21 @@ class CostCurve(BaseModel):
     max_tokens: int = Field(ge=0)
 
     def at(self, prompt_tokens: float) -> float:
-        """The cost at L tokens (clamped at zero: a fitted intercept may dip below it)."""
+        """The cost at L tokens, never below zero. Below the fitted range a line whose
+        intercept is negative (noise on a loaded box) would reach zero at a few tokens, and
+        a short prompt of an expert 10,000 times slower would look free: there the cost is
+        taken proportional to L through the curve's value at its shortest measured prompt."""
+        value = self._poly(prompt_tokens)
+        low = self.min_tokens
+        if 0 < prompt_tokens < low:
+            value = max(value, self._poly(low) * prompt_tokens / low)
+        return max(0.0, value)
+
+    def _poly(self, prompt_tokens: float) -> float:
         value = 0.0
         for c in reversed(self.coef):
             value = value * prompt_tokens + c
-        return max(0.0, value)
+        return value
 
 
 def fit_curve(
@@ -192,7 +203,12 @@ def fit_curve(
 
 
 class CostCurves(BaseModel):
-    """The four curves a profile publishes, all in the prompt length L."""
+    """The curves a profile publishes, all in a token count L.
+
+    ``score_*`` price L tokens evaluated with a distribution read after every one (teacher-
+    forced scoring: a multiple-choice answer's options after its prompt); the distributions
+    cost on top of a prompt pass (the output layer and its softmax per row). Profiles from
+    agents that predate them leave them out."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -200,6 +216,8 @@ class CostCurves(BaseModel):
     token_seconds: CostCurve  # one generated token after a prompt of L, seconds per token
     prompt_joules: CostCurve  # joules for the whole prompt
     token_joules: CostCurve  # joules per generated token
+    score_seconds: CostCurve | None = None  # L tokens scored in one pass, seconds
+    score_joules: CostCurve | None = None  # L tokens scored in one pass, joules
 
 
 def step_costs(

@@ -17,16 +17,17 @@ callers never parse message text.
     ├── ModelError
     │   ├── ContextOverflow         history would exceed the context size       (context_overflow)
     │   └── InvalidToken            token id outside the vocabulary             (invalid_token)
-    ├── Busy                        request queue full, retry later             (busy)
+    ├── Busy                        no room now, retry later (after its hint)   (busy)
     ├── UnknownApp                  no assignment for this application          (unknown_app)
     ├── NoExperts                   no chosen expert online / all failed        (no_experts)
     ├── DeadlineExceeded            the prompt's deadline passed                (deadline)
-    ├── Cancelled                   the peer is stopping and abandoned the work   (cancelled)
+    ├── Cancelled                   abandoned: the peer stops, or the client cancelled (cancelled)
     ├── ExpertOffline               an expert's last will came while it was waited for (offline)
     ├── InternalError               a bug in the peer; the request failed, the peer lives (internal)
     ├── RemoteError                 an error reply with a code this version does not know
     ├── RequestTimeout              no reply within the deadline                (timeout)
     ├── NotAcknowledged             desired state that no gateway acknowledged  (not_acked)
+    ├── NotProven                   a subset not proven near enough the optimum  (not_proven)
     └── BrokerError                 cannot start or reach the MQTT broker       (broker)
 """
 
@@ -90,7 +91,13 @@ class InvalidToken(ModelError):
 
 
 class Busy(Moe2Error):
+    """``retry_after_s``: when the refuser expects to have room (None: it did not say)."""
+
     code = "busy"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UnknownApp(Moe2Error):
@@ -122,6 +129,13 @@ class InternalError(Moe2Error):
 
 class NotAcknowledged(Moe2Error):
     code = "not_acked"
+
+
+class NotProven(Moe2Error):
+    """An optimisation whose answer is not proven within the accepted gap of the optimum
+    (a time limit, a heuristic solver): its subsets are not pushed."""
+
+    code = "not_proven"
 
 
 class RequestTimeout(Moe2Error):
@@ -156,9 +170,12 @@ def _all_codes() -> dict[str, type[Moe2Error]]:
     return out
 
 
-def error_from_reply(code: str, message: str) -> Moe2Error:
-    """The local exception for a peer's error reply (``RemoteError`` for unknown codes)."""
+def error_from_reply(code: str, message: str, *, retry_after_s: float | None = None) -> Moe2Error:
+    """The local exception for a peer's error reply (``RemoteError`` for unknown codes);
+    ``retry_after_s``: the hint a ``busy`` reply carries."""
     cls = _all_codes().get(code)
     if cls is None or cls is Moe2Error:
         return RemoteError(code, message)
+    if cls is Busy:
+        return Busy(message, retry_after_s)
     return cls(message)

@@ -31,7 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from moe2.shared import protocol
-from moe2.shared.errors import Moe2Error
+from moe2.shared.errors import Busy, Moe2Error
 from moe2.shared.mqtt import Handler
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,10 @@ class MockTransport:
             self._stopped = True
             self._lock.notify_all()
 
+    @property
+    def connected(self) -> bool:
+        return self._wire.is_alive() and not self._stopped
+
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         self._subscribers.append(handler)
 
@@ -91,9 +95,12 @@ class MockTransport:
         payload: bytes | str,
         *,
         qos: int = 1,
+        retain: bool = False,
         properties: Properties | None = None,
     ) -> None:
         parsed = protocol.topics.parse(topic)
+        if parsed is not None and parsed.kind == "requester":
+            return  # the client's presence: no agent here watches it
         if parsed is None or parsed.kind != "rpc" or parsed.agent is None:
             raise ValueError(f"a mock transport carries RPC requests only, not {topic!r}")
         reply_to = getattr(properties, "ResponseTopic", None) if properties else None
@@ -173,6 +180,11 @@ class MockTransport:
             with self._lock:
                 self.requests.append((agent, request))
             return self.handler(agent, request)
+        except Busy as exc:  # with the time it asks the requester to wait, as an agent's
+            after = exc.retry_after_s
+            return protocol.error_reply(
+                exc.code, exc.message, op, after * 1e3 if after is not None else None
+            )
         except Moe2Error as exc:
             return protocol.error_reply(exc.code, exc.message, op)
         except Exception as exc:  # the agent's catch-all: an internal error, not silence

@@ -95,6 +95,10 @@ class Signer:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
+    def verifier(self) -> Verifier:
+        """A verifier of this key's own signatures (what did the controller sign?)."""
+        return Verifier([self._key.public_key()])
+
     def sign(self, message: M) -> M:
         sig = base64.b64encode(self._key.sign(signed_bytes(message))).decode()
         return message.model_copy(update={"sig": sig})

@@ -96,7 +96,7 @@ def test_moe2_beats_the_best_single_expert_and_majority_voting(fleet: dict[str, 
     }
     assert data["provenance"]["cost_basis"] == "modelled"
     base = data["baselines"]
-    singles = [m for k, m in base.items() if k.startswith("single:")]
+    singles = [m for k, m in base.items() if k.startswith("alone:")]
     best = max(singles, key=lambda m: m["accuracy"])
     for moe2 in (base["moe2_all"], data["cells"][0]["methods"]["moe2"]):
         assert moe2["accuracy"] - 2 * moe2["spread"] > best["accuracy"] + 2 * best["spread"]
@@ -223,6 +223,9 @@ def test_provenance_of_optimize_names_the_gate_and_the_cost_sources(
         "datasets": ["tiny-mc"],
         "source": "torch",
     }
+    # no gateway has run this gate: the promise goes without its delay, and says so
+    assert out["provenance"]["gate_delay"]["seconds"] == 0.0
+    assert "not measured" in out["provenance"]["gate_delay"]["source"]
     costs = out["provenance"]["costs"]
     assert set(costs) == set(fleet["ids"].values())
     for d, expert in fleet["ids"].items():
@@ -270,6 +273,7 @@ def test_a_missing_gate_is_an_error_unless_uniform_is_asked_for(
                         "option": o,
                         "tokenizer_hash": next(iter(table.tokenizers[0][0])),
                         "tokens": [0],
+                        "prompt_tokens": 5,
                         "logprobs": [
                             float(x) for x in table.logp[old.idx][o][table.experts.index(e)]
                         ],
@@ -345,7 +349,7 @@ def test_the_users_own_questions_are_scored_by_the_fleet_and_evaluated(
     example = data["example"]
     assert not example["prompt"].startswith("Question:") and example["options"][0].startswith(" ")
     base = data["baselines"]
-    best = max(m["accuracy"] for k, m in base.items() if k.startswith("single:"))
+    best = max(m["accuracy"] for k, m in base.items() if k.startswith("alone:"))
     assert base["moe2_all"]["accuracy"] > best + 0.3
     # a second run finds the scores stored and needs no fleet
     code, again = _eval(

@@ -138,3 +138,29 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_text('{"experts": [}')
     with pytest.raises(ConfigError, match=r"is not valid JSON: .* line 1 column 14"):
         Problem.from_file(bad)
+
+
+def test_an_energy_limit_per_prompt_counts_every_step_of_the_answer(tmp_path: Path) -> None:
+    data = copy.deepcopy(GOOD)
+    del data["delay"]
+    data |= {
+        "prompt_delay": [[1.0, 0.5, 2.0], [1.5, 0.7, 2.5]],
+        "decode_delay": [[0.1, 0.1, 0.1], [0.1, 0.1, 0.1]],
+        "steps": [4, 2],
+        "limits": {"delay": {}, "energy_per_prompt": 20.0},
+    }
+    pr = Problem.from_dict(data)
+    assert pr.energy_per == "prompt" and pr.energy_limit == 20.0
+    assert pr.to_dict()["limits"] == {"delay": {}, "energy_per_prompt": 20.0}
+    from moe2.controller.optimize.objective import Evaluator
+
+    ev = Evaluator(pr)
+    # e1 alone: (4 steps × 4 J + 2 × 5 J) / 2 samples per prompt, against 4.5 J per step
+    assert ev.energy([1]) == pytest.approx((4 * 4.0 + 2 * 5.0) / 2)
+    assert ev.energy([0]) == pytest.approx((4 * 10.0 + 2 * 12.0) / 2)  # 32 J per prompt
+    assert not ev.feasible([0]) and ev.feasible([1])
+    per_step = pr.with_limits({}, 20.0, "step")
+    assert Evaluator(per_step).energy([1]) == pytest.approx(4.5)
+    both = {**data, "limits": {"energy": 1.0, "energy_per_prompt": 20.0}}
+    with pytest.raises(ConfigError, match="not both"):
+        Problem.from_dict(both)

@@ -8,12 +8,15 @@ two gateways).
 
 So when a gateway's last will says it vanished (``GatewayStatus.lost``) and it is not back
 after ``adopt_after_s``, one live gateway of its group (the first by name of those online)
-takes its session over: it connects under the lost gateway's client id, takes what waits
-there, ends the session (the broker forgets its subscriptions), and publishes each prompt
-again on its application's topic, with its reply address, correlation data and remaining
-expiry, where live gateways take it. A prompt that no gateway can take then is answered
-``unknown_app``. The borrowed connection never reconnects: a lost gateway that comes back
-meanwhile takes its session back.
+takes its session over: it connects, under its own login, with the lost gateway's client id
+(the will names it: ``GatewayStatus.session``; it is bound to the lost gateway's login, so
+only those who read gateway statuses, gateways and the controller, know it), takes what
+waits there, ends the session (the broker forgets its subscriptions), and publishes each
+prompt again on its topic (which names its publisher), with its reply address, correlation
+data and remaining expiry, where live gateways take it. A prompt that no gateway can take
+then is answered ``unknown_app``; a prompt the broker kept retained is not published again
+(it is never served). The borrowed connection never reconnects: a lost gateway that comes
+back meanwhile takes its session back.
 
 What the lost gateway had answered but not yet acknowledged is published again too: a client
 may see a second final answer for such a prompt (``PromptClient`` keeps the first).
@@ -55,6 +58,12 @@ _KEPT_PROPERTIES = (
 Refuse = Callable[[Any, Moe2Error], None]
 
 
+def session_name(gateway_id: str) -> str:
+    """The name of a gateway's kept-session connection; its client id is this name bound to
+    the gateway's login (``BrokerConfig.client_id``)."""
+    return f"moe2-gateway-{gateway_id}"
+
+
 class SessionAdopter:
     def __init__(
         self,
@@ -84,6 +93,9 @@ class SessionAdopter:
         lost = key[0]
         if lost == self.id or message.group != self.group:
             return
+        if not message.session:
+            log.warning("gateway %s vanished without naming its session: not adopted", lost)
+            return
         with self._lock:
             if self._stopping or lost in self._timers:
                 return
@@ -105,17 +117,21 @@ class SessionAdopter:
             if self._stopping:
                 return
         status = self.fleet.copy().gateway.get(lost)
-        if status is None or status.state != "offline" or not status.lost:
+        if status is None or status.state != "offline" or not status.lost or not status.session:
             return  # back, or stopped since (a drained stop ends its session)
+        name = session_name(lost)
+        if status.session != name and not status.session.startswith(f"{name}."):
+            log.warning("gateway %s names a session that is not its own: not adopted", lost)
+            return
         ours = sorted(g for g, s in self.fleet.online_gateways().items() if s.group == self.group)
         if not ours or ours[0] != self.id:
             return  # another live gateway of the group adopts it
         try:
-            held = self._take_session(lost)
+            held = self._take_session(status.session)
         except BrokerError as exc:
             log.warning("could not take over the session of lost gateway %s: %s", lost, exc)
             return
-        prompts = [m for m in held if _is_prompt(m.topic)]
+        prompts = [m for m in held if _is_prompt(m.topic) and m.payload and not m.retain]
         if prompts:
             log.warning(
                 "gateway %s vanished with %d prompts waiting in its session: publishing them "
@@ -126,16 +142,17 @@ class SessionAdopter:
         for msg in prompts:
             self._publish_again(lost, msg)
 
-    def _take_session(self, lost: str) -> list[Any]:
-        """Everything the lost gateway's session held (and got while we held it); the
-        session is ended when we let go."""
+    def _take_session(self, session: str) -> list[Any]:
+        """Everything the lost gateway's session ``session`` (its client id) held (and got
+        while we held it); the session is ended when we let go."""
         held: list[Any] = []
         arrived = threading.Condition()
         borrowed = Connection(
             self.broker,
-            f"moe2-gateway-{lost}",
+            session,
             session_expiry_s=_HOLD_EXPIRY_S,
             reconnect=False,
+            exact_client_id=True,  # its id, not one of ours
         )
 
         def keep(msg: Any) -> None:

@@ -15,9 +15,9 @@ of highest fused log-likelihood::
 
 Experts that fail or stay silent are dropped and the others' weights renormalised, as in
 generation; when every one fails the prompt gets one error. Each answer is counted in the
-application's figures (``stats.py``) as a generation of the chosen option would be: its
-latency over the option's steps, the experts' energy from their profiles at the prompt's
-length.
+application's figures (``stats.py``) with the chosen option's steps: eq. 8's delay measured
+(the gate's part once), the experts' energy by the one cost model on the tokens each really
+evaluated (its prompt once, the options branched from its cache).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from moe2.agent.gateway.gate import renormalise
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.shared import mixing
 from moe2.shared import protocol as p
+from moe2.shared.answercost import SCORED, Work
 from moe2.shared.errors import (
     BadMessage,
     ContextOverflow,
@@ -49,9 +50,9 @@ from moe2.shared.mqtt import RpcClient
 
 log = logging.getLogger(__name__)
 
-# (application, prompt) -> the online experts of its subset, and the gate's top-k of them
-# with their weights (the gateway's own choice, as for a generated answer).
-Choose = Callable[[str, str], tuple[dict[str, p.AgentInfo], dict[str, float]]]
+# (application, prompt) -> the online experts of its subset, the gate's top-k of them with
+# their weights (the gateway's own choice, as for a generated answer), the gate's seconds.
+Choose = Callable[[str, str], tuple[dict[str, p.AgentInfo], dict[str, float], float]]
 
 
 class ChoiceScorer:
@@ -78,10 +79,13 @@ class ChoiceScorer:
         if req.prompt is None:
             raise BadMessage("'choices' go with a text 'prompt', not with 'messages'")
         prompt = req.prompt
-        infos, chosen = self.choose(app, prompt)
+        infos, chosen, gate_s = self.choose(app, prompt)
         deadline = received + self.config.deadline_s
+        until = min(deadline, time.monotonic() + self.config.open_timeout_s)
         futures = {
-            n: self.rpc.call_async(n, p.ScoreChoicesRequest(prompt=prompt, targets=choices))
+            n: self.rpc.call_async(
+                n, p.ScoreChoicesRequest(prompt=prompt, targets=choices), deadline=until
+            )
             for n in chosen
         }
         replies, dropped = self._gather(futures, prompt, choices, deadline)
@@ -101,17 +105,14 @@ class ChoiceScorer:
         choice = int(np.argmax(fused))
         latency_s = time.monotonic() - received
         if self.stats is not None:
-            energy, measured = answer_energy(
-                self.fleet.copy().profile,
-                {n: replies[n].prompt_tokens for n in names},
-                steps[choice],
-            )
+            works = {
+                n: Work(replies[n].prompt_tokens, tuple(len(t) for t in replies[n].targets_tokens))
+                for n in names
+                if replies[n].prompt_tokens > 0  # 0: an agent that predates score_choices
+            }
+            energy = answer_energy(self.fleet.copy().profile, works, steps[choice], SCORED)
             self.stats.answered(
-                app,
-                latency_s=latency_s,
-                steps=steps[choice],
-                energy_j_per_step=energy,
-                energy_measured=measured,
+                app, latency_s=latency_s, gate_s=gate_s, steps=steps[choice], energy=energy
             )
         return p.ChoiceAnswer(
             id=req.id,
@@ -125,6 +126,8 @@ class ChoiceScorer:
             app=app,
             dropped=dropped,
             gateway=self.id,
+            gate_ms=gate_s * 1e3,
+            prompt_tokens={n: replies[n].prompt_tokens for n in names},
         )
 
     def _gather(
@@ -168,7 +171,8 @@ class ChoiceScorer:
         self, name: str, prompt: str, choices: list[str], end: float
     ) -> p.ScoreChoicesReply:
         futures = [
-            self.rpc.call_async(name, p.ScoreRequest(prompt=prompt, target=c)) for c in choices
+            self.rpc.call_async(name, p.ScoreRequest(prompt=prompt, target=c), deadline=end)
+            for c in choices
         ]
         got = [self.rpc.wait(f, max(0.0, end - time.monotonic())) for f in futures]
         return p.ScoreChoicesReply(

@@ -268,6 +268,7 @@ def step(frontier: Frontier) -> FinishReason | None:
     pool = fr.pool
     opts = fr.align.options
     replay = any(fr.at[n].replay for n in pool.weights)
+    limit = pool.config.step_timeout_s
     futures = {}
     for name in pool.weights:
         pos = fr.at[name]
@@ -281,7 +282,7 @@ def step(frontier: Frontier) -> FinishReason | None:
                 top_k=opts.top_k,
                 full=opts.full,
             )
-            futures[(name, 0)] = _last_dist(pool.send(name, verify))
+            futures[(name, 0)] = _last_dist(pool.send(name, verify, limit))
             continue
         (piece,) = pieces
         if isinstance(piece, int):
@@ -296,13 +297,13 @@ def step(frontier: Frontier) -> FinishReason | None:
             req = p.StepRequest.with_bytes(
                 sid, piece, rewind_to=pos.length, top_k=opts.top_k, full=opts.full
             )
-        futures[(name, 0)] = pool.send(name, req)
+        futures[(name, 0)] = pool.send(name, req, limit)
 
     def fits(name: str, tag: int, reply: p.DistributionReply) -> None:
         fr.align.check(name, reply.dist)
 
     try:
-        replies = pool.gather(futures, fr.position, pool.config.step_timeout_s, check=fits)
+        replies = pool.gather(futures, fr.position, limit, check=fits)
     except ContextOverflow:
         return "context"
     for (name, _), r in replies.items():

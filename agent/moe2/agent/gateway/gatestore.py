@@ -3,7 +3,9 @@ content-addressed blobs it names (retained, chunked), verify every hash, load th
 ONNX Runtime off the network thread, and only then hand it to the gateway. A gate that is
 half received, does not match its reference, is not signed by a trusted fleet key (when the
 gateway has some) or fails to load is never used: the application keeps its previous gate
-meanwhile. Each outcome is acknowledged in a retained ``GateAck``.
+meanwhile. Each outcome is acknowledged in a retained ``GateAck``; a loaded gate's ack carries
+the seconds it takes per prompt here (timed at load, then over the prompts it gates:
+``record``), announced again by ``announce`` when that figure moves.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moe2.agent.gateway.gate import Gate
+from moe2.agent.gateway.gate import Gate, GateLatency, probe
 from moe2.shared import protocol as p
+from moe2.shared.costmodel import CostCurve
 from moe2.shared.errors import Moe2Error
 from moe2.shared.mqtt import Connection
 from moe2.shared.signing import BadSignature, Verifier
@@ -26,6 +29,10 @@ if TYPE_CHECKING:
     from moe2.agent.gateway.onnxgate import ProviderChoice
 
 log = logging.getLogger(__name__)
+
+# A loaded gate's latency is announced again when it moved by more than this (relative), or
+# when its first prompts replace the load-time figure.
+ANNOUNCE_MOVE = 0.1
 
 OnGate = Callable[[str, Gate | None], None]  # (application, gate or None for uniform)
 
@@ -73,6 +80,9 @@ class GateStore:
         self._manifests: dict[str, p.GateManifest] = {}  # version -> verified manifest
         self._blobs: dict[str, _Blob] = {}  # sha256 -> blob being fetched or fetched
         self._loaded: dict[str, Gate] = {}  # gate digest -> loaded gate
+        self._latency: dict[str, GateLatency] = {}  # gate digest -> its measured latency
+        self._announced: dict[str, tuple[float, int]] = {}  # digest -> (τ at 32 tokens, prompts)
+        self._versions: dict[str, str] = {}  # gate digest -> version
         self._subscribed: set[str] = set()
         self._loading: set[str] = set()  # versions handed to the loader
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="gate-load")
@@ -199,17 +209,47 @@ class GateStore:
         digest = p.gate_digest(manifest)
         try:
             gate = self.loader(manifest, files)
+            probed = probe(gate, manifest.experts)
         except Exception as exc:
             log.warning("gate %s failed to load: %s", manifest.version, exc)
             self._ack(manifest.version, digest, "rejected", reason=f"{type(exc).__name__}: {exc}")
             return
         with self._lock:
             self._loaded[digest] = gate
+            self._latency[digest] = GateLatency(probed)
+            self._versions[digest] = manifest.version
             apps = [a for a, r in self._wanted.items() if r.sha256 == digest]
         for app in apps:
             self.on_gate(app, gate)
         log.info("gate %s loaded for %s", manifest.version, ", ".join(apps) or "no application")
         self._ack(manifest.version, digest, "loaded", gate=gate)
+
+    # ------------------------------------------------------------------ latency
+
+    def record(self, gate: Gate, tokens: int, seconds: float) -> None:
+        """``gate`` took ``seconds`` on a prompt of ``tokens`` of its tokens."""
+        with self._lock:
+            for digest, loaded in self._loaded.items():
+                if loaded is gate:
+                    self._latency[digest].add(tokens, seconds)
+                    return
+
+    def announce(self) -> None:
+        """Acknowledge again every loaded gate whose latency figure moved."""
+        with self._lock:
+            due = []
+            for digest, latency in self._latency.items():
+                now = _gist(latency.figure())
+                before = self._announced.get(digest)
+                moved = (
+                    before is None
+                    or (before[1] == 0) != (now[1] == 0)
+                    or abs(now[0] - before[0]) > ANNOUNCE_MOVE * max(before[0], 1e-9)
+                )
+                if moved:
+                    due.append((self._versions[digest], digest, self._loaded[digest]))
+        for version, digest, gate in due:
+            self._ack(version, digest, "loaded", gate=gate)
 
     def _ack(
         self,
@@ -222,6 +262,10 @@ class GateStore:
     ) -> None:
         with self._lock:
             apps = sorted(a for a, r in self._wanted.items() if r.sha256 == sha256)
+            latency = self._latency.get(sha256) if state == "loaded" else None
+            figure = None if latency is None else latency.figure()
+            if figure is not None:
+                self._announced[sha256] = _gist(figure)
         ack = p.GateAck(
             gateway=self.gateway_id,
             version=version,
@@ -230,5 +274,13 @@ class GateStore:
             apps=apps if state == "loaded" else [],
             providers=list(getattr(gate, "providers", [])),
             reason=reason,
+            latency=None if figure is None else figure[0],
+            latency_prompts=0 if figure is None else figure[1],
         )
         self.conn.publish(p.topics.gate_ack(self.gateway_id, version), p.encode(ack), retain=True)
+
+
+def _gist(figure: tuple[CostCurve, int]) -> tuple[float, int]:
+    """(seconds at a typical prompt length, prompts behind it): what "moved" compares."""
+    curve, prompts = figure
+    return curve.at(32), prompts

@@ -104,13 +104,19 @@ def provider_plan(
 def _session(model: bytes, providers: list[Provider]) -> Any:
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    # The gateway shares its box with an expert (often its own agent) that starts work the
+    # moment the gate is done: ONNX Runtime's threads must sleep when idle, not spin for
+    # milliseconds on the cores the experts then need (that slowed every expert's step).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(model, providers=providers)
+        return ort.InferenceSession(model, opts, providers=providers)
     except Exception as exc:  # a GPU provider that cannot start here: fall back to the CPU
         if providers == [CPU]:
             raise
         log.warning("gate providers %s failed (%s); running the gate on the CPU", providers, exc)
-        return ort.InferenceSession(model, providers=[CPU])
+        return ort.InferenceSession(model, opts, providers=[CPU])
 
 
 class OnnxGate(Gate):
@@ -165,6 +171,9 @@ class OnnxGate(Gate):
         (e,) = self._embedding.run(None, {"input_ids": ids, "attention_mask": mask})
         (g,) = self._head.run(None, {"embedding": e})
         return np.asarray(g[0], dtype=np.float64)
+
+    def tokens(self, prompt: str) -> int:
+        return len(self._tok.encode(prompt).ids)
 
     def values(self, prompt: str, experts: Sequence[str]) -> np.ndarray:
         # An expert the gate was not trained with gets the uniform value 1/N: neither

@@ -3,10 +3,11 @@
 An application is served from the gateway's local configuration (``--serve-app``) until the
 controller pushes an assignment for it; a pushed assignment then decides, and may leave this
 gateway out (``AppAssignment.gateways``). For every application it serves, the gateway holds
-one shared subscription ``$share/<group>/moe2/v1/prompts/<app>``, so a prompt only ever
-reaches a gateway that serves its application; a prompt for an application nobody serves
-reaches every gateway's catch-all subscription (a shared group of its own), and the one gateway
-that gets it answers ``unknown_app`` when no online gateway announces that application.
+the shared subscriptions ``$share/<group>/moe2/v1/prompts/<app>`` and ``.../<app>/+`` (a
+prompt that names its publisher), so a prompt only ever reaches a gateway that serves its
+application; a prompt for an application nobody serves reaches every gateway's catch-all
+subscription (a shared group of its own), and the one gateway that gets it answers
+``unknown_app`` when no online gateway announces that application.
 
 Versions only grow. A version above the current one is applied and acknowledged; the same
 version with the same content is acknowledged again; anything else is rejected with a reason
@@ -33,7 +34,7 @@ from moe2.agent.gateway.config import GatewayConfig
 from moe2.shared import protocol as p
 from moe2.shared.errors import UnknownApp
 from moe2.shared.mqtt import Connection
-from moe2.shared.protocol.desired import STALE_VERSION
+from moe2.shared.protocol.desired import STALE_VERSION, describe_version
 from moe2.shared.signing import BadSignature, Verifier
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class AppRouter:
         self.on_gate = on_gate
         self._lock = threading.RLock()
         self._pushed: dict[str, p.AppAssignment] = {}  # app -> the accepted assignment
-        self._floor: dict[str, int] = {}  # app -> highest version accepted (kept after a clear)
+        # app -> highest (epoch, version) accepted (kept after a clear)
+        self._floor: dict[str, tuple[int, int]] = {}
         self._last: dict[str, p.AppAssignment] = {}  # app -> the message of that version
         self._acks: dict[str, p.AssignmentAck] = {}  # app -> the last acknowledgement sent
         self._subscribed: set[str] = set()
@@ -139,13 +141,15 @@ class AppRouter:
                 self._ack(a, accepted=False, reason=f"bad signature: {exc.message}")
                 return
         with self._lock:
-            floor = self._floor.get(a.app, 0)
+            floor = self._floor.get(a.app, (0, 0))
             current = self._last.get(a.app)
-            if a.version < floor or (a.version == floor and current != a):
+            if a.key < floor or (a.key == floor and current != a):
+                version = describe_version(a.key)
                 why = (
-                    f"{STALE_VERSION}: {a.version} is below the version {floor} served"
-                    if a.version < floor
-                    else f"{STALE_VERSION}: version {a.version} already names another assignment"
+                    f"{STALE_VERSION}: {version} is below the version "
+                    f"{describe_version(floor)} served"
+                    if a.key < floor
+                    else f"{STALE_VERSION}: {version} already names another assignment"
                 )
                 self._ack(a, accepted=False, reason=why)
                 return
@@ -154,10 +158,17 @@ class AppRouter:
                     a, accepted=False, reason=f"k={a.k} exceeds the subset of {len(a.subset)}"
                 )
                 return
-            if a.version == floor:  # the same message again (a reconnect): say so again
+            if a.key == floor:  # the same message again (a reconnect): say so again
                 self._ack(a, accepted=True)
                 return
-            self._floor[a.app] = a.version
+            if a.key[0] > floor[0] and floor != (0, 0):
+                log.warning(
+                    "%s: a new epoch of versions, %s (was %s)",
+                    a.app,
+                    describe_version(a.key),
+                    describe_version(floor),
+                )
+            self._floor[a.app] = a.key
             self._last[a.app] = a
             if a.revert:
                 self._pushed.pop(a.app, None)
@@ -165,9 +176,9 @@ class AppRouter:
                 self._pushed[a.app] = a
             serving = a.app in self.served()
         log.info(
-            "%s v%d: %s",
+            "%s %s: %s",
             a.app,
-            a.version,
+            describe_version(a.key),
             "back to the local configuration"
             if a.revert
             else ("serving" if serving else "left to others"),
@@ -192,10 +203,13 @@ class AppRouter:
             gateway=self.id,
             app=a.app,
             version=a.version,
+            epoch=a.epoch,
+            answers=p.assignment_digest(a),
             accepted=accepted,
             serving=accepted and a.serves(self.id),
             reason=reason,
-            current=self._floor.get(a.app, 0),
+            current=self._floor.get(a.app, (0, 0))[1],
+            proof=self._last.get(a.app),
         )
         if accepted and a.revert:
             ack = ack.model_copy(update={"serving": a.app in self.config.apps})
@@ -215,16 +229,20 @@ class AppRouter:
             self._subscribed = wanted
             first = not self._catch_all and not self._stopping
             self._catch_all = not self._stopping
+        # Retain as published: a prompt published retained keeps its flag, so it is refused
+        # (and cleared) as it arrives, not served (service.py).
         if first:
-            self.catch_all_conn.subscribe(unrouted, self.on_unrouted)
+            self.catch_all_conn.subscribe(unrouted, self.on_unrouted, retain_as_published=True)
         elif self._stopping:
             self.catch_all_conn.unsubscribe(unrouted)
         for app in sorted(add):  # the prompt handler acknowledges each prompt once answered
-            self.conn.subscribe(
-                p.topics.prompts_shared(self.config.group, app), self.on_prompt, manual_ack=True
-            )
+            for shared in p.topics.prompts_shared(self.config.group, app):
+                self.conn.subscribe(
+                    shared, self.on_prompt, manual_ack=True, retain_as_published=True
+                )
         for app in sorted(drop):
-            self.conn.unsubscribe(p.topics.prompts_shared(self.config.group, app))
+            for shared in p.topics.prompts_shared(self.config.group, app):
+                self.conn.unsubscribe(shared)
         if (add or drop) and self.conn.connected:  # else _republish does it on connecting
             self.publish_status()
 
@@ -239,6 +257,9 @@ class AppRouter:
             group=self.config.group,
             apps=self.served() if state == "online" else {},
             since=time.time(),
+            session=self.conn.client_id,
+            max_concurrent=self.config.max_concurrent,
+            max_pending=self.config.max_pending,
         )
 
     def _republish(self) -> None:

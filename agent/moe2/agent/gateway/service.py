@@ -18,10 +18,31 @@ No accepted prompt is lost to a stop or a crash:
 - ``stop`` drains: it unsubscribes (other gateways take the new prompts), finishes the
   prompts in flight for up to ``drain_s``, answers any left ``cancelled``, then disconnects.
 
+A client that gives up on a prompt publishes a ``PromptCancel`` (``moe2/v1/cancel/<app>``,
+or ``moe2/v1/cancel/<app>/<owner>`` for a prompt it published on ``prompts/<app>/<owner>``;
+read by every gateway): the gateway holding the prompt ends its generation at the next
+reply it waits for (within ``_ALIVE_CHECK_S``-sized polls of the generation), closes the
+experts' sessions and answers ``cancelled``; a prompt still waiting for a slot is answered
+at once. A cancel that arrives before its prompt is remembered for ``_CANCEL_MEMORY_S``.
+A cancel stops only a prompt of its own application and owner level (``PromptKey``): the
+broker's ACL lets a login write only ``cancel/+/<itself>``, so no user cancels another's.
+
+Metric labels name only what the fleet defines: an application this gateway does not serve
+is counted under ``_unknown`` (clients choose topic names; Prometheus series must not grow
+with them).
+
 Replies go only where the broker lets a gateway publish: the replies namespace inside
 ``moe2/v1/`` (``check_reply_topic``), and outside it only when a probe at start shows the
 broker allows it (a broker without logins). A prompt whose ``reply_to`` the broker would
 refuse is answered ``bad_request`` on its MQTT 5 ResponseTopic, when it has a usable one.
+
+A prompt published on ``prompts/<app>/<owner>`` (what a client with a broker login does: the
+broker's ACL lets it publish only there) is answered only inside ``replies/<owner>/``: a
+``reply_to`` or ResponseTopic that names another user's inbox is refused, and an error that
+has no usable address goes to ``replies/<owner>/errors``. So no client can make a gateway
+write into another user's inbox. A prompt the broker kept retained is never served: the
+gateway that sees it clears it and answers ``bad_request`` (mosquitto hands retained messages
+to shared subscriptions too, so it would otherwise be served again at every subscription).
 
 What it knows of the fleet comes from one ``FleetView`` (agents' info and status, the
 retained assignments); which prompts reach it and how each application is served, from its
@@ -41,11 +62,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from moe2.agent.gateway.adopt import SessionAdopter
+from moe2.agent.gateway.adopt import SessionAdopter, session_name
 from moe2.agent.gateway.capacity import ExpertSlots
 from moe2.agent.gateway.choices import ChoiceScorer
 from moe2.agent.gateway.config import GatewayConfig
-from moe2.agent.gateway.gate import Gate, UniformGate, top_k
+from moe2.agent.gateway.gate import Gate, UniformGate, timed_values, top_k
 from moe2.agent.gateway.gatestore import GateStore, onnx_loader
 from moe2.agent.gateway.generation import Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
@@ -53,12 +74,14 @@ from moe2.agent.gateway.plans import DecoderMemory
 from moe2.agent.gateway.routing import AppRouter
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
-from moe2.agent.metrics import GatewayMetrics
+from moe2.agent.metrics import UNKNOWN_APP, GatewayMetrics
 from moe2.shared import protocol as p
+from moe2.shared.answercost import GENERATED, Work
 from moe2.shared.errors import (
     BadMessage,
     BrokerError,
     Busy,
+    Cancelled,
     ExpertOffline,
     InternalError,
     Moe2Error,
@@ -79,6 +102,14 @@ _RECONNECT_GRACE_S = 5.0
 # down publishes every last will just before it drops us). Seconds.
 _OFFLINE_CONFIRM_S = 1.0
 _REMEMBER_ANSWERED = 10_000  # prompt messages remembered, to spot a second copy
+# A cancel for a prompt not (yet) here is remembered this long, seconds (and at most
+# _REMEMBER_CANCELS of them): it may come before its prompt.
+_CANCEL_MEMORY_S = 60.0
+_REMEMBER_CANCELS = 10_000
+
+# (app, owner, prompt id, reply_to): the topic's application and owner level (None: no
+# owner level), shared by a prompt and its cancel, and what the PromptCancel names.
+PromptKey = tuple[str, str | None, str, str]
 
 Targets = list[tuple[str, bytes | None]]  # (topic, MQTT 5 correlation data) to answer on
 
@@ -94,12 +125,17 @@ class Gateway:
         self.id = gateway_id
         self.config = config
         self.metrics = metrics or GatewayMetrics(CollectorRegistry())
+        self.metrics.max_concurrent.set(config.max_concurrent)
+        self.metrics.max_pending.set(config.max_pending)
+        # Our kept session's client id (bound to our login), named in our status and last
+        # will so that a live gateway can adopt the session should we vanish.
+        session = broker.client_id(session_name(gateway_id))
         offline = p.GatewayStatus(
-            gateway=gateway_id, state="offline", group=config.group, lost=True
+            gateway=gateway_id, state="offline", group=config.group, lost=True, session=session
         )
         self.conn = Connection(
             broker,
-            f"moe2-gateway-{gateway_id}",
+            session,
             will=(p.topics.gateway_status(gateway_id), p.encode(offline), True),
             session_expiry_s=config.session_expiry_s,
         )
@@ -177,6 +213,11 @@ class Gateway:
             config.link_probe_interval_s,
             config.link_probe_first_s,
         )
+        # Cancellation: the prompts accepted and not answered, and cancels seen early.
+        self._cancel_lock = threading.Lock()
+        self._cancel_events: dict[PromptKey, threading.Event] = {}
+        self._early_cancels: OrderedDict[PromptKey, float] = OrderedDict()
+        self.unrouted_conn.subscribe(p.topics.ALL_CANCELS, self._on_cancel)
         self.answered = 0
         self.errors = 0
         self.stats = AppStatsWindow(gateway_id, config.stats_window_s)
@@ -200,6 +241,10 @@ class Gateway:
     def _publish_stats(self) -> None:
         last: dict[str, p.AppFigures] | None = None
         while not self._stop_stats.wait(self.config.stats_interval_s):
+            try:
+                self.gate_store.announce()  # the gates' latency, when it moved
+            except Exception:  # best effort, as the figures below
+                log.exception("could not announce the gates' latency")
             report = self.stats.report()
             if report.apps == last:
                 continue  # nothing new: keep the broker quiet
@@ -315,9 +360,10 @@ class Gateway:
         for topic, corr in targets:
             self.conn.publish(topic, payload, qos=1, properties=reply_properties(corr))
 
-    def _deliverable(self, topic: str) -> str:
-        """``topic`` if this gateway may answer there, else ValueError saying why."""
-        check_reply_topic(topic)
+    def _deliverable(self, topic: str, owner: str | None) -> str:
+        """``topic`` if this gateway may answer there a prompt of ``owner`` (the login its
+        topic names; None: not named), else ValueError saying why."""
+        check_reply_topic(topic, owner)
         if not self.may_reply_outside and not topic.startswith(f"{p.TOPIC_ROOT}/replies/"):
             raise ValueError(
                 f"this broker does not let gateways publish to {topic!r}: reply on "
@@ -327,7 +373,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ intake
 
-    def _response_target(self, msg: Any) -> Targets:
+    def _response_target(self, msg: Any, owner: str | None) -> Targets:
         """The MQTT 5 ResponseTopic (with its correlation data), when usable."""
         props = msg.properties
         rtopic = getattr(props, "ResponseTopic", None) if props else None
@@ -335,36 +381,112 @@ class Gateway:
         if not rtopic:
             return []
         try:
-            return [(self._deliverable(rtopic), bytes(corr) if corr is not None else None)]
+            return [(self._deliverable(rtopic, owner), bytes(corr) if corr is not None else None)]
         except ValueError as exc:
             log.warning("ignoring ResponseTopic %r: %s", rtopic, exc)
             return []
 
     def _refuse(self, msg: Any, error: Moe2Error) -> None:
         """Answer a prompt we will not serve, to whoever we can find (never parsing an
-        oversized payload, and never recursively, to find them)."""
-        targets = self._response_target(msg)
+        oversized payload, and never recursively, to find them); within the replies of the
+        user its topic names, else nowhere."""
+        try:
+            owner = p.topics.prompt_owner(msg.topic)
+        except BadMessage:
+            log.warning("prompt on %s names no valid user: dropped (%s)", msg.topic, error.message)
+            return
+        targets = self._response_target(msg, owner)
         pid: str | None = None
         if len(msg.payload) <= self.config.max_prompt_bytes:
             pid, reply_to = addressable(msg.payload)
             if reply_to and reply_to not in [t for t, _ in targets]:
                 with contextlib.suppress(ValueError):
-                    targets.append((self._deliverable(reply_to), None))
+                    targets.append((self._deliverable(reply_to, owner), None))
+        if not targets and owner is not None:
+            targets = [(p.topics.prompt_errors(owner), None)]
         if not targets:
             log.warning("unanswerable prompt on %s dropped: %s", msg.topic, error.message)
             return
         self.errors += 1
-        self.metrics.errors.labels(_app_of(msg), error.code).inc()
+        self.metrics.errors.labels(self._app_label(_app_of(msg)), error.code).inc()
         self._send(targets, p.prompt_error(pid, error.code, error.message))
 
-    def _on_unrouted(self, msg: Any) -> None:
-        """The catch-all: answer ``unknown_app`` when no online gateway serves the app."""
+    def _app_label(self, app: str) -> str:
+        """``app`` as a metric label: the applications this gateway serves, else one label."""
+        return app if app in self.router.served() else UNKNOWN_APP
+
+    # ------------------------------------------------------------------ cancellation
+
+    def _on_cancel(self, msg: Any) -> None:
+        """A client's ``PromptCancel``: stop the prompt it names, if it is ours."""
         topic = p.topics.parse(msg.topic)
-        app = topic.app if topic is not None else None
-        if app is None or app in self.router.served():
+        if topic is None or topic.kind != "cancel" or topic.app is None:
+            log.debug("ignoring a cancel on %s: not a cancel topic", msg.topic)
+            return
+        try:
+            cancel = p.decode_cancel(msg.payload)
+        except Moe2Error as exc:
+            log.debug("ignoring a cancel on %s: %s", msg.topic, exc.message)
+            return
+        key = (topic.app, topic.client, cancel.id, cancel.reply_to)
+        now = time.monotonic()
+        with self._cancel_lock:
+            event = self._cancel_events.get(key)
+            if event is None:  # not here (yet): it may be on its way, or another gateway's
+                self._early_cancels[key] = now
+                self._early_cancels.move_to_end(key)
+                while self._early_cancels and (
+                    len(self._early_cancels) > _REMEMBER_CANCELS
+                    or next(iter(self._early_cancels.values())) < now - _CANCEL_MEMORY_S
+                ):
+                    self._early_cancels.popitem(last=False)
+                return
+        log.info("prompt %s cancelled by its client", cancel.id)
+        self.metrics.cancelled.inc()
+        event.set()
+        self.experts.wake()  # a prompt waiting for experts' sessions gives up now
+
+    def _track(self, key: PromptKey) -> threading.Event | None:
+        """The cancellation event of a prompt being accepted; None when it was cancelled
+        already (its cancel came first)."""
+        now = time.monotonic()
+        with self._cancel_lock:
+            seen = self._early_cancels.pop(key, None)
+            if seen is not None and seen >= now - _CANCEL_MEMORY_S:
+                return None
+            event = self._cancel_events[key] = threading.Event()
+            return event
+
+    def _untrack(self, key: PromptKey) -> None:
+        with self._cancel_lock:
+            self._cancel_events.pop(key, None)
+
+    def _on_unrouted(self, msg: Any) -> None:
+        """The catch-all: answer ``unknown_app`` when no online gateway serves the app, and
+        ``bad_request`` when the topic names no valid application (no gateway's
+        subscription to an application matches it)."""
+        if msg.retain and not msg.payload:
+            return  # a retained prompt cleared
+        topic = p.topics.parse(msg.topic)
+        if topic is None or topic.kind != "prompt" or topic.app is None:
+            if self._refuse_retained(msg):
+                return
+            self._refuse(
+                msg,
+                BadMessage(
+                    f"{msg.topic!r} is not a prompt topic: publish to {p.TOPIC_ROOT}/prompts/<app> "
+                    f"or {p.TOPIC_ROOT}/prompts/<app>/<your user>, each a name of 1-64 letters, "
+                    "digits, '_', '.', '-' starting with a letter or digit"
+                ),
+            )
+            return
+        app = topic.app
+        if app in self.router.served():
             return
         if any(app in g.apps for g in self.fleet.online_gateways().values()):
             return  # a gateway that serves it has its own copy
+        if self._refuse_retained(msg):
+            return
         served = sorted({a for g in self.fleet.online_gateways().values() for a in g.apps})
         self._refuse(
             msg,
@@ -373,6 +495,27 @@ class Gateway:
                 f"{', '.join(served) if served else 'none'}"
             ),
         )
+
+    def _refuse_retained(self, msg: Any) -> bool:
+        """A prompt the broker keeps retained (its retain flag set: our subscriptions keep
+        it as published): clear it and answer ``bad_request``, so it is never served, now or
+        at a later subscription. False when ``msg`` was not retained."""
+        if not msg.retain:
+            return False
+        if msg.payload:
+            log.warning("clearing a retained prompt on %s", msg.topic)
+            try:
+                self.conn.publish(msg.topic, b"", qos=1, retain=True)
+            except (RuntimeError, ValueError):  # not connected: seen again at the next subscribe
+                log.warning("could not clear the retained prompt on %s", msg.topic)
+            self._refuse(
+                msg,
+                BadMessage(
+                    "prompts must not be published retained (the broker would hand the prompt "
+                    "to every gateway that subscribes later); it was cleared and not served"
+                ),
+            )
+        return True
 
     def _when_synced(self, handler: Any) -> Any:
         def park_or_handle(msg: Any) -> None:
@@ -401,14 +544,16 @@ class Gateway:
             if topic.app in self.router.served():
                 self._when_synced(self._on_prompt)(msg)  # acknowledged once answered
                 return
-            self.conn.unsubscribe_raw(p.topics.prompts_shared(self.config.group, topic.app))
-            self._refuse(
-                msg,
-                UnknownApp(
-                    f"gateway {self.id} no longer serves application {topic.app!r} (the "
-                    "prompt waited for it while it was away); retry"
-                ),
-            )
+            for shared in p.topics.prompts_shared(self.config.group, topic.app):
+                self.conn.unsubscribe_raw(shared)
+            if not self._refuse_retained(msg):
+                self._refuse(
+                    msg,
+                    UnknownApp(
+                        f"gateway {self.id} no longer serves application {topic.app!r} (the "
+                        "prompt waited for it while it was away); retry"
+                    ),
+                )
         self.conn.ack(msg)
 
     def _on_prompt(self, msg: Any) -> None:
@@ -439,21 +584,34 @@ class Gateway:
                 if (msg.mid, hash(bytes(msg.payload))) in self._answered:
                     log.info("prompt message %d came again; answered already", msg.mid)
                     return False
-        targets = self._response_target(msg)
+        if self._refuse_retained(msg):
+            return False
         topic = p.topics.parse(msg.topic)
-        app = topic.app if topic is not None and topic.app is not None else ""
+        if topic is None or topic.kind != "prompt" or topic.app is None:
+            return False  # an invalid owner level: the catch-all answers it
+        app, owner = topic.app, topic.client
+        targets = self._response_target(msg, owner)
         try:
             req, _raw = p.decode_prompt(msg.payload, self.config.max_prompt_bytes)
-            reply_to = self._deliverable(req.reply_to)
+            reply_to = self._deliverable(req.reply_to, owner)
         except (Moe2Error, ValueError) as exc:
             error = exc if isinstance(exc, Moe2Error) else BadMessage(f"reply_to: {exc}")
             self._refuse(msg, error)
             return False
         if reply_to not in [t for t, _ in targets]:
             targets.insert(0, (reply_to, None))
-        if not self._slots.acquire(blocking=False):
+        key = (app, owner, req.id, req.reply_to)
+        cancelled = self._track(key)
+        if cancelled is None:
             self.errors += 1
-            self.metrics.errors.labels(app, Busy.code).inc()
+            self.metrics.errors.labels(self._app_label(app), Cancelled.code).inc()
+            gone = Cancelled(f"prompt {req.id} was cancelled by its client before it started")
+            self._send(targets, p.prompt_error(req.id, gone.code, gone.message))
+            return False
+        if not self._slots.acquire(blocking=False):
+            self._untrack(key)
+            self.errors += 1
+            self.metrics.errors.labels(self._app_label(app), Busy.code).inc()
             err = Busy(f"gateway {self.id} is saturated; retry later")
             self._send(targets, p.prompt_error(req.id, err.code, err.message))
             return False
@@ -461,36 +619,50 @@ class Gateway:
             self._inflight[msg.mid] = req.id
         log.debug("prompt %s accepted (message %d)", req.id, msg.mid)
         self.metrics.in_flight.inc()
-        self._pool.submit(self._answer, msg, app, req, targets, received)
+        self._pool.submit(self._answer, msg, app, req, targets, received, cancelled, key)
         return True
 
     # ------------------------------------------------------------------ one prompt
 
     def _answer(
-        self, msg: Any, app: str, req: p.PromptRequest, targets: Targets, received: float
+        self,
+        msg: Any,
+        app: str,
+        req: p.PromptRequest,
+        targets: Targets,
+        received: float,
+        cancelled: threading.Event,
+        key: PromptKey,
     ) -> None:
         m = self.metrics
+        label = self._app_label(app)
         try:
+            if cancelled.is_set():
+                raise Cancelled(f"prompt {req.id} was cancelled by its client before it started")
             final: BaseModel = (
                 self.choices.answer(app, req, received)
                 if req.choices is not None  # multiple choice: scored, not generated
-                else self._generate(app, req, targets, received)
+                else self._generate(app, req, targets, received, cancelled)
             )
             self.answered += 1
-            m.prompts.labels(app).inc()
+            m.prompts.labels(label).inc()
         except Moe2Error as exc:
+            if isinstance(exc, Cancelled) and cancelled.is_set():
+                # The generation says why it stopped in its own words; the client asked.
+                exc = Cancelled(f"prompt {req.id} was cancelled by its client")
             final = p.prompt_error(req.id, exc.code, exc.message)
             self.errors += 1
             self.stats.errored(app)
-            m.errors.labels(app, exc.code).inc()
+            m.errors.labels(label, exc.code).inc()
         except Exception as exc:  # one prompt's bug must not cost the others their answer
             log.exception("prompt %s failed", req.id)
             err = InternalError(f"{type(exc).__name__}: {exc}")
             final = p.prompt_error(req.id, err.code, err.message)
             self.errors += 1
             self.stats.errored(app)
-            m.errors.labels(app, err.code).inc()
+            m.errors.labels(label, err.code).inc()
         finally:
+            self._untrack(key)
             self._slots.release()
             m.in_flight.dec()
         log.debug("prompt %s answered: %s", req.id, type(final).__name__)
@@ -503,9 +675,12 @@ class Gateway:
             # have been delivered again when we came back.
             self._done(msg)
 
-    def _choose(self, app: str, text: str) -> tuple[dict[str, p.AgentInfo], dict[str, float]]:
+    def _choose(
+        self, app: str, text: str
+    ) -> tuple[dict[str, p.AgentInfo], dict[str, float], float]:
         """The online experts of ``app``'s subset (waited for a moment just after a
-        reconnect), and the gate's top-k of them for ``text`` with their weights."""
+        reconnect), the gate's top-k of them for ``text`` with their weights, and the
+        seconds the gate took."""
         plan = self.router.plan(app)
         infos = {n: i for n in plan.subset if (i := self.fleet.online(n)) is not None}
         grace = self._connected_at + _RECONNECT_GRACE_S - time.monotonic()
@@ -516,10 +691,18 @@ class Gateway:
             raise NoExperts(f"none of the experts of {app!r} ({', '.join(plan.subset)}) is online")
         online = [n for n in plan.subset if n in infos]
         gate = self.gates.get(app, UniformGate())
-        return infos, dict(top_k(gate.values(text, online), online, plan.k))
+        values, gate_s = timed_values(gate, text, online)
+        if not isinstance(gate, UniformGate):
+            self.gate_store.record(gate, gate.tokens(text), gate_s)
+        return infos, dict(top_k(values, online, plan.k)), gate_s
 
     def _generate(
-        self, app: str, req: p.PromptRequest, targets: Targets, received: float
+        self,
+        app: str,
+        req: p.PromptRequest,
+        targets: Targets,
+        received: float,
+        cancelled: threading.Event,
     ) -> p.PromptAnswer:
         max_tokens = req.max_tokens or self.config.default_max_tokens
         if max_tokens > self.config.max_tokens_limit:
@@ -527,7 +710,7 @@ class Gateway:
                 f"max_tokens {max_tokens} exceeds this gateway's limit of "
                 f"{self.config.max_tokens_limit}"
             )
-        infos, chosen = self._choose(app, req.gate_text)
+        infos, chosen, gate_s = self._choose(app, req.gate_text)
         vocabs: dict[str, Vocab] = {}
         for name in list(chosen):
             try:
@@ -547,9 +730,20 @@ class Gateway:
             raise NoExperts(f"no vocabulary is known for the experts chosen for {app!r}")
         capacity = {n: infos[n].max_sessions for n in chosen}
         deadline = received + self.config.deadline_s
-        with self.experts.hold(capacity, min(deadline, received + self.config.queue_s)):
+        wait_until = min(deadline, received + self.config.queue_s)
+        with self.experts.hold(capacity, wait_until, cancelled.is_set):
             return self._fuse(
-                app, req, max_tokens, targets, received, deadline, infos, vocabs, chosen
+                app,
+                req,
+                max_tokens,
+                targets,
+                received,
+                deadline,
+                infos,
+                vocabs,
+                chosen,
+                gate_s,
+                cancelled,
             )
 
     def _fuse(
@@ -563,6 +757,8 @@ class Gateway:
         infos: dict[str, p.AgentInfo],
         vocabs: dict[str, Vocab],
         chosen: dict[str, float],
+        gate_s: float,
+        cancelled: threading.Event,
     ) -> p.PromptAnswer:
         index = 0
 
@@ -585,29 +781,25 @@ class Gateway:
             deadline=deadline,
             on_chunk=on_chunk,
             alive=self._expert_alive,
-            abandoned=self._abandon.is_set,
+            # The gateway stops (drain timed out), or the client cancelled the prompt.
+            abandoned=lambda: self._abandon.is_set() or cancelled.is_set(),
             memory=self.decoders,
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         result = gen.run(req.prompt, max_tokens, req.messages)
         latency_s = time.monotonic() - received
-        profiles = self.fleet.copy().profile
-        energy, measured = answer_energy(profiles, result.prompt_tokens, max(1, result.tokens))
-        self.stats.answered(
-            app,
-            latency_s=latency_s,
-            steps=max(1, result.tokens),
-            energy_j_per_step=energy,
-            energy_measured=measured,
-        )
-        m = self.metrics
-        m.tokens.labels(app).inc(result.tokens)
+        steps = max(1, result.tokens)
+        works = {n: Work(length) for n, length in result.prompt_tokens.items() if length > 0}
+        energy = answer_energy(self.fleet.copy().profile, works, steps, GENERATED)
+        self.stats.answered(app, latency_s=latency_s, gate_s=gate_s, steps=steps, energy=energy)
+        m, label = self.metrics, self._app_label(app)
+        m.tokens.labels(label).inc(result.tokens)
         for seconds in result.step_seconds:
-            m.step_seconds.labels(app).observe(seconds)
+            m.step_seconds.labels(label).observe(seconds)
         for d in result.dropped:
-            m.dropped.labels(app, d.id).inc()
+            m.dropped.labels(label, d.id).inc()
         if result.tokens and latency_s > 0:
-            m.tokens_per_s.labels(app).observe(result.tokens / latency_s)
+            m.tokens_per_s.labels(label).observe(result.tokens / latency_s)
         return p.PromptAnswer(
             id=req.id,
             text=result.text,
@@ -620,6 +812,8 @@ class Gateway:
             dropped=result.dropped,
             gateway=self.id,
             logprobs=result.logprobs,
+            gate_ms=gate_s * 1e3,
+            compute_ms=result.compute_ms,
         )
 
 

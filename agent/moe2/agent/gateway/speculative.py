@@ -204,7 +204,7 @@ class Round:
                     top_k=opts.top_k,
                     full=opts.full,
                 )
-                requests[(name, i)] = pool.send(name, req)
+                requests[(name, i)] = pool.send(name, req, self._limit(gamma))
                 fed[(name, i)] = (pre, path)
                 last_request[name] = i
         if len(kept) == 1 and self.pipeline and ahead_ok:
@@ -266,7 +266,7 @@ class Round:
             top_k=opts.top_k,
             full=opts.full,
         )
-        return fr.pool.send(name, req)
+        return fr.pool.send(name, req, self._limit(gamma))
 
     def _drafts(
         self, futures: Mapping[str, Future[p.DistributionsReply]], gamma: int
@@ -361,7 +361,8 @@ class Round:
             top_k=fr.align.options.top_k,
             full=fr.align.options.full,
         )
-        fut = fr.pool.send(b.drafter, req)
+        # waited for after the round in flight, by the next round: twice a round's limit
+        fut = fr.pool.send(b.drafter, req, 2 * self._limit(g))
         self.ahead = _Ahead(b.drafter, fut, g, b.keys[-1], d.n_tokens, last)
 
     # -------------------------------------------------------------- the walk

@@ -1,10 +1,13 @@
-"""What each application's answers really cost: per answer, the measured delay per step and
-the energy of the experts that answered (their profiles' curves at the answer's prompt length
-and steps), over a sliding window; published retained on ``agents/<gateway>/stats`` so the
-controller checks its promises against reality, not only against profiles.
+"""What each application's answers really cost: per answer, eq. 8's delay as measured (the
+latency less the gate's part, over the answer's steps, plus the gate once) and the energy of
+the experts that answered by the one cost model (``moe2.shared.answercost``) on the tokens each
+of them really evaluated, over a sliding window; published retained on
+``agents/<gateway>/stats`` so the controller holds its promises against reality, figure by
+figure. Failed answers are counted apart and enter no figure.
 
     stats = AppStatsWindow("gw-1", window_s=60)
-    stats.answered("qa", latency_s=0.4, steps=10, energy_j=3.2, energy_measured=False)
+    cost = answer_energy(profiles, {"a": Work(12, (3, 2))}, steps=3, kind=SCORED)
+    stats.answered("qa", latency_s=0.4, gate_s=0.003, steps=3, energy=cost)
     stats.errored("qa")
     stats.report()                   # AppStats over the last 60 s
 """
@@ -20,6 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe2.shared import protocol as p
+from moe2.shared.answercost import AnswerKind, Work, answer_cost, measured_delay_per_step
+
+
+@dataclass(frozen=True)
+class Energy:
+    """An answer's joules by the cost model, and whether every profile behind them measured."""
+
+    joules: float  # per prompt
+    measured: bool
 
 
 @dataclass(frozen=True)
@@ -27,29 +39,25 @@ class _Entry:
     at: float  # time.monotonic()
     app: str
     error: bool
-    delay_s_per_step: float = 0.0
+    delay_s_per_step: float = 0.0  # eq. 8, measured
+    gate_s: float = 0.0
     steps: int = 0
-    energy_j_per_step: float | None = None
-    energy_measured: bool = False
+    energy: Energy | None = None
 
 
 def answer_energy(
-    profiles: Mapping[str, p.AgentProfile], prompt_tokens: Mapping[str, int], steps: int
-) -> tuple[float | None, bool]:
-    """(joules per step, measured?) of an answer: each expert's prompt step and decode steps
-    from its profile curves (eqs. 9-11); None when an expert has no profile."""
-    if steps <= 0 or not prompt_tokens:
-        return None, False
-    total = 0.0
-    measured = True
-    for expert, length in prompt_tokens.items():
-        prof = profiles.get(expert)
-        if prof is None:
-            return None, False
-        c = prof.curves
-        total += c.prompt_joules.at(length) + (steps - 1) * c.token_joules.at(length)
-        measured = measured and prof.energy_measured
-    return total / steps, measured
+    profiles: Mapping[str, p.AgentProfile],
+    works: Mapping[str, Work],
+    steps: int,
+    kind: AnswerKind,
+) -> Energy | None:
+    """What the experts of ``works`` spent on one answer (eqs. 10-11, per prompt), by their
+    profiles; None when an expert has no profile or nothing answered."""
+    if steps <= 0 or not works or any(e not in profiles for e in works):
+        return None
+    curves = {e: profiles[e].curves for e in works}
+    cost = answer_cost(curves, works, steps=steps, kind=kind)
+    return Energy(cost.energy_j, all(profiles[e].energy_measured for e in works))
 
 
 class AppStatsWindow:
@@ -67,18 +75,19 @@ class AppStatsWindow:
         app: str,
         *,
         latency_s: float,
+        gate_s: float,
         steps: int,
-        energy_j_per_step: float | None,
-        energy_measured: bool,
+        energy: Energy | None,
     ) -> None:
+        steps = max(1, steps)
         entry = _Entry(
             self.clock(),
             app,
             False,
-            latency_s / max(1, steps),
+            measured_delay_per_step(latency_s, gate_s, steps),
+            gate_s,
             steps,
-            energy_j_per_step,
-            energy_measured,
+            energy,
         )
         with self._lock:
             self._entries.append(entry)
@@ -102,18 +111,22 @@ class AppStatsWindow:
         for app in sorted({e.app for e in entries}):
             ok = [e for e in entries if e.app == app and not e.error]
             delays = np.array([e.delay_s_per_step for e in ok])
-            energies = [e.energy_j_per_step for e in ok]
-            known = [x for x in energies if x is not None]
+            known = [e.energy for e in ok if e.energy is not None]
+            complete = bool(known) and len(known) == len(ok)
             apps[app] = p.AppFigures(
                 answers=len(ok),
                 errors=sum(1 for e in entries if e.app == app and e.error),
                 steps=sum(e.steps for e in ok),
                 delay_s_per_step=float(delays.mean()) if ok else None,
                 delay_s_per_step_p95=float(np.percentile(delays, 95)) if ok else None,
-                energy_j_per_step=float(np.mean(known))
-                if known and len(known) == len(ok)
-                else None,
-                energy_measured=bool(ok) and all(e.energy_measured for e in ok),
+                gate_s=float(np.mean([e.gate_s for e in ok])) if ok else None,
+                energy_j_per_step=(
+                    float(np.mean([x.joules / e.steps for e, x in zip(ok, known)]))
+                    if complete
+                    else None
+                ),
+                energy_j_per_prompt=float(np.mean([x.joules for x in known])) if complete else None,
+                energy_measured=complete and all(x.measured for x in known),
             )
         return p.AppStats(
             gateway=self.gateway_id, window_s=self.window_s, apps=apps, at=time.time()

@@ -58,10 +58,13 @@ class Route:
 class Answer:
     choice: int | None  # the option picked; None when the answer matched no option
     experts: tuple[str, ...]  # the experts whose outputs were fused into this answer
-    delay_s: float | None = None  # measured seconds per step, when the answerer measures it
+    delay_s: float | None = None  # eq. 8 measured, seconds per step, when the answerer measures
     energy_j: float | None = None  # joules per step, when the answerer measures the time
     energy_measured: bool = False  # energy_j from a real meter's figures (else modelled)
     spread: float = 0.0  # relative spread the answering experts' profiles state for their costs
+    steps: int = 1  # T the per-step figures divide by (× energy_j: joules per prompt)
+    gate_s: float = 0.0  # the gate's seconds on this prompt (part of delay_s, once)
+    failed: str | None = None  # the error code when the fleet gave no answer (choice None)
 
 
 class Answerer(ABC):

@@ -5,11 +5,16 @@
     moe2ctl eval --jsonl mine.jsonl --json          # your own questions, scored if needed
     moe2ctl eval tiny-mc --gate uniform             # no gate: experts weighed equally
     moe2ctl eval --answerer gateway --energy 1,2,none   # asked through a live gateway, measured
+    moe2ctl eval --energy 5,10 --energy-per prompt  # E_max in joules per prompt (Tables II-IV)
+    moe2ctl eval --base smol-base                   # S. A.: the base model the adapters share
 
 Held out: evaluating the gate's own dataset uses its test split (which training and early
 stopping never saw); another dataset or a JSONL file is used whole, minus any prompt the gate
-trained on. SMO chooses subsets on the gate's dataset without its test split. Exit status 0,
-1 on an error (the message says what was expected), 2 on bad flags.
+trained on. SMO chooses subsets on the gate's dataset without its test split. The gate's
+delay is what the gateways measured running it (``--gate-delay`` overrides). When the experts
+are adapters of one base model, S. A. is that base alone: an online agent serving the base
+(found by the model's sha256, or named with ``--base``) scores the questions too. Exit status
+0, 1 on an error (the message says what was expected), 2 on bad flags.
 """
 
 from __future__ import annotations
@@ -19,20 +24,22 @@ import importlib.util
 import json
 import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 
 from moe2.controller import datasets as ds
+from moe2.controller.collect import CollectSettings, collect_options, collect_settings
 from moe2.controller.evaluate.answerer import ANSWERERS, Answerer, ScoreAnswerer
 from moe2.controller.evaluate.gateway import GateArtefact, GatewayAnswerer, Progress, RouteRun
 from moe2.controller.evaluate.report import markdown, plot
-from moe2.controller.evaluate.run import EvalSettings, Grid, evaluate, work_units
+from moe2.controller.evaluate.run import EvalSettings, Grid, SingleAgent, evaluate, work_units
 from moe2.controller.gate.weights import UNIFORM
 from moe2.controller.optimize.costs import load_profiles
-from moe2.controller.optimize.fromregistry import ScoredSet, scored_set
+from moe2.controller.optimize.fromregistry import GateDelay, ScoredSet, gate_delay_of, scored_set
 from moe2.controller.optimize.solvers import SOLVERS
 from moe2.controller.options import (
     broker_from_flags,
@@ -45,8 +52,8 @@ from moe2.controller.options import (
 from moe2.controller.registry import Registry
 from moe2.controller.splits import split
 from moe2.shared import protocol as p
-from moe2.shared.errors import BrokerError, ConfigError, NoExperts
-from moe2.shared.fleet import FleetView
+from moe2.shared.errors import BrokerError, ConfigError, Moe2Error, NoExperts
+from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig
 
 # Without a gate there is no recorded split: hold out this share of the dataset, seeded.
@@ -89,13 +96,31 @@ def import_jsonl(reg: Registry, path: Path, prompt_format: str, option_format: s
     return name
 
 
-def ensure_scores(reg: Registry, dataset: str, experts: list[str], broker: BrokerConfig) -> None:
-    """Collect the scores ``experts`` lack on ``dataset`` from the fleet (they must be online)."""
+def online_experts_now(reg: Registry, broker: BrokerConfig) -> set[str]:
+    """The experts online now (none when the broker cannot be reached)."""
+    from moe2.controller.registry.sync import online_experts, sync_once
+
+    try:
+        sync_once(reg, broker)
+    except BrokerError:
+        return set()
+    return set(online_experts(reg))
+
+
+def ensure_scores(
+    reg: Registry,
+    dataset: str,
+    experts: list[str],
+    broker: BrokerConfig,
+    settings: CollectSettings | None = None,
+) -> None:
+    """Collect the scores ``experts`` lack on ``dataset`` from the fleet (they must be online),
+    as ``moe2ctl collect`` would with ``settings``."""
     needed = sum(len(s.targets) for s in reg.samples(dataset))
     missing = [e for e in experts if len(reg.scored(dataset, e)) < needed]
     if not missing:
         return
-    from moe2.controller.collect import CollectSettings, collect
+    from moe2.controller.collect import collect
     from moe2.controller.registry.sync import online_experts, sync_once
     from moe2.shared.mqtt import RpcClient
 
@@ -108,17 +133,27 @@ def ensure_scores(reg: Registry, dataset: str, experts: list[str], broker: Broke
             f"online to score it (online: {', '.join(sorted(online)) or 'none'})"
         )
     click.echo(f"scoring {dataset} with {', '.join(missing)}", err=True)
-    with RpcClient(broker, timeout=60.0) as rpc:
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.monotonic() - last[0] > 2.0 or done == total:
+            last[0] = time.monotonic()
+            click.echo(f"scoring {dataset}: {done}/{total} ({100 * done / total:.0f}%)", err=True)
+
+    with RpcClient(broker) as rpc:
         report = collect(
             reg,
             rpc,
             dataset,
             {e: online[e] for e in missing},
-            CollectSettings(),
+            settings,
             stop=threading.Event(),
+            on_progress=progress,
         )
+    if report.interrupted:
+        raise KeyboardInterrupt
     if report.failed or not report.complete:
-        raise NoExperts(f"scoring {dataset} did not complete: {report.as_dict()}")
+        raise NoExperts(f"scoring {dataset} did not complete:\n{report.what_is_missing()}")
 
 
 def held_out_sets(
@@ -178,16 +213,99 @@ def held_out_sets(
     return selection, other.select(keep), note, sel_note
 
 
-def measured_links(broker: BrokerConfig, *, required: bool) -> dict[str, p.LinkFigures]:
-    """The gateways' measured links to their experts (answers cross them: the costs include
-    them, as optimize's do); none when the broker cannot be reached and they are optional."""
+def fleet_figures(broker: BrokerConfig, *, required: bool) -> FleetState | None:
+    """What the gateways measured and announced: their links to the experts (answers cross
+    them: the costs include them, as optimize's do) and their gates' latency; None when the
+    broker cannot be reached and they are optional."""
     try:
-        return FleetView.snapshot(broker, ("links",), 2.0).best_links()
+        return FleetView.snapshot(broker, ("links", "gateway", "gate_ack"), 2.0)
     except BrokerError as exc:
         if required:
             raise
         click.echo(f"no measured links ({exc.message}): costs without transmission", err=True)
-        return {}
+        return None
+
+
+def eval_gate_delay(
+    state: FleetState | None,
+    version: str,
+    given: float | None,
+    broker: BrokerConfig,
+    *,
+    live: bool,
+) -> GateDelay | Callable[[], GateDelay]:
+    """τ_gate for an evaluation's promise: what the gateways announced for the gate; when
+    none did yet and the answers go through a gateway, what they announce once the evaluation
+    has pushed it (with its first gated route); from stored scores alone, 0, said so."""
+    gate = gate_delay_of(state, version, given, required=False)
+    if not live or gate.curve is not None or given is not None or version == UNIFORM:
+        return gate
+
+    def once_pushed() -> GateDelay:
+        return gate_delay_of(FleetView.snapshot(broker, ("gateway", "gate_ack"), 2.0), version)
+
+    return once_pushed
+
+
+def measured_links(broker: BrokerConfig, *, required: bool) -> dict[str, p.LinkFigures]:
+    state = fleet_figures(broker, required=required)
+    return {} if state is None else state.best_links()
+
+
+def base_model(reg: Registry, experts: list[str], named: str | None) -> tuple[str | None, str]:
+    """(the expert serving the base model the experts are adapters of, or None; why none)."""
+    agents = {a.id: a for a in reg.agents()}
+    infos = {e: p.AgentInfo.model_validate_json(agents[e].info_json or "{}") for e in experts}
+    if named is not None:
+        if named not in agents:
+            raise ConfigError(f"--base {named}: no such agent in the registry (`moe2ctl sync`)")
+        return named, ""
+    models = {(i.model_sha256 or i.model_file) for i in infos.values()}
+    if len(models) != 1:
+        return None, "the experts are adapters of different models"
+    (model,) = models
+    for a in agents.values():
+        if a.id in experts or not a.info_json:
+            continue
+        info = p.AgentInfo.model_validate_json(a.info_json)
+        if info.adapter is None and (info.model_sha256 or info.model_file) == model:
+            return a.id, ""
+    return None, (
+        f"no agent serves the base model {next(iter(infos.values())).model_file} alone: start "
+        "one without --lora, or name it with --base"
+    )
+
+
+def base_scores(
+    reg: Registry,
+    broker: BrokerConfig,
+    test: ScoredSet,
+    base: str,
+    links: Mapping[str, p.LinkFigures],
+    settings: CollectSettings | None = None,
+) -> ScoredSet:
+    """The base model's scores on the test questions, in their order (scored now if missing
+    and the base is online, as ``moe2ctl collect`` would with ``settings``)."""
+    if base in online_experts_now(reg, broker):
+        ensure_scores(reg, test.dataset, [base], broker, settings)
+    whole = scored_set(
+        reg, test.dataset, gate_version=UNIFORM, online_only=False, experts=[base], links=links
+    )
+    order = {int(i): n for n, i in enumerate(whole.mixed.sample_idx)}
+    missing = [int(i) for i in test.mixed.sample_idx if int(i) not in order]
+    if missing:
+        raise NoExperts(f"it has not scored {len(missing)} of the test questions")
+    return whole.select([order[int(i)] for i in test.mixed.sample_idx])
+
+
+def are_adapters(reg: Registry, experts: list[str]) -> bool:
+    agents = {a.id: a for a in reg.agents()}
+    return all(
+        e in agents
+        and agents[e].info_json
+        and p.AgentInfo.model_validate_json(agents[e].info_json or "{}").adapter is not None
+        for e in experts
+    )
 
 
 def make_answerer(
@@ -199,9 +317,10 @@ def make_answerer(
     gateways: tuple[str, ...] = (),
     timeout_s: float = 120.0,
     progress: Progress | None = None,
+    also: tuple[str, ...] = (),
 ) -> Answerer:
     """The answerer called ``name``, for the questions of ``test`` (scored by its experts,
-    weighted by its gate)."""
+    weighted by its gate; ``also``: other experts it may be asked to answer alone)."""
     if name == ScoreAnswerer.name:
         return ScoreAnswerer(test)
     if name == GatewayAnswerer.name:
@@ -213,7 +332,7 @@ def make_answerer(
             gate = GateArtefact.load(Path(row.artefact_dir), row.version)
         return GatewayAnswerer(
             broker,
-            load_profiles(reg, test.experts),
+            load_profiles(reg, [*test.experts, *also]),
             gate=gate,
             gateways=gateways or None,
             timeout_s=timeout_s,
@@ -293,6 +412,22 @@ class RouteBars:
     "steps and the questions); comma-separated for a grid; 'none' = no limit.",
 )
 @click.option(
+    "--energy-per",
+    type=click.Choice(["step", "prompt"]),
+    default="step",
+    show_default=True,
+    help="The unit of --energy: joules per step (eq. 11) or per prompt (the whole answer, as "
+    "the paper's Tables II-IV state E_max).",
+)
+@click.option(
+    "--base",
+    "base_expert",
+    default=None,
+    help="The agent serving the base model the experts are adapters of, evaluated alone as "
+    "S. A. [default: an online agent with the experts' model and no adapter, when there is "
+    "one].",
+)
+@click.option(
     "--k",
     type=click.IntRange(min=1),
     default=2,
@@ -309,9 +444,9 @@ class RouteBars:
 @click.option(
     "--gate-delay",
     type=click.FloatRange(min=0.0),
-    default=0.004,
-    show_default=True,
-    help="Seconds the gate adds per step.",
+    default=None,
+    help="Seconds the gate adds per prompt (eq. 8) [default: what the gateways measured "
+    "running it and announced; 0 with --gate uniform].",
 )
 @click.option(
     "--solver",
@@ -359,6 +494,7 @@ class RouteBars:
     default=None,
     help="Also write the markdown report to this file.",
 )
+@collect_options
 @db_option
 @broker_options
 @json_option
@@ -371,9 +507,11 @@ def eval_cmd(
     experts: str | None,
     delays: str,
     energies: str,
+    energy_per: str,
+    base_expert: str | None,
     k: int,
     seeds: int,
-    gate_delay: float,
+    gate_delay: float | None,
     solver: str,
     answerer: str,
     gateways: tuple[str, ...],
@@ -387,19 +525,24 @@ def eval_cmd(
 ) -> None:
     """Accuracy of MoE² and its baselines on held-out questions (paper Fig. 3, Tables II-IV).
 
-    Methods: each single expert (S. A.), their average (A. E. A.), the majority vote of all
-    experts (M. V.) and MoE² over all of them; and per cell of the --delay × --energy grid,
-    MoE² (SMO subset, gate, top-k fusion), SMO M. V. (the same subset, majority vote) and
-    Rand. M. V. (random feasible subsets, majority vote). Next to every accuracy: the answers'
-    delay and energy per step against the cell's limits, from the experts' profiles, or with
-    --answerer gateway measured on the answers (the report says which figures are measured and
-    which modelled, and what the profiles promised)."""
+    Methods: each expert alone, the original model (S. A.: the experts themselves, or the base
+    model they are adapters of), their average (A. E. A.), all experts fused with equal weights
+    (M. V.), their plurality vote and MoE² over all of them; and per cell of the --delay ×
+    --energy grid, MoE² (SMO subset, gate, top-k fusion), SMO M. V. (the same subset, equal
+    weights), Rand. M. V. (random feasible subsets, equal weights) and the SMO subset's
+    plurality vote. Every baseline's difference from MoE² comes with a paired bootstrap 95%
+    interval. Next to every accuracy: the answers' delay and energy against the cell's
+    limits, promised by the one cost function from the experts' profiles, or with --answerer
+    gateway measured on the answers beside the promise (the report says which figures are
+    measured and which modelled)."""
     if jsonl is not None and dataset is not None:
         raise click.UsageError("give DATASET or --jsonl FILE, not both")
     grid = Grid(
-        parse_limits(delays, "--delay", "seconds"), parse_limits(energies, "--energy", "joules")
+        parse_limits(delays, "--delay", "seconds"),
+        parse_limits(energies, "--energy", "joules"),
+        "prompt" if energy_per == "prompt" else "step",
     )
-    settings = EvalSettings(k=k, seeds=seeds, gate_delay=gate_delay, solver=solver)
+    scoring = collect_settings(kw)
     chosen = experts.split(",") if experts else None
     broker = broker_from_flags(kw)
     reg = open_registry(db_url)
@@ -412,12 +555,25 @@ def eval_cmd(
                 wanted = json.loads(reg.gate_version(gate_version).experts_json)
             if wanted is None:
                 raise ConfigError("with --gate uniform and --jsonl, name the --experts")
-            ensure_scores(reg, dataset, wanted, broker)
+            ensure_scores(reg, dataset, wanted, broker, scoring)
         live = answerer == GatewayAnswerer.name
-        links = measured_links(broker, required=live)
+        state = fleet_figures(broker, required=live)
+        links = {} if state is None else state.best_links()
         selection, test, test_note, sel_note = held_out_sets(
             reg, gate_version, dataset, chosen, links
         )
+        gate = eval_gate_delay(state, selection.gate.version, gate_delay, broker, live=live)
+        settings = EvalSettings(k=k, seeds=seeds, gate=gate, solver=solver)
+        adapters = are_adapters(reg, test.experts)
+        base_name, base_note = (
+            base_model(reg, test.experts, base_expert) if adapters or base_expert else (None, "")
+        )
+        base_set = None
+        if base_name is not None:
+            try:
+                base_set = base_scores(reg, broker, test, base_name, links, scoring)
+            except Moe2Error as exc:
+                base_name, base_note = None, f"{base_name}: {exc.message}"
         bars = RouteBars()
         answers = make_answerer(
             answerer,
@@ -427,7 +583,12 @@ def eval_cmd(
             gateways=gateways,
             timeout_s=answer_timeout,
             progress=bars,
+            also=(base_name,) if base_name else (),
         )
+        base = None
+        if base_name is not None and base_set is not None:
+            base_answers = answers if live else ScoreAnswerer(base_set)
+            base = SingleAgent(base_name, base_set, base_answers)
         try:
             with click.progressbar(
                 length=work_units(grid, settings),
@@ -442,9 +603,12 @@ def eval_cmd(
                     answers,
                     grid,
                     settings,
+                    base=base,
+                    adapters=adapters,
                     progress=bar.update,
                     test_note=test_note,
                     selection_note=sel_note,
+                    base_note=base_note,
                 )
         finally:
             bars.close()

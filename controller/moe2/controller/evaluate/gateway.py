@@ -6,21 +6,27 @@ application's subset and gate, each question sent by a client as a multiple-choi
         answers[0].choice, answers[0].delay_s, answers[0].energy_j
 
 Per route the answerer pushes one application, ``eval-<hash of the route and gate>``, through
-``moe2.shared.desired.DesiredState`` (the gate's files published first, named by its
-``GateRef`` when the route is gated; uniform weights otherwise), waits until every accepting
-gateway serves it, then asks the questions one at a time with ``PromptClient.choose`` (so a
-latency is one answer's, not a queue's) and clears the application when it closes.
+the controller's one publisher of desired state (``moe2.controller.options.desired_state``:
+signed with the fleet key when there is one, so gateways with ``trusted_keys`` accept it; the
+gate's files published first, named by its ``GateRef`` when the route is gated; uniform
+weights otherwise), waits until every accepting gateway serves it, then asks the questions one
+at a time with ``PromptClient.choose`` (so a latency is one answer's, not a queue's) and reverts
+the application (signed, as the push) and clears its retained message when it closes.
 
-What each answer cost, per step as the limits are stated (DESIGN.md §2):
+What each answer cost, as the limits are stated (paper eqs. 8 and 11, per step):
 
-- **delay**: the gateway's latency (receiving the prompt to its answer: the gate, the experts'
-  scoring round trips) / T, T = the correct option's length in the answering experts' tokens,
-  the T the optimiser's costs use for the question;
+- **delay**: eq. 8's quantity measured: the gateway's latency (receiving the prompt to its
+  answer) less the gate's part, over T, plus the gate's part once; T = the correct option's
+  length in the answering experts' tokens, the T the promise uses for the question;
 - **energy**: Σ over the answering experts of their power while processing a prompt (their
-  profile's joules / seconds at the prompt's length) × the model time each one reported,
-  / T. Measured when every answering expert's profile comes from a real meter, else modelled;
+  profile's joules / seconds at the prompt's length in their tokens) × the model time each
+  one reported, / T (× T: per prompt). Measured when every answering expert's profile comes
+  from a real meter, else modelled;
 - **spread**: the largest relative spread the answering experts' profiles state (repeats,
   curve residuals): how far a measurement may fall from its profile on the same box.
+
+A question the fleet does not answer (an error, a timeout) counts as wrong and is counted
+apart: it enters no cost.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from moe2.controller.evaluate.answerer import Answer, Answerer, Question, Route
-from moe2.controller.optimize.costs import prompt_tokens
 from moe2.shared import protocol as p
+from moe2.shared.answercost import measured_delay_per_step, power_w
 from moe2.shared.client import PromptClient
 from moe2.shared.desired import DesiredState
 from moe2.shared.errors import ConfigError, Moe2Error, NoExperts, NotAcknowledged, UnknownApp
@@ -104,6 +110,13 @@ class RouteRun:
 
 
 Progress = Callable[[RouteRun, int, int], None]  # (route, answered so far, questions)
+Publisher = Callable[[BrokerConfig], DesiredState]  # who publishes (and signs) desired state
+
+
+def _controller_publisher(broker: BrokerConfig) -> DesiredState:
+    from moe2.controller.options import desired_state
+
+    return desired_state(broker)
 
 
 class GatewayAnswerer(Answerer):
@@ -120,8 +133,10 @@ class GatewayAnswerer(Answerer):
         timeout_s: float = 120.0,
         push_wait_s: float = 60.0,
         progress: Progress | None = None,
+        publisher: Publisher = _controller_publisher,
     ) -> None:
         self.broker = broker
+        self.publisher = publisher
         self.profiles = dict(profiles)
         self.gate = gate
         self.gateways = list(gateways) if gateways else None
@@ -144,15 +159,18 @@ class GatewayAnswerer(Answerer):
 
     def _open(self) -> tuple[DesiredState, PromptClient]:
         if self._desired is None or self._client is None:
-            self._desired = DesiredState(self.broker).__enter__()
+            self._desired = self.publisher(self.broker).__enter__()
             self._client = PromptClient(self.broker).__enter__()
         return self._desired, self._client
 
     def close(self) -> None:
-        """Clear every application this answerer pushed, then disconnect."""
+        """Take back every application this answerer pushed, then disconnect: a signed
+        revert first (a gateway that trusts only the fleet key ignores an unsigned clear and
+        would go on serving the route), then the retained message is cleared."""
         if self._desired is not None:
             for app in self._pushed:
                 try:
+                    self._desired.revert(app, wait_s=min(5.0, self.push_wait_s))
                     self._desired.clear_assignment(app)
                 except Moe2Error as exc:
                     log.warning("could not clear %s: %s", app, exc.message)
@@ -176,8 +194,9 @@ class GatewayAnswerer(Answerer):
         return APP_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def _gated(self, route: Route) -> bool:
-        # One expert needs no gate: its weight is 1 whatever the gate says.
-        return route.weights == "gate" and len(route.experts) > 1
+        # As an optimised assignment is pushed: with its gate, whatever the subset's size
+        # (the gateway runs it on every prompt, and the promise counts it).
+        return route.weights == "gate"
 
     def answer(self, questions: Sequence[Question], route: Route) -> list[Answer]:
         unknown = [e for e in route.experts if e not in self.profiles]
@@ -216,6 +235,12 @@ class GatewayAnswerer(Answerer):
                 f"rejected {result.rejected}, silent {result.missing}; is a gateway running?"
             )
         serving = [g for g in result.accepted if result.acks[g].serving]
+        if not serving:  # accepted only by gateways the route does not name
+            raise NotAcknowledged(
+                f"no gateway serves {app} ({', '.join(route.experts)}, top-{k}): accepted but "
+                f"not serving {result.accepted}, rejected {result.rejected}, silent "
+                f"{result.missing}"
+            )
         if ref is not None:
             loaded = {g for g, a in result.gate_acks.items() if a.state == "loaded"}
             missing = [g for g in serving if g not in loaded]
@@ -258,42 +283,35 @@ class GatewayAnswerer(Answerer):
                 break
             except UnknownApp:  # the gateway's subscription is still on its way
                 if time.monotonic() >= deadline:
-                    return self._failed(run, UnknownApp.code, t0)
+                    return self._failed(run, UnknownApp.code)
                 time.sleep(0.2)
             except Moe2Error as exc:
                 log.warning("%s: question %d failed: %s", run.app, q.position, exc.message)
-                return self._failed(run, exc.code, t0)
+                return self._failed(run, exc.code)
         experts = tuple(e.id for e in reply.experts)
         if reply.dropped or len(experts) < run.k:
             run.partial += 1
-        t = max(1, reply.steps[q.answer])  # the T the optimiser's costs use
+        t = max(1, reply.steps[q.answer])  # the T the promise uses
+        gate_s = (reply.gate_ms or 0.0) / 1e3
         joules = 0.0
-        length = prompt_tokens(q.prompt)
         for e in experts:
-            joules += watts(self.profiles[e], length) * reply.compute_ms.get(e, 0.0) / 1e3
+            power = power_w(self.profiles[e].curves, max(1, reply.prompt_tokens.get(e, 1)))
+            joules += power * reply.compute_ms.get(e, 0.0) / 1e3
         return Answer(
             reply.choice,
             experts,
-            delay_s=reply.latency_ms / 1e3 / t,
+            delay_s=measured_delay_per_step(reply.latency_ms / 1e3, gate_s, t),
             energy_j=joules / t,
             energy_measured=all(self.profiles[e].energy_measured for e in experts),
             spread=max(spread(self.profiles[e]) for e in experts),
+            steps=t,
+            gate_s=gate_s,
         )
 
-    def _failed(self, run: RouteRun, code: str, t0: float) -> Answer:
-        """A question the fleet did not answer: wrong, and its cost the time it took."""
+    def _failed(self, run: RouteRun, code: str) -> Answer:
+        """A question the fleet did not answer: wrong, and counted apart (no cost)."""
         run.errors[code] = run.errors.get(code, 0) + 1
-        return Answer(None, tuple(run.experts), delay_s=time.monotonic() - t0, energy_j=0.0)
-
-
-def watts(profile: p.AgentProfile, length: int) -> float:
-    """Power while processing a prompt of ``length`` tokens, from the profile's curves."""
-    c = profile.curves
-    seconds = c.prompt_seconds.at(length)
-    if seconds > 0:
-        return c.prompt_joules.at(length) / seconds
-    per_token = c.token_seconds.at(length)
-    return c.token_joules.at(length) / per_token if per_token > 0 else 0.0
+        return Answer(None, tuple(run.experts), failed=code)
 
 
 def spread(profile: p.AgentProfile) -> float:

@@ -1,17 +1,24 @@
 """The evaluation: MoE² against its baselines on held-out questions, for one setting or a grid
-of delay and energy limits (paper Fig. 3 and Tables II–IV).
+of delay and energy limits (paper Fig. 3 and Tables II–IV), the baselines as the paper defines
+them (§V-C, §VI-B).
 
     result = evaluate(selection, test, ScoreAnswerer(test), Grid((0.02,), (1.0, 2.0)))
     result.to_json()
 
-Per cell (τ_max for every app, E_max): SMO picks S on the *selection* samples (never the test
-ones) with the gate's weights; **MoE²** answers every test question with the top-k of S by
-gate weight, fused; **SMO M. V.** lets every member of S answer alone and takes the majority;
-**Rand. M. V.** does the same over a random maximal feasible subset, for several seeds (the
-mean). Without limits: every single expert (S. A.), their average (A. E. A.), the majority of
-all experts (M. V.) and MoE² over all experts. Every accuracy comes with its spread
-(``MethodResult.spread``), and next to it what the answers cost per step against the cell's
-limits.
+Per cell (τ_max for every app, E_max per step or per prompt): SMO picks S on the *selection*
+samples (never the test ones) with the gate's weights; **MoE²** answers every test question
+with the top-k of S by gate weight, fused; **SMO M. V.** fuses all of S with equal weights
+(eq. 3 with ω = 1/|S|, through the same mixing code as MoE²); **Rand. M. V.** does the same
+over a random maximal feasible subset, for several seeds (the mean); **SMO plurality vote**,
+an extra row, lets every member of S answer alone and takes the most frequent answer.
+
+Without limits: each expert alone (an **S. A.** when the experts are original models; when
+they are adapters of one base, **S. A.** is that base model, evaluated alone too), their mean
+(**A. E. A.**), all experts fused with equal weights (**M. V.**), their plurality vote, and
+MoE² over all experts. Every accuracy comes with its 1σ spread, every baseline with its
+difference from MoE² on the same questions and a paired bootstrap 95% interval, and next to
+it what the answers cost against the cell's limits: measured when the answerer measures, and
+always what the one cost function promised for the same answers.
 """
 
 from __future__ import annotations
@@ -25,30 +32,48 @@ import numpy as np
 from moe2.controller.evaluate.answerer import Answer, Answerer, Question, Route
 from moe2.controller.evaluate.metrics import (
     AnswerCosts,
-    accuracy,
-    answer_costs,
-    majority_vote,
+    Difference,
+    EnergyPer,
+    FloatArray,
+    correct,
     measured_costs,
+    paired_difference,
+    plurality_vote,
+    promised_costs,
 )
 from moe2.controller.optimize import Infeasible, solve
 from moe2.controller.optimize.costs import summary
-from moe2.controller.optimize.fromregistry import ScoredSet
+from moe2.controller.optimize.fromregistry import GateDelay, ScoredSet
 from moe2.shared.errors import ConfigError
 
-# Methods of a cell, in the order of the paper's tables.
-MOE2, SMO_MV, RANDOM_MV = "moe2", "smo_mv", "random_mv"
-LABELS = {MOE2: "MoE²", SMO_MV: "SMO M. V.", RANDOM_MV: "Rand. M. V."}
-# Methods without limits (Fig. 3).
-SINGLE, AVERAGE, VOTE_ALL, MOE2_ALL = "single", "average", "vote_all", "moe2_all"
+# Methods of a cell, in the order of the paper's tables (the plurality vote an extra row).
+MOE2, SMO_MV, RANDOM_MV, SMO_PLURALITY = "moe2", "smo_mv", "random_mv", "smo_plurality"
+LABELS = {
+    MOE2: "MoE²",
+    SMO_MV: "SMO M. V.",
+    RANDOM_MV: "Rand. M. V.",
+    SMO_PLURALITY: "SMO plurality vote",
+}
+CELL_METHODS = (MOE2, SMO_MV, RANDOM_MV, SMO_PLURALITY)
+# Methods without limits (Fig. 3); experts alone are "alone:<expert>".
+ALONE, BASE, AVERAGE, VOTE_ALL, PLURALITY_ALL, MOE2_ALL = (
+    "alone",
+    "base",
+    "average",
+    "vote_all",
+    "plurality_all",
+    "moe2_all",
+)
 
 
 @dataclass(frozen=True)
 class Grid:
-    """Delay limits (seconds per step, for every app) × energy limits (joules per step);
-    None leaves that limit off."""
+    """Delay limits (seconds per step, for every app) × energy limits (joules per step, or per
+    prompt with ``energy_per="prompt"``); None leaves that limit off."""
 
     delays: tuple[float | None, ...] = (None,)
     energies: tuple[float | None, ...] = (None,)
+    energy_per: EnergyPer = "step"
 
     def cells(self) -> list[tuple[float | None, float | None]]:
         return [(d, e) for d in self.delays for e in self.energies]
@@ -58,13 +83,26 @@ class Grid:
 class EvalSettings:
     k: int = 2  # experts fused per question (top-k of S by gate weight)
     seeds: int = 5  # random subsets per cell for Rand. M. V.
-    gate_delay: float = 0.004  # seconds the gate adds per step (as the optimizer assumes)
+    # τ_gate of a gated answer, per prompt: the gateways' measured curve, as the optimiser
+    # promises it (a constant when given by hand); or how to find it once the first gated
+    # answers were asked (a gate a gateway loads only then)
+    gate: GateDelay | Callable[[], GateDelay] = field(default_factory=GateDelay)
     solver: str = "smo"
+
+
+@dataclass(frozen=True)
+class SingleAgent:
+    """The original model the experts were made from (they are adapters of it), scored on
+    the same test questions, in the same order, and who answers for it."""
+
+    expert: str
+    data: ScoredSet
+    answerer: Answerer
 
 
 @dataclass
 class MethodResult:
-    """One method's accuracy with its spread, and what its answers cost.
+    """One method's accuracy with its spread, its difference from MoE², and its costs.
 
     ``spread`` is the 1σ uncertainty of ``accuracy`` as an estimate of the method's accuracy:
     the binomial standard error on the held-out questions, combined for random subsets with
@@ -73,13 +111,15 @@ class MethodResult:
     label: str
     accuracy: float  # share of questions answered right; the mean over seeds for random
     stderr: float | None  # binomial standard error, sqrt(acc (1 - acc) / questions)
-    costs: AnswerCosts | None  # per step, from the profiles or measured by the answerer
+    costs: AnswerCosts | None  # measured by the answerer, else what the profiles promise
     within_limits: bool | None  # the answers' costs meet the cell's limits (every seed)
     subsets: list[list[str]] = field(default_factory=list)
     seed_std: float | None = None  # standard deviation over seeds (random subsets)
-    # What the profiles say the same answers cost (what the optimiser held to the limits),
-    # beside measured ``costs``; None when ``costs`` already come from the profiles.
+    # What the one cost function promised for the same answers (what the optimiser held to
+    # the limits), beside measured ``costs``; None when ``costs`` are the promise.
     promised: AnswerCosts | None = None
+    per_question: FloatArray | None = None  # (questions,) 1/0 right, a mean over seeds
+    vs_moe2: Difference | None = None  # MoE² minus this method, same questions
 
     @property
     def spread(self) -> float | None:
@@ -98,6 +138,7 @@ class MethodResult:
             "promised": None if self.promised is None else self.promised.as_dict(),
             "within_limits": self.within_limits,
             "subsets": self.subsets,
+            "moe2_minus_this": None if self.vs_moe2 is None else self.vs_moe2.as_dict(),
         }
 
 
@@ -135,6 +176,7 @@ class Evaluation:
     grid: Grid
     answerer_measures: bool = False  # costs of answers measured (else from the profiles)
     answerer_info: dict[str, Any] = field(default_factory=dict)  # how the answers were given
+    single_agent: dict[str, Any] = field(default_factory=dict)  # what S. A. is, or why absent
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -144,13 +186,18 @@ class Evaluation:
             "answerer_info": self.answerer_info,
             "k": self.settings.k,
             "seeds": self.settings.seeds,
-            "gate_delay": self.settings.gate_delay,
+            "gate_delay": self.provenance.get("gate_delay"),
             "solver": self.settings.solver,
             "test": self.test,
             "selection": self.selection,
             "example": self.example,
             "provenance": self.provenance,
-            "grid": {"delay": list(self.grid.delays), "energy": list(self.grid.energies)},
+            "grid": {
+                "delay": list(self.grid.delays),
+                "energy": list(self.grid.energies),
+                "energy_per": self.grid.energy_per,
+            },
+            "single_agent": self.single_agent,
             "baselines": {k: m.as_dict() for k, m in self.baselines.items()},
             "cells": [c.as_dict() for c in self.cells],
         }
@@ -166,8 +213,22 @@ class _Harness:
             Question(i, m.prompts[i], m.choices[i], int(m.answer[i]), m.apps[i])
             for i in range(m.n_samples)
         ]
+        self.apps = [q.app for q in self.questions]
         self.gold = m.answer
+        self._gate = settings.gate
         self._cache: dict[Route, list[Answer]] = {}
+
+    @property
+    def gate(self) -> GateDelay:
+        """τ_gate (found at its first use: after the first gated answers, when lazy)."""
+        if not isinstance(self._gate, GateDelay):
+            self._gate = self._gate()
+        return self._gate
+
+    @property
+    def gate_s(self) -> FloatArray:
+        """(questions,) τ_gate of each prompt."""
+        return self.test.gate_seconds(self.gate)
 
     def answers(self, route: Route) -> list[Answer]:
         if route not in self._cache:
@@ -175,85 +236,97 @@ class _Harness:
         return self._cache[route]
 
     def alone(self, expert: str) -> list[Answer]:
-        return self.answers(Route((expert,), 1, "gate"))
+        return self.answers(Route((expert,), 1, "uniform"))  # no gate: nothing to weigh
+
+    def fused(self, subset: Sequence[str]) -> list[Answer]:
+        """Equal weights over all of ``subset`` (eq. 3 with ω = 1/|S|): majority voting as
+        the paper defines it."""
+        if len(subset) == 1:
+            return self.alone(subset[0])
+        return self.answers(Route(tuple(subset), len(subset), "uniform"))
 
     def measured(self, answers: Sequence[Answer]) -> bool:
-        return self.answerer.measures_costs and all(a.delay_s is not None for a in answers)
-
-    def costs(
-        self, answers: Sequence[Answer], used: Sequence[Sequence[str]], gated: bool
-    ) -> AnswerCosts:
-        """What the answers cost: measured when the answerer measured every one, else what
-        the profiles say (``promised``)."""
-        apps = [q.app for q in self.questions]
-        if self.measured(answers):
-            return measured_costs(apps, answers)
-        return self.promised(used, gated)
+        given = [a for a in answers if a.failed is None]
+        return self.answerer.measures_costs and all(a.delay_s is not None for a in given)
 
     def promised(self, used: Sequence[Sequence[str]], gated: bool) -> AnswerCosts:
-        """The answers' costs from the experts' profiles, as the optimiser computes them."""
-        apps = [q.app for q in self.questions]
-        experts = sorted({e for u in used for e in u})
-        kind = summary({e: self.test.costs.sources[e] for e in experts})
-        return answer_costs(
+        """The answers' costs by the one cost function, from the experts' profiles and the
+        tokens each really evaluates (T: the correct option's, by the experts that answer)."""
+        experts = self.test.experts
+        taking = np.array([[e in u for e in experts] for u in used], dtype=bool)
+        steps = self.test.mixed.answer_steps(taking, self.gold)
+        kind = summary({e: self.test.costs.sources[e] for u in used for e in u})
+        return promised_costs(
             self.test.costs,
-            apps,
+            self.apps,
             used,
-            gate_delay=self.settings.gate_delay if gated else 0.0,
+            steps,
+            gate_s=self.gate_s if gated else np.zeros(len(self.questions)),
             basis=f"profiles ({kind})",
         )
 
-    def vote(self, subset: Sequence[str]) -> tuple[list[int], list[Answer]]:
+    def plurality(self, subset: Sequence[str]) -> tuple[list[int], list[Answer]]:
+        """Every member answers alone, the most frequent answer wins (an extra row: not the
+        paper's majority voting)."""
         alone = [self.alone(e) for e in subset]  # (voters, questions)
         votes = np.array(
             [[-1 if a.choice is None else a.choice for a in answers] for answers in alone]
         ).T  # (questions, voters)
         n_options = self.test.mixed.n_options
-        picks = majority_vote(votes, n_options, [q.position for q in self.questions])
-        # Every member of the subset answers every question, at once: the vote takes as long
-        # as its slowest voter and costs the energy of all of them.
+        picks = plurality_vote(votes, n_options, [q.position for q in self.questions])
+        # Every member answers every question at once: the vote takes as long as its slowest
+        # voter and costs the energy of all of them.
         answers = []
         for i, c in enumerate(picks):
             each = [a[i] for a in alone]
-            if self.measured(each):
+            failed = next((a.failed for a in each if a.failed is not None), None)
+            if self.measured(each) and failed is None:
                 energies = [a.energy_j for a in each]
+                t = max(a.steps for a in each)
                 answers.append(
                     Answer(
                         int(c),
                         tuple(subset),
-                        delay_s=max(float(a.delay_s or 0.0) for a in each),
+                        delay_s=max(float(a.delay_s or 0.0) * a.steps for a in each) / t,
                         energy_j=None
                         if any(e is None for e in energies)
-                        else float(sum(e or 0.0 for e in energies)),
+                        else float(sum((a.energy_j or 0.0) * a.steps for a in each)) / t,
                         energy_measured=all(a.energy_measured for a in each),
                         spread=max(a.spread for a in each),
+                        steps=t,
                     )
                 )
             else:
-                answers.append(Answer(int(c), tuple(subset)))
+                answers.append(Answer(int(c), tuple(subset), failed=failed))
         return picks.tolist(), answers
 
     def method(
         self,
         label: str,
-        choices: Sequence[int | None],
         answers: Sequence[Answer],
         *,
         gated: bool,
+        choices: Sequence[int | None] | None = None,
         limits: tuple[float | None, float | None] = (None, None),
+        energy_per: EnergyPer = "step",
         subsets: Sequence[Sequence[str]] = (),
     ) -> MethodResult:
+        picked = [a.choice for a in answers] if choices is None else list(choices)
         used = [a.experts for a in answers]
-        cost = self.costs(answers, used, gated)
-        acc = accuracy(choices, self.gold)
+        promised = self.promised(used, gated)
+        measured = self.measured(answers)
+        cost = measured_costs(self.apps, answers) if measured else promised
+        right = correct(picked, self.gold)
+        acc = float(right.mean()) if right.size else float("nan")
         return MethodResult(
             label,
             acc,
-            stderr(acc, len(choices)),
+            stderr(acc, len(picked)),
             cost,
-            cost.within(*limits),
+            cost.within(*limits, energy_per),
             [list(s) for s in subsets],
-            promised=self.promised(used, gated) if self.measured(answers) else None,
+            promised=promised if measured else None,
+            per_question=right,
         )
 
 
@@ -264,11 +337,16 @@ def evaluate(
     grid: Grid,
     settings: EvalSettings | None = None,
     *,
+    base: SingleAgent | None = None,
+    adapters: bool = False,
     progress: Callable[[int], None] | None = None,
     test_note: str = "",
     selection_note: str = "",
+    base_note: str = "",
 ) -> Evaluation:
-    """Every method in every cell of ``grid``; ``progress(n)`` is told each unit of work."""
+    """Every method in every cell of ``grid``; ``progress(n)`` is told each unit of work.
+    ``adapters``: the experts are adapters of one base model (S. A. is then ``base``, or
+    reported missing with ``base_note``)."""
     settings = settings or EvalSettings()
     if selection.experts != test.experts:
         raise ConfigError(
@@ -278,35 +356,52 @@ def evaluate(
     tick = progress or (lambda _n: None)
     h = _Harness(test, answerer, settings)
     experts = test.experts
+    per = grid.energy_per
 
     baselines: dict[str, MethodResult] = {}
     singles = []
     for e in experts:
-        a = h.alone(e)
-        r = h.method(f"S. A. {e}", [x.choice for x in a], a, gated=False, subsets=[[e]])
-        baselines[f"{SINGLE}:{e}"] = r
-        singles.append(r.accuracy)
+        label = f"{e} alone" if adapters else f"S. A. {e}"
+        r = h.method(label, h.alone(e), gated=False, subsets=[[e]])
+        baselines[f"{ALONE}:{e}"] = r
+        singles.append(r)
+    single_agent: dict[str, Any] = {"experts_are": "adapters" if adapters else "original models"}
+    if base is not None:
+        if list(base.data.mixed.sample_idx) != list(test.mixed.sample_idx):
+            raise ConfigError(f"the base model {base.expert} was scored on other questions")
+        hb = _Harness(base.data, base.answerer, settings)
+        baselines[BASE] = hb.method(
+            f"S. A. {base.expert} (base model)", hb.alone(base.expert), gated=False
+        )
+        single_agent["base"] = base.expert
+    elif adapters:
+        single_agent["missing"] = base_note or "no agent serves the experts' base model"
     tick(1)
-    average = float(np.mean(singles))
-    baselines[AVERAGE] = MethodResult("A. E. A.", average, None, None, None)
-    picks, voted = h.vote(experts)
-    baselines[VOTE_ALL] = h.method("M. V.", picks, voted, gated=False, subsets=[experts])
+    per_question = np.mean([r.per_question for r in singles if r.per_question is not None], 0)
+    baselines[AVERAGE] = MethodResult(
+        "A. E. A.", float(np.mean([r.accuracy for r in singles])), None, None, None,
+        per_question=per_question,
+    )  # fmt: skip
+    baselines[VOTE_ALL] = h.method(
+        "M. V. (equal weights)", h.fused(experts), gated=False, subsets=[experts]
+    )
+    picks, voted = h.plurality(experts)
+    baselines[PLURALITY_ALL] = h.method(
+        "Plurality vote", voted, choices=picks, gated=False, subsets=[experts]
+    )
     every = h.answers(Route(tuple(experts), settings.k, "gate"))
     baselines[MOE2_ALL] = h.method(
-        f"MoE² (all {len(experts)}, top-{settings.k})",
-        [a.choice for a in every],
-        every,
-        gated=True,
-        subsets=[experts],
+        f"MoE² (all {len(experts)}, top-{settings.k})", every, gated=True, subsets=[experts]
     )
+    _compare(baselines[MOE2_ALL], [m for k, m in baselines.items() if k != MOE2_ALL])
     tick(1)
 
     apps = sorted(set(selection.mixed.apps))
-    base = selection.problem({}, None, gate_delay=settings.gate_delay)
+    base_problem = selection.problem({}, None, gate_delay=h.gate, energy_per=per)
     cells: list[Cell] = []
     for delay_limit, energy_limit in grid.cells():
         limits = (delay_limit, energy_limit)
-        problem = base.with_limits(
+        problem = base_problem.with_limits(
             {a: delay_limit for a in apps} if delay_limit is not None else {}, energy_limit
         )
         found = solve(problem, settings.solver)
@@ -316,33 +411,40 @@ def evaluate(
             continue
         cell = Cell(delay_limit, energy_limit, True, objective=found.objective)
         subset = found.subset
+
         # a subset smaller than k fuses all of it: the same route as k = |S| (cached)
+        def run(
+            key: str,
+            answers: list[Answer],
+            members: Sequence[str],
+            gated: bool = False,
+            choices: list[int] | None = None,
+            limits: tuple[float | None, float | None] = limits,
+        ) -> MethodResult:
+            return h.method(
+                LABELS[key],
+                answers,
+                gated=gated,
+                choices=choices,
+                limits=limits,
+                energy_per=per,
+                subsets=[members],
+            )
+
         moe = h.answers(Route(subset, min(settings.k, len(subset)), "gate"))
-        cell.methods[MOE2] = h.method(
-            LABELS[MOE2], [a.choice for a in moe], moe, gated=True, limits=limits, subsets=[subset]
-        )
-        picks, voted = h.vote(subset)
-        cell.methods[SMO_MV] = h.method(
-            LABELS[SMO_MV], picks, voted, gated=False, limits=limits, subsets=[subset]
-        )
+        cell.methods[MOE2] = run(MOE2, moe, subset, gated=True)
+        cell.methods[SMO_MV] = run(SMO_MV, h.fused(subset), subset)
+        picks, voted = h.plurality(subset)
+        cell.methods[SMO_PLURALITY] = run(SMO_PLURALITY, voted, subset, choices=picks)
         tick(1)
         runs: list[MethodResult] = []
         for seed in range(settings.seeds):
             rand = solve(problem, "random", seed=seed)
             assert not isinstance(rand, Infeasible)  # SMO found a feasible subset
-            picks, voted = h.vote(rand.subset)
-            runs.append(
-                h.method(
-                    LABELS[RANDOM_MV],
-                    picks,
-                    voted,
-                    gated=False,
-                    limits=limits,
-                    subsets=[rand.subset],
-                )
-            )
+            runs.append(run(RANDOM_MV, h.fused(rand.subset), rand.subset))
             tick(1)
         cell.methods[RANDOM_MV] = _pooled(LABELS[RANDOM_MV], runs)
+        _compare(cell.methods[MOE2], [cell.methods[k] for k in (SMO_MV, RANDOM_MV, SMO_PLURALITY)])
         cells.append(cell)
 
     m = test.mixed
@@ -360,14 +462,28 @@ def evaluate(
         cells=cells,
         provenance={
             "gate": selection.gate.provenance(),
+            "gate_delay": {
+                "seconds": float(h.gate_s.mean()) if h.gate_s.size else 0.0,
+                **h.gate.as_dict(),
+            },
             "costs": test.costs.provenance(),
             "cost_basis": summary(test.costs.sources),
+            "answers": test.costs.kind,
         },
         example={"prompt": m.prompts[0], "options": list(m.choices[0])} if m.n_samples else {},
         grid=grid,
         answerer_measures=answerer.measures_costs,
         answerer_info=answerer.describe(),
+        single_agent=single_agent,
     )
+
+
+def _compare(moe2: MethodResult, others: Sequence[MethodResult]) -> None:
+    """Each method's paired difference from MoE² on the same questions."""
+    assert moe2.per_question is not None
+    for m in others:
+        if m.per_question is not None:
+            m.vs_moe2 = paired_difference(moe2.per_question, m.per_question)
 
 
 def work_units(grid: Grid, settings: EvalSettings) -> int:
@@ -381,6 +497,7 @@ def _pooled(label: str, runs: Sequence[MethodResult]) -> MethodResult:
     pooled = _mean_costs([r.costs for r in runs if r.costs is not None])
     promised = _mean_costs([r.promised for r in runs if r.promised is not None])
     errors = [r.stderr or 0.0 for r in runs]
+    rows = [r.per_question for r in runs if r.per_question is not None]
     return MethodResult(
         label,
         float(np.mean(acc)),
@@ -390,6 +507,7 @@ def _pooled(label: str, runs: Sequence[MethodResult]) -> MethodResult:
         [s for r in runs for s in r.subsets],
         seed_std=float(np.std(acc)),
         promised=promised,
+        per_question=np.mean(rows, axis=0) if rows else None,
     )
 
 
@@ -408,6 +526,9 @@ def _mean_costs(costs: Sequence[AnswerCosts]) -> AnswerCosts | None:
         energy_source=first.energy_source,
         tolerance=max(c.tolerance for c in costs),
         worst_answer_delay=max(worst) if worst else None,
+        energy_per_prompt=float(np.mean([c.energy_per_prompt for c in costs])),
+        gate_s=float(np.mean([c.gate_s for c in costs])),
+        failed=sum(c.failed for c in costs),
     )
 
 

@@ -35,6 +35,9 @@ class GateWeights:
     source: str  # "onnx" | "torch" | "uniform"
     values: np.ndarray  # (prompts, experts) float64, rows sum to 1
     metrics: dict[str, Any] = field(default_factory=dict)  # the gate's training metrics
+    # (prompts,) each prompt's length in the gate's own tokens (its delay grows with it); 0
+    # without a gate
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def held_out(self) -> set[int]:
@@ -53,7 +56,7 @@ def gate_weights(
     ``experts``; ``version="uniform"`` weighs every expert equally."""
     if version == UNIFORM:
         values = np.full((len(prompts), len(experts)), 1.0 / len(experts))
-        return GateWeights(UNIFORM, [], UNIFORM, values)
+        return GateWeights(UNIFORM, [], UNIFORM, values, tokens=np.zeros(len(prompts), np.int64))
     row = reg.gate_version(version)  # the newest when None; an error naming --gate uniform
     gate_experts: list[str] = json.loads(row.experts_json)
     missing = [e for e in experts if e not in gate_experts]
@@ -65,17 +68,25 @@ def gate_weights(
     out = Path(row.artefact_dir)
     # A trained gate's values need the train extra (ONNX Runtime and the exporter's torch).
     require("torch", "train", f"the values of gate {row.version}")
+    from moe2.controller.gate.embedding import load_tokenizer
+
     if (out / "manifest.json").exists():
         from moe2.controller.gate.export import gate_files, onnx_values
 
-        values, source = onnx_values(gate_files(out), list(prompts)), "onnx"
+        files = gate_files(out)
+        values, source = onnx_values(files, list(prompts)), "onnx"
+        tokenizer_json = files["tokenizer"].read_text()
     else:
         from moe2.controller.gate.cli import embeddings, load_head
         from moe2.controller.gate.embedding import Encoder
         from moe2.controller.gate.train import gate_values
 
-        emb = embeddings(reg, Encoder.load(), list(prompts))
+        encoder = Encoder.load()
+        emb = embeddings(reg, encoder, list(prompts))
         values, source = gate_values(load_head(row), emb), "torch"
+        tokenizer_json = encoder.tokenizer_json
+    tok = load_tokenizer(tokenizer_json)
+    tokens = np.array([len(tok.encode(t).ids) for t in prompts], dtype=np.int64)  # type: ignore[attr-defined]
     cols = [gate_experts.index(e) for e in experts]
     return GateWeights(
         version=row.version,
@@ -83,4 +94,5 @@ def gate_weights(
         source=source,
         values=normalise(values[:, cols]),
         metrics=json.loads(row.metrics_json),
+        tokens=tokens,
     )

@@ -1,40 +1,64 @@
 """What each expert costs on each sample, from its stored profile (and measured links), and
 where every figure came from (measured or modelled).
 
-The cost model's curves (``moe2.shared.costmodel.step_costs``) give the delay and energy of
-every step of an answer: step 1 processes the prompt, steps 2..T decode one token each. Per
-sample × expert we keep what DESIGN.md §2's delay needs exactly, the prompt step and the decode
-step (each plus the gateway's measured transmission per step, where a link report exists), and
-the energy as the mean over the answer's steps (eq. 11)::
+Every figure comes from the one cost function, ``moe2.shared.answercost`` (paper eqs. 6-11),
+with the work each expert really does on the sample: the prompt's length in *its* tokens and
+each option's (stored with its scores), a multiple-choice dataset's answers scored (the prompt
+once, the options branched from its cache), a free-answer dataset's generated (step 1 the
+prompt, steps 2..T one token each; T the answer's tokens). Per sample × expert we keep what
+the optimiser's delay needs exactly, the first step and the mean of the later steps (each with
+the gateway's measured transmission per request, where a link report exists), and the energy
+per step (eq. 11)::
 
-    costs = profile_costs(profiles, ["a", "b"], prompts, steps, links)
+    costs = profile_costs(profiles, ["a", "b"], mixed, SCORED, links)
     costs.prompt_delay, costs.decode_delay, costs.energy     # (samples, experts)
+    costs.answer(3, ["a", "b"], gate_s=0.003)                # AnswerCost of sample 3 by a and b
     costs.sources["a"].as_dict()                             # {"delay": "measured", ...}
 
-A decode step's cost grows with the history (L + t − 1), slightly; ``decode_delay`` is the mean
-of steps 2..T, so the per-step maximum over S is exact while the slowest decoder stays the same
-within one answer (the curves are affine in the history: two cross at most once).
-
-Prompt length is estimated from the text (about 1.3 tokens per word) since tokenisers differ
-per expert.
+A scored answer's steps 2..T cost nothing (all its work is one request), so the optimiser's
+delay (max_S first + (T − 1) max_S later) / T is the function's exactly. A generated answer's
+decode step grows with the history (L + t − 1), slightly; ``decode_delay`` is the mean of steps
+2..T, so the per-step maximum over S is exact while the slowest decoder stays the same within
+one answer (the curves are affine in the history: two cross at most once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from moe2.controller.mixing import Mixed
 from moe2.controller.registry.db import Registry
 from moe2.shared import protocol as p
-from moe2.shared.costmodel import step_costs
+from moe2.shared.answercost import (
+    GENERATED,
+    SCORED,
+    AnswerCost,
+    AnswerKind,
+    Work,
+    answer_cost,
+    expert_steps,
+    link_seconds,
+)
+from moe2.shared.costmodel import CostCurves
 from moe2.shared.errors import ConfigError
 
-TOKENS_PER_WORD = 1.3
-REPLY_BYTES = 1200  # a top-64 step reply with pieces, the bytes a step moves over a link
+__all__ = [
+    "GENERATED",
+    "MEASURED",
+    "MODELLED",
+    "SCORED",
+    "CostSource",
+    "Costs",
+    "load_profiles",
+    "profile_costs",
+    "summary",
+    "works_of",
+]
 
 MEASURED = "measured"
 MODELLED = "modelled"
@@ -74,14 +98,45 @@ class Costs:
     steps: NDArray[np.int64]  # (samples,) T
     energy: NDArray[np.float64]  # (samples, experts) joules per step, mean over the T steps
     sources: dict[str, CostSource]
+    kind: AnswerKind = SCORED
+    curves: dict[str, CostCurves] = field(default_factory=dict)  # each expert's profile
+    link_s: dict[str, float] = field(default_factory=dict)  # seconds per request on its link
+    works: list[dict[str, Work]] = field(default_factory=list)  # per sample, each expert's
 
     def provenance(self) -> dict[str, dict[str, str]]:
         return {e: self.sources[e].as_dict() for e in self.experts}
 
+    def select(self, ix: NDArray[np.int64]) -> Costs:
+        """The samples at positions ``ix``."""
+        return replace(
+            self,
+            prompt_delay=self.prompt_delay[ix],
+            decode_delay=self.decode_delay[ix],
+            steps=self.steps[ix],
+            energy=self.energy[ix],
+            works=[self.works[i] for i in ix] if self.works else [],
+        )
+
+    def answer(
+        self, i: int, experts: Sequence[str], *, steps: int | None = None, gate_s: float = 0.0
+    ) -> AnswerCost:
+        """What answering sample ``i`` with ``experts`` costs (``steps``: its T, default the
+        sample's), by the one cost function."""
+        if not self.works:
+            raise ConfigError("these costs were built without the experts' work per sample")
+        return answer_cost(
+            self.curves,
+            {e: self.works[i][e] for e in experts},
+            steps=int(self.steps[i]) if steps is None else steps,
+            kind=self.kind,
+            links=self.link_s,
+            gate_s=gate_s,
+        )
+
 
 def load_profiles(reg: Registry, experts: Sequence[str]) -> dict[str, p.AgentProfile]:
     """The stored profile of every expert, or an error naming the ones without."""
-    rows = {a.id: a for a in reg.agents()}
+    rows = {a.id: a for a in reg.agents(experts)}
     missing = [e for e in experts if e not in rows or not rows[e].profile_json]
     if missing:
         raise ConfigError(
@@ -93,34 +148,55 @@ def load_profiles(reg: Registry, experts: Sequence[str]) -> dict[str, p.AgentPro
     }
 
 
-def prompt_tokens(prompt: str) -> int:
-    return max(1, round(len(prompt.split()) * TOKENS_PER_WORD))
+def works_of(mixed: Mixed, kind: AnswerKind, dataset: str = "") -> list[dict[str, Work]]:
+    """Each sample's work per expert, from the real token counts stored with the scores."""
+    if mixed.prompt_tokens is None or mixed.n_tokens is None:
+        raise ConfigError("no token counts: build the scores with `moe2.controller.mixing.mix`")
+    unknown = sorted({mixed.experts[j] for j in np.flatnonzero((mixed.prompt_tokens < 0).any(0))})
+    if unknown:
+        raise ConfigError(
+            f"the scores of {', '.join(unknown)} on {dataset or 'this dataset'} were stored "
+            "without the prompt's length in tokens (collected by an older moe2ctl): run "
+            f"`moe2ctl collect {dataset or 'DATASET'}` with them online to add it"
+        )
+    out = []
+    for i in range(mixed.n_samples):
+        options = range(int(mixed.n_options[i]))
+        out.append(
+            {
+                e: Work(
+                    int(mixed.prompt_tokens[i, j]),
+                    tuple(int(mixed.n_tokens[i, o, j]) for o in options) if kind == SCORED else (),
+                )
+                for j, e in enumerate(mixed.experts)
+            }
+        )
+    return out
 
 
 def profile_costs(
     profiles: Mapping[str, p.AgentProfile],
     experts: Sequence[str],
-    prompts: Sequence[str],
-    steps: Sequence[int] | NDArray[np.int64],
+    mixed: Mixed,
+    kind: AnswerKind,
     links: Mapping[str, p.LinkFigures] | None = None,
+    dataset: str = "",
 ) -> Costs:
-    """Costs of answering each prompt with an answer of ``steps[i]`` steps, per expert."""
+    """Costs of answering each sample of ``mixed`` (T: its correct option's steps), per expert."""
     links = links or {}
-    t = np.asarray(steps, dtype=np.int64)
-    prompt = np.zeros((len(prompts), len(experts)))
+    works = works_of(mixed, kind, dataset)
+    t = mixed.steps[np.arange(mixed.n_samples), mixed.answer].astype(np.int64)
+    curves = {e: profiles[e].curves for e in experts}
+    link_s = {e: link_seconds(lk.rtt_s, lk.bytes_per_s) for e, lk in links.items() if e in curves}
+    prompt = np.zeros((mixed.n_samples, len(experts)))
     decode = np.zeros_like(prompt)
     energy = np.zeros_like(prompt)
     for j, e in enumerate(experts):
-        curves = profiles[e].curves
-        link = links.get(e)
-        per_step_link = link.rtt_s + REPLY_BYTES / link.bytes_per_s if link else 0.0
-        for i, text in enumerate(prompts):
-            length = prompt_tokens(text)
-            sec, joules = step_costs(curves, length, int(t[i]))  # (T,), (T,)
-            prompt[i, j] = float(sec[0]) + per_step_link
-            later = sec[1:] if t[i] > 1 else np.array([curves.token_seconds.at(length)])
-            decode[i, j] = float(later.mean()) + per_step_link
-            energy[i, j] = float(joules.mean())
+        for i in range(mixed.n_samples):
+            sec, joules = expert_steps(curves[e], works[i][e], int(t[i]), kind, link_s.get(e, 0.0))
+            prompt[i, j] = float(sec[0])
+            decode[i, j] = float(sec[1:].mean()) if t[i] > 1 else 0.0
+            energy[i, j] = float(joules.sum()) / int(t[i])
     sources = {
         e: CostSource(
             delay=MEASURED if profiles[e].delay_measured else MODELLED,
@@ -131,7 +207,7 @@ def profile_costs(
         )
         for e in experts
     }
-    return Costs(list(experts), prompt, decode, t, energy, sources)
+    return Costs(list(experts), prompt, decode, t, energy, sources, kind, curves, link_s, works)
 
 
 def summary(sources: Mapping[str, CostSource] | Mapping[str, Any]) -> str:

@@ -7,10 +7,13 @@ profiles (and measured links) for the costs, and a record of where each came fro
 
 Objective data: for each sample, the correct target's log-probabilities per expert in the units
 of the one mixing rule (``moe2.controller.mixing``: per token when the experts share a
-tokenizer hash, else per sequence), never exponentiated. Costs: ``optimize.costs`` (a prompt
-step and a decode step per sample × expert, T = the answer's length in steps). The problem's
-``meta`` names the dataset, the gate (version, training datasets, ONNX or torch) and each
-expert's cost sources; ``optimize`` prints them with the answer.
+tokenizer hash, else per sequence), never exponentiated. Costs: ``optimize.costs`` (the one
+cost function on each expert's real token counts: a multiple-choice dataset's answers scored,
+a free-answer dataset's generated; T = the answer's length in steps); the gate's delay is what
+the gateways measured and announced for that gate (``gate_delay``), 0 without a gate. The
+problem's ``meta`` names the dataset, the gate (version, training datasets, ONNX or torch),
+where the gate's delay came from and each expert's cost sources; ``optimize`` prints them
+with the answer.
 """
 
 from __future__ import annotations
@@ -20,14 +23,71 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-from moe2.controller.gate.weights import GateWeights, gate_weights
+from moe2.controller import datasets as ds
+from moe2.controller.gate.weights import UNIFORM, GateWeights, gate_weights
 from moe2.controller.mixing import Mixed, mix
-from moe2.controller.optimize.costs import Costs, load_profiles, profile_costs
-from moe2.controller.optimize.problem import Problem
+from moe2.controller.optimize.costs import GENERATED, SCORED, Costs, load_profiles, profile_costs
+from moe2.controller.optimize.problem import EnergyPer, Problem
 from moe2.controller.registry.db import Registry
 from moe2.shared import protocol as p
+from moe2.shared.costmodel import CostCurve
 from moe2.shared.errors import ConfigError
+from moe2.shared.fleet import FleetState
+
+
+@dataclass(frozen=True)
+class GateDelay:
+    """τ_gate, the seconds a gate adds to a prompt (eq. 8): a curve in the prompt's length in
+    the gate's tokens, as the gateways measured running the gate and announced it, or a
+    constant (given by hand; 0 without a gate)."""
+
+    curve: CostCurve | None = None
+    constant: float = 0.0
+    source: str = "given"
+
+    def seconds(self, tokens: NDArray[np.int64]) -> NDArray[np.float64]:
+        """(prompts,) seconds for prompts of ``tokens`` gate tokens."""
+        if self.curve is None:
+            return np.full(len(tokens), self.constant)
+        return np.array([self.curve.at(float(n)) for n in tokens])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "constant": None if self.curve is not None else self.constant,
+            "curve": None if self.curve is None else self.curve.model_dump(),
+        }
+
+
+NO_GATE = GateDelay(None, 0.0, "no gate: uniform weights")
+
+
+def gate_delay_of(
+    state: FleetState | None,
+    version: str,
+    given: float | None = None,
+    *,
+    required: bool = True,
+) -> GateDelay:
+    """τ_gate of gate ``version``: ``given`` when given, else what the gateways measured
+    running it and announced (none without a gate). Nobody announced it: an error, or (not
+    ``required``) 0 with a source that says so."""
+    if given is not None:
+        return GateDelay(None, given, "given")
+    if version == UNIFORM:
+        return NO_GATE
+    found = None if state is None else state.gate_latency(version)
+    if found is None:
+        if not required:
+            return GateDelay(None, 0.0, "not measured: no gateway announced running this gate")
+        raise ConfigError(
+            f"no gateway announced how long gate {version} takes: push it first (`moe2ctl "
+            "push-gate`), or give --gate-delay SECONDS"
+        )
+    curve, prompts = found
+    return GateDelay(curve, 0.0, f"measured by a gateway: {curve.n_points} runs, {prompts} prompts")
 
 
 @dataclass(frozen=True)
@@ -49,19 +109,20 @@ class ScoredSet:
         ix = np.asarray(positions, dtype=np.int64)
         if ix.size == 0:
             raise ConfigError(f"no samples of {self.dataset!r} left in this selection")
-        c = self.costs
+        tokens = self.gate.tokens[ix] if len(self.gate.tokens) else self.gate.tokens
         return ScoredSet(
             self.dataset,
             self.mixed.select(ix),
-            replace(self.gate, values=self.gate.values[ix]),
-            replace(
-                c,
-                prompt_delay=c.prompt_delay[ix],
-                decode_delay=c.decode_delay[ix],
-                steps=c.steps[ix],
-                energy=c.energy[ix],
-            ),
+            replace(self.gate, values=self.gate.values[ix], tokens=tokens),
+            self.costs.select(ix),
         )
+
+    def gate_seconds(self, delay: GateDelay) -> NDArray[np.float64]:
+        """(samples,) τ_gate of each sample's prompt."""
+        tokens = self.gate.tokens
+        if len(tokens) != self.mixed.n_samples:
+            tokens = np.zeros(self.mixed.n_samples, dtype=np.int64)
+        return delay.seconds(tokens)
 
     def positions(self, sample_idx: set[int], *, inside: bool) -> np.ndarray:
         """Positions of the samples whose dataset position is (not) in ``sample_idx``."""
@@ -83,9 +144,12 @@ class ScoredSet:
         delay_limits: Mapping[str, float],
         energy_limit: float | None,
         *,
-        gate_delay: float = 0.004,
+        gate_delay: float | GateDelay = 0.0,
         epsilon: float = 0.0,
+        energy_per: EnergyPer = "step",
     ) -> Problem:
+        """The optimisation problem on these samples; the gate's delay is the mean over them
+        of what the gate takes on each prompt (``GateDelay``) or a constant."""
         m = self.mixed
         unknown = sorted(set(delay_limits) - set(m.apps))
         if unknown:
@@ -94,6 +158,8 @@ class ScoredSet:
                 f"{sorted(set(m.apps))}"
             )
         where = self.provenance()
+        delay = gate_delay if isinstance(gate_delay, GateDelay) else GateDelay(None, gate_delay)
+        seconds = float(self.gate_seconds(delay).mean())
         meta: dict[str, Any] = {
             "source": "registry",
             "dataset": self.dataset,
@@ -103,6 +169,8 @@ class ScoredSet:
             "gate_provenance": where["gate"],
             "costs": where["costs"],
             "meters": {e: s.meter for e, s in self.costs.sources.items()},
+            "gate_delay": {"seconds": seconds, **delay.as_dict()},
+            "answers": self.costs.kind,
         }
         return Problem(
             experts=m.experts,
@@ -113,9 +181,10 @@ class ScoredSet:
             decode_delay=self.costs.decode_delay,
             steps=self.costs.steps,
             energy=self.costs.energy,
-            gate_delay=gate_delay,
+            gate_delay=seconds,
             delay_limits=dict(delay_limits),
             energy_limit=energy_limit,
+            energy_per=energy_per,
             epsilon=epsilon,
             meta=meta,
         )
@@ -129,12 +198,13 @@ def scored_set(
     links: Mapping[str, p.LinkFigures] | None = None,
     online_only: bool = True,
     experts: Sequence[str] | None = None,
+    apps: Sequence[str] | None = None,
 ) -> ScoredSet:
-    """Every sample of ``dataset`` that all chosen experts scored; the experts are ``experts``
-    or every one with complete scores, a stored profile and (``online_only``) an online
-    status."""
-    agents = {a.id: a for a in reg.agents()}
+    """Every sample of ``dataset`` (of ``apps``, default all) that all chosen experts scored;
+    the experts are ``experts`` or every one with complete scores, a stored profile and
+    (``online_only``) an online status."""
     if experts is None:
+        agents = {a.id: a for a in reg.agents()}
         table = reg.score_table(dataset)
         chosen = [
             e
@@ -150,12 +220,12 @@ def scored_set(
             f"no expert has complete scores for {dataset!r}, a stored profile and (unless "
             "--include-offline) an online status; run `moe2ctl collect` and `moe2ctl sync`"
         )
-    table = reg.score_table(dataset, chosen)
+    table = reg.score_table(dataset, chosen, apps)
     if not table.samples:
         raise ConfigError(f"dataset {dataset!r} has no samples scored by all of {chosen}")
     mixed = mix(table, dataset)
-    answer_steps = mixed.steps[np.arange(mixed.n_samples), mixed.answer]
-    costs = profile_costs(load_profiles(reg, chosen), chosen, mixed.prompts, answer_steps, links)
+    kind = SCORED if reg.dataset(dataset).kind == ds.CHOICE else GENERATED
+    costs = profile_costs(load_profiles(reg, chosen), chosen, mixed, kind, links, dataset)
     gate = gate_weights(reg, chosen, mixed.prompts, gate_version)
     return ScoredSet(dataset, mixed, gate, costs)
 
@@ -167,10 +237,13 @@ def problem_from_registry(
     energy_limit: float | None,
     *,
     gate_version: str | None = None,
-    gate_delay: float = 0.004,
+    gate_delay: float | GateDelay = 0.0,
     links: Mapping[str, p.LinkFigures] | None = None,
     epsilon: float = 0.0,
     online_only: bool = True,
+    energy_per: EnergyPer = "step",
 ) -> Problem:
     data = scored_set(reg, dataset, gate_version=gate_version, links=links, online_only=online_only)
-    return data.problem(delay_limits, energy_limit, gate_delay=gate_delay, epsilon=epsilon)
+    return data.problem(
+        delay_limits, energy_limit, gate_delay=gate_delay, epsilon=epsilon, energy_per=energy_per
+    )

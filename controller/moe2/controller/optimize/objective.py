@@ -23,8 +23,8 @@ prompt and steps 2..T decode steps, = max_S prompt/T + max_S decode·(T−1)/T. 
 "delay columns" (two per sample; one when every T is 1), so an app's delay is one weighted sum
 of the column-wise maximum over S, plus the gate's delay: the expectation over prompts of the
 per-prompt maximum, never the maximum of expectations. Energy is the mean over all samples of
-the chosen experts' sum, i.e. Σ_{n∈S} ē_n. Both grow with S, so feasibility is closed under
-subsets.
+the chosen experts' sum, i.e. Σ_{n∈S} ē_n, per step or per prompt as the limit is stated.
+Both grow with S, so feasibility is closed under subsets.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ class Evaluator:
         self.g: FloatArray = np.ascontiguousarray(g)  # (experts, units) gate of the unit's sample
         self.p: FloatArray = np.ascontiguousarray(p)  # (experts, units) p̃
         self.log_g: FloatArray = np.log(self.g)
-        self.mean_energy: FloatArray = problem.energy.mean(axis=0)  # (experts,) joules
+        # (experts,) joules in the limit's unit (per step, or per prompt)
+        self.mean_energy: FloatArray = problem.sample_energy.mean(axis=0)
 
         # Delay columns: (experts, columns) seconds; app a's delay is
         # app_weights[a] @ (max over S of the columns) + gate_delay.

@@ -20,6 +20,10 @@ Two forms of the scores and of the delays are read:
   i.e. (max_S prompt + (T−1) max_S decode) / T. ``delay`` (one mean step per sample × expert)
   is the original form: it equals prompt = decode = delay with T = 1.
 
+Energy is stored per step (``energy``: joules per step of the answer, eq. 11); the limit is
+stated per step (``limits.energy``, eq. 12) or per prompt (``limits.energy_per_prompt``: the
+whole answer's joules, T × the step figure, the unit of the paper's Tables II–IV), one of them.
+
 Every error names the field and the sample (and expert, unit) index, so a bad file is fixed
 without a debugger.
 """
@@ -31,7 +35,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -56,7 +60,9 @@ _DELAY_OLD = ("delay",)
 _DELAY_EXACT = ("prompt_delay", "decode_delay", "steps")  # all three, or "delay"
 _OPTIONAL = ("gate_delay", "limits", "epsilon", "meta")
 _KEYS = _BASE + _SCORES + _DELAY_OLD + _DELAY_EXACT + _OPTIONAL
-_LIMIT_KEYS = ("delay", "energy")
+_LIMIT_KEYS = ("delay", "energy", "energy_per_prompt")
+
+EnergyPer = Literal["step", "prompt"]  # the unit of ``energy_limit``
 
 
 def _fail(message: str) -> ConfigError:
@@ -150,7 +156,8 @@ class Problem:
     energy: FloatArray  # (samples, experts) joules
     gate_delay: float = 0.0  # seconds
     delay_limits: Mapping[str, float] = field(default_factory=dict)  # app -> seconds
-    energy_limit: float | None = None  # joules, mean per sample
+    energy_limit: float | None = None  # joules, mean per sample, per ``energy_per``
+    energy_per: EnergyPer = "step"  # the limit's unit: per step (eq. 11) or per prompt
     epsilon: float = 0.0  # accepted optimality gap in objective units (nats per sample)
     meta: Mapping[str, Any] = field(default_factory=dict)  # free-form, carried but not used
     # The forms the scores and delays were given in, so that ``to_dict`` writes them back.
@@ -173,6 +180,7 @@ class Problem:
         gate_delay: float = 0.0,
         delay_limits: Mapping[str, float] | None = None,
         energy_limit: float | None = None,
+        energy_per: EnergyPer = "step",
         epsilon: float = 0.0,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
@@ -241,6 +249,9 @@ class Problem:
             "energy_limit",
             None if energy_limit is None else _number("limits.energy", energy_limit),
         )
+        if energy_per not in ("step", "prompt"):
+            raise _fail(f"energy_per = {energy_per!r}: expected 'step' or 'prompt'")
+        set_(self, "energy_per", energy_per)
         set_(self, "epsilon", _number("epsilon", epsilon))
         if meta is not None and not isinstance(meta, Mapping):
             raise _fail(f"meta must be an object, got {meta!r}")
@@ -259,7 +270,19 @@ class Problem:
         """(samples,) number of mixing units (target tokens, or 1 per sequence) per sample."""
         return np.array([a.shape[1] for a in self.logp], dtype=np.int64)
 
-    def with_limits(self, delay_limits: Mapping[str, float], energy_limit: float | None) -> Problem:
+    @property
+    def sample_energy(self) -> FloatArray:
+        """(samples, experts) joules in the limit's unit: per step, or per prompt (× T)."""
+        if self.energy_per == "prompt":
+            return np.asarray(self.energy * self.steps[:, None], dtype=np.float64)
+        return self.energy
+
+    def with_limits(
+        self,
+        delay_limits: Mapping[str, float],
+        energy_limit: float | None,
+        energy_per: EnergyPer | None = None,
+    ) -> Problem:
         """The same samples, gate and costs under other limits (a grid of settings)."""
         out = object.__new__(Problem)
         out.__dict__.update(self.__dict__)
@@ -269,6 +292,8 @@ class Problem:
             "energy_limit",
             None if energy_limit is None else _number("limits.energy", energy_limit),
         )
+        if energy_per is not None:
+            object.__setattr__(out, "energy_per", energy_per)
         return out
 
     # -- the file format -----------------------------------------------------------------
@@ -301,6 +326,12 @@ class Problem:
                 f"unknown key(s) {', '.join(map(repr, unknown))} in limits; "
                 f"expected {', '.join(_LIMIT_KEYS)}"
             )
+        if limits.get("energy") is not None and limits.get("energy_per_prompt") is not None:
+            raise _fail(
+                "limits: give 'energy' (joules per step) or 'energy_per_prompt' (joules per "
+                "prompt), not both"
+            )
+        per_prompt = limits.get("energy_per_prompt")
         return cls(
             experts=data["experts"],
             gate=data["gate"],
@@ -314,7 +345,8 @@ class Problem:
             energy=data["energy"],
             gate_delay=data.get("gate_delay", 0.0),
             delay_limits=limits.get("delay") or {},
-            energy_limit=limits.get("energy"),
+            energy_limit=limits.get("energy") if per_prompt is None else per_prompt,
+            energy_per="step" if per_prompt is None else "prompt",
             epsilon=data.get("epsilon", 0.0),
             meta=data.get("meta"),
         )
@@ -337,7 +369,12 @@ class Problem:
             {
                 "energy": self.energy.tolist(),
                 "gate_delay": self.gate_delay,
-                "limits": {"delay": dict(self.delay_limits), "energy": self.energy_limit},
+                "limits": {
+                    "delay": dict(self.delay_limits),
+                    ("energy" if self.energy_per == "step" else "energy_per_prompt"): (
+                        self.energy_limit
+                    ),
+                },
                 "epsilon": self.epsilon,
             }
         )

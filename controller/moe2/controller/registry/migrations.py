@@ -36,8 +36,15 @@ def _v4(conn: Connection) -> None:
         SQLModel.metadata.tables[name].create(conn, checkfirst=True)
 
 
+def _v5(conn: Connection) -> None:
+    """scores.prompt_tokens: each expert's real prompt length, for the cost model."""
+    cols = {c["name"] for c in inspect(conn).get_columns("scores")}
+    if "prompt_tokens" not in cols:
+        conn.execute(text("ALTER TABLE scores ADD COLUMN prompt_tokens INTEGER"))
+
+
 # version -> step that brings the schema from version-1 to version
-STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4}
+STEPS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5}
 LATEST = max(STEPS)
 
 

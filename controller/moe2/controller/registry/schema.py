@@ -82,6 +82,9 @@ class Score(SQLModel, table=True):
     tokens_json: str = Field(sa_column=Column(Text, nullable=False))  # JSON list[int]
     logprobs_json: str = Field(sa_column=Column(Text, nullable=False))  # JSON list[float], nats
     compute_ms: float = 0.0
+    # The prompt's length in this expert's tokens (BOS included), what scoring and answering
+    # it costs; NULL for scores stored before migration 5 (``moe2ctl collect`` fills them in).
+    prompt_tokens: int | None = None
     created_at: float = Field(default_factory=_now)
 
 

@@ -12,12 +12,14 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
     moe2/v1/replies/<user>/rpc/<agent>         RpcReply        the agent's answer to <user>
     moe2/v1/replies/<user>/answers/<client>    prompt answers  a PromptClient's inbox
     moe2/v1/replies/<user>/...                 prompt answers  any other reply_to of <user>
-    moe2/v1/prompts/<app>                      (prompt API, see DESIGN.md §3)
+    moe2/v1/prompts/<app>[/<user>]             (the public prompt API, prompts.py)
+    moe2/v1/cancel/<app>[/<user>]              PromptCancel    stop answering a prompt
     moe2/v1/desired/apps/<app>       retained  AppAssignment   desired state (desired.py)
     moe2/v1/agents/<gw>/acks/<app>   retained  AssignmentAck   a gateway accepted/rejected it
     moe2/v1/gates/<version>          retained  GateManifest    a trained gate (gates.py)
     moe2/v1/blobs/<sha256>/<i>       retained  raw bytes       chunks of a gate's files
     moe2/v1/agents/<gw>/gates/<ver>  retained  GateAck         a gateway loaded/rejected it
+    moe2/v1/requesters/<user>/<c>    retained  RequesterStatus an RPC client online/gone (LWT)
 
 Topics are built and parsed only in ``topics.py``.
 
@@ -60,6 +62,8 @@ from moe2.shared.protocol.desired import (
     AssignmentAck,
     GateRef,
     GatewayStatus,
+    assignment_digest,
+    describe_version,
 )
 from moe2.shared.protocol.gates import BlobRef, GateAck, GateManifest, gate_digest
 from moe2.shared.protocol.profiles import AgentProfile, LinkFigures, LinkReport
@@ -69,15 +73,18 @@ from moe2.shared.protocol.prompts import (
     DroppedExpert,
     ExpertWeight,
     PromptAnswer,
+    PromptCancel,
     PromptError,
     PromptRequest,
     StreamChunk,
     TokenLogprob,
     TopLogprob,
+    decode_cancel,
     decode_prompt,
     prompt_error,
 )
 from moe2.shared.protocol.rpc import (
+    MAX_SCORE_SAMPLES,
     OPERATIONS,
     CloseReply,
     CloseRequest,
@@ -94,6 +101,7 @@ from moe2.shared.protocol.rpc import (
     PingRequest,
     ProfileReply,
     ProfileRequest,
+    RequesterStatus,
     ScoreChoicesReply,
     ScoreChoicesRequest,
     ScoreManyReply,
@@ -122,6 +130,7 @@ from moe2.shared.protocol.topics import Topic, topics
 __all__ = [
     "CODECS",
     "MAX_CHOICES",
+    "MAX_SCORE_SAMPLES",
     "MAX_TEXT_CHARS",
     "MAX_TOKENS_PER_REQUEST",
     "MAX_TOP_K",
@@ -168,8 +177,10 @@ __all__ = [
     "ProfileReply",
     "ProfileRequest",
     "PromptAnswer",
+    "PromptCancel",
     "PromptError",
     "PromptRequest",
+    "RequesterStatus",
     "ScoreChoicesReply",
     "ScoreChoicesRequest",
     "ScoreManyReply",
@@ -189,11 +200,14 @@ __all__ = [
     "VerifyRequest",
     "VocabReply",
     "VocabRequest",
+    "assignment_digest",
     "check_name",
+    "decode_cancel",
     "decode_message",
     "decode_prompt",
     "decode_reply",
     "decode_request",
+    "describe_version",
     "encode",
     "encode_full",
     "encode_rpc",

@@ -22,6 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from moe2.shared.costmodel import CostCurve
 from moe2.shared.protocol.base import NAME_PATTERN, Message
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # bytes per retained chunk message
@@ -98,3 +99,9 @@ class GateAck(Message):
     apps: list[str] = Field(default_factory=list)  # applications now served with it
     providers: list[str] = Field(default_factory=list)  # ONNX Runtime execution providers
     reason: str | None = None
+    # Seconds the gate takes on a prompt on this gateway (tokenizer, encoder and head), a
+    # curve in the prompt's length in the gate's own tokens, like a profile's: fitted at load
+    # on sample sentences and then on the last prompts it gated (``latency_prompts`` of its
+    # points); the τ_gate of eq. 8 the controller promises. Announced again as it moves.
+    latency: CostCurve | None = None
+    latency_prompts: int = Field(default=0, ge=0)

@@ -39,6 +39,9 @@ class ProfilePoint(BaseModel):
     token_seconds: list[float] = Field(min_length=1)  # per generated token
     prompt_joules: list[float] = Field(min_length=1)  # whole prompt
     token_joules: list[float] = Field(min_length=1)  # per generated token
+    # The prompt's tokens scored (a distribution after each); absent from older agents.
+    score_seconds: list[float] | None = Field(default=None, min_length=1)
+    score_joules: list[float] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_value_per_repeat(self) -> ProfilePoint:
@@ -47,7 +50,10 @@ class ProfilePoint(BaseModel):
             len(self.token_seconds),
             len(self.prompt_joules),
             len(self.token_joules),
+            *(len(x) for x in (self.score_seconds, self.score_joules) if x is not None),
         }
+        if (self.score_seconds is None) != (self.score_joules is None):
+            raise ValueError("score_seconds and score_joules come together")
         if len(n) != 1:
             raise ValueError("every list of a point needs one value per repeat")
         return self
@@ -101,13 +107,23 @@ class AgentProfile(Message):
             return 0.0
         c = self.curves
         if unit == "s":
-            lists = [x for pt in self.points for x in (pt.prompt_seconds, pt.token_seconds)]
-            curves = (c.prompt_seconds, c.token_seconds)
+            lists = [
+                x
+                for pt in self.points
+                for x in (pt.prompt_seconds, pt.token_seconds, pt.score_seconds)
+                if x is not None
+            ]
+            curves = (c.prompt_seconds, c.token_seconds, c.score_seconds)
         else:
-            lists = [x for pt in self.points for x in (pt.prompt_joules, pt.token_joules)]
-            curves = (c.prompt_joules, c.token_joules)
+            lists = [
+                x
+                for pt in self.points
+                for x in (pt.prompt_joules, pt.token_joules, pt.score_joules)
+                if x is not None
+            ]
+            curves = (c.prompt_joules, c.token_joules, c.score_joules)
         repeats = max(ProfilePoint.spread(v) for v in lists)
-        return max(repeats, *(cv.rel_residual_std for cv in curves))
+        return max(repeats, *(cv.rel_residual_std for cv in curves if cv is not None))
 
 
 class LinkFigures(BaseModel):

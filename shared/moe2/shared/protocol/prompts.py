@@ -22,12 +22,20 @@ application's subset, fuses the log-likelihoods with the one mixing rule, and an
 ``ChoiceAnswer`` ``{"id", "choice": index, "logprobs": [...], "experts", "mixing", "steps",
 "latency_ms", "compute_ms", "app", "dropped", "gateway"}`` (no stream chunks).
 
+A client that no longer wants an answer (its user went away) publishes a ``PromptCancel``
+``{"id", "reply_to"}`` (both as the prompt gave them) to ``moe2/v1/cancel/<app>`` (or
+``moe2/v1/cancel/<app>/<its login>`` on a broker with logins, where the ACL binds it): every
+gateway sees it, the one holding the prompt stops its generation (freeing the experts'
+sessions) and answers the prompt ``cancelled``; a cancel that comes before its prompt is
+remembered for a minute.
+
 These payloads carry no schema version: the topic's ``v1`` is the version, so that any MQTT
 client can speak it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from json.decoder import scanstring  # type: ignore[attr-defined]  # public, untyped in typeshed
 from typing import Annotated, Any, Literal
@@ -55,7 +63,12 @@ MAX_PROMPT_ID = 128
 MAX_TOP_LOGPROBS = 20  # alternatives per token a prompt may ask for (OpenAI's limit too)
 MAX_MESSAGES = 256  # turns in one conversation
 MAX_TOPIC = 512
-_TOPIC_OK = re.compile(r"^[^#+\x00]+$")
+# What a broker accepts in a topic name: no wildcards, and none of the code points MQTT
+# forbids or lets a server refuse (controls U+0000-001F and U+007F-009F, surrogates,
+# non-characters). mosquitto answers a PUBLISH to such a topic by dropping the connection as
+# malformed, and a kept session sends the same PUBLISH again on every reconnect: one prompt
+# with such a reply_to would cut its gateway off the broker for good.
+_TOPIC_OK = re.compile("^[^#+\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef]+$")
 _NAME_RE = re.compile(NAME_PATTERN)
 REPLIES_ROOT = f"{TOPIC_ROOT}/replies"
 _STRUCTURE = re.compile(r'"|,|[\[{]+|[\]}]+')  # runs of brackets at once
@@ -63,22 +76,32 @@ _NESTED = re.compile(r'"|[\[{]+|[\]}]+')  # inside brackets, commas do not matte
 
 
 def check_publish_topic(topic: str) -> str:
-    if not topic or len(topic) > MAX_TOPIC or not _TOPIC_OK.match(topic) or topic.startswith("$"):
+    if (
+        not topic
+        or len(topic) > MAX_TOPIC
+        or not _TOPIC_OK.match(topic)
+        or topic.startswith("$")
+        or any(ord(c) & 0xFFFE == 0xFFFE for c in topic)  # U+xFFFE, U+xFFFF: non-characters
+    ):
         raise ValueError(
-            "must be a topic to publish to: 1-512 characters, no '+', '#', NUL, not starting "
-            "with '$'"
+            "must be a topic to publish to: 1-512 characters, no '+', '#', control characters "
+            "or non-characters, not starting with '$'"
         )
     return topic
 
 
-def check_reply_topic(topic: str) -> str:
+def check_reply_topic(topic: str, owner: str | None = None) -> str:
     """A topic a gateway may answer on (``reply_to`` or the MQTT 5 ResponseTopic).
 
     Inside ``moe2/`` only the replies namespace ``moe2/v1/replies/<user>/...``, and not its
     ``rpc`` subtree (RPC replies): a prompt must not make a gateway write into another
     client's RPC inbox, an agent's topics or the desired state. Outside ``moe2/`` any topic,
     where the broker lets gateways publish (a broker without logins; see
-    ``Gateway.may_reply_outside``)."""
+    ``Gateway.may_reply_outside``).
+
+    ``owner``: the login that published the prompt (its topic ``prompts/<app>/<owner>``
+    says so, bound by the broker's ACL); then ``<user>`` must be ``owner``, so no prompt
+    makes a gateway write into another user's inbox."""
     check_publish_topic(topic)
     if topic.split("/", 1)[0] != "moe2":
         return topic
@@ -95,6 +118,11 @@ def check_reply_topic(topic: str) -> str:
             f"inside moe2/ a reply topic must be {REPLIES_ROOT}/<user>/... (not .../rpc/...), "
             "the subtree the broker lets user <user> read"
         )
+    if owner is not None and parts[3] != owner:
+        raise ValueError(
+            f"a prompt of user {owner!r} is answered only in {REPLIES_ROOT}/{owner}/..., not "
+            f"in another user's replies ({parts[3]!r})"
+        )
     return topic
 
 
@@ -102,7 +130,8 @@ def addressable(payload: bytes | bytearray) -> tuple[str | None, str | None]:
     """(id, reply_to) of a prompt that failed validation, when its top level has them as
     strings: enough to address an error to the sender. Never recursive, whatever the nesting
     (a deeply nested value is skipped over), and never returns a string that cannot be sent
-    back as UTF-8 (a lone surrogate)."""
+    back as UTF-8 (a lone surrogate), nor a key given twice (which of the two was meant is
+    anybody's guess)."""
     fields = _top_level_strings(bytes(payload), ("id", "reply_to"))
     pid = fields.get("id")
     if pid is not None and not (0 < len(pid) <= MAX_PROMPT_ID):
@@ -112,23 +141,33 @@ def addressable(payload: bytes | bytearray) -> tuple[str | None, str | None]:
 
 def _top_level_strings(data: bytes, wanted: tuple[str, ...]) -> dict[str, str]:
     """The string values of ``wanted`` keys of a JSON object's top level (best effort: {}
-    when it is not an object). Nested values are skipped by counting brackets outside
-    strings, so no depth limit applies."""
+    when it is not an object), leaving out keys given more than once. Nested values are
+    skipped by counting brackets outside strings, so no depth limit applies."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return {}
-    out: dict[str, str] = {}
+    pairs = _top_level_pairs(text)
+    keys = [k for k, _ in pairs]
+    return {
+        k: v
+        for k, v in pairs
+        if k in wanted and v is not None and keys.count(k) == 1 and _utf8_safe(v)
+    }
+
+
+def _top_level_pairs(text: str) -> list[tuple[str, str | None]]:
+    """(key, string value or None) of each member of the object's top level, in order, up
+    to where it stops being well-formed."""
+    out: list[tuple[str, str | None]] = []
     i, n = _skip_ws(text, 0), len(text)
     if i >= n or text[i] != "{":
-        return {}
+        return out
     i += 1
     while True:
         i = _skip_ws(text, i)
-        if i < n and text[i] == "}":
-            return out
         if i >= n or text[i] != '"':
-            return out
+            return out  # the end of the object, or not JSON
         try:
             key, i = scanstring(text, i + 1)
         except ValueError:
@@ -137,17 +176,17 @@ def _top_level_strings(data: bytes, wanted: tuple[str, ...]) -> dict[str, str]:
         if i >= n or text[i] != ":":
             return out
         i = _skip_ws(text, i + 1)
+        value: str | None = None
         if i < n and text[i] == '"':
             try:
                 value, i = scanstring(text, i + 1)
             except ValueError:
                 return out
-            if key in wanted and _utf8_safe(value):
-                out.setdefault(key, value)
         else:
             i = _skip_value(text, i)
             if i < 0:
                 return out
+        out.append((key, value))
         i = _skip_ws(text, i)
         if i < n and text[i] == ",":
             i += 1
@@ -293,6 +332,21 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
+class PromptCancel(_Public):
+    """Published on ``moe2/v1/cancel/<app>[/<user>]``: stop answering prompt ``id``.
+    ``reply_to`` must be the prompt's own, so a cancel names the prompt of one client, not any
+    prompt that happens to share an id; the topic's ``<app>`` and ``<user>`` must be those of
+    the prompt's topic, so a user cancels only its own prompts."""
+
+    id: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_ID)]
+    reply_to: str
+
+    @field_validator("reply_to")
+    @classmethod
+    def _reply_topic(cls, v: str) -> str:
+        return check_reply_topic(v)
+
+
 class StreamChunk(_Public):
     id: str
     index: int  # 0, 1, 2... in order
@@ -327,6 +381,8 @@ class PromptAnswer(_Public):
     gateway: str | None = None  # the gateway that answered
     # With "logprobs": every generated token (the end of generation not included).
     logprobs: list[TokenLogprob] | None = Field(default=None, exclude_if=_omitted_when_none)
+    gate_ms: float | None = None  # the gate's part of latency_ms (once per prompt)
+    compute_ms: dict[str, float] = Field(default_factory=dict)  # model time each reported
 
 
 class ChoiceAnswer(_Public):
@@ -343,6 +399,8 @@ class ChoiceAnswer(_Public):
     app: str
     dropped: list[DroppedExpert] = Field(default_factory=list)
     gateway: str | None = None
+    gate_ms: float | None = None  # the gate's part of latency_ms
+    prompt_tokens: dict[str, int] = Field(default_factory=dict)  # the prompt, in each's tokens
 
 
 class PromptErrorBody(_Public):
@@ -366,14 +424,55 @@ def decode_prompt(
     payload: bytes | bytearray, max_bytes: int
 ) -> tuple[PromptRequest, dict[str, Any]]:
     """(request, raw object). Raises BadMessage/MessageTooLarge; the raw object (possibly
-    empty) lets the caller still address an error to a usable ``id``/``reply_to``."""
+    empty) lets the caller still address an error to a usable ``id``/``reply_to``. A key
+    given twice in any object is refused: JSON parsers disagree on which one counts, so the
+    gateway and whoever reads the prompt after it could act on different ones."""
     if len(payload) > max_bytes:
         raise MessageTooLarge(f"prompt message of {len(payload)} bytes exceeds {max_bytes}")
     try:
         raw = _json_object.validate_json(payload)
     except ValidationError as exc:
         raise BadMessage(f"prompt is not a JSON object: {describe_error(exc)}") from None
+    _refuse_duplicate_keys(payload)
     try:
         return PromptRequest.model_validate(raw), raw
     except ValidationError as exc:
         raise BadMessage(f"invalid prompt: {describe_error(exc)}") from None
+
+
+MAX_CANCEL_BYTES = 4096
+
+
+def decode_cancel(payload: bytes | bytearray) -> PromptCancel:
+    """A ``PromptCancel``; raises BadMessage/MessageTooLarge."""
+    if len(payload) > MAX_CANCEL_BYTES:
+        raise MessageTooLarge(f"cancel message of {len(payload)} bytes exceeds {MAX_CANCEL_BYTES}")
+    try:
+        cancel = PromptCancel.model_validate_json(payload)
+    except ValidationError as exc:
+        raise BadMessage(f"invalid cancel: {describe_error(exc)}") from None
+    _refuse_duplicate_keys(payload, "cancel")  # as for prompts: one reading of id/reply_to
+    return cancel
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _refuse_duplicate_keys(payload: bytes | bytearray, what: str = "prompt") -> None:
+    """BadMessage when an object of ``payload`` (valid JSON already) repeats a key."""
+    try:
+        json.loads(payload, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise BadMessage(f"invalid {what}: the key {exc.args[0]!r} is given twice") from None
+    except (ValueError, RecursionError) as exc:  # accepted by pydantic, not by json: refuse
+        raise BadMessage(f"{what} is not a JSON object: {type(exc).__name__}") from None

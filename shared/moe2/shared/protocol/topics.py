@@ -21,8 +21,10 @@ TopicKind = Literal[
     "desired_app",  # desired/apps/<app>                  retained AppAssignment
     "gate_manifest",  # gates/<version>                   retained GateManifest
     "blob_chunk",  # blobs/<sha256>/<index>               retained raw bytes
-    "prompt",  # prompts/<app>                            the public prompt API
+    "prompt",  # prompts/<app>[/<owner>]                  the public prompt API
+    "cancel",  # cancel/<app>[/<owner>]                   PromptCancel of a prompt to <app>
     "reply",  # replies/<owner>/...                       answers and RPC replies
+    "requester",  # requesters/<owner>/<client>           retained RequesterStatus (LWT gone)
 ]
 
 _AGENT_LEAVES = {
@@ -46,8 +48,11 @@ class Topic:
     version: str | None = None  # gate version
     sha256: str | None = None
     index: int | None = None  # blob chunk index
-    client: str | None = None  # replies/<owner>/...: the user (or client) it is addressed to
-    rest: tuple[str, ...] = ()  # replies/<owner>/<rest...>
+    # replies/<owner>/...: the user (or client) it is addressed to; prompts/<app>/<owner>: the
+    # login that published it (the broker's ACL lets user <owner> publish only there);
+    # requesters/<owner>/<client>: the requester's login, likewise
+    client: str | None = None
+    rest: tuple[str, ...] = ()  # replies/<owner>/<rest...>; requesters/<owner>/<client>
 
 
 def parse(topic: str) -> Topic | None:
@@ -78,13 +83,34 @@ def parse(topic: str) -> Topic | None:
             return Topic("gate_manifest", version=check_name("gate version", tail[0]))
         if head == "blobs" and len(tail) == 2 and tail[1].isdigit() and len(tail[1]) <= 9:
             return Topic("blob_chunk", sha256=check_name("blob hash", tail[0]), index=int(tail[1]))
-        if head == "prompts" and len(tail) == 1:
-            return Topic("prompt", app=check_name("application", tail[0]))
+        if head == "prompts" and len(tail) in (1, 2):
+            owner = check_name("client id", tail[1]) if len(tail) == 2 else None
+            return Topic("prompt", app=check_name("application", tail[0]), client=owner)
+        if head == "cancel" and len(tail) in (1, 2):
+            owner = check_name("client id", tail[1]) if len(tail) == 2 else None
+            return Topic("cancel", app=check_name("application", tail[0]), client=owner)
+        if head == "requesters" and len(tail) == 2:
+            return Topic(
+                "requester",
+                client=check_name("client id", tail[0]),
+                rest=(check_name("client id", tail[1]),),
+            )
         if head == "replies" and len(tail) >= 1:
             return Topic("reply", client=check_name("client id", tail[0]), rest=tuple(tail[1:]))
     except BadMessage:
         return None
     return None
+
+
+def prompt_owner(topic: str) -> str | None:
+    """The login a prompt's topic names as its publisher: the level after the application
+    (``prompts/<app>/<owner>``), also when the rest of the topic is not valid (an invalid
+    application name, more levels), so that even a refusal stays in that user's replies.
+    None when the topic has no such level; BadMessage when the level is not a valid name."""
+    parts = topic.split("/")
+    if len(parts) < 5 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT or parts[2] != "prompts":
+        return None
+    return check_name("client id", parts[4])
 
 
 class topics:
@@ -172,26 +198,64 @@ class topics:
             f"{check_name('client id', client_id)}"
         )
 
-    # ------------------------------------------------------------------ prompts
+    # ------------------------------------------------------------------ requesters
 
     @staticmethod
-    def prompts(app: str) -> str:
-        return f"{TOPIC_ROOT}/prompts/{check_name('application', app)}"
-
-    @staticmethod
-    def prompts_shared(group: str, app: str) -> str:
-        """A gateway's subscription to one application it serves (MQTT 5 shared
-        subscription: each prompt goes to one gateway of the group that serves the app)."""
+    def requester(owner: str, client_id: str) -> str:
+        """Retained RequesterStatus of one RPC client of user ``owner`` (its last will says
+        ``gone``): agents drop the work and free the sessions of a requester that is gone."""
         return (
-            f"$share/{check_name('gateway group', group)}/{TOPIC_ROOT}/prompts/"
-            f"{check_name('application', app)}"
+            f"{TOPIC_ROOT}/requesters/{check_name('client id', owner)}/"
+            f"{check_name('client id', client_id)}"
         )
+
+    ALL_REQUESTERS = f"{TOPIC_ROOT}/requesters/+/+"
+
+    # ------------------------------------------------------------------ prompts
+    # A client publishes to prompts/<app>, or, on a broker with logins, to
+    # prompts/<app>/<its user>: the broker's ACL lets user <owner> publish only there, so the
+    # topic says who asked, and a gateway answers such a prompt only inside
+    # replies/<owner>/ (where that user reads). On a broker with moe2's ACL nobody but the
+    # controller and the gateways may publish to prompts/<app> itself.
+
+    @staticmethod
+    def prompts(app: str, owner: str | None = None) -> str:
+        """Where to publish a prompt for ``app``; ``owner``: the publisher's broker login."""
+        base = f"{TOPIC_ROOT}/prompts/{check_name('application', app)}"
+        return base if owner is None else f"{base}/{check_name('client id', owner)}"
+
+    @staticmethod
+    def prompts_shared(group: str, app: str) -> tuple[str, str]:
+        """A gateway's subscriptions to one application it serves (MQTT 5 shared
+        subscriptions: each prompt goes to one gateway of the group that serves the app),
+        one for prompts/<app> and one for prompts/<app>/<owner>. Two filters, not
+        prompts/<app>/#: a kept session of an earlier run holds the first already."""
+        share = f"$share/{check_name('gateway group', group)}/{TOPIC_ROOT}/prompts/"
+        app = check_name("application", app)
+        return f"{share}{app}", f"{share}{app}/+"
 
     @staticmethod
     def prompts_unrouted(group: str) -> str:
         """Every gateway's catch-all (a group of its own): one gateway of the fleet sees each
-        prompt and answers ``unknown_app`` when no online gateway serves its application."""
-        return f"$share/{check_name('gateway group', group)}.unrouted/{TOPIC_ROOT}/prompts/+"
+        prompt, and answers ``unknown_app`` when no online gateway serves its application, or
+        ``bad_request`` when its topic names no valid application (or publisher)."""
+        return f"$share/{check_name('gateway group', group)}.unrouted/{TOPIC_ROOT}/prompts/#"
+
+    @staticmethod
+    def prompt_errors(owner: str) -> str:
+        """Where a gateway answers a prompt of ``owner`` (published on prompts/<app>/<owner>)
+        that names no reply topic it may use: malformed, or another user's inbox."""
+        return f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/errors"
+
+    @staticmethod
+    def cancel(app: str, owner: str | None = None) -> str:
+        """Where a client cancels a prompt it sent to ``app`` (``PromptCancel``); every
+        gateway reads it (no shared subscription: the one holding the prompt acts).
+        ``owner``: the publisher's broker login, a level a broker ACL can bind to it."""
+        base = f"{TOPIC_ROOT}/cancel/{check_name('application', app)}"
+        return base if owner is None else f"{base}/{check_name('client id', owner)}"
+
+    ALL_CANCELS = f"{TOPIC_ROOT}/cancel/#"
 
     # ------------------------------------------------------------------ desired state
 
@@ -236,3 +300,4 @@ class topics:
     ALL_GATE_ACKS = f"{TOPIC_ROOT}/agents/+/gates/+"
 
     parse = staticmethod(parse)
+    prompt_owner = staticmethod(prompt_owner)
