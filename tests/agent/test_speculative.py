@@ -322,7 +322,7 @@ def test_speculative_requests_sent_again_after_a_broker_restart_apply_once(
         config: dict[str, Any] = {"decoding": "speculative", "step_timeout_s": 60}
         sampling = Sampling(0.9, 1.0, 4)
         quiet = generate(rpc, fleet, weights, "the cook", 24, sampling, **config)
-        restarted = threading.Event()
+        restarted, finished = threading.Event(), threading.Event()
 
         def restart_at_the_third_token(delta: str) -> None:
             if restarted.is_set() or len(seen) < 3:
@@ -335,14 +335,20 @@ def test_speculative_requests_sent_again_after_a_broker_restart_apply_once(
                 time.sleep(0.3)  # the next round's requests reach k, which does not read them
                 own_broker.restart()
                 os.kill(fleet.procs[k].pid, signal.SIGCONT)
+                # The broker started here dies with this thread (its parent-death signal):
+                # live until the answer is in.
+                finished.wait(300)
 
-            threading.Thread(target=later, daemon=True).start()
+            restarter.append(threading.Thread(target=later, daemon=True))
+            restarter[0].start()
 
         seen: list[str] = []
+        restarter: list[threading.Thread] = []
         again = generate(
             rpc, fleet, weights, "the cook", 24, sampling, on_delta=restart_at_the_third_token,
             **config,
         )  # fmt: skip
+    finished.set()  # the fleet is closed: the restarted broker may go
     assert restarted.is_set() and rpc.resent > 0
     assert again.picks == quiet.picks and again.text == quiet.text
     assert not again.dropped
