@@ -70,4 +70,4 @@ def test_eval_of_a_jsonl_file_completes_with_an_expert_slower_than_its_profile(
     assert run.exit_code == 0, run.output[-3000:]
     data = json.loads(run.output.strip().splitlines()[-1])
     assert data["test"]["questions"] > 0
-    assert {f"single:{slow}", f"single:{fast}"} <= set(data["baselines"])
+    assert {f"alone:{slow}", f"alone:{fast}"} <= set(data["baselines"])
