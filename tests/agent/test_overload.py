@@ -133,8 +133,9 @@ def test_backpressure_busy_with_a_retry_after_hint_and_a_gone_requesters_work_dr
     the queued work of a requester that closes is dropped, not computed for nobody."""
     agent_id, port = agent
     with RpcClient(broker_config, timeout=120) as first:
-        # 16 requests of ~8,000 tokens queued: far more than 3 s of work on this CPU.
-        running = [first.call_async(agent_id, long_work(16)) for _ in range(16)]
+        # 16 requests of ~24,000 tokens queued: far more than 3 s of work on this CPU, and
+        # more than the 6 s an agent waits before it believes a requester is gone.
+        running = [first.call_async(agent_id, long_work(48)) for _ in range(16)]
         wait_until(
             lambda: total(scrape(port), "moe2_agent_compute_seconds_total") > 0,
             30,

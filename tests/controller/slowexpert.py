@@ -41,7 +41,8 @@ def claim_faster(broker_config: BrokerConfig, agent_id: str, factor: float) -> N
         name: getattr(curves, name).model_copy(
             update={"coef": [c / factor for c in getattr(curves, name).coef]}
         )
-        for name in ("prompt_seconds", "token_seconds")
+        for name in ("prompt_seconds", "token_seconds", "score_seconds")
+        if getattr(curves, name) is not None  # scoring: what collection is paced by
     }
     claimed = prof.model_copy(update={"curves": curves.model_copy(update=faster)})
     with Connection(broker_config, f"claim-{uuid.uuid4().hex[:6]}") as conn:
@@ -50,12 +51,12 @@ def claim_faster(broker_config: BrokerConfig, agent_id: str, factor: float) -> N
 
 
 def long_questions(
-    n: int, seed: int, domains: tuple[str, ...] = ("animals", "cooking")
+    n: int, seed: int, domains: tuple[str, ...] = ("animals", "cooking"), chars: int = 2000
 ) -> list[ds.Sample]:
-    """``n`` two-option questions of ~500 tokens each (a prompt repeated to ~2,000
-    characters): a few hundred of them take seconds of a tiny expert's model time."""
+    """``n`` two-option questions of ~``chars`` / 4 tokens each (a prompt repeated to
+    ``chars`` characters): a few hundred of them take seconds of a tiny expert's model time."""
     out = []
     for s in ds.tiny_domains(domains, max(1, n // len(domains)), seed=seed, choices=2):
-        text = (s.prompt + " ") * max(1, 2000 // len(s.prompt))
+        text = (s.prompt + " ") * max(1, chars // len(s.prompt))
         out.append(ds.Sample(s.app, text, s.targets, s.answer))
     return out

@@ -145,7 +145,9 @@ def test_collect_from_an_expert_ten_times_slower_than_its_profile_completes_in_s
     with LocalFleet(broker_config, tmp_path / "fleet") as fleet:
         start_profiled(fleet, agent_id, tiny_models["animals"])
         claim_faster(broker_config, agent_id, 10.0)
-        samples = long_questions(240, seed=5)
+        # ~1,500 tokens each: a full request (256 samples, the prompt scored once for both
+        # options) is then well over the 10 s a timeout waits at least
+        samples = long_questions(240, seed=5, chars=6000)
         registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
         registry.add_dataset("slow", "multiple-choice", "tiny", samples)
         sync_once(registry, broker_config)
