@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from exactness import relative_tolerance, spread_of
 
 from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.config import GatewayConfig
@@ -119,7 +120,10 @@ def test_fused_distribution_equals_the_weighted_mixture_computed_directly(
     picked: list[int] = []
     for fused in steps:
         want = 0.7 * np.exp(la.astype(np.float64)) + 0.3 * np.exp(lc.astype(np.float64))
-        np.testing.assert_allclose(fused.probs, want, atol=1e-5)
+        # The agent and this process evaluate the same history in other batches: float32
+        # sums in another order, within the kernels' bound (tests/exactness.py).
+        tol = relative_tolerance(spread_of(fused))
+        np.testing.assert_allclose(fused.probs, want, rtol=tol, atol=0)
         t = int(np.argmax(want))
         if t in animals_backend.info.eos_ids:
             break

@@ -185,6 +185,8 @@ class Scheduler:
         self._busy: dict[str, deque[Any]] = {}  # session -> jobs waiting behind its task
         self.ticks = 0
         self.decoded_tokens = 0
+        self.last_tasks = 0  # tasks that took part in the last tick
+        self.last_tick_s = 0.0  # its decode time
         self.compute_s = 0.0  # model time of every tick
         self.wasted_s = 0.0  # of which spent on tasks whose answer nobody got
         self.late_s = 0.0  # of which in ticks begun after the task's deadline
@@ -197,6 +199,15 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not self._active
+
+    def gather_window(self, arrived: int, max_s: float) -> float:
+        """Seconds worth waiting, once idle, for the next requests of the sessions that
+        shared the last tick (``arrived`` are in): their clients answer within a round trip,
+        and a tick that waits for them serves them together instead of in alternating
+        halves. 0 when the last tick served one task, or when they are all in."""
+        if self.last_tasks <= 1 or arrived >= self.last_tasks:
+            return 0.0
+        return min(max_s, 0.25 * self.last_tick_s)
 
     def drop_all(self, why: Drop) -> int:
         """Answer every active and waiting job with ``why`` at once (the agent stops)."""
@@ -284,6 +295,7 @@ class Scheduler:
             log.exception("decode of %d parts failed", len(parts))
             results = [InternalError(f"{type(exc).__name__}: {exc}")] * len(parts)
         spent = time.perf_counter() - t0
+        self.last_tasks, self.last_tick_s = len(plan), spent
         self.ticks += 1
         n_tokens = sum(len(x.tokens) for x in parts)
         self.decoded_tokens += n_tokens

@@ -208,6 +208,14 @@ class AgentConfig(BaseModel):
         "concurrent sessions' steps share one llama_decode per tick; off: a context per "
         "session, requests one at a time",
     )
+    batch_wait_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=100,
+        description="when several sessions shared the last tick and only some of their next "
+        "requests are in, wait up to this long (and at most a quarter of that tick) for the "
+        "others, so they share the next tick too instead of alternating; 0: never wait",
+    )
     default_top_k: int = Field(
         default=40, ge=1, le=4096, description="top-k sent when a request does not say"
     )

@@ -531,13 +531,21 @@ class Agent:
         active request's next chunk in one batch per tick (``batching.py``); every second,
         sessions are freed (idle, orphaned, or of a requester that is gone)."""
         stopping = False
+        max_wait = self.config.batch_wait_ms / 1e3
         next_housekeeping = 0.0
         while not stopping:
-            # Wait only when there is nothing to compute; otherwise take what has arrived.
-            block = self.scheduler.idle
+            # Wait only when there is nothing to compute; otherwise take what has arrived
+            # (and, once idle, what the last tick's other sessions send within a moment).
+            idle = block = self.scheduler.idle
+            taken, until = 0, 0.0
             while True:
+                timeout = _HOUSEKEEPING_S if block else None
+                if until:
+                    timeout = until - time.monotonic()
+                    if timeout <= 0:
+                        break
                 try:
-                    job = self._jobs.get(block=block, timeout=_HOUSEKEEPING_S if block else None)
+                    job = self._jobs.get(block=block or bool(until), timeout=timeout)
                 except queue.Empty:
                     break
                 block = False
@@ -549,6 +557,10 @@ class Agent:
                     continue
                 self._taken(job)
                 self.scheduler.submit(job)
+                taken += 1
+                if idle:
+                    window = self.scheduler.gather_window(taken, max_wait)
+                    until = (until or time.monotonic() + window) if window else 0.0
             if stopping:
                 break
             self.scheduler.tick()

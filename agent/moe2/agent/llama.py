@@ -403,11 +403,17 @@ class _Context:
     """One llama context: ``n_slots`` sequence ids sharing one unified KV cache of
     ``n_cells`` cells, evaluated together by one ``llama_decode`` per batch.
 
-    Unified, not a KV stream per sequence: measured on 2 CPU cores, 8 sequences x 1 token
-    cost 0.33 ms in one decode against 0.12 ms for one (tiny expert), while per-sequence
-    streams cost 6 ms (llama.cpp splits them into equal sub-batches). The price: a token's
-    attention spans the cells of every live sequence (masked), so many long sessions at once
-    slow each other's steps.
+    Why unified, with flash attention on the CPU (measured on 2 loaded CPU cores, one run,
+    SmolLM2-135M Q4_1, one thread): these are the only settings found under which a token's
+    logits are the same bit for bit alone, in a batch of its session's tokens, next to other
+    sessions and after a rewind, which exact speculative fusion needs. Without flash
+    attention a unified cache makes every step attend over every live session's cells,
+    masked (a 10-token session's step 2x next to seven 200-token ones) and differs from a
+    single step by up to 0.8 in a logit; a KV stream per sequence in float32 is bit-identical
+    until a session that was stepped token by token is rewound and verified in a batch (up
+    to 1.3 in a logit). The price of flash attention is long histories: a step at 1,000
+    tokens costs 1.9-2.2x one at 10 (1.3-1.45x for those others). Eight sequences x one
+    token cost about the same in one decode with streams as unified.
     """
 
     def __init__(self, backend: LlamaCppBackend, n_slots: int, n_cells: int) -> None:

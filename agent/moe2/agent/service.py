@@ -54,6 +54,7 @@ class AgentService:
         self.accepting = True
         self.score_parallel = score_parallel
         self._piece = lru_cache(maxsize=1 << 16)(backend.piece)
+        self._piece_bytes = lru_cache(maxsize=1 << 16)(backend.piece_bytes)
         self._vocab_reply: p.VocabReply | None = None  # computed once, on first request
         self.profiler: SelfProfiler | None = None  # set by the daemon; None: cannot profile
         self.chat = ChatRenderer(backend)
@@ -284,6 +285,10 @@ class AgentService:
             n_ctx=self.backend.info.n_ctx,
             finish=reply,
             cleanup=self._hold(req.session),
+            seed=req.seed or 0,
+            position=req.position,
+            keys=req.keys,
+            piece=self._piece_bytes,
         )
 
     # ------------------------------------------------------------------ scoring

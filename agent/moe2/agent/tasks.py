@@ -13,7 +13,7 @@ import numpy as np
 
 from moe2.agent.backend import DecodePart, ModelBackend, Sequence
 from moe2.agent.batching import Evaluate, Task
-from moe2.agent.sampling import draft_distribution, greedy_draft
+from moe2.agent.sampling import KeyKind, draft_token, stream_draft
 from moe2.shared import protocol as p
 from moe2.shared.errors import Moe2Error
 
@@ -22,8 +22,10 @@ Encode = Callable[[np.ndarray], Any]  # (n_vocab,) log-probs -> the distribution
 
 class Draft(Task):
     """Feed tokens, then draft up to ``gamma`` tokens one evaluation per tick, each drawn
-    from the distribution as it will be sent (so the gateway knows what it was drawn from).
-    The last drafted token is not evaluated: the next request feeds it, or rewinds."""
+    from the distribution as it will be sent (so the gateway knows what it was drawn from):
+    with an answer ``position``, by the keyed draw the gateway makes (``draft_token``),
+    else from ``rng``. The last drafted token is not evaluated: the next request feeds it,
+    or rewinds."""
 
     def __init__(
         self,
@@ -39,11 +41,16 @@ class Draft(Task):
         n_ctx: int,
         finish: Callable[[Draft], p.Message],
         cleanup: Callable[[], None] | None = None,
+        seed: int = 0,
+        position: int | None = None,  # answer position of the first drafted token
+        keys: KeyKind = "id",
+        piece: Callable[[int], bytes] | None = None,  # token id -> bytes (keys="bytes")
     ) -> None:
         self.seq = seq
         self.gamma = gamma
         self.encode = encode
         self.temperature, self.top_p, self.rng = temperature, top_p, rng
+        self.seed, self.position, self.keys, self.piece = seed, position, keys, piece
         self.eos, self.n_ctx = eos, n_ctx
         self.n0 = len(seq)
         self.drafted: list[int] = []
@@ -80,11 +87,19 @@ class Draft(Task):
         if self._pending:
             return  # a long feed, in chunks
         dist = self.encode(res[-1])
-        if self.temperature > 0:
-            ids, q = draft_distribution(dist, self.temperature, self.top_p)
-            token = int(ids[self.rng.choice(len(ids), p=q)])
+        if self.position is None:
+            token = stream_draft(dist, self.temperature, self.top_p, self.rng)
         else:
-            token = greedy_draft(dist)
+            token = draft_token(
+                dist,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=self.seed,
+                position=self.position + len(self.drafted),
+                keys=self.keys,
+                piece=self.piece,
+                eos=frozenset(self.eos),
+            )
         self.drafted.append(token)
         self.dists.append(dist)
         self.lengths.append(len(self.seq))

@@ -136,18 +136,25 @@ class PromptClient:
         seed: int | None = None,
         on_delta: Callable[[str], None] | None = None,
         timeout: float = 120.0,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        on_chunk: Callable[[p.StreamChunk], None] | None = None,
     ) -> p.PromptAnswer:
         """The answer to ``prompt``: a text, or a conversation that each expert renders with
-        its own chat template."""
+        its own chat template. With ``logprobs`` every token's fused log-probability (and
+        ``top_logprobs`` alternatives) comes in ``answer.logprobs``, and streamed, in each
+        chunk ``on_chunk`` gets."""
         req = self.request(
             prompt,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
-            stream=on_delta is not None,
+            stream=on_delta is not None or on_chunk is not None,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
-        return self._exchange(app, req, p.PromptAnswer, on_delta, timeout)
+        return self._exchange(app, req, p.PromptAnswer, on_delta, timeout, on_chunk)
 
     def request(
         self,
@@ -158,6 +165,8 @@ class PromptClient:
         top_p: float = 1.0,
         seed: int | None = None,
         stream: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
     ) -> p.PromptRequest:
         """A prompt of a new id, answered to this client's inbox."""
         text, messages = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
@@ -171,6 +180,8 @@ class PromptClient:
             top_p=top_p,
             stream=stream,
             seed=seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
 
     def choose(
@@ -190,6 +201,7 @@ class PromptClient:
         answer_type: type[AnswerT],
         on_delta: Callable[[str], None] | None,
         timeout: float,
+        on_chunk: Callable[[p.StreamChunk], None] | None = None,
     ) -> AnswerT:
         """Publish one prompt and wait for its one final answer (or error)."""
         pid = req.id
@@ -210,6 +222,8 @@ class PromptClient:
                 if isinstance(event, p.StreamChunk):
                     if on_delta is not None:
                         on_delta(event.delta)
+                    if on_chunk is not None:
+                        on_chunk(event)
                     continue
                 return event
         finally:

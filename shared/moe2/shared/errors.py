@@ -22,6 +22,7 @@ callers never parse message text.
     ├── NoExperts                   no chosen expert online / all failed        (no_experts)
     ├── DeadlineExceeded            the prompt's deadline passed                (deadline)
     ├── Cancelled                   abandoned: the peer stops, or the client cancelled (cancelled)
+    ├── ExpertOffline               an expert's last will came while it was waited for (offline)
     ├── InternalError               a bug in the peer; the request failed, the peer lives (internal)
     ├── RemoteError                 an error reply with a code this version does not know
     ├── RequestTimeout              no reply within the deadline                (timeout)
@@ -113,6 +114,13 @@ class DeadlineExceeded(Moe2Error):
 
 class Cancelled(Moe2Error):
     code = "cancelled"
+
+
+class ExpertOffline(Moe2Error):
+    """An expert's last will said it is offline while a reply from it was awaited (a reason
+    to drop it, never sent as a reply)."""
+
+    code = "offline"
 
 
 class InternalError(Moe2Error):

@@ -33,7 +33,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -647,6 +647,32 @@ def reply_properties(correlation: bytes | None) -> Properties | None:
     return props
 
 
+class RpcTransport(Protocol):
+    """What ``RpcClient`` needs of a connection: a ``Connection``, or in tests a transport
+    that answers without a broker (``moe2.shared.mocktransport.MockTransport``)."""
+
+    on_connected: list[Callable[[], None]]
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> object: ...
+
+
 # How long the broker keeps a ``gone`` RequesterStatus (the last will's, or a clean close's)
 # before forgetting it, seconds: long enough for agents that were away to see it.
 _GONE_EXPIRY_S = 60
@@ -711,6 +737,7 @@ class RpcClient:
         *,
         timeout: float = 30.0,
         qos: int = 1,
+        transport: RpcTransport | None = None,  # default: a Connection to ``broker``
     ) -> None:
         self.client_id = client_id or f"rpc-{uuid.uuid4().hex[:12]}"
         self.owner = broker.owner(self.client_id)  # replies/<owner>/rpc/<agent>
@@ -723,7 +750,11 @@ class RpcClient:
         will = None
         if self._presence is not None:
             will = (self._presence, self._status("gone"), True)
-        self._conn = Connection(broker, self.client_id, will=will, will_expiry_s=_GONE_EXPIRY_S)
+        self._conn: RpcTransport = (
+            transport
+            if transport is not None
+            else Connection(broker, self.client_id, will=will, will_expiry_s=_GONE_EXPIRY_S)
+        )
         self._pending: dict[bytes, _Call] = {}  # correlation -> the call
         self._lock = threading.Lock()
         self._next_sweep = 0.0
@@ -769,7 +800,7 @@ class RpcClient:
         self.close()
 
     @property
-    def connection(self) -> Connection:
+    def connection(self) -> RpcTransport:
         return self._conn
 
     def _send(

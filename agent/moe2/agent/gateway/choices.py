@@ -152,14 +152,17 @@ class ChoiceScorer:
             except RequestTimeout:
                 if time.monotonic() >= deadline:
                     raise DeadlineExceeded("the prompt's deadline passed while scoring") from None
-                dropped.append(_dropped(name, f"no reply within {self.config.open_timeout_s:g} s"))
+                late = RequestTimeout(f"no reply within {self.config.open_timeout_s:g} s")
+                dropped.append(_dropped(name, late))
             except Moe2Error as exc:
-                dropped.append(_dropped(name, f"{exc.code}: {exc.message}"))
+                dropped.append(_dropped(name, exc))
         for d in dropped:
-            log.warning("expert %s left out of a multiple-choice answer: %s", d.id, d.reason)
+            log.warning(
+                "expert %s left out of a multiple-choice answer: %s: %s", d.id, d.code, d.reason
+            )
         if not replies:
-            reasons = "; ".join(f"{d.id}: {d.reason}" for d in dropped)
-            if all(d.reason.startswith(ContextOverflow.code) for d in dropped):
+            reasons = "; ".join(f"{d.id}: {d.code}: {d.reason}" for d in dropped)
+            if all(d.code == ContextOverflow.code for d in dropped):
                 raise ContextOverflow(f"the prompt and its choices exceed every context: {reasons}")
             raise NoExperts(f"every expert chosen for this prompt failed: {reasons}")
         return replies, dropped
@@ -180,8 +183,8 @@ class ChoiceScorer:
         )
 
 
-def _dropped(name: str, reason: str) -> p.DroppedExpert:
-    return p.DroppedExpert(id=name, reason=reason, at_token=0)
+def _dropped(name: str, error: Moe2Error) -> p.DroppedExpert:
+    return p.DroppedExpert(id=name, code=error.code, reason=error.message, at_token=0)
 
 
 def _check_reply(reply: p.ScoreChoicesReply, n_choices: int) -> None:

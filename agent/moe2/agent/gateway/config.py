@@ -100,11 +100,14 @@ class GatewayConfig(BaseModel):
     link_probe_first_s: float = Field(
         default=30.0, ge=0, description="seconds after start of the first measurement"
     )
-    decoding: Literal["speculative", "per-token"] = Field(
-        default="speculative",
-        description="speculative: the highest-weighted expert drafts tokens and the others "
-        "verify them in one pass (two round trips per several tokens, the same output as "
-        "per-token fusion); per-token: one round trip to every expert per token",
+    decoding: Literal["auto", "per-token", "speculative", "tree"] = Field(
+        default="auto",
+        description="how the fused answer is decoded (every way gives the same tokens): auto "
+        "chooses per round the fastest of a per-token step, a speculative round with one "
+        "drafter and a tree round (every chosen expert drafts, all verify), from the "
+        "acceptance, round trip and drafting cost measured for the set of experts; "
+        "per-token: one round trip to every expert per token; speculative: always one "
+        "drafter; tree: always every expert drafting",
     )
     speculative_gamma: int = Field(
         default=4, ge=1, le=256, description="tokens drafted in the first speculative round"

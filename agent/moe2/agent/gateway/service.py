@@ -68,10 +68,10 @@ from moe2.agent.gateway.choices import ChoiceScorer
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.gate import Gate, UniformGate, timed_values, top_k
 from moe2.agent.gateway.gatestore import GateStore, onnx_loader
-from moe2.agent.gateway.generation import ExpertOffline, Generation, Sampling
+from moe2.agent.gateway.generation import Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
+from moe2.agent.gateway.plans import DecoderMemory
 from moe2.agent.gateway.routing import AppRouter
-from moe2.agent.gateway.speculative import GammaMemory
 from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
 from moe2.agent.gateway.vocab import Vocab, VocabCache
 from moe2.agent.metrics import UNKNOWN_APP, GatewayMetrics
@@ -82,6 +82,7 @@ from moe2.shared.errors import (
     BrokerError,
     Busy,
     Cancelled,
+    ExpertOffline,
     InternalError,
     Moe2Error,
     NoExperts,
@@ -146,7 +147,7 @@ class Gateway:
             broker, f"gw-{gateway_id}", timeout=config.step_timeout_s, qos=config.rpc_qos
         )
         self.vocabs = VocabCache(self.rpc, config.open_timeout_s)
-        self.gamma_memory = GammaMemory()  # draft lengths learned across prompts
+        self.decoders = DecoderMemory()  # decoding costs learned per set of experts
         self.gates: dict[str, Gate] = {}  # per application; uniform until one is pushed
         verifier = Verifier.load(config.trusted_keys) if config.trusted_keys else None
         if verifier is None:
@@ -762,10 +763,13 @@ class Gateway:
     ) -> p.PromptAnswer:
         index = 0
 
-        def on_delta(delta: str) -> None:
+        def on_chunk(delta: str, logprobs: list[p.TokenLogprob]) -> None:
             nonlocal index
-            if req.stream and delta:
-                self._send(targets, p.StreamChunk(id=req.id, index=index, delta=delta))
+            if req.stream and (delta or logprobs):
+                chunk = p.StreamChunk(
+                    id=req.id, index=index, delta=delta, logprobs=logprobs if req.logprobs else None
+                )
+                self._send(targets, chunk)
                 index += 1
 
         gen = Generation(
@@ -776,11 +780,12 @@ class Gateway:
             self.config,
             Sampling(req.temperature, req.top_p, req.seed),
             deadline=deadline,
-            on_delta=on_delta,
+            on_chunk=on_chunk,
             alive=self._expert_alive,
             # The gateway stops (drain timed out), or the client cancelled the prompt.
             abandoned=lambda: self._abandon.is_set() or cancelled.is_set(),
-            gamma_memory=self.gamma_memory,
+            memory=self.decoders,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         result = gen.run(req.prompt, max_tokens, req.messages)
         latency_s = time.monotonic() - received
@@ -807,6 +812,7 @@ class Gateway:
             fusion=result.fusion,
             dropped=result.dropped,
             gateway=self.id,
+            logprobs=result.logprobs,
             gate_ms=gate_s * 1e3,
             compute_ms=result.compute_ms,
         )

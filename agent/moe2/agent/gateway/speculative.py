@@ -1,203 +1,97 @@
-"""Speculative fused decoding: the same answer as per-token fusion for a fraction of the
-round trips.
+"""Speculative fused decoding: per-token fusion's answer for fewer round trips.
 
-A round: the highest-weighted expert (the drafter) is fed the last chosen token X and drafts
-γ tokens d_1..d_γ locally (one ``draft`` request); then every other chosen expert is fed X,
-d_1..d_{γ-1} in one forward pass and returns its distribution after each (one ``verify``
-request each, all at once). The gateway now holds every expert's distribution at γ
-positions, fuses each (eq. 29, exactly as per-token fusion does) and walks them:
+A round drafts and verifies. Each drafter (the highest-weighted expert, or with
+``drafters > 1`` the top experts, each its own continuation) is fed the frontier's token X
+and drafts γ tokens d_1..d_γ locally (one ``draft`` request); then every expert is fed X
+and the tokens of every branch it did not draft (one ``verify`` request per branch, one
+forward pass each) and returns its distribution after each. The gateway now holds every
+expert's distribution along every branch (a token tree), fuses position after position
+(eq. 29, exactly as per-token fusion does) and walks the tree: the token chosen at position
+i (greedy, or the keyed draw of ``moe2.agent.sampling``) is emitted; while it is the next
+token of some branch the walk goes on along the branches that agree, otherwise it stops
+there, and the chosen token becomes the next X. Sessions holding more (the rest of a draft,
+another branch) are rewound in the next request, which always names the history length it
+extends (``rewind_to``), so a request sent again after a reconnect applies once.
 
-* greedy: d_{i+1} is accepted while it is the fused argmax at position i; the first
-  disagreement is replaced by the fused choice there;
-* sampling (temperature, top-p): d_{i+1} is accepted with probability min(1, P_i/q_i) where
-  P_i is the distribution per-token fusion samples from at position i and q_i the one the
-  drafter drew d_{i+1} from (``moe2.agent.sampling``, computed by both sides from the same
-  numbers); on rejection the token is drawn from the normalised residual max(0, P_i − q_i).
-  Each emitted token then has exactly the distribution P_i (Leviathan et al. 2023).
+Drafters draw their own tokens with the gateway's keyed draw, so a drafted token is
+accepted exactly when per-token fusion would have chosen it (the Gumbel coupling for sampled
+answers): a round emits 1 to γ tokens, and they are per-token fusion's tokens.
 
-The chosen token at the stopping position becomes the next X; sessions holding more (the
-rest of a draft) are rewound (``rewind_to``) to that position in the next request. A round
-emits between 1 and γ tokens for two round trips; γ adapts to the measured acceptance rate,
-round trip and drafting cost (``GammaController``), and a round falls back to a per-token
-step when that is cheaper, when the answer has one token left, or near a full context.
+What is guaranteed. The decisions are per-token fusion's, position by position, on the
+distributions the experts return: greedy and seeded sampled answers are token for token the
+per-token answers when the distributions agree, and sampled answers have exactly per-token
+fusion's distribution. A verifier computes its positions in one batched forward pass; on
+the CPU the agent runs llama.cpp with flash attention (``moe2.agent.llama``), which keeps
+each token's attention its own, so on quantized models the batched logits are bit-identical
+to single steps (checked on SmolLM2-135M Q4_1 in batches, next to other sessions and after
+rewinds); weights in F32/F16 (the tiny
+test experts) take another float32 matmul kernel in a batch (llamafile's sgemm, from two
+tokens on) than for one token, which sums in another order: the logits then differ by the
+rounding of float32 sums (a few 1e-7 relative), so a greedy near-tie within that can break
+the other way, and the answers may part there. On a GPU llama.cpp picks kernels by batch
+size too: the same holds. Across vocabularies, an expert is fed a drafted token's bytes the
+way per-token fusion would feed it (its top-k token with those bytes, else its lowest id,
+else the bytes to tokenize), which depends on its distribution one position earlier: the
+gateway feeds a guess, checks it against that rule afterwards, and accepts nothing past a
+position where the guess was wrong.
 
-What is guaranteed. Given the experts' distributions, the decisions are per-token fusion's,
-position by position, so the answer is token-for-token the per-token answer (greedy) or has
-exactly its distribution (sampling). The distributions themselves: a verifier computes its
-positions in one batched forward pass. On the CPU the agent runs llama.cpp with flash
-attention, which computes each token's attention on its own, so on quantized models the
-batched pass gives bit-identical logits to single steps (checked on SmolLM2 and Gemma-3);
-F32/F16 weights take another matmul path in a batch, 1e-6 apart in log-probability (the
-tiny test experts), so only a fused tie within that could break differently. Without flash
-attention the attention itself differs by up to 0.1 in probability on SmolLM2 and greedy
-answers do diverge. On a GPU
-llama.cpp picks kernels by batch size, so the last bits may differ and a fused near-tie can
-break differently. Across vocabularies, an expert is fed a drafted token's bytes the way
-per-token fusion would feed it (its top-k token with those bytes, else its lowest id, else
-the bytes to tokenize), which depends on its distribution one position earlier: the gateway
-feeds a guess in the batch, checks it against that rule afterwards, and accepts nothing past
-a position where the guess was wrong, so the history every expert sees is per-token fusion's.
+How much to speculate is decided per round by the ``CostModel`` of ``plans.py``.
 
-    spec = Speculation(generation)
-    finish = spec.run(open_replies, picks, max_tokens)
+    decoder = AdaptiveDecoder(memory.get(experts, config), config)
+    finish = decoder.decode(frontier)
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
-import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from moe2.agent.gateway.fusion import END, Fused, check_dist, choose
-from moe2.agent.sampling import draft_distribution, sampling_distribution
-from moe2.shared import protocol as p
-from moe2.shared.errors import (
-    BadMessage,
-    ContextOverflow,
-    DeadlineExceeded,
-    Moe2Error,
-    NoExperts,
-    RequestTimeout,
+from moe2.agent.gateway.config import GatewayConfig
+from moe2.agent.gateway.decoding import (
+    Decoder,
+    DecodingStats,
+    FinishReason,
+    Frontier,
+    Position,
+    step,
 )
-
-if TYPE_CHECKING:
-    from moe2.agent.gateway.generation import FinishReason, Generation
+from moe2.agent.gateway.fusion import Piece, TokenKey
+from moe2.agent.gateway.plans import CostModel, Plan
+from moe2.shared import protocol as p
+from moe2.shared.errors import BadMessage, ContextOverflow
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class SpeculationStats:
-    rounds: int = 0  # speculative rounds (draft + verify)
-    steps: int = 0  # per-token steps taken instead
-    tested: int = 0  # drafted tokens put to the acceptance test
-    accepted: int = 0
-    gamma_total: int = 0  # sum of γ over rounds
-    ahead_used: int = 0  # drafts made while the previous round was verified, then used
-    ahead_wasted: int = 0  # ... and thrown away (the previous draft was not all accepted)
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.tested if self.tested else 0.0
-
-    @property
-    def mean_gamma(self) -> float:
-        return self.gamma_total / self.rounds if self.rounds else 0.0
+Distribution = p.TopKDist | p.FullDist
+# Drafting ahead (while the others verify) pays when the whole draft is accepted often.
+AHEAD_MIN_ACCEPTANCE = 0.6
 
 
-class GammaMemory:
-    """What a gateway has learned about drafting, per set of experts, across prompts: the
-    draft length, acceptance and costs of the last answers start the next one (thread-safe:
-    prompts are generated concurrently; a controller is copied in and stored back)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._known: dict[tuple[str, ...], GammaController] = {}
-
-    def start(self, experts: Iterable[str], start: int, max_gamma: int) -> GammaController:
-        key = tuple(sorted(experts))
-        with self._lock:
-            known = self._known.get(key)
-            return copy.copy(known) if known is not None else GammaController(start, max_gamma)
-
-    def remember(self, experts: Iterable[str], control: GammaController) -> None:
-        with self._lock:
-            self._known[tuple(sorted(experts))] = copy.copy(control)
-
-
-class GammaController:
-    """Chooses the draft length γ that maximises expected tokens per second.
-
-    With acceptance rate α per drafted token, a round of γ emits E(γ) = (1 − α^γ)/(1 − α)
-    tokens on average (accepted ones, plus the correction at the first rejection) and takes
-    T(γ) = O + γ·c: O the round's fixed cost (two round trips, the verification pass,
-    queueing), c the drafter's cost per drafted token, both measured (exponential averages).
-    A per-token step takes about O/2 + c for one token; it is chosen when that is faster,
-    with a speculative round every ``probe_every`` steps to keep α measured.
-    """
-
-    def __init__(self, start: int, max_gamma: int, *, decay: float = 0.8) -> None:
-        self.gamma = start
-        self.max_gamma = max_gamma
-        self.decay = decay
-        # Acceptance counts, decayed; the prior is 0.8 with the weight of two tokens.
-        self._accepted, self._tested = 1.6, 2.0
-        self.fixed_ms: float | None = None
-        self.draft_ms: float | None = None  # per drafted token
-        self.per_token = False
-        self._since_probe = 0
-        self.probe_every = 8
-
-    @property
-    def alpha(self) -> float:
-        return min(self._accepted / self._tested, 0.9999)
-
-    def expected_tokens(self, gamma: int) -> float:
-        a = self.alpha
-        return (1 - a**gamma) / (1 - a)
-
-    def update(
-        self,
-        tested: int,
-        accepted: int,
-        gamma: int,
-        wall_ms: float | None = None,
-        draft_ms: float = 0.0,
-    ) -> None:
-        """Count a round's acceptances; with its timing (``wall_ms``: draft sent to the
-        last verification in) choose the next γ. A pipelined round's draft was made while
-        the previous round was verified, so it has no such timing."""
-        d = self.decay
-        self._accepted = d * self._accepted + accepted
-        self._tested = d * self._tested + tested
-        if wall_ms is None:
-            if self.draft_ms is not None:
-                self._choose()
-            return
-        per = draft_ms / max(1, gamma)
-        fixed = max(0.0, wall_ms - draft_ms)
-        self.draft_ms = per if self.draft_ms is None else d * self.draft_ms + (1 - d) * per
-        self.fixed_ms = fixed if self.fixed_ms is None else d * self.fixed_ms + (1 - d) * fixed
-        self._choose()
-
-    def _choose(self) -> None:
-        assert self.fixed_ms is not None and self.draft_ms is not None
-        best, best_rate = 1, 0.0
-        for g in range(1, self.max_gamma + 1):
-            rate = self.expected_tokens(g) / (self.fixed_ms + g * self.draft_ms + 1e-6)
-            if rate > best_rate:
-                best, best_rate = g, rate
-        self.gamma = best
-        step_rate = 1.0 / (self.fixed_ms / 2 + self.draft_ms + 1e-6)
-        self.per_token = step_rate > best_rate
-        self._since_probe = 0
-
-    def next_is_per_token(self) -> bool:
-        if not self.per_token:
-            return False
-        self._since_probe += 1
-        return self._since_probe < self.probe_every
+# --------------------------------------------------------------------------- a round
 
 
 @dataclass
-class _Position:
-    """Where one expert's session stands: the history length at the current position, the
-    tokens it holds (more when a draft left some), its distribution there."""
+class _Row:
+    """One expert's distributions along one branch: ``pre`` (any replay, then X) was fed
+    first, then ``path``; ``dists[j]``/``lengths[j]`` are the distribution and history
+    length after X and ``path[:j]``. Positions below ``valid`` are what per-token fusion
+    would see."""
 
-    length: int
-    held: int
-    dist: Any
+    pre: tuple[Piece, ...]
+    path: list[Piece]
+    dists: list[Distribution]
+    lengths: list[int]
+    valid: int
 
-    def rewind(self) -> int | None:
-        return self.length if self.held > self.length else None
+
+@dataclass
+class _Branch:
+    drafter: str
+    draft: p.DistributionsReply
+    keys: list[TokenKey]  # the drafted tokens as keys, cut before the first unfeedable one
 
 
 @dataclass
@@ -208,427 +102,411 @@ class _Ahead:
     drafter: str
     future: Future[p.DistributionsReply]
     gamma: int
-    key: Any  # the X it assumes
+    key: TokenKey  # the X it assumes
+    length: int  # the drafter's history length it extends
+    pre: tuple[Piece, ...]  # what it fed first (that X)
 
 
-class _Unfeedable:
-    """The key of a drafted control token without text: never a fusion candidate."""
+@dataclass
+class _Outcome:
+    finish: FinishReason | None
+    emitted: int
+    first: tuple[int, int]
+    later: tuple[int, int]
 
 
-class Speculation:
-    def __init__(self, gen: Generation, memory: GammaMemory | None = None) -> None:
-        self.g = gen
-        cfg = gen.config
-        self.memory = memory
-        self._experts = list(gen.weights)
-        self.control = (
-            memory.start(self._experts, cfg.speculative_gamma, cfg.speculative_max_gamma)
-            if memory is not None
-            else GammaController(cfg.speculative_gamma, cfg.speculative_max_gamma)
-        )
-        self.stats = SpeculationStats()
-        self.at: dict[str, _Position] = {}
+class Round:
+    """Draft and verify once, from the frontier (see the module docstring)."""
+
+    def __init__(self, frontier: Frontier, stats: DecodingStats, pipeline: bool) -> None:
+        self.fr = frontier
+        self.stats = stats
+        self.pipeline = pipeline
         self.ahead: _Ahead | None = None
-        self.pipeline = cfg.speculative_pipeline
-
-    # ------------------------------------------------------------------ the loop
-
-    def run(
-        self, replies: Mapping[str, p.DistributionReply], picks: list[Any], max_tokens: int
-    ) -> FinishReason:
-        g = self.g
-        self.at = {
-            n: _Position(r.n_tokens, r.n_tokens, r.dist)
-            for n, r in replies.items()
-            if n in g.weights
-        }
-        live = {n: pos.dist for n, pos in self.at.items() if n in g.weights}
-        if not live:
-            raise NoExperts("no expert answered")
-        try:
-            return self._run(live, picks, max_tokens)
-        finally:
-            if self.memory is not None and self.stats.rounds:
-                self.memory.remember(self._experts, self.control)
-
-    def _run(self, live: dict[str, Any], picks: list[Any], max_tokens: int) -> FinishReason:
-        g = self.g
-        fused = g._fuse(live, 0)
-        pick = self._choose(fused, 0)
-        if not g.accept_pick(pick, picks):
-            return "stop"
-        while len(picks) < max_tokens:
-            left = max_tokens - len(picks)
-            gamma = min(self.control.gamma, left, self._room(pick))
-            if self.ahead is not None:  # drafted while the last round was verified
-                outcome = self._round(pick, picks, self.ahead.gamma, max_tokens)
-            elif gamma < 2 or self.control.next_is_per_token():
-                outcome = self._step(pick, picks)
-            else:
-                outcome = self._round(pick, picks, gamma, max_tokens)
-            if isinstance(outcome, str):
-                return outcome
-            pick = outcome[0]
-        return "length"
-
-    def _choose(self, fused: Fused, step: int) -> Any:
-        g = self.g
-        if g.on_step is not None:
-            g.on_step(step, fused)
-        return fused.keys[choose(fused, g.sampling.temperature, g.sampling.top_p, g._rng)]
-
-    def _room(self, pick: Any) -> int:
-        """Most tokens a round may draft. One vocabulary: what the fullest context leaves
-        (the verifiers take γ tokens). Across vocabularies the verifiers' feeds are cut to
-        their room instead (``_round``); 0 when X itself might not fit an expert: a
-        per-token step then ends the answer exactly where per-token fusion would."""
-        g = self.g
-        room = 1 << 30
-        for name in g.weights:
-            free = g.infos[name].n_ctx - self.at[name].length
-            room = min(room, free if g.by_id else (1 << 30 if free >= _cost(pick) else 0))
-        return room
-
-    def _options(self) -> dict[str, Any]:
-        return self.g._options()
-
-    # ------------------------------------------------------------------ a per-token step
-
-    def _step(self, pick: Any, picks: list[Any]) -> FinishReason | tuple[Any]:
-        """One token the per-token way (one round trip to every expert)."""
-        g = self.g
-        self.stats.steps += 1
-        futures = {}
-        for name in g.weights:
-            pos = self.at[name]
-            piece = g.feed_piece(name, pick, pos.dist)
-            sid = g.sessions[name]
-            opts = self._options()
-            if pos.rewind() is not None:
-                opts["rewind_to"] = pos.rewind()
-            req = (
-                p.StepRequest(session=sid, tokens=[piece], **opts)
-                if isinstance(piece, int)
-                else p.StepRequest.with_bytes(sid, piece, **opts)
-            )
-            futures[name] = g.rpc.call_async(name, req)
-        try:
-            replies = g._gather(futures, len(picks))
-        except ContextOverflow:
-            return "context"
-        for name, r in replies.items():
-            self.at[name] = _Position(r.n_tokens, r.n_tokens, r.dist)
-        live = {n: r.dist for n, r in replies.items() if n in g.weights}
-        if not live:
-            raise NoExperts("no expert answered")
-        fused = g._fuse(live, len(picks))
-        nxt = self._choose(fused, len(picks))
-        if not g.accept_pick(nxt, picks):
-            return "stop"
-        return (nxt,)
-
-    # ------------------------------------------------------------------ a speculative round
-
-    def _round(
-        self, pick: Any, picks: list[Any], gamma: int, max_tokens: int
-    ) -> FinishReason | tuple[Any]:
-        g = self.g
-        t0 = time.perf_counter()
-        ahead, self.ahead = self.ahead, None
-        draft: p.DistributionsReply | FinishReason | None = None
-        if ahead is not None and ahead.drafter in g.weights:
-            self.stats.ahead_used += 1
-            drafter = ahead.drafter
-            draft = self._take_draft(drafter, ahead.future, gamma, len(picks))
-            if isinstance(draft, str):
-                return draft
-        while draft is None:  # a drafter that fails is dropped and the next one drafts
-            ahead = None
-            drafter = max(g.weights, key=lambda n: g.weights[n])
-            pos = self.at[drafter]
-            piece = g.feed_piece(drafter, pick, pos.dist)
-            fut = self._send_draft(drafter, piece, pos.rewind(), gamma)
-            draft = self._take_draft(drafter, fut, gamma, len(picks))
-            if isinstance(draft, str):
-                return draft
-        assert isinstance(draft, p.DistributionsReply)
-        m = len(draft.drafted)
-        keys = [self._key(drafter, t) for t in draft.drafted]
-        # Every other expert: X, then its guess for each drafted key but the last.
-        fed: dict[str, list[int | bytes]] = {}
-        futures: dict[str, Future[p.DistributionsReply]] = {}
-        for name in g.weights:
-            if name == drafter:
-                continue
-            pos = self.at[name]
-            pieces: list[int | bytes] = [g.feed_piece(name, pick, pos.dist)]
-            free = g.infos[name].n_ctx - pos.length - _cost(pieces[0])
-            for key in keys[: m - 1]:
-                guess = self._guess(name, key)
-                if guess is None or _cost(guess) > free:
-                    break  # what cannot be fed (or would not fit) is not verified
-                free -= _cost(guess)
-                pieces.append(guess)
-            fed[name] = pieces
-            req = p.VerifyRequest(
-                session=g.sessions[name],
-                rewind_to=pos.rewind(),
-                feed=p.VerifyRequest.encode_pieces(pieces),
-                **self._options(),
-            )
-            futures[name] = g.rpc.call_async(name, req, timeout=self._limit(gamma))
-        self._draft_ahead(drafter, draft, keys, len(picks), max_tokens)
-        verified = self._collect(futures, fed, len(picks), gamma)
-        if isinstance(verified, str):
-            return verified
-        wall_ms = (time.perf_counter() - t0) * 1e3
-        # How far every expert's distributions are the ones per-token fusion would see.
-        valid = m
-        if not g.by_id:
-            valid = min(valid, self._drafter_valid(drafter, draft, keys))
-            for name, r in verified.items():
-                valid = min(valid, self._verifier_valid(name, r, fed[name], keys))
-        rows: dict[str, tuple[list[Any], list[int], int]] = {
-            drafter: (draft.dists, draft.lengths, draft.n_tokens)
-        }
-        rows.update({n: (r.dists, r.lengths, r.n_tokens) for n, r in verified.items()})
-        tested = accepted = 0
-        outcome: FinishReason | tuple[Any] | None = None
-        for i in range(valid):
-            live = {n: rows[n][0][i] for n in g.weights if n in rows}
-            if not live:
-                raise NoExperts("no expert answered")
-            step = len(picks)
-            fused = g._fuse(live, step)
-            if g.on_step is not None:
-                g.on_step(step, fused)
-            ok, chosen = self._decide(fused, keys[i], draft.dists[i], drafter)
-            tested += 1
-            accepted += ok
-            if not g.accept_pick(chosen, picks):
-                outcome = "stop"
-                break
-            if len(picks) >= max_tokens:
-                outcome = "length"
-                break
-            if ok and i + 1 < valid:
-                continue
-            for n in g.weights:  # the next round starts at position i
-                if n in rows:
-                    dists, lengths, held = rows[n]
-                    self.at[n] = _Position(lengths[i], held, dists[i])
-            outcome = (chosen,)
-            if self.ahead is not None and not (i == m - 1 and chosen == self.ahead.key):
-                # The draft ahead assumed another X: wasted; the drafter's session holds
-                # it (or will), so the next request rewinds whatever it holds.
-                self.ahead = None
-                self.stats.ahead_wasted += 1
-                if drafter in self.at:
-                    self.at[drafter].held = 1 << 30
-            break
-        if not isinstance(outcome, tuple):
-            self.ahead = None
-        self.stats.rounds += 1
-        self.stats.gamma_total += gamma
-        self.stats.tested += tested
-        self.stats.accepted += accepted
-        if ahead is None:
-            self.control.update(tested, accepted, m, wall_ms, draft.compute_ms)
-        else:
-            self.control.update(tested, accepted, m)
-        if outcome is None:
-            raise NoExperts("no expert answered")
-        return outcome
-
-    def _draft_ahead(
-        self, drafter: str, draft: p.DistributionsReply, keys: list[Any], at: int, max_tokens: int
-    ) -> None:
-        """While the others verify this draft, ask the drafter to continue from its last
-        drafted token (worth it when drafts are mostly accepted: the next draft is then
-        ready when the verification is in, and drafting overlaps verifying)."""
-        g = self.g
-        m = len(keys)
-        if not self.pipeline or self.control.alpha < 0.6 or not isinstance(keys[-1], bytes | int):
-            return
-        last = draft.drafted[-1]
-        if last in g.eos[drafter]:
-            return
-        if g.feed_piece(drafter, keys[-1], draft.dists[-1]) != last:
-            return  # per-token fusion would feed the drafter another token for those bytes
-        left = max_tokens - at - m  # tokens left if this whole draft is accepted
-        room = min(g.infos[n].n_ctx - self.at[n].length - m for n in g.weights if n in self.at)
-        gamma = min(self.control.gamma, left, room if g.by_id else 1 << 30)
-        if gamma < 2:
-            return
-        fut = self._send_draft(drafter, last, None, gamma)
-        self.ahead = _Ahead(drafter, fut, gamma, keys[-1])
-
-    def _send_draft(
-        self, drafter: str, piece: int | bytes, rewind_to: int | None, gamma: int
-    ) -> Future[p.DistributionsReply]:
-        g = self.g
-        req = p.DraftRequest(
-            session=g.sessions[drafter],
-            rewind_to=rewind_to,
-            feed=p.DraftRequest.encode_pieces([piece]),
-            gamma=gamma,
-            temperature=g.sampling.temperature,
-            top_p=g.sampling.top_p,
-            seed=int(g._rng.integers(1 << 62)),
-            **self._options(),
-        )
-        # A draft sent ahead is waited for after the round in flight: twice the limit.
-        return g.rpc.call_async(drafter, req, timeout=2 * self._limit(gamma))
-
-    def _take_draft(
-        self, drafter: str, fut: Future[p.DistributionsReply], gamma: int, at: int
-    ) -> p.DistributionsReply | FinishReason | None:
-        """The drafter's reply; None when it failed and was dropped (another drafts)."""
-        g = self.g
-        try:
-            reply = self._wait(fut, gamma)
-            g.spent(drafter, reply.compute_ms)
-            if not 1 <= len(reply.drafted) <= gamma:
-                raise BadMessage(f"drafted {len(reply.drafted)} tokens, asked for {gamma}")
-            n_vocab = g.infos[drafter].n_vocab
-            if any(not 0 <= t < n_vocab for t in reply.drafted):
-                raise BadMessage("a drafted token is outside the vocabulary")
-            for dist in reply.dists:
-                check_dist(dist, n_vocab)
-            self._check_kind(reply)
-            return reply
-        except ContextOverflow:
-            return "context"
-        except Moe2Error as exc:
-            self._failed(drafter, exc, at)
-            return None
-
-    def _collect(
-        self,
-        futures: dict[str, Future[p.DistributionsReply]],
-        fed: dict[str, list[int | bytes]],
-        at: int,
-        gamma: int,
-    ) -> dict[str, p.DistributionsReply] | FinishReason:
-        g = self.g
-        out: dict[str, p.DistributionsReply] = {}
-        for name, fut in futures.items():
-            try:
-                reply = self._wait(fut, gamma)
-                g.spent(name, reply.compute_ms)
-                if len(reply.dists) != len(fed[name]):
-                    raise BadMessage(
-                        f"{len(reply.dists)} distributions for {len(fed[name])} fed pieces"
-                    )
-                for dist in reply.dists:
-                    check_dist(dist, g.infos[name].n_vocab)
-                self._check_kind(reply)
-                out[name] = reply
-            except ContextOverflow:
-                return "context"
-            except Moe2Error as exc:
-                self._failed(name, exc, at)
-        return out
-
-    def _check_kind(self, reply: p.DistributionsReply) -> None:
-        if not self.g.by_id and any(not isinstance(d, p.TopKDist) for d in reply.dists):
-            raise BadMessage("sent a full distribution to a cross-vocabulary fusion")
 
     def _limit(self, gamma: int) -> float:
         # A round's requests evaluate up to γ tokens: allow for that on top of a step's time.
-        return self.g.config.step_timeout_s * (1 + gamma / 16)
+        return self.fr.pool.config.step_timeout_s * (1 + gamma / 16)
 
-    def _wait(self, fut: Future[p.DistributionsReply], gamma: int) -> p.DistributionsReply:
-        g = self.g
-        limit = self._limit(gamma)
-        end = time.monotonic() + limit
-        if g.deadline is not None:
-            end = min(end, g.deadline)
+    def run(
+        self, drafters: Sequence[str], gamma: int, ahead_ok: bool
+    ) -> tuple[_Outcome, float, float] | None:
+        """(outcome, wall ms or -1 when drafted ahead, slowest drafter's ms), or None when
+        no draft came (the drafters were dropped): a per-token step then goes on.
+        ``ahead_ok``: with one branch, the drafter drafts on while the others verify."""
         try:
-            return g.rpc.wait(fut, max(0.0, end - time.monotonic()))
-        except RequestTimeout:
-            if g.deadline is not None and time.monotonic() >= g.deadline:
-                raise DeadlineExceeded("the prompt's deadline passed during generation") from None
-            raise RequestTimeout(f"no reply within {limit:g} s") from None
+            return self._run(drafters, gamma, ahead_ok)
+        except ContextOverflow:  # the history filled an expert's context: the answer ends
+            self._forget_ahead(wasted=False)
+            return _Outcome("context", 0, (0, 0), (0, 0)), -1.0, 0.0
 
-    def _failed(self, name: str, exc: Moe2Error, at: int) -> None:
-        if isinstance(exc, DeadlineExceeded):
-            raise exc
-        reason = exc.message if isinstance(exc, RequestTimeout) else f"{exc.code}: {exc.message}"
-        self.g._drop(name, reason, at)
+    def _forget_ahead(self, wasted: bool) -> None:
+        if self.ahead is not None:
+            self.ahead.future.cancel()
+            self.stats.ahead_wasted += wasted
+        self.ahead = None
 
-    # ------------------------------------------------------------------ decisions
-
-    def _decide(self, fused: Fused, key: Any, drafted_from: Any, drafter: str) -> tuple[bool, Any]:
-        """(accepted, the chosen key) at one position: the drafted key or its replacement."""
-        g = self.g
-        temp, top_p = g.sampling.temperature, g.sampling.top_p
-        if temp <= 0.0 or len(fused.probs) == 1:
-            chosen = fused.keys[choose(fused, temp, top_p, g._rng)]
-            return chosen == key, chosen
-        keep, probs = sampling_distribution(fused.probs, temp, top_p)
-        target = {fused.keys[j]: float(pr) for j, pr in zip(keep.tolist(), probs)}
-        ids, q = draft_distribution(drafted_from, temp, top_p)
-        proposal: dict[Any, float] = {}
-        for t, qq in zip(ids.tolist(), q):
-            k = self._key(drafter, t)
-            proposal[k] = proposal.get(k, 0.0) + float(qq)
-        qb = proposal.get(key, 0.0)
-        if qb > 0.0 and g._rng.random() * qb < target.get(key, 0.0):
-            return True, key
-        keys = list(target)
-        resid = np.array([max(0.0, target[k] - proposal.get(k, 0.0)) for k in keys])
-        total = float(resid.sum())
-        if total <= 0.0 or not math.isfinite(total):  # P == q: the draft was never rejected
-            resid, total = np.array([target[k] for k in keys]), 1.0
-        return False, keys[int(g._rng.choice(len(keys), p=resid / resid.sum()))]
-
-    # ------------------------------------------------------------------ keys and feeding
-
-    def _key(self, name: str, token: int) -> Any:
-        """A token of expert ``name`` as a fusion key: its id (one vocabulary), else its
-        bytes, END for an end-of-generation token."""
-        g = self.g
-        if g.by_id:
-            return token
-        if token in g.eos[name]:
-            return END
-        piece = g._pieces[name][token]
-        return piece if piece else _Unfeedable()
-
-    def _guess(self, name: str, key: Any) -> int | bytes | None:
-        """What to feed ``name`` for a drafted key before its distribution one position
-        earlier is known (checked afterwards); None when the key cannot be fed."""
-        g = self.g
-        if g.by_id:
-            return int(key)
-        if not isinstance(key, bytes):
+    def _run(
+        self, drafters: Sequence[str], gamma: int, ahead_ok: bool
+    ) -> tuple[_Outcome, float, float] | None:
+        fr, pool = self.fr, self.fr.pool
+        t0 = time.perf_counter()
+        ahead, self.ahead = self.ahead, None
+        pres: dict[str, tuple[Piece, ...]] = {}
+        if ahead is not None and ahead.drafter in pool and ahead.key == fr.last:
+            self.stats.ahead_used += 1
+            pres[ahead.drafter] = ahead.pre
+            gamma = ahead.gamma
+            branches = self._branches(self._drafts({ahead.drafter: ahead.future}, gamma))
+        else:
+            if ahead is not None:
+                self.stats.ahead_wasted += 1
+                ahead.future.cancel()
+            ahead = None
+            futures = {}
+            for name in [d for d in drafters if d in pool]:
+                pres[name] = tuple(fr.pieces(name))
+                futures[name] = self._send_draft(name, fr.at[name].length, pres[name], gamma)
+            branches = self._branches(self._drafts(futures, gamma))
+        if not branches:
             return None
-        # Where one text has several tokens (a byte-fallback token and a normal one), the
-        # normal one comes later in the vocabulary and is the one a model predicts.
-        own = g.vocabs[name].by_bytes_last.get(key)
-        if own is not None and own not in g.eos[name]:
-            return own
-        return g.feed_piece(name, key, None)
+        # A branch that another one continues teaches nothing more: not verified apart.
+        kept: list[_Branch] = []
+        for b in sorted(branches, key=lambda x: -len(x.keys)):  # stable: by weight in ties
+            if not any(o.keys[: len(b.keys)] == b.keys for o in kept):
+                kept.append(b)
+        rows: list[dict[str, _Row]] = []
+        requests: dict[tuple[str, int], Future[p.DistributionsReply]] = {}
+        fed: dict[tuple[str, int], tuple[tuple[Piece, ...], list[Piece]]] = {}
+        last_request: dict[str, int] = {}  # expert -> the branch its session ends on
+        opts = fr.align.options
+        for i, b in enumerate(kept):
+            rows.append({b.drafter: self._drafter_row(b, pres[b.drafter])})
+            last_request[b.drafter] = i
+        for i, b in enumerate(kept):
+            for name in pool.names:
+                if name == b.drafter:
+                    continue
+                pos = fr.at[name]
+                pre = tuple(fr.pieces(name))
+                free = pool.infos[name].n_ctx - pos.length - sum(fr.align.cost(x) for x in pre)
+                path: list[Piece] = []
+                for key in b.keys[: len(b.keys) - 1]:
+                    guess = fr.align.guess(name, key)
+                    if guess is None or fr.align.cost(guess) > free:
+                        break  # what cannot be fed (or would not fit) is not verified
+                    free -= fr.align.cost(guess)
+                    path.append(guess)
+                req = p.VerifyRequest(
+                    session=pool.sessions[name],
+                    rewind_to=pos.length,
+                    feed=p.VerifyRequest.encode_pieces([*pre, *path]),
+                    top_k=opts.top_k,
+                    full=opts.full,
+                )
+                requests[(name, i)] = pool.send(name, req, self._limit(gamma))
+                fed[(name, i)] = (pre, path)
+                last_request[name] = i
+        if len(kept) == 1 and self.pipeline and ahead_ok:
+            self._draft_ahead(kept[0], gamma)
 
-    def _drafter_valid(self, drafter: str, draft: p.DistributionsReply, keys: list[Any]) -> int:
-        for i in range(1, len(keys)):
-            if not isinstance(keys[i - 1], bytes):
-                return i
-            if self.g.feed_piece(drafter, keys[i - 1], draft.dists[i - 1]) != draft.drafted[i - 1]:
-                return i
-        return len(keys)
+        def fits(name: str, i: int, reply: p.DistributionsReply) -> None:
+            pre, path = fed[(name, i)]
+            if len(reply.dists) != len(pre) + len(path):
+                raise BadMessage(
+                    f"{len(reply.dists)} distributions for {len(pre) + len(path)} fed pieces"
+                )
+            for d in reply.dists:
+                fr.align.check(name, d)
 
-    def _verifier_valid(
-        self, name: str, reply: p.DistributionsReply, fed: list[int | bytes], keys: list[Any]
+        verified = pool.gather(requests, fr.position, self._limit(gamma), check=fits)
+        for (name, i), reply in verified.items():
+            pre, path = fed[(name, i)]
+            n = len(pre) - 1  # the replay's distributions come before position 0
+            dists = list(reply.dists[n:])
+            rows[i][name] = _Row(
+                pre,
+                path,
+                dists,
+                list(reply.lengths[n:]),
+                self._valid(name, kept[i].keys, path, dists),
+            )
+        wall_ms = (time.perf_counter() - t0) * 1e3 if ahead is None else -1.0
+        draft_ms = max((b.draft.compute_ms for b in kept), default=0.0)
+        outcome = self._walk(kept, rows, last_request)
+        if outcome.finish is not None or outcome.emitted == 0:
+            self._forget_ahead(wasted=False)
+        elif self.ahead is not None and not (
+            len(kept[0].keys) == outcome.emitted and self.ahead.key == fr.last
+        ):  # the whole draft was not accepted: the draft made ahead assumed another X
+            self._forget_ahead(wasted=True)
+        self.stats.rounds += 1
+        self.stats.tree_rounds += len(kept) > 1
+        self.stats.gamma_total += gamma
+        return outcome, wall_ms, draft_ms
+
+    # -------------------------------------------------------------- drafting
+
+    def _send_draft(
+        self, name: str, length: int, pre: tuple[Piece, ...], gamma: int
+    ) -> Future[p.DistributionsReply]:
+        fr = self.fr
+        s = fr.picker.sampling
+        opts = fr.align.options
+        req = p.DraftRequest(
+            session=fr.pool.sessions[name],
+            rewind_to=length,
+            feed=p.DraftRequest.encode_pieces(list(pre)),
+            gamma=gamma,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=fr.picker.seed,
+            position=fr.position,
+            keys=fr.align.key_kind,
+            top_k=opts.top_k,
+            full=opts.full,
+        )
+        return fr.pool.send(name, req, self._limit(gamma))
+
+    def _drafts(
+        self, futures: Mapping[str, Future[p.DistributionsReply]], gamma: int
+    ) -> dict[str, p.DistributionsReply]:
+        fr = self.fr
+
+        def fits(name: str, tag: int, reply: p.DistributionsReply) -> None:
+            if not 1 <= len(reply.drafted) <= gamma:
+                raise BadMessage(f"drafted {len(reply.drafted)} tokens, asked for {gamma}")
+            n_vocab = fr.pool.infos[name].n_vocab
+            if any(not 0 <= t < n_vocab for t in reply.drafted):
+                raise BadMessage("a drafted token is outside the vocabulary")
+            for d in reply.dists:
+                fr.align.check(name, d)
+
+        got = fr.pool.gather(
+            {(n, 0): f for n, f in futures.items()}, fr.position, self._limit(gamma), check=fits
+        )
+        return {n: r for (n, _), r in got.items()}
+
+    def _branches(self, drafts: Mapping[str, p.DistributionsReply]) -> list[_Branch]:
+        out = []
+        for name in self.fr.pool.names:
+            draft = drafts.get(name)
+            if draft is None:
+                continue
+            keys: list[TokenKey] = []
+            for t in draft.drafted:
+                key = self.fr.align.key(name, t)
+                if key is None:
+                    break
+                keys.append(key)
+            out.append(_Branch(name, draft, keys))
+        return out
+
+    def _drafter_row(self, b: _Branch, pre: tuple[Piece, ...]) -> _Row:
+        d = b.draft
+        path: list[Piece] = list(d.drafted[: len(d.drafted) - 1])
+        valid = len(d.dists)
+        align = self.fr.align
+        for i in range(1, len(d.dists)):
+            key = b.keys[i - 1] if i - 1 < len(b.keys) else None
+            if (
+                key is None
+                or align.is_end(key)
+                or align.feed(b.drafter, key, d.dists[i - 1]) != d.drafted[i - 1]
+            ):
+                valid = i  # per-token fusion would feed it another token for those bytes
+                break
+        return _Row(pre, path, list(d.dists), list(d.lengths), valid)
+
+    def _valid(
+        self, name: str, keys: list[TokenKey], path: list[Piece], dists: Sequence[Distribution]
     ) -> int:
-        for i in range(1, len(fed)):
-            if self.g.feed_piece(name, keys[i - 1], reply.dists[i - 1]) != fed[i]:
+        """Positions of a verifier's row that per-token fusion would see: its guess for each
+        key is what it would have been fed, given its distribution one position earlier."""
+        for i in range(1, len(dists)):
+            if self.fr.align.feed(name, keys[i - 1], dists[i - 1]) != path[i - 1]:
                 return i
-        return len(fed)
+        return len(dists)
+
+    def _draft_ahead(self, b: _Branch, gamma: int) -> None:
+        """While the others verify this draft, ask the drafter to continue from its last
+        drafted token (worth it when drafts are mostly accepted: the next draft is then
+        ready when the verification is in, and drafting overlaps verifying)."""
+        fr = self.fr
+        d = b.draft
+        m = len(d.drafted)
+        if len(b.keys) < m or fr.align.is_end(b.keys[-1]):
+            return
+        if fr.align.feed(b.drafter, b.keys[-1], d.dists[-1]) != d.drafted[-1]:
+            return  # per-token fusion would feed the drafter another token for those bytes
+        left = fr.left - m  # tokens left if this whole draft is accepted
+        room = min(
+            fr.pool.infos[n].n_ctx - fr.at[n].length - m for n in fr.pool.weights if n in fr.at
+        )
+        g = min(gamma, left, room)
+        if g < 2:
+            return
+        last: tuple[Piece, ...] = (d.drafted[-1],)
+        saved = fr.picker
+        req = p.DraftRequest(
+            session=fr.pool.sessions[b.drafter],
+            rewind_to=d.n_tokens,
+            feed=p.DraftRequest.encode_pieces(list(last)),
+            gamma=g,
+            temperature=saved.sampling.temperature,
+            top_p=saved.sampling.top_p,
+            seed=saved.seed,
+            position=fr.position + m,
+            keys=fr.align.key_kind,
+            top_k=fr.align.options.top_k,
+            full=fr.align.options.full,
+        )
+        # waited for after the round in flight, by the next round: twice a round's limit
+        fut = fr.pool.send(b.drafter, req, 2 * self._limit(g))
+        self.ahead = _Ahead(b.drafter, fut, g, b.keys[-1], d.n_tokens, last)
+
+    # -------------------------------------------------------------- the walk
+
+    def _walk(
+        self, branches: list[_Branch], rows: list[dict[str, _Row]], last: Mapping[str, int]
+    ) -> _Outcome:
+        """Fuse and choose position after position along the branches that agree with the
+        choices; move the frontier to the last position chosen."""
+        fr, pool = self.fr, self.fr.pool
+        live = list(range(len(branches)))
+        src: dict[str, int] = {}
+        first = [0, 0]
+        later = [0, 0]
+        emitted = 0
+        finish: FinishReason | None = None
+        i = 0
+        while True:
+            dists: dict[str, Distribution] = {}
+            here: dict[str, int] = {}
+            for name in pool.weights:
+                for b in live:
+                    row = rows[b].get(name)
+                    if row is not None and i < row.valid:
+                        dists[name] = row.dists[i]
+                        here[name] = b
+                        break
+            if len(dists) < len(pool.weights):
+                break  # not every expert's distribution is known here: stop before it
+            fused = fr.fuse(dists)
+            key = fr.choose(fused)
+            drafted = [b for b in live if i < len(branches[b].keys)]
+            counts = first if i == 0 else later
+            counts[1] += bool(drafted)
+            src = here
+            emitted += 1
+            finish = fr.take(key, fused)
+            if finish is not None:
+                break
+            live = [b for b in drafted if branches[b].keys[i] == key]
+            counts[0] += bool(live)
+            if not live:
+                break
+            i += 1
+        self.stats.tested += first[1] + later[1]
+        self.stats.accepted += first[0] + later[0]
+        if emitted and finish is None:
+            self._move(emitted - 1, src, rows, last)
+        return _Outcome(finish, emitted, (first[0], first[1]), (later[0], later[1]))
+
+    def _move(
+        self, at: int, src: Mapping[str, int], rows: list[dict[str, _Row]], last: Mapping[str, int]
+    ) -> None:
+        """Each expert's session at position ``at`` of the branch its distribution came
+        from; a session that ends on another branch is rewound to where the two part and
+        fed the rest again (``Position.replay``)."""
+        fr = self.fr
+        for name, b in src.items():
+            row = rows[b][name]
+            held = rows[last.get(name, b)].get(name, row)
+            common = 0
+            while common < at and common < len(held.path) and held.path[common] == row.path[common]:
+                common += 1
+            if held is row or common >= at:
+                fr.at[name] = Position(row.lengths[at], row.dists[at])
+            else:
+                replay = tuple(row.path[common:at])
+                fr.at[name] = Position(held.lengths[common], row.dists[at], replay)
 
 
-def _cost(piece: Any) -> int:
-    """Most tokens feeding a piece can take: one id, or bytes tokenized (one token per byte
-    at worst, plus a word-boundary marker some tokenizers add)."""
-    return len(piece) + 1 if isinstance(piece, bytes) else 1
+# --------------------------------------------------------------------------- decoders
+
+
+class SpeculativeDecoder(Decoder):
+    """Rounds with the given drafters' plan whenever γ ≥ 2 fits, γ from the cost model."""
+
+    name = "speculative"
+    plans: tuple[Plan, ...] = ("linear",)
+
+    def __init__(self, model: CostModel, config: GatewayConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    def allowed(self, frontier: Frontier) -> list[Plan]:
+        """The plans it may choose from; with one expert a tree is one branch."""
+        if len(frontier.pool.weights) > 1:
+            return list(self.plans)
+        return list(dict.fromkeys("linear" if x == "tree" else x for x in self.plans))
+
+    def decode(self, frontier: Frontier) -> FinishReason:
+        rounds = Round(frontier, self.stats, self.config.speculative_pipeline)
+        while True:
+            limit = min(frontier.left, frontier.room(), self.config.speculative_max_gamma)
+            if rounds.ahead is not None and rounds.ahead.key == frontier.last:
+                plan: Plan = "linear"
+                gamma = rounds.ahead.gamma
+            else:
+                plan, gamma = self.model.plan(self.allowed(frontier), limit)
+            finish = self._advance(frontier, rounds, plan, gamma)
+            if finish is not None:
+                return finish
+
+    def _advance(
+        self, frontier: Frontier, rounds: Round, plan: Plan, gamma: int
+    ) -> FinishReason | None:
+        if plan != "step":
+            drafters = frontier.pool.names
+            if plan == "linear":
+                drafters = drafters[:1]
+            linear = self.model.modes["linear"]
+            ahead_ok = min(linear.first.value, linear.later.value) >= AHEAD_MIN_ACCEPTANCE
+            got = rounds.run(drafters, gamma, ahead_ok)
+            if got is not None:
+                outcome, wall_ms, draft_ms = got
+                if outcome.emitted or outcome.finish is not None:
+                    self.model.round_done(
+                        plan,
+                        outcome.first,
+                        outcome.later,
+                        gamma,
+                        outcome.emitted,
+                        wall_ms if wall_ms >= 0 else None,
+                        draft_ms,
+                    )
+                    return outcome.finish
+        rounds.ahead = None
+        t0 = time.perf_counter()
+        self.stats.steps += 1
+        finish = step(frontier)
+        self.model.step_done((time.perf_counter() - t0) * 1e3)
+        return finish
+
+
+class TreeDecoder(SpeculativeDecoder):
+    """Every chosen expert drafts its own continuation; all verify the union."""
+
+    name = "tree"
+    plans = ("tree",)
+
+
+class AdaptiveDecoder(SpeculativeDecoder):
+    """Per round the fastest of a per-token step, one drafter, or every expert drafting, as
+    measured for this set of experts."""
+
+    name = "auto"
+    plans = ("step", "linear", "tree")

@@ -55,6 +55,7 @@ from moe2.shared.protocol.base import MAX_CHOICES, MAX_TEXT_CHARS, describe_erro
 from moe2.shared.protocol.topics import reply_owner, topics
 
 MAX_PROMPT_ID = 128
+MAX_TOP_LOGPROBS = 20  # alternatives per token a prompt may ask for (OpenAI's limit too)
 MAX_MESSAGES = 256  # turns in one conversation
 MAX_TOPIC = 512
 # What a broker accepts in a topic name: no wildcards, and none of the code points MQTT
@@ -226,6 +227,10 @@ def _utf8_safe(value: str) -> bool:
     return True
 
 
+def _omitted_when_none(value: object) -> bool:
+    return value is None  # a field added later: absent on the wire unless used
+
+
 class _Public(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -260,6 +265,12 @@ class PromptRequest(_Public):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)  # sampling seed
+    # Each generated token's fused log-probability (and the ``top_logprobs`` most probable
+    # alternatives at its position) in the stream chunks and the final answer.
+    logprobs: bool = Field(default=False, exclude_if=lambda v: not v)
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, exclude_if=_omitted_when_none
+    )
     # A multiple-choice question: the options, scored as the text that follows the prompt
     # (give them their leading space, e.g. " Paris"); the answer is a ChoiceAnswer.
     choices: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] | None = Field(
@@ -281,6 +292,8 @@ class PromptRequest(_Public):
             raise ValueError(f"the conversation exceeds {MAX_TEXT_CHARS} characters")
         if self.choices is not None and self.prompt is None:
             raise ValueError("'choices' go with a text 'prompt', not with 'messages'")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
         return self
 
     @property
@@ -289,6 +302,21 @@ class PromptRequest(_Public):
         if self.messages is not None:
             return conversation_text(self.messages)
         return self.prompt or ""
+
+
+class TopLogprob(_Public):
+    """One candidate token at a position, as OpenAI's ``top_logprobs`` entries are."""
+
+    token: str  # its text (UTF-8, a partial character replaced); "" for the end of generation
+    logprob: float  # natural log of its probability in the fused distribution (eq. 29)
+    bytes: list[int] | None  # its exact bytes (part of a character, say); None for the end
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token with its fused log-probability and the most probable alternatives
+    at its position (the fused distribution before temperature and top-p)."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class PromptCancel(_Public):
@@ -310,6 +338,9 @@ class StreamChunk(_Public):
     id: str
     index: int  # 0, 1, 2... in order
     delta: str
+    # With "logprobs": the tokens whose text this chunk completes (a character split over
+    # byte tokens arrives whole, with every token of it).
+    logprobs: list[TokenLogprob] | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 class ExpertWeight(_Public):
@@ -319,7 +350,8 @@ class ExpertWeight(_Public):
 
 class DroppedExpert(_Public):
     id: str
-    reason: str
+    code: str  # why, as an error code of moe2.shared.errors ("timeout", "offline", "busy"...)
+    reason: str  # the same for people
     at_token: int
 
 
@@ -334,6 +366,8 @@ class PromptAnswer(_Public):
     fusion: Literal["token-id", "token-text"]  # same vocabulary, or aligned by text
     dropped: list[DroppedExpert] = Field(default_factory=list)
     gateway: str | None = None  # the gateway that answered
+    # With "logprobs": every generated token (the end of generation not included).
+    logprobs: list[TokenLogprob] | None = Field(default=None, exclude_if=_omitted_when_none)
     gate_ms: float | None = None  # the gate's part of latency_ms (once per prompt)
     compute_ms: dict[str, float] = Field(default_factory=dict)  # model time each reported
 

@@ -482,7 +482,15 @@ class DraftRequest(_Request[DistributionsReply], _FeedRequest):
     """Feed pieces to a session, then draft up to ``gamma`` tokens from the model's own
     distribution (greedy at temperature 0, else sampled from the distribution sent back,
     sharpened and cut as ``moe2.agent.sampling`` does). Drafting stops early at an
-    end-of-generation token or a full context."""
+    end-of-generation token or a full context.
+
+    With ``position`` (the answer position of the first drafted token) and a ``seed``, the
+    token at answer position i is the keyed draw of ``moe2.agent.sampling.draw`` for
+    (seed, i), over the drafter's ids (``keys="id"``) or its tokens merged by bytes
+    (``keys="bytes"``, as a gateway fusing across vocabularies names them): the draw the
+    gateway makes from the fused distribution, so a drafted token is accepted exactly when
+    per-token decoding would have drawn it. Without ``position``: drawn from a random
+    stream seeded with ``seed``."""
 
     op: Literal["draft"] = "draft"
     feed: Annotated[list[FeedPiece], Field(min_length=1, max_length=MAX_TOKENS_PER_REQUEST)]
@@ -490,6 +498,14 @@ class DraftRequest(_Request[DistributionsReply], _FeedRequest):
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=1 << 63)
+    position: int | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
+    keys: Literal["id", "bytes"] = Field(default="id", exclude_if=lambda v: v == "id")
+
+    @model_validator(mode="after")
+    def _keyed_draw_needs_seed(self) -> DraftRequest:
+        if self.position is not None and self.temperature > 0 and self.seed is None:
+            raise ValueError("a keyed draw ('position' at temperature > 0) needs a 'seed'")
+        return self
 
 
 class VerifyRequest(_Request[DistributionsReply], _FeedRequest):
