@@ -12,6 +12,12 @@ sessions instead of serialising them.
 Requests of one session run in arrival order (a step waits for the session's previous
 request); requests that need no model (tokenize, ping, close...) are answered at once, in
 order with the session's other requests.
+
+A task's model time (``compute_s``, what its reply reports and its energy is of) is read from
+the scheduler's ``clock`` around each tick's decode: wall time by default, the model thread's
+CPU time where energy is modelled on a CPU (``Meter.model_clock``); ``wall_s`` always holds
+the wall time, which ``on_model_time`` hears before each reply (the agent's own handling of a
+request is its time less that).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ MAX_LOGIT_FLOATS = 16 << 20
 class Task(abc.ABC):
     """The model work of one request."""
 
-    compute_s = 0.0  # seconds of the ticks this task took part in
+    compute_s = 0.0  # model time of the ticks this task took part in (the scheduler's clock)
+    wall_s = 0.0  # wall seconds of those ticks
     error: Exception | None = None
 
     @property
@@ -141,10 +148,14 @@ class Scheduler:
         on_done: Callable[[Any, p.Message], None],  # (job, reply)
         *,
         n_batch: int = 512,
+        clock: Callable[[], float] = time.perf_counter,  # model time, read on this thread
+        on_model_time: Callable[[Any, float], None] | None = None,  # (job, wall s of its ticks)
     ) -> None:
         self.backend = backend
         self._start = start
         self._on_done = on_done
+        self.clock = clock
+        self._on_model_time = on_model_time
         self.n_batch = n_batch
         self.max_rows = max(1, MAX_LOGIT_FLOATS // max(1, backend.info.n_vocab))
         self._active: list[tuple[Any, Task, str | None]] = []
@@ -198,18 +209,19 @@ class Scheduler:
             parts += got
             tokens -= sum(len(x.tokens) for x in got)
             rows -= sum(len(x.rows) for x in got)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.clock()
         results: list[list[np.ndarray] | Exception]
         try:
             results = self.backend.decode_batch(parts) if parts else []
         except Exception as exc:  # a bug must cost this tick's requests, not the agent
             log.exception("decode of %d parts failed", len(parts))
             results = [InternalError(f"{type(exc).__name__}: {exc}")] * len(parts)
-        spent = time.perf_counter() - t0
+        wall, spent = time.perf_counter() - t0, self.clock() - c0
         self.ticks += 1
         self.decoded_tokens += sum(len(x.tokens) for x in parts)
         for task, first, count in plan:
             task.compute_s += spent
+            task.wall_s += wall
             if count:
                 try:
                     task.take(results[first : first + count])
@@ -223,6 +235,8 @@ class Scheduler:
                 reply = task.finish()
             except Exception as exc:
                 reply = _error_reply(job.request, exc)
+            if self._on_model_time is not None:
+                self._on_model_time(job, task.wall_s)
             self._on_done(job, reply)
             if key is not None:
                 queue = self._busy.get(key)

@@ -82,6 +82,9 @@ class GenerationResult:
     step_seconds: list[float] = field(default_factory=list)  # each fused step, asked to fused
     speculation: SpeculationStats | None = None  # when decoded speculatively
     compute_ms: dict[str, float] = field(default_factory=dict)  # model time each expert reported
+    # Seconds spent waiting for the experts' replies (send to the last reply), per-token
+    # decoding only (None: speculative); the rest of the latency is the gateway's own.
+    waited_s: float | None = None
 
 
 class Generation:
@@ -118,6 +121,7 @@ class Generation:
         self.sessions: dict[str, str] = {}
         self.prompt_tokens: dict[str, int] = {}
         self.compute_ms: dict[str, float] = {}  # model time each expert reported (costs)
+        self.waited_s = 0.0  # waiting for replies: sent to the last one in
         # History length of each session after its last reply: a step names it (rewind_to),
         # so a step sent again after a reconnect appends its token once, not twice.
         self.history: dict[str, int] = {}
@@ -233,8 +237,11 @@ class Generation:
         pause = _BUSY_RETRY_S[0]
         while todo:
             busy: set[str] = set()
+            sent = time.monotonic()
             futures = {n: self.rpc.call_async(n, request) for n in todo}
-            for name, reply in self._gather(futures, 0, busy).items():
+            got = self._gather(futures, 0, busy)
+            self.waited_s += time.monotonic() - sent
+            for name, reply in got.items():
                 replies[name] = reply
                 self.sessions[name] = reply.session  # closed in run()'s finally
                 self.prompt_tokens[name] = reply.n_tokens
@@ -305,6 +312,7 @@ class Generation:
             steps,
             self.speculation.stats if self.speculation is not None else None,
             dict(self.compute_ms),
+            self.waited_s if self.speculation is None else None,
         )
 
     def _per_token(
@@ -339,6 +347,7 @@ class Generation:
             }
             try:
                 replies = self._gather(futures, step + 1)
+                self.waited_s += time.monotonic() - asked
                 for name, r in replies.items():
                     self.history[name] = r.n_tokens
             except ContextOverflow:

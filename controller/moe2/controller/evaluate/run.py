@@ -262,6 +262,7 @@ class _Harness:
             used,
             steps,
             gate_s=self.gate_s if gated else np.zeros(len(self.questions)),
+            gateway_s=self.gate.own_seconds(self.test.costs.kind, steps),
             basis=f"profiles ({kind})",
         )
 
