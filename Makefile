@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: setup system dev demo test lint bench clean
+.PHONY: setup system dev demo test lint bench clean wheelhouse
 
 system:
 	./scripts/install-system-packages
@@ -44,6 +44,10 @@ lint: dev
 
 bench: dev
 	$(PY) bench/bench_agent.py
+
+# An offline fleet's wheels (moe2 and every dependency) in dist/wheelhouse: see the script.
+wheelhouse: dev
+	PYTHON=$(PY) ./scripts/build-wheelhouse dist/wheelhouse
 
 clean:
 	rm -rf $(VENV)

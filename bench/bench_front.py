@@ -1,26 +1,31 @@
-"""Serving benchmark (issue 14): what the embedded broker and the OpenAI-compatible front cost.
+"""The HTTP front under load: requests/s and latency (p50, p99) at 1, 16 and 64 concurrent
+clients through moe2-http (the official openai client) and through the MQTT prompt API
+directly (PromptClient), in one run, against the same fleet: a gateway fusing two tiny
+experts (k=2) on a loopback mosquitto, both able to hold every client's prompt at once.
 
-* per-token latency of a gateway fusing two tiny experts (k=2), on mosquitto and on the
-  embedded broker (iotcore's rumqttd), median over prompts of latency / tokens;
-* one prompt answered through the MQTT prompt API (PromptClient), through moe2-http with the
-  official openai client (non-streamed), and streamed (time to the first delta and total),
-  medians over prompts, on mosquitto;
-* rendering a conversation with a chat template vs tokenizing the plain prompt (agent side).
+Each client sends its requests back to back (not streamed, the same short prompt); a level's
+requests/s is all its answers over its wall time, its percentiles are over every request of
+the level. Errors (429, busy...) are counted, never retried. On one machine the clients, the
+front, the gateway and the experts share its cores: the figures compare the two paths under
+the same load, they are not a capacity plan for a fleet.
 
-  python bench/bench_front.py [--prompts 10] [--tokens 32]
+  python bench/bench_front.py [--clients 1,16,64] [--requests 20] [--tokens 8]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import math
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from moe2.controller.experts.tiny import build_experts, write_expert
+from moe2.controller.experts.tiny import build_experts
 from moe2.controller.localfleet import LocalFleet
 from moe2.shared.broker import free_port, start_broker, wait_for_port
 from moe2.shared.client import PromptClient
@@ -28,41 +33,85 @@ from moe2.shared.mqtt import BrokerConfig
 from moe2.shared.protocol import ChatMessage
 
 PROMPT = "the fox eats"
+APP = "bench"
 
 
-def med(xs: list[float]) -> float:
-    return statistics.median(xs)
+@dataclass
+class Level:
+    path: str
+    clients: int
+    latencies_ms: list[float]  # answered requests
+    errors: int
+    wall_s: float
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_ms) / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def pct(self, q: float) -> float:
+        """Nearest-rank percentile of the latencies (ms)."""
+        xs = sorted(self.latencies_ms)
+        if not xs:
+            return float("nan")
+        return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
 
 
-def per_token_ms(kind: str, models: dict[str, Path], n: int, tokens: int) -> tuple[float, int]:
-    with start_broker(kind) as b, tempfile.TemporaryDirectory() as tmp:
-        cfg = BrokerConfig(host=b.host, port=b.port)
-        with LocalFleet(cfg, Path(tmp)) as fleet:
-            fleet.start("a", models["animals"], "--n-threads", "1")
-            fleet.start("b", models["code"], "--n-threads", "1", "--serve-app", "d=a,b:2")
-            fleet.wait_online(["a", "b"], 60)
-            with PromptClient(cfg) as c:
-                c.ask("d", "3 plus 4", max_tokens=tokens)  # warm-up
-                per, counts = [], []
-                for _ in range(n):
-                    ans = c.ask("d", "3 plus 4", max_tokens=tokens)
-                    per.append(ans.latency_ms / max(ans.tokens, 1))
-                    counts.append(ans.tokens)
-            return med(per), int(med(counts))
+def load(path: str, clients: int, requests: int, one: Callable[[], None]) -> Level:
+    """``clients`` threads, each running ``one`` ``requests`` times back to back."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        nonlocal errors
+        start.wait()
+        for _ in range(requests):
+            t = time.perf_counter()
+            try:
+                one()
+            except Exception:
+                with lock:
+                    errors += 1
+                continue
+            with lock:
+                latencies.append((time.perf_counter() - t) * 1e3)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for th in threads:
+        th.join()
+    return Level(path, clients, latencies, errors, time.perf_counter() - t0)
 
 
-def front_figures(models: dict[str, Path], n: int, tokens: int) -> dict[str, float]:
+def run(levels: list[int], requests: int, tokens: int) -> list[Level]:
     import openai
 
-    out: dict[str, float] = {}
+    out: list[Level] = []
+    top = max(levels)
     with start_broker("mosquitto") as b, tempfile.TemporaryDirectory() as tmp:
+        models = build_experts(Path(tmp) / "tiny", ["animals", "code"])
         cfg = BrokerConfig(host=b.host, port=b.port)
-        with LocalFleet(cfg, Path(tmp)) as fleet:
-            fleet.start("a", models["animals"], "--n-threads", "1")
-            fleet.start("b", models["code"], "--n-threads", "1", "--serve-app", "d=a,b:2")
-            fleet.wait_online(["a", "b"], 60)
+        with LocalFleet(cfg, Path(tmp) / "fleet") as fleet:
+            # Every client's prompt fits at once: sessions on each expert, slots at the gateway.
+            room = ("--max-sessions", str(top + 8), "--n-ctx", "512", "--n-threads", "1")
+            fleet.start("a", models["animals"], *room, "--no-profile-on-start")
+            fleet.start(
+                "b",
+                models["code"],
+                *room,
+                "--no-profile-on-start",
+                "--serve-app",
+                f"{APP}=a,b:2",
+                "--gateway-max-concurrent",
+                str(top),
+            )
+            fleet.wait_online(["a", "b"], 120)
             port = free_port()
-            proc = subprocess.Popen(
+            front = subprocess.Popen(
                 [
                     sys.executable,
                     "-c",
@@ -70,109 +119,87 @@ def front_figures(models: dict[str, Path], n: int, tokens: int) -> dict[str, flo
                     "--port",
                     str(port),
                     "--no-auth",
+                    "--no-access-log",
                     "--broker-port",
                     str(b.port),
                     "--log-level",
                     "warning",
-                ],
+                ]
             )
             try:
                 wait_for_port("127.0.0.1", port, 30)
-                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
-                msgs = [{"role": "user", "content": PROMPT}]
+                http = openai.OpenAI(
+                    base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120
+                )
+                messages = [{"role": "user", "content": PROMPT}]
                 conv = [ChatMessage(role="user", content=PROMPT)]
-                with PromptClient(cfg) as pc:
-                    pc.ask("d", conv, max_tokens=tokens)
-                    mqtt_ms = []
-                    for _ in range(n):
-                        t = time.perf_counter()
-                        pc.ask("d", conv, max_tokens=tokens)
-                        mqtt_ms.append((time.perf_counter() - t) * 1e3)
-                client.chat.completions.create(model="d", messages=msgs, max_tokens=tokens)
-                http_ms, first_ms, stream_ms = [], [], []
-                for _ in range(n):
-                    t = time.perf_counter()
-                    client.chat.completions.create(model="d", messages=msgs, max_tokens=tokens)
-                    http_ms.append((time.perf_counter() - t) * 1e3)
-                    t = time.perf_counter()
-                    first = None
-                    for chunk in client.chat.completions.create(
-                        model="d", messages=msgs, max_tokens=tokens, stream=True
-                    ):
-                        if first is None and chunk.choices and chunk.choices[0].delta.content:
-                            first = (time.perf_counter() - t) * 1e3
-                    stream_ms.append((time.perf_counter() - t) * 1e3)
-                    first_ms.append(first or float("nan"))
+                with PromptClient(cfg) as mqtt:
+
+                    def via_mqtt() -> None:
+                        mqtt.ask(APP, conv, max_tokens=tokens, timeout=120)
+
+                    def via_http() -> None:
+                        http.chat.completions.create(
+                            model=APP,
+                            messages=messages,  # type: ignore[arg-type]
+                            max_tokens=tokens,
+                        )
+
+                    # warm-up: the vocabularies, the front's view of the fleet, connections
+                    deadline = time.monotonic() + 60
+                    while True:
+                        try:
+                            via_http()
+                            break
+                        except openai.APIStatusError:
+                            if time.monotonic() > deadline:
+                                raise
+                            time.sleep(0.5)
+                    via_mqtt()
+                    for clients in levels:
+                        for path, one in (
+                            ("MQTT (PromptClient)", via_mqtt),
+                            ("moe2-http", via_http),
+                        ):
+                            level = load(path, clients, requests, one)
+                            out.append(level)
+                            print(
+                                f"  {path:<20} {clients:>3} clients: {level.rps:7.1f} req/s, "
+                                f"p50 {level.pct(50):7.1f} ms, p99 {level.pct(99):7.1f} ms, "
+                                f"{level.errors} errors",
+                                file=sys.stderr,
+                            )
+                http.close()
             finally:
-                proc.terminate()
-                proc.wait(10)
-    out["mqtt"] = med(mqtt_ms)
-    out["http"] = med(http_ms)
-    out["stream_first"] = med(first_ms)
-    out["stream_total"] = med(stream_ms)
+                front.terminate()
+                front.wait(15)
     return out
 
 
-def render_figures(tmp: Path, n: int) -> tuple[float, float]:
-    from moe2.agent.chat import ChatRenderer
-    from moe2.agent.config import AgentConfig
-    from moe2.agent.llama import LlamaCppBackend
-
-    tmpl = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    path = write_expert(tmp / "templated.gguf", "animals", chat_template=tmpl)
-    backend = LlamaCppBackend(AgentConfig(model=path, n_threads=1))
-    chat = ChatRenderer(backend)
-    conv = [
-        ChatMessage(role="system", content="be brief"),
-        ChatMessage(role="user", content=PROMPT),
-    ]
-    plain, templated = [], []
-    for _ in range(n):
-        t = time.perf_counter()
-        backend.tokenize(PROMPT, add_bos=True)
-        plain.append((time.perf_counter() - t) * 1e6)
-        t = time.perf_counter()
-        chat.tokens(conv)
-        templated.append((time.perf_counter() - t) * 1e6)
-    backend.close()
-    return med(plain), med(templated)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=10)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", default="1,16,64", help="concurrency levels, comma-separated")
+    ap.add_argument("--requests", type=int, default=20, help="requests per client per level")
+    ap.add_argument("--tokens", type=int, default=8, help="max_tokens of each answer")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        models = build_experts(Path(tmp) / "tiny", ["animals", "code", "arithmetic"])
-        mosq, n_tok = per_token_ms("mosquitto", models, args.prompts, args.tokens)
-        emb, _ = per_token_ms("iotcore", models, args.prompts, args.tokens)
-        front = front_figures(models, args.prompts, args.tokens)
-        plain_us, tmpl_us = render_figures(Path(tmp), 200)
+    levels = [int(x) for x in args.clients.split(",")]
+    t0 = time.monotonic()
+    results = run(levels, args.requests, args.tokens)
     print(
-        f"\nmedians over {args.prompts} prompts, {args.tokens} tokens max, two tiny experts "
-        "fused k=2, loopback\n"
+        f"\n{args.requests} requests per client, max_tokens {args.tokens}, two tiny experts fused "
+        f"k=2 behind one gateway, loopback mosquitto ({time.monotonic() - t0:.0f} s)\n"
     )
-    print("| what | figure |")
-    print("|---|---|")
-    print(f"| per token, mosquitto ({n_tok} tokens per answer) | {mosq:.1f} ms |")
-    print(f"| per token, embedded broker (iotcore/rumqttd) | {emb:.1f} ms ({emb / mosq:.1f}x) |")
-    print(f"| one chat prompt, MQTT prompt API (PromptClient) | {front['mqtt']:.1f} ms |")
-    print(
-        f"| the same through moe2-http, openai client | {front['http']:.1f} ms "
-        f"(+{front['http'] - front['mqtt']:.1f} ms) |"
-    )
-    print(
-        f"| streamed through moe2-http: first delta / whole | {front['stream_first']:.1f} / "
-        f"{front['stream_total']:.1f} ms |"
-    )
-    print(
-        f"| tokenize a plain prompt / render + tokenize a 2-turn chat (agent) | "
-        f"{plain_us:.0f} / {tmpl_us:.0f} µs |"
-    )
+    print("| clients | path | req/s | p50 ms | p99 ms | errors | HTTP / MQTT req/s |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    by = {(r.path, r.clients): r for r in results}
+    for clients in levels:
+        mqtt = by[("MQTT (PromptClient)", clients)]
+        for r in (mqtt, by[("moe2-http", clients)]):
+            ratio = f"{r.rps / mqtt.rps:.2f}" if r.path == "moe2-http" and mqtt.rps > 0 else ""
+            print(
+                f"| {clients} | {r.path} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} | "
+                f"{r.errors} | {ratio} |"
+            )
 
 
 if __name__ == "__main__":

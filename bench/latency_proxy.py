@@ -92,9 +92,10 @@ def serve(target: tuple[str, int], delay: float, port: int = 0) -> None:
 class LatencyProxy:
     """The proxy in a child process; ``port`` is where to connect instead of ``target``."""
 
-    def __init__(self, target: tuple[str, int], one_way_s: float) -> None:
+    def __init__(self, target: tuple[str, int], one_way_s: float, port: int = 0) -> None:
+        """``port``: where to listen (0: any free port; give the old one to restore a cut)."""
         self.target, self.one_way_s = target, one_way_s
-        self.port = 0
+        self.port = port
         self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> LatencyProxy:
@@ -106,6 +107,8 @@ class LatencyProxy:
                 f"{self.target[0]}:{self.target[1]}",
                 "--delay-ms",
                 str(self.one_way_s * 1e3),
+                "--port",
+                str(self.port),
             ],
             stdout=subprocess.PIPE,
             text=True,

@@ -30,8 +30,8 @@ from moe2.shared.mqtt import BrokerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE_DIR = REPO / "ansible"
-POOLS = {"agent": 32, "gateway": 16, "client": 24, "controller": 10}
-PREFIX = {"agent": "sa", "gateway": "sg", "client": "sc", "controller": "moe2ctl"}
+POOLS = {"agent": 32, "gateway": 16, "client": 24, "controller": 10, "http": 4}
+PREFIX = {"agent": "sa", "gateway": "sg", "client": "sc", "controller": "moe2ctl", "http": "sh"}
 
 
 class Unavailable(Exception):

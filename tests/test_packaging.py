@@ -105,6 +105,10 @@ def test_plain_installs_run_the_promised_commands(
     assert run(agent_bin / "python", "-c", "import llama_cpp", check=False).returncode == 0
     # the controller alone does not bring the agent's llama.cpp
     assert run(ctl_bin / "python", "-c", "import llama_cpp", check=False).returncode != 0
+    # the demo runs agents and trains a gate: it says so before it starts anything
+    demo = run(ctl_bin / "moe2ctl", "demo", check=False, timeout=120)
+    assert demo.returncode == 1 and "moe2-edge-controller[demo]" in demo.stderr, demo.stderr
+    assert "Traceback" not in demo.stderr
 
     # optimize --problem: offline, no broker, no database
     problem = tmp_path / "problem.json"
@@ -191,3 +195,65 @@ def test_plain_installs_run_the_promised_commands(
         agent.wait(15)
         log.close()
         shutil.rmtree(DATA_DIR, ignore_errors=True)
+
+
+def test_a_copy_of_shared_alone_ships_the_firmware_configs(tmp_path: Path) -> None:
+    """The device classes' files are real files of moe2-edge-shared: a copy of shared/ that
+    keeps links as links (cp -a, a tarball) still builds a wheel that has them."""
+    import zipfile
+
+    shutil.copytree(REPO / "shared", tmp_path / "shared", symlinks=True)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        tmp_path / "out",
+        tmp_path / "shared",
+    )
+    (wheel,) = (tmp_path / "out").glob("moe2_edge_shared-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(n).name for n in names if n.startswith("moe2/shared/firmware_configs/")}
+    expected = {p.name for p in (REPO / "firmware-configs").glob("*.yaml")}
+    assert expected and expected <= shipped, (expected, shipped)
+
+
+def readme_pip_lines() -> list[list[str]]:
+    """The ``pip install ./...`` lines of the README's install section, as arguments."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Installing with pip") :]
+    section = section[: section.index("```", section.index("```sh") + 5)]
+    lines = [ln.split("#", 1)[0].strip() for ln in section.splitlines()]
+    return [shlex.split(ln)[2:] for ln in lines if ln.startswith("pip install ./")]
+
+
+def test_the_readme_pip_lines_resolve(tmp_path: Path) -> None:
+    """Each ``pip install ./...`` line of the README resolves from a checkout (pip --dry-run,
+    nothing installed), and the agent alone does not: why the README names ./shared too.
+    The lines with torch (train, demo) are left out: resolving them downloads a torch."""
+    lines = readme_pip_lines()
+    assert len(lines) >= 4, lines
+    checkout = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "dist")
+    for part in ("shared", "agent", "controller"):
+        shutil.copytree(REPO / part, checkout / part, ignore=ignore)
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q"]
+
+    def resolve(args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*pip, *args], cwd=checkout, capture_output=True, text=True, timeout=600
+        )
+
+    light = [a for a in lines if not any("[train" in x or "[demo" in x for x in a)]
+    assert light, lines
+    for args in light:
+        proc = resolve(args)
+        assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-2000:])
+    alone = resolve(["./agent"])
+    assert alone.returncode != 0 and "moe2-edge-shared" in alone.stderr

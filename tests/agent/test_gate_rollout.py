@@ -22,11 +22,13 @@ from moe2.controller.gate.cli import export_gate, train_gate
 from moe2.controller.gate.config import TrainConfig
 from moe2.controller.gate.export import gate_files
 from moe2.controller.localfleet import LocalFleet
+from moe2.controller.push import report
 from moe2.controller.registry import Registry
 from moe2.controller.registry.sync import online_experts, sync_once
 from moe2.shared import protocol as p
 from moe2.shared.client import PromptClient
 from moe2.shared.desired import DesiredState
+from moe2.shared.errors import ConfigError, NotAcknowledged
 from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection, RpcClient
 
@@ -140,6 +142,29 @@ def test_gateway_receives_verifies_and_uses_a_pushed_gate(
                 desired.push_assignment(other, [a, c], 2, gate=wrong, wait_s=0)
             ack = wait_ack(broker_config, gw, bad.version, 30)
             assert ack.state == "rejected" and "does not match" in (ack.reason or "")
+            # Accepted, but the only gateway rejected its gate (files that are no gate): the
+            # push is not a success (push-gate exits 4).
+            from moe2.shared.protocol.gates import blob_ref
+
+            junk = {role: f"not a gate file: {role} {tag}".encode() for role in blobs}
+            broken = p.GateManifest(
+                **(
+                    manifest.model_dump()
+                    | {
+                        "version": f"junk-{tag}",
+                        "files": [blob_ref(r, d).model_dump() for r, d in junk.items()],
+                    }
+                )
+            )
+            with DesiredState(broker_config) as desired:
+                (again,) = desired.push_gate(broken, junk, [(other, [a, c], 2)], wait_s=30)
+            assert again.accepted == [gw] and again.gate_acks[gw].state == "rejected"
+            with pytest.raises(NotAcknowledged, match="loaded gate"):
+                report([again], as_json=True)
+            assert weights(client, other, cooking) == pytest.approx({a: 0.5, c: 0.5})
+            # An expert the gate was not trained on is refused before anything is published.
+            with DesiredState(broker_config) as desired, pytest.raises(ConfigError, match=gw):
+                desired.push_gate(manifest, blobs, [(other, [a, gw], 2)], wait_s=1)
             assert weights(client, other, cooking) == pytest.approx({a: 0.5, c: 0.5})
             assert weights(client, app, cooking)[c] > 0.6  # the good gate still serves
 

@@ -148,6 +148,9 @@ def ci_inventory(
         "moe2_controller_user": "root",
         "moe2_controller_group": "root",
         "moe2_controller_python": python,
+        "moe2_monitoring_root": str(root),
+        "moe2_monitoring_manage_package": False,
+        "moe2_monitoring_manage_service": False,
     }
     host_vars.update(overrides)
     localhost: dict[str, Any] = {"hosts": {"localhost": None}}
@@ -157,6 +160,7 @@ def ci_inventory(
             "children": {
                 "moe2_broker": {} if agent_only else localhost,
                 "moe2_controller": {} if agent_only else localhost,
+                "moe2_monitoring": {} if agent_only else localhost,
                 "moe2_agents": {
                     "children": {
                         device_group: {

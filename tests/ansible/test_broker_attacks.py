@@ -416,6 +416,50 @@ def test_no_client_can_write_into_another_users_inbox(
     assert all(w.got == [] for w in victims), [w.got for w in victims]
 
 
+def test_no_client_can_cancel_another_users_prompt(
+    secured_broker: Any, fleet: LocalFleet, tiny_models: dict[str, Path]
+) -> None:
+    """Cancels (issue 24) on logins bound to what they are: a PromptCancel names a prompt by
+    id and reply_to, which another user may well know (ids are often counters, an inbox is
+    no secret). The broker lets a login cancel only on cancel/<app>/<itself>, and a gateway
+    stops only a prompt published on prompts/<app>/<that same user>: the attacker's cancels
+    of the victim's prompts (sent first, so they are waiting when the prompts come) are
+    refused by the broker on the victim's and the bare topic and ignored by the gateway on
+    the attacker's own, and the victim's own cancel still works. Before, the gateway matched
+    id and reply_to only: the attacker's cancel on its own topic answered the victim's
+    prompt 'cancelled'."""
+    sb = secured_broker
+    app = uid("zoo")
+    expert, gw = sb.take("agent"), sb.take("gateway")
+    attacker, victim = sb.take("client"), sb.take("client")
+    start(fleet, sb, expert, tiny_models["animals"])
+    start(fleet, sb, gw, tiny_models["code"], "--serve-app", f"{app}={expert}:1")
+    inbox = Watch(sb.config(victim), f"moe2/v1/replies/{victim}/#")
+    reply_to = f"moe2/v1/replies/{victim}/answers"
+
+    def cancel(pid: str) -> bytes:
+        return json.dumps({"id": pid, "reply_to": reply_to}).encode()
+
+    with inbox.conn as mine, Connection(sb.config(attacker), uid("x")) as theirs:
+        time.sleep(0.3)
+        for pid in ("v1", "v2"):
+            for topic in (p.topics.cancel(app), p.topics.cancel(app, victim)):
+                with pytest.raises(BrokerError, match="Not authorized"):
+                    theirs.publish_acked(topic, cancel(pid))
+            theirs.publish_acked(p.topics.cancel(app, attacker), cancel(pid))
+        mine.publish_acked(p.topics.cancel(app, victim), cancel("v2"))
+        time.sleep(1.0)  # the cancels are at the gateway before the prompts
+        for pid in ("v1", "v2"):
+            body = {"id": pid, "prompt": "the fox eats", "reply_to": reply_to, "max_tokens": 4}
+            mine.publish_acked(p.topics.prompts(app, victim), json.dumps(body).encode())
+        inbox.wait(2, 60)
+        time.sleep(1.0)  # nothing more may come
+    got = {m["id"]: m for m in inbox.json()}
+    assert len(inbox.json()) == 2, inbox.json()
+    assert "text" in got["v1"], got  # the attacker's cancels: refused, or not the owner's
+    assert got["v2"]["error"]["code"] == "cancelled", got  # the victim's own
+
+
 # ---------------------------------------------------------------------------- the lesser ones
 
 

@@ -128,17 +128,20 @@ def test_the_acl_binds_every_role_to_what_it_may_write(secured_broker: Any) -> N
     """Defects 3 and 6 of issue 12, and issue 20: an agent user writes only its own info,
     status and profile and its own RPC replies (it cannot mark another agent offline, answer
     for another, write desired state, acknowledge an assignment or announce itself a
-    gateway); a gateway user cannot write desired state or gates; a client asks only under
-    its own name (prompts/<app>/<user>) and reads only its own replies. Each write rule of
+    gateway); a gateway user cannot write desired state or gates; a client asks and cancels
+    only under its own name (prompts/<app>/<user>, cancel/<app>/<user>) and reads only its
+    own replies; moe2-http's login (role http) as a client, plus its fleet view's marker,
+    and nothing of the fleet's. Each write rule of
     ``moe2_broker_acl_roles`` is used here as allowed, and its neighbours as refused (the
     read rules are what the agents, gateways and clients of the other tests live on)."""
     sb = secured_broker
-    agent, other, gw, client, stranger = (
+    agent, other, gw, client, stranger, front = (
         sb.take("agent"),
         sb.take("agent"),
         sb.take("gateway"),
         sb.take("client"),
         sb.take("client"),
+        sb.take("http"),
     )
     denied = {
         agent: [
@@ -169,6 +172,20 @@ def test_the_acl_binds_every_role_to_what_it_may_write(secured_broker: Any) -> N
             p.topics.prompts("qa"),  # the publisher's name is not in the topic
             p.topics.prompts("qa", stranger),  # another's
             p.topics.prompts("qa", client) + "/x",
+            p.topics.cancel("qa"),
+            p.topics.cancel("qa", stranger),
+        ],
+        front: [
+            p.topics.prompts("qa"),
+            p.topics.prompts("qa", client),
+            p.topics.cancel("qa"),
+            p.topics.cancel("qa", client),
+            p.topics.replies(client) + "/answers",
+            p.topics.replies(front) + "/answers",  # only its marker in its own replies
+            p.topics.desired_app("qa"),
+            p.topics.gateway_status(gw),
+            p.topics.agent_status(other),
+            p.topics.agent_rpc(other),
         ],
     }
     allowed = {
@@ -187,7 +204,12 @@ def test_the_acl_binds_every_role_to_what_it_may_write(secured_broker: Any) -> N
             p.topics.gateway_status(gw),
             p.topics.assignment_ack(gw, "qa"),
         ],
-        client: [p.topics.prompts("qa", client)],
+        client: [p.topics.prompts("qa", client), p.topics.cancel("qa", client)],
+        front: [
+            p.topics.prompts("qa", front),
+            p.topics.cancel("qa", front),
+            p.topics.sync_marker(front, "moe2-http-x"),
+        ],
     }
     for user, topics in denied.items():
         with Connection(sb.config(user), f"t-{uuid.uuid4().hex[:6]}") as conn:
@@ -196,6 +218,19 @@ def test_the_acl_binds_every_role_to_what_it_may_write(secured_broker: Any) -> N
                     conn.publish_acked(topic, b"{}", retain=False)
             for topic in allowed[user]:
                 conn.publish_acked(topic, b"{}")  # no subscriber is fine; no refusal
+    # moe2-http's fleet view gets in sync (its marker comes back) and reads what admission
+    # needs: the gateways' status and announced capacity.
+    status = p.GatewayStatus(gateway=gw, state="online", apps={"qa": 0}, max_concurrent=2)
+    with Connection(sb.config(gw), f"g-{uuid.uuid4().hex[:6]}") as gconn:
+        gconn.publish_acked(p.topics.gateway_status(gw), p.encode(status), retain=True)
+        try:
+            hconn = Connection(sb.config(front), f"h-{uuid.uuid4().hex[:6]}")
+            view = FleetView(hconn, ("info", "status", "gateway", "desired_app"))
+            with hconn:
+                assert view.synced.wait(30), "moe2-http's fleet view never got its marker"
+                assert view.copy().gateway[gw].capacity == 2
+        finally:
+            gconn.publish_acked(p.topics.gateway_status(gw), b"", retain=True)
     # A client subscribing to another's replies gets nothing of them.
     seen: list[str] = []
     with Connection(sb.config(stranger), f"s-{uuid.uuid4().hex[:6]}") as spy:

@@ -32,6 +32,8 @@ AGENT_ID = "ci-agent"
 AGENT_PASSWORD = "agent-secret-1"
 CONTROLLER_USER = "moe2ctl"
 CONTROLLER_PASSWORD = "controller-secret-1"
+HTTP_PASSWORD = "http-secret-1"
+HTTP_KEY = "sk-ci-http"
 SERVE_POLICY = {"dataset": "qa", "apps": {"qa": 0.05, "code": 0.1}, "energy": 2.0, "k": 2}
 
 
@@ -85,6 +87,7 @@ def fleet(ansible, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
             "moe2_broker_users": [
                 {"name": AGENT_ID, "password": AGENT_PASSWORD, "role": "agent"},
                 {"name": CONTROLLER_USER, "password": CONTROLLER_PASSWORD, "role": "controller"},
+                {"name": "moe2-http", "password": HTTP_PASSWORD, "role": "http"},
             ],
             # The test's temporary root is private to root: keep mosquitto from dropping to its
             # own user, which could not read the password file there.
@@ -111,6 +114,11 @@ def fleet(ansible, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
             "moe2_controller_broker_password": CONTROLLER_PASSWORD,
             "moe2_controller_serve_enabled": True,
             "moe2_controller_serve_policy": SERVE_POLICY,
+            "moe2_controller_http_enabled": True,
+            "moe2_controller_http_api_keys": [HTTP_KEY],
+            "moe2_controller_http_broker_password": HTTP_PASSWORD,
+            "moe2_controller_http_port": free_port(),
+            "moe2_monitoring_http_api_key": HTTP_KEY,
         },
     )
     first = ansible.playbook(inventory)
@@ -159,6 +167,21 @@ def test_first_apply_installs_broker_agent_and_controller(fleet: Fleet) -> None:
     assert f"EnvironmentFile={root}/etc/moe2/controller.env" in unit
     assert (root / "etc/systemd/system/multi-user.target.wants/moe2-serve.service").is_symlink()
     assert f"MOE2_DATA_DIR={root}/var/lib/moe2/controller\n" in env_file
+
+    # moe2-http: its unit, settings (as the command loads them) and keys, enabled at boot
+    from moe2.controller.openai.settings import HttpSettings
+
+    http_unit = (root / "etc/systemd/system/moe2-http.service").read_text()
+    assert f"moe2-http --config {root}/etc/moe2/http.toml --log-format json" in http_unit
+    assert (root / "etc/systemd/system/multi-user.target.wants/moe2-http.service").is_symlink()
+    http = load_settings(HttpSettings, file=root / "etc/moe2/http.toml")
+    assert http.accepted_keys() == {HTTP_KEY} and http.broker.username == "moe2-http"
+    assert http.db_url == f"sqlite:///{root}/var/lib/moe2/controller/registry.db"
+    assert (root / "etc/moe2/http-keys").stat().st_mode & 0o777 == 0o640
+    # the monitoring role: Prometheus scrapes moe2-http with the key
+    prometheus = (root / "etc/prometheus/prometheus.yml").read_text()
+    assert "job_name: moe2-http" in prometheus and "credentials_file" in prometheus
+    assert (root / "etc/prometheus/moe2.rules.yml").is_file()
 
     conf = (root / "etc/mosquitto/mosquitto.conf").read_text().splitlines()
     assert "set_tcp_nodelay true" in conf
@@ -308,6 +331,49 @@ def test_installed_agent_works_through_the_installed_broker(fleet: Fleet) -> Non
             assert listing.returncode == 0, listing.stderr
             rows = {row["agent_id"]: row for row in json.loads(listing.stdout)}
             assert rows[AGENT_ID]["state"] == "online", rows
+            # the installed moe2-http, as its unit starts it, logs in as itself (role http)
+            # and sees the fleet; no gateway here, so it is alive but not ready
+            unit = (fleet.root / "etc/systemd/system/moe2-http.service").read_text()
+            exec_start = next(ln for ln in unit.splitlines() if ln.startswith("ExecStart="))
+            http = subprocess.Popen(
+                shlex.split(exec_start.removeprefix("ExecStart=")),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                stdin=subprocess.DEVNULL,
+            )
+            try:
+                from moe2.controller.openai.settings import HttpSettings
+                from moe2.shared.settings import load_settings
+
+                port = load_settings(HttpSettings, file=fleet.root / "etc/moe2/http.toml").port
+                try:
+                    wait_for_port("127.0.0.1", port, 30, http)  # type: ignore[arg-type]
+                except BrokerError:
+                    pytest.fail(f"moe2-http did not start:\n{http.communicate(timeout=10)[0]}")
+                base = f"http://127.0.0.1:{port}"
+                assert _get(f"{base}/health")[0] == 200
+                assert _get(f"{base}/ready")[0] == 503
+                code, page = _get(f"{base}/fleet.json", HTTP_KEY)
+                assert code == 200 and {a["agent"]: a["online"] for a in page["agents"]} == {
+                    AGENT_ID: True
+                }, page
+            finally:
+                http.terminate()
+                http.communicate(timeout=30)
     finally:
         broker.terminate()
         broker.communicate(timeout=10)
+
+
+def _get(url: str, key: str | None = None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, json.loads(err.read())

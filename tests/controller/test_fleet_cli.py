@@ -16,8 +16,10 @@ from moe2.shared.protocol import (
     AgentInfo,
     AgentProfile,
     AgentStatus,
+    AssignmentAck,
     ComputeBackend,
     ComputeDevice,
+    GatewayStatus,
     encode,
     topics,
 )
@@ -124,6 +126,26 @@ def broker() -> Iterator[Broker]:
                 ),
                 (topics.agent_profile("orin-1"), encode(_profile("orin-1", "modelled"))),
                 (topics.agent_info("broken-1"), b'{"v": 1, "agent_id": "broken-1"}'),
+                # cpu-1 is a gateway: it announced qa at v1 and zoo from its local
+                # configuration, then accepted qa v3 (no new announcement: same subscriptions)
+                (
+                    topics.gateway_status("cpu-1"),
+                    encode(
+                        GatewayStatus(gateway="cpu-1", state="online", apps={"qa": 1, "zoo": 0})
+                    ),
+                ),
+                (
+                    topics.assignment_ack("cpu-1", "qa"),
+                    encode(AssignmentAck(gateway="cpu-1", app="qa", version=3, accepted=True)),
+                ),
+                (
+                    topics.assignment_ack("cpu-1", "zoo"),
+                    encode(
+                        AssignmentAck(
+                            gateway="cpu-1", app="zoo", version=2, accepted=False, reason="x"
+                        )
+                    ),
+                ),
             ]
             for topic, payload in retained:
                 conn.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
@@ -178,6 +200,9 @@ def test_agents_table(broker: Broker) -> None:
     orin = next(line for line in lines if line.startswith("orin-1"))
     cpu = next(line for line in lines if line.startswith("cpu-1"))
     assert "CUDA 31/31 0.1G" in orin and " CPU " in cpu
+    # SERVES: the version each gateway acknowledged (qa v3), not the one it last announced;
+    # a rejected version changes nothing (zoo stays on the local configuration, v0)
+    assert cpu.split()[-1] == "qa@v3,zoo@v0"
 
 
 def test_profile_json_evaluates_the_curves(broker: Broker) -> None:

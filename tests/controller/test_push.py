@@ -16,6 +16,7 @@ from moe2.controller.localfleet import LocalFleet
 from moe2.shared import protocol as p
 from moe2.shared.client import PromptClient
 from moe2.shared.desired import DesiredState
+from moe2.shared.errors import ConfigError
 from moe2.shared.mqtt import BrokerConfig, Connection
 
 
@@ -102,11 +103,34 @@ def test_push_command_validates_and_reports(broker_config: BrokerConfig, tmp_pat
     assert bad.exit_code != 0 and "invalid application" in bad.output
 
 
+def announce(cfg: BrokerConfig, agent_id: str) -> None:
+    """A retained info of an expert (offline): known to the fleet, as a stopped agent is."""
+    info = p.AgentInfo(
+        agent_id=agent_id,
+        model="m",
+        model_file="m.gguf",
+        architecture="llama",
+        quantization="F32",
+        n_ctx=64,
+        n_vocab=10,
+        tokenizer_hash="ab" * 32,
+        eos_ids=[2],
+        add_bos=False,
+        device_class="cpu-generic",
+        software_version="test",
+        max_sessions=1,
+        started_at=time.time(),
+    )
+    with Connection(cfg, uid("announce")) as conn:
+        conn.publish_acked(p.topics.agent_info(agent_id), p.encode(info), retain=True)
+
+
 def test_push_with_no_gateway_online_exits_4_and_says_so(broker: Any, tmp_path: Path) -> None:
     # A broker of its own: no gateway of another test may answer.
     from moe2.shared.broker import start_broker
 
     with start_broker("mosquitto") as alone:
+        announce(BrokerConfig(port=alone.port), "x")
         flags = ["--broker-port", str(alone.port), "--db", f"sqlite:///{tmp_path}/r.db"]
         run = CliRunner().invoke(
             main, ["push", "--app", "qa", "--subset", "x", "--wait", "0.2", "--json", *flags]
@@ -165,3 +189,35 @@ def test_moe2ctl_signs_pushes_with_the_fleet_key_and_reverts(
     assert unsigned.exit_code == 4, unsigned.output  # published, accepted by nobody
     body = json.loads(unsigned.output.splitlines()[0])["pushed"][0]
     assert not body["signed"] and "bad signature" in body["rejected"][gw], body
+
+
+def test_push_of_an_unknown_expert_is_refused_and_publishes_nothing(
+    fleet: LocalFleet, broker_config: BrokerConfig, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A typo in --subset would take the application down (every prompt no_experts): it is
+    refused before anything is published, and the application keeps being served."""
+    app = uid("app")
+    a = start(fleet, tiny_models["animals"], uid("a"))
+    gw = start(fleet, tiny_models["animals"], uid("gw"), "--serve-app", f"{app}={a}:1")
+    flags = ["--broker-port", str(broker_config.port), "--db", f"sqlite:///{tmp_path}/r.db"]
+    runner = CliRunner()
+    bad = runner.invoke(
+        main, ["push", "--app", app, "--subset", "nosuch1,nosuch2", "--k", "2", *flags]
+    )
+    assert bad.exit_code == 2, bad.output
+    assert "nosuch1" in bad.output and "nothing was published" in bad.output
+    half = runner.invoke(main, ["push", "--app", app, "--subset", f"{a},nosuch1", *flags])
+    assert (
+        half.exit_code == 2 and "nosuch1" in half.output and a not in half.output.split("(known")[0]
+    )
+    from moe2.shared.fleet import FleetView
+
+    state = FleetView.snapshot(broker_config, ("desired_app", "assignment_ack"), 3.0)
+    assert app not in state.desired_app and (gw, app) not in state.assignment_ack
+    with PromptClient(broker_config) as client:  # still served from its configuration
+        assert [e.id for e in client.ask(app, "the fox eats", max_tokens=2).experts] == [a]
+    with DesiredState(broker_config) as desired, pytest.raises(ConfigError, match="k=0"):
+        desired.push_assignment(app, [a], 0)
+    # a known expert goes through
+    ok = runner.invoke(main, ["push", "--app", app, "--subset", a, "--json", *flags])
+    assert ok.exit_code == 0, ok.output

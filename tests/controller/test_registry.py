@@ -12,9 +12,10 @@ import sqlalchemy as sa
 from moe2.controller import datasets as ds
 from moe2.controller.registry import Registry, migrations
 from moe2.controller.registry.schema import GateVersion
-from moe2.controller.registry.sync import online_experts, sync_once
+from moe2.controller.registry.sync import RegistryWriter, online_experts, sync_once
 from moe2.shared import protocol as p
 from moe2.shared.errors import ConfigError
+from moe2.shared.fleet import FleetState
 from moe2.shared.mqtt import BrokerConfig, Connection
 
 
@@ -165,6 +166,56 @@ def test_packaged_benchmarks_load_with_their_labels(registry: Registry) -> None:
     sub = ds.from_benchmark("mmlu", limit=30, seed=1)
     row = registry.add_dataset("mmlu30", ds.kind_of(sub), "benchmark:mmlu", sub)
     assert row.n_samples == 30 and row.kind == "multiple-choice"
+
+
+def _info(agent_id: str, model: str = "m") -> p.AgentInfo:
+    return p.AgentInfo(
+        agent_id=agent_id,
+        model=model,
+        model_file="m.gguf",
+        architecture="llama",
+        quantization="F32",
+        n_ctx=128,
+        n_vocab=10,
+        tokenizer_hash="h",
+        eos_ids=[2],
+        add_bos=True,
+        device_class="cpu-generic",
+        software_version="0",
+        max_sessions=1,
+        started_at=0.0,
+    )
+
+
+def test_agents_are_written_in_bulk_and_only_when_they_changed(registry: Registry) -> None:
+    infos = [_info(f"a{i}") for i in range(3)]
+    assert registry.store_agents(infos, {"a0": "online", "a1": "online"}) == 3
+    assert registry.store_agents(infos, {"a0": "online"}) == 0  # nothing new
+    assert registry.store_agents([_info("a2", model="m2")], {"a1": "offline"}) == 2
+    rows = {a.id: a for a in registry.agents()}
+    assert [rows[a].state for a in ("a0", "a1", "a2")] == ["online", "offline", "unknown"]
+    assert rows["a2"].model == "m2" and rows["a0"].info_json == infos[0].model_dump_json()
+    assert [a.id for a in registry.agents(["a2", "a0", "zz"])] == ["a0", "a2"]
+    ack = p.AssignmentAck(gateway="gw", app="qa", version=3, accepted=True)
+    assert registry.record_acks([ack]) == 1 and registry.record_acks([ack]) == 0
+
+
+def test_a_writer_stores_only_what_changed_since_its_last_store(registry: Registry) -> None:
+    state = FleetState()
+    for i in range(50):
+        a = f"w{i}"
+        state.info[a] = _info(a)
+        state.status[a] = p.AgentStatus(agent_id=a, state="online")
+    writer = RegistryWriter(registry)
+    assert writer.store(state) == {"info": 50, "status": 50}
+    assert writer.rows_written == 50
+    state.status["w7"] = p.AgentStatus(agent_id="w7", state="offline")
+    writer.store(state)
+    assert writer.rows_written == 51  # the one agent that changed, not the fifty
+    assert {a.id: a.state for a in registry.agents(["w7", "w8"])} == {
+        "w7": "offline",
+        "w8": "online",
+    }
 
 
 def test_scores_keep_the_prompts_length_and_migration_5_adds_it(db_url: str) -> None:

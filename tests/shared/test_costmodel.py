@@ -123,6 +123,26 @@ def test_curve_is_clamped_at_zero() -> None:
     assert curve.at(300) == pytest.approx(2.0)
 
 
+def test_below_its_range_a_curve_with_a_negative_intercept_is_proportional() -> None:
+    # a scoring pass profiled at 16-1024 tokens on a loaded box: negative intercept
+    score = CostCurve(
+        unit="s",
+        coef=[-0.0045, 0.00035],
+        residual_std=0,
+        rel_residual_std=0,
+        n_points=4,
+        min_tokens=16,
+        max_tokens=1024,
+    )
+    at_16 = -0.0045 + 0.00035 * 16
+    assert score.at(8) == pytest.approx(at_16 / 2)  # not 0: slowing it still costs
+    assert score.at(16) == pytest.approx(at_16) and score.at(100) == pytest.approx(0.0305)
+    slowed = score.model_copy(update={"coef": [c * 10_000 for c in score.coef]})
+    assert slowed.at(10) == pytest.approx(10_000 * score.at(10))
+    overhead = score.model_copy(update={"coef": [0.0068, 0.00016]})  # a positive one: the line
+    assert overhead.at(4) == pytest.approx(0.0068 + 0.00016 * 4)
+
+
 def _line(a: float, b: float, unit: str) -> CostCurve:
     return CostCurve(
         unit=unit,

@@ -90,6 +90,10 @@ def test_a_prompt_with_a_key_given_twice_is_refused_and_addresses_nobody() -> No
         p.decode_prompt(nested, 1 << 20)
     req, _ = p.decode_prompt(b'{"id": "3", "prompt": "x", "reply_to": "a/b"}', 1 << 20)
     assert req.reply_to == "a/b"
+    # A cancel likewise names one prompt, read one way.
+    with pytest.raises(BadMessage, match="invalid cancel: the key 'id' is given twice"):
+        p.decode_cancel(b'{"id": "1", "id": "2", "reply_to": "a/b"}')
+    assert p.decode_cancel(b'{"id": "1", "reply_to": "a/b"}').id == "1"
 
 
 def test_a_reply_topic_of_a_named_publisher_stays_in_its_replies() -> None:
@@ -102,6 +106,18 @@ def test_a_reply_topic_of_a_named_publisher_stays_in_its_replies() -> None:
         with pytest.raises(ValueError, match="answered only in moe2/v1/replies/phone-7/"):
             check_reply_topic(other, "phone-7")
     assert check_reply_topic("moe2/v1/replies/victim/answers")  # no owner named: any user
+
+
+def test_a_reply_topic_the_broker_would_refuse_is_refused_before_publishing() -> None:
+    """mosquitto drops a connection that publishes to a topic with a control character or a
+    non-character (and a kept session resends it on every reconnect): such a reply_to is an
+    error to the prompt's sender, never a PUBLISH."""
+    from moe2.shared.protocol.prompts import check_reply_topic
+
+    for bad in ("fuzz/\bQ", "a/\x7fb", "a/\x85", "a/\ufdd0", "a/\uffff", "a/\U0001fffe", "a/+"):
+        with pytest.raises(ValueError, match="must be a topic to publish to"):
+            check_reply_topic(bad)
+    assert check_reply_topic("fuzz/\u00e9t\u00e9/\U0001f600")  # other UTF-8 is fine
 
 
 def test_versions_order_by_epoch_and_acknowledgements_name_what_they_answer() -> None:

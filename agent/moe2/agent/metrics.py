@@ -8,6 +8,10 @@ open sessions, tokens evaluated, where the model runs (``moe2_agent_offload_info
 layers). Gateway: prompts and errors by application and code, generated tokens, tokens per
 second of each answer, the latency of each fused step, experts dropped, prompts in flight.
 Each agent holds its own registry, so several agents in one process (tests) do not mix.
+
+Label values come only from the fleet's own names (applications a gateway serves, expert
+ids, error codes): prompts for any other application are counted under ``_unknown``, so a
+client inventing topic names cannot grow the number of series.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 # Seconds: a tiny expert's step is ~1 ms, a 0.5B model's prompt on a CPU ~0.5 s.
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+# The label of every application a gateway does not serve (not a valid application name).
+UNKNOWN_APP = "_unknown"
 
 
 class AgentMetrics:
@@ -119,6 +125,19 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge(
             "moe2_gateway_prompts_in_flight", "prompts being generated or waiting", registry=r
+        )
+        self.max_concurrent = Gauge(
+            "moe2_gateway_max_concurrent",
+            "prompts this gateway generates at once (more wait, up to max_pending, then busy)",
+            registry=r,
+        )
+        self.max_pending = Gauge(
+            "moe2_gateway_max_pending", "prompts it lets wait beyond those", registry=r
+        )
+        self.cancelled = Counter(
+            "moe2_gateway_prompts_cancelled",
+            "prompts their client cancelled while this gateway held them",
+            registry=r,
         )
 
 

@@ -24,7 +24,9 @@ from moe2.shared.protocol import AgentInfo, AgentProfile, AgentStatus, ProfileRe
 
 
 def _snapshot(broker: BrokerConfig, wait_s: float) -> FleetState:
-    state = FleetView.snapshot(broker, ("info", "status", "profile", "gateway"), wait_s)
+    state = FleetView.snapshot(
+        broker, ("info", "status", "profile", "gateway", "assignment_ack", "desired_app"), wait_s
+    )
     for topic, why in state.refused:  # reported, not hidden
         click.echo(f"warning: ignored {topic}: {why}", err=True)
     return state
@@ -45,6 +47,25 @@ def _broker_options(fn: Any) -> Any:
 # --------------------------------------------------------------------------- agents
 
 
+def served_versions(state: FleetState, gateway: str) -> dict[str, int] | None:
+    """App -> the assignment version ``gateway`` serves (0: its local configuration); None
+    when it is no online gateway. A gateway announces its applications when its
+    subscriptions change, not on every new version of an assignment it already serves: the
+    version is the latest it acknowledged as accepted and serving, when that is newer."""
+    gw = state.gateway.get(gateway)
+    if gw is None or gw.state != "online":
+        return None
+    out = dict(gw.apps)
+    for app, announced in gw.apps.items():
+        ack = state.assignment_ack.get((gateway, app))
+        if ack is None or not (ack.accepted and ack.serving) or ack.version <= announced:
+            continue
+        desired = state.desired_app.get(app)
+        reverted = desired is not None and desired.version == ack.version and desired.revert
+        out[app] = 0 if reverted else ack.version
+    return out
+
+
 def agent_rows(state: FleetState) -> list[dict[str, Any]]:
     infos: dict[str, AgentInfo] = state.info
     statuses: dict[str, AgentStatus] = state.status
@@ -52,7 +73,6 @@ def agent_rows(state: FleetState) -> list[dict[str, Any]]:
     rows = []
     for agent in sorted(set(infos) | set(statuses) | set(profiles)):
         info, status, prof = infos.get(agent), statuses.get(agent), profiles.get(agent)
-        gw = state.gateway.get(agent)
         rows.append(
             {
                 "agent_id": agent,
@@ -71,7 +91,7 @@ def agent_rows(state: FleetState) -> list[dict[str, Any]]:
                 "started_at": info.started_at if info else None,
                 "meter_source": prof.meter_source if prof else None,
                 "energy_measured": prof.energy_measured if prof else None,
-                "gateway_apps": dict(gw.apps) if gw is not None and gw.state == "online" else None,
+                "gateway_apps": served_versions(state, agent),
                 "backend": info.backend.model_dump() if info and info.backend else None,
             }
         )

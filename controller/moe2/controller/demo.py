@@ -184,6 +184,7 @@ def demo(
 ) -> None:
     """The whole pipeline on this machine: broker, fleet, profiles, scores, gate, subsets,
     prompts from a client, and MoE² against its baselines through the gateway."""
+    _check_installed()
     report = Report(fleet)
     stack = contextlib.ExitStack()
     stop = _Stop()
@@ -219,6 +220,16 @@ def demo(
     _summary(report)
     if as_json:
         click.echo(json.dumps({"fleet": report.fleet, "steps": report.steps, **report.facts}))
+
+
+def _check_installed() -> None:
+    """Before anything starts: the demo runs agents (moe2-edge-agent, whose gateway loads
+    the ONNX gate) and trains a gate (torch): the 'demo' extra brings both."""
+    from moe2.controller.extras import require
+
+    require("moe2.agent", "demo", "the demo (it runs moe2-agent processes)")
+    require("onnxruntime", "demo", "the demo (its gateway runs the trained gate)")
+    require("torch", "demo", "the demo (it trains a gate)")
 
 
 def _pipeline(

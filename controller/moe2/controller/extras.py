@@ -1,6 +1,6 @@
 """The optional parts of ``moe2-edge-controller``: a plain install runs ask, agents, profile,
-optimize --problem, push, sync and the demo; these need an extra, imported only by the
-commands that use them, and a command without its extra says which one to install.
+optimize --problem, push, sync, models and moe2-http; these need an extra, imported only by
+the commands that use them, and a command without its extra says which one to install.
 
     require("torch", "train", "moe2ctl train")   # ConfigError naming the pip command
 """
@@ -16,6 +16,7 @@ EXTRAS = {
     "eval": "moe2ctl eval's plot",
     "postgres": "a postgresql:// registry",
     "experts": "moe2ctl experts: clustering, LoRA fine-tuning of domain experts",
+    "demo": "moe2ctl demo: the agent (with the ONNX gate) and the train extra",
 }
 
 

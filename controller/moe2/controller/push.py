@@ -8,8 +8,10 @@ every push (``push``, ``push-gate``, ``optimize --push``) shares.
 
 With the fleet key (``signing_key``, ``moe2ctl keys generate``) every push is signed.
 
-Publishing goes through ``moe2.shared.desired`` (the one source of versions); the registry
-records each pushed assignment and every answer; the exit status is 4 when no gateway accepted.
+Publishing goes through ``moe2.shared.desired`` (the one source of versions), which refuses
+before publishing anything an expert no agent announced and a k outside 1..|subset| (exit
+status 2 here); the registry records each pushed assignment and every answer; the exit status
+is 4 when no gateway accepted it, or, for a gate, when no gateway that accepted it loaded it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from moe2.controller.options import (
 from moe2.controller.registry.db import Registry
 from moe2.shared import protocol as p
 from moe2.shared.desired import PushResult
-from moe2.shared.errors import NotAcknowledged
+from moe2.shared.errors import ConfigError, NotAcknowledged
 
 
 def record(reg: Registry, results: Sequence[PushResult]) -> None:
@@ -79,7 +81,8 @@ def describe(r: PushResult) -> str:
 def report(
     results: Sequence[PushResult], as_json: bool, extra: dict[str, Any] | None = None
 ) -> None:
-    """Print the outcome; NotAcknowledged (exit 4) when an application has no acceptance."""
+    """Print the outcome; NotAcknowledged (exit 4) when an application has no acceptance, or
+    its gate no gateway that accepted the assignment loaded."""
     out = {"pushed": [r.summary() for r in results], **(extra or {})}
     emit(out, as_json, lambda _o: "\n".join(describe(r) for r in results))
     unacked = [r.assignment.app for r in results if not r.accepted]
@@ -87,6 +90,20 @@ def report(
         raise NotAcknowledged(
             f"no gateway accepted the assignment of {', '.join(unacked)} (it stays retained; "
             "gateways that start later apply it)"
+        )
+    unloaded = [
+        r.assignment.app
+        for r in results
+        if r.assignment.gate is not None
+        and any(a.serving for a in r.acks.values() if a.accepted)
+        and not any(x.state == "loaded" for x in r.gate_acks.values())
+    ]
+    if unloaded:
+        gate = results[0].assignment.gate
+        raise NotAcknowledged(
+            f"no gateway serving {', '.join(unloaded)} loaded gate "
+            f"{gate.version if gate else '?'} within the wait (the reasons are above; it "
+            "stays retained)"
         )
 
 
@@ -168,7 +185,11 @@ def push(
         p.check_name("gateway id", g)
     broker = broker_from_flags(kwargs)
     with desired_state(broker) as desired:
-        result = desired.push_assignment(
+        try:
+            desired.check([(app, members, k)], None)
+        except ConfigError as exc:  # an assignment no gateway could serve: a bad argument
+            raise click.UsageError(exc.message) from None
+        result = desired.push_assignment(  # its ConfigError (versions run out): exit 1
             app,
             members,
             k,

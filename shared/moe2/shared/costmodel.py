@@ -135,11 +135,21 @@ class CostCurve(BaseModel):
     max_tokens: int = Field(ge=0)
 
     def at(self, prompt_tokens: float) -> float:
-        """The cost at L tokens (clamped at zero: a fitted intercept may dip below it)."""
+        """The cost at L tokens, never below zero. Below the fitted range a line whose
+        intercept is negative (noise on a loaded box) would reach zero at a few tokens, and
+        a short prompt of an expert 10,000 times slower would look free: there the cost is
+        taken proportional to L through the curve's value at its shortest measured prompt."""
+        value = self._poly(prompt_tokens)
+        low = self.min_tokens
+        if 0 < prompt_tokens < low:
+            value = max(value, self._poly(low) * prompt_tokens / low)
+        return max(0.0, value)
+
+    def _poly(self, prompt_tokens: float) -> float:
         value = 0.0
         for c in reversed(self.coef):
             value = value * prompt_tokens + c
-        return max(0.0, value)
+        return value
 
 
 def fit_curve(

@@ -114,7 +114,9 @@ class DesiredState:
         self._verifier = signer.verifier() if signer is not None else None
         client_id = f"moe2ctl-desired-{uuid.uuid4().hex[:8]}"
         self.conn = Connection(broker, client_id)
-        self.view = FleetView(self.conn, ("gateway", "assignment_ack", "gate_ack", "desired_app"))
+        self.view = FleetView(
+            self.conn, ("info", "gateway", "assignment_ack", "gate_ack", "desired_app")
+        )
         self._wait_retained_s = wait_retained_s
 
     def __enter__(self) -> DesiredState:
@@ -211,12 +213,7 @@ class DesiredState:
         force_version: int | None = None,
     ) -> list[PushResult]:
         deadline = time.monotonic() + wait_s
-        for app, subset, k in apps:
-            p.check_name("application", app)
-            if k > len(subset):
-                raise ConfigError(f"{app}: k={k} exceeds the subset of {len(subset)} experts")
-            if len(set(subset)) != len(subset):
-                raise ConfigError(f"{app}: the subset names an expert twice: {list(subset)}")
+        self.check(apps, None)
         results = [
             self._publish_assignment(a, s, k, gate, gateways, self.next_key(a, force_version))
             for a, s, k in apps
@@ -239,6 +236,39 @@ class DesiredState:
                 results[i] = self._publish_assignment(app, subset, k, gate, gateways, key)
                 self._await([results[i]], max(0.5, deadline - time.monotonic()))
         return results
+
+    def check(
+        self, apps: Sequence[tuple[str, Sequence[str], int]], gate_experts: Sequence[str] | None
+    ) -> None:
+        """Refuse, before anything is published, an assignment no gateway could serve: an
+        expert that never announced itself on this broker (a typo would take the application
+        down: every prompt ``no_experts``), k outside 1..|subset|, an expert the gate was not
+        trained on."""
+        known = set(self.view.copy().info)
+        for app, subset, k in apps:
+            p.check_name("application", app)
+            if not subset and k == 0:
+                continue  # a revert
+            if not 1 <= k <= len(subset):
+                raise ConfigError(
+                    f"{app}: k={k} is impossible with a subset of {len(subset)} experts "
+                    f"(1 to {len(subset)})"
+                )
+            if len(set(subset)) != len(subset):
+                raise ConfigError(f"{app}: the subset names an expert twice: {list(subset)}")
+            unknown = [e for e in subset if e not in known]
+            if unknown:
+                raise ConfigError(
+                    f"{app}: no agent {', '.join(unknown)} has announced itself on this broker "
+                    f"(known: {', '.join(sorted(known)) or 'none'}); nothing was published"
+                )
+            if gate_experts is not None:
+                untrained = [e for e in subset if e not in gate_experts]
+                if untrained:
+                    raise ConfigError(
+                        f"{app}: the gate was not trained on {', '.join(untrained)} (it weighs "
+                        f"{', '.join(gate_experts)}); nothing was published"
+                    )
 
     def clear_assignment(self, app: str) -> None:
         """Remove ``app``'s retained assignment: gateways go back to their local configuration
@@ -326,5 +356,6 @@ class DesiredState:
         """Publish a gate, then one assignment per application naming it; wait for the
         gateways to accept the assignments and load (or reject) the gate."""
         ref = p.GateRef(version=manifest.version, sha256=p.gate_digest(manifest))
+        self.check(apps, manifest.experts)
         self.publish_gate(manifest, files)
         return self._push_many(apps, ref, gateways, wait_s)

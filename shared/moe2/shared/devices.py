@@ -8,8 +8,9 @@ the hardware figures the cost model needs per power mode and the settings ansibl
     detect_device_class().device_class            # "cpu-generic" on a plain PC
     resolve_device_class("auto")                  # (DeviceClass, "detected (...)")
 
-The folder is ``$MOE2_FIRMWARE_CONFIGS`` when set, else the copy shipped inside this package
-(``moe2/shared/firmware_configs``, which in a checkout links to the repository's folder).
+The folder is ``$MOE2_FIRMWARE_CONFIGS`` when set, else the files shipped inside this package
+(``moe2/shared/firmware_configs``; the repository's top-level ``firmware-configs`` links there,
+so a copy of ``shared/`` alone builds a complete distribution).
 """
 
 from __future__ import annotations

@@ -21,11 +21,12 @@ callers never parse message text.
     ├── UnknownApp                  no assignment for this application          (unknown_app)
     ├── NoExperts                   no chosen expert online / all failed        (no_experts)
     ├── DeadlineExceeded            the prompt's deadline passed                (deadline)
-    ├── Cancelled                   the peer is stopping and abandoned the work   (cancelled)
+    ├── Cancelled                   abandoned: the peer stops, or the client cancelled (cancelled)
     ├── InternalError               a bug in the peer; the request failed, the peer lives (internal)
     ├── RemoteError                 an error reply with a code this version does not know
     ├── RequestTimeout              no reply within the deadline                (timeout)
     ├── NotAcknowledged             desired state that no gateway acknowledged  (not_acked)
+    ├── NotProven                   a subset not proven near enough the optimum  (not_proven)
     └── BrokerError                 cannot start or reach the MQTT broker       (broker)
 """
 
@@ -114,6 +115,13 @@ class InternalError(Moe2Error):
 
 class NotAcknowledged(Moe2Error):
     code = "not_acked"
+
+
+class NotProven(Moe2Error):
+    """An optimisation whose answer is not proven within the accepted gap of the optimum
+    (a time limit, a heuristic solver): its subsets are not pushed."""
+
+    code = "not_proven"
 
 
 class RequestTimeout(Moe2Error):

@@ -13,12 +13,20 @@ pushes), ``LocalFleet`` and the tests.
 
 Identity is bound to the topic: a message about agent X is accepted only on X's topics and
 only when its payload names X too, so an agent cannot speak for another one.
+
+At fleet scale (thousands of agents, tens of thousands of retained messages on every
+connection) the network thread only queues what arrives; a worker thread of the view decodes
+and applies it in arrival order. So the connection keeps reading (its keepalive answers are
+queued behind the retained flood, and a client that falls behind its keepalive is dropped),
+and the state subscriptions are QoS 0: no acknowledgement per retained message, and nothing is
+lost that a resync would not bring back (every (re)connection reads the retained state again).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -203,20 +211,73 @@ class FleetView(FleetState):
         self._conn = conn
         self._marker = _marker_topic(conn)
         self.sync_listeners: list[Callable[[], None]] = []  # called each time synced is set
+        self.arrived = 0  # messages received so far (progress of a resync)
+        # What the network thread received, applied in order by the view's worker thread:
+        # ("message", msg) | ("marker", msg) | ("session", None).
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
+        self._session = 0  # connections so far: a marker counts for its own connection only
         for kind in self.kinds:
             if kind not in _FILTERS:
                 raise ValueError(f"unknown fleet state kind {kind!r}; expected one of {KINDS}")
-            conn.subscribe(_FILTERS[kind], self._on_message, retained_state=True)
-        conn.subscribe(self._marker, self._on_marker)
+            conn.subscribe(_FILTERS[kind], self._arrive, qos=0, retained_state=True)
+        conn.subscribe(self._marker, self._arrive_marker)
         conn.on_session_start.append(self._session_start)
         conn.on_connected.append(self._subscribed)
 
     # ------------------------------------------------------------------ resync
 
     def _session_start(self) -> None:
+        self.synced.clear()  # at once: whoever checks sees the resync under way
+        self._session += 1
+        self._enqueue("session", None)
+
+    def _begin_resync(self) -> None:
         with self._cond:
             self.synced.clear()
             self._fresh = set()
+
+    # ------------------------------------------------------------------ the worker
+
+    def _arrive(self, msg: mqtt.MQTTMessage) -> None:
+        self._enqueue("message", msg)
+
+    def _arrive_marker(self, msg: mqtt.MQTTMessage) -> None:
+        self._enqueue("marker", (self._session, msg))
+
+    def _enqueue(self, what: str, msg: Any) -> None:
+        """On the network thread: queue, and make sure a worker runs."""
+        self.arrived += what == "message"
+        self._inbox.put((what, msg))
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="fleet-view", daemon=True)
+                self._worker.start()
+
+    def _work(self) -> None:
+        """Apply what arrived, in order; the thread ends after a quiet second (a view that
+        is no longer used leaves no thread behind)."""
+        while True:
+            try:
+                what, msg = self._inbox.get(timeout=1.0)
+            except queue.Empty:
+                with self._worker_lock:
+                    if self._inbox.empty():
+                        self._worker = None
+                        return
+                continue
+            try:
+                if what == "message":
+                    self._on_message(msg)
+                elif what == "marker":
+                    session, marker = msg
+                    if session == self._session:  # not a marker of a connection since lost
+                        self._on_marker(marker)
+                else:
+                    self._begin_resync()
+            except Exception:  # one bad message must not stop the view
+                log.exception("fleet view failed on %s", getattr(msg, "topic", what))
 
     def _subscribed(self) -> None:
         self._conn.publish(self._marker, b"end-of-retained", qos=1)
@@ -354,13 +415,25 @@ class FleetView(FleetState):
 
         The broker sends retained messages while it handles a SUBSCRIBE, so a marker
         published to our own inbox afterwards arrives after all of them; ``wait_s`` bounds
-        the wait on a broker that orders things differently."""
+        the wait with nothing arriving, on a broker that orders things differently."""
         conn = Connection(broker, f"moe2-view-{uuid.uuid4().hex[:12]}")
         view = cls(conn, kinds)
         with conn:
-            if not view.synced.wait(wait_s):
+            if not view.wait_synced(wait_s):
                 log.warning("no end-of-retained marker within %.1f s; state may be partial", wait_s)
         return view.copy()
+
+    def wait_synced(self, quiet_s: float) -> bool:
+        """Wait for the end-of-retained marker for as long as retained messages keep coming
+        (a large fleet's state takes longer than ``quiet_s`` to arrive); False once
+        ``quiet_s`` passed with no message and no marker."""
+        seen = self.arrived
+        while True:
+            if self.synced.wait(quiet_s):
+                return True
+            if self.arrived == seen:
+                return False
+            seen = self.arrived
 
 
 def _marker_topic(conn: Connection) -> str:

@@ -18,9 +18,9 @@ name; 96 bits)::
 
 Another login cannot compute it, so cannot drop, resume or end that connection. A gateway's
 kept session is the one id shared on purpose: its retained ``GatewayStatus`` (which only
-gateway and controller logins may read) names it, so that a live gateway can adopt a lost
-one's session (``agent/gateway/adopt.py``), and nobody else can. Without a password (a
-loopback broker without logins) an id is its name: there is no login to bind it to.
+gateway, controller and moe2-http's logins may read) names it, so that a live gateway can
+adopt a lost one's session (``agent/gateway/adopt.py``). Without a password (a loopback
+broker without logins) an id is its name: there is no login to bind it to.
 """
 
 from __future__ import annotations

@@ -159,6 +159,8 @@ class Connection:
         self._session_up = False  # CONNACK received: subscribe at once (under _lock)
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._connack = threading.Event()  # a CONNACK that accepted us came (this start)
+        self._arrived = 0  # messages received so far
         self._pending_subacks: set[int] = set()
         self._connect_error: str | None = None
         self._sessions = 0  # MQTT sessions begun so far: which one delivered a message
@@ -170,10 +172,12 @@ class Connection:
         # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
         self._puback = threading.Condition()
         self._puback_rc: OrderedDict[int, Any] = OrderedDict()
+        self._puback_futures: dict[int, Future[Any]] = {}  # publish_future's, by message id
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Connection:
+        self._connack.clear()
         props = None
         if self.session_expiry_s > 0:
             props = _properties(PacketTypes.CONNECT)
@@ -191,12 +195,23 @@ class Connection:
                 f"cannot reach the MQTT broker at {self.broker.host}:{self.broker.port}: {exc}"
             ) from None
         self._client.loop_start()
-        if not self._connected.wait(self.broker.connect_timeout):
+        if not self._connack.wait(self.broker.connect_timeout) or self._connect_error:
             self._client.loop_stop()
             reason = self._connect_error or "no CONNACK"
             raise BrokerError(
                 f"MQTT broker at {self.broker.host}:{self.broker.port} did not accept us: {reason}"
             )
+        # Each subscription is acknowledged after the retained messages of the ones before
+        # it, which takes a while on a large fleet: wait as long as messages keep coming.
+        seen = self._arrived
+        while not self._connected.wait(self.broker.connect_timeout):
+            if self._arrived == seen:
+                self._client.loop_stop()
+                raise BrokerError(
+                    f"MQTT broker at {self.broker.host}:{self.broker.port} did not acknowledge "
+                    f"our subscriptions within {self.broker.connect_timeout:g} s"
+                )
+            seen = self._arrived
         return self
 
     def stop(self, *, keep_session: bool = False, flush_s: float = 5.0) -> None:
@@ -359,6 +374,33 @@ class Connection:
             raise BrokerError(f"the broker refused the message on {topic}: {rc}")
         return True
 
+    def publish_future(
+        self, topic: str, payload: bytes | str, *, properties: Properties | None = None
+    ) -> Future[bool]:
+        """``publish_acked`` without blocking, for event loops: a future that becomes True
+        at the broker's PUBACK, False when it says no subscriber matched, or BrokerError when
+        it refuses the message. The caller bounds the wait (``asyncio.wait_for`` on
+        ``asyncio.wrap_future``) and cancels the future when it gives up."""
+        fut: Future[bool] = Future()
+        info = self._client.publish(topic, payload, qos=1, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            fut.set_exception(
+                BrokerError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+            )
+            return fut
+        with self._puback:
+            if info.mid in self._puback_rc:  # the PUBACK came already
+                _settle(fut, topic, self._puback_rc.pop(info.mid))
+            else:
+                self._puback_futures[info.mid] = fut
+                fut.add_done_callback(lambda _f: self._forget_puback(info.mid, fut))
+        return fut
+
+    def _forget_puback(self, mid: int, fut: Future[Any]) -> None:
+        with self._puback:
+            if self._puback_futures.get(mid) is fut:
+                del self._puback_futures[mid]
+
     # ------------------------------------------------------------------ callbacks
 
     def _on_connect(
@@ -366,8 +408,11 @@ class Connection:
     ) -> None:
         if rc.is_failure:
             self._connect_error = str(rc)
+            self._connack.set()
             log.error("MQTT connection refused: %s", rc)
             return
+        self._connect_error = None
+        self._connack.set()
         self.session_present = bool(getattr(flags, "session_present", False))
         if not self.session_present:
             with self._lock:
@@ -439,12 +484,17 @@ class Connection:
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
     ) -> None:
         with self._puback:
+            fut = self._puback_futures.pop(mid, None)
+            if fut is not None:
+                _settle(fut, "", rc)
+                return
             self._puback_rc[mid] = rc
             while len(self._puback_rc) > 10_000:
                 self._puback_rc.popitem(last=False)
             self._puback.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._arrived += 1
         if msg.qos > 0:
             with self._lock:
                 self._delivered_in[id(msg)] = self._sessions  # see ack()
@@ -469,6 +519,20 @@ class Connection:
                 log.exception("handler for %s failed", msg.topic)
         if not manual:
             self.ack(msg)
+
+
+def _settle(fut: Future[bool], topic: str, rc: Any) -> None:
+    """Resolve a ``publish_future`` from its PUBACK reason code (as ``publish_acked`` reads it)."""
+    if fut.done():
+        return
+    with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+        if rc is not None and getattr(rc, "value", 0) == 0x10:  # no matching subscribers
+            fut.set_result(False)
+        elif rc is not None and getattr(rc, "is_failure", False):
+            where = f" on {topic}" if topic else ""
+            fut.set_exception(BrokerError(f"the broker refused the message{where}: {rc}"))
+        else:
+            fut.set_result(True)
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:

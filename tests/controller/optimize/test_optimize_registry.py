@@ -107,7 +107,29 @@ def test_optimize_from_the_registry_writes_a_replayable_problem_and_pushes(
         reg = Registry.open(url)
         for app in DOMAINS:
             assert gw in {a.gateway for a in reg.assignment_acks(app)}
+        versions = {app: len(reg.assignments(app)) for app in DOMAINS}
         reg.close()
+
+        # A heuristic proves no gap: its answer is shown, never silently pushed.
+        base = ["optimize", "--dataset", "opt", "--app", "animals=30", "--app", "cooking=30",
+                "--gate", "uniform", *flags]  # fmt: skip
+        refused = CliRunner().invoke(main, [*base, "--solver", "greedy", "--push"])
+        assert refused.exit_code == 1 and "not pushed" in refused.output, refused.output
+        reg = Registry.open(url)
+        assert {app: len(reg.assignments(app)) for app in DOMAINS} == versions
+        reg.close()
+        allowed = CliRunner().invoke(
+            main, [*base, "--solver", "greedy", "--push", "--max-gap", "inf", "--json"]
+        )
+        assert allowed.exit_code == 0, allowed.output
+
+        # A subset per application, each pushed to its own application.
+        by_app = CliRunner().invoke(main, [*base, "--by-app", "--push", "--json"])
+        assert by_app.exit_code == 0, by_app.output
+        got = json.loads(by_app.output.strip().splitlines()[-1])
+        assert got["optimal"] and set(got["by_app"]) == set(DOMAINS)
+        pushed_subsets = {r["app"]: r["subset"] for r in got["pushed"]}
+        assert pushed_subsets == {a: got["by_app"][a]["subset"] for a in DOMAINS}
 
         infeasible = CliRunner().invoke(
             main,
@@ -123,5 +145,5 @@ def test_optimize_from_the_registry_writes_a_replayable_problem_and_pushes(
                 *flags,
             ],
         )
-        assert infeasible.exit_code == EXIT_INFEASIBLE
+        assert infeasible.exit_code == EXIT_INFEASIBLE, infeasible.output
         assert "animals" in json.loads(infeasible.output.strip().splitlines()[-1])["reason"]

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
-from moe2.shared.errors import Busy
+from moe2.shared.errors import Busy, Cancelled
 
 
 class ExpertSlots:
@@ -38,16 +38,29 @@ class ExpertSlots:
         with self._cond:
             return sum(self._held.values())
 
+    def wake(self) -> None:
+        """Have every waiter look at its ``give_up`` now (a prompt was cancelled)."""
+        with self._cond:
+            self._cond.notify_all()
+
     @contextmanager
-    def hold(self, capacity: Mapping[str, int], wait_until: float) -> Iterator[None]:
+    def hold(
+        self,
+        capacity: Mapping[str, int],
+        wait_until: float,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> Iterator[None]:
         """One slot on every expert of ``capacity`` (expert -> its max_sessions) for the
-        duration; ``Busy`` if they are not all free by ``wait_until`` (time.monotonic())."""
+        duration; ``Busy`` if they are not all free by ``wait_until`` (time.monotonic()),
+        ``Cancelled`` as soon as ``give_up()`` says so (checked on ``wake``)."""
 
         def free() -> bool:
             return all(self._held.get(n, 0) < max(1, c) for n, c in capacity.items())
 
         with self._cond:
             while not free():
+                if give_up():
+                    raise Cancelled("the prompt was cancelled while it waited for experts")
                 left = wait_until - time.monotonic()
                 if left <= 0:
                     full = sorted(n for n, c in capacity.items() if self._held.get(n, 0) >= c)

@@ -261,6 +261,8 @@ class AppRouter:
             since=time.time(),
             session=self.conn.client_id,
             overhead=self.overhead() if state == "online" else None,
+            max_concurrent=self.config.max_concurrent,
+            max_pending=self.config.max_pending,
         )
 
     def _republish(self) -> None:

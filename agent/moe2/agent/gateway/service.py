@@ -18,6 +18,19 @@ No accepted prompt is lost to a stop or a crash:
 - ``stop`` drains: it unsubscribes (other gateways take the new prompts), finishes the
   prompts in flight for up to ``drain_s``, answers any left ``cancelled``, then disconnects.
 
+A client that gives up on a prompt publishes a ``PromptCancel`` (``moe2/v1/cancel/<app>``,
+or ``moe2/v1/cancel/<app>/<owner>`` for a prompt it published on ``prompts/<app>/<owner>``;
+read by every gateway): the gateway holding the prompt ends its generation at the next
+reply it waits for (within ``_ALIVE_CHECK_S``-sized polls of the generation), closes the
+experts' sessions and answers ``cancelled``; a prompt still waiting for a slot is answered
+at once. A cancel that arrives before its prompt is remembered for ``_CANCEL_MEMORY_S``.
+A cancel stops only a prompt of its own application and owner level (``PromptKey``): the
+broker's ACL lets a login write only ``cancel/+/<itself>``, so no user cancels another's.
+
+Metric labels name only what the fleet defines: an application this gateway does not serve
+is counted under ``_unknown`` (clients choose topic names; Prometheus series must not grow
+with them).
+
 Replies go only where the broker lets a gateway publish: the replies namespace inside
 ``moe2/v1/`` (``check_reply_topic``), and outside it only when a probe at start shows the
 broker allows it (a broker without logins). A prompt whose ``reply_to`` the broker would
@@ -61,13 +74,14 @@ from moe2.agent.gateway.routing import AppRouter
 from moe2.agent.gateway.speculative import GammaMemory
 from moe2.agent.gateway.stats import AppStatsWindow, OwnTime, answer_energy, overhead_moved
 from moe2.agent.gateway.vocab import Vocab, VocabCache
-from moe2.agent.metrics import GatewayMetrics
+from moe2.agent.metrics import UNKNOWN_APP, GatewayMetrics
 from moe2.shared import protocol as p
 from moe2.shared.answercost import GENERATED, Work
 from moe2.shared.errors import (
     BadMessage,
     BrokerError,
     Busy,
+    Cancelled,
     InternalError,
     Moe2Error,
     NoExperts,
@@ -87,6 +101,14 @@ _RECONNECT_GRACE_S = 5.0
 # down publishes every last will just before it drops us). Seconds.
 _OFFLINE_CONFIRM_S = 1.0
 _REMEMBER_ANSWERED = 10_000  # prompt messages remembered, to spot a second copy
+# A cancel for a prompt not (yet) here is remembered this long, seconds (and at most
+# _REMEMBER_CANCELS of them): it may come before its prompt.
+_CANCEL_MEMORY_S = 60.0
+_REMEMBER_CANCELS = 10_000
+
+# (app, owner, prompt id, reply_to): the topic's application and owner level (None: no
+# owner level), shared by a prompt and its cancel, and what the PromptCancel names.
+PromptKey = tuple[str, str | None, str, str]
 
 Targets = list[tuple[str, bytes | None]]  # (topic, MQTT 5 correlation data) to answer on
 
@@ -102,6 +124,8 @@ class Gateway:
         self.id = gateway_id
         self.config = config
         self.metrics = metrics or GatewayMetrics(CollectorRegistry())
+        self.metrics.max_concurrent.set(config.max_concurrent)
+        self.metrics.max_pending.set(config.max_pending)
         # Our kept session's client id (bound to our login), named in our status and last
         # will so that a live gateway can adopt the session should we vanish.
         session = broker.client_id(session_name(gateway_id))
@@ -188,6 +212,11 @@ class Gateway:
             config.link_probe_interval_s,
             config.link_probe_first_s,
         )
+        # Cancellation: the prompts accepted and not answered, and cancels seen early.
+        self._cancel_lock = threading.Lock()
+        self._cancel_events: dict[PromptKey, threading.Event] = {}
+        self._early_cancels: OrderedDict[PromptKey, float] = OrderedDict()
+        self.unrouted_conn.subscribe(p.topics.ALL_CANCELS, self._on_cancel)
         self.answered = 0
         self.errors = 0
         self.stats = AppStatsWindow(gateway_id, config.stats_window_s)
@@ -390,8 +419,58 @@ class Gateway:
             log.warning("unanswerable prompt on %s dropped: %s", msg.topic, error.message)
             return
         self.errors += 1
-        self.metrics.errors.labels(_app_of(msg), error.code).inc()
+        self.metrics.errors.labels(self._app_label(_app_of(msg)), error.code).inc()
         self._send(targets, p.prompt_error(pid, error.code, error.message))
+
+    def _app_label(self, app: str) -> str:
+        """``app`` as a metric label: the applications this gateway serves, else one label."""
+        return app if app in self.router.served() else UNKNOWN_APP
+
+    # ------------------------------------------------------------------ cancellation
+
+    def _on_cancel(self, msg: Any) -> None:
+        """A client's ``PromptCancel``: stop the prompt it names, if it is ours."""
+        topic = p.topics.parse(msg.topic)
+        if topic is None or topic.kind != "cancel" or topic.app is None:
+            log.debug("ignoring a cancel on %s: not a cancel topic", msg.topic)
+            return
+        try:
+            cancel = p.decode_cancel(msg.payload)
+        except Moe2Error as exc:
+            log.debug("ignoring a cancel on %s: %s", msg.topic, exc.message)
+            return
+        key = (topic.app, topic.client, cancel.id, cancel.reply_to)
+        now = time.monotonic()
+        with self._cancel_lock:
+            event = self._cancel_events.get(key)
+            if event is None:  # not here (yet): it may be on its way, or another gateway's
+                self._early_cancels[key] = now
+                self._early_cancels.move_to_end(key)
+                while self._early_cancels and (
+                    len(self._early_cancels) > _REMEMBER_CANCELS
+                    or next(iter(self._early_cancels.values())) < now - _CANCEL_MEMORY_S
+                ):
+                    self._early_cancels.popitem(last=False)
+                return
+        log.info("prompt %s cancelled by its client", cancel.id)
+        self.metrics.cancelled.inc()
+        event.set()
+        self.experts.wake()  # a prompt waiting for experts' sessions gives up now
+
+    def _track(self, key: PromptKey) -> threading.Event | None:
+        """The cancellation event of a prompt being accepted; None when it was cancelled
+        already (its cancel came first)."""
+        now = time.monotonic()
+        with self._cancel_lock:
+            seen = self._early_cancels.pop(key, None)
+            if seen is not None and seen >= now - _CANCEL_MEMORY_S:
+                return None
+            event = self._cancel_events[key] = threading.Event()
+            return event
+
+    def _untrack(self, key: PromptKey) -> None:
+        with self._cancel_lock:
+            self._cancel_events.pop(key, None)
 
     def _on_unrouted(self, msg: Any) -> None:
         """The catch-all: answer ``unknown_app`` when no online gateway serves the app, and
@@ -532,9 +611,18 @@ class Gateway:
             return False
         if reply_to not in [t for t, _ in targets]:
             targets.insert(0, (reply_to, None))
-        if not self._slots.acquire(blocking=False):
+        key = (app, owner, req.id, req.reply_to)
+        cancelled = self._track(key)
+        if cancelled is None:
             self.errors += 1
-            self.metrics.errors.labels(app, Busy.code).inc()
+            self.metrics.errors.labels(self._app_label(app), Cancelled.code).inc()
+            gone = Cancelled(f"prompt {req.id} was cancelled by its client before it started")
+            self._send(targets, p.prompt_error(req.id, gone.code, gone.message))
+            return False
+        if not self._slots.acquire(blocking=False):
+            self._untrack(key)
+            self.errors += 1
+            self.metrics.errors.labels(self._app_label(app), Busy.code).inc()
             err = Busy(f"gateway {self.id} is saturated; retry later")
             self._send(targets, p.prompt_error(req.id, err.code, err.message))
             return False
@@ -542,36 +630,50 @@ class Gateway:
             self._inflight[msg.mid] = req.id
         log.debug("prompt %s accepted (message %d)", req.id, msg.mid)
         self.metrics.in_flight.inc()
-        self._pool.submit(self._answer, msg, app, req, targets, received)
+        self._pool.submit(self._answer, msg, app, req, targets, received, cancelled, key)
         return True
 
     # ------------------------------------------------------------------ one prompt
 
     def _answer(
-        self, msg: Any, app: str, req: p.PromptRequest, targets: Targets, received: float
+        self,
+        msg: Any,
+        app: str,
+        req: p.PromptRequest,
+        targets: Targets,
+        received: float,
+        cancelled: threading.Event,
+        key: PromptKey,
     ) -> None:
         m = self.metrics
+        label = self._app_label(app)
         try:
+            if cancelled.is_set():
+                raise Cancelled(f"prompt {req.id} was cancelled by its client before it started")
             final: BaseModel = (
                 self.choices.answer(app, req, received)
                 if req.choices is not None  # multiple choice: scored, not generated
-                else self._generate(app, req, targets, received)
+                else self._generate(app, req, targets, received, cancelled)
             )
             self.answered += 1
-            m.prompts.labels(app).inc()
+            m.prompts.labels(label).inc()
         except Moe2Error as exc:
+            if isinstance(exc, Cancelled) and cancelled.is_set():
+                # The generation says why it stopped in its own words; the client asked.
+                exc = Cancelled(f"prompt {req.id} was cancelled by its client")
             final = p.prompt_error(req.id, exc.code, exc.message)
             self.errors += 1
             self.stats.errored(app)
-            m.errors.labels(app, exc.code).inc()
+            m.errors.labels(label, exc.code).inc()
         except Exception as exc:  # one prompt's bug must not cost the others their answer
             log.exception("prompt %s failed", req.id)
             err = InternalError(f"{type(exc).__name__}: {exc}")
             final = p.prompt_error(req.id, err.code, err.message)
             self.errors += 1
             self.stats.errored(app)
-            m.errors.labels(app, err.code).inc()
+            m.errors.labels(label, err.code).inc()
         finally:
+            self._untrack(key)
             self._slots.release()
             m.in_flight.dec()
         log.debug("prompt %s answered: %s", req.id, type(final).__name__)
@@ -606,7 +708,12 @@ class Gateway:
         return infos, dict(top_k(values, online, plan.k)), gate_s
 
     def _generate(
-        self, app: str, req: p.PromptRequest, targets: Targets, received: float
+        self,
+        app: str,
+        req: p.PromptRequest,
+        targets: Targets,
+        received: float,
+        cancelled: threading.Event,
     ) -> p.PromptAnswer:
         max_tokens = req.max_tokens or self.config.default_max_tokens
         if max_tokens > self.config.max_tokens_limit:
@@ -634,9 +741,20 @@ class Gateway:
             raise NoExperts(f"no vocabulary is known for the experts chosen for {app!r}")
         capacity = {n: infos[n].max_sessions for n in chosen}
         deadline = received + self.config.deadline_s
-        with self.experts.hold(capacity, min(deadline, received + self.config.queue_s)):
+        wait_until = min(deadline, received + self.config.queue_s)
+        with self.experts.hold(capacity, wait_until, cancelled.is_set):
             return self._fuse(
-                app, req, max_tokens, targets, received, deadline, infos, vocabs, chosen, gate_s
+                app,
+                req,
+                max_tokens,
+                targets,
+                received,
+                deadline,
+                infos,
+                vocabs,
+                chosen,
+                gate_s,
+                cancelled,
             )
 
     def _fuse(
@@ -651,6 +769,7 @@ class Gateway:
         vocabs: dict[str, Vocab],
         chosen: dict[str, float],
         gate_s: float,
+        cancelled: threading.Event,
     ) -> p.PromptAnswer:
         index = 0
 
@@ -670,7 +789,8 @@ class Gateway:
             deadline=deadline,
             on_delta=on_delta,
             alive=self._expert_alive,
-            abandoned=self._abandon.is_set,
+            # The gateway stops (drain timed out), or the client cancelled the prompt.
+            abandoned=lambda: self._abandon.is_set() or cancelled.is_set(),
             gamma_memory=self.gamma_memory,
         )
         result = gen.run(req.prompt, max_tokens, req.messages)
@@ -681,14 +801,14 @@ class Gateway:
         works = {n: Work(length) for n, length in result.prompt_tokens.items() if length > 0}
         energy = answer_energy(self.fleet.copy().profile, works, steps, GENERATED)
         self.stats.answered(app, latency_s=latency_s, gate_s=gate_s, steps=steps, energy=energy)
-        m = self.metrics
-        m.tokens.labels(app).inc(result.tokens)
+        m, label = self.metrics, self._app_label(app)
+        m.tokens.labels(label).inc(result.tokens)
         for seconds in result.step_seconds:
-            m.step_seconds.labels(app).observe(seconds)
+            m.step_seconds.labels(label).observe(seconds)
         for d in result.dropped:
-            m.dropped.labels(app, d.id).inc()
+            m.dropped.labels(label, d.id).inc()
         if result.tokens and latency_s > 0:
-            m.tokens_per_s.labels(app).observe(result.tokens / latency_s)
+            m.tokens_per_s.labels(label).observe(result.tokens / latency_s)
         return p.PromptAnswer(
             id=req.id,
             text=result.text,

@@ -10,8 +10,8 @@ the controller's one publisher of desired state (``moe2.controller.options.desir
 signed with the fleet key when there is one, so gateways with ``trusted_keys`` accept it; the
 gate's files published first, named by its ``GateRef`` when the route is gated; uniform
 weights otherwise), waits until every accepting gateway serves it, then asks the questions one
-at a time with ``PromptClient.choose`` (so a latency is one answer's, not a queue's) and clears
-the application when it closes.
+at a time with ``PromptClient.choose`` (so a latency is one answer's, not a queue's) and reverts
+the application (signed, as the push) and clears its retained message when it closes.
 
 What each answer cost, as the limits are stated (paper eqs. 8 and 11, per step):
 
@@ -164,10 +164,13 @@ class GatewayAnswerer(Answerer):
         return self._desired, self._client
 
     def close(self) -> None:
-        """Clear every application this answerer pushed, then disconnect."""
+        """Take back every application this answerer pushed, then disconnect: a signed
+        revert first (a gateway that trusts only the fleet key ignores an unsigned clear and
+        would go on serving the route), then the retained message is cleared."""
         if self._desired is not None:
             for app in self._pushed:
                 try:
+                    self._desired.revert(app, wait_s=min(5.0, self.push_wait_s))
                     self._desired.clear_assignment(app)
                 except Moe2Error as exc:
                     log.warning("could not clear %s: %s", app, exc.message)
@@ -232,6 +235,12 @@ class GatewayAnswerer(Answerer):
                 f"rejected {result.rejected}, silent {result.missing}; is a gateway running?"
             )
         serving = [g for g in result.accepted if result.acks[g].serving]
+        if not serving:  # accepted only by gateways the route does not name
+            raise NotAcknowledged(
+                f"no gateway serves {app} ({', '.join(route.experts)}, top-{k}): accepted but "
+                f"not serving {result.accepted}, rejected {result.rejected}, silent "
+                f"{result.missing}"
+            )
         if ref is not None:
             loaded = {g for g, a in result.gate_acks.items() if a.state == "loaded"}
             missing = [g for g in serving if g not in loaded]

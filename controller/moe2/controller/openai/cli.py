@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 @settings_options(BrokerConfig, section="broker")
 @click.version_option(package_name="moe2-edge-controller")
 def main(config_file: Path | None, log_level: str, log_format: str, **flags: Any) -> None:
-    """Serve /v1/chat/completions, /v1/completions and /v1/models for the moe2 fleet."""
+    """Serve /v1/chat/completions, /v1/completions and /v1/models for the moe2 fleet, the
+    fleet page (/fleet), /metrics, /health and /ready."""
     setup_logging(log_level, log_format)
     try:
         settings = load_settings(
@@ -64,15 +65,14 @@ def _env_file() -> Path | None:
 
 
 def serve(settings: HttpSettings) -> None:
-    import uvicorn
-
-    from moe2.controller.openai.app import Front, build_app
+    from moe2.controller.openai.app import FLEET_KINDS, Front, build_app
+    from moe2.controller.openai.server import run
     from moe2.shared.client import PromptClient
     from moe2.shared.fleet import FleetView
     from moe2.shared.mqtt import Connection
 
     fleet_conn = Connection(settings.broker, f"moe2-http-fleet-{os.getpid()}")
-    fleet = FleetView(fleet_conn, ("gateway",))
+    fleet = FleetView(fleet_conn, FLEET_KINDS)
     # On a broker with logins a client reads only moe2/v1/replies/<its user>/#: the answers'
     # inbox is named after the user then (one moe2-http per broker user).
     client_id = settings.broker.username or f"moe2-http-{os.getpid()}"
@@ -81,13 +81,12 @@ def serve(settings: HttpSettings) -> None:
         try:
             app = build_app(Front(settings, client, fleet))
             log.info(
-                "OpenAI-compatible API on http://%s:%d/v1 (%s)",
+                "OpenAI-compatible API on http://%s:%d/v1, fleet page /fleet, metrics /metrics "
+                "(%s)",
                 settings.host,
                 settings.port,
                 "no API keys" if settings.no_auth else f"{len(settings.accepted_keys())} API keys",
             )
-            uvicorn.run(
-                app, host=settings.host, port=settings.port, log_config=None, access_log=False
-            )
+            run(app, settings)
         finally:
             fleet_conn.stop()

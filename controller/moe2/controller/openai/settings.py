@@ -33,6 +33,33 @@ class HttpSettings(BaseModel):
     max_request_bytes: int = Field(
         default=4 << 20, ge=1024, description="largest request body accepted, bytes"
     )
+    max_in_flight: int = Field(
+        default=1024,
+        ge=1,
+        description="requests held at once (also bounded by the capacity the gateways "
+        "announce); beyond: 429 with Retry-After",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, description="Retry-After of a 429 or 503 answer, seconds"
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a connection that has not sent a request's headers within this many "
+        "seconds (of opening, or of its previous response) is closed",
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="longest wait for a request's body (then 408), seconds"
+    )
+    keep_alive_s: int = Field(
+        default=5, ge=1, description="an idle keep-alive connection is closed after this, seconds"
+    )
+    access_log: bool = Field(default=True, description="log one line per request")
+    db_url: str | None = Field(
+        default=None,
+        description="the controller's registry (sqlite:///... or postgresql://...), read for "
+        "the fleet page and /metrics: the last serve decisions and each application's limits",
+    )
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
 
     @field_validator("api_keys", mode="before")

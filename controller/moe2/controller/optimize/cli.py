@@ -3,7 +3,13 @@
     moe2ctl optimize --problem problem.json --json
     moe2ctl optimize --problem problem.json --solver greedy
     moe2ctl optimize --problem big.json --epsilon 0.01 --time-limit 60
+    moe2ctl optimize --problem fleet.json --by-app --time-limit 60   # a subset per app
     moe2ctl optimize --dataset tiny --app qa=0.05 --energy 2.0 --k 2 --push
+    moe2ctl optimize --dataset big --app qa=0.05 --time-limit 30 --max-gap 0.01 --push
+
+A push happens only when the answer is proven optimal, or within ``--max-gap`` (nats per
+sample) of the optimum; otherwise nothing is pushed and the command fails (exit 1) saying
+what the gap is.
 
 Exit status: 0 solved, 1 failed (e.g. brute force on too many experts), 2 bad flags or a bad
 problem file, 3 infeasible (the reason names the limit that cannot be met).
@@ -19,6 +25,7 @@ from typing import Any
 import click
 
 from moe2.controller.optimize.costs import summary
+from moe2.controller.optimize.decompose import ByApp, solve_by_app, split_by_app
 from moe2.controller.optimize.problem import Problem
 from moe2.controller.optimize.solution import Infeasible, Solution
 from moe2.controller.optimize.solvers import DEFAULT_SOLVER, SOLVERS, solve
@@ -131,6 +138,59 @@ def render(result: Solution | Infeasible, problem: Problem) -> str:
     return "\n".join(lines)
 
 
+def render_by_app(result: ByApp, problem: Problem) -> str:
+    """The report of a decomposition: every application's subset, then the whole."""
+    lines = [f"{'app':<16} {'weight':>6} {'objective':>10} {'delay':>10} {'limit':>8}  subset"]
+    for app in sorted(set(result.solutions) | set(result.infeasible)):
+        w = result.weights[app]
+        if app in result.infeasible:
+            lines.append(f"{app:<16} {w:>6.3f}  infeasible: {result.infeasible[app].reason}")
+            continue
+        s = result.solutions[app]
+        limit = problem.delay_limits.get(app)
+        shown = "-" if limit is None else f"{limit:.4g} s"
+        lines.append(
+            f"{app:<16} {w:>6.3f} {s.objective:>10.5f} {s.delay[app]:>8.4g} s {shown:>8}  "
+            f"{', '.join(s.subset)} ({_status(s)})"
+        )
+    gap = result.gap
+    status = (
+        "optimal"
+        if result.optimal
+        else ("not proven optimal" if gap is None else f"within {gap:.4g} of the optimum")
+    )
+    e_lim = result.energy_limit
+    unit = "J" if problem.energy_per == "step" else "J/prompt"
+    lines += [
+        "",
+        f"objective   {result.objective:.6f} nats per sample ({status})",
+        f"energy      {result.energy:.4g} {unit}"
+        + ("" if e_lim is None else f" of {e_lim:.4g} {unit}")
+        + (" (the budget bound: split between the applications)" if result.coupled else ""),
+        f"{result.stats.get('solves', 0)} solves, {result.stats.get('time_s', 0.0):.3f} s",
+        "",
+        *_provenance_lines(problem),
+    ]
+    return "\n".join(lines)
+
+
+def report_by_app(
+    result: ByApp, problem: Problem, as_json: bool, pushed: Sequence[PushResult] = ()
+) -> None:
+    """As ``report``, for a decomposition by application."""
+    out = result.to_json() | {"provenance": provenance(problem)}
+    if pushed:
+        out["pushed"] = [r.summary() for r in pushed]
+    emit(out, as_json, lambda _: render_by_app(result, problem))
+    if not result.feasible:
+        raise click.exceptions.Exit(EXIT_INFEASIBLE)
+    unacked = [r.assignment.app for r in pushed if not r.accepted]
+    if unacked:
+        raise NotAcknowledged(
+            f"no gateway accepted the assignment of {', '.join(unacked)} (it stays retained)"
+        )
+
+
 def report(
     result: Solution | Infeasible,
     problem: Problem,
@@ -205,6 +265,20 @@ A sample's delay under S is (max_S prompt_delay + (T-1) max_S decode_delay) / T.
     help="Stop after this many seconds with the best subset found and its proven gap.",
 )
 @click.option(
+    "--by-app",
+    is_flag=True,
+    help="A subset per application (each over every expert), the energy budget shared: "
+    "exact when the budget does not bind across applications, else split with its gap.",
+)
+@click.option(
+    "--max-gap",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="With --push: push only an answer proven within this of the optimum (nats per "
+    "sample; 'inf' also pushes a heuristic's); the larger of this and --epsilon counts.",
+)
+@click.option(
     "--dataset", default=None, help="Registry path: the scored dataset that defines the objective."
 )
 @click.option(
@@ -261,6 +335,8 @@ def optimize(
     solver: str,
     epsilon: float | None,
     time_limit: float | None,
+    by_app: bool,
+    max_gap: float,
     dataset: str | None,
     app_limits: tuple[str, ...],
     energy: float | None,
@@ -290,6 +366,13 @@ def optimize(
             problem = Problem.from_file(problem_path)
         except ConfigError as exc:
             raise click.BadParameter(exc.message, param_hint="'--problem'") from None
+        if by_app:
+            parts = split_by_app(problem)
+            by = solve_by_app(
+                parts, problem.energy_limit, solver=solver, epsilon=epsilon, time_limit=time_limit
+            )
+            report_by_app(by, problem, as_json)
+            return
         result = solve(problem, solver=solver, epsilon=epsilon, time_limit=time_limit)
         report(result, problem, as_json)
         return
@@ -297,7 +380,7 @@ def optimize(
 
     limits = _parse_limits(app_limits)
     broker = broker_from_flags(kwargs)
-    problem, result, pushed = run_from_registry(
+    problem, found, pushed = run_from_registry(
         registry_url(db_url),
         settings().problems_dir,
         broker,
@@ -313,8 +396,13 @@ def optimize(
         time_limit=time_limit,
         push=push,
         echo=None if as_json else (lambda line: click.echo(line, err=True)),
+        by_app=by_app,
+        max_gap=max_gap,
     )
-    report(result, problem, as_json, pushed)
+    if isinstance(found, ByApp):
+        report_by_app(found, problem, as_json, pushed)
+    else:
+        report(found, problem, as_json, pushed)
 
 
 def _parse_limits(specs: tuple[str, ...]) -> dict[str, float]:

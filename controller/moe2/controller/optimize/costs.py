@@ -143,7 +143,7 @@ class Costs:
 
 def load_profiles(reg: Registry, experts: Sequence[str]) -> dict[str, p.AgentProfile]:
     """The stored profile of every expert, or an error naming the ones without."""
-    rows = {a.id: a for a in reg.agents()}
+    rows = {a.id: a for a in reg.agents(experts)}
     missing = [e for e in experts if e not in rows or not rows[e].profile_json]
     if missing:
         raise ConfigError(

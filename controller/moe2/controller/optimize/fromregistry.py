@@ -221,12 +221,13 @@ def scored_set(
     links: Mapping[str, p.LinkFigures] | None = None,
     online_only: bool = True,
     experts: Sequence[str] | None = None,
+    apps: Sequence[str] | None = None,
 ) -> ScoredSet:
-    """Every sample of ``dataset`` that all chosen experts scored; the experts are ``experts``
-    or every one with complete scores, a stored profile and (``online_only``) an online
-    status."""
-    agents = {a.id: a for a in reg.agents()}
+    """Every sample of ``dataset`` (of ``apps``, default all) that all chosen experts scored;
+    the experts are ``experts`` or every one with complete scores, a stored profile and
+    (``online_only``) an online status."""
     if experts is None:
+        agents = {a.id: a for a in reg.agents()}
         table = reg.score_table(dataset)
         chosen = [
             e
@@ -242,7 +243,7 @@ def scored_set(
             f"no expert has complete scores for {dataset!r}, a stored profile and (unless "
             "--include-offline) an online status; run `moe2ctl collect` and `moe2ctl sync`"
         )
-    table = reg.score_table(dataset, chosen)
+    table = reg.score_table(dataset, chosen, apps)
     if not table.samples:
         raise ConfigError(f"dataset {dataset!r} has no samples scored by all of {chosen}")
     mixed = mix(table, dataset)

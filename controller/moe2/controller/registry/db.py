@@ -14,7 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, delete, event, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -58,6 +69,14 @@ def engine_for(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+# Keys per IN (...) clause: well below SQLite's 32,766 bound parameters and PostgreSQL's 65,535.
+_IN_CHUNK = 500
+
+
+def _chunks(keys: list[str]) -> list[list[str]]:
+    return [keys[i : i + _IN_CHUNK] for i in range(0, len(keys), _IN_CHUNK)] or [[]]
 
 
 @dataclass(frozen=True)
@@ -154,9 +173,76 @@ class Registry:
             s.add(row)
             s.commit()
 
-    def agents(self) -> list[Agent]:
+    def store_agents(
+        self,
+        infos: Iterable[p.AgentInfo] = (),
+        states: Mapping[str, str] | None = None,
+        profiles: Iterable[p.AgentProfile] = (),
+    ) -> int:
+        """Write many agents' info, state (agent -> "online"/"offline") and profile in one
+        transaction; the number of agent rows that changed (a row already holding what is
+        given is not written, and keeps its ``last_seen``)."""
+        by_id: dict[str, dict[str, Any]] = {}
+        for info in infos:
+            by_id.setdefault(info.agent_id, {}).update(
+                model=info.model,
+                model_sha256=info.model_sha256,
+                architecture=info.architecture,
+                tokenizer_hash=info.tokenizer_hash,
+                n_vocab=info.n_vocab,
+                device_class=info.device_class,
+                info_json=info.model_dump_json(),
+            )
+        for agent_id, state in (states or {}).items():
+            by_id.setdefault(agent_id, {})["state"] = state
+        for prof in profiles:
+            by_id.setdefault(prof.agent_id, {})["profile_json"] = prof.model_dump_json()
+        if not by_id:
+            return 0
+        # Core statements, not ORM objects: a fleet's first sync writes thousands of rows.
+        table = Agent.__table__  # type: ignore[attr-defined]
+        columns = [c.name for c in table.columns]
+        blank = Agent(id="")  # a new row's defaults, once
+        defaults = {c: getattr(blank, c) for c in columns}
+        now = time.time()
+        ids = sorted(by_id)
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        with self.engine.begin() as conn:
+            found: dict[str, dict[str, Any]] = {}
+            for part in _chunks(ids):
+                q = select(table).where(table.c.id.in_(part))
+                found.update((r.id, dict(r._mapping)) for r in conn.execute(q))
+            for agent_id in ids:
+                fields = by_id[agent_id]
+                old = found.get(agent_id)
+                if old is None:
+                    inserts.append(defaults | fields | {"id": agent_id, "last_seen": now})
+                elif any(old[k] != v for k, v in fields.items()):
+                    updates.append(
+                        {f"new_{k}": v for k, v in (old | fields | {"last_seen": now}).items()}
+                    )
+            if inserts:
+                conn.execute(insert(table), inserts)
+            if updates:
+                stmt = (
+                    update(table)
+                    .where(table.c.id == bindparam("new_id"))
+                    .values({c: bindparam(f"new_{c}") for c in columns if c != "id"})
+                )
+                conn.execute(stmt, updates)
+        return len(inserts) + len(updates)
+
+    def agents(self, ids: Sequence[str] | None = None) -> list[Agent]:
+        """Every agent row, or those of ``ids`` (a fleet's registry holds thousands)."""
         with self.session() as s:
-            return list(s.execute(select(Agent).order_by(col(Agent.id))).scalars())
+            if ids is None:
+                return list(s.execute(select(Agent).order_by(col(Agent.id))).scalars())
+            out: list[Agent] = []
+            for part in _chunks(sorted(set(ids))):
+                q = select(Agent).where(col(Agent.id).in_(part)).order_by(col(Agent.id))
+                out += s.execute(q).scalars()
+            return sorted(out, key=lambda a: a.id)
 
     def agent_info(self, agent_id: str) -> p.AgentInfo | None:
         with self.session() as s:
@@ -273,22 +359,55 @@ class Registry:
         return len(batch)
 
     def score_count(self, dataset: str) -> dict[str, int]:
-        ds = self.dataset(dataset)
-        with self.session() as s:
-            q = (
-                select(col(Score.expert), col(Score.sample_id), col(Score.option))
-                .join(Sample, col(Sample.id) == col(Score.sample_id))
-                .where(col(Sample.dataset_id) == ds.id)
-            )
-            out: dict[str, int] = {}
-            for expert, _, _ in s.execute(q):
-                out[expert] = out.get(expert, 0) + 1
-            return out
+        """Expert -> number of targets of ``dataset`` it scored (counted by the database)."""
+        out: dict[str, int] = {}
+        for (expert, _app), n in self.score_counts_by_app(dataset).items():
+            out[expert] = out.get(expert, 0) + n
+        return out
 
-    def score_table(self, dataset: str, experts: Sequence[str] | None = None) -> ScoreTable:
+    def score_counts_by_app(
+        self, dataset: str, experts: Sequence[str] | None = None
+    ) -> dict[tuple[str, str], int]:
+        """(expert, application) -> targets of that application's samples the expert scored
+        (of ``experts``, default every one); compare with ``targets_by_app``."""
+        ds = self.dataset(dataset)
+        out: dict[tuple[str, str], int] = {}
+        chunks = [None] if experts is None else _chunks(list(experts))
+        with self.session() as s:
+            for part in chunks:
+                q = (
+                    select(col(Score.expert), col(Sample.app), func.count())
+                    .join(Sample, col(Sample.id) == col(Score.sample_id))
+                    .where(col(Sample.dataset_id) == ds.id)
+                    .group_by(col(Score.expert), col(Sample.app))
+                )
+                if part is not None:
+                    q = q.where(col(Score.expert).in_(part))
+                for expert, app, n in s.execute(q):
+                    out[(str(expert), str(app))] = int(n)
+        return out
+
+    def targets_by_app(self, dataset: str) -> dict[str, tuple[int, int]]:
+        """Application -> (samples, targets) of ``dataset``."""
+        out: dict[str, tuple[int, int]] = {}
+        for smp in self.samples(dataset):
+            n, t = out.get(smp.app, (0, 0))
+            out[smp.app] = (n + 1, t + len(smp.targets))
+        return out
+
+    def score_table(
+        self,
+        dataset: str,
+        experts: Sequence[str] | None = None,
+        apps: Sequence[str] | None = None,
+    ) -> ScoreTable:
         """Arrays of the scores of ``experts`` (default: every expert that scored every
-        target of the dataset); samples missing a score of one of them are left out."""
+        target of the dataset) on the samples of ``apps`` (default: every sample); samples
+        missing a score of one of them are left out."""
         samples = self.samples(dataset)
+        if apps is not None:
+            wanted = set(apps)
+            samples = [smp for smp in samples if smp.app in wanted]
         ds = self.dataset(dataset)
         with self.session() as s:
             q = (
@@ -303,14 +422,20 @@ class Registry:
                 .join(Sample, col(Sample.id) == col(Score.sample_id))
                 .where(col(Sample.dataset_id) == ds.id)
             )
+            if apps is not None:
+                q = q.where(col(Sample.app).in_(list(apps)))
             got: dict[tuple[int, str, int], list[float]] = {}
             hashes: dict[tuple[int, str, int], str] = {}
             lengths: dict[tuple[int, str], int] = {}  # (sample id, expert) -> prompt tokens
-            for sid, e, o, lp, h, n in s.execute(q):
-                got[(int(sid), e, int(o))] = json.loads(lp)
-                hashes[(int(sid), e, int(o))] = str(h)
-                if n is not None:
-                    lengths[(int(sid), e)] = int(n)
+            # Only the experts asked for: a fleet's registry holds thousands of others.
+            parts = [None] if experts is None else _chunks(list(experts))
+            for part in parts:
+                found = s.execute(q if part is None else q.where(col(Score.expert).in_(part)))
+                for sid, e, o, lp, h, n in found:
+                    got[(int(sid), e, int(o))] = json.loads(lp)
+                    hashes[(int(sid), e, int(o))] = str(h)
+                    if n is not None:
+                        lengths[(int(sid), e)] = int(n)
         needed = sum(len(smp.targets) for smp in samples)
         if experts is None:
             counts: dict[str, int] = {}
@@ -441,6 +566,43 @@ class Registry:
             row.received_at = time.time()
             s.add(row)
             s.commit()
+
+    def record_acks(
+        self, acks: Iterable[p.AssignmentAck] = (), gate_acks: Iterable[p.GateAck] = ()
+    ) -> int:
+        """Record many gateways' answers in one transaction; the number of rows written (an
+        answer already recorded as it is is not written again)."""
+        acks, gate_acks = list(acks), list(gate_acks)
+        if not acks and not gate_acks:
+            return 0
+        now = time.time()
+        written = 0
+        with self.session() as s:
+            for ack in acks:
+                key = (ack.gateway, ack.app, ack.version)
+                row = s.get(AssignmentAckRow, key)
+                if row is not None and (row.accepted, row.reason) == (ack.accepted, ack.reason):
+                    continue
+                row = row or AssignmentAckRow(
+                    gateway=ack.gateway, app=ack.app, version=ack.version, accepted=ack.accepted
+                )
+                row.accepted, row.reason, row.received_at = ack.accepted, ack.reason, now
+                s.add(row)
+                written += 1
+            for gack in gate_acks:
+                grow = s.get(GateAckRow, (gack.gateway, gack.version))
+                same = (gack.sha256, gack.state, gack.reason)
+                if grow is not None and (grow.sha256, grow.state, grow.reason) == same:
+                    continue
+                grow = grow or GateAckRow(
+                    gateway=gack.gateway, version=gack.version, sha256=gack.sha256, state=gack.state
+                )
+                grow.sha256, grow.state, grow.reason = same
+                grow.received_at = now
+                s.add(grow)
+                written += 1
+            s.commit()
+        return written
 
     def gate_acks(self, version: str) -> list[GateAckRow]:
         with self.session() as s:

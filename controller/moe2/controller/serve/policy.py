@@ -2,6 +2,9 @@
 
     policy = ServePolicy(dataset="qa", apps={"qa": 0.05}, energy=2.0, k=2)
 
+Each application is optimised on its own candidates (the experts scored on its samples), with
+a subset of its own; only the energy budget is shared (``optimize.decompose``).
+
 From a TOML file (``moe2ctl serve --policy FILE``), flags overriding it::
 
     dataset = "qa"
@@ -42,6 +45,19 @@ class ServePolicy(BaseModel):
         "(experts the gate does not know are left out, with the reason recorded)",
     )
     solver: str = Field(default="smo", description="subset optimiser")
+    time_limit_s: float | None = Field(
+        default=60.0,
+        gt=0,
+        description="seconds one optimisation may take (every application it re-optimises "
+        "shares them); the best subsets found by then come with their proven gap",
+    )
+    max_gap: float = Field(
+        default=0.0,
+        ge=0,
+        description="push a subset only when proven within this of the optimum (nats per "
+        "sample; 0: only proven optimal; inf: also a heuristic's, which proves nothing); "
+        "anything else is recorded as refused, with its gap",
+    )
     gate_delay: float | None = Field(
         default=None,
         ge=0,

@@ -1,18 +1,27 @@
 """The reconcile loop of ``moe2ctl serve``.
 
 Each tick: hold the lease (or stand by), look at the fleet view, list what changed since the
-last optimisation that matters (``changes``), and once the changes have settled
-(``debounce_s``) and the last optimisation is old enough (``min_interval_s``), sync the
-registry, re-optimise over the eligible experts and push what differs from the fleet's
-desired state. Every decision — pushed, unchanged, infeasible, failed, scored, dry-run — is
-recorded in the registry with its reason.
+last optimisation that matters (``changes``) and which applications it concerns, and once the
+changes have settled (``debounce_s``) and the last optimisation is old enough
+(``min_interval_s``), store what changed in the registry, re-optimise those applications
+alone over their eligible candidates and push what differs from the fleet's desired state.
+Every decision — pushed, unchanged, infeasible, refused, failed, scored, dry-run — is recorded
+in the registry with its reason.
 
 An expert is *eligible* when it is online, has a profile, has scored the policy's dataset and
-(with a trained gate) is known to the gate. Agents that join are scored in the background and
-become eligible when done. The measured delay the gateways report (``AppStats``) is checked
-against each app's promise once a full window has passed since the last push; when it is
-above the limit, that app's limit is tightened by measured / predicted for the next
-optimisation, so the optimiser's model is corrected by reality.
+(with a trained gate) is known to the gate; it is a *candidate* of the applications whose
+every sample it scored, and each application gets a subset of its own candidates
+(``optimize.decompose``: the energy budget is the only thing applications share). So an
+expert going offline re-optimises only the applications it served, a fleet of thousands of
+agents costs one application's solve per event, not every application's. Agents that join
+are scored in the background and become eligible when done. The measured delay the gateways
+report (``AppStats``) is checked against each app's promise once a full window has passed
+since its last push; when it is above the limit, that app's limit is tightened by measured /
+predicted for the next optimisation, so the optimiser's model is corrected by reality.
+
+A subset that is not proven optimal (a time limit, a split energy budget, a heuristic
+solver) is pushed only within the policy's ``max_gap``; otherwise the decision is
+``refused``, with the gap, and the fleet keeps what it has.
 
     reconciler = Reconciler(settings, policy, registry_url, holder="serve-1")
     reconciler.run(stop_event)
@@ -20,27 +29,28 @@ optimisation, so the optimiser's model is corrected by reality.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe2.controller.gate.weights import UNIFORM
+from moe2.controller.optimize.decompose import AppPart, ByApp, allowed, solve_by_app
 from moe2.controller.optimize.fromregistry import gate_delay_of, scored_set
-from moe2.controller.optimize.solution import Solution
-from moe2.controller.optimize.solvers import solve
 from moe2.controller.push import record
 from moe2.controller.registry.db import Registry
 from moe2.controller.registry.schema import Decision
-from moe2.controller.registry.sync import store
+from moe2.controller.registry.sync import RegistryWriter
 from moe2.controller.serve.policy import ServePolicy
 from moe2.shared import protocol as p
 from moe2.shared.desired import DesiredState
-from moe2.shared.errors import BrokerError, Moe2Error
+from moe2.shared.errors import BrokerError, ConfigError, Moe2Error
 from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection
 from moe2.shared.signing import Signer
@@ -64,15 +74,23 @@ class Basis:
     # app -> the subset on the broker (or pushed) then: a broker restarted without
     # persistence forgets its retained assignments, the basis does not
     assigned: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    app_at: dict[str, float] = field(default_factory=dict)  # app -> when it was last optimised
 
 
 @dataclass
 class Look:
-    """One look at the fleet: who is eligible and what changed that matters."""
+    """One look at the fleet: who is eligible, what changed that matters, and which
+    applications it concerns (each with its reasons)."""
 
     eligible: set[str]
     reasons: list[str] = field(default_factory=list)
     factors: dict[str, float] = field(default_factory=dict)  # app -> measured / predicted
+    apps: dict[str, list[str]] = field(default_factory=dict)  # app -> its reasons
+
+    def add(self, reason: str, apps: Iterable[str]) -> None:
+        self.reasons.append(reason)
+        for app in apps:
+            self.apps.setdefault(app, []).append(reason)
 
 
 def _figures(prof: p.AgentProfile) -> tuple[float, float]:
@@ -100,22 +118,38 @@ def changes(
     eligible: set[str],
     policy: ServePolicy,
     stats_window_s: float,
+    candidates: Mapping[str, set[str]] | None = None,
 ) -> Look:
-    """What changed since ``basis`` that matters to the assignments (pure)."""
+    """What changed since ``basis`` that matters, and to which applications (pure).
+    ``candidates``: app -> its eligible candidates (None: every eligible expert serves every
+    application, so every change concerns them all)."""
     look = Look(eligible)
+    apps = sorted(policy.apps)
+
+    def of(expert: str) -> list[str]:
+        if candidates is None:
+            return apps
+        return [a for a in apps if expert in candidates.get(a, ())]
+
     if basis is None:
-        look.reasons.append("first look at the fleet")
+        look.add("first look at the fleet", apps)
         return look
-    assigned = {e for a in state.desired_app.values() for e in a.subset}
-    assigned |= {e for subset in basis.assigned.values() for e in subset}
+    assigned: dict[str, set[str]] = {}  # expert -> the apps it is assigned to
+    for app, a in state.desired_app.items():
+        for e in a.subset:
+            assigned.setdefault(e, set()).add(app)
+    for app, subset in basis.assigned.items():
+        for e in subset:
+            assigned.setdefault(e, set()).add(app)
     for app in sorted(basis.assigned):
         if app not in state.desired_app:
-            look.reasons.append(f"{app}: its assignment is no longer on the broker")
+            look.add(f"{app}: its assignment is no longer on the broker", [app])
     for e in sorted(basis.eligible - eligible):
         if e in assigned:
-            look.reasons.append(f"assigned expert {e} is offline or no longer eligible")
+            served = sorted(assigned[e] & set(apps))
+            look.add(f"assigned expert {e} is offline or no longer eligible", served)
     for e in sorted(eligible - basis.eligible):
-        look.reasons.append(f"expert {e} is online and eligible")
+        look.add(f"expert {e} is online and eligible", of(e))
     links = state.best_links()
     for e in sorted(eligible & basis.eligible):
         prof = state.profile.get(e)
@@ -126,19 +160,18 @@ def changes(
                 ("energy", j, basis.token_j.get(e)),
             ):
                 if then and abs(now - then) / then > policy.profile_threshold:
-                    look.reasons.append(f"profile of {e}: per-token {name} {then:.4g} -> {now:.4g}")
+                    look.add(f"profile of {e}: per-token {name} {then:.4g} -> {now:.4g}", of(e))
         rtt = links[e].rtt_s if e in links else None
         if rtt is not None and abs(rtt - basis.rtt_s.get(e, rtt)) > policy.link_threshold_s:
-            look.reasons.append(f"link to {e}: round trip {basis.rtt_s[e]:.4f} -> {rtt:.4f} s")
+            look.add(f"link to {e}: round trip {basis.rtt_s[e]:.4f} -> {rtt:.4f} s", of(e))
     # Promises checked against reality, once the gateways' windows hold only answers given
     # with the current assignment.
     for app, limit in policy.apps.items():
-        got = measured_delay(state, app, basis.at + stats_window_s, policy.min_answers)
+        since = basis.app_at.get(app, basis.at) + stats_window_s
+        got = measured_delay(state, app, since, policy.min_answers)
         predicted = basis.predicted.get(app)
         if got is not None and got > limit * (1 + policy.delay_tolerance):
-            look.reasons.append(
-                f"{app}: measured {got:.4f} s per step is above its limit of {limit:g}"
-            )
+            look.add(f"{app}: measured {got:.4f} s per step is above its limit of {limit:g}", [app])
             if predicted:
                 look.factors[app] = max(1.0, got / predicted)
     return look
@@ -166,6 +199,7 @@ class Reconciler:
         self.stats_window_s = stats_window_s
         self.echo = echo or (lambda _d: None)
         self.reg = Registry.open(registry_url)
+        self.writer = RegistryWriter(self.reg)  # writes only what changed
         self.conn = Connection(broker, f"moe2ctl-{self.holder}")
         self.view = FleetView(self.conn)
         self.basis: Basis | None = None
@@ -173,19 +207,27 @@ class Reconciler:
         self.holding = False
         self.pending_since: float | None = None  # monotonic time of the first unacted change
         self.last_run = float("-inf")  # monotonic time of the last optimisation
-        self.scored: set[str] = set()
+        self.scored: dict[str, set[str]] = {}  # expert -> apps whose every sample it scored
+        self.weights: dict[str, float] = {}  # app -> its share of the policy's samples
+        self._targets: dict[str, int] = {}  # app -> targets of its samples in the dataset
+        self.app_energy: dict[str, float] = {}  # app -> weight x energy of its current subset
+        self.retry: set[str] = set()  # apps whose push failed: optimised again next time
         self.out_of_gate: set[str] = set()
+        # app -> the gate version its last promise went without a measured delay of (no
+        # gateway had announced running it yet): the announcement re-optimises it
+        self.gate_unmeasured: dict[str, str] = {}
         self._scoring: dict[str, Future[Any]] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="score")
         self._gate_experts: set[str] | None = None
         self._gate_ref: p.GateRef | None = None
-        self.optimisations = 0
+        self.optimisations = 0  # times it optimised (each for one or more applications)
+        self.solves = 0  # applications solved, over every optimisation
 
     # ------------------------------------------------------------------ lifecycle
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: connect (retrying), then tick."""
-        self._refresh_scored()
+        self._load_dataset()
         self._load_gate()
         while not stop.is_set():
             try:
@@ -223,8 +265,22 @@ class Reconciler:
             return  # agents are still reconnecting and announcing themselves
         state = self.view.copy()
         self._score_newcomers(state)
-        look = changes(self.basis, state, self._eligible(state), self.policy, self.stats_window_s)
-        if not look.reasons:
+        eligible = self._eligible(state)
+        look = changes(
+            self.basis,
+            state,
+            eligible,
+            self.policy,
+            self.stats_window_s,
+            self.candidates(eligible),
+        )
+        for app in sorted(self.retry):
+            look.add(f"{app}: its last push failed", [app])
+        announced = sorted(a for a, v in self.gate_unmeasured.items() if state.gate_latency(v))
+        for app in announced:
+            version = self.gate_unmeasured.pop(app)
+            look.add(f"{app}: a gateway announced gate {version}'s measured delay", [app])
+        if not look.apps:
             self.pending_since = None
             return
         now = time.monotonic()
@@ -255,11 +311,35 @@ class Reconciler:
 
     # ------------------------------------------------------------------ eligibility
 
-    def _refresh_scored(self) -> None:
-        samples = self.reg.samples(self.policy.dataset)  # ConfigError: no such dataset
-        needed = sum(len(s.targets) for s in samples)
-        counts = self.reg.score_count(self.policy.dataset)
-        self.scored = {e for e, n in counts.items() if n >= needed and needed > 0}
+    def _load_dataset(self) -> None:
+        """The applications' shares of the samples, and who scored which application."""
+        sizes = self.reg.targets_by_app(self.policy.dataset)  # ConfigError: no such dataset
+        missing = sorted(set(self.policy.apps) - set(sizes))
+        if missing:
+            raise ConfigError(
+                f"dataset {self.policy.dataset!r} has no samples of application(s) "
+                f"{', '.join(missing)}; it has {', '.join(sorted(sizes)) or 'none'}"
+            )
+        total = sum(sizes[a][0] for a in self.policy.apps)
+        self.weights = {a: sizes[a][0] / total for a in self.policy.apps}
+        self._targets = {a: t for a, (_, t) in sizes.items()}
+        self.scored = {}
+        self._refresh_scored()
+
+    def _refresh_scored(self, experts: list[str] | None = None) -> None:
+        counts = self.reg.score_counts_by_app(self.policy.dataset, experts)
+        for (expert, app), n in counts.items():
+            if n >= self._targets.get(app, 0) > 0:
+                self.scored.setdefault(expert, set()).add(app)
+
+    def candidates(self, eligible: set[str]) -> dict[str, set[str]]:
+        """App -> its eligible candidates (the experts that scored every sample of it)."""
+        out: dict[str, set[str]] = {a: set() for a in self.policy.apps}
+        for e in eligible:
+            for app in self.scored.get(e, ()):
+                if app in out:
+                    out[app].add(e)
+        return out
 
     def _load_gate(self) -> None:
         if self.policy.gate == "uniform":
@@ -274,7 +354,7 @@ class Reconciler:
     def _eligible(self, state: FleetState) -> set[str]:
         out = set()
         for e in state.online_agents():
-            if e not in state.profile or e not in self.scored:
+            if e not in state.profile or not self.scored.get(e):
                 continue
             if self._gate_experts is not None and e not in self._gate_experts:
                 if e not in self.out_of_gate:
@@ -318,7 +398,7 @@ class Reconciler:
                 f"agent {expert} scored {self.policy.dataset}: {report.as_dict()}",
             )
             if done:
-                self.scored.add(expert)
+                self._refresh_scored([expert])
         except Moe2Error as exc:
             self._decide(None, "failed", f"scoring {expert}: {exc.message}")
         finally:
@@ -328,102 +408,192 @@ class Reconciler:
     # ------------------------------------------------------------------ acting
 
     def optimise(self, state: FleetState, look: Look) -> None:
+        """Re-optimise the applications ``look`` names, alone; push what changed."""
         self.last_run = time.monotonic()
         self.pending_since = None
         self.optimisations += 1
-        reason = "; ".join(look.reasons)
+        apps = sorted(look.apps)
+        self.retry -= set(apps)
+        cands = self.candidates(look.eligible)
         # What this optimisation sees becomes the basis the next changes are measured from,
-        # whatever its outcome (a failed push resets it, so the next tick tries again).
-        self._set_basis(state, look.eligible, {})
+        # whatever its outcome (a failed push is optimised again on the next tick).
+        self._set_basis(state, look.eligible, {}, [])
+        limits = {a: self.policy.apps[a] / self.factors.get(a, 1.0) for a in apps}
+        parts: list[AppPart] = []
+        links = state.best_links()
         try:
-            store(self.reg, state)
-            if not look.eligible:
-                raise Moe2Error("no eligible expert (online, profiled and scored) yet")
-            data = scored_set(
-                self.reg,
-                self.policy.dataset,
-                gate_version=self.policy.gate,
-                links=state.best_links(),
-                online_only=False,
-                experts=sorted(look.eligible),
+            self.writer.store(state)
+        except Exception as exc:  # the registry is down: the next optimisation stores it
+            log.warning("could not store the fleet's state (%s)", exc)
+        for app in apps:
+            reason = "; ".join(look.apps[app])
+            try:
+                parts.append(self._part(state, app, cands[app], limits[app], links))
+            except Moe2Error as exc:
+                self._decide(app, "failed", f"{reason}: {exc.message}")
+        if not parts:
+            return
+        elsewhere = sum(e for a, e in self.app_energy.items() if a not in look.apps)
+        max_gap = self.policy.max_gap
+        try:
+            result = solve_by_app(
+                parts,
+                self.policy.energy,
+                solver=self.policy.solver,
+                epsilon=max_gap if max_gap < float("inf") else None,
+                time_limit=self.policy.time_limit_s,
+                energy_elsewhere=elsewhere,
             )
-            limits = {a: lim / self.factors.get(a, 1.0) for a, lim in self.policy.apps.items()}
-            # Until a gateway has run the gate and announced its delay (the first push of
-            # a new gate), the promise goes without it; the announcement is a change that
-            # the next look sees.
-            delay = gate_delay_of(state, data.gate.version, self.policy.gate_delay, required=False)
-            problem = data.problem(
-                limits, self.policy.energy, gate_delay=delay, energy_per=self.policy.energy_per
-            )
-            result = solve(problem, solver=self.policy.solver)
         except Moe2Error as exc:
-            self._decide(None, "failed", f"{reason}: {exc.message}")
+            for part in parts:
+                self._decide(part.app, "failed", f"{'; '.join(look.apps[part.app])}: {exc.message}")
             return
-        if not isinstance(result, Solution):
-            self._decide(None, "infeasible", f"{reason}: {result.reason}", detail=result.to_json())
-            return
-        self._set_basis(state, look.eligible, result.delay)
-        self._apply(state, result, reason, limits)
+        self.solves += int(result.stats.get("solves", len(parts)))
+        predicted = {a: s.delay[a] for a, s in result.solutions.items() if a in s.delay}
+        self._set_basis(state, look.eligible, predicted, apps)
+        self._apply(state, look, result, limits)
+
+    def _part(
+        self,
+        state: FleetState,
+        app: str,
+        candidates: set[str],
+        limit: float,
+        links: Mapping[str, p.LinkFigures],
+    ) -> AppPart:
+        """App's problem: its samples, scored by its eligible candidates, its costs by the one
+        cost function on their prompts' token counts, the gate's delay as the gateways
+        measured it."""
+        if not candidates:
+            raise Moe2Error(f"no eligible expert for {app} (online, profiled and scored on it)")
+        data = scored_set(
+            self.reg,
+            self.policy.dataset,
+            gate_version=self.policy.gate,
+            links=links,
+            online_only=False,
+            experts=sorted(candidates),
+            apps=[app],
+        )
+        rows = [i for i, a in enumerate(data.mixed.apps) if a == app]
+        if not rows:
+            raise Moe2Error(f"no sample of {app} is scored by all of its candidates")
+        # Until a gateway has run the gate and announced its delay (the first push of a new
+        # gate), the promise goes without it; the announcement is a change the next look sees.
+        version = data.gate.version
+        delay = gate_delay_of(state, version, self.policy.gate_delay, required=False)
+        if delay.curve is None and self.policy.gate_delay is None and version != UNIFORM:
+            self.gate_unmeasured[app] = version
+        else:
+            self.gate_unmeasured.pop(app, None)
+        problem = data.select(rows).problem(
+            {app: limit}, None, gate_delay=delay, energy_per=self.policy.energy_per
+        )
+        return AppPart(app, self.weights[app], problem)
 
     def _set_basis(
-        self, state: FleetState, eligible: set[str], predicted: Mapping[str, float]
+        self,
+        state: FleetState,
+        eligible: set[str],
+        predicted: Mapping[str, float],
+        apps: list[str],
     ) -> None:
         token_s, token_j = {}, {}
         for e in eligible:
             if e in state.profile:
                 token_s[e], token_j[e] = _figures(state.profile[e])
         links = state.best_links()
+        old = self.basis
+        now = time.time()
         self.basis = Basis(
             frozenset(eligible),
             token_s,
             token_j,
             {e: links[e].rtt_s for e in eligible if e in links},
-            dict(predicted),
-            time.time(),
+            (dict(old.predicted) if old else {}) | dict(predicted),
+            now,
             {
                 app: tuple(a.subset)
                 for app, a in state.desired_app.items()
                 if app in self.policy.apps
             },
+            (dict(old.app_at) if old else {}) | {a: now for a in apps},
         )
 
     def _apply(
-        self, state: FleetState, result: Solution, reason: str, limits: Mapping[str, float]
+        self, state: FleetState, look: Look, result: ByApp, limits: Mapping[str, float]
     ) -> None:
-        subset = list(result.subset)
-        k = min(self.policy.k, len(subset))
         gate = self._gate_ref
-        detail = {"delay": result.delay, "energy": result.energy, "limits": dict(limits)}
-        for app in sorted(self.policy.apps):
-            current = state.desired_app.get(app)
-            previous = list(current.subset) if current else None
-            if current and current.subset == subset and current.k == k and current.gate == gate:
-                self._decide(app, "unchanged", reason, subset, previous, current.version, detail)
-                continue
-            if self.dry_run:
-                self._decide(app, "dry-run", reason, subset, previous, None, detail)
-                continue
-            try:
-                with DesiredState(self.broker, signer=self.signer) as desired:
+        shared_gap = result.gap if result.coupled else None
+        desired: DesiredState | None = None  # one connection for every push of this look
+        with contextlib.ExitStack() as stack:
+            for app in sorted(look.apps):
+                reason = "; ".join(look.apps[app])
+                if app in result.infeasible:
+                    self._decide(app, "infeasible", f"{reason}: {result.infeasible[app].reason}")
+                    continue
+                sol = result.solutions.get(app)
+                if sol is None:
+                    continue  # failed before solving: recorded
+                subset = list(sol.subset)
+                k = min(self.policy.k, len(subset))
+                gap = shared_gap if result.coupled else sol.stats.get("gap")
+                detail: dict[str, Any] = {
+                    "delay": sol.delay,
+                    "energy": sol.energy,
+                    "limits": {app: limits[app]},
+                    "energy_limit": self.policy.energy,
+                    "energy_per": self.policy.energy_per,
+                    "gap": gap,
+                    "optimal": gap == 0.0,
+                    "coupled": result.coupled,
+                    "solver": sol.stats,
+                }
+                current = state.desired_app.get(app)
+                previous = list(current.subset) if current else None
+                if not allowed(gap, self.policy.max_gap):
+                    shown = "nothing proven" if gap is None else f"gap {gap:.4g} nats"
+                    self._decide(
+                        app,
+                        "refused",
+                        f"{reason}: not proven within max_gap={self.policy.max_gap:g} of the "
+                        f"optimum ({shown}; raise time_limit_s or max_gap)",
+                        subset,
+                        previous,
+                        None,
+                        detail,
+                    )
+                    continue
+                self.app_energy[app] = self.weights[app] * sol.energy
+                if current and (current.subset, current.k, current.gate) == (subset, k, gate):
+                    version = current.version
+                    self._decide(app, "unchanged", reason, subset, previous, version, detail)
+                    continue
+                if self.dry_run:
+                    self._decide(app, "dry-run", reason, subset, previous, None, detail)
+                    continue
+                try:
+                    if desired is None:
+                        desired = stack.enter_context(DesiredState(self.broker, signer=self.signer))
                     pushed = desired.push_assignment(
                         app, subset, k, gate=gate, wait_s=self.policy.push_wait_s
                     )
-            except Moe2Error as exc:
-                self._decide(app, "failed", f"{reason}: push failed: {exc.message}", subset)
-                self.basis = None  # try again on the next tick
-                continue
-            record(self.reg, [pushed])
-            if self.basis is not None:
-                self.basis.assigned[app] = tuple(subset)
-            self._decide(
-                app,
-                "pushed",
-                reason,
-                subset,
-                previous,
-                pushed.assignment.version,
-                detail | pushed.summary(),
-            )
+                except Moe2Error as exc:
+                    self._decide(app, "failed", f"{reason}: push failed: {exc.message}", subset)
+                    self.retry.add(app)
+                    continue
+                record(self.reg, [pushed])
+                if self.basis is not None:
+                    self.basis.assigned[app] = tuple(subset)
+                self._decide(
+                    app,
+                    "pushed",
+                    reason,
+                    subset,
+                    previous,
+                    pushed.assignment.version,
+                    detail | pushed.summary(),
+                )
 
     def _decide(
         self,

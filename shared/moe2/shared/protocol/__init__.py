@@ -12,7 +12,8 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
     moe2/v1/replies/<user>/rpc/<agent>         RpcReply        the agent's answer to <user>
     moe2/v1/replies/<user>/answers/<client>    prompt answers  a PromptClient's inbox
     moe2/v1/replies/<user>/...                 prompt answers  any other reply_to of <user>
-    moe2/v1/prompts/<app>                      (prompt API, see DESIGN.md §3)
+    moe2/v1/prompts/<app>[/<user>]             (the public prompt API, prompts.py)
+    moe2/v1/cancel/<app>[/<user>]              PromptCancel    stop answering a prompt
     moe2/v1/desired/apps/<app>       retained  AppAssignment   desired state (desired.py)
     moe2/v1/agents/<gw>/acks/<app>   retained  AssignmentAck   a gateway accepted/rejected it
     moe2/v1/gates/<version>          retained  GateManifest    a trained gate (gates.py)
@@ -72,9 +73,11 @@ from moe2.shared.protocol.prompts import (
     DroppedExpert,
     ExpertWeight,
     PromptAnswer,
+    PromptCancel,
     PromptError,
     PromptRequest,
     StreamChunk,
+    decode_cancel,
     decode_prompt,
     prompt_error,
 )
@@ -170,6 +173,7 @@ __all__ = [
     "ProfileReply",
     "ProfileRequest",
     "PromptAnswer",
+    "PromptCancel",
     "PromptError",
     "PromptRequest",
     "ScoreChoicesReply",
@@ -191,6 +195,7 @@ __all__ = [
     "VocabRequest",
     "assignment_digest",
     "check_name",
+    "decode_cancel",
     "decode_message",
     "decode_prompt",
     "decode_reply",

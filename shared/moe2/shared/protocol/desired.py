@@ -143,10 +143,23 @@ class GatewayStatus(Message):
     # draining (its kept MQTT session may hold prompts: see agent/gateway/adopt.py).
     lost: bool = False
     # The MQTT client id of its kept session, bound to its login (moe2.shared.logins): what
-    # a live gateway connects under to adopt that session. Only gateway and controller
-    # logins may read this topic.
+    # a live gateway connects under to adopt that session. Only gateway, controller and
+    # http (moe2-http) logins may read this topic.
     session: str | None = Field(default=None, max_length=1024)
     overhead: GatewayOverhead | None = None  # its own time per answer; None: none measured
+    # Prompts it generates at once, and more it lets wait before answering 'busy': a
+    # front (moe2-http) keeps its requests in flight within their sum. None: not announced.
+    # An older peer rejects a status that has them: upgrade gateways and their readers
+    # (moe2ctl, moe2-http, the other gateways) together.
+    max_concurrent: int | None = Field(default=None, ge=1)
+    max_pending: int | None = Field(default=None, ge=0)
+
+    @property
+    def capacity(self) -> int | None:
+        """Prompts it takes at once (running and waiting), when announced."""
+        if self.max_concurrent is None:
+            return None
+        return self.max_concurrent + (self.max_pending or 0)
 
 
 class AppFigures(BaseModel):

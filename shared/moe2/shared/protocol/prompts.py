@@ -22,6 +22,13 @@ application's subset, fuses the log-likelihoods with the one mixing rule, and an
 ``ChoiceAnswer`` ``{"id", "choice": index, "logprobs": [...], "experts", "mixing", "steps",
 "latency_ms", "compute_ms", "app", "dropped", "gateway"}`` (no stream chunks).
 
+A client that no longer wants an answer (its user went away) publishes a ``PromptCancel``
+``{"id", "reply_to"}`` (both as the prompt gave them) to ``moe2/v1/cancel/<app>`` (or
+``moe2/v1/cancel/<app>/<its login>`` on a broker with logins, where the ACL binds it): every
+gateway sees it, the one holding the prompt stops its generation (freeing the experts'
+sessions) and answers the prompt ``cancelled``; a cancel that comes before its prompt is
+remembered for a minute.
+
 These payloads carry no schema version: the topic's ``v1`` is the version, so that any MQTT
 client can speak it.
 """
@@ -55,7 +62,12 @@ from moe2.shared.protocol.base import (
 MAX_PROMPT_ID = 128
 MAX_MESSAGES = 256  # turns in one conversation
 MAX_TOPIC = 512
-_TOPIC_OK = re.compile(r"^[^#+\x00]+$")
+# What a broker accepts in a topic name: no wildcards, and none of the code points MQTT
+# forbids or lets a server refuse (controls U+0000-001F and U+007F-009F, surrogates,
+# non-characters). mosquitto answers a PUBLISH to such a topic by dropping the connection as
+# malformed, and a kept session sends the same PUBLISH again on every reconnect: one prompt
+# with such a reply_to would cut its gateway off the broker for good.
+_TOPIC_OK = re.compile("^[^#+\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef]+$")
 _NAME_RE = re.compile(NAME_PATTERN)
 REPLIES_ROOT = f"{TOPIC_ROOT}/replies"
 _STRUCTURE = re.compile(r'"|,|[\[{]+|[\]}]+')  # runs of brackets at once
@@ -63,10 +75,16 @@ _NESTED = re.compile(r'"|[\[{]+|[\]}]+')  # inside brackets, commas do not matte
 
 
 def check_publish_topic(topic: str) -> str:
-    if not topic or len(topic) > MAX_TOPIC or not _TOPIC_OK.match(topic) or topic.startswith("$"):
+    if (
+        not topic
+        or len(topic) > MAX_TOPIC
+        or not _TOPIC_OK.match(topic)
+        or topic.startswith("$")
+        or any(ord(c) & 0xFFFE == 0xFFFE for c in topic)  # U+xFFFE, U+xFFFF: non-characters
+    ):
         raise ValueError(
-            "must be a topic to publish to: 1-512 characters, no '+', '#', NUL, not starting "
-            "with '$'"
+            "must be a topic to publish to: 1-512 characters, no '+', '#', control characters "
+            "or non-characters, not starting with '$'"
         )
     return topic
 
@@ -286,6 +304,21 @@ class PromptRequest(_Public):
         return self.prompt or ""
 
 
+class PromptCancel(_Public):
+    """Published on ``moe2/v1/cancel/<app>[/<user>]``: stop answering prompt ``id``.
+    ``reply_to`` must be the prompt's own, so a cancel names the prompt of one client, not any
+    prompt that happens to share an id; the topic's ``<app>`` and ``<user>`` must be those of
+    the prompt's topic, so a user cancels only its own prompts."""
+
+    id: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_ID)]
+    reply_to: str
+
+    @field_validator("reply_to")
+    @classmethod
+    def _reply_topic(cls, v: str) -> str:
+        return check_reply_topic(v)
+
+
 class StreamChunk(_Public):
     id: str
     index: int  # 0, 1, 2... in order
@@ -373,6 +406,21 @@ def decode_prompt(
         raise BadMessage(f"invalid prompt: {describe_error(exc)}") from None
 
 
+MAX_CANCEL_BYTES = 4096
+
+
+def decode_cancel(payload: bytes | bytearray) -> PromptCancel:
+    """A ``PromptCancel``; raises BadMessage/MessageTooLarge."""
+    if len(payload) > MAX_CANCEL_BYTES:
+        raise MessageTooLarge(f"cancel message of {len(payload)} bytes exceeds {MAX_CANCEL_BYTES}")
+    try:
+        cancel = PromptCancel.model_validate_json(payload)
+    except ValidationError as exc:
+        raise BadMessage(f"invalid cancel: {describe_error(exc)}") from None
+    _refuse_duplicate_keys(payload, "cancel")  # as for prompts: one reading of id/reply_to
+    return cancel
+
+
 class _DuplicateKey(ValueError):
     pass
 
@@ -386,11 +434,11 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _refuse_duplicate_keys(payload: bytes | bytearray) -> None:
+def _refuse_duplicate_keys(payload: bytes | bytearray, what: str = "prompt") -> None:
     """BadMessage when an object of ``payload`` (valid JSON already) repeats a key."""
     try:
         json.loads(payload, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as exc:
-        raise BadMessage(f"invalid prompt: the key {exc.args[0]!r} is given twice") from None
+        raise BadMessage(f"invalid {what}: the key {exc.args[0]!r} is given twice") from None
     except (ValueError, RecursionError) as exc:  # accepted by pydantic, not by json: refuse
-        raise BadMessage(f"prompt is not a JSON object: {type(exc).__name__}") from None
+        raise BadMessage(f"{what} is not a JSON object: {type(exc).__name__}") from None

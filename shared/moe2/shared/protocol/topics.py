@@ -22,6 +22,7 @@ TopicKind = Literal[
     "gate_manifest",  # gates/<version>                   retained GateManifest
     "blob_chunk",  # blobs/<sha256>/<index>               retained raw bytes
     "prompt",  # prompts/<app>[/<owner>]                  the public prompt API
+    "cancel",  # cancel/<app>[/<owner>]                   PromptCancel of a prompt to <app>
     "reply",  # replies/<owner>/...                       answers and RPC replies
 ]
 
@@ -83,6 +84,9 @@ def parse(topic: str) -> Topic | None:
         if head == "prompts" and len(tail) in (1, 2):
             owner = check_name("client id", tail[1]) if len(tail) == 2 else None
             return Topic("prompt", app=check_name("application", tail[0]), client=owner)
+        if head == "cancel" and len(tail) in (1, 2):
+            owner = check_name("client id", tail[1]) if len(tail) == 2 else None
+            return Topic("cancel", app=check_name("application", tail[0]), client=owner)
         if head == "replies" and len(tail) >= 1:
             return Topic("reply", client=check_name("client id", tail[0]), rest=tuple(tail[1:]))
     except BadMessage:
@@ -221,6 +225,16 @@ class topics:
         """Where a gateway answers a prompt of ``owner`` (published on prompts/<app>/<owner>)
         that names no reply topic it may use: malformed, or another user's inbox."""
         return f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/errors"
+
+    @staticmethod
+    def cancel(app: str, owner: str | None = None) -> str:
+        """Where a client cancels a prompt it sent to ``app`` (``PromptCancel``); every
+        gateway reads it (no shared subscription: the one holding the prompt acts).
+        ``owner``: the publisher's broker login, a level a broker ACL can bind to it."""
+        base = f"{TOPIC_ROOT}/cancel/{check_name('application', app)}"
+        return base if owner is None else f"{base}/{check_name('client id', owner)}"
+
+    ALL_CANCELS = f"{TOPIC_ROOT}/cancel/#"
 
     # ------------------------------------------------------------------ desired state
 
