@@ -254,7 +254,7 @@ def test_without_sharing_every_sample_evaluates_its_prompt(
 
     task = ScoreMany(animals_backend, [(prompt, t) for t in targets], reply, share=False)
     job = Job(p.PingRequest())  # (any request: the task is given)
-    sched = Scheduler(animals_backend, lambda _req: task, lambda j, r: j.done(r))
+    sched = Scheduler(animals_backend, lambda _req, _requester: task, lambda j, r: j.done(r))
     sched.run(job)
     assert sched.decoded_tokens == sum(len(prompt) + len(t) - 1 for t in targets)
     (done,) = job.replies

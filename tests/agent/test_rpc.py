@@ -32,8 +32,15 @@ def rpc(broker_config: BrokerConfig) -> Any:
 
 @pytest.fixture
 def animals_agent(start_agent: Any, tiny_models: dict[str, Path]) -> Any:
+    # No profile at start: the agent serves requests between a profile's windows, and a
+    # session opened while the profile's sequences hold KV cells of the same context lands
+    # elsewhere in the cache, which moves its log-probs by ~3e-4 from a fresh context's.
     return start_agent(
-        tiny_models["animals"], f"animals-{uuid.uuid4().hex[:6]}", "--max-sessions", "2"
+        tiny_models["animals"],
+        f"animals-{uuid.uuid4().hex[:6]}",
+        "--max-sessions",
+        "2",
+        "--no-profile-on-start",
     )
 
 

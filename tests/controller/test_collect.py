@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from slowexpert import claim_faster, long_questions, start_profiled
 
 from moe2.agent.config import AgentConfig
 from moe2.agent.llama import LlamaCppBackend
@@ -23,6 +24,7 @@ from moe2.controller.collect import CollectSettings, collect
 from moe2.controller.localfleet import LocalFleet
 from moe2.controller.registry import Registry
 from moe2.controller.registry.sync import online_experts, sync_once
+from moe2.shared import protocol as p
 from moe2.shared.mqtt import BrokerConfig, RpcClient
 
 DOMAINS = ("animals", "cooking")
@@ -62,7 +64,7 @@ def test_collect_resumes_after_interruption_without_loss_or_duplicates(
         if done >= 20:
             stop.set()  # what SIGTERM / Ctrl-C do in `moe2ctl collect`
 
-    settings = CollectSettings(window=2, commit_every=8)
+    settings = CollectSettings(window=2, batch=4, commit_every=8)  # small: interrupted mid-way
     with RpcClient(broker_config, timeout=30) as rpc:
         first = collect(registry, rpc, "mqtt", online, settings, stop=stop, on_progress=interrupt)
     assert first.interrupted and 20 <= first.stored < total and not first.failed
@@ -131,6 +133,32 @@ def test_collect_reports_an_expert_that_is_gone(
         )
     assert "ghost-1" in report.failed and "timeout" in report.failed["ghost-1"]
     assert registry.score_count("gone") == {experts["cooking"]: 4}
+
+
+def test_collect_from_an_expert_ten_times_slower_than_its_profile_completes_in_smaller_batches(
+    broker_config: BrokerConfig, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Its profile makes the first requests ten times too big for their timeouts: they time
+    out, the expert drops them (nobody waits any more), and they are retried in halves at the
+    pace the expert showed, until the collection is complete. Default settings."""
+    agent_id = f"slow-{uuid.uuid4().hex[:6]}"
+    with LocalFleet(broker_config, tmp_path / "fleet") as fleet:
+        start_profiled(fleet, agent_id, tiny_models["animals"])
+        claim_faster(broker_config, agent_id, 10.0)
+        # ~1,500 tokens each: a full request (256 samples, the prompt scored once for both
+        # options) is then well over the 10 s a timeout waits at least
+        samples = long_questions(240, seed=5, chars=6000)
+        registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+        registry.add_dataset("slow", "multiple-choice", "tiny", samples)
+        sync_once(registry, broker_config)
+        online = {agent_id: online_experts(registry)[agent_id]}
+        with RpcClient(broker_config) as rpc:
+            report = collect(registry, rpc, "slow", online)
+    assert report.complete and not report.failed, report.as_dict()
+    pace = report.pace[agent_id]
+    assert pace["timeouts"] >= 1 and pace["smallest_batch"] < p.MAX_SCORE_SAMPLES, pace
+    assert registry.score_count("slow") == {agent_id: 2 * len(samples)}
+    registry.close()
 
 
 def test_every_score_is_stored_with_the_prompts_real_length_and_old_ones_get_it(

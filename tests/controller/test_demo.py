@@ -126,6 +126,48 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
         assert _gone(pid), (pid, text[-2000:])
 
 
+@pytest.mark.timeout(900)
+def test_a_demo_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path) -> None:
+    """SIGKILL runs none of the demo's cleanup: its broker and agents must go by themselves
+    (each child asked the kernel for a signal when its parent dies)."""
+    (tmp_path / "none.toml").write_text("")
+    proc = subprocess.Popen(
+        _demo(tmp_path),
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reached = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "scores: every expert" in line:
+                reached.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert reached.wait(600), "".join(lines)[-3000:]
+        pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(lines))]
+        assert len(pids) == 5, "".join(lines)  # the broker and four agents
+        assert all(not _gone(pid, 0.1) for pid in pids)  # running
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    for pid in pids:
+        assert _gone(pid, 20.0), (pid, "".join(lines)[-2000:])
+
+
 @pytest.mark.parametrize("flag", ["--fleet", "--device-class"])
 def test_demo_help_names_its_options(flag: str) -> None:
     from click.testing import CliRunner

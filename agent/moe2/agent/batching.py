@@ -18,16 +18,27 @@ the scheduler's ``clock`` around each tick's decode: wall time by default, the m
 CPU time where energy is modelled on a CPU (``Meter.model_clock``); ``wall_s`` always holds
 the wall time, which ``on_model_time`` hears before each reply (the agent's own handling of a
 request is its time less that).
+
+Nothing is computed for nobody: with a ``drop`` hook (the daemon's: the request's deadline
+passed, its requester is gone, the agent stops), a job is answered with the hook's error
+instead of being started, and a task in progress is stopped at its next tick (its session
+rolled back). ``compute_s`` counts the model time of every tick, ``wasted_s`` the share of it
+spent on tasks nobody got the answer of (stopped, or finished after their deadline), and
+``late_s`` the share spent in ticks begun after a task's deadline had passed: nothing, with a
+drop hook, beyond the tick in flight when the deadline passes. ``seconds_per_token``, what
+backpressure expects work to take before a deadline, is of wall time.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,12 +54,22 @@ log = logging.getLogger(__name__)
 MAX_LOGIT_FLOATS = 16 << 20
 
 
+@dataclass(frozen=True)
+class Drop:
+    """Why a job is dropped (``reason``: a metric label) and the error it is answered with."""
+
+    reason: str
+    error: Exception
+
+
 class Task(abc.ABC):
     """The model work of one request."""
 
     compute_s = 0.0  # model time of the ticks this task took part in (the scheduler's clock)
     wall_s = 0.0  # wall seconds of those ticks
+    cost_s = 0.0  # its share of those ticks' model time, by tokens evaluated
     error: Exception | None = None
+    dropped: Drop | None = None  # stopped before its end (deadline, requester gone...)
 
     @property
     @abc.abstractmethod
@@ -70,6 +91,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def finish(self) -> p.Message:
         """The reply, once done; raises the Moe2Error the request failed with."""
+
+    def abandon(self, error: Exception) -> None:
+        """Stop here: nothing more is computed, ``finish`` raises ``error`` (and cleans up)."""
+        self.error = error
 
 
 class Evaluate(Task):
@@ -120,11 +145,14 @@ class Evaluate(Task):
     def take(self, results: list[list[np.ndarray] | Exception]) -> None:
         (res,) = results
         if isinstance(res, Exception):
-            self.error = res
-            self.seq.truncate(self.n0)
+            self.abandon(res)
             return
         self.out += res
         self._pos, self._row = self._chunk
+
+    def abandon(self, error: Exception) -> None:
+        self.error = error
+        self.seq.truncate(self.n0)
 
     def finish(self) -> p.Message:
         try:
@@ -144,28 +172,66 @@ class Scheduler:
     def __init__(
         self,
         backend: ModelBackend,
-        start: Callable[[Any], Task | p.Message],  # request -> its task, or the reply now
+        start: Callable[..., Task | p.Message],  # (request, requester) -> task, or reply now
         on_done: Callable[[Any, p.Message], None],  # (job, reply)
         *,
         n_batch: int = 512,
         clock: Callable[[], float] = time.perf_counter,  # model time, read on this thread
         on_model_time: Callable[[Any, float], None] | None = None,  # (job, wall s of its ticks)
+        # (job, running) -> why to drop it now, before it starts or at a tick of its task
+        drop: Callable[[Any, bool], Drop | None] | None = None,
+        on_drop: Callable[[Any, Drop, float], None] | None = None,  # (job, why, seconds lost)
+        late: Callable[[Any], bool] | None = None,  # job -> its answer comes too late
     ) -> None:
         self.backend = backend
         self._start = start
         self._on_done = on_done
         self.clock = clock
         self._on_model_time = on_model_time
+        self._drop = drop
+        self._on_drop = on_drop
+        self._late = late
         self.n_batch = n_batch
         self.max_rows = max(1, MAX_LOGIT_FLOATS // max(1, backend.info.n_vocab))
         self._active: list[tuple[Any, Task, str | None]] = []
         self._busy: dict[str, deque[Any]] = {}  # session -> jobs waiting behind its task
         self.ticks = 0
         self.decoded_tokens = 0
+        self.compute_s = 0.0  # model time of every tick
+        self.wasted_s = 0.0  # of which spent on tasks whose answer nobody got
+        self.late_s = 0.0  # of which in ticks begun after the task's deadline
+        # Wall seconds per token evaluated, recent ticks weighted by their tokens (None: no tick
+        # yet): what the daemon's backpressure expects work to take.
+        self.seconds_per_token: float | None = None
+        # Tokens each active task still needs, as of the last tick (read by other threads).
+        self.needs: tuple[int, ...] = ()
 
     @property
     def idle(self) -> bool:
         return not self._active
+
+    def drop_all(self, why: Drop) -> int:
+        """Answer every active and waiting job with ``why`` at once (the agent stops)."""
+        n = 0
+        for job, task, _key in self._active:
+            task.abandon(why.error)
+            with contextlib.suppress(Exception):  # raises why.error; releases what it held
+                task.finish()
+            self._dropped(job, why, task.cost_s)
+            n += 1
+        for queue in self._busy.values():
+            for job in queue:
+                self._dropped(job, why, 0.0)
+                n += 1
+        self._active, self._busy, self.needs = [], {}, ()
+        return n
+
+    def _dropped(self, job: Any, why: Drop, lost_s: float) -> None:
+        self.wasted_s += lost_s
+        if self._on_drop is not None:
+            self._on_drop(job, why, lost_s)
+        err = why.error
+        self._on_done(job, _error_reply(job.request, err))
 
     def submit(self, job: Any) -> None:
         key = getattr(job.request, "session", None)
@@ -176,16 +242,22 @@ class Scheduler:
 
     def _begin(self, job: Any, key: str | None) -> None:
         while True:
-            try:
-                work = self._start(job.request)
-            except Exception as exc:
-                work = _error_reply(job.request, exc)
+            why = self._drop(job, False) if self._drop is not None else None
+            if why is not None:
+                self._dropped(job, why, 0.0)
+                work: Task | p.Message | None = None
+            else:
+                try:
+                    work = self._start(job.request, getattr(job, "requester", None))
+                except Exception as exc:
+                    work = _error_reply(job.request, exc)
             if isinstance(work, Task):
                 self._active.append((job, work, key))
                 if key is not None:
                     self._busy.setdefault(key, deque())
                 return
-            self._on_done(job, work)
+            if work is not None:
+                self._on_done(job, work)
             # Answered at once: the session's next waiting job (if any) may start.
             queue = self._busy.get(key) if key is not None else None
             if not queue:
@@ -196,16 +268,23 @@ class Scheduler:
 
     def tick(self) -> None:
         """Evaluate one chunk of every active task, in one batch; reply to those done."""
+        if self._drop is not None:
+            for job, task, _key in self._active:
+                why = None if task.done else self._drop(job, True)
+                if why is not None:  # stopped here; answered with the others below
+                    task.abandon(why.error)
+                    self._dropped_running(job, why, task)
         if not self._active:
             return
         tokens, rows = self.n_batch, self.max_rows
-        plan: list[tuple[Task, int, int]] = []  # (task, first part, part count)
+        plan: list[tuple[Task, int, int, bool]] = []  # (task, first part, part count, late)
         parts: list[DecodePart] = []
-        for _job, task, _key in sorted(self._active, key=lambda a: a[1].need()):
+        for job, task, _key in sorted(self._active, key=lambda a: a[1].need()):
             if tokens <= 0 or task.done:
                 continue
             got = task.parts(tokens, rows)
-            plan.append((task, len(parts), len(got)))
+            late = self._late is not None and self._late(job)
+            plan.append((task, len(parts), len(got), late))
             parts += got
             tokens -= sum(len(x.tokens) for x in got)
             rows -= sum(len(x.rows) for x in got)
@@ -218,10 +297,19 @@ class Scheduler:
             results = [InternalError(f"{type(exc).__name__}: {exc}")] * len(parts)
         wall, spent = time.perf_counter() - t0, self.clock() - c0
         self.ticks += 1
-        self.decoded_tokens += sum(len(x.tokens) for x in parts)
-        for task, first, count in plan:
+        n_tokens = sum(len(x.tokens) for x in parts)
+        self.decoded_tokens += n_tokens
+        self.compute_s += spent
+        if n_tokens:
+            self._measure(wall, n_tokens)
+        for task, first, count, late in plan:
             task.compute_s += spent
             task.wall_s += wall
+            if n_tokens:
+                share = spent * sum(len(x.tokens) for x in parts[first : first + count]) / n_tokens
+                task.cost_s += share
+                if late:  # a tick begun after its deadline: what the drop hook prevents
+                    self.late_s += share
             if count:
                 try:
                     task.take(results[first : first + count])
@@ -230,11 +318,14 @@ class Scheduler:
                     task.error = exc
         finished = [a for a in self._active if a[1].done]
         self._active = [a for a in self._active if not a[1].done]
+        self.needs = tuple(sorted(t.need() for _, t, _ in self._active))
         for job, task, key in finished:
             try:
                 reply = task.finish()
             except Exception as exc:
                 reply = _error_reply(job.request, exc)
+            if task.dropped is None and self._late is not None and self._late(job):
+                self.wasted_s += task.cost_s  # finished, but after its requester gave up
             if self._on_model_time is not None:
                 self._on_model_time(job, task.wall_s)
             self._on_done(job, reply)
@@ -244,6 +335,22 @@ class Scheduler:
                     self._begin(queue.popleft(), key)
                 else:
                     self._busy.pop(key, None)
+
+    def _dropped_running(self, job: Any, why: Drop, task: Task) -> None:
+        """A task stopped mid-way: counted now, answered when the tick collects it."""
+        task.dropped = why
+        self.wasted_s += task.cost_s
+        if self._on_drop is not None:
+            self._on_drop(job, why, task.cost_s)
+
+    def _measure(self, seconds: float, tokens: int) -> None:
+        """Update ``seconds_per_token``: ticks weighted by tokens, the last ~2,000 tokens."""
+        rate = seconds / tokens
+        if self.seconds_per_token is None:
+            self.seconds_per_token = rate
+        else:
+            w = min(1.0, tokens / 2000)
+            self.seconds_per_token += w * (rate - self.seconds_per_token)
 
     def run(self, job: Any) -> None:
         """Submit one job and tick until nothing is active (a synchronous caller)."""

@@ -19,8 +19,20 @@ published retained, and a failed profile is logged and answered as an error whil
 keeps serving.
 
 Stopping (SIGTERM) drains: the gateway, if any, stops taking prompts and finishes those in
-flight; then the agent opens no new session (``cancelled``) but serves the sessions other
-gateways still step, for up to ``drain_s``; only then does it say offline and disconnect.
+flight; then the agent opens no new session and takes no new scoring (``cancelled``) but
+serves the sessions other gateways still step and the work it accepted, for up to
+``drain_s``; only then does it say offline and disconnect, dropping whatever is left.
+
+Nothing is computed for nobody. Every request carries its deadline (``timeout_ms``, counted
+from its arrival here) and names its requester (``RpcClient``): a request whose deadline
+passed is never started and one in progress is stopped at its next tick; the work of a
+requester that is gone (``requesters.py``) is dropped and its sessions freed; a request sent
+again (same requester and correlation) while the first copy is queued or running is ignored
+(the first one's reply answers it). Backpressure instead of queueing: new work (open and the
+scoring operations) that the work queued ahead would not let finish by its deadline is
+refused at once with ``busy`` and a retry-after hint (the time that work takes, at the
+throughput the last ticks measured). The metrics count what was dropped and why, and the
+model time spent on answers nobody got.
 
 An agent keeps its retained announcements true: when its info or status topic shows something
 else than it published (overwritten or cleared by someone with write access), it publishes
@@ -29,11 +41,12 @@ them again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -41,29 +54,34 @@ import paho.mqtt.client as mqtt
 
 from moe2.agent import __version__
 from moe2.agent.backend import ModelBackend
-from moe2.agent.batching import Scheduler
+from moe2.agent.batching import Drop, Scheduler
 from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.service import Gateway
 from moe2.agent.metrics import AgentMetrics, GatewayMetrics
 from moe2.agent.metrics import serve as serve_metrics
 from moe2.agent.overhead import RequestTimes, moved, probe
 from moe2.agent.profiler import SelfProfiler, current_power_mode
-from moe2.agent.service import AgentService
+from moe2.agent.requesters import Requesters
+from moe2.agent.service import AgentService, work_tokens
 from moe2.shared import protocol as p
 from moe2.shared.devices import resolve_device_class
-from moe2.shared.errors import Busy, ProtocolError
+from moe2.shared.errors import Busy, Cancelled, ProtocolError, RequestTimeout
 from moe2.shared.files import sha256_file
-from moe2.shared.mqtt import Connection, reply_properties, reply_qos
+from moe2.shared.mqtt import Connection, reply_properties, reply_qos, requester_of
 
 log = logging.getLogger(__name__)
 
 # A session stepped within this many seconds is in use (a generation steps every few seconds
 # at most: the gateways' step timeout); the drain on stop waits for those.
 _STEP_GAP_S = 5.0
-# How often an idle model thread reclaims sessions unused for session_idle_s.
-_RECLAIM_EVERY_S = 5.0
+# How often the model thread frees sessions: idle ones, orphans, those of gone requesters
+# (an idle model thread wakes this often, and looks at its own time per request too).
+_HOUSEKEEPING_S = 1.0
 # How often the agent looks whether its own time per request moved enough to announce.
 _OVERHEAD_EVERY_S = 2.0
+# New work: what backpressure may refuse, and what a draining agent no longer takes (steps,
+# drafts and verifications continue sessions in use).
+_NEW_WORK = (p.OpenRequest, p.ScoreRequest, p.ScoreManyRequest, p.ScoreChoicesRequest)
 
 
 @dataclass
@@ -75,6 +93,13 @@ class _Job:
     qos: int = 1  # replies travel with the QoS the request came with
     codec: str = "json"  # replies travel in the codec the request came in
     model_s: float = 0.0  # wall seconds of its model work (set by the scheduler)
+    deadline: float | None = None  # time.monotonic(): its requester stops waiting then
+    requester: str | None = None  # "<owner>/<client id>", when it named itself
+    tokens: int | None = None  # model work it asks for, estimated (None: none)
+    key: tuple[str, bytes] | None = field(default=None, repr=False)  # (requester, correlation)
+
+
+_WAKE = _Job(None, None, None, 0.0)  # queued to wake the model thread (a requester is gone)
 
 
 class Agent:
@@ -90,9 +115,6 @@ class Agent:
             config.default_top_k,
             config.session_idle_s,
             model_clock=model_clock,
-        )
-        self.scheduler = Scheduler(
-            backend, self.service.start, self._done, clock=model_clock, on_model_time=_model_time
         )
         self.service.profiler = self.profiler
         self.profile: p.AgentProfile | None = None  # the last one published
@@ -117,6 +139,28 @@ class Agent:
         self._stopped = threading.Event()
         self.metrics = AgentMetrics(config.id)
         self.metrics.watch(self._jobs.qsize, lambda: len(self.service.sessions))
+        self.scheduler = Scheduler(
+            backend,
+            self.service.start,
+            self._done,
+            clock=model_clock,
+            on_model_time=_model_time,
+            drop=self._why_drop,
+            on_drop=self._on_drop,
+            late=lambda job: job.deadline is not None and time.monotonic() > job.deadline,
+        )
+        self.requesters = Requesters(self.conn, self._requester_gone, self.service.sessions.resync)
+        self._draining = False  # stopping: new work is refused, accepted work finishes
+        self._closing = False  # disconnected: whatever is left is dropped
+        self._gone: set[str] = set()  # requesters whose sessions are still to free
+        self._gone_lock = threading.Lock()
+        # Jobs queued for the model thread (id -> estimated tokens) and the requests in
+        # progress (requester, correlation), both shared with the network thread.
+        self._queued: dict[int, int] = {}
+        self._inflight: set[tuple[str, bytes]] = set()
+        self._queued_lock = threading.Lock()
+        # (compute_s, wasted_s, late_s) of the scheduler already in the metrics
+        self._compute_counted = (0.0, 0.0, 0.0)
         if backend.offload is not None:
             self.metrics.set_offload(backend.offload)
         self._metrics_server: WSGIServer | None = None
@@ -232,6 +276,7 @@ class Agent:
         if self.gateway is not None:
             self.gateway.stop(drain_s=self.config.drain_s)
         self._drain_sessions()
+        self._closing = True  # from here on nobody would get an answer: compute nothing
         offline = p.AgentStatus(agent_id=self.config.id, state="offline", since=time.time())
         try:
             info = self.conn.publish(
@@ -252,17 +297,33 @@ class Agent:
         self.service.close()
 
     def _drain_sessions(self) -> None:
-        """Open no new session; serve the ones in use until they close or ``drain_s``."""
+        """Open no new session and take no new work; serve the sessions in use and the work
+        accepted until they are done or ``drain_s``."""
         self.service.accepting = False
+        self._draining = True
         deadline = time.monotonic() + self.config.drain_s
-        # In use: stepped recently. A generation steps every few seconds at most (the
-        # gateways' step timeout); a session quiet for longer was abandoned.
-        while time.monotonic() < deadline and self.service.sessions.in_use(_STEP_GAP_S) > 0:
+
+        def busy() -> bool:
+            # In use: stepped recently. A generation steps every few seconds at most (the
+            # gateways' step timeout); a session quiet for longer was abandoned.
+            with self._queued_lock:
+                queued = len(self._queued)
+            return (
+                self.service.sessions.in_use(_STEP_GAP_S) > 0
+                or not self.scheduler.idle
+                or queued > 0
+            )
+
+        while time.monotonic() < deadline and busy():
             time.sleep(0.05)
         left = self.service.sessions.in_use(_STEP_GAP_S)
-        if left:
+        if left or not self.scheduler.idle:
             log.warning(
-                "stopping with %d sessions still in use after %.0f s", left, self.config.drain_s
+                "stopping with %d sessions still in use and %d requests in progress after "
+                "%.0f s: dropping them",
+                left,
+                len(self.scheduler.needs),
+                self.config.drain_s,
             )
 
     def wait(self) -> None:
@@ -371,14 +432,114 @@ class Agent:
                 codec,
             )
             return
+        requester = requester_of(msg)
+        job = _Job(request, topic, corr, received, qos, codec, requester=requester)
+        if request.timeout_ms is not None:
+            job.deadline = received + request.timeout_ms / 1e3
+        job.tokens = work_tokens(request)
+        if requester is not None and corr is not None:
+            job.key = (requester, corr)
+        refusal = self._refuse(job)
+        if refusal is not None:
+            reason, err = refusal
+            self.metrics.dropped.labels(request.op, reason).inc()
+            if isinstance(err, Busy):
+                self.metrics.busy.inc()
+            after = err.retry_after_s if isinstance(err, Busy) else None
+            reply = p.error_reply(
+                err.code, err.message, request.op, after * 1e3 if after is not None else None
+            )
+            self._reply(topic, corr, reply, qos, codec)
+            return
+        if job.key is not None:
+            with self._queued_lock:
+                if job.key in self._inflight:  # sent again; the first copy will answer it
+                    self.metrics.dropped.labels(request.op, "duplicate").inc()
+                    return
+                self._inflight.add(job.key)
+        with self._queued_lock:
+            self._queued[id(job)] = job.tokens or 0
         try:
-            self._jobs.put_nowait(_Job(request, topic, corr, received, qos, codec))
+            self._jobs.put_nowait(job)
         except queue.Full:
+            self._taken(job)
+            self._forget(job)
             self.metrics.busy.inc()
+            self.metrics.dropped.labels(request.op, "busy").inc()
             err = Busy(
                 f"agent {self.config.id} has {self.config.queue_size} requests waiting; retry later"
             )
             self._reply(topic, corr, p.error_reply(err.code, err.message, request.op), qos, codec)
+
+    def _refuse(self, job: _Job) -> tuple[str, Busy | Cancelled] | None:
+        """Why new work is refused at once: the agent stops, or the work ahead of it would
+        not let it finish by its deadline (backpressure); None: queue it."""
+        if not isinstance(job.request, _NEW_WORK):
+            return None
+        if self._draining:
+            return "stopping", Cancelled(f"agent {self.config.id} is stopping; ask another")
+        spt = self.scheduler.seconds_per_token
+        if job.deadline is None or job.tokens is None or spt is None:
+            return None
+        n = job.tokens
+        with self._queued_lock:
+            queued = list(self._queued.values())
+        ahead = sum(min(x, n) for x in self.scheduler.needs) + sum(min(x, n) for x in queued)
+        wait_s, alone_s = ahead * spt, n * spt
+        left = job.deadline - time.monotonic()
+        if wait_s + alone_s <= left or alone_s > left:
+            return None  # it fits; or not even alone: the deadline, not the load, is short
+        return "busy", Busy(
+            f"agent {self.config.id} has about {wait_s:.1f} s of work queued ahead of this "
+            f"request (~{n} tokens), which has {left:.1f} s left; retry later",
+            retry_after_s=wait_s,
+        )
+
+    def _taken(self, job: _Job) -> None:
+        """The model thread took ``job`` out of the queue."""
+        with self._queued_lock:
+            self._queued.pop(id(job), None)
+
+    def _forget(self, job: _Job) -> None:
+        """``job`` is answered: a copy sent again from now on is a new request."""
+        if job.key is not None:
+            with self._queued_lock:
+                self._inflight.discard(job.key)
+
+    # ------------------------------------------------------------------ dropping
+
+    def _why_drop(self, job: _Job, running: bool) -> Drop | None:
+        """Why the scheduler must drop ``job`` now (model thread; ``running``: its task has
+        begun); None: go on."""
+        if isinstance(job.request, p.CloseRequest):
+            return None  # frees a session, costs nothing: always done
+        if self._closing:
+            return Drop("stopping", Cancelled(f"agent {self.config.id} stopped"))
+        if self.requesters.is_gone(job.requester):
+            return Drop("requester_gone", Cancelled(f"requester {job.requester} is gone"))
+        now = time.monotonic()
+        if job.deadline is not None and now > job.deadline:
+            waited = now - job.received
+            return Drop(
+                "expired_running" if running else "expired",
+                RequestTimeout(
+                    f"the requester's deadline passed {'while' if running else 'before'} agent "
+                    f"{self.config.id} {'computed' if running else 'could start'} it "
+                    f"({waited:.1f} s after it came); nothing more is computed for it"
+                ),
+            )
+        return None
+
+    def _on_drop(self, job: _Job, why: Drop, lost_s: float) -> None:
+        self.metrics.dropped.labels(job.request.op, why.reason).inc()
+
+    def _requester_gone(self, key: str) -> None:
+        """A requester is gone (its last will): drop its work, free its sessions."""
+        with self._gone_lock:
+            self._gone.add(key)
+        # Full: the model thread is busy, and frees them at its next housekeeping.
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(_WAKE)
 
     def _count(self, op: str, reply: p.Message, seconds: float) -> None:
         m = self.metrics
@@ -393,26 +554,62 @@ class Agent:
 
     def _work(self) -> None:
         """The model thread: queued requests go to the scheduler, which evaluates every
-        active request's next chunk in one batch per tick (``batching.py``); when nothing
-        is asked for a while, sessions left idle are reclaimed."""
+        active request's next chunk in one batch per tick (``batching.py``); every second,
+        sessions are freed (idle, orphaned, or of a requester that is gone)."""
         stopping = False
-        while not stopping or not self.scheduler.idle:
+        next_housekeeping = 0.0
+        while not stopping:
             # Wait only when there is nothing to compute; otherwise take what has arrived.
             block = self.scheduler.idle
-            while not stopping:
+            while True:
                 try:
-                    job = self._jobs.get(block=block, timeout=_RECLAIM_EVERY_S if block else None)
+                    job = self._jobs.get(block=block, timeout=_HOUSEKEEPING_S if block else None)
                 except queue.Empty:
-                    if block:
-                        self.service.sessions.reclaim_idle()
                     break
                 block = False
                 if job is None:
                     stopping = True
                     break
+                if job is _WAKE:
+                    next_housekeeping = 0.0
+                    continue
+                self._taken(job)
                 self.scheduler.submit(job)
+            if stopping:
+                break
             self.scheduler.tick()
+            self._count_compute()
+            if time.monotonic() >= next_housekeeping:
+                next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
+                self._housekeeping()
             self._announce_overhead()
+        # Disconnected: nobody would get an answer now. Compute nothing more.
+        dropped = self.scheduler.drop_all(Drop("stopping", Cancelled("the agent stopped")))
+        if dropped:
+            log.info("dropped %d requests in progress as the agent stopped", dropped)
+        self._count_compute()
+
+    def _housekeeping(self) -> None:
+        """Free the sessions of requesters that are gone (once no request works on them),
+        and those left idle or orphaned."""
+        with self._gone_lock:
+            gone = list(self._gone)
+        for key in gone:
+            self.service.sessions.close_owned(key)
+            if not self.service.sessions.owned(key):
+                with self._gone_lock:
+                    self._gone.discard(key)
+        self.service.sessions.reclaim_idle()
+
+    def _count_compute(self) -> None:
+        s, m = self.scheduler, self.metrics
+        now = (s.compute_s, s.wasted_s, s.late_s)
+        for counter, value, counted in zip(
+            (m.compute_seconds, m.wasted_seconds, m.late_seconds), now, self._compute_counted
+        ):
+            if value > counted:
+                counter.inc(value - counted)
+        self._compute_counted = now
 
     def _serve_waiting(self) -> None:
         """Between two profiling measurements: serve the requests waiting now (a profile
@@ -423,14 +620,16 @@ class Agent:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is None or isinstance(job.request, p.ProfileRequest):
+            if job is None or job is _WAKE or isinstance(job.request, p.ProfileRequest):
                 later.append(job)
             else:
+                self._taken(job)
                 self.scheduler.run(job)
         for job in later:
             self._jobs.put(job)
 
     def _done(self, job: _Job, reply: p.Message) -> None:
+        self._forget(job)
         self._count(job.request.op, reply, time.monotonic() - job.received)
         if isinstance(job.request, p.ProfileRequest):
             reply = self._after_profile(job, reply)

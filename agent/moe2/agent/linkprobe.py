@@ -78,7 +78,7 @@ def measure_link(
     def round_trip(request: BaseModel) -> tuple[float, int]:
         body = p.encode(request)
         t0 = clock()
-        reply = rpc.wait(rpc.send_raw(agent_id, body), timeout)
+        reply = rpc.wait(rpc.send_raw(agent_id, body, timeout))
         seconds = clock() - t0
         return seconds, len(body) + len(p.encode(reply))
 
@@ -89,7 +89,7 @@ def measure_link(
     round_trip(p.PingRequest())  # warm-up: the first request pays for caches and routes
     ping = sample(p.PingRequest())
 
-    unit = rpc.wait(rpc.call_async(agent_id, p.TokenizeRequest(text=_TEXT)), timeout).tokens
+    unit = rpc.call(agent_id, p.TokenizeRequest(text=_TEXT), timeout).tokens
     if not unit:
         raise ModelError(f"agent {agent_id} tokenized the probe text into no tokens")
     # Bytes one token adds to a round trip (its id out, its text back), from one small probe.

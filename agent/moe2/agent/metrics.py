@@ -4,7 +4,8 @@ agent process (``--metrics-port``; off by default).
     moe2-agent --model m.gguf --metrics-port 9464        # then scrape http://box:9464/metrics
 
 Agent: requests and errors by operation and code, model time per request, queue depth,
-open sessions, tokens evaluated, where the model runs (``moe2_agent_offload_info``, GPU
+open sessions, tokens evaluated, requests dropped and why, model time in all and the part
+spent on answers nobody got, where the model runs (``moe2_agent_offload_info``, GPU
 layers). Gateway: prompts and errors by application and code, generated tokens, tokens per
 second of each answer, the latency of each fused step, experts dropped, prompts in flight.
 Each agent holds its own registry, so several agents in one process (tests) do not mix.
@@ -62,7 +63,34 @@ class AgentMetrics:
         )
         self.sessions = Gauge("moe2_agent_sessions", "open sessions (KV caches)", registry=r)
         self.busy = Counter(
-            "moe2_agent_busy_refusals", "requests refused because the queue was full", registry=r
+            "moe2_agent_busy_refusals",
+            "requests refused with 'busy' (queue full, or backpressure: the work queued ahead "
+            "would not let them finish by their deadline)",
+            registry=r,
+        )
+        self.dropped = Counter(
+            "moe2_agent_dropped_requests",
+            "requests not computed to their end, by operation and why: expired (deadline "
+            "passed before it started: never started), expired_running (stopped at a tick "
+            "after its deadline), requester_gone, stopping, duplicate (sent again while the "
+            "first copy ran), busy (refused at once)",
+            ["op", "reason"],
+            registry=r,
+        )
+        self.compute_seconds = Counter(
+            "moe2_agent_compute_seconds", "model time of every batched tick, seconds", registry=r
+        )
+        self.late_seconds = Counter(
+            "moe2_agent_late_compute_seconds",
+            "model time spent on requests in ticks begun after their deadline had passed "
+            "(nobody waited for them any more), seconds",
+            registry=r,
+        )
+        self.wasted_seconds = Counter(
+            "moe2_agent_wasted_compute_seconds",
+            "model time spent on requests whose answer nobody got (stopped after their "
+            "deadline, their requester gone, or finished after the deadline), seconds",
+            registry=r,
         )
         self.gpu_layers = Gauge(
             "moe2_agent_gpu_layers", "model layers offloaded to a GPU", registry=r

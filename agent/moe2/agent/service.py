@@ -75,10 +75,11 @@ class AgentService:
             raise error_from_reply(job.reply.error.code, job.reply.error.message)
         return job.reply
 
-    def start(self, req: Any) -> Task | p.Message:
-        """The reply now, or the task that will produce it; raises Moe2Error."""
+    def start(self, req: Any, owner: str | None = None) -> Task | p.Message:
+        """The reply now, or the task that will produce it; raises Moe2Error. ``owner``: the
+        requester, whose sessions are freed when it is gone."""
         if isinstance(req, p.OpenRequest):
-            return self._open(req)
+            return self._open(req, owner)
         if isinstance(req, p.StepRequest):
             return self._step(req)
         if isinstance(req, p.VerifyRequest):
@@ -177,7 +178,7 @@ class AgentService:
 
     # ------------------------------------------------------------------ sessions
 
-    def _open(self, req: p.OpenRequest) -> Evaluate:
+    def _open(self, req: p.OpenRequest, owner: str | None = None) -> Evaluate:
         if not self.accepting:
             raise Cancelled(f"agent {self.agent_id} is stopping and opens no new session")
         if req.messages is not None:
@@ -190,7 +191,7 @@ class AgentService:
                 f"the prompt's {len(tokens)} tokens exceed the context size "
                 f"{self.backend.info.n_ctx}"
             )
-        sid, seq = self.sessions.reserve()
+        sid, seq = self.sessions.reserve(owner)
         release = self._hold(sid)
         encode = self._encoder(req)
 
@@ -422,3 +423,45 @@ class _Sync:
 
     def done(self, reply: p.Message) -> None:
         self.reply = reply
+
+
+# Characters per token when a request's text is not tokenized yet (an underestimate of the
+# tokens for most text and tokenizers: backpressure then refuses late rather than early).
+_CHARS_PER_TOKEN = 4
+
+
+def work_tokens(req: Any) -> int | None:
+    """Tokens of model work ``req`` asks for, estimated before it is tokenized (text:
+    ``_CHARS_PER_TOKEN`` characters a token); None: no model work (tokenize, close...)."""
+
+    def text(t: str | None, ids: list[int] | None) -> int:
+        return len(ids) if ids is not None else max(1, len(t or "") // _CHARS_PER_TOKEN)
+
+    if isinstance(req, p.OpenRequest):
+        if req.messages is not None:
+            return max(1, sum(len(m.content) for m in req.messages) // _CHARS_PER_TOKEN)
+        return text(req.prompt, req.tokens)
+    if isinstance(req, p.StepRequest):
+        return text(req.text or req.text_b64, req.tokens)
+    if isinstance(req, p.DraftRequest):
+        return len(req.feed) + req.gamma
+    if isinstance(req, p.VerifyRequest):
+        return len(req.feed)
+    if isinstance(req, p.ScoreRequest | p.ScoreSample):
+        return text(req.prompt, req.prompt_tokens) + text(req.target, req.target_tokens)
+    if isinstance(req, p.ScoreManyRequest):
+        # Samples that share a prompt evaluate it once (``tasks.ScoreMany``).
+        prompts: dict[tuple[int, ...] | str, int] = {}
+        targets = 0
+        for s in req.samples:
+            key = tuple(s.prompt_tokens) if s.prompt_tokens is not None else s.prompt or ""
+            prompts[key] = text(s.prompt, s.prompt_tokens)
+            targets += text(s.target, s.target_tokens)
+        return sum(prompts.values()) + targets
+    if isinstance(req, p.ScoreChoicesRequest):
+        if req.targets_tokens is not None:
+            options = sum(len(t) for t in req.targets_tokens)
+        else:
+            options = sum(text(t, None) for t in req.targets or [])
+        return text(req.prompt, req.prompt_tokens) + options
+    return None

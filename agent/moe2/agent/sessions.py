@@ -10,6 +10,12 @@ prompt its expert mid-answer, while a refused open can be retried or queued by t
 that asked. What frees room is a close, or a session left idle for ``idle_s`` (its gateway
 failed or died before closing it): idle sessions are reclaimed when room is needed and now
 and then, and using one afterwards is a ``session_evicted`` error, not a silent fresh history.
+
+Each session remembers its owner (the requester that opened it), so capacity held by the
+dead is freed within seconds rather than after ``idle_s``: ``close_owned`` frees every session
+of a requester that is gone, and after a requester reconnects (``resync``: a broker restart,
+a network blip) its sessions it does not use again within ``orphan_s`` are reclaimed (it lost
+track of them with its connection: an open whose reply was lost, a close that never came).
 """
 
 from __future__ import annotations
@@ -36,11 +42,17 @@ class SessionManager:
         max_sessions: int,
         idle_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        orphan_s: float = 10.0,
     ) -> None:
         self._backend = backend
         self.max_sessions = max_sessions
         self.idle_s = idle_s  # seconds unused after which a session is reclaimed
+        # Seconds after its owner reconnected that a session it has not used since is
+        # reclaimed (a live generation steps every few seconds).
+        self.orphan_s = orphan_s
         self._clock = clock
+        self._owners: dict[str, str] = {}  # session -> the requester that opened it
+        self._resynced: dict[str, float] = {}  # requester -> when it reconnected
         # id -> (sequence, last use); oldest use first. The lock guards the tables against
         # readers on other threads (the daemon's drain); all model work is on one thread.
         self._live: OrderedDict[str, tuple[Sequence, float]] = OrderedDict()
@@ -60,7 +72,7 @@ class SessionManager:
         with self._lock:
             return sum(1 for _, used in self._live.values() if now - used < within_s)
 
-    def open(self, tokens: Seq[int]) -> tuple[str, Sequence, np.ndarray]:
+    def open(self, tokens: Seq[int], owner: str | None = None) -> tuple[str, Sequence, np.ndarray]:
         """A new session holding ``tokens``; returns (id, sequence, next-token log-probs).
         ``Busy`` when every session is in use."""
         seq = self._acquire()
@@ -70,23 +82,45 @@ class SessionManager:
             seq.truncate(0)
             self._free.append(seq)
             raise
-        sid = f"s-{secrets.token_hex(8)}"
-        with self._lock:
-            self._live[sid] = (seq, self._clock())
-        return sid, seq, logprobs
+        return self._add(seq, owner), seq, logprobs
 
-    def reserve(self) -> tuple[str, Sequence]:
-        """A new, empty session (the caller evaluates its prompt, or ``discard`` s it)."""
+    def reserve(self, owner: str | None = None) -> tuple[str, Sequence]:
+        """A new, empty session of ``owner`` (the caller evaluates its prompt, or
+        ``discard`` s it)."""
         seq = self._acquire()
+        return self._add(seq, owner), seq
+
+    def _add(self, seq: Sequence, owner: str | None) -> str:
         sid = f"s-{secrets.token_hex(8)}"
         with self._lock:
             self._live[sid] = (seq, self._clock())
-        return sid, seq
+            if owner is not None:
+                self._owners[sid] = owner
+        return sid
+
+    def owned(self, owner: str) -> list[str]:
+        with self._lock:
+            return [sid for sid, o in self._owners.items() if o == owner]
+
+    def close_owned(self, owner: str) -> int:
+        """Close every session of ``owner`` that no request is working on; how many."""
+        closed = 0
+        for sid in self.owned(owner):
+            if sid not in self.busy:
+                self.close(sid)
+                closed += 1
+        return closed
+
+    def resync(self, owner: str) -> None:
+        """``owner`` reconnected: its sessions it does not use within ``orphan_s`` go."""
+        with self._lock:
+            self._resynced[owner] = self._clock()
 
     def discard(self, sid: str) -> None:
         """Forget a session whose opening failed (no ``SessionEvicted`` for it later)."""
         with self._lock:
             entry = self._live.pop(sid, None)
+            self._owners.pop(sid, None)
         self.busy.discard(sid)
         if entry is not None:
             entry[0].truncate(0)
@@ -109,6 +143,7 @@ class SessionManager:
     def close(self, sid: str) -> None:
         with self._lock:
             entry = self._live.pop(sid, None)
+            self._owners.pop(sid, None)
         if entry is None:
             self.get(sid)  # raises the right error
             return
@@ -119,21 +154,30 @@ class SessionManager:
         with self._lock:
             seqs = [s for s, _ in self._live.values()] + self._free
             self._live.clear()
+            self._owners.clear()
             self._free = []
         for seq in seqs:
             seq.close()
 
     def reclaim_idle(self) -> int:
-        """Close the sessions unused for ``idle_s``; returns how many."""
+        """Close the sessions unused for ``idle_s``, and those their owner did not use
+        within ``orphan_s`` of reconnecting; returns how many."""
         now = self._clock()
         with self._lock:
+            self._resynced = {o: t for o, t in self._resynced.items() if now - t < self.idle_s}
+
+            def orphaned(sid: str, used: float) -> bool:
+                since = self._resynced.get(self._owners.get(sid, ""))
+                return since is not None and used < since and now - since >= self.orphan_s
+
             stale = [
                 sid
                 for sid, (_, used) in self._live.items()
-                if now - used >= self.idle_s and sid not in self.busy
+                if (now - used >= self.idle_s or orphaned(sid, used)) and sid not in self.busy
             ]
             seqs = [self._live.pop(sid)[0] for sid in stale]
             for sid in stale:
+                self._owners.pop(sid, None)
                 self._expired[sid] = None
             while len(self._expired) > _REMEMBER_EXPIRED:
                 self._expired.popitem(last=False)

@@ -74,8 +74,7 @@ class Draft(Task):
     def take(self, results: list[list[np.ndarray] | Exception]) -> None:
         (res,) = results
         if isinstance(res, Exception):
-            self.error = res
-            self.seq.truncate(self.n0)
+            self.abandon(res)
             return
         del self._pending[: self._sent]
         if self._pending:
@@ -94,6 +93,10 @@ class Draft(Task):
             self._finished = True
         else:
             self._pending = [token]
+
+    def abandon(self, error: Exception) -> None:
+        self.error = error
+        self.seq.truncate(self.n0)
 
     def finish(self) -> p.Message:
         try:

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from moe2.controller.options import broker_from_flags, broker_options, emit, json_option
+from moe2.shared.costmodel import CostCurve
 from moe2.shared.errors import Moe2Error
 from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig, RpcClient
@@ -187,7 +188,7 @@ def profile_summary(profile: AgentProfile, lengths: Iterable[int]) -> dict[str, 
     }
 
 
-def _curve_text(name: str, curve: Any) -> str:
+def _curve_text(name: str, curve: CostCurve) -> str:
     terms = " + ".join(
         f"{c:.4g}" + ("" if i == 0 else " L" if i == 1 else f" L^{i}")
         for i, c in enumerate(curve.coef)
@@ -214,7 +215,11 @@ def _profiles_text(summaries: list[dict[str, Any]]) -> str:
             + ")",
             f"  delay: {delay}; profiled {when} in {p.duration_s:.1f} s",
         ]
-        curves = [_curve_text(n, getattr(p.curves, n)) for n in type(p.curves).model_fields]
+        curves = [
+            _curve_text(n, c)
+            for n in type(p.curves).model_fields
+            if isinstance(c := getattr(p.curves, n), CostCurve)  # not an absent scoring curve
+        ]
         table = _table(
             ["  PROMPT", "PROMPT s", "s/TOKEN", "PROMPT J", "J/TOKEN"],
             [

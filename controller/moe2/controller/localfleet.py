@@ -1,5 +1,7 @@
 """A fleet on one machine: agent processes started from here, for the demo and for trying
-moe2 out without any edge boxes. Each agent is a real ``moe2-agent`` process.
+moe2 out without any edge boxes. Each agent is a real ``moe2-agent`` process, in a process
+group of its own, that dies with this process even when it is killed with SIGKILL
+(``moe2.shared.children``: start the fleet from a thread that lives as long as it should).
 
     with LocalFleet(broker_cfg, workdir) as fleet:
         fleet.start("code-1", Path("tiny-code.gguf"))
@@ -17,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from moe2.shared import protocol as p
+from moe2.shared.children import child_options
 from moe2.shared.errors import Moe2Error
 from moe2.shared.fleet import FleetState, FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection
@@ -70,7 +73,9 @@ class LocalFleet:
             *flags,
         ]
         with (self.workdir / f"{agent_id}.log").open("ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **child_options()
+            )
         self.procs[agent_id] = proc
         if "--serve-app" in flags or "--gateway-enabled" in flags:
             self.gateways.add(agent_id)

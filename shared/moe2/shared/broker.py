@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from moe2.shared.children import child_options
 from moe2.shared.errors import BrokerError
 
 # Mosquitto's default of 1000 queued messages per client silently drops messages to a slow
@@ -44,10 +45,12 @@ def render_mosquitto_conf(
     ]
     if persistence_dir:
         lines += ["persistence true", f"persistence_location {persistence_dir}/"]
-        if os.geteuid() == 0:  # else mosquitto drops to its own user, who cannot write there
-            lines.append("user root")
     else:
         lines.append("persistence false")
+    if os.geteuid() == 0:
+        # Else mosquitto drops to its own user, who cannot write our persistence folder, and
+        # whose change of credentials clears the signal that stops it when we die.
+        lines.append("user root")
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +106,7 @@ class Broker(abc.ABC):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=workdir,
-                start_new_session=True,
+                **child_options(),  # dies with us, even when we are killed with SIGKILL
             )
         try:
             wait_for_port(self.host, self.port, timeout, self._proc)
@@ -267,8 +270,7 @@ next_connection_delay_ms = 1
     dynamic_filters = true
 """
         )
-    return (
-        """id = 0
+    return """id = 0
 
 [router]
 id = 0
@@ -277,9 +279,7 @@ max_outgoing_packet_count = 200
 max_segment_size = 104857600
 max_segment_count = 10
 
-"""
-        + "\n".join(listeners)
-    )
+""" + "\n".join(listeners)
 
 
 BROKERS: dict[str, type[Broker]] = {"mosquitto": MosquittoBroker, "iotcore": IotcoreBroker}

@@ -17,7 +17,7 @@ callers never parse message text.
     ├── ModelError
     │   ├── ContextOverflow         history would exceed the context size       (context_overflow)
     │   └── InvalidToken            token id outside the vocabulary             (invalid_token)
-    ├── Busy                        request queue full, retry later             (busy)
+    ├── Busy                        no room now, retry later (after its hint)   (busy)
     ├── UnknownApp                  no assignment for this application          (unknown_app)
     ├── NoExperts                   no chosen expert online / all failed        (no_experts)
     ├── DeadlineExceeded            the prompt's deadline passed                (deadline)
@@ -90,7 +90,13 @@ class InvalidToken(ModelError):
 
 
 class Busy(Moe2Error):
+    """``retry_after_s``: when the refuser expects to have room (None: it did not say)."""
+
     code = "busy"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UnknownApp(Moe2Error):
@@ -156,9 +162,12 @@ def _all_codes() -> dict[str, type[Moe2Error]]:
     return out
 
 
-def error_from_reply(code: str, message: str) -> Moe2Error:
-    """The local exception for a peer's error reply (``RemoteError`` for unknown codes)."""
+def error_from_reply(code: str, message: str, *, retry_after_s: float | None = None) -> Moe2Error:
+    """The local exception for a peer's error reply (``RemoteError`` for unknown codes);
+    ``retry_after_s``: the hint a ``busy`` reply carries."""
     cls = _all_codes().get(code)
     if cls is None or cls is Moe2Error:
         return RemoteError(code, message)
+    if cls is Busy:
+        return Busy(message, retry_after_s)
     return cls(message)

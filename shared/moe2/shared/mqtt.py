@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
 import socket
 import ssl
@@ -32,12 +33,13 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,6 +59,8 @@ R = TypeVar("R", bound=_Reply)
 log = logging.getLogger(__name__)
 
 Handler = Callable[[mqtt.MQTTMessage], None]
+
+_REMEMBER_PUBACKS = 4096  # PUBACK results kept for publish_acked (message ids wrap at 65535)
 
 
 class BrokerConfig(BaseModel):
@@ -107,12 +111,15 @@ class Connection:
         will: tuple[str, bytes, bool] | None = None,
         session_expiry_s: int = 0,
         reconnect: bool = True,
+        will_expiry_s: int | None = None,
         exact_client_id: bool = False,
     ) -> None:
         """``client_id`` is bound to the login (``BrokerConfig.client_id``) unless
         ``exact_client_id`` (another login's id, known on purpose: adopting a session).
         ``reconnect=False``: a connection lost stays lost (one that borrows another
-        client's session must not take it back from its owner)."""
+        client's session must not take it back from its owner). ``will_expiry_s``: the
+        broker forgets the last will (a retained one too) this many seconds after it
+        published it."""
         self.broker = broker
         self.client_id = client_id if exact_client_id else broker.client_id(client_id)
         # 0: a clean session on every connect; > 0: the broker keeps our session (its
@@ -144,7 +151,11 @@ class Connection:
             )
         if will is not None:
             topic, payload, retain = will
-            self._client.will_set(topic, payload, qos=1, retain=retain)
+            will_props = None
+            if will_expiry_s is not None:
+                will_props = _properties(PacketTypes.WILLMESSAGE)
+                will_props.MessageExpiryInterval = will_expiry_s
+            self._client.will_set(topic, payload, qos=1, retain=retain, properties=will_props)
         # (filter, match, qos, handler, subscription id, manual ack); handlers of one filter
         # share its id
         self._handlers: list[tuple[str, str, int, Handler, int, bool]] = []
@@ -169,9 +180,11 @@ class Connection:
         self._as_published: set[str] = set()  # filters whose messages keep their retain flag
         self.on_connected: list[Callable[[], None]] = []  # after every (re)subscription
         self.on_session_start: list[Callable[[], None]] = []  # at CONNACK, before subscribing
-        # PUBACK reason codes of recent QoS 1 publishes, by message id (bounded).
+        # PUBACK reason code values of recent QoS 1 publishes, by message id (bounded; the
+        # values, not paho's ReasonCode objects: each of those carries a copy of the table
+        # of every code's name, ~1 KB, which made 10,000 of them 35 MB of a gateway's RSS).
         self._puback = threading.Condition()
-        self._puback_rc: OrderedDict[int, Any] = OrderedDict()
+        self._puback_rc: OrderedDict[int, int] = OrderedDict()
         self._puback_futures: dict[int, Future[Any]] = {}  # publish_future's, by message id
 
     # ------------------------------------------------------------------ lifecycle
@@ -368,10 +381,11 @@ class Connection:
             rc = self._puback_rc.pop(info.mid, None)
         if not got:
             raise BrokerError(f"the broker did not acknowledge a message within {timeout:g} s")
-        if rc is not None and getattr(rc, "value", 0) == 0x10:  # no matching subscribers
+        if rc == 0x10:  # no matching subscribers
             return False
-        if rc is not None and getattr(rc, "is_failure", False):
-            raise BrokerError(f"the broker refused the message on {topic}: {rc}")
+        if rc is not None and rc >= 0x80:  # MQTT 5: reason codes from 0x80 are failures
+            name = ReasonCode(PacketTypes.PUBACK, identifier=rc)
+            raise BrokerError(f"the broker refused the message on {topic}: {name}")
         return True
 
     def publish_future(
@@ -484,12 +498,13 @@ class Connection:
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
     ) -> None:
         with self._puback:
+            code = int(getattr(rc, "value", rc))
             fut = self._puback_futures.pop(mid, None)
             if fut is not None:
-                _settle(fut, "", rc)
+                _settle(fut, "", code)
                 return
-            self._puback_rc[mid] = rc
-            while len(self._puback_rc) > 10_000:
+            self._puback_rc[mid] = code
+            while len(self._puback_rc) > _REMEMBER_PUBACKS:
                 self._puback_rc.popitem(last=False)
             self._puback.notify_all()
 
@@ -521,16 +536,18 @@ class Connection:
             self.ack(msg)
 
 
-def _settle(fut: Future[bool], topic: str, rc: Any) -> None:
-    """Resolve a ``publish_future`` from its PUBACK reason code (as ``publish_acked`` reads it)."""
+def _settle(fut: Future[bool], topic: str, rc: int) -> None:
+    """Resolve a ``publish_future`` from its PUBACK reason code value (as ``publish_acked``
+    reads it)."""
     if fut.done():
         return
     with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
-        if rc is not None and getattr(rc, "value", 0) == 0x10:  # no matching subscribers
+        if rc == 0x10:  # no matching subscribers
             fut.set_result(False)
-        elif rc is not None and getattr(rc, "is_failure", False):
+        elif rc >= 0x80:  # MQTT 5: reason codes from 0x80 are failures
             where = f" on {topic}" if topic else ""
-            fut.set_exception(BrokerError(f"the broker refused the message{where}: {rc}"))
+            name = ReasonCode(PacketTypes.PUBACK, identifier=rc)
+            fut.set_exception(BrokerError(f"the broker refused the message{where}: {name}"))
         else:
             fut.set_result(True)
 
@@ -567,17 +584,50 @@ def _sub_props(sub_id: int) -> Properties:
 # against MQTT's min(publish, subscription), and forwards QoS 1 messages ~44 ms late, so a
 # reply at the delivered QoS would cost a gateway ~44 ms per token there.
 REPLY_QOS = "moe2-reply-qos"
+# MQTT 5 user property naming the RPC client that sent a request (its client id; the owner
+# is the ``replies/<owner>/`` level of the ResponseTopic): the agent drops the work and frees
+# the sessions of a requester whose RequesterStatus says it is gone.
+REQUESTER = "moe2-requester"
 
 
 def response_properties(
-    response_topic: str, correlation: bytes, reply_qos: int | None = None
+    response_topic: str,
+    correlation: bytes,
+    reply_qos: int | None = None,
+    *,
+    requester: str | None = None,
+    expiry_s: float | None = None,
 ) -> Properties:
+    """``expiry_s``: the broker discards the request if it cannot deliver it this soon (MQTT
+    5 message expiry, whole seconds, rounded up)."""
     props = _properties(PacketTypes.PUBLISH)
     props.ResponseTopic = response_topic
     props.CorrelationData = correlation
+    pairs = []
     if reply_qos is not None:
-        props.UserProperty = [(REPLY_QOS, str(reply_qos))]
+        pairs.append((REPLY_QOS, str(reply_qos)))
+    if requester is not None:
+        pairs.append((REQUESTER, requester))
+    if pairs:
+        props.UserProperty = pairs
+    if expiry_s is not None:
+        props.MessageExpiryInterval = max(1, math.ceil(expiry_s))
     return props
+
+
+def requester_of(msg: mqtt.MQTTMessage) -> str | None:
+    """The requester a request names: ``<owner>/<client id>``, or None when it does not say.
+    The owner is the ``replies/<owner>/`` level of its ResponseTopic: the login that reads the
+    answer, and the only one the broker lets publish on ``requesters/<owner>/`` (so only
+    that login's ``gone`` drops the request)."""
+    props = msg.properties
+    pairs = getattr(props, "UserProperty", None) if props else None
+    client = next((v for k, v in pairs or () if k == REQUESTER), None)
+    topic = getattr(props, "ResponseTopic", None) if props else None
+    parsed = protocol.topics.parse(topic) if topic else None
+    if client is None or parsed is None or parsed.kind != "reply" or parsed.client is None:
+        return None
+    return f"{parsed.client}/{client}"
 
 
 def reply_qos(msg: mqtt.MQTTMessage) -> int:
@@ -597,6 +647,39 @@ def reply_properties(correlation: bytes | None) -> Properties | None:
     return props
 
 
+# How long the broker keeps a ``gone`` RequesterStatus (the last will's, or a clean close's)
+# before forgetting it, seconds: long enough for agents that were away to see it.
+_GONE_EXPIRY_S = 60
+# Calls whose deadline passed this long ago are failed (a call nobody waits on, such as a
+# close, would otherwise stay pending forever when its reply is lost), seconds.
+_EXPIRED_GRACE_S = 1.0
+
+
+class RpcFuture(Future[R]):
+    """The future of one call: its reply, or the matching ``Moe2Error``. ``deadline`` is the
+    time.monotonic() value the request carries as its ``timeout_ms``."""
+
+    deadline: float = math.inf
+
+
+class _Call:
+    """A call waiting for its reply (and what it takes to send it again)."""
+
+    __slots__ = ("agent", "codec", "future", "payload", "reply_type", "request")
+
+    def __init__(
+        self,
+        agent: str,
+        reply_type: type[_Reply] | None,
+        future: RpcFuture[Any],
+        request: _Request[Any] | None,
+        payload: bytes | None,
+        codec: str,
+    ) -> None:
+        self.agent, self.reply_type, self.future = agent, reply_type, future
+        self.request, self.payload, self.codec = request, payload, codec
+
+
 class RpcClient:
     """Typed request/response over MQTT 5 to agents' ``rpc`` topics; thread-safe.
 
@@ -604,10 +687,21 @@ class RpcClient:
     experts at once and wait for all; an error reply resolves it with the matching
     ``Moe2Error``.
 
+    Every request carries its deadline (``timeout_ms``): the ``deadline`` a call names
+    (time.monotonic()), else the client's ``timeout`` from now. The agent drops a request
+    whose deadline passed, so nothing is computed for a caller that stopped waiting; ``wait``
+    waits until the call's deadline unless told otherwise, and a call nobody waits for fails
+    with ``RequestTimeout`` soon after its deadline.
+
     After a reconnect (a broker restart, a network blip) every call still waiting is sent
-    again: a request or its reply may have been lost with the connection. Requests must bear
-    that (a step names the history length it extends: ``StepRequest.rewind_to``); a reply
-    that comes twice counts once.
+    again, with the time it has left: a request or its reply may have been lost with the
+    connection. Requests must bear that (a step names the history length it extends:
+    ``StepRequest.rewind_to``); a reply that comes twice counts once.
+
+    The client announces itself retained on ``requesters/<owner>/<client id>`` (``online``
+    at every connection; ``gone`` when it closes, and by its last will when it dies), and
+    names itself in every request: agents drop the queued work and free the sessions of a
+    requester that is gone.
     """
 
     def __init__(
@@ -622,33 +716,51 @@ class RpcClient:
         self.owner = broker.owner(self.client_id)  # replies/<owner>/rpc/<agent>
         self.timeout = timeout
         self.qos = qos
-        self._conn = Connection(broker, self.client_id)
-        # correlation -> (the agent asked, the reply type expected, the future)
-        self._pending: dict[bytes, tuple[str, type[_Reply] | None, Future[Any]]] = {}
-        self._requests: dict[bytes, bytes] = {}  # correlation -> payload, to send again
+        try:
+            self._presence: str | None = protocol.topics.requester(self.owner, self.client_id)
+        except BadMessage:  # a login that cannot be a topic level: no presence, no harm
+            self._presence = None
+        will = None
+        if self._presence is not None:
+            will = (self._presence, self._status("gone"), True)
+        self._conn = Connection(broker, self.client_id, will=will, will_expiry_s=_GONE_EXPIRY_S)
+        self._pending: dict[bytes, _Call] = {}  # correlation -> the call
         self._lock = threading.Lock()
+        self._next_sweep = 0.0
         self.codecs: dict[str, str] = {}  # agent -> payload codec of requests to it
         self.rejected_replies = 0  # from an agent that was not asked, or malformed
         self.resent = 0  # calls sent again after a reconnect
+        self.expired = 0  # calls failed at their deadline without anyone waiting
         self._connections = 0
         self._conn.subscribe(
             protocol.topics.rpc_replies(self.owner),
             self._on_reply,
             qos=qos,
         )
-        self._conn.on_connected.append(self._resend)
+        self._conn.on_connected.append(self._on_connected)
+
+    def _status(self, state: Literal["online", "gone"]) -> bytes:
+        status = protocol.RequesterStatus(client_id=self.client_id, state=state, since=time.time())
+        return protocol.encode(status)
 
     def start(self) -> RpcClient:
         self._conn.start()
         return self
 
     def close(self) -> None:
+        if self._presence is not None and self._conn.connected:
+            props = _properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = _GONE_EXPIRY_S
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._conn.publish(
+                    self._presence, self._status("gone"), retain=True, properties=props
+                )
         self._conn.stop()
         with self._lock:
             pending, self._pending = self._pending, {}
-        for _agent, _rt, fut in pending.values():
+        for call in pending.values():
             with contextlib.suppress(InvalidStateError):  # answered meanwhile
-                fut.set_exception(RequestTimeout("RPC client closed before the reply came"))
+                call.future.set_exception(RequestTimeout("RPC client closed before the reply came"))
 
     def __enter__(self) -> RpcClient:
         return self.start()
@@ -660,52 +772,103 @@ class RpcClient:
     def connection(self) -> Connection:
         return self._conn
 
-    def _send(self, agent_id: str, payload: bytes, reply_type: type[_Reply] | None) -> Future[Any]:
+    def _send(
+        self,
+        agent_id: str,
+        reply_type: type[_Reply] | None,
+        deadline: float,
+        request: _Request[Any] | None = None,
+        payload: bytes | None = None,
+        codec: str = "json",
+    ) -> RpcFuture[Any]:
         corr = secrets.token_bytes(16)  # unguessable: a forged reply cannot match it
-        fut: Future[Any] = Future()
+        fut: RpcFuture[Any] = RpcFuture()
+        fut.deadline = deadline
+        call = _Call(agent_id, reply_type, fut, request, payload, codec)
         with self._lock:
-            self._pending[corr] = (agent_id, reply_type, fut)
-            self._requests[corr] = payload
+            self._pending[corr] = call
         fut.add_done_callback(lambda _f: self._forget(corr))
-        self._publish(agent_id, payload, corr)
+        self._publish(corr, call)
+        self._sweep()
         return fut
 
-    def _publish(self, agent_id: str, payload: bytes, corr: bytes) -> None:
+    def _publish(self, corr: bytes, call: _Call) -> None:
+        left = call.future.deadline - time.monotonic()
+        payload = call.payload
+        if call.request is not None:
+            timeout_ms = min(max(left, 0.001) * 1e3, protocol.rpc.MAX_TIMEOUT_MS)
+            payload = protocol.encode_rpc(
+                call.request.model_copy(update={"timeout_ms": timeout_ms}), call.codec
+            )
+        assert payload is not None
         self._conn.publish(
-            protocol.topics.agent_rpc(agent_id),
+            protocol.topics.agent_rpc(call.agent),
             payload,
             qos=self.qos,
             properties=response_properties(
-                protocol.topics.rpc_reply(self.owner, agent_id), corr, self.qos
+                protocol.topics.rpc_reply(self.owner, call.agent),
+                corr,
+                self.qos,
+                requester=self.client_id,
+                expiry_s=left if math.isfinite(left) and left > 0 else None,
             ),
         )
 
-    def _resend(self) -> None:
-        """On every connect after the first: send the calls still waiting again."""
+    def _sweep(self) -> None:
+        """Fail the calls whose deadline passed a while ago (nobody waits on them now)."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _EXPIRED_GRACE_S
+        with self._lock:
+            late = [
+                c.future
+                for c in self._pending.values()
+                if c.future.deadline + _EXPIRED_GRACE_S < now
+            ]
+        for fut in late:
+            with contextlib.suppress(InvalidStateError):
+                fut.set_exception(RequestTimeout("no reply before the call's deadline"))
+                self.expired += 1
+
+    def _on_connected(self) -> None:
+        """On every connect: say we are here; after the first, send the calls still waiting
+        again."""
         self._connections += 1
+        if self._presence is not None:
+            self._conn.publish(self._presence, self._status("online"), retain=True)
         if self._connections > 1:
             self.resend()
 
     def resend(self, agent_id: str | None = None) -> int:
-        """Send the calls still waiting (on ``agent_id``, or on every agent) again: after a
-        reconnect of ours, or when an agent is back online (its subscription was gone while
-        it was away, so what we sent meanwhile reached nobody)."""
+        """Send the calls still waiting (on ``agent_id``, or on every agent) again, with the
+        time they have left: after a reconnect of ours, or when an agent is back online (its
+        subscription was gone while it was away, so what we sent meanwhile reached nobody).
+        A call whose deadline has passed fails instead (``RequestTimeout``)."""
+        now = time.monotonic()
         with self._lock:
             again = [
-                (a, self._requests[c], c)
-                for c, (a, _rt, _f) in self._pending.items()
-                if agent_id is None or a == agent_id
+                (c, call)
+                for c, call in self._pending.items()
+                if agent_id is None or call.agent == agent_id
             ]
-        for agent, payload, corr in again:
-            self._publish(agent, payload, corr)
-        self.resent += len(again)
-        if again:
-            log.info("sent %d waiting RPC calls again", len(again))
-        return len(again)
+        sent = 0
+        for corr, call in again:
+            if call.future.deadline <= now:
+                with contextlib.suppress(InvalidStateError):
+                    call.future.set_exception(RequestTimeout("no reply before the call's deadline"))
+                continue
+            self._publish(corr, call)
+            sent += 1
+        self.resent += sent
+        if sent:
+            log.info("sent %d waiting RPC calls again", sent)
+        return sent
 
-    def send_raw(self, agent_id: str, payload: bytes) -> Future[Any]:
-        """Send an already encoded (possibly invalid) request; for tests and tools."""
-        return self._send(agent_id, payload, None)
+    def send_raw(self, agent_id: str, payload: bytes, timeout: float | None = None) -> Future[Any]:
+        """Send an already encoded (possibly invalid) request as it is; for tests and tools."""
+        t = self.timeout if timeout is None else timeout
+        return self._send(agent_id, None, time.monotonic() + t, payload=payload)
 
     def use_codec(self, agent: protocol.AgentInfo, preferred: str = "bin1") -> str:
         """Talk to ``agent`` in ``preferred`` when it announces it reads it, else JSON; the
@@ -714,51 +877,77 @@ class RpcClient:
         self.codecs[agent.agent_id] = codec
         return codec
 
-    def call_async(self, agent_id: str, request: _Request[R]) -> Future[R]:
-        payload = protocol.encode_rpc(request, self.codecs.get(agent_id, "json"))
-        return self._send(agent_id, payload, type(request).reply_type())
+    def call_async(
+        self,
+        agent_id: str,
+        request: _Request[R],
+        *,
+        deadline: float | None = None,
+        timeout: float | None = None,
+    ) -> Future[R]:
+        """Send ``request``; its deadline is ``deadline`` (time.monotonic()), else ``timeout``
+        (default: the client's) from now."""
+        if deadline is None:
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        codec = self.codecs.get(agent_id, "json")
+        return self._send(agent_id, type(request).reply_type(), deadline, request, codec=codec)
 
     def wait(self, fut: Future[R], timeout: float | None = None) -> R:
-        """The reply of a call; raises the matching Moe2Error for error replies."""
-        t = self.timeout if timeout is None else timeout
+        """The reply of a call; raises the matching Moe2Error for error replies. Waits until
+        the call's deadline, or ``timeout`` seconds when given."""
+        if timeout is not None:
+            t = timeout
+        elif isinstance(fut, RpcFuture) and math.isfinite(fut.deadline):
+            t = max(0.0, fut.deadline - time.monotonic())
+        else:
+            t = self.timeout
         try:
             return fut.result(timeout=t)
         except TimeoutError:
             fut.cancel()
             raise RequestTimeout(f"no reply within {t:.1f} s") from None
 
-    def call(self, agent_id: str, request: _Request[R], timeout: float | None = None) -> R:
-        return self.wait(self.call_async(agent_id, request), timeout)
+    def call(
+        self,
+        agent_id: str,
+        request: _Request[R],
+        timeout: float | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> R:
+        """``call_async`` and ``wait``: the reply within ``timeout`` (or by ``deadline``)."""
+        fut = self.call_async(agent_id, request, deadline=deadline, timeout=timeout)
+        return self.wait(fut)
 
     def fail_agent(self, agent_id: str, error: Exception) -> int:
         """Fail every call waiting on ``agent_id`` with ``error`` (its last will said it is
         offline: nobody will answer them). Returns how many were waiting."""
         with self._lock:
-            waiting = [f for a, _rt, f in self._pending.values() if a == agent_id]
+            waiting = [c.future for c in self._pending.values() if c.agent == agent_id]
         for fut in waiting:
             with contextlib.suppress(InvalidStateError):  # answered meanwhile
                 fut.set_exception(error)
         return len(waiting)
 
-    def pending(self, agent_id: str) -> int:
+    def pending(self, agent_id: str | None = None) -> int:
+        """Calls waiting for a reply (from ``agent_id``, or from any agent)."""
         with self._lock:
-            return sum(1 for a, _rt, _f in self._pending.values() if a == agent_id)
+            return sum(1 for c in self._pending.values() if agent_id in (None, c.agent))
 
     def _forget(self, corr: bytes) -> None:
         with self._lock:
             self._pending.pop(corr, None)
-            self._requests.pop(corr, None)
 
     def _on_reply(self, msg: mqtt.MQTTMessage) -> None:
         corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
         topic = protocol.topics.parse(msg.topic)
         replier = topic.rest[1] if topic is not None and len(topic.rest) == 2 else None
         with self._lock:
-            entry = self._pending.get(bytes(corr)) if corr is not None else None
-            if entry is None or entry[0] != replier:
-                self.rejected_replies += entry is not None
+            call = self._pending.get(bytes(corr)) if corr is not None else None
+            if call is None or call.agent != replier:
+                self.rejected_replies += call is not None
                 return  # a late reply to a call that timed out, or not from the agent asked
-        _agent, reply_type, fut = entry
+        fut, reply_type = call.future, call.reply_type
         if fut.done():
             return
         outcome: Any
@@ -768,7 +957,12 @@ class RpcClient:
             outcome = exc
         else:
             if isinstance(reply, protocol.ErrorReply):
-                outcome = error_from_reply(reply.error.code, reply.error.message)
+                after = reply.error.retry_after_ms
+                outcome = error_from_reply(
+                    reply.error.code,
+                    reply.error.message,
+                    retry_after_s=after / 1e3 if after is not None else None,
+                )
             elif reply_type is not None and not isinstance(reply, reply_type):
                 outcome = BadMessage(
                     f"agent {replier} answered {reply.op!r} to a {reply_type.__name__}"

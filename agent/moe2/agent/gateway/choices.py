@@ -84,9 +84,12 @@ class ChoiceScorer:
         prompt = req.prompt
         infos, chosen, gate_s = self.choose(app, prompt)
         deadline = received + self.config.deadline_s
+        until = min(deadline, time.monotonic() + self.config.open_timeout_s)
         sent = time.monotonic()
         futures = {
-            n: self.rpc.call_async(n, p.ScoreChoicesRequest(prompt=prompt, targets=choices))
+            n: self.rpc.call_async(
+                n, p.ScoreChoicesRequest(prompt=prompt, targets=choices), deadline=until
+            )
             for n in chosen
         }
         replies, dropped = self._gather(futures, prompt, choices, deadline)
@@ -172,7 +175,8 @@ class ChoiceScorer:
         self, name: str, prompt: str, choices: list[str], end: float
     ) -> p.ScoreChoicesReply:
         futures = [
-            self.rpc.call_async(name, p.ScoreRequest(prompt=prompt, target=c)) for c in choices
+            self.rpc.call_async(name, p.ScoreRequest(prompt=prompt, target=c), deadline=end)
+            for c in choices
         ]
         got = [self.rpc.wait(f, max(0.0, end - time.monotonic())) for f in futures]
         return p.ScoreChoicesReply(

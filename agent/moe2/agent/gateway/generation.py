@@ -139,6 +139,7 @@ class Generation:
         self._text: list[str] = []
         self.speculation: Speculation | None = None
         self.gamma_memory = gamma_memory
+        self._retry_after = 0.0  # the longest wait a busy expert asked for (seconds)
 
     # ------------------------------------------------------------------ helpers
 
@@ -210,6 +211,7 @@ class Generation:
                     self._drop(name, f"{exc.code}: {exc.message}", at)
                 else:
                     busy.add(name)
+                    self._retry_after = max(self._retry_after, exc.retry_after_s or 0.0)
             except Cancelled as exc:  # the expert stops, or went offline while we waited
                 if self.abandoned():
                     raise
@@ -226,7 +228,8 @@ class Generation:
         self, prompt: str | None, messages: list[p.ChatMessage] | None = None
     ) -> dict[str, p.DistributionReply]:
         """Open a session on every chosen expert; an expert that is full is asked again
-        (backing off) until the open timeout, then dropped."""
+        (backing off, or after the time its ``busy`` reply asked for) until the open
+        timeout, then dropped."""
         opts = self._options()
         request = p.OpenRequest(prompt=prompt, messages=messages, **opts)
         until = time.monotonic() + self.config.open_timeout_s
@@ -238,7 +241,7 @@ class Generation:
         while todo:
             busy: set[str] = set()
             sent = time.monotonic()
-            futures = {n: self.rpc.call_async(n, request) for n in todo}
+            futures = {n: self.rpc.call_async(n, request, deadline=until) for n in todo}
             got = self._gather(futures, 0, busy)
             self.waited_s += time.monotonic() - sent
             for name, reply in got.items():
@@ -249,6 +252,8 @@ class Generation:
             todo = sorted(busy)
             if not todo:
                 break
+            pause = max(pause, self._retry_after)
+            self._retry_after = 0.0
             if time.monotonic() + pause >= until:
                 for name in todo:
                     self._drop(name, "busy: every session of the expert stayed in use", 0)

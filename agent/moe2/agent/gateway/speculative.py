@@ -376,7 +376,7 @@ class Speculation:
                 feed=p.VerifyRequest.encode_pieces(pieces),
                 **self._options(),
             )
-            futures[name] = g.rpc.call_async(name, req)
+            futures[name] = g.rpc.call_async(name, req, timeout=self._limit(gamma))
         self._draft_ahead(drafter, draft, keys, len(picks), max_tokens)
         verified = self._collect(futures, fed, len(picks), gamma)
         if isinstance(verified, str):
@@ -477,7 +477,8 @@ class Speculation:
             seed=int(g._rng.integers(1 << 62)),
             **self._options(),
         )
-        return g.rpc.call_async(drafter, req)
+        # A draft sent ahead is waited for after the round in flight: twice the limit.
+        return g.rpc.call_async(drafter, req, timeout=2 * self._limit(gamma))
 
     def _take_draft(
         self, drafter: str, fut: Future[p.DistributionsReply], gamma: int, at: int
@@ -533,10 +534,13 @@ class Speculation:
         if not self.g.by_id and any(not isinstance(d, p.TopKDist) for d in reply.dists):
             raise BadMessage("sent a full distribution to a cross-vocabulary fusion")
 
+    def _limit(self, gamma: int) -> float:
+        # A round's requests evaluate up to γ tokens: allow for that on top of a step's time.
+        return self.g.config.step_timeout_s * (1 + gamma / 16)
+
     def _wait(self, fut: Future[p.DistributionsReply], gamma: int) -> p.DistributionsReply:
         g = self.g
-        # A round's requests evaluate up to γ tokens: allow for that on top of a step's time.
-        limit = g.config.step_timeout_s * (1 + gamma / 16)
+        limit = self._limit(gamma)
         end = time.monotonic() + limit
         if g.deadline is not None:
             end = min(end, g.deadline)

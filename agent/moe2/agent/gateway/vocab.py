@@ -66,7 +66,7 @@ class VocabCache:
                 return table
             table = self._tables[h] = Future()
             self.fetches += 1
-        asked = self.rpc.call_async(agent_id, p.VocabRequest())
+        asked = self.rpc.call_async(agent_id, p.VocabRequest(), timeout=self.timeout_s)
         asked.add_done_callback(lambda f: self._done(agent_id, info, f, table))
         return table
 

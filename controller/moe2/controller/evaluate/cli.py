@@ -24,6 +24,7 @@ import importlib.util
 import json
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import click
 
 from moe2.controller import datasets as ds
+from moe2.controller.collect import CollectSettings, collect_options, collect_settings
 from moe2.controller.evaluate.answerer import ANSWERERS, Answerer, ScoreAnswerer
 from moe2.controller.evaluate.gateway import GateArtefact, GatewayAnswerer, Progress, RouteRun
 from moe2.controller.evaluate.report import markdown, plot
@@ -105,13 +107,20 @@ def online_experts_now(reg: Registry, broker: BrokerConfig) -> set[str]:
     return set(online_experts(reg))
 
 
-def ensure_scores(reg: Registry, dataset: str, experts: list[str], broker: BrokerConfig) -> None:
-    """Collect the scores ``experts`` lack on ``dataset`` from the fleet (they must be online)."""
+def ensure_scores(
+    reg: Registry,
+    dataset: str,
+    experts: list[str],
+    broker: BrokerConfig,
+    settings: CollectSettings | None = None,
+) -> None:
+    """Collect the scores ``experts`` lack on ``dataset`` from the fleet (they must be online),
+    as ``moe2ctl collect`` would with ``settings``."""
     needed = sum(len(s.targets) for s in reg.samples(dataset))
     missing = [e for e in experts if len(reg.scored(dataset, e)) < needed]
     if not missing:
         return
-    from moe2.controller.collect import CollectSettings, collect
+    from moe2.controller.collect import collect
     from moe2.controller.registry.sync import online_experts, sync_once
     from moe2.shared.mqtt import RpcClient
 
@@ -124,17 +133,27 @@ def ensure_scores(reg: Registry, dataset: str, experts: list[str], broker: Broke
             f"online to score it (online: {', '.join(sorted(online)) or 'none'})"
         )
     click.echo(f"scoring {dataset} with {', '.join(missing)}", err=True)
-    with RpcClient(broker, timeout=60.0) as rpc:
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.monotonic() - last[0] > 2.0 or done == total:
+            last[0] = time.monotonic()
+            click.echo(f"scoring {dataset}: {done}/{total} ({100 * done / total:.0f}%)", err=True)
+
+    with RpcClient(broker) as rpc:
         report = collect(
             reg,
             rpc,
             dataset,
             {e: online[e] for e in missing},
-            CollectSettings(),
+            settings,
             stop=threading.Event(),
+            on_progress=progress,
         )
+    if report.interrupted:
+        raise KeyboardInterrupt
     if report.failed or not report.complete:
-        raise NoExperts(f"scoring {dataset} did not complete: {report.as_dict()}")
+        raise NoExperts(f"scoring {dataset} did not complete:\n{report.what_is_missing()}")
 
 
 def held_out_sets(
@@ -263,11 +282,12 @@ def base_scores(
     test: ScoredSet,
     base: str,
     links: Mapping[str, p.LinkFigures],
+    settings: CollectSettings | None = None,
 ) -> ScoredSet:
     """The base model's scores on the test questions, in their order (scored now if missing
-    and the base is online)."""
+    and the base is online, as ``moe2ctl collect`` would with ``settings``)."""
     if base in online_experts_now(reg, broker):
-        ensure_scores(reg, test.dataset, [base], broker)
+        ensure_scores(reg, test.dataset, [base], broker, settings)
     whole = scored_set(
         reg, test.dataset, gate_version=UNIFORM, online_only=False, experts=[base], links=links
     )
@@ -474,6 +494,7 @@ class RouteBars:
     default=None,
     help="Also write the markdown report to this file.",
 )
+@collect_options
 @db_option
 @broker_options
 @json_option
@@ -521,6 +542,7 @@ def eval_cmd(
         parse_limits(energies, "--energy", "joules"),
         "prompt" if energy_per == "prompt" else "step",
     )
+    scoring = collect_settings(kw)
     chosen = experts.split(",") if experts else None
     broker = broker_from_flags(kw)
     reg = open_registry(db_url)
@@ -533,7 +555,7 @@ def eval_cmd(
                 wanted = json.loads(reg.gate_version(gate_version).experts_json)
             if wanted is None:
                 raise ConfigError("with --gate uniform and --jsonl, name the --experts")
-            ensure_scores(reg, dataset, wanted, broker)
+            ensure_scores(reg, dataset, wanted, broker, scoring)
         live = answerer == GatewayAnswerer.name
         state = fleet_figures(broker, required=live)
         links = {} if state is None else state.best_links()
@@ -549,7 +571,7 @@ def eval_cmd(
         base_set = None
         if base_name is not None:
             try:
-                base_set = base_scores(reg, broker, test, base_name, links)
+                base_set = base_scores(reg, broker, test, base_name, links, scoring)
             except Moe2Error as exc:
                 base_name, base_note = None, f"{base_name}: {exc.message}"
         bars = RouteBars()

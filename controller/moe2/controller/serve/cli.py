@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from moe2.controller.collect import CollectSettings, collect_options
 from moe2.controller.options import (
     broker_from_flags,
     broker_options,
@@ -66,6 +67,7 @@ def _apps(specs: tuple[str, ...]) -> dict[str, float]:
     help="An application and its delay limit per answer step; repeatable.",
 )
 @settings_options(ServePolicy)
+@collect_options
 @click.option("--dry-run", is_flag=True, help="Decide and record, but push nothing.")
 @click.option("--holder", default=None, help="This process's name in the lease [default: random].")
 @click.option(
@@ -115,7 +117,10 @@ def serve_cmd(
     setup_logging(logging.getLevelName(root.level).lower(), log_format)
     decisions = _DecisionMetrics(metrics_host, metrics_port) if metrics_port is not None else None
     broker = broker_from_flags(kw)
+    scoring = {k: kw.pop(k) for k in list(kw) if k in CollectSettings.model_fields}
     overrides = collect_overrides(kw)
+    if any(v is not None for v in scoring.values()):
+        overrides["scoring"] = collect_overrides(scoring)
     if app_limits:
         overrides["apps"] = _apps(app_limits)
     try:

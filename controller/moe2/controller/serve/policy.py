@@ -12,6 +12,8 @@ From a TOML file (``moe2ctl serve --policy FILE``), flags overriding it::
     k = 2
     [apps]
     qa = 0.05       # seconds per answer step, as `optimize --app qa=0.05`
+    [scoring]       # how agents that join are scored: as `moe2ctl collect`'s flags
+    request_s = 10.0
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moe2.controller.collect import CollectSettings
 from moe2.shared.protocol import NAME_PATTERN
 
 AppName = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -90,7 +93,8 @@ class ServePolicy(BaseModel):
     score_new_agents: bool = Field(
         default=True, description="score agents that join on the dataset, then consider them"
     )
-    score_timeout_s: float = Field(default=300.0, gt=0, description="per request, scoring")
+    # How new agents are scored: the flags of `moe2ctl collect` (``[scoring]`` in the file).
+    scoring: CollectSettings = Field(default_factory=CollectSettings)
     settle_s: float = Field(
         default=6.0,
         ge=0,

@@ -378,24 +378,20 @@ class Reconciler:
             self._scoring[e] = self._pool.submit(self._score, e, info)
 
     def _score(self, expert: str, info: p.AgentInfo) -> None:
-        from moe2.controller.collect import CollectSettings, collect
+        from moe2.controller.collect import collect
         from moe2.shared.mqtt import RpcClient
 
         reg = Registry.open(self.registry_url)
         try:
-            with RpcClient(self.broker, timeout=self.policy.score_timeout_s) as rpc:
-                report = collect(
-                    reg,
-                    rpc,
-                    self.policy.dataset,
-                    {expert: info},
-                    CollectSettings(timeout_s=self.policy.score_timeout_s),
-                )
+            with RpcClient(self.broker) as rpc:
+                report = collect(reg, rpc, self.policy.dataset, {expert: info}, self.policy.scoring)
             done = report.complete and not report.failed
             self._decide(
                 None,
                 "scored" if done else "failed",
-                f"agent {expert} scored {self.policy.dataset}: {report.as_dict()}",
+                f"agent {expert} scored {self.policy.dataset}: "
+                + ("complete" if done else report.what_is_missing()),
+                detail=report.as_dict(),
             )
             if done:
                 self._refresh_scored([expert])

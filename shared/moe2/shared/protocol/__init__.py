@@ -19,6 +19,7 @@ Topics (``v1`` is the protocol's major version; a breaking change gets ``v2`` to
     moe2/v1/gates/<version>          retained  GateManifest    a trained gate (gates.py)
     moe2/v1/blobs/<sha256>/<i>       retained  raw bytes       chunks of a gate's files
     moe2/v1/agents/<gw>/gates/<ver>  retained  GateAck         a gateway loaded/rejected it
+    moe2/v1/requesters/<user>/<c>    retained  RequesterStatus an RPC client online/gone (LWT)
 
 Topics are built and parsed only in ``topics.py``.
 
@@ -82,6 +83,7 @@ from moe2.shared.protocol.prompts import (
     prompt_error,
 )
 from moe2.shared.protocol.rpc import (
+    MAX_SCORE_SAMPLES,
     OPERATIONS,
     CloseReply,
     CloseRequest,
@@ -98,6 +100,7 @@ from moe2.shared.protocol.rpc import (
     PingRequest,
     ProfileReply,
     ProfileRequest,
+    RequesterStatus,
     ScoreChoicesReply,
     ScoreChoicesRequest,
     ScoreManyReply,
@@ -126,6 +129,7 @@ from moe2.shared.protocol.topics import Topic, topics
 __all__ = [
     "CODECS",
     "MAX_CHOICES",
+    "MAX_SCORE_SAMPLES",
     "MAX_TEXT_CHARS",
     "MAX_TOKENS_PER_REQUEST",
     "MAX_TOP_K",
@@ -176,6 +180,7 @@ __all__ = [
     "PromptCancel",
     "PromptError",
     "PromptRequest",
+    "RequesterStatus",
     "ScoreChoicesReply",
     "ScoreChoicesRequest",
     "ScoreManyReply",

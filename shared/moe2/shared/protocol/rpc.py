@@ -26,6 +26,7 @@ from moe2.shared.protocol.base import (
     MAX_TEXT_CHARS,
     MAX_TOKENS_PER_REQUEST,
     MAX_TOP_K,
+    NAME_PATTERN,
     Message,
     describe_error,
     parse_envelope,
@@ -155,6 +156,9 @@ class ErrorBody(BaseModel):
 
     code: str
     message: str
+    # With ``busy``: milliseconds after which the agent expects to have room for the request
+    # (the work queued ahead of it); the requester waits that long before asking again.
+    retry_after_ms: float | None = Field(default=None, ge=0, le=86_400_000)
 
 
 class _Reply(Message):
@@ -302,8 +306,27 @@ class ErrorReply(Message):
     error: ErrorBody
 
 
-def error_reply(code: str, message: str, op: str | None = None) -> ErrorReply:
-    return ErrorReply(op=op, error=ErrorBody(code=code, message=message))
+def error_reply(
+    code: str, message: str, op: str | None = None, retry_after_ms: float | None = None
+) -> ErrorReply:
+    body = ErrorBody(code=code, message=message, retry_after_ms=retry_after_ms)
+    return ErrorReply(op=op, error=body)
+
+
+# --------------------------------------------------------------------------- requesters
+
+
+class RequesterStatus(Message):
+    """Retained on ``requesters/<owner>/<client>``: whether an RPC client is connected.
+    ``RpcClient`` publishes ``online`` at every connection and ``gone`` when it closes; its
+    last will says ``gone`` when it dies. Both ``gone`` messages expire at the broker after
+    a minute, so clients that come and go leave nothing behind."""
+
+    client_id: str = Field(pattern=NAME_PATTERN)
+    state: Literal["online", "gone"]
+    # unix seconds: when it connected (online); when it went, or for its last will when the
+    # client was made (gone)
+    since: float
 
 
 # --------------------------------------------------------------------------- RPC requests
@@ -315,11 +338,23 @@ Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 ReplyT = TypeVar("ReplyT", bound="_Reply")
 
 
+# Longest a request may say its requester waits: a day, in milliseconds.
+MAX_TIMEOUT_MS = 86_400_000.0
+
+
 class _Request(Message, Generic[ReplyT]):
     """An RPC request; ``_Request[XReply]`` names the reply type the agent answers with, so
-    ``RpcClient.call(agent, OpenRequest(...))`` is typed ``DistributionReply``."""
+    ``RpcClient.call(agent, OpenRequest(...))`` is typed ``DistributionReply``.
+
+    ``timeout_ms`` is the request's deadline, relative (as gRPC's ``grpc-timeout``, so no
+    clocks need to agree): the requester stops waiting this many milliseconds after it sent
+    the request. The agent counts it from when the request reaches it, never starts one whose
+    deadline has passed, stops one in progress at its next tick once it has, and answers
+    ``busy`` at once when the work queued ahead would not let it finish in time. None: the
+    requester waits as long as it takes (old requesters). ``RpcClient`` fills it in."""
 
     op: str
+    timeout_ms: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_MS)
 
     @classmethod
     def reply_type(cls) -> type[_Reply]:

@@ -24,6 +24,7 @@ TopicKind = Literal[
     "prompt",  # prompts/<app>[/<owner>]                  the public prompt API
     "cancel",  # cancel/<app>[/<owner>]                   PromptCancel of a prompt to <app>
     "reply",  # replies/<owner>/...                       answers and RPC replies
+    "requester",  # requesters/<owner>/<client>           retained RequesterStatus (LWT gone)
 ]
 
 _AGENT_LEAVES = {
@@ -48,9 +49,10 @@ class Topic:
     sha256: str | None = None
     index: int | None = None  # blob chunk index
     # replies/<owner>/...: the user (or client) it is addressed to; prompts/<app>/<owner>: the
-    # login that published it (the broker's ACL lets user <owner> publish only there)
+    # login that published it (the broker's ACL lets user <owner> publish only there);
+    # requesters/<owner>/<client>: the requester's login, likewise
     client: str | None = None
-    rest: tuple[str, ...] = ()  # replies/<owner>/<rest...>
+    rest: tuple[str, ...] = ()  # replies/<owner>/<rest...>; requesters/<owner>/<client>
 
 
 def parse(topic: str) -> Topic | None:
@@ -87,6 +89,12 @@ def parse(topic: str) -> Topic | None:
         if head == "cancel" and len(tail) in (1, 2):
             owner = check_name("client id", tail[1]) if len(tail) == 2 else None
             return Topic("cancel", app=check_name("application", tail[0]), client=owner)
+        if head == "requesters" and len(tail) == 2:
+            return Topic(
+                "requester",
+                client=check_name("client id", tail[0]),
+                rest=(check_name("client id", tail[1]),),
+            )
         if head == "replies" and len(tail) >= 1:
             return Topic("reply", client=check_name("client id", tail[0]), rest=tuple(tail[1:]))
     except BadMessage:
@@ -189,6 +197,19 @@ class topics:
             f"{TOPIC_ROOT}/replies/{check_name('client id', owner)}/answers/"
             f"{check_name('client id', client_id)}"
         )
+
+    # ------------------------------------------------------------------ requesters
+
+    @staticmethod
+    def requester(owner: str, client_id: str) -> str:
+        """Retained RequesterStatus of one RPC client of user ``owner`` (its last will says
+        ``gone``): agents drop the work and free the sessions of a requester that is gone."""
+        return (
+            f"{TOPIC_ROOT}/requesters/{check_name('client id', owner)}/"
+            f"{check_name('client id', client_id)}"
+        )
+
+    ALL_REQUESTERS = f"{TOPIC_ROOT}/requesters/+/+"
 
     # ------------------------------------------------------------------ prompts
     # A client publishes to prompts/<app>, or, on a broker with logins, to
