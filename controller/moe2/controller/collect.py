@@ -1,5 +1,5 @@
 """Score collection: every online expert's teacher-forced target log-probabilities over a
-dataset, stored in the registry (collect p once, train the gate offline).
+dataset, stored in the registry (docs/method.md: collect p once, train the gate offline).
 
 Every vocabulary (``tokenizer_hash``) tokenizes the dataset once, by one of its experts, and
 its experts score those ids: experts of one vocabulary score the same ids, so their per-token

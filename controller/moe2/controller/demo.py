@@ -287,8 +287,8 @@ def _pipeline(
         _prompts(cfg, fleet_kind, reg, dataset)
 
     # On the embedded broker, rumqttd 0.20 keeps dropping the gateway's connection after the
-    # optimiser's push (cause not found yet; README, troubleshooting): there the evaluation
-    # answers from the stored scores.
+    # optimiser's push (cause not found yet; docs/operations.md, Troubleshooting): there the
+    # evaluation answers from the stored scores.
     answerer = "scores" if broker.name == "iotcore" else "gateway"
     how = "every answer through the gateway" if answerer == "gateway" else "from stored scores"
     title = f"evaluation: MoE² against its baselines, {how}"

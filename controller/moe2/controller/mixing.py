@@ -1,4 +1,5 @@
-"""The one mixing rule: how the experts' stored target log-probabilities are fused (DESIGN.md §2).
+"""The one mixing rule: how the experts' stored target log-probabilities are fused
+(docs/method.md, "The loss").
 
 Per token when every expert *mixed* scored the sample with the same tokenizer (one vocabulary
 hash): the fused probability of target token t is Σ_n ω_n p_{n,t} (eq. 13). Per sequence

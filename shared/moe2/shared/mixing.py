@@ -1,4 +1,4 @@
-"""The one mixing rule's pure arithmetic (DESIGN.md §2), shared by the controller (gate
+"""The one mixing rule's pure arithmetic (docs/method.md), shared by the controller (gate
 training, the optimizer and evaluation, on stored scores: ``moe2.controller.mixing``) and the
 gateway (multiple-choice answers scored live: ``moe2.agent.gateway.choices``).
 

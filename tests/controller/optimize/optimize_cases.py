@@ -114,7 +114,7 @@ def _family_problem(seed: int, n: int | None = None) -> Problem:
     )
 
 
-# -- the reference: DESIGN.md §2 written out loop by loop --------------------------------
+# -- the reference: docs/method.md's equations written out loop by loop ------------------
 
 FLOOR = 1e-30
 
@@ -132,8 +132,8 @@ def ref_objective(pr: Problem, subset: Sequence[int]) -> float:
 
 
 def ref_sample_delay(pr: Problem, i: int, subset: Sequence[int]) -> float:
-    # DESIGN.md §2: the mean over the answer's steps of the slowest chosen expert at that step;
-    # step 1 processes the prompt, steps 2..T decode.
+    # Eq. 8 (docs/method.md): the mean over the answer's steps of the slowest chosen expert at
+    # that step; step 1 processes the prompt, steps 2..T decode.
     steps = int(pr.steps[i])
     per_step = [
         max(float(pr.prompt_delay[i][n] if t == 0 else pr.decode_delay[i][n]) for n in subset)

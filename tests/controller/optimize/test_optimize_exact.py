@@ -1,4 +1,4 @@
-"""The numbers made exact (issue 16 §1): log-probabilities end to end, DESIGN's delay with a
+"""The numbers made exact (issue 16 §1): log-probabilities end to end, eq. 8's delay with a
 prompt step and decode steps, and the original file forms still solving the same."""
 
 from __future__ import annotations

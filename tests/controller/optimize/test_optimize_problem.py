@@ -1,4 +1,4 @@
-"""The problem file of DESIGN.md §3: round trip, and a clear error for every kind of bad file."""
+"""The problem file (docs/method.md): round trip, and a clear error for every kind of bad file."""
 
 from __future__ import annotations
 

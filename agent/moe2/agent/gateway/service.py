@@ -291,7 +291,7 @@ class Gateway:
         """Whether the broker lets this gateway publish outside moe2/ (a broker with logins
         and moe2's ACL does not): one QoS 1 message that nobody reads, and its PUBACK."""
         try:
-            self.conn.publish_acked(f"moe2-reply-check/{self.id}", b"", timeout=5)
+            self.conn.publish_acked(p.topics.reply_probe(self.id), b"", timeout=5)
         except BrokerError as exc:
             log.info("replies outside moe2/ are refused by the broker (%s)", exc.message)
             return False
@@ -375,10 +375,10 @@ class Gateway:
         """``topic`` if this gateway may answer there a prompt of ``owner`` (the login its
         topic names; None: not named), else ValueError saying why."""
         check_reply_topic(topic, owner)
-        if not self.may_reply_outside and not topic.startswith(f"{p.TOPIC_ROOT}/replies/"):
+        if not self.may_reply_outside and p.topics.reply_owner(topic) is None:
             raise ValueError(
                 f"this broker does not let gateways publish to {topic!r}: reply on "
-                f"{p.TOPIC_ROOT}/replies/<your user>/..., the subtree your login may read"
+                f"{p.topics.REPLIES_ROOT}/<your user>/..., the subtree your login may read"
             )
         return topic
 
@@ -485,9 +485,10 @@ class Gateway:
             self._refuse(
                 msg,
                 BadMessage(
-                    f"{msg.topic!r} is not a prompt topic: publish to {p.TOPIC_ROOT}/prompts/<app> "
-                    f"or {p.TOPIC_ROOT}/prompts/<app>/<your user>, each a name of 1-64 letters, "
-                    "digits, '_', '.', '-' starting with a letter or digit"
+                    f"{msg.topic!r} is not a prompt topic: publish to "
+                    f"{p.topics.PROMPTS_ROOT}/<app> or {p.topics.PROMPTS_ROOT}/<app>/<your user>, "
+                    "each a name of 1-64 letters, digits, '_', '.', '-' starting with a letter "
+                    "or digit"
                 ),
             )
             return

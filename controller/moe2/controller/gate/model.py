@@ -1,4 +1,4 @@
-"""The gate head g(x, θ) of DESIGN.md §2 (paper Table VI): on a sentence embedding e,
+"""The gate head g(x, θ) (docs/method.md, "The gate"; paper Table VI): on a sentence embedding e,
 h1 = PReLU(W1 e), h2 = PReLU(W2 h1), dropout, output = softmax(W3 [e; h1; h2]).
 
     head = GateHead(dim=384, experts=4)

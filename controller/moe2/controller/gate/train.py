@@ -1,4 +1,4 @@
-"""Gate training on stored scores (DESIGN.md §2, eq. 13), and its evaluation.
+"""Gate training on stored scores (docs/method.md, "The loss"; eq. 13), and its evaluation.
 
 Teacher forcing makes p_{n,t} independent of θ, so training needs only the stored target
 log-probabilities and the prompts' embeddings: (samples, options, experts, units) arrays in the

@@ -241,7 +241,7 @@ A sample's delay under S is (max_S prompt_delay + (T-1) max_S decode_delay) / T.
     "problem_path",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Solve this problem file offline, without broker or registry (format below and in "
-    "README.md, 'Optimizer problem file').",
+    "docs/method.md, 'The problem file').",
 )
 @click.option(
     "--solver",

@@ -18,12 +18,13 @@ any candidate that beats the incumbent with the exact value (``settle``).
 
 Arrays are stored expert-major ((experts, units)) so that a subset's sums read whole rows.
 
-Costs (DESIGN.md §2): a sample's delay under S is (1/T) Σ_t max_{n∈S} τ_n(t) with step 1 the
-prompt and steps 2..T decode steps, = max_S prompt/T + max_S decode·(T−1)/T. Both terms are
-"delay columns" (two per sample; one when every T is 1), so an app's delay is one weighted sum
-of the column-wise maximum over S, plus the gate's delay: the expectation over prompts of the
-per-prompt maximum, never the maximum of expectations. Energy is the mean over all samples of
-the chosen experts' sum, i.e. Σ_{n∈S} ē_n, per step or per prompt as the limit is stated.
+Costs (eqs. 7-11, docs/method.md): a sample's delay under S is (1/T) Σ_t max_{n∈S} τ_n(t)
+with step 1 the prompt and steps 2..T decode steps, = max_S prompt/T + max_S decode·(T−1)/T.
+Both terms are "delay columns" (two per sample; one when every T is 1), so an app's delay is
+one weighted sum of the column-wise maximum over S, plus the gate's delay: the expectation over
+prompts of the per-prompt maximum, never the maximum of expectations. Energy is the mean over
+all samples of the chosen experts' sum, i.e. Σ_{n∈S} ē_n, per step or per prompt as the limit
+is stated.
 Both grow with S, so feasibility is closed under subsets.
 """
 

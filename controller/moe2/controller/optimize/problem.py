@@ -1,5 +1,5 @@
-"""One subset-selection problem: scores, gate, costs and limits, and its JSON file (README
-"Optimizer problem file"; DESIGN.md §3 is the original contract).
+"""One subset-selection problem: scores, gate, costs and limits, and its JSON file (docs/method.md,
+"The problem file").
 
 A problem is built from arrays (the registry path) or read from a file (replay); both go through
 the same validation, and ``to_file`` writes exactly the format ``from_file`` reads::
@@ -15,7 +15,7 @@ Two forms of the scores and of the delays are read:
   (probabilities) is the original form and keeps its original meaning, including the floor of
   ``P_FLOOR`` below which every probability counted the same (a long answer's probability
   underflows it: write ``logp``).
-- ``prompt_delay`` + ``decode_delay`` + ``steps`` give DESIGN's delay exactly: a sample's delay
+- ``prompt_delay`` + ``decode_delay`` + ``steps`` give eq. 8's delay exactly: a sample's delay
   under S is (1/T) Σ_t max_{n∈S} τ_n(t) with step 1 the prompt step and steps 2..T decode steps,
   i.e. (max_S prompt + (T−1) max_S decode) / T. ``delay`` (one mean step per sample × expert)
   is the original form: it equals prompt = decode = delay with T = 1.

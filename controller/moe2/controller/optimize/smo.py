@@ -1,5 +1,5 @@
 """Subset Monotonic Optimization as an exact best-first branch and bound (paper Algorithm 2,
-with the corrections of DESIGN.md §2: the vertex expanded is the most promising one, feasibility
+with the corrections of docs/method.md: the vertex expanded is the most promising one, feasibility
 is the intersection of every limit, and nothing assumes J monotone).
 
 Tree. A node is (I, U): the subset I, already evaluated, and the experts U that may still join.
@@ -29,7 +29,7 @@ J(S) = −(1/samples) Σ_t log R_t(S). For every S = I ∪ X, X ⊆ U:
 Gain(X) ≤ (1/samples) Σ_t min(cap_t, Σ_X e_{u,t}) over X within the budget; for any
 λ ∈ [0, 1]^tokens, min(c, s) ≤ λc + (1−λ)s makes that a knapsack over per-expert values (see
 ``_gain_bounds``). J(S) ≥ J(I) − that. For children the same sums run over U' with u_k forced
-in, from the parent's arrays in one vectorised pass. At the root the bound is DESIGN's
+in, from the parent's arrays in one vectorised pass. At the root the bound is
 mean_i −Σ_t log max_{u∈U} p_{u,t}. Subtrees of at most ``_ENUMERATE`` experts are enumerated.
 
 Search. Best-first on the bound (the smallest first), the incumbent seeded by greedy removal and
@@ -269,7 +269,7 @@ class _Search:
 
     def run(self, deadline: Deadline) -> Found:
         m = self.perm.size
-        # Root children {k} with U = {k+1, ...}: DESIGN's bound over V = {k, ...}, max p.
+        # Root children {k} with U = {k+1, ...}: the root's bound over V = {k, ...}, max p.
         suffix_max = np.maximum.accumulate(np.log(self.p)[::-1], axis=0)[::-1]  # (m, tokens)
         root_bounds = -suffix_max.sum(axis=1) / self.ns
         full = (1 << m) - 1

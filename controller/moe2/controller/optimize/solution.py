@@ -1,6 +1,6 @@
 """What a solver answers: a chosen subset with its figures, or why nothing is feasible.
 
-``to_json`` gives exactly the output format of DESIGN.md §3.
+``to_json`` gives exactly the output format of docs/method.md, "The problem file".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The public prompt API (DESIGN.md §3).
+"""The public prompt API (docs/protocol.md, "The prompt API").
 
 A client publishes to ``moe2/v1/prompts/<app>``::
 
@@ -51,13 +51,8 @@ from pydantic import (
 )
 
 from moe2.shared.errors import BadMessage, MessageTooLarge
-from moe2.shared.protocol.base import (
-    MAX_CHOICES,
-    MAX_TEXT_CHARS,
-    NAME_PATTERN,
-    TOPIC_ROOT,
-    describe_error,
-)
+from moe2.shared.protocol.base import MAX_CHOICES, MAX_TEXT_CHARS, describe_error
+from moe2.shared.protocol.topics import reply_owner, topics
 
 MAX_PROMPT_ID = 128
 MAX_MESSAGES = 256  # turns in one conversation
@@ -68,8 +63,6 @@ MAX_TOPIC = 512
 # malformed, and a kept session sends the same PUBLISH again on every reconnect: one prompt
 # with such a reply_to would cut its gateway off the broker for good.
 _TOPIC_OK = re.compile("^[^#+\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef]+$")
-_NAME_RE = re.compile(NAME_PATTERN)
-REPLIES_ROOT = f"{TOPIC_ROOT}/replies"
 _STRUCTURE = re.compile(r'"|,|[\[{]+|[\]}]+')  # runs of brackets at once
 _NESTED = re.compile(r'"|[\[{]+|[\]}]+')  # inside brackets, commas do not matter
 
@@ -102,25 +95,19 @@ def check_reply_topic(topic: str, owner: str | None = None) -> str:
     says so, bound by the broker's ACL); then ``<user>`` must be ``owner``, so no prompt
     makes a gateway write into another user's inbox."""
     check_publish_topic(topic)
+    replies = topics.REPLIES_ROOT
     if topic.split("/", 1)[0] != "moe2":
         return topic
-    parts = topic.split("/")
-    ok = (
-        len(parts) >= 4
-        and f"{parts[0]}/{parts[1]}/{parts[2]}" == REPLIES_ROOT
-        and _NAME_RE.match(parts[3]) is not None
-        and (len(parts) == 4 or parts[4] != "rpc")
-        and all(parts[4:])
-    )
-    if not ok:
+    user = reply_owner(topic)
+    if user is None:
         raise ValueError(
-            f"inside moe2/ a reply topic must be {REPLIES_ROOT}/<user>/... (not .../rpc/...), "
+            f"inside moe2/ a reply topic must be {replies}/<user>/... (not .../rpc/...), "
             "the subtree the broker lets user <user> read"
         )
-    if owner is not None and parts[3] != owner:
+    if owner is not None and user != owner:
         raise ValueError(
-            f"a prompt of user {owner!r} is answered only in {REPLIES_ROOT}/{owner}/..., not "
-            f"in another user's replies ({parts[3]!r})"
+            f"a prompt of user {owner!r} is answered only in {replies}/{owner}/..., not "
+            f"in another user's replies ({user!r})"
         )
     return topic
 

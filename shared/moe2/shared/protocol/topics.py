@@ -102,6 +102,18 @@ def parse(topic: str) -> Topic | None:
     return None
 
 
+def reply_owner(topic: str) -> str | None:
+    """The user whose replies a prompt's answer may go to on ``topic``: ``<user>`` of
+    ``moe2/v1/replies/<user>[/...]`` outside its ``rpc`` subtree (RPC replies) and with no
+    empty level. None for any other topic (outside ``moe2/``, or another moe2 topic)."""
+    parsed = parse(topic)
+    if parsed is None or parsed.kind != "reply":
+        return None
+    if (parsed.rest and parsed.rest[0] == "rpc") or not all(parsed.rest):
+        return None
+    return parsed.client
+
+
 def prompt_owner(topic: str) -> str | None:
     """The login a prompt's topic names as its publisher: the level after the application
     (``prompts/<app>/<owner>``), also when the rest of the topic is not valid (an invalid
@@ -218,6 +230,8 @@ class topics:
     # replies/<owner>/ (where that user reads). On a broker with moe2's ACL nobody but the
     # controller and the gateways may publish to prompts/<app> itself.
 
+    PROMPTS_ROOT = f"{TOPIC_ROOT}/prompts"
+
     @staticmethod
     def prompts(app: str, owner: str | None = None) -> str:
         """Where to publish a prompt for ``app``; ``owner``: the publisher's broker login."""
@@ -240,6 +254,13 @@ class topics:
         prompt, and answers ``unknown_app`` when no online gateway serves its application, or
         ``bad_request`` when its topic names no valid application (or publisher)."""
         return f"$share/{check_name('gateway group', group)}.unrouted/{TOPIC_ROOT}/prompts/#"
+
+    @staticmethod
+    def reply_probe(gateway: str) -> str:
+        """A topic outside ``moe2/`` that a gateway publishes one empty message to at start,
+        to learn from the broker's PUBACK whether it may answer prompts outside ``moe2/``
+        (a broker without logins lets it; moe2's ACL does not). Nobody subscribes to it."""
+        return f"moe2-reply-check/{check_name('agent id', gateway)}"
 
     @staticmethod
     def prompt_errors(owner: str) -> str:
@@ -301,3 +322,4 @@ class topics:
 
     parse = staticmethod(parse)
     prompt_owner = staticmethod(prompt_owner)
+    reply_owner = staticmethod(reply_owner)
