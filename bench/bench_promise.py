@@ -203,6 +203,9 @@ class Recording(Answerer):
 # --------------------------------------------------------------------------- 1. collection
 
 
+SCORE_BATCH = 32  # samples per score_many (collect now sizes its own from the profiles)
+
+
 def collection_in_process(experts: list[Expert], samples: list[ds.Sample]) -> dict[str, Any]:
     """Per model: seconds and tokens to score every (prompt, option) pair in score_many
     batches of 32, prompts shared among their options, and every pair alone."""
@@ -217,8 +220,8 @@ def collection_in_process(experts: list[Expert], samples: list[ds.Sample]) -> di
         row: dict[str, Any] = {}
         for label, share in (("before", False), ("after", True)):
             tokens, t0 = 0, time.perf_counter()
-            for i in range(0, len(pairs), CollectSettings().batch):
-                batch = pairs[i : i + CollectSettings().batch]
+            for i in range(0, len(pairs), SCORE_BATCH):
+                batch = pairs[i : i + SCORE_BATCH]
 
                 def reply(results: list[p.ScoreResult]) -> p.ScoreManyReply:
                     return p.ScoreManyReply(results=results, compute_ms=0.0)
