@@ -17,6 +17,7 @@ from moe2.controller.cli import main
 from moe2.controller.experts.cluster import (
     agreement,
     assign,
+    choose_k,
     composition,
     kmeans,
     plot_composition,
@@ -51,6 +52,45 @@ def test_same_subject_questions_cluster_together_far_better_than_chance(encoder)
     comp = composition(clusters.labels, labels, 4)
     tops = {c["top"][0]["label"] for c in comp.summary()}
     assert len(tops) >= 3 and tops <= set(SUBJECTS)
+
+
+def test_k_chosen_by_the_data_is_the_number_of_separate_groups() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, dtype=np.float32)[:5]  # five directions far apart
+    emb = np.concatenate([c + 0.05 * rng.standard_normal((30, 8)) for c in centres])
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    choice = choose_k(emb, range(2, 10), seed=0)
+    assert choice.k == 5 and choice.clusters.k == 5
+    assert choice.silhouettes[5] == max(choice.silhouettes.values()) > 0.8
+    assert sorted(choice.silhouettes) == list(range(2, 10))
+    with pytest.raises(ConfigError, match="no K to try"):
+        choose_k(emb[:3], [5, 6])
+
+
+@pytest.mark.slow  # the sentence encoder on 12 prompts of each of the 19 families: ~20 s
+def test_clustering_the_mixture_recovers_the_families_far_better_than_chance(
+    tmp_path: Path,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    args = ["experts", "cluster", "--benchmark", "all", "--per-benchmark", "12", "-k", "8"]
+    res = CliRunner().invoke(
+        main, [*args, "--db", db, "--json"], env={"MOE2_DATA_DIR": str(tmp_path / "data")}
+    )
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["name"] == "all-train-k8" and info["prompts"] == 12 * len(ds.BENCHMARKS)
+    fam = info["metrics"]["families"]
+    assert fam["nmi"] > fam["nmi_shuffled"] + 0.3
+    assert fam["purity"] > fam["purity_shuffled"] + 0.2
+    rows = {f["family"]: f for f in info["families"]}
+    assert set(rows) == set(ds.BENCHMARKS)
+    assert all(sum(f["per_cluster"]) == f["prompts"] == 12 for f in rows.values())
+    # Families with a format of their own land in one cluster.
+    for name in ("sst2", "mrpc", "arithmetic"):
+        assert max(rows[name]["per_cluster"]) >= 10, rows[name]
+    shown = CliRunner().invoke(main, ["experts", "clusters", "all-train-k8", "--db", db])
+    assert "against the task families" in shown.output
+    assert any(line.startswith("sst2 ") for line in shown.output.splitlines())
 
 
 def test_metrics_and_validation_on_known_assignments(tmp_path: Path) -> None:

@@ -129,6 +129,18 @@ def test_finetune_command_writes_one_adapter_per_cluster(
     listed = run(main, ["experts", "list", "--db", db, "--json"])
     assert [e["name"] for e in json.loads(listed.stdout)] == [e["name"] for e in experts]
     assert listed.exit_code == 0
+    # The same training again reuses the finished adapters without touching them.
+    stamps = {e["adapter"]: Path(e["adapter"]).stat().st_mtime_ns for e in experts}
+    again = run(main, args, env=env)
+    assert again.exit_code == 0, again.output
+    assert again.stderr.count("trained before, reusing") == 2
+    assert json.loads(again.stdout) == experts
+    assert {a: Path(a).stat().st_mtime_ns for a in stamps} == stamps
+    # A damaged adapter is not reused: that expert is trained again (from its checkpoint).
+    Path(experts[1]["adapter"]).write_bytes(b"not a gguf")
+    redo = run(main, args, env=env)
+    assert redo.exit_code == 0 and redo.stderr.count("trained before, reusing") == 1
+    assert json.loads(redo.stdout)[1]["adapter_sha256"] == experts[1]["adapter_sha256"]
     bad = run(main, [*args[:6], "--cluster", "5"], env=env)
     assert bad.exit_code == 1 and "clusters 0..1" in bad.output
     merged = run(main, ["experts", "merge", experts[0]["name"], "--quantize", "Q8_0", "--db", db])

@@ -7,6 +7,7 @@ Nothing is downloaded: the tokenizer and config come from the file or folder.
 
     base = describe(Path("SmolLM2-135M-Instruct.Q4_1.gguf"))   # metadata only, fast
     model, tok = load(base)                                     # float32 torch module
+    tok = load_tokenizer(base)                                  # the tokenizer alone
     tok.encode("Question: ...", bos=True)                       # token ids
 
 Token ids come from llama.cpp itself for a GGUF base (when the agent package is installed, as
@@ -158,36 +159,50 @@ class HfTokenizer:
         return list(self._tok(text, add_special_tokens=bos)["input_ids"])
 
 
-def tokenizer(base: BaseModelRef, hf_tok: Any) -> Tokenizer:
+def _hf_source(base: BaseModelRef) -> tuple[str, dict[str, Any]]:
+    """(folder, from_pretrained kwargs) of a base; only local files are read."""
+    # Make any hub access an error rather than a download.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    folder = base.path
+    if base.kind == "gguf":
+        folder, kwargs["gguf_file"] = base.path.parent, base.path.name
+    return str(folder), kwargs
+
+
+def load_tokenizer(base: BaseModelRef) -> Tokenizer:
     """llama.cpp's tokenizer for a GGUF base when the agent package is there, else the
-    Hugging Face one."""
+    Hugging Face one (no model weights are loaded)."""
     if base.kind == "gguf":
         try:
             return LlamaCppTokenizer(base.path)
         except ImportError:
             pass
-    return HfTokenizer(hf_tok)
+    from transformers import AutoTokenizer
+
+    folder, kwargs = _hf_source(base)
+    try:
+        return HfTokenizer(AutoTokenizer.from_pretrained(folder, **kwargs))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"transformers could not load {base.path}'s tokenizer: {exc}") from None
+
+
+def load_model(base: BaseModelRef, device: str = "cpu") -> Any:
+    """A float32 causal LM on ``device``; offline."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    folder, kwargs = _hf_source(base)
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"transformers could not load {base.path}: {exc}") from None
+    model.to(device)
+    return model
 
 
 def load(base: BaseModelRef, device: str = "cpu") -> tuple[Any, Tokenizer]:
     """(model, tokenizer): a float32 causal LM on ``device`` and its tokenizer; offline."""
-    # Only local files are read; make any hub access an error rather than a download.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    folder = base.path
-    if base.kind == "gguf":
-        folder, kwargs["gguf_file"] = base.path.parent, base.path.name
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), **kwargs)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, **kwargs
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ConfigError(f"transformers could not load {base.path}: {exc}") from None
-    model.to(device)
-    return model, tokenizer(base, tok)
+    return load_model(base, device), load_tokenizer(base)

@@ -5,6 +5,7 @@ Each cluster becomes the fine-tuning set of one domain expert, so the experts sp
 along the same directions the gate sees.
 
     clusters = kmeans(embeddings, k=4, seed=0)       # labels (n,), centroids (k, dim)
+    choice = choose_k(embeddings, range(2, 17))      # K by the data: the best silhouette
     agreement(clusters.labels, subjects)             # purity / adjusted Rand vs chance
     plot_composition(composition(clusters.labels, subjects, 4), Path("clusters.png"))
 """
@@ -48,6 +49,46 @@ def kmeans(emb: np.ndarray, k: int, seed: int = 0) -> Clusters:
         centroids=km.cluster_centers_.astype(np.float32),
         inertia=float(km.inertia_),
     )
+
+
+@dataclass(frozen=True)
+class KChoice:
+    k: int
+    silhouettes: dict[int, float]  # K tried -> mean silhouette (cosine), higher is better
+    clusters: Clusters  # K-means with the chosen K
+
+
+def choose_k(
+    emb: np.ndarray, candidates: Sequence[int], seed: int = 0, sample: int = 3000
+) -> KChoice:
+    """K by the data: K-means for every candidate K, keeping the one whose clusters have the
+    highest mean silhouette (how much nearer each prompt is to its own cluster than to the
+    next; cosine distance, on a seeded sample of at most ``sample`` prompts)."""
+    from sklearn.metrics import silhouette_score
+
+    emb = np.asarray(emb, dtype=np.float32)
+    ks = sorted({k for k in candidates if 2 <= k < len(emb)})
+    if not ks:
+        raise ConfigError(
+            f"no K to try: candidates {list(candidates)} must lie between 2 and the number of "
+            f"prompts less one ({len(emb) - 1})"
+        )
+    scores: dict[int, float] = {}
+    best: Clusters | None = None
+    for k in ks:
+        c = kmeans(emb, k, seed)
+        if len(np.unique(c.labels)) < 2:
+            continue
+        scores[k] = float(
+            silhouette_score(
+                emb, c.labels, metric="cosine", sample_size=min(sample, len(emb)), random_state=seed
+            )
+        )
+        if best is None or scores[k] > scores[best.k]:
+            best = c
+    if best is None:
+        raise ConfigError("every K tried put all prompts in one cluster: are they all alike?")
+    return KChoice(best.k, scores, best)
 
 
 def assign(emb: np.ndarray, centroids: np.ndarray) -> np.ndarray:

