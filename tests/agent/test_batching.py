@@ -6,6 +6,7 @@ evaluation of the same histories."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from moe2.agent.backend import DecodePart
 from moe2.agent.batching import Scheduler
 from moe2.agent.config import AgentConfig
 from moe2.agent.llama import LlamaCppBackend
+from moe2.agent.meters import thread_cpu_seconds
 from moe2.agent.service import AgentService
 from moe2.agent.tasks import ScoreMany
 from moe2.shared import protocol as p
@@ -246,6 +248,7 @@ def test_without_sharing_every_sample_evaluates_its_prompt(
     # what collection cost before prompts were shared (bench/bench_promise.py compares)
     prompt = animals_backend.tokenize(QUESTION, add_bos=True)
     targets = [animals_backend.tokenize(o, add_bos=False) for o in OPTIONS]
+
     def reply(results: list[p.ScoreResult]) -> p.ScoreManyReply:
         return p.ScoreManyReply(results=results, compute_ms=0.0)
 
@@ -297,3 +300,44 @@ def test_a_batch_over_the_kv_cache_fails_only_its_parts(tiny_models: dict[str, P
         assert len(c) == 0 and len(a) == 64
     finally:
         backend.close()
+
+
+class _Stalled:
+    """A backend whose every decode also waits ``stall_s`` off the CPU (as a model thread
+    does when other experts hold the cores)."""
+
+    def __init__(self, backend: LlamaCppBackend, stall_s: float) -> None:
+        self._b, self.stall_s = backend, stall_s
+        self.info = backend.info
+
+    def decode_batch(self, parts: list[DecodePart]) -> list[list[np.ndarray] | Exception]:
+        time.sleep(self.stall_s)
+        return self._b.decode_batch(parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._b, name)
+
+
+def test_model_time_is_read_from_the_schedulers_clock_and_wall_time_kept_apart(
+    service: AgentService,
+) -> None:
+    """compute_ms (what a request's energy is of) comes from the scheduler's clock: the model
+    thread's CPU time where energy is modelled on a CPU; the wall time of the same ticks is
+    handed to ``on_model_time`` (the agent's own handling is the rest of a request's time)."""
+    stalled = _Stalled(service.backend, 0.05)  # type: ignore[arg-type]
+    walls: list[float] = []
+    sched = Scheduler(
+        stalled,  # type: ignore[arg-type]
+        service.start,
+        lambda job, reply: job.done(reply),
+        clock=thread_cpu_seconds,
+        on_model_time=lambda job, wall: walls.append(wall),
+    )
+    job = Job(p.OpenRequest(prompt="the fox eats", full=True))
+    sched.run(job)
+    (reply,) = job.replies
+    assert isinstance(reply, p.DistributionReply)
+    # the stall is wall time, not CPU time: charged it would double a tiny model's energy
+    assert walls and walls[0] >= 0.05
+    assert 0 < reply.compute_ms < 1e3 * walls[0] - 40
+    service.start(p.CloseRequest(session=reply.session))

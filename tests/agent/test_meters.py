@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 
-from moe2.agent.meters import METERS, MeterFactory, ModelledMeter, Reading, choose_meter
+from moe2.agent.meters import (
+    METERS,
+    MeterFactory,
+    ModelledMeter,
+    Reading,
+    choose_meter,
+    thread_cpu_seconds,
+)
 from moe2.agent.meters.base import Meter, MeterError, PowerTrace
 from moe2.agent.meters.jetson import (
     JtopMeter,
@@ -383,6 +391,59 @@ def test_modelled_meter_is_never_labelled_measured() -> None:
     assert "orin-agx-64gb/MAXN" in reading.detail
     with pytest.raises(MeterError):
         meter.stop()
+
+
+def _charged(meter: ModelledMeter, work: Any) -> Reading:
+    meter.start()
+    work()
+    return meter.stop()
+
+
+def test_a_modelled_meter_on_a_cpu_charges_the_model_threads_cpu_time() -> None:
+    """Experts sharing cores stretch each other's wall time; a modelled meter charges the
+    time the measuring thread was on a core, so neither waiting nor another thread's work
+    is charged, and the same work costs the same joules with or without competition."""
+    device = load_device_class("cpu-generic")
+    meter = choose_meter(device, prefer="modelled")
+    assert isinstance(meter, ModelledMeter) and meter.model_clock is thread_cpu_seconds
+    watts = device.figures().peak_power_w
+
+    # Waiting (here: sleeping) is no work of this thread's: nearly nothing is charged.
+    slept = _charged(meter, lambda: time.sleep(0.05))
+    assert slept.seconds < 0.01 and slept.joules == pytest.approx(slept.seconds * watts)
+    assert "cpu s" in slept.detail
+
+    # A busy-loop thread's CPU time is its own, not the measuring thread's.
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    spinners = [threading.Thread(target=spin, daemon=True) for _ in range(2)]
+    for t in spinners:
+        t.start()
+    try:
+        beside = _charged(meter, lambda: stop.wait(0.1))
+        assert beside.seconds < 0.01
+
+        def work() -> None:  # pure Python: it holds a core only while it runs
+            sum(i * i for i in range(300_000))
+
+        contended = min(_charged(meter, work).joules for _ in range(3))
+    finally:
+        stop.set()
+        for t in spinners:
+            t.join()
+    alone = min(_charged(meter, work).joules for _ in range(3))
+    # the CPU time of the same work, whatever else ran (its wall time is not looked at)
+    assert contended == pytest.approx(alone, rel=0.5)
+
+
+def test_a_gpu_class_without_a_power_reading_charges_wall_time() -> None:
+    device = load_device_class("rtx4090")
+    meter = METERS["modelled"](device, None)
+    assert isinstance(meter, ModelledMeter) and meter.model_clock is not thread_cpu_seconds
 
 
 # --------------------------------------------------------------------------- choosing

@@ -21,12 +21,14 @@ from moe2.controller.experts.tiny import build_vocab, write_expert
 from moe2.controller.gate.train import TrainData
 from moe2.controller.localfleet import LocalFleet
 from moe2.controller.mixing import SEQUENCE, TOKEN, level_of, mix, mixture_loglik
-from moe2.controller.optimize.fromregistry import scored_set
+from moe2.controller.optimize.fromregistry import GateDelay, scored_set
 from moe2.controller.optimize.objective import Evaluator
 from moe2.controller.registry import Registry
 from moe2.controller.registry.sync import online_experts, sync_once
 from moe2.shared import mixing as shared_mixing
+from moe2.shared import protocol as p
 from moe2.shared.client import PromptClient
+from moe2.shared.costmodel import CostCurve
 from moe2.shared.errors import ConfigError
 from moe2.shared.mqtt import BrokerConfig, RpcClient
 
@@ -123,6 +125,17 @@ def test_training_the_optimizer_and_evaluation_mix_alike(reg: Registry) -> None:
         problem = data.problem({}, None)
         for i in range(2):
             np.testing.assert_array_equal(problem.logp[i], reference.target(i))
+        # The gateway's own time per answer falls on step 1 of every expert alike: each
+        # subset's delay grows by exactly own / T.
+        flat = CostCurve(
+            unit="s", coef=[0.002], residual_std=0, rel_residual_std=0, n_points=3,
+            min_tokens=1, max_tokens=4,
+        )  # fmt: skip
+        own = p.GatewayOverhead(generated=flat, scored=flat, answers=3)
+        timed = data.problem({}, None, gate_delay=GateDelay(own=own))
+        np.testing.assert_allclose(timed.prompt_delay, problem.prompt_delay + 0.002)
+        np.testing.assert_array_equal(timed.decode_delay, problem.decode_delay)
+        assert timed.meta["gateway_own_s"] == pytest.approx(0.002)
         # J(N) with uniform weights = the training loss function = the sum over units of
         # log of the mean probability, written out
         n = len(experts)

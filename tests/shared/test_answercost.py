@@ -12,8 +12,9 @@ from moe2.shared.answercost import (
     answer_cost,
     expert_steps,
     measured_delay_per_step,
+    power_w,
 )
-from moe2.shared.costmodel import CostCurve, CostCurves
+from moe2.shared.costmodel import CostCurve, CostCurves, RequestOverhead
 
 
 def _line(a: float, b: float, unit: str) -> CostCurve:
@@ -74,3 +75,46 @@ def test_a_measured_latency_gives_the_same_quantity() -> None:
     # 0.1 s end to end, of which 0.02 s the gate, over 4 steps: eq. 8's mean step + gate
     assert measured_delay_per_step(0.1, 0.02, 4) == pytest.approx(0.08 / 4 + 0.02)
     assert measured_delay_per_step(0.1, 0.0, 0) == pytest.approx(0.1)  # no steps: one
+
+
+def test_each_request_costs_the_agents_own_time_and_the_answer_the_gateways() -> None:
+    """By hand: the agent's own time per request (beyond a ping, which the link's round trip
+    holds) falls on every step of a generated answer (each step is a request) and once on a
+    scored one; the gateway's own time once per answer, spread over its T steps with the
+    experts' time; the gate once on the mean step. Energy is the models' alone."""
+    own = RequestOverhead(
+        seconds={"open": 0.003, "step": 0.002, "score_choices": 0.004}, requests=9
+    )
+    busy = CURVES.model_copy(update={"overhead": own})
+    cost = answer_cost(
+        {"a": busy},
+        {"a": Work(10)},
+        steps=3,
+        kind=GENERATED,
+        links={"a": 0.001},
+        gate_s=0.005,
+        gateway_s=0.006,
+    )
+    # step 1: prompt 0.02 + open 0.003 + link 0.001; steps 2, 3: token 0.0211 / 0.0212 (history
+    # 11, 12) + step 0.002 + link 0.001
+    experts = 0.024 + 0.0241 + 0.0242
+    assert cost.seconds == pytest.approx(experts)
+    assert cost.delay_s_per_step == pytest.approx((experts + 0.006) / 3 + 0.005)
+    assert cost.energy_j == pytest.approx(6.0)  # as without any overhead
+
+    scored = answer_cost(
+        {"a": busy}, {"a": Work(10, (3, 1, 2))}, steps=2, kind=SCORED, gateway_s=0.002
+    )
+    # one request: prompt 0.02 + 3 tokens scored 0.009 + score_choices 0.004; step 2 nothing
+    assert scored.seconds == pytest.approx(0.033)
+    assert scored.delay_s_per_step == pytest.approx((0.033 + 0.002) / 2)
+    # a profile that states no overhead: none added
+    plain = answer_cost({"a": CURVES}, {"a": Work(10, (3, 1, 2))}, steps=2, kind=SCORED)
+    assert plain.seconds == pytest.approx(0.029)
+
+
+def test_a_modelled_profile_charges_its_busy_power_per_second_of_model_time() -> None:
+    # a real meter's power: the profile's joules over its seconds at that prompt length
+    assert power_w(CURVES, 10) == pytest.approx(2.0 / 0.02)
+    # modelled: joules = busy power x model time, whatever the wall time was when profiling
+    assert power_w(CURVES.model_copy(update={"model_watts": 95.0}), 10) == 95.0

@@ -13,13 +13,20 @@ Requests of one session run in arrival order (a step waits for the session's pre
 request); requests that need no model (tokenize, ping, close...) are answered at once, in
 order with the session's other requests.
 
+A task's model time (``compute_s``, what its reply reports and its energy is of) is read from
+the scheduler's ``clock`` around each tick's decode: wall time by default, the model thread's
+CPU time where energy is modelled on a CPU (``Meter.model_clock``); ``wall_s`` always holds
+the wall time, which ``on_model_time`` hears before each reply (the agent's own handling of a
+request is its time less that).
+
 Nothing is computed for nobody: with a ``drop`` hook (the daemon's: the request's deadline
 passed, its requester is gone, the agent stops), a job is answered with the hook's error
 instead of being started, and a task in progress is stopped at its next tick (its session
 rolled back). ``compute_s`` counts the model time of every tick, ``wasted_s`` the share of it
 spent on tasks nobody got the answer of (stopped, or finished after their deadline), and
 ``late_s`` the share spent in ticks begun after a task's deadline had passed: nothing, with a
-drop hook, beyond the tick in flight when the deadline passes.
+drop hook, beyond the tick in flight when the deadline passes. ``seconds_per_token``, what
+backpressure expects work to take before a deadline, is of wall time.
 """
 
 from __future__ import annotations
@@ -58,8 +65,9 @@ class Drop:
 class Task(abc.ABC):
     """The model work of one request."""
 
-    compute_s = 0.0  # seconds of the ticks this task took part in
-    cost_s = 0.0  # its share of those ticks' seconds, by tokens evaluated
+    compute_s = 0.0  # model time of the ticks this task took part in (the scheduler's clock)
+    wall_s = 0.0  # wall seconds of those ticks
+    cost_s = 0.0  # its share of those ticks' model time, by tokens evaluated
     error: Exception | None = None
     dropped: Drop | None = None  # stopped before its end (deadline, requester gone...)
 
@@ -168,6 +176,8 @@ class Scheduler:
         on_done: Callable[[Any, p.Message], None],  # (job, reply)
         *,
         n_batch: int = 512,
+        clock: Callable[[], float] = time.perf_counter,  # model time, read on this thread
+        on_model_time: Callable[[Any, float], None] | None = None,  # (job, wall s of its ticks)
         # (job, running) -> why to drop it now, before it starts or at a tick of its task
         drop: Callable[[Any, bool], Drop | None] | None = None,
         on_drop: Callable[[Any, Drop, float], None] | None = None,  # (job, why, seconds lost)
@@ -176,6 +186,8 @@ class Scheduler:
         self.backend = backend
         self._start = start
         self._on_done = on_done
+        self.clock = clock
+        self._on_model_time = on_model_time
         self._drop = drop
         self._on_drop = on_drop
         self._late = late
@@ -190,7 +202,7 @@ class Scheduler:
         self.compute_s = 0.0  # model time of every tick
         self.wasted_s = 0.0  # of which spent on tasks whose answer nobody got
         self.late_s = 0.0  # of which in ticks begun after the task's deadline
-        # Seconds per token evaluated, recent ticks weighted by their tokens (None: no tick
+        # Wall seconds per token evaluated, recent ticks weighted by their tokens (None: no tick
         # yet): what the daemon's backpressure expects work to take.
         self.seconds_per_token: float | None = None
         # Tokens each active task still needs, as of the last tick (read by other threads).
@@ -287,23 +299,24 @@ class Scheduler:
             parts += got
             tokens -= sum(len(x.tokens) for x in got)
             rows -= sum(len(x.rows) for x in got)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.clock()
         results: list[list[np.ndarray] | Exception]
         try:
             results = self.backend.decode_batch(parts) if parts else []
         except Exception as exc:  # a bug must cost this tick's requests, not the agent
             log.exception("decode of %d parts failed", len(parts))
             results = [InternalError(f"{type(exc).__name__}: {exc}")] * len(parts)
-        spent = time.perf_counter() - t0
-        self.last_tasks, self.last_tick_s = len(plan), spent
+        wall, spent = time.perf_counter() - t0, self.clock() - c0
+        self.last_tasks, self.last_tick_s = len(plan), wall
         self.ticks += 1
         n_tokens = sum(len(x.tokens) for x in parts)
         self.decoded_tokens += n_tokens
         self.compute_s += spent
         if n_tokens:
-            self._measure(spent, n_tokens)
+            self._measure(wall, n_tokens)
         for task, first, count, late in plan:
             task.compute_s += spent
+            task.wall_s += wall
             if n_tokens:
                 share = spent * sum(len(x.tokens) for x in parts[first : first + count]) / n_tokens
                 task.cost_s += share
@@ -325,6 +338,8 @@ class Scheduler:
                 reply = _error_reply(job.request, exc)
             if task.dropped is None and self._late is not None and self._late(job):
                 self.wasted_s += task.cost_s  # finished, but after its requester gave up
+            if self._on_model_time is not None:
+                self._on_model_time(job, task.wall_s)
             self._on_done(job, reply)
             if key is not None:
                 queue = self._busy.get(key)

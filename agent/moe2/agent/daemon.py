@@ -6,6 +6,12 @@ the model thread hands them to the scheduler (``batching.py``), which evaluates 
 in progress in one batch per tick, and always replies: a result, or an error with a code, in
 the codec the request came in. Nothing a peer sends can stop either thread.
 
+A request's model time (``compute_ms`` in its reply, what its energy is of) is read from the
+clock of the meter the profiles use (``Meter.model_clock``: where energy is modelled and the
+model computes on the CPU, the model thread's CPU time). What each request spends in the
+agent beyond its model work is measured too (``overhead.py``) and announced with the
+profile, re-announced when it moves, so that promises count it.
+
 Self-profiling runs on the model thread too (first at start, then on ``profile`` requests),
 so no request is measured as its cost, and serves the requests waiting for the model between
 two measurements, so a profile delays them by one measurement at most; the profile is
@@ -53,6 +59,7 @@ from moe2.agent.config import AgentConfig
 from moe2.agent.gateway.service import Gateway
 from moe2.agent.metrics import AgentMetrics, GatewayMetrics
 from moe2.agent.metrics import serve as serve_metrics
+from moe2.agent.overhead import RequestTimes, moved, probe
 from moe2.agent.profiler import SelfProfiler, current_power_mode
 from moe2.agent.requesters import Requesters
 from moe2.agent.service import AgentService, work_tokens
@@ -67,8 +74,11 @@ log = logging.getLogger(__name__)
 # A session stepped within this many seconds is in use (a generation steps every few seconds
 # at most: the gateways' step timeout); the drain on stop waits for those.
 _STEP_GAP_S = 5.0
-# How often the model thread frees sessions: idle ones, orphans, those of gone requesters.
+# How often the model thread frees sessions: idle ones, orphans, those of gone requesters
+# (an idle model thread wakes this often, and looks at its own time per request too).
 _HOUSEKEEPING_S = 1.0
+# How often the agent looks whether its own time per request moved enough to announce.
+_OVERHEAD_EVERY_S = 2.0
 # New work: what backpressure may refuse, and what a draining agent no longer takes (steps,
 # drafts and verifications continue sessions in use).
 _NEW_WORK = (p.OpenRequest, p.ScoreRequest, p.ScoreManyRequest, p.ScoreChoicesRequest)
@@ -82,6 +92,7 @@ class _Job:
     received: float
     qos: int = 1  # replies travel with the QoS the request came with
     codec: str = "json"  # replies travel in the codec the request came in
+    model_s: float = 0.0  # wall seconds of its model work (set by the scheduler)
     deadline: float | None = None  # time.monotonic(): its requester stops waiting then
     requester: str | None = None  # "<owner>/<client id>", when it named itself
     tokens: int | None = None  # model work it asks for, estimated (None: none)
@@ -95,12 +106,20 @@ class Agent:
     def __init__(self, config: AgentConfig, backend: ModelBackend) -> None:
         self.config = config
         self.backend = backend
-        self.service = AgentService(
-            config.id, backend, config.max_sessions, config.default_top_k, config.session_idle_s
-        )
         self.profiler = self._build_profiler()  # ConfigError: unknown device class or mode
+        model_clock = self.profiler.model_clock()
+        self.service = AgentService(
+            config.id,
+            backend,
+            config.max_sessions,
+            config.default_top_k,
+            config.session_idle_s,
+            model_clock=model_clock,
+        )
         self.service.profiler = self.profiler
         self.profile: p.AgentProfile | None = None  # the last one published
+        self.request_times = RequestTimes()  # our own time per request (overhead.py)
+        self._overhead_checked = 0.0  # time.monotonic() of the last look at it
         self.started_at = time.time()
         self.info = self._build_info()
         offline = p.encode(p.AgentStatus(agent_id=config.id, state="offline"))
@@ -124,6 +143,8 @@ class Agent:
             backend,
             self.service.start,
             self._done,
+            clock=model_clock,
+            on_model_time=_model_time,
             drop=self._why_drop,
             on_drop=self._on_drop,
             late=lambda job: job.deadline is not None and time.monotonic() > job.deadline,
@@ -350,7 +371,12 @@ class Agent:
             )
             return reply
         assert isinstance(reply, p.ProfileReply)
-        prof = reply.profile
+        try:  # what a request costs here beyond the model, seeded before anything is served
+            self.request_times.seed(probe(self.service, self.scheduler.clock))
+        except Exception:
+            log.exception("could not probe the agent's own time per request")
+        prof = self._with_overhead(reply.profile)
+        reply = reply.model_copy(update={"profile": prof})
         log.info(
             "%s profile: %d prompt lengths in %.1f s, energy from %s (%s)",
             when,
@@ -383,6 +409,7 @@ class Agent:
         )
 
     def _on_request(self, msg: mqtt.MQTTMessage) -> None:
+        received = time.monotonic()  # decoding is part of a request's handling
         props = msg.properties
         topic = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
@@ -394,7 +421,6 @@ class Agent:
             log.warning("request on %s without ResponseTopic dropped (MQTT 5 needed)", msg.topic)
             return
         codec = p.payload_codec(msg.payload)
-        received = time.monotonic()
         try:
             request = p.decode_request(msg.payload, self.config.max_payload_bytes)
         except ProtocolError as exc:
@@ -568,6 +594,7 @@ class Agent:
             if time.monotonic() >= next_housekeeping:
                 next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
                 self._housekeeping()
+            self._announce_overhead()
         # Disconnected: nobody would get an answer now. Compute nothing more.
         dropped = self.scheduler.drop_all(Drop("stopping", Cancelled("the agent stopped")))
         if dropped:
@@ -624,3 +651,29 @@ class Agent:
             self._reply(job.response_topic, job.correlation, reply, job.qos, job.codec)
         except Exception:
             log.exception("could not publish the reply to %s", job.response_topic)
+            return
+        if not isinstance(reply, p.ErrorReply):
+            op = job.request.op
+            self.request_times.served(op, time.monotonic() - job.received - job.model_s)
+
+    def _with_overhead(self, profile: p.AgentProfile) -> p.AgentProfile:
+        curves = profile.curves.model_copy(update={"overhead": self.request_times.figure()})
+        return profile.model_copy(update={"curves": curves})
+
+    def _announce_overhead(self) -> None:
+        """Publish the profile again when our own time per request moved (looked at every
+        ``_OVERHEAD_EVERY_S`` at most)."""
+        now = time.monotonic()
+        if self.profile is None or now - self._overhead_checked < _OVERHEAD_EVERY_S:
+            return
+        self._overhead_checked = now
+        if not moved(self.profile.curves.overhead, self.request_times.figure()):
+            return
+        try:
+            self._publish_profile(self._with_overhead(self.profile))
+        except Exception:
+            log.exception("could not publish the profile with the new request overhead")
+
+
+def _model_time(job: _Job, wall_s: float) -> None:
+    job.model_s = wall_s

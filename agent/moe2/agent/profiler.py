@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from moe2.agent.backend import ModelBackend, ModelInfo
 from moe2.agent.config import ProfilerSettings
-from moe2.agent.meters import choose_meter
+from moe2.agent.meters import ModelledMeter, choose_meter, thread_cpu_seconds
 from moe2.agent.meters.base import Meter, MeterError
 from moe2.agent.meters.nvml import nvml_power_limit_w
 from moe2.shared.costmodel import (
@@ -71,6 +71,7 @@ class _Run:
     tokens: int  # tokens generated
     source: MeterSource  # what the meter's readings said produced the joules
     scope: str
+    watts: float  # the readings' joules over their seconds (a modelled meter: its busy power)
 
 
 def prompt_tokens_for(backend: ModelBackend, length: int) -> list[int]:
@@ -168,6 +169,7 @@ def _measure(
         tokens=n,
         source=prompt_reading.source,
         scope=prompt_reading.scope,
+        watts=max(r.watts for r in (prompt_reading, score_reading, decode_reading)),
     )
 
 
@@ -251,6 +253,9 @@ def profile_backend(
     if len(sources) != 1:
         raise MeterError(f"readings came from more than one meter: {sorted(sources)}")
     ((source, scope),) = sources
+    curves = fit_points(points)
+    if source == "modelled":  # joules = busy power x model time: say which power
+        curves = curves.model_copy(update={"model_watts": max(r.watts for r in all_runs)})
     return AgentProfile(
         agent_id=agent_id,
         model=info.name,
@@ -263,7 +268,7 @@ def profile_backend(
         idle_watts=idle_watts,
         n_ctx=info.n_ctx,
         points=points,
-        curves=fit_points(points),
+        curves=curves,
         profiled_at=now(),
         duration_s=clock() - started,
     )
@@ -358,8 +363,32 @@ class SelfProfiler:
         settings.lengths_for(self.backend.info.n_ctx)  # room for every prompt, or ConfigError
         return settings
 
-    def run(self, settings: ProfilerSettings | None = None) -> AgentProfile:
+    def _choose_meter(self) -> Meter:
+        """The first of the class's meters that works here (or the one named). A modelled
+        meter charges the model thread's CPU time where the model computes on the CPU
+        (whatever GPU the declared class has), wall time where a GPU does."""
         meter = choose_meter(self.device, self.power_mode, prefer=self.meter)
+        if isinstance(meter, ModelledMeter):
+            offload = self.backend.offload  # None: the backend cannot tell; the class says
+            on_cpu = self.device.kind == "cpu" if offload is None else not offload.on_gpu
+            meter.clock = meter.model_clock = thread_cpu_seconds if on_cpu else time.perf_counter
+        return meter
+
+    def model_clock(self) -> Callable[[], float]:
+        """The clock a request's model time is read from, as the meter a profile uses
+        charges it (``Meter.model_clock``); wall time when no meter works here (then no
+        profile is made, and the profile request says why)."""
+        try:
+            meter = self._choose_meter()
+        except ConfigError:
+            return time.perf_counter
+        try:
+            return meter.model_clock
+        finally:
+            meter.close()
+
+    def run(self, settings: ProfilerSettings | None = None) -> AgentProfile:
+        meter = self._choose_meter()
         try:
             return profile_backend(
                 self.backend,
@@ -410,6 +439,7 @@ def estimate_profile(
         # eq. 4 has no term for the distributions scoring reads: a scored token as a prompt's
         score_seconds=prompt_s,
         score_joules=prompt_j,
+        model_watts=figures.peak_power_w,
     )
     return AgentProfile(
         agent_id=agent_id,
@@ -436,7 +466,7 @@ def stability(profiles: Sequence[AgentProfile], lengths: Sequence[int]) -> dict[
     out: dict[str, float] = {}
     for name in CostCurves.model_fields:
         curves = [getattr(p.curves, name) for p in profiles]
-        if any(c is None for c in curves):  # a profile without score curves
+        if not all(isinstance(c, CostCurve) for c in curves):  # no score curves; not a curve
             continue
         worst = 1.0
         for n in lengths:

@@ -7,6 +7,7 @@ scheduler (``batching.py``) runs batched with every other session's work.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,6 +45,7 @@ class AgentService:
         session_idle_s: float = 60.0,
         *,
         score_parallel: int = 4,  # samples of a score_many evaluated together
+        model_clock: Callable[[], float] = time.perf_counter,  # what compute_ms reports
     ) -> None:
         self.agent_id = agent_id
         self.default_top_k = default_top_k
@@ -60,7 +62,9 @@ class AgentService:
         self.chat = ChatRenderer(backend)
         self.tokens_evaluated = 0  # by open, step, verify and draft, for the metrics
         self._eos = set(backend.info.eos_ids)
-        self._alone = Scheduler(backend, self.start, lambda job, reply: job.done(reply))
+        self._alone = Scheduler(
+            backend, self.start, lambda job, reply: job.done(reply), clock=model_clock
+        )
 
     def handle(self, req: Any) -> p.Message:
         """The reply to one request, run alone (tools and tests; the daemon batches); an

@@ -14,14 +14,22 @@ Two kinds of answer, as the gateway gives them:
   The answer still counts T steps (the chosen option's length, as a generation of it would),
   so step 1 carries all of the work and steps 2..T none.
 
-With τ_n(t) and E_n(t) each expert's step costs, an answer by S costs (eqs. 7-11)::
+Every request an expert serves costs, besides its model's work (the curves) and its link
+(round trip and payload, eqs. 5-6), the agent's own handling of it beyond what a ping's round
+trip already holds (``CostCurves.overhead``: decoding, scheduling, encoding the reply): per
+step for a generated answer (every step is a request), once for a scored one. The gateway's
+own time per answer (``gateway_s``: intake, fusion, sampling, bookkeeping; neither the gate
+nor the waits on the experts) falls on the answer once. On tiny models these are most of an
+answer's time; on large ones a rounding error. With τ_n(t) and E_n(t) each expert's step
+costs, an answer by S costs (eqs. 7-11)::
 
-    τ(x, S) = (1/T) Σ_t max_{n∈S} τ_n(t) + τ_gate      seconds per step
-    E(x, S) = (1/T) Σ_t Σ_{n∈S} E_n(t)                 joules per step; T E(x, S) per prompt
+    τ(x, S) = (1/T) (Σ_t max_{n∈S} τ_n(t) + τ_gw) + τ_gate      seconds per step
+    E(x, S) = (1/T) Σ_t Σ_{n∈S} E_n(t)                           joules per step; × T per prompt
 
     cost = answer_cost({"a": curves_a, "b": curves_b},
                        {"a": Work(12, (3, 2, 4, 1)), "b": Work(14, (3, 3, 4, 1))},
-                       steps=3, kind=SCORED, links={"a": 0.0008, "b": 0.0009}, gate_s=0.003)
+                       steps=3, kind=SCORED, links={"a": 0.0008, "b": 0.0009}, gate_s=0.003,
+                       gateway_s=0.002)
     cost.delay_s_per_step, cost.energy_j_per_step, cost.energy_j
 
 The gate runs once per prompt and eq. 8 adds τ_gate once to the mean step: a latency measured
@@ -77,24 +85,35 @@ def score_curve(curves: CostCurves, unit: Literal["s", "J"]) -> CostCurve:
     return curves.score_joules or curves.prompt_joules
 
 
+def request_overhead(curves: CostCurves, op: str) -> float:
+    """Seconds the expert's agent spends on one ``op`` request beyond its model and a ping
+    (0 for a profile that does not say)."""
+    return 0.0 if curves.overhead is None else curves.overhead.of(op)
+
+
 def expert_steps(
     curves: CostCurves, work: Work, steps: int, kind: AnswerKind, link_s: float = 0.0
 ) -> tuple[FloatArray, FloatArray]:
     """((T,) seconds, (T,) joules) of one expert's steps of an answer of ``steps`` steps,
-    ``link_s`` seconds of transmission per request."""
+    ``link_s`` seconds of transmission per request; each request also costs the agent's
+    own handling of it (``curves.overhead``)."""
     if steps < 1:
         raise ValueError(f"an answer has at least 1 step, got {steps}")
     if work.prompt_tokens < 1:
         raise ValueError(f"a prompt has at least 1 token, got {work.prompt_tokens}")
     if kind == GENERATED:
         seconds, joules = step_costs(curves, work.prompt_tokens, steps)
+        seconds[0] += request_overhead(curves, "open")
+        seconds[1:] += request_overhead(curves, "step")
         return seconds + link_s, joules
     if not work.options_tokens:
         raise ValueError("a scored answer needs its options' token counts")
     seconds = np.zeros(steps)
     joules = np.zeros(steps)
     length = work.prompt_tokens
-    seconds[0] = curves.prompt_seconds.at(length) + link_s
+    seconds[0] = (
+        curves.prompt_seconds.at(length) + link_s + request_overhead(curves, "score_choices")
+    )
     joules[0] = curves.prompt_joules.at(length)
     branch = work.branch_tokens
     if branch:
@@ -105,17 +124,20 @@ def expert_steps(
 
 @dataclass(frozen=True)
 class AnswerCost:
-    """One answer's cost: its wall seconds by the experts, the gate's, and its joules."""
+    """One answer's cost: its wall seconds by the experts, the gate's, the gateway's own,
+    and its joules."""
 
     steps: int  # T
     seconds: float  # Σ_t max_{n∈S} τ_n(t): the experts' part of the answer's time
     gate_s: float  # τ_gate, once per prompt
     energy_j: float  # Σ_t Σ_{n∈S} E_n(t): joules per prompt
+    gateway_s: float = 0.0  # the gateway's own seconds for the answer (once per prompt)
 
     @property
     def delay_s_per_step(self) -> float:
-        """Eq. 8: the mean step over the slowest expert of each step, plus the gate."""
-        return self.seconds / self.steps + self.gate_s
+        """Eq. 8: the mean step over the slowest expert of each step (the gateway's own time
+        spread over them), plus the gate."""
+        return (self.seconds + self.gateway_s) / self.steps + self.gate_s
 
     @property
     def energy_j_per_step(self) -> float:
@@ -131,9 +153,11 @@ def answer_cost(
     kind: AnswerKind,
     links: Mapping[str, float] | None = None,
     gate_s: float = 0.0,
+    gateway_s: float = 0.0,
 ) -> AnswerCost:
     """The cost of one answer by the experts of ``works`` (each with its profile's curves in
-    ``curves`` and its link's seconds per request in ``links``, none when absent)."""
+    ``curves`` and its link's seconds per request in ``links``, none when absent); the gate
+    takes ``gate_s`` and the gateway ``gateway_s`` of its own."""
     if not works:
         raise ValueError("an answer needs at least one expert")
     links = links or {}
@@ -144,7 +168,7 @@ def answer_cost(
         per_step.append(sec)
         joules += float(j.sum())
     slowest = np.max(np.vstack(per_step), axis=0)  # (T,) eq. 7
-    return AnswerCost(steps, float(slowest.sum()), gate_s, joules)
+    return AnswerCost(steps, float(slowest.sum()), gate_s, joules, gateway_s)
 
 
 def measured_delay_per_step(latency_s: float, gate_s: float, steps: int) -> float:
@@ -154,8 +178,11 @@ def measured_delay_per_step(latency_s: float, gate_s: float, steps: int) -> floa
 
 
 def power_w(curves: CostCurves, prompt_tokens: int) -> float:
-    """Watts while the model works on a prompt of ``prompt_tokens`` (the profile's joules over
-    its seconds there): what a measured compute time is multiplied by."""
+    """Watts per second of a request's reported model time (``compute_ms``): a modelled
+    profile's busy power (its joules are that power times model time), else the profile's
+    joules over its seconds at a prompt of ``prompt_tokens``."""
+    if curves.model_watts is not None:
+        return curves.model_watts
     seconds = curves.prompt_seconds.at(prompt_tokens)
     if seconds > 0:
         return curves.prompt_joules.at(prompt_tokens) / seconds

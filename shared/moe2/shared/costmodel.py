@@ -202,13 +202,36 @@ def fit_curve(
     )
 
 
+class RequestOverhead(BaseModel):
+    """Seconds a request spends in an agent beyond its model's work, per operation (``open``,
+    ``step``, ``score_choices``): decoding it, scheduling, encoding the distributions of the
+    reply, publishing it. What a ``ping`` spends there is left out: a link's round trip (eqs.
+    5-6) already holds it, so a request costs ``link + overhead + model`` with nothing
+    counted twice. Measured by the agent on the requests it serves (seeded by a probe of its
+    own request path when it profiles), re-announced as it moves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seconds: dict[str, float]  # op -> mean seconds per request beyond the model and a ping
+    requests: int = Field(ge=0)  # requests the means are of
+
+    def of(self, op: str) -> float:
+        return max(0.0, self.seconds.get(op, 0.0))
+
+
 class CostCurves(BaseModel):
     """The curves a profile publishes, all in a token count L.
 
     ``score_*`` price L tokens evaluated with a distribution read after every one (teacher-
     forced scoring: a multiple-choice answer's options after its prompt); the distributions
     cost on top of a prompt pass (the output layer and its softmax per row). Profiles from
-    agents that predate them leave them out."""
+    agents that predate them leave them out.
+
+    ``model_watts`` is set where energy is modelled (no power reading): the joules are that
+    busy power times the *model time* (on a CPU, the CPU time of the thread running the model,
+    so experts sharing cores do not charge each other's waiting); a request's reported model
+    time (``compute_ms``) times it is the request's energy, as the curves count it. With a
+    real meter it is None and the curves' joules over their seconds give the power."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -218,6 +241,8 @@ class CostCurves(BaseModel):
     token_joules: CostCurve  # joules per generated token
     score_seconds: CostCurve | None = None  # L tokens scored in one pass, seconds
     score_joules: CostCurve | None = None  # L tokens scored in one pass, joules
+    model_watts: float | None = Field(default=None, ge=0)  # joules per second of model time
+    overhead: RequestOverhead | None = None  # the agent's own seconds per request
 
 
 def step_costs(

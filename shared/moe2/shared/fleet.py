@@ -177,6 +177,12 @@ class FleetState:
         assert best.latency is not None
         return best.latency, best.latency_prompts
 
+    def gateway_overhead(self) -> p.GatewayOverhead | None:
+        """A gateway's own time per answer, as the online gateway with the most answers
+        behind its figure announced it; None: none announced one."""
+        known = [g.overhead for g in self.online_gateways().values() if g.overhead is not None]
+        return max(known, key=lambda o: o.answers, default=None)
+
     def best_links(self) -> dict[str, p.LinkFigures]:
         """Expert -> the most recent link figures any gateway measured to it."""
         out: dict[str, p.LinkFigures] = {}

@@ -17,7 +17,8 @@ Experts that fail or stay silent are dropped and the others' weights renormalise
 generation; when every one fails the prompt gets one error. Each answer is counted in the
 application's figures (``stats.py``) with the chosen option's steps: eq. 8's delay measured
 (the gate's part once), the experts' energy by the one cost model on the tokens each really
-evaluated (its prompt once, the options branched from its cache).
+evaluated (its prompt once, the options branched from its cache); and the gateway's own time
+(the latency less the gate and the wait for the experts' scores) in ``own``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.agent.gateway.gate import renormalise
-from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
+from moe2.agent.gateway.stats import AppStatsWindow, OwnTime, answer_energy
 from moe2.shared import mixing
 from moe2.shared import protocol as p
 from moe2.shared.answercost import SCORED, Work
@@ -64,6 +65,7 @@ class ChoiceScorer:
         choose: Choose,  # (app, prompt) -> online experts, the gate's top-k with weights
         config: GatewayConfig,
         stats: AppStatsWindow | None = None,
+        own: OwnTime | None = None,
     ) -> None:
         self.id = gateway_id
         self.rpc = rpc
@@ -71,6 +73,7 @@ class ChoiceScorer:
         self.choose = choose
         self.config = config
         self.stats = stats
+        self.own = own
 
     def answer(self, app: str, req: p.PromptRequest, received: float) -> p.ChoiceAnswer:
         choices = list(req.choices or [])
@@ -82,6 +85,7 @@ class ChoiceScorer:
         infos, chosen, gate_s = self.choose(app, prompt)
         deadline = received + self.config.deadline_s
         until = min(deadline, time.monotonic() + self.config.open_timeout_s)
+        sent = time.monotonic()
         futures = {
             n: self.rpc.call_async(
                 n, p.ScoreChoicesRequest(prompt=prompt, targets=choices), deadline=until
@@ -89,6 +93,7 @@ class ChoiceScorer:
             for n in chosen
         }
         replies, dropped = self._gather(futures, prompt, choices, deadline)
+        waited_s = time.monotonic() - sent
         weights = renormalise({n: chosen[n] for n in chosen if n in replies})
         names = list(weights)
         level = mixing.level_of([frozenset({infos[n].tokenizer_hash}) for n in names])
@@ -104,6 +109,8 @@ class ChoiceScorer:
             steps.append(mixing.steps(logp))
         choice = int(np.argmax(fused))
         latency_s = time.monotonic() - received
+        if self.own is not None:
+            self.own.add(SCORED, steps=steps[choice], seconds=latency_s - gate_s - waited_s)
         if self.stats is not None:
             works = {
                 n: Work(replies[n].prompt_tokens, tuple(len(t) for t in replies[n].targets_tokens))

@@ -99,6 +99,7 @@ class ExpertPool:
         self.sessions: dict[str, str] = {}
         self.prompt_tokens: dict[str, int] = {}  # per expert, from its open
         self.compute_ms: dict[str, float] = {}  # model time each expert reported (costs)
+        self.waited_s = 0.0  # seconds spent in gather: waiting for the experts' replies
         for name in self.weights:
             rpc.use_codec(self.infos[name], config.rpc_codec)
 
@@ -143,7 +144,8 @@ class ExpertPool:
         answer (raised: the history filled an expert's context). A request no longer waited
         for (its expert dropped, or the wait ended by an exception) is cancelled, or with
         ``late``, handed its reply when that comes."""
-        end = time.monotonic() + limit_s
+        entered = time.monotonic()
+        end = entered + limit_s
         if self.deadline is not None:
             end = min(end, self.deadline)
         pending = dict(futures)
@@ -222,6 +224,7 @@ class ExpertPool:
         finally:
             for (name, _), fut in pending.items():
                 let_go(name, fut)
+            self.waited_s += time.monotonic() - entered
         return {k: r for k, r in replies.items() if k[0] not in failed and k[0] in self.weights}
 
     def open(

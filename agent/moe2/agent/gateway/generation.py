@@ -78,6 +78,9 @@ class GenerationResult:
     speculation: DecodingStats | None = None  # the decoder's counts
     compute_ms: dict[str, float] = field(default_factory=dict)  # model time each expert reported
     logprobs: list[p.TokenLogprob] | None = None  # when asked for
+    # Seconds spent waiting for the experts' replies (ExpertPool.waited_s); the rest of the
+    # latency, less the gate, is the gateway's own time.
+    waited_s: float | None = None
 
 
 class Generation:
@@ -170,4 +173,5 @@ class Generation:
             decoder.stats,
             dict(self.pool.compute_ms),
             self.answer.logprobs,
+            self.pool.waited_s,
         )

@@ -77,6 +77,8 @@ class AppRouter:
         self.on_prompt = on_prompt
         self.on_unrouted = on_unrouted
         self.on_gate = on_gate
+        # The gateway's own time per answer, carried in our status (None: not measured yet).
+        self.overhead: Callable[[], p.GatewayOverhead | None] = lambda: None
         self._lock = threading.RLock()
         self._pushed: dict[str, p.AppAssignment] = {}  # app -> the accepted assignment
         # app -> highest (epoch, version) accepted (kept after a clear)
@@ -258,6 +260,7 @@ class AppRouter:
             apps=self.served() if state == "online" else {},
             since=time.time(),
             session=self.conn.client_id,
+            overhead=self.overhead() if state == "online" else None,
             max_concurrent=self.config.max_concurrent,
             max_pending=self.config.max_pending,
         )

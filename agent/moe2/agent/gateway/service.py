@@ -72,7 +72,7 @@ from moe2.agent.gateway.generation import Generation, Sampling
 from moe2.agent.gateway.links import LinkMonitor
 from moe2.agent.gateway.plans import DecoderMemory
 from moe2.agent.gateway.routing import AppRouter
-from moe2.agent.gateway.stats import AppStatsWindow, answer_energy
+from moe2.agent.gateway.stats import AppStatsWindow, OwnTime, answer_energy, overhead_moved
 from moe2.agent.gateway.vocab import Vocab, VocabCache
 from moe2.agent.metrics import UNKNOWN_APP, GatewayMetrics
 from moe2.shared import protocol as p
@@ -221,8 +221,12 @@ class Gateway:
         self.answered = 0
         self.errors = 0
         self.stats = AppStatsWindow(gateway_id, config.stats_window_s)
+        # Our own time per answer (the latency less the gate and the waits on the experts),
+        # announced in our status: promises add it to every answer.
+        self.own_time = OwnTime()
+        self.router.overhead = self.own_time.figure
         self.choices = ChoiceScorer(
-            gateway_id, self.rpc, self.fleet, self._choose, config, self.stats
+            gateway_id, self.rpc, self.fleet, self._choose, config, self.stats, self.own_time
         )
         self._stop_stats = threading.Event()
         self._stats_thread = threading.Thread(target=self._publish_stats, name="app-stats")
@@ -240,11 +244,19 @@ class Gateway:
 
     def _publish_stats(self) -> None:
         last: dict[str, p.AppFigures] | None = None
+        announced: p.GatewayOverhead | None = None
         while not self._stop_stats.wait(self.config.stats_interval_s):
             try:
                 self.gate_store.announce()  # the gates' latency, when it moved
             except Exception:  # best effort, as the figures below
                 log.exception("could not announce the gates' latency")
+            own = self.own_time.figure()
+            if overhead_moved(announced, own) and self.conn.connected:
+                try:  # our own time per answer, in our status, when it moved
+                    self.router.publish_status()
+                    announced = own
+                except Exception:
+                    log.exception("could not announce the gateway's own time per answer")
             report = self.stats.report()
             if report.apps == last:
                 continue  # nothing new: keep the broker quiet
@@ -790,6 +802,9 @@ class Gateway:
         result = gen.run(req.prompt, max_tokens, req.messages)
         latency_s = time.monotonic() - received
         steps = max(1, result.tokens)
+        per_token = result.speculation is None or result.speculation.rounds == 0
+        if result.waited_s is not None and per_token:  # the work the cost model counts
+            self.own_time.add(GENERATED, steps=steps, seconds=latency_s - gate_s - result.waited_s)
         works = {n: Work(length) for n, length in result.prompt_tokens.items() if length > 0}
         energy = answer_energy(self.fleet.copy().profile, works, steps, GENERATED)
         self.stats.answered(app, latency_s=latency_s, gate_s=gate_s, steps=steps, energy=energy)

@@ -10,6 +10,13 @@ figure. Failed answers are counted apart and enter no figure.
     stats.answered("qa", latency_s=0.4, gate_s=0.003, steps=3, energy=cost)
     stats.errored("qa")
     stats.report()                   # AppStats over the last 60 s
+
+The gateway's own time per answer (``OwnTime``: the latency less the gate and the waits on
+the experts) is kept here too, per kind of answer, and announced in its status::
+
+    own = OwnTime()
+    own.add(GENERATED, steps=12, seconds=0.004)
+    own.figure()                     # GatewayOverhead(generated=<curve in T>, ...)
 """
 
 from __future__ import annotations
@@ -23,7 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe2.shared import protocol as p
-from moe2.shared.answercost import AnswerKind, Work, answer_cost, measured_delay_per_step
+from moe2.shared.answercost import (
+    GENERATED,
+    SCORED,
+    AnswerKind,
+    Work,
+    answer_cost,
+    measured_delay_per_step,
+)
+from moe2.shared.costmodel import CostCurve, fit_curve
 
 
 @dataclass(frozen=True)
@@ -131,3 +146,69 @@ class AppStatsWindow:
         return p.AppStats(
             gateway=self.gateway_id, window_s=self.window_s, apps=apps, at=time.time()
         )
+
+
+class OwnTime:
+    """The gateway's own seconds per answer, over its last ``window`` answers of each kind:
+    a line in the answer's steps T for generated answers (fusion and sampling happen every
+    step), the mean for scored ones (one fusion over the options, whatever T is)."""
+
+    def __init__(self, window: int = 256) -> None:
+        self._points: dict[AnswerKind, deque[tuple[int, float]]] = {}
+        self._window = window
+        self._lock = threading.Lock()
+
+    def add(self, kind: AnswerKind, *, steps: int, seconds: float) -> None:
+        with self._lock:
+            points = self._points.setdefault(kind, deque(maxlen=self._window))
+            points.append((max(1, steps), max(0.0, seconds)))
+
+    def figure(self) -> p.GatewayOverhead | None:
+        with self._lock:
+            points = {k: list(v) for k, v in self._points.items() if v}
+        if not points:
+            return None
+        curves = {k: _curve(v, by_steps=k == GENERATED) for k, v in points.items()}
+        return p.GatewayOverhead(
+            generated=curves.get(GENERATED),
+            scored=curves.get(SCORED),
+            answers=sum(len(v) for v in points.values()),
+        )
+
+
+def _curve(points: list[tuple[int, float]], *, by_steps: bool) -> CostCurve:
+    xs = [float(t) for t, _ in points]
+    ys = [s for _, s in points]
+    if by_steps and len(set(xs)) >= 2:
+        return fit_curve(xs, ys, unit="s")
+    mean = float(np.mean(ys))
+    std = float(np.std(ys))
+    return CostCurve(
+        unit="s",
+        coef=[mean],
+        residual_std=std,
+        rel_residual_std=std / mean if mean > 0 else 0.0,
+        n_points=len(ys),
+        min_tokens=int(min(xs)),
+        max_tokens=int(max(xs)),
+    )
+
+
+def overhead_moved(old: p.GatewayOverhead | None, new: p.GatewayOverhead | None) -> bool:
+    """Whether ``new`` is worth announcing over ``old``: another kind measured, twice as
+    many answers behind it, or a kind's figure at its typical T moved by 15% (and 20 µs)."""
+    if new is None:
+        return False
+    if old is None or new.answers >= 2 * old.answers:
+        return True
+    for kind in (GENERATED, SCORED):
+        a, b = getattr(old, kind), getattr(new, kind)
+        if (a is None) != (b is None):
+            return True
+        if a is None or b is None:
+            continue
+        t = (b.min_tokens + b.max_tokens) / 2
+        before, now = a.at(t), b.at(t)
+        if abs(now - before) > max(20e-6, 0.15 * before):
+            return True
+    return False

@@ -12,11 +12,12 @@ modelled]``); the first whose ``available()`` holds is used. ``modelled`` always
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 from moe2.agent.meters.base import Meter, MeterError, Reading
 from moe2.agent.meters.jetson import JtopMeter, TegrastatsMeter
-from moe2.agent.meters.modelled import ModelledMeter
+from moe2.agent.meters.modelled import ModelledMeter, thread_cpu_seconds
 from moe2.agent.meters.nvml import NvmlMeter
 from moe2.agent.meters.rapl import RaplMeter
 from moe2.shared.devices import DeviceClass
@@ -30,7 +31,10 @@ MeterFactory = Callable[[DeviceClass, "str | None"], Meter]
 
 def _modelled(device: DeviceClass, mode: str | None) -> Meter:
     key = mode or device.default_mode
-    return ModelledMeter(device.figures(key), label=f"{device.device_class}/{key}")
+    # On a CPU box the model's own CPU time is charged (read on the model thread); where a
+    # GPU computes, the wall time of the model's calls.
+    clock = thread_cpu_seconds if device.kind == "cpu" else time.perf_counter
+    return ModelledMeter(device.figures(key), label=f"{device.device_class}/{key}", clock=clock)
 
 
 METERS: dict[str, MeterFactory] = {
@@ -84,4 +88,5 @@ __all__ = [
     "Reading",
     "TegrastatsMeter",
     "choose_meter",
+    "thread_cpu_seconds",
 ]

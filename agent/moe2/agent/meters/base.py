@@ -57,6 +57,10 @@ class Meter(abc.ABC):
     scope: str = "unknown"
     # Shortest interval the meter resolves well, seconds; the profiler stretches shorter work.
     min_window_s: float = 0.0
+    # The clock a request's model time (``compute_ms``) is read from, on the thread running
+    # the model: the seconds this meter's joules are of. Wall time for a meter that reads
+    # power; a modelled meter on a CPU charges the model thread's CPU time instead.
+    model_clock: Clock = time.perf_counter
 
     @abc.abstractmethod
     def available(self) -> bool:

@@ -25,7 +25,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,14 @@ from moe2.controller.collect import CollectSettings, collect_options, collect_se
 from moe2.controller.evaluate.answerer import ANSWERERS, Answerer, ScoreAnswerer
 from moe2.controller.evaluate.gateway import GateArtefact, GatewayAnswerer, Progress, RouteRun
 from moe2.controller.evaluate.report import markdown, plot
-from moe2.controller.evaluate.run import EvalSettings, Grid, SingleAgent, evaluate, work_units
+from moe2.controller.evaluate.run import (
+    EvalSettings,
+    Grid,
+    LazyGateDelay,
+    SingleAgent,
+    evaluate,
+    work_units,
+)
 from moe2.controller.gate.weights import UNIFORM
 from moe2.controller.optimize.costs import load_profiles
 from moe2.controller.optimize.fromregistry import GateDelay, ScoredSet, gate_delay_of, scored_set
@@ -233,7 +240,7 @@ def eval_gate_delay(
     broker: BrokerConfig,
     *,
     live: bool,
-) -> GateDelay | Callable[[], GateDelay]:
+) -> GateDelay | LazyGateDelay:
     """τ_gate for an evaluation's promise: what the gateways announced for the gate; when
     none did yet and the answers go through a gateway, what they announce once the evaluation
     has pushed it (with its first gated route); from stored scores alone, 0, said so."""
@@ -241,8 +248,9 @@ def eval_gate_delay(
     if not live or gate.curve is not None or given is not None or version == UNIFORM:
         return gate
 
-    def once_pushed() -> GateDelay:
-        return gate_delay_of(FleetView.snapshot(broker, ("gateway", "gate_ack"), 2.0), version)
+    def once_pushed(*, required: bool = True) -> GateDelay:
+        state = FleetView.snapshot(broker, ("gateway", "gate_ack"), 2.0)
+        return gate_delay_of(state, version, required=required)
 
     return once_pushed
 

@@ -184,12 +184,15 @@ def promised_costs(
     *,
     gate_s: Sequence[float] | FloatArray,
     basis: str,
+    gateway_s: Sequence[float] | FloatArray | None = None,
 ) -> AnswerCosts:
     """What the profiles say the answers cost: question i answered by ``experts_used[i]``
-    in ``steps[i]`` steps, the gate adding ``gate_s[i]`` once (0 when ungated)."""
+    in ``steps[i]`` steps, the gate adding ``gate_s[i]`` once (0 when ungated) and the
+    gateway ``gateway_s[i]`` of its own (none when not given)."""
+    own = np.zeros(len(steps)) if gateway_s is None else gateway_s
     answers = [
-        costs.answer(i, used, steps=int(t), gate_s=float(g))
-        for i, (used, t, g) in enumerate(zip(experts_used, steps, gate_s, strict=True))
+        costs.answer(i, used, steps=int(t), gate_s=float(g), gateway_s=float(o))
+        for i, (used, t, g, o) in enumerate(zip(experts_used, steps, gate_s, own, strict=True))
     ]
     delay = [a.delay_s_per_step for a in answers]
     return AnswerCosts(

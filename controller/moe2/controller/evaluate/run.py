@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -79,6 +79,14 @@ class Grid:
         return [(d, e) for d in self.delays for e in self.energies]
 
 
+class LazyGateDelay(Protocol):
+    """τ_gate as the gateways announce it once the evaluation pushed the gate (with its first
+    gated route): ``required`` raises when none did yet; not required, 0 for the gate, and
+    the gateways' own time per answer as they announce it now."""
+
+    def __call__(self, *, required: bool = True) -> GateDelay: ...
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     k: int = 2  # experts fused per question (top-k of S by gate weight)
@@ -86,7 +94,7 @@ class EvalSettings:
     # τ_gate of a gated answer, per prompt: the gateways' measured curve, as the optimiser
     # promises it (a constant when given by hand); or how to find it once the first gated
     # answers were asked (a gate a gateway loads only then)
-    gate: GateDelay | Callable[[], GateDelay] = field(default_factory=GateDelay)
+    gate: GateDelay | LazyGateDelay = field(default_factory=GateDelay)
     solver: str = "smo"
 
 
@@ -225,6 +233,13 @@ class _Harness:
             self._gate = self._gate()
         return self._gate
 
+    def gateway_s(self, steps: Sequence[int] | np.ndarray) -> FloatArray:
+        """(questions,) the gateway's own seconds for answers of ``steps`` steps, as the
+        gateways announced it: with the gate's delay once that is found; before that (the
+        ungated baselines, asked before the gate is pushed), as they announce it now."""
+        gate = self._gate if isinstance(self._gate, GateDelay) else self._gate(required=False)
+        return gate.own_seconds(self.test.costs.kind, np.asarray(steps, dtype=np.int64))
+
     @property
     def gate_s(self) -> FloatArray:
         """(questions,) τ_gate of each prompt."""
@@ -262,6 +277,7 @@ class _Harness:
             used,
             steps,
             gate_s=self.gate_s if gated else np.zeros(len(self.questions)),
+            gateway_s=self.gateway_s(steps),
             basis=f"profiles ({kind})",
         )
 

@@ -7,8 +7,8 @@ each option's (stored with its scores), a multiple-choice dataset's answers scor
 once, the options branched from its cache), a free-answer dataset's generated (step 1 the
 prompt, steps 2..T one token each; T the answer's tokens). Per sample × expert we keep what
 the optimiser's delay needs exactly, the first step and the mean of the later steps (each with
-the gateway's measured transmission per request, where a link report exists), and the energy
-per step (eq. 11)::
+the gateway's measured transmission per request, where a link report exists, and the agent's
+own time per request, where its profile states it), and the energy per step (eq. 11)::
 
     costs = profile_costs(profiles, ["a", "b"], mixed, SCORED, links)
     costs.prompt_delay, costs.decode_delay, costs.energy     # (samples, experts)
@@ -118,10 +118,16 @@ class Costs:
         )
 
     def answer(
-        self, i: int, experts: Sequence[str], *, steps: int | None = None, gate_s: float = 0.0
+        self,
+        i: int,
+        experts: Sequence[str],
+        *,
+        steps: int | None = None,
+        gate_s: float = 0.0,
+        gateway_s: float = 0.0,
     ) -> AnswerCost:
         """What answering sample ``i`` with ``experts`` costs (``steps``: its T, default the
-        sample's), by the one cost function."""
+        sample's; the gate's and the gateway's own seconds given), by the one cost function."""
         if not self.works:
             raise ConfigError("these costs were built without the experts' work per sample")
         return answer_cost(
@@ -131,6 +137,7 @@ class Costs:
             kind=self.kind,
             links=self.link_s,
             gate_s=gate_s,
+            gateway_s=gateway_s,
         )
 
 

@@ -10,7 +10,9 @@ of the one mixing rule (``moe2.controller.mixing``: per token when the experts s
 tokenizer hash, else per sequence), never exponentiated. Costs: ``optimize.costs`` (the one
 cost function on each expert's real token counts: a multiple-choice dataset's answers scored,
 a free-answer dataset's generated; T = the answer's length in steps); the gate's delay is what
-the gateways measured and announced for that gate (``gate_delay``), 0 without a gate. The
+the gateways measured and announced for that gate (``gate_delay``), 0 without a gate, and the
+gateway's own time per answer what they announced in their status (it falls on step 1 of
+every expert alike, so it moves every subset's delay by the same amount, exactly). The
 problem's ``meta`` names the dataset, the gate (version, training datasets, ONNX or torch),
 where the gate's delay came from and each expert's cost sources; ``optimize`` prints them
 with the answer.
@@ -39,25 +41,35 @@ from moe2.shared.fleet import FleetState
 
 @dataclass(frozen=True)
 class GateDelay:
-    """τ_gate, the seconds a gate adds to a prompt (eq. 8): a curve in the prompt's length in
-    the gate's tokens, as the gateways measured running the gate and announced it, or a
-    constant (given by hand; 0 without a gate)."""
+    """What a gateway adds to an answer beyond its experts: τ_gate, the seconds a gate adds
+    to a prompt (eq. 8), a curve in the prompt's length in the gate's tokens, as the gateways
+    measured running the gate and announced it, or a constant (given by hand; 0 without a
+    gate); and the gateway's own time per answer (``own``: taking the prompt, fusing,
+    sampling, bookkeeping), as the gateways announced it, gated or not (None: none did)."""
 
     curve: CostCurve | None = None
     constant: float = 0.0
     source: str = "given"
+    own: p.GatewayOverhead | None = None
 
     def seconds(self, tokens: NDArray[np.int64]) -> NDArray[np.float64]:
-        """(prompts,) seconds for prompts of ``tokens`` gate tokens."""
+        """(prompts,) seconds of the gate for prompts of ``tokens`` gate tokens."""
         if self.curve is None:
             return np.full(len(tokens), self.constant)
         return np.array([self.curve.at(float(n)) for n in tokens])
+
+    def own_seconds(self, kind: str, steps: NDArray[np.int64]) -> NDArray[np.float64]:
+        """(answers,) the gateway's own seconds for answers of ``kind`` of ``steps`` steps."""
+        if self.own is None:
+            return np.zeros(len(steps))
+        return np.array([self.own.seconds(kind, int(t)) for t in steps])
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "constant": None if self.curve is not None else self.constant,
             "curve": None if self.curve is None else self.curve.model_dump(),
+            "gateway_own": None if self.own is None else self.own.model_dump(),
         }
 
 
@@ -73,21 +85,24 @@ def gate_delay_of(
 ) -> GateDelay:
     """τ_gate of gate ``version``: ``given`` when given, else what the gateways measured
     running it and announced (none without a gate). Nobody announced it: an error, or (not
-    ``required``) 0 with a source that says so."""
+    ``required``) 0 with a source that says so. With it, the gateways' own time per answer
+    as they announced it (none when none did)."""
+    own = None if state is None else state.gateway_overhead()
     if given is not None:
-        return GateDelay(None, given, "given")
+        return GateDelay(None, given, "given", own)
     if version == UNIFORM:
-        return NO_GATE
+        return replace(NO_GATE, own=own)
     found = None if state is None else state.gate_latency(version)
     if found is None:
         if not required:
-            return GateDelay(None, 0.0, "not measured: no gateway announced running this gate")
+            return GateDelay(None, 0.0, "not measured: no gateway announced running this gate", own)
         raise ConfigError(
             f"no gateway announced how long gate {version} takes: push it first (`moe2ctl "
             "push-gate`), or give --gate-delay SECONDS"
         )
     curve, prompts = found
-    return GateDelay(curve, 0.0, f"measured by a gateway: {curve.n_points} runs, {prompts} prompts")
+    source = f"measured by a gateway: {curve.n_points} runs, {prompts} prompts"
+    return GateDelay(curve, 0.0, source, own)
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,10 @@ class ScoredSet:
             replace(self.gate, values=self.gate.values[ix], tokens=tokens),
             self.costs.select(ix),
         )
+
+    def gateway_seconds(self, delay: GateDelay) -> NDArray[np.float64]:
+        """(samples,) the gateway's own seconds for each sample's answer."""
+        return delay.own_seconds(self.costs.kind, self.costs.steps)
 
     def gate_seconds(self, delay: GateDelay) -> NDArray[np.float64]:
         """(samples,) τ_gate of each sample's prompt."""
@@ -160,6 +179,9 @@ class ScoredSet:
         where = self.provenance()
         delay = gate_delay if isinstance(gate_delay, GateDelay) else GateDelay(None, gate_delay)
         seconds = float(self.gate_seconds(delay).mean())
+        # The gateway's own time falls once on each answer, whoever answers: on step 1 of
+        # every expert alike, it adds exactly own / T to each subset's mean step.
+        own = self.gateway_seconds(delay)
         meta: dict[str, Any] = {
             "source": "registry",
             "dataset": self.dataset,
@@ -170,6 +192,7 @@ class ScoredSet:
             "costs": where["costs"],
             "meters": {e: s.meter for e, s in self.costs.sources.items()},
             "gate_delay": {"seconds": seconds, **delay.as_dict()},
+            "gateway_own_s": float(own.mean()) if own.size else 0.0,
             "answers": self.costs.kind,
         }
         return Problem(
@@ -177,7 +200,7 @@ class ScoredSet:
             gate=self.gate.values,
             logp=[m.target(i) for i in range(m.n_samples)],
             app=m.apps,
-            prompt_delay=self.costs.prompt_delay,
+            prompt_delay=self.costs.prompt_delay + own[:, None],
             decode_delay=self.costs.decode_delay,
             steps=self.costs.steps,
             energy=self.costs.energy,

@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moe2.shared.costmodel import CostCurve
 from moe2.shared.protocol.base import NAME_PATTERN, Message
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -108,10 +109,30 @@ class AssignmentAck(Message):
     proof: AppAssignment | None = None
 
 
+class GatewayOverhead(BaseModel):
+    """A gateway's own seconds per answer, beyond the gate and the waits on its experts:
+    taking the prompt, routing, fusing, sampling, bookkeeping (the paper's ensemble time). A
+    curve in the answer's steps T per kind of answer, fitted on the last answers of that kind
+    it gave; what ``moe2.shared.answercost`` adds to an answer once (``gateway_s``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    generated: CostCurve | None = None  # seconds per generated answer of T steps
+    scored: CostCurve | None = None  # seconds per multiple-choice answer (T its option's)
+    answers: int = Field(default=0, ge=0)  # answers the curves are fitted on
+
+    def seconds(self, kind: str, steps: int) -> float:
+        """Seconds for one answer of ``kind`` ("generated" or "scored") of ``steps`` steps
+        (0 when no answer of that kind was measured)."""
+        curve = self.generated if kind == "generated" else self.scored
+        return 0.0 if curve is None else curve.at(float(steps))
+
+
 class GatewayStatus(Message):
     """Retained on ``moe2/v1/agents/<gateway>/gateway`` (LWT: offline): the applications a
     gateway answers prompts for, so controllers know whose acknowledgement to expect and
-    clients can tell an application that nobody serves."""
+    clients can tell an application that nobody serves; and its own time per answer, as
+    measured (published again as it moves)."""
 
     gateway: Name
     state: Literal["online", "offline"]
@@ -125,6 +146,7 @@ class GatewayStatus(Message):
     # a live gateway connects under to adopt that session. Only gateway, controller and
     # http (moe2-http) logins may read this topic.
     session: str | None = Field(default=None, max_length=1024)
+    overhead: GatewayOverhead | None = None  # its own time per answer; None: none measured
     # Prompts it generates at once, and more it lets wait before answering 'busy': a
     # front (moe2-http) keeps its requests in flight within their sum. None: not announced.
     # An older peer rejects a status that has them: upgrade gateways and their readers

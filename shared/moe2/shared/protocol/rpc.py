@@ -171,7 +171,7 @@ class DistributionReply(_Reply):
     session: str
     n_tokens: int  # history length after this request
     dist: Distribution
-    compute_ms: float  # time spent in the model for this request
+    compute_ms: float  # model time of this request, as its meter charges it (energy = power x it)
 
 
 class DistributionsReply(_Reply):
