@@ -38,7 +38,11 @@ def test_smollm2_end_to_end_over_mqtt(
     broker_config: BrokerConfig,
     animals_backend: LlamaCppBackend,
 ) -> None:
-    agent = start_agent(smollm2, f"smollm2-{uuid.uuid4().hex[:6]}", "--n-ctx", "512")
+    # No start-up profile: a session served while the profile's sequence comes and goes in
+    # the same KV cache gets shifted distributions (the known defect below).
+    agent = start_agent(
+        smollm2, f"smollm2-{uuid.uuid4().hex[:6]}", "--n-ctx", "512", "--no-profile-on-start"
+    )
     prompt = "The capital of France is"
     ids = smollm2_backend.tokenize(prompt, add_bos=smollm2_backend.info.add_bos)
     direct = smollm2_backend.new_sequence()
@@ -66,3 +70,28 @@ def test_smollm2_end_to_end_over_mqtt(
     assert smollm2_backend.info.architecture == "llama"
     assert smollm2_backend.info.quantization == "Q4_1"
     direct.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect, open: on the CPU with flash attention, once another sequence's KV "
+    "cells are freed, a session's next step lands in the freed cells before its own and its "
+    "distribution shifts (0.56 nats on SmolLM2 here); without flash attention a rewound and "
+    "re-verified session shifts instead (0.74)",
+)
+def test_a_session_keeps_its_distribution_when_another_closes(
+    smollm2: Path, smollm2_backend: LlamaCppBackend
+) -> None:
+    ids = smollm2_backend.tokenize("The capital of France is", add_bos=True)
+    direct = smollm2_backend.new_sequence()
+    want = direct.extend(ids)
+    tok = int(np.argmax(want))
+    want_next = direct.extend([tok])
+    direct.close()
+    shared = LlamaCppBackend(AgentConfig(model=smollm2, n_ctx=512, n_threads=1))
+    other = shared.new_sequence()
+    other.extend(list(range(100, 300)))
+    session = shared.new_sequence()
+    np.testing.assert_allclose(session.extend(ids), want, atol=1e-4)
+    other.close()
+    np.testing.assert_allclose(session.extend([tok]), want_next, atol=1e-3)

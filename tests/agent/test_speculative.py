@@ -232,7 +232,8 @@ def test_one_stalled_expert_does_not_take_down_its_partner_under_load(
     )
     with PromptInbox(broker_config) as inbox:
         assert inbox.wait_all(inbox.send("zoo", 1, max_tokens=2), 60)  # vocabularies known
-        ids = inbox.send("zoo", 8, max_tokens=24, temperature=1.0, seed=1)
+        # long answers: the freeze 0.3 s in must find them mid-answer
+        ids = inbox.send("zoo", 8, max_tokens=200, temperature=1.0, seed=1)
         time.sleep(0.3)
         os.kill(fleet.procs[b].pid, signal.SIGSTOP)
         try:
