@@ -123,8 +123,8 @@ def curves_of(profile: p.AgentProfile) -> list[Curve]:
     """Every curve the profile has (an older agent's has no scoring pass), sampled."""
     out = []
     for name in type(profile.curves).model_fields:
-        curve: CostCurve | None = getattr(profile.curves, name)
-        if curve is None:
+        curve = getattr(profile.curves, name)
+        if not isinstance(curve, CostCurve):  # an absent scoring curve, the power, overheads
             continue
         lo, hi = max(1, curve.min_tokens), max(curve.max_tokens, curve.min_tokens + 1)
         xs = sorted({round(lo + (hi - lo) * i / (CURVE_SAMPLES - 1)) for i in range(CURVE_SAMPLES)})
