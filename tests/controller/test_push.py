@@ -56,7 +56,11 @@ def test_a_pushed_assignment_changes_which_experts_answer(
             second = desired.push_assignment(app, [a, c], 2, wait_s=5)
         assert second.assignment.version == 2 and gw in second.accepted
         fleet.stop(gw)
-        start(fleet, tiny_models["code"], uid("gw2"), "--gateway-enabled")  # no local apps
+        gw2 = start(fleet, tiny_models["code"], uid("gw2"), "--gateway-enabled")  # no local apps
+        with DesiredState(broker_config) as desired:  # a gateway announces after subscribing
+            assert desired.view.wait(
+                lambda s: (g := s.gateway.get(gw2)) is not None and g.apps.get(app) == 2, 60
+            ), desired.view.copy().gateway.get(gw2)
         answer = client.ask(app, "the fox eats", max_tokens=4)
         assert {e.id for e in answer.experts} == {a, c}
 
