@@ -74,18 +74,21 @@ def test_metrics_move_with_traffic(
     assert tokens <= steps <= tokens + 2
     assert total(after, "moe2_gateway_tokens_per_second_count", app=app) == 2
     assert total(after, "moe2_gateway_prompts_in_flight") == 0
-    # The gateway's agent is one of the experts: its model thread served open and step.
-    assert total(after, "moe2_agent_requests_total", op="open") >= 2
+    # The gateway's agent is one of the experts: its model thread served open and step, for
+    # every answer it took part in (under load an expert may be dropped from one: it says so)
+    served = sum(b in {e.id for e in x.experts} for x in answers)
+    assert served >= 1, [x.dropped for x in answers]
+    assert total(after, "moe2_agent_requests_total", op="open") >= served
     # Tokens after the first come from steps (per-token decoding) or from verifications and
     # drafts (speculative, the default): at least one such request per answer.
     decode = sum(
         total(after, "moe2_agent_requests_total", op=op) for op in ("step", "verify", "draft")
     )
-    assert decode >= len(answers)
+    assert decode >= served
     assert total(after, "moe2_agent_tokens_evaluated_total") > total(
         before, "moe2_agent_tokens_evaluated_total"
     )
-    assert total(after, "moe2_agent_request_seconds_count", op="open") >= 2
+    assert total(after, "moe2_agent_request_seconds_count", op="open") >= served
     assert total(after, "moe2_agent_sessions") == 0  # every session closed again
     # --log-format json: every line of the agent's log is one JSON object
     lines = [ln for ln in agent.log().splitlines() if ln.strip()]
