@@ -248,9 +248,10 @@ def test_an_agent_lying_about_its_own_vocabulary_is_left_out(
 ) -> None:
     """Defect 3: an agent user may only speak about itself (the ACL binds it to its topics),
     but what it says is checked too: an info claiming n_vocab=7 for the shared tokenizer is
-    left out by the gateway, whose answers keep coming from the honest expert. Before, the
-    fused vocabulary was taken from the forger's claim and prompts failed (``internal`` in
-    the issue's report; ``no_experts`` after the fleet-state issue)."""
+    left out by the gateway, whose answers keep coming from the honest expert and name the
+    liar among the dropped experts. Before, the fused vocabulary was taken from the forger's
+    claim and prompts failed (``internal`` in the issue's report; ``no_experts`` after the
+    fleet-state issue)."""
     sb = secured_broker
     honest, liar, gw, client = sb.take("agent"), sb.take("agent"), sb.take("gateway"), None
     start(fleet, sb, honest, tiny_models["animals"])
@@ -276,6 +277,8 @@ def test_an_agent_lying_about_its_own_vocabulary_is_left_out(
             for prompt in ("the fox eats", "a young owl"):
                 answer = pc.ask("zoo", prompt, max_tokens=6, timeout=60)
                 assert [e.id for e in answer.experts] == [honest], answer
+                # chosen by the gate but unusable: the answer says who and why
+                assert [(d.id, d.at_token) for d in answer.dropped] == [(liar, 0)], answer
                 assert answer.text
         for topic in (p.topics.agent_info(liar), p.topics.agent_status(liar)):
             conn.publish_acked(topic, b"", retain=True)

@@ -77,3 +77,15 @@ def test_distributions_must_be_finite_and_normalised() -> None:
     with pytest.raises(BadMessage, match="sums to"):
         bad.logprobs()
     assert p.encode_full(np.full(4, np.log(0.25), dtype=np.float32)).logprobs().shape == (4,)
+
+
+def test_a_call_nobody_answers_fails_after_its_deadline_without_other_traffic(
+    broker_config: BrokerConfig,
+) -> None:
+    """Work chained on a call's future (a gateway's vocabulary fetch) must learn it failed
+    even when the caller sends nothing else and nobody waits on it."""
+    with RpcClient(broker_config, timeout=5) as rpc:
+        fut = rpc.call_async(uid("nobody"), p.PingRequest(), timeout=0.3)
+        with pytest.raises(RequestTimeout, match="deadline"):
+            fut.result(timeout=10)  # not rpc.wait: that gives up on its own at the deadline
+        assert rpc.expired == 1 and rpc.pending() == 0

@@ -758,6 +758,10 @@ class RpcClient:
         self._pending: dict[bytes, _Call] = {}  # correlation -> the call
         self._lock = threading.Lock()
         self._next_sweep = 0.0
+        self._closed = threading.Event()
+        self._sweeper = threading.Thread(
+            target=self._sweep_until_closed, name="rpc-sweep", daemon=True
+        )
         self.codecs: dict[str, str] = {}  # agent -> payload codec of requests to it
         self.rejected_replies = 0  # from an agent that was not asked, or malformed
         self.resent = 0  # calls sent again after a reconnect
@@ -776,9 +780,21 @@ class RpcClient:
 
     def start(self) -> RpcClient:
         self._conn.start()
+        if not self._sweeper.is_alive() and not self._closed.is_set():
+            self._sweeper.start()
         return self
 
+    def _sweep_until_closed(self) -> None:
+        """A call fails soon after its deadline even when nothing else is sent: whoever
+        chains work on its future (a vocabulary fetch, say) learns it failed."""
+        while not self._closed.wait(_EXPIRED_GRACE_S):
+            try:
+                self._sweep()
+            except Exception:  # a callback's bug must not stop the sweeping
+                log.exception("failing expired RPC calls")
+
     def close(self) -> None:
+        self._closed.set()
         if self._presence is not None and self._conn.connected:
             props = _properties(PacketTypes.PUBLISH)
             props.MessageExpiryInterval = _GONE_EXPIRY_S

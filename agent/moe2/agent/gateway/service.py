@@ -725,6 +725,7 @@ class Gateway:
             )
         infos, chosen, gate_s = self._choose(app, req.gate_text)
         vocabs: dict[str, Vocab] = {}
+        left_out: list[p.DroppedExpert] = []  # chosen, but unusable: the answer says so
         for name in list(chosen):
             try:
                 vocab = self.vocabs.get(name, infos[name])
@@ -739,6 +740,9 @@ class Gateway:
             except Moe2Error as exc:
                 log.warning("expert %s left out of %s: %s", name, req.id, exc.message)
                 del chosen[name]
+                left_out.append(
+                    p.DroppedExpert(id=name, code=exc.code, reason=exc.message, at_token=0)
+                )
         if not chosen:
             raise NoExperts(f"no vocabulary is known for the experts chosen for {app!r}")
         capacity = {n: infos[n].max_sessions for n in chosen}
@@ -757,6 +761,7 @@ class Gateway:
                 chosen,
                 gate_s,
                 cancelled,
+                left_out,
             )
 
     def _fuse(
@@ -772,6 +777,7 @@ class Gateway:
         chosen: dict[str, float],
         gate_s: float,
         cancelled: threading.Event,
+        left_out: list[p.DroppedExpert],
     ) -> p.PromptAnswer:
         index = 0
 
@@ -812,7 +818,8 @@ class Gateway:
         m.tokens.labels(label).inc(result.tokens)
         for seconds in result.step_seconds:
             m.step_seconds.labels(label).observe(seconds)
-        for d in result.dropped:
+        dropped = [*left_out, *result.dropped]
+        for d in dropped:
             m.dropped.labels(label, d.id).inc()
         if result.tokens and latency_s > 0:
             m.tokens_per_s.labels(label).observe(result.tokens / latency_s)
@@ -825,7 +832,7 @@ class Gateway:
             latency_ms=latency_s * 1e3,
             app=app,
             fusion=result.fusion,
-            dropped=result.dropped,
+            dropped=dropped,
             gateway=self.id,
             logprobs=result.logprobs,
             gate_ms=gate_s * 1e3,
