@@ -337,3 +337,30 @@ def test_stability_is_the_worst_max_over_min_ratio() -> None:
     ratios = stability([base, slower], [16, 400])
     assert ratios["token_seconds"] == pytest.approx(1.1)
     assert ratios["prompt_seconds"] == pytest.approx(1.0)
+
+
+def test_a_stopping_agent_waits_one_meter_window_at_most() -> None:
+    """The profiler asks whether the agent stops between every two meter windows, not only
+    between measurements (a measurement is three windows: prompt, scoring, decoding); asked
+    to stop, it ends there and leaves no sequence open."""
+    from moe2.agent.profiler import ProfileCancelled
+
+    clock = FakeClock()
+    settings = SETTINGS.model_copy(update={"idle_seconds": 0.0})
+    asked: list[float] = []
+
+    def cancelled() -> bool:
+        asked.append(clock.t)
+        return False
+
+    _profile(TimedBackend(clock), ModelledMeter(FIGURES, clock=clock), clock,
+             settings=settings, cancelled=cancelled)  # fmt: skip
+    # Before each measurement and after its prompt and scoring windows; the warm-up too.
+    measurements = len(settings.prompt_lengths) * settings.repeats
+    assert len(asked) == 3 * measurements + 2, asked
+
+    backend = TimedBackend(clock := FakeClock())
+    with pytest.raises(ProfileCancelled):
+        _profile(backend, ModelledMeter(FIGURES, clock=clock), clock, settings=settings,
+                 cancelled=lambda: clock.t >= 0.5)  # fmt: skip
+    assert backend.open_sequences == 0

@@ -90,7 +90,8 @@ def test_gateways_reject_stale_and_forged_versions_with_a_reason(
             assert time.monotonic() < deadline, acks
             time.sleep(0.05)
     rejected = [x for x in acks if x.version == stale.version][-1]
-    assert not rejected.accepted and "stale version" in (rejected.reason or "")
+    assert not rejected.accepted and rejected.code == "stale_version", rejected
+    assert "stale version" in (rejected.reason or "")
     assert rejected.current == v
     # The next push still goes above what the gateway serves, and is accepted.
     with DesiredState(broker_config) as desired:

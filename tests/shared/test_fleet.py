@@ -87,8 +87,9 @@ def test_the_version_floor_counts_only_gateways_and_what_the_key_signed() -> Non
     """Issue 20, path 3: the next version comes from what gateways serve, never from an
     expert's acknowledgement or a version a gateway was merely sent; with the controller's
     key, only from assignments it signed (the retained one, each acknowledgement's proof)."""
+    from moe2.shared.errors import BadSignature
     from moe2.shared.fleet import FleetState
-    from moe2.shared.signing import BadSignature, Signer
+    from moe2.shared.signing import Signer
 
     key = Signer.generate()
     signed = key.sign(p.AppAssignment(app="qa", version=3, subset=["e"]))

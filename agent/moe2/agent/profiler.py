@@ -189,9 +189,15 @@ def profile_backend(
 ) -> AgentProfile:
     """Measure the backend with the meter and return its profile (meter already chosen).
 
-    ``between`` runs before each measurement (the agent serves waiting requests there: its
-    time is in no measurement); then ``cancelled`` is asked and, when it says so,
-    ProfileCancelled."""
+    ``between`` runs before each measurement and between its meter windows (the agent serves
+    waiting requests there: its time is in no measurement); then ``cancelled`` is asked and,
+    when it says so, ProfileCancelled: a stopping agent waits one meter window at most."""
+
+    def pause() -> None:
+        between()
+        if cancelled():
+            raise ProfileCancelled("profiling cancelled: the agent is stopping")
+
     info = backend.info
     lengths = settings.lengths_for(info.n_ctx)
     started = clock()
@@ -204,6 +210,7 @@ def profile_backend(
             min(settings.decode_tokens, 4),
             1,
             clock,
+            pause,
         )
 
     idle_watts = None
@@ -219,9 +226,7 @@ def profile_backend(
         prompt = prompt_tokens_for(backend, length)
         runs = []
         for _ in range(settings.repeats):
-            between()
-            if cancelled():
-                raise ProfileCancelled("profiling cancelled: the agent is stopping")
+            pause()
             runs.append(
                 _measure(
                     backend,
@@ -230,7 +235,7 @@ def profile_backend(
                     settings.decode_tokens,
                     settings.max_runs_per_window,
                     clock,
-                    between,
+                    pause,
                 )
             )
         all_runs += runs

@@ -37,12 +37,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from moe2.shared import protocol as p
-from moe2.shared.errors import BrokerError, ConfigError
+from moe2.shared.errors import BadSignature, BrokerError, ConfigError, StaleVersion
 from moe2.shared.fleet import FleetView
 from moe2.shared.mqtt import BrokerConfig, Connection
-from moe2.shared.protocol.desired import STALE_VERSION, describe_version
+from moe2.shared.protocol.desired import describe_version
 from moe2.shared.protocol.gates import chunk
-from moe2.shared.signing import BadSignature, Signer
+from moe2.shared.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +221,7 @@ class DesiredState:
         self._await(results, wait_s)
         for i, (app, subset, k) in enumerate(apps):
             acks = results[i].acks
-            stale = [
-                a
-                for a in acks.values()
-                if not a.accepted and (a.reason or "").startswith(STALE_VERSION)
-            ]
+            stale = [a for a in acks.values() if not a.accepted and a.code == StaleVersion.code]
             if stale and len(stale) == len(acks):
                 # The broker lost the retained state (a restart without persistence) but the
                 # gateways remember: go on above the highest version they show (and prove).

@@ -54,6 +54,19 @@ class BadMessage(ProtocolError):
     code = "bad_request"
 
 
+class BadSignature(BadMessage):
+    """Desired state that the trusted fleet keys did not sign (missing, forged, altered)."""
+
+    code = "bad_signature"
+
+
+class StaleVersion(BadMessage):
+    """Desired state older than what a gateway serves (or the same version naming another
+    assignment): the publisher goes on above the version the gateway names."""
+
+    code = "stale_version"
+
+
 class UnsupportedVersion(ProtocolError):
     code = "unsupported_version"
 

@@ -32,15 +32,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel
 
-from moe2.shared.errors import BadMessage, ConfigError
+from moe2.shared.errors import BadSignature, ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
 _TAG = b"moe2-signed-v1\x00"
-
-
-class BadSignature(BadMessage):
-    """Desired state that the trusted fleet keys did not sign (missing, forged, altered)."""
 
 
 def signed_bytes(message: BaseModel) -> bytes:

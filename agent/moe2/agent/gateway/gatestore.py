@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from moe2.agent.gateway.gate import Gate, GateLatency, probe
 from moe2.shared import protocol as p
 from moe2.shared.costmodel import CostCurve
-from moe2.shared.errors import Moe2Error
+from moe2.shared.errors import BadSignature, Moe2Error
 from moe2.shared.mqtt import Connection
-from moe2.shared.signing import BadSignature, Verifier
+from moe2.shared.signing import Verifier
 
 if TYPE_CHECKING:
     from moe2.agent.gateway.onnxgate import ProviderChoice

@@ -32,10 +32,10 @@ from typing import Any
 
 from moe2.agent.gateway.config import GatewayConfig
 from moe2.shared import protocol as p
-from moe2.shared.errors import UnknownApp
+from moe2.shared.errors import BadMessage, BadSignature, Moe2Error, StaleVersion, UnknownApp
 from moe2.shared.mqtt import Connection
-from moe2.shared.protocol.desired import STALE_VERSION, describe_version
-from moe2.shared.signing import BadSignature, Verifier
+from moe2.shared.protocol.desired import describe_version
+from moe2.shared.signing import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class AppRouter:
             try:
                 self.verifier.verify(a)
             except BadSignature as exc:
-                self._ack(a, accepted=False, reason=f"bad signature: {exc.message}")
+                self._ack(a, rejected=BadSignature(f"bad signature: {exc.message}"))
                 return
         with self._lock:
             floor = self._floor.get(a.app, (0, 0))
@@ -148,20 +148,18 @@ class AppRouter:
             if a.key < floor or (a.key == floor and current != a):
                 version = describe_version(a.key)
                 why = (
-                    f"{STALE_VERSION}: {version} is below the version "
+                    f"stale version: {version} is below the version "
                     f"{describe_version(floor)} served"
                     if a.key < floor
-                    else f"{STALE_VERSION}: {version} already names another assignment"
+                    else f"stale version: {version} already names another assignment"
                 )
-                self._ack(a, accepted=False, reason=why)
+                self._ack(a, rejected=StaleVersion(why))
                 return
             if not a.revert and a.k > len(a.subset):
-                self._ack(
-                    a, accepted=False, reason=f"k={a.k} exceeds the subset of {len(a.subset)}"
-                )
+                self._ack(a, rejected=BadMessage(f"k={a.k} exceeds the subset of {len(a.subset)}"))
                 return
             if a.key == floor:  # the same message again (a reconnect): say so again
-                self._ack(a, accepted=True)
+                self._ack(a)
                 return
             if a.key[0] > floor[0] and floor != (0, 0):
                 log.warning(
@@ -190,7 +188,7 @@ class AppRouter:
         # Acknowledged once the subscriptions changed (sent before the ack on this connection):
         # whoever sees the ack finds the prompts routed as it says.
         with self._lock:
-            self._ack(a, accepted=True)
+            self._ack(a)
 
     def _cleared(self, app: str) -> None:
         with self._lock:
@@ -200,7 +198,10 @@ class AppRouter:
         self.on_gate(app, None)
         self.sync_subscriptions()
 
-    def _ack(self, a: p.AppAssignment, *, accepted: bool, reason: str | None = None) -> None:
+    def _ack(self, a: p.AppAssignment, *, rejected: Moe2Error | None = None) -> None:
+        """Acknowledge ``a``: accepted, or ``rejected`` with its code and reason."""
+        accepted = rejected is None
+        reason = rejected.message if rejected is not None else None
         ack = p.AssignmentAck(
             gateway=self.id,
             app=a.app,
@@ -210,6 +211,7 @@ class AppRouter:
             accepted=accepted,
             serving=accepted and a.serves(self.id),
             reason=reason,
+            code=rejected.code if rejected is not None else None,
             current=self._floor.get(a.app, (0, 0))[1],
             proof=self._last.get(a.app),
         )

@@ -32,9 +32,6 @@ from moe2.shared.protocol.base import NAME_PATTERN, Message
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
-# How a gateway's reason for refusing an old version starts (the publisher retries above it).
-STALE_VERSION = "stale version"
-
 # Versions stay exact in every JSON implementation (2^53) and cannot be pinned out of reach.
 MAX_VERSION = (1 << 53) - 1
 
@@ -103,6 +100,9 @@ class AssignmentAck(Message):
     accepted: bool
     serving: bool = True  # False: accepted, but the assignment leaves this gateway out
     reason: str | None = Field(default=None, max_length=1000)  # why it was rejected
+    # The same as an error code of moe2.shared.errors (``stale_version``, ``bad_signature``,
+    # ``bad_request``): decide on it, never on the reason's text.
+    code: str | None = Field(default=None, max_length=64)
     current: int | None = Field(default=None, ge=0, le=MAX_VERSION)  # the version it serves
     # The assignment it serves (of version ``current``), as it received it (signed): a
     # controller counts a gateway's version only when its own key signed this.
