@@ -49,8 +49,8 @@ from moe2.agent.profiler import ProfilerSettings, estimate_profile
 from moe2.shared import protocol as p
 from moe2.shared.costmodel import ModelFigures
 from moe2.shared.devices import load_device_class
+from moe2.shared.errors import StaleVersion
 from moe2.shared.mqtt import BrokerConfig
-from moe2.shared.protocol.desired import STALE_VERSION
 from moe2.shared.protocol.profiles import ProfilePoint
 
 log = logging.getLogger("fleetsim")
@@ -359,7 +359,8 @@ class SimFleet:
             answers=p.assignment_digest(a),  # the exact assignment it answers
             accepted=ok,
             serving=ok and a.serves(gw.gateway),
-            reason=None if ok else f"{STALE_VERSION}: {a.version} is below {current}",
+            reason=None if ok else f"stale version: {a.version} is below {current}",
+            code=None if ok else StaleVersion.code,
             current=max(current, a.version) if ok else current,
             proof=a if ok else gw.served.get(a.app),  # what it serves, as received (signed)
         )
