@@ -312,12 +312,16 @@ def _churn(n: int, args: argparse.Namespace, url: str, sim: SimFleetProcess, pid
     t0 = time.time()
     events = sim.command("churn", str(args.churn_per_s), str(args.churn_s))["events"]
     ended = time.time()
+    # Settled: 10 s without a new decision; before the first, up to 120 s (a look that
+    # solves several large applications takes that long before it records anything).
     last, quiet_since = 0, time.monotonic()
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and time.monotonic() - quiet_since < 10:
+    while time.monotonic() < deadline:
         count = len(_decisions(url, t0))
         if count != last:
             last, quiet_since = count, time.monotonic()
+        if time.monotonic() - quiet_since >= (10 if last else 120):
+            break
         time.sleep(0.5)
     rows = _decisions(url, t0)
     actions: dict[str, int] = {}
