@@ -76,8 +76,8 @@ def test_prompt_api_over_mqtt5(served: tuple[BrokerConfig, str]) -> None:
     cfg, app = served
     deltas: list[str] = []
     with PromptClient(cfg) as client:
-        # warm up: right after start a gateway has been seen to leave its own expert out of
-        # a first answer without listing it as dropped (a start-up race, open)
+        # warm up: right after start a gateway may not have its experts' vocabularies yet
+        # and leaves such an expert out of a first answer (listing it as dropped)
         client.ask(app, "warm up", max_tokens=2, timeout=60)
         answer = client.ask(app, "the fox eats", max_tokens=6, on_delta=deltas.append)
         assert answer.text and "".join(deltas) == answer.text
